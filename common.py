@@ -5,10 +5,12 @@ Formulas follow Karras et al. 2022 (EDM, variance exploding) as used by
 Kaiser & Kollmann 2026; each function names the formula it implements.
 Read top to bottom like the paper's method section.
 """
+import json
 import math
 import os
 import sys
 import tempfile
+import zipfile
 
 import numpy as np
 import torch
@@ -278,17 +280,38 @@ def run_cli(main):
         sys.exit(2)
 
 
-def save_npz(path, **arrays):
-    """Write an .npz atomically (temp file in the same folder, then rename)."""
+def save_npz(path, args=None, **arrays):
+    """Write an .npz atomically (temp file, then rename) and byte-reproducibly (fixed zip
+    timestamps); `args` (a dict or argparse.Namespace) is stored as a JSON string under 'args'."""
     path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".npz.tmp")
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    if args is not None:
+        arrays["args"] = np.array(json.dumps(vars(args) if hasattr(args, "__dict__") else args,
+                                             sort_keys=True, default=str))
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".npz.tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
+        with os.fdopen(fd, "wb") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as zf:
+            for key, value in arrays.items():
+                info = zipfile.ZipInfo(key + ".npy", date_time=(1980, 1, 1, 0, 0, 0))
+                with zf.open(info, "w", force_zip64=True) as member:
+                    np.lib.format.write_array(member, np.asarray(value), allow_pickle=False)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
     return path
+
+
+def load_npz(path):
+    """Read an .npz written by save_npz into a dict; 'args' comes back as a dict."""
+    check(os.path.isfile(path), f"{path} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            out = {key: f[key] for key in f.files}
+    except Exception as err:
+        raise UserError(f"{path} is not a readable .npz file ({err}); rerun the script that writes it")
+    if "args" in out:
+        out["args"] = json.loads(str(out["args"]))
+    return out

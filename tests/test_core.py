@@ -1,0 +1,284 @@
+"""The paper's EDM formulas and the optimal / error-prone denoisers (PAPER.md, "Formulas")."""
+import math
+
+import pytest
+import torch
+
+import common
+
+F64 = torch.float64
+
+
+def brute_force_optimal(x, sigma, data):
+    """Reference y*: softmax over the full (B, N) squared-distance table."""
+    d2 = (x[:, None, :] - data[None, :, :]).square().sum(-1)
+    return torch.softmax(-d2 / (2 * sigma ** 2), dim=1) @ data
+
+
+# --- preconditioning and loss weight ---------------------------------------
+
+def test_c_skip_tends_to_one_and_c_out_to_zero_as_sigma_vanishes():
+    c_skip, c_out, c_in, _ = common.precond_coeffs(torch.tensor(1e-8, dtype=F64))
+    assert c_skip == pytest.approx(1, abs=1e-12)
+    assert c_out == pytest.approx(0, abs=1e-7)
+    assert c_in == pytest.approx(1 / common.SIGMA_DATA)
+
+
+def test_c_skip_tends_to_zero_and_c_out_to_sigma_data_as_sigma_grows():
+    c_skip, c_out, c_in, _ = common.precond_coeffs(torch.tensor(1e8, dtype=F64))
+    assert c_skip == pytest.approx(0, abs=1e-12)
+    assert c_out == pytest.approx(common.SIGMA_DATA, rel=1e-9)
+    assert c_in == pytest.approx(1e-8, rel=1e-9)
+
+
+def test_c_noise_is_quarter_log_sigma_and_input_has_unit_variance():
+    sigma = torch.tensor([0.01, 0.5, 3.0, 80.0], dtype=F64)
+    _, _, c_in, c_noise = common.precond_coeffs(sigma)
+    torch.testing.assert_close(c_noise, sigma.log() / 4)
+    # Var(y + sigma n) = sd^2 + sigma^2, so c_in scales the noisy input to unit variance.
+    torch.testing.assert_close(c_in ** 2 * (common.SIGMA_DATA ** 2 + sigma ** 2), torch.ones_like(sigma))
+
+
+def test_loss_weight_times_c_out_squared_is_one():
+    sigma = torch.logspace(-3, 2, 50, dtype=F64)
+    _, c_out, _, _ = common.precond_coeffs(sigma)
+    torch.testing.assert_close(common.loss_weight(sigma) * c_out ** 2, torch.ones_like(sigma))
+
+
+def test_training_sigma_is_lognormal_with_paper_parameters():
+    g = torch.Generator().manual_seed(0)
+    log_sigma = common.sample_training_sigma(200_000, generator=g).log()
+    assert log_sigma.mean().item() == pytest.approx(-1.2, abs=0.01)
+    assert log_sigma.std().item() == pytest.approx(1.2, abs=0.01)
+
+
+def test_edm_loss_of_perfect_denoiser_is_zero_and_of_identity_is_lambda_sigma_squared():
+    y = torch.rand(64, 1, 4, 4) * 2 - 1
+    perfect = lambda x, sigma, labels: y  # noqa: E731
+    assert common.edm_loss(perfect, y).abs().max().item() == 0
+    g = torch.Generator().manual_seed(1)
+    loss = common.edm_loss(lambda x, s, l: x, y, generator=g)
+    g = torch.Generator().manual_seed(1)
+    sigma = common.sample_training_sigma(64, generator=g)
+    noise = torch.randn(y.shape, generator=g)
+    expected = common.loss_weight(sigma) * (sigma.view(-1, 1, 1, 1) * noise).square().flatten(1).mean(1)
+    torch.testing.assert_close(loss, expected)
+
+
+# --- sigma grids -----------------------------------------------------------
+
+def test_edm_sigmas_decrease_from_sigma_max_to_sigma_min_then_zero():
+    s = common.edm_sigmas(18)
+    assert s.shape == (19,) and s.dtype == F64
+    assert s[0].item() == pytest.approx(80) and s[-2].item() == pytest.approx(0.002) and s[-1] == 0
+    assert bool((s[:-1] > s[1:]).all())
+    # rho = 7: sigma_i^(1/7) is linear in i
+    root = s[:-1] ** (1 / 7)
+    torch.testing.assert_close(root.diff(), root.diff()[:1].expand(17))
+
+
+def test_log_sigmas_are_log_spaced_with_paper_ends():
+    s = common.log_sigmas()
+    assert s.shape == (64,)
+    assert s[0].item() == pytest.approx(2e-3) and s[-1].item() == pytest.approx(80)
+    torch.testing.assert_close(s.log().diff(), s.log().diff()[:1].expand(63))
+
+
+def test_bad_grids_raise_user_error():
+    with pytest.raises(common.UserError):
+        common.edm_sigmas(1)
+    with pytest.raises(common.UserError):
+        common.edm_sigmas(10, sigma_min=-1)
+    with pytest.raises(common.UserError):
+        common.log_sigmas(10, lo=0)
+
+
+# --- optimal denoiser --------------------------------------------------------
+
+@pytest.mark.parametrize("sigma", [1e-3, 0.05, 0.7, 5.0, 1e3])
+def test_optimal_denoiser_equals_brute_force_softmax(sigma):
+    g = torch.Generator().manual_seed(0)
+    data = torch.randn(37, 5, generator=g, dtype=F64)
+    x = data[torch.randint(37, (23,), generator=g)] + sigma * torch.randn(23, 5, generator=g, dtype=F64)
+    got = common.optimal_denoiser(x, sigma, data, chunk_size=8)
+    torch.testing.assert_close(got, brute_force_optimal(x, sigma, data), rtol=0, atol=1e-10)
+
+
+def test_optimal_denoiser_returns_nearest_training_point_as_sigma_vanishes():
+    g = torch.Generator().manual_seed(1)
+    data = torch.randn(50, 784, generator=g, dtype=F64)
+    x = data[:10] + 0.3 * torch.randn(10, 784, generator=g, dtype=F64)
+    nearest = data[torch.cdist(x, data).argmin(1)]
+    got = common.optimal_denoiser(x, 1e-3, data)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, nearest, rtol=0, atol=1e-12)
+
+
+def test_optimal_denoiser_returns_data_mean_as_sigma_grows():
+    g = torch.Generator().manual_seed(2)
+    data = torch.randn(40, 3, generator=g, dtype=F64)
+    x = torch.randn(8, 3, generator=g, dtype=F64)
+    got = common.optimal_denoiser(x, 1e6, data)
+    torch.testing.assert_close(got, data.mean(0).expand(8, 3), rtol=0, atol=1e-8)
+
+
+def test_optimal_denoiser_is_independent_of_chunk_size_and_accepts_image_shapes():
+    g = torch.Generator().manual_seed(3)
+    data = torch.randn(100, 1, 4, 4, generator=g, dtype=F64)
+    x = torch.randn(7, 1, 4, 4, generator=g, dtype=F64)
+    sigma = torch.rand(7, generator=g, dtype=F64) + 0.1
+    ref = common.optimal_denoiser(x, sigma, data, chunk_size=100)
+    assert ref.shape == x.shape
+    for chunk in (1, 3, 64):
+        torch.testing.assert_close(common.optimal_denoiser(x, sigma, data, chunk_size=chunk), ref,
+                                   rtol=0, atol=1e-13)
+
+
+def test_optimal_denoiser_accepts_one_sigma_per_query():
+    g = torch.Generator().manual_seed(4)
+    data = torch.randn(20, 2, generator=g, dtype=F64)
+    x = torch.randn(3, 2, generator=g, dtype=F64)
+    sigmas = [0.1, 1.0, 10.0]
+    got = common.optimal_denoiser(x, torch.tensor(sigmas, dtype=F64), data)
+    for i, s in enumerate(sigmas):
+        torch.testing.assert_close(got[i:i + 1], brute_force_optimal(x[i:i + 1], s, data), rtol=0, atol=1e-12)
+
+
+def test_class_conditional_optimal_denoiser_uses_only_points_with_the_query_label():
+    g = torch.Generator().manual_seed(5)
+    data = torch.randn(30, 4, generator=g, dtype=F64)
+    data_labels = torch.arange(30) % 3
+    x = torch.randn(9, 4, generator=g, dtype=F64)
+    x_labels = torch.arange(9) % 3
+    got = common.optimal_denoiser(x, 0.8, data, x_labels, data_labels, chunk_size=7)
+    for i in range(9):
+        same = data[data_labels == x_labels[i]]
+        torch.testing.assert_close(got[i:i + 1], brute_force_optimal(x[i:i + 1], 0.8, same), rtol=0, atol=1e-12)
+    # at huge sigma it is the class mean, not the global mean
+    far = common.optimal_denoiser(x, 1e6, data, x_labels, data_labels)
+    torch.testing.assert_close(far[0], data[data_labels == 0].mean(0), rtol=0, atol=1e-8)
+
+
+def test_optimal_denoiser_rejects_bad_input_with_user_error():
+    data = torch.randn(5, 2)
+    with pytest.raises(common.UserError, match="sigma must be positive"):
+        common.optimal_denoiser(torch.randn(3, 2), 0.0, data)
+    with pytest.raises(common.UserError, match="point shape"):
+        common.optimal_denoiser(torch.randn(3, 3), 1.0, data)
+    with pytest.raises(common.UserError, match="label that no data point carries"):
+        common.optimal_denoiser(torch.randn(1, 2), 1.0, data, torch.tensor([7]), torch.zeros(5, dtype=torch.long))
+
+
+# --- error-prone denoiser and guidance -------------------------------------
+
+def test_error_prone_denoiser_with_zero_delta_equals_optimal():
+    g = torch.Generator().manual_seed(6)
+    data = torch.randn(12, 2, generator=g, dtype=F64)
+    x = torch.randn(9, 2, generator=g, dtype=F64) * 3
+    torch.testing.assert_close(common.error_prone_denoiser(x, 0.9, data, 0.0),
+                               common.optimal_denoiser(x, 0.9, data), rtol=0, atol=1e-14)
+
+
+def test_error_prone_denoiser_is_posterior_mean_of_smeared_data_for_one_point():
+    # One training point y0 smeared by N(0, delta^2): the posterior mean of a Gaussian prior
+    # N(y0, delta^2) under noise sigma is (delta^2 x + sigma^2 y0) / (sigma^2 + delta^2).
+    y0 = torch.tensor([[1.0, -2.0]], dtype=F64)
+    x = torch.randn(5, 2, dtype=F64)
+    sigma, delta = 0.7, 1.3
+    expected = (delta ** 2 * x + sigma ** 2 * y0) / (sigma ** 2 + delta ** 2)
+    torch.testing.assert_close(common.error_prone_denoiser(x, sigma, y0, delta), expected)
+
+
+def test_error_prone_denoiser_rejects_negative_delta():
+    with pytest.raises(common.UserError, match="delta"):
+        common.error_prone_denoiser(torch.randn(2, 2), 1.0, torch.randn(3, 2), -0.1)
+
+
+def test_guidance_with_zero_weight_is_unguided_and_extrapolates_linearly():
+    pos, neg = torch.randn(4, 3), torch.randn(4, 3)
+    torch.testing.assert_close(common.guided(pos, neg, 0.0), pos)
+    torch.testing.assert_close(common.guided(pos, neg, 2.0), pos + 2 * (pos - neg))
+
+
+# --- sampler ---------------------------------------------------------------
+
+def test_heun_sampler_on_optimal_denoiser_of_one_point_returns_that_point():
+    y0 = torch.tensor([[3.0, -1.0, 0.5]], dtype=F64)
+    x_init = 80 * torch.randn(6, 3, generator=torch.Generator().manual_seed(7), dtype=F64)
+    out = common.sample_ode(lambda x, s: common.optimal_denoiser(x, s, y0), x_init, common.edm_sigmas(18))
+    torch.testing.assert_close(out, y0.expand(6, 3), rtol=0, atol=1e-9)
+
+
+def test_heun_sampler_converges_at_second_order_and_euler_at_first_on_gaussian_data():
+    # Data N(0, s0^2): D(x, s) = s0^2 x / (s0^2 + s^2); the ODE maps x_T to x_T s0 / sqrt(s0^2 + s_max^2).
+    s0 = 0.5
+    denoise = lambda x, s: s0 ** 2 * x / (s0 ** 2 + s ** 2)  # noqa: E731
+    x_init = torch.full((1, 1), 80.0, dtype=F64)
+    exact = 80 * s0 / math.sqrt(s0 ** 2 + 80 ** 2)
+    err = lambda n, heun: abs(common.sample_ode(denoise, x_init, common.edm_sigmas(n), heun=heun).item() - exact)  # noqa: E731
+    assert err(64, True) / err(256, True) > 12      # ~16 for second order
+    assert 3 < err(64, False) / err(256, False) < 5  # ~4 for first order
+    assert err(256, True) < 1e-3 * exact
+
+
+def test_sampler_counts_two_evaluations_per_step_but_the_last():
+    calls = []
+    common.sample_ode(lambda x, s: calls.append(s) or x * 0, torch.zeros(2, 2), common.edm_sigmas(18))
+    assert len(calls) == 35
+
+
+def test_early_stopping_at_sigma_max_returns_denoised_initial_state():
+    data = torch.randn(5, 2, dtype=F64)
+    denoise = lambda x, s: common.optimal_denoiser(x, s, data)  # noqa: E731
+    x_init = 80 * torch.randn(4, 2, dtype=F64)
+    out = common.sample_ode(denoise, x_init, common.edm_sigmas(18), stop_at=80.0)
+    torch.testing.assert_close(out, denoise(x_init, 80.0))
+
+
+def test_trajectory_records_states_and_predictions_per_step():
+    data = torch.randn(5, 2, dtype=F64)
+    denoise = lambda x, s: common.optimal_denoiser(x, s, data)  # noqa: E731
+    sigmas = common.edm_sigmas(10)
+    x_init = 80 * torch.randn(3, 2, dtype=F64)
+    out, traj = common.sample_ode(denoise, x_init, sigmas, return_trajectory=True)
+    assert traj["states"].shape == (10, 3, 2) and traj["denoised"].shape == (10, 3, 2)
+    torch.testing.assert_close(traj["sigmas"], sigmas[:-1])
+    torch.testing.assert_close(traj["states"][0], x_init)
+    torch.testing.assert_close(out, traj["denoised"][-1])  # the last step jumps to D
+    stopped, part = common.sample_ode(denoise, x_init, sigmas, stop_at=1.0, return_trajectory=True)
+    assert part["sigmas"][-1] <= 1.0 < part["sigmas"][-2]
+    torch.testing.assert_close(stopped, part["denoised"][-1])
+
+
+def test_sampler_rejects_grids_that_do_not_end_in_zero():
+    with pytest.raises(common.UserError):
+        common.sample_ode(lambda x, s: x, torch.zeros(1, 1), torch.tensor([80.0, 1.0]))
+
+
+# --- Fréchet distance --------------------------------------------------------
+
+def test_frechet_distance_of_a_set_with_itself_is_zero_and_grows_with_a_shift():
+    a = torch.randn(500, 4, generator=torch.Generator().manual_seed(8), dtype=F64)
+    assert common.frechet_distance(a, a) == pytest.approx(0, abs=1e-8)
+    assert common.frechet_distance(a, a + 1) == pytest.approx(4.0, rel=1e-8)
+    assert common.frechet_distance(a, a + 2) > common.frechet_distance(a, a + 1)
+
+
+def test_frechet_distance_matches_closed_form_for_diagonal_gaussians():
+    g = torch.Generator().manual_seed(9)
+    a = torch.randn(4000, 2, generator=g, dtype=F64)
+    b = torch.randn(4000, 2, generator=g, dtype=F64) * 2
+    ca, cb = torch.cov(a.T), torch.cov(b.T)
+    # closed form for commuting covariances: ||dmu||^2 + sum (sqrt(ea) - sqrt(eb))^2 approx.
+    fd = common.frechet_distance(a, b)
+    assert fd == pytest.approx((a.mean(0) - b.mean(0)).square().sum().item()
+                               + (ca.diagonal().sqrt() - cb.diagonal().sqrt()).square().sum().item(), rel=0.02)
+
+
+# --- device --------------------------------------------------------------
+
+def test_pick_device_auto_and_unknown():
+    assert common.pick_device("cpu").type == "cpu"
+    assert common.pick_device("auto").type in ("cpu", "cuda", "mps")
+    with pytest.raises(common.UserError):
+        common.pick_device("abacus")
