@@ -1,0 +1,129 @@
+"""The 2D toy study (PAPER.md, "The 2D toy study"): data, error, gap and each experiment's outputs."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import common
+import toy2d
+
+FAST = ["--samples-per-point", "8", "--steps", "24", "--num-samples", "64"]
+
+
+def run(tmp_path, *argv):
+    toy2d.main([*argv, "--out", str(tmp_path), *FAST])
+    return common.load_npz(tmp_path / f"{argv[0]}.npz")
+
+
+def test_symmetric_circle_alternates_train_and_validation_points():
+    train, val, angles = toy2d.circle_data(20, 10.0, random=False, seed=0)
+    assert train.shape == val.shape == (10, 2)
+    torch.testing.assert_close(train.norm(dim=1), torch.full((10,), 10.0, dtype=torch.float64))
+    torch.testing.assert_close(angles[:2], 2 * np.pi * torch.tensor([0.01, 0.06], dtype=torch.float64))
+    torch.testing.assert_close(train[1], 10 * torch.stack([angles[2].cos(), angles[2].sin()]))
+
+
+def test_random_circle_is_seeded():
+    a = toy2d.circle_data(10, 1.0, random=True, seed=3)[2]
+    assert torch.equal(a, toy2d.circle_data(10, 1.0, random=True, seed=3)[2])
+    assert not torch.equal(a, toy2d.circle_data(10, 1.0, random=True, seed=4)[2])
+
+
+def test_toy_error_is_mean_l2_norm_over_fixed_draws():
+    points = torch.tensor([[1.0, 0.0], [0.0, 2.0]], dtype=torch.float64)
+    noise = toy2d.fixed_noise(2, 5, seed=0)
+    sigmas = torch.tensor([0.5, 2.0], dtype=torch.float64)
+    identity = lambda x, s: x  # noqa: E731  error = sigma * |n|
+    err = toy2d.toy_error(identity, points, noise, sigmas)
+    torch.testing.assert_close(err, sigmas[:, None] * noise.norm(dim=-1).mean(-1)[None])
+
+
+def test_gap_peaks_near_sigma_one_and_grows_as_delta_falls():
+    train, val, _ = toy2d.circle_data(20, 10.0, random=False, seed=0)
+    nt, nv = toy2d.fixed_noise(10, 50, 1), toy2d.fixed_noise(10, 50, 2)
+    sigmas = common.edm_sigmas(120)[:-1].flip(0)
+    i = int((sigmas - 1.2).abs().argmin())
+    gaps = {d: toy2d.gap_curves(toy2d.delta_model(train, d), train, val, nt, nv, sigmas)[2] for d in (1.2, 2.2)}
+    assert gaps[1.2][i] > 0.5 and gaps[1.2][i] > 3 * gaps[2.2][i] > 0
+    assert 0.5 < sigmas[gaps[1.2].argmax()] < 2.5          # peak at intermediate sigma
+    assert gaps[1.2][0].abs() < 0.05 and gaps[1.2][-1].abs() < 0.05   # vanishes at the ends
+
+
+def test_optimal_toy_model_has_zero_training_error_at_tiny_sigma_but_not_validation():
+    train, val, _ = toy2d.circle_data(20, 10.0, random=False, seed=0)
+    nt, nv = toy2d.fixed_noise(10, 20, 1), toy2d.fixed_noise(10, 20, 2)
+    e_train, e_val, _ = toy2d.gap_curves(toy2d.delta_model(train, 0.0), train, val, nt, nv,
+                                         torch.tensor([0.01], dtype=torch.float64))
+    assert e_train.item() < 1e-12 and e_val.item() > 1.0
+
+
+def test_delta_experiment_writes_documented_keys_and_shapes(tmp_path):
+    out = run(tmp_path, "delta", "--deltas", "2.0", "1.2")
+    assert out["deltas"].shape == (2,) and out["sigmas"].shape == (24,)
+    for key in ("e_train", "e_val", "gap"):
+        assert out[key].shape == (2, 24)
+    np.testing.assert_allclose(out["gap"], (out["e_val"] - out["e_train"]) / out["e_train"])
+    assert out["args"]["experiment"] == "delta" and out["args"]["deltas"] == [2.0, 1.2]
+    assert (tmp_path / "delta.png").stat().st_size > 0 and (tmp_path / "delta.pdf").exists()
+
+
+def test_denser_support_gives_smaller_gap(tmp_path):
+    out = run(tmp_path, "density", "--n-points", "16", "30")
+    assert list(out["n_train"]) == [8, 15] and out["gap"].shape == (2, 24)
+    assert out["gap"][1].max() < 0.5 * out["gap"][0].max()
+
+
+def test_guidance_with_zero_weight_equals_unguided_positive_model(tmp_path):
+    guid = run(tmp_path, "guidance", "--weights", "0", "2")
+    delta = run(tmp_path, "delta", "--deltas", "1.8")
+    np.testing.assert_allclose(guid["gap"][0], delta["gap"][0], rtol=1e-12)
+    assert guid["gap"][1].max() > guid["gap"][0].max()       # guidance sharpens the model: larger gap
+
+
+def test_trajectory_endpoints_approach_training_points_as_delta_falls(tmp_path):
+    out = run(tmp_path, "trajectories", "--deltas", "0.2", "0.05")
+    assert out["endpoints"].shape == (2, 64, 2) and out["nn_dist"].shape == (2, 64)
+    np.testing.assert_allclose(out["mean_nn_dist"], out["nn_dist"].mean(1))
+    assert out["mean_nn_dist"][1] < 0.5 * out["mean_nn_dist"][0]
+
+
+@pytest.mark.parametrize("experiment", ["flow", "field", "manifold", "fd"])
+def test_other_experiments_write_their_arrays(tmp_path, experiment):
+    out = run(tmp_path, experiment, *(["--deltas", "1.6", "1.2"] if experiment != "flow" else []))
+    assert (tmp_path / f"{experiment}.png").exists()
+    if experiment == "flow":
+        assert out["field"].shape == (3, 41, 41, 2) and out["pred"].shape == (3, 10, 8, 2)
+    if experiment == "field":
+        assert out["gap"].shape == (2, 71, 71)
+        assert (out["gap"] <= 0.5).mean() > (out["gap"] <= 0.5).mean(axis=(1, 2)).min() - 1  # finite field
+        assert (out["gap"][0] <= 0.5).sum() > (out["gap"][1] <= 0.5).sum()   # region shrinks as delta falls
+    if experiment == "manifold":
+        assert out["error"].shape == (2, 361)
+    if experiment == "fd":
+        assert out["fd_train"].shape == out["fd_val"].shape == out["gap"].shape == (2,)
+        assert (out["fd_train"] >= 0).all()
+
+
+def test_same_seed_gives_same_npz_bytes_and_another_seed_does_not(tmp_path):
+    def npz_bytes(seed):
+        toy2d.main(["delta", "--out", str(tmp_path), "--seed", str(seed), *FAST])
+        return (tmp_path / "delta.npz").read_bytes()
+    first = npz_bytes(0)
+    assert npz_bytes(0) == first
+    assert npz_bytes(1) != first
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["nonsense"], "invalid choice"),
+    (["delta", "--deltas", "-1"], "--deltas must be >= 0"),
+    (["delta", "--sigmas", "0"], "--sigmas must be positive"),
+    (["density", "--n-points", "1"], "--n-points must be at least 2"),
+    (["guidance", "--deltas", "1.0"], "guidance needs --deltas DELTA_POS DELTA_NEG"),
+])
+def test_bad_input_stops_with_one_clear_message(tmp_path, argv, message):
+    proc = subprocess.run([sys.executable, "toy2d.py", *argv, "--out", str(tmp_path)], capture_output=True,
+                          text=True, cwd=toy2d.__file__.rsplit("/", 1)[0])
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr
