@@ -169,31 +169,37 @@ def optimal_denoiser(x, sigma, data, x_labels=None, data_labels=None, chunk_size
     sig = _per_query(sigma, B, q, "sigma")
     check(bool((sig > 0).all()), "sigma must be positive")
     scale = 1 / (2 * sig.square())                                    # (B,)
-    if chunk_size is None:  # logits of at most ~2^24 elements per chunk
-        chunk_size = max(1, min(N, 2 ** 24 // max(B, 1)))
+    if chunk_size is None:  # logits of at most 2^23 elements (32 MB in float32) per chunk
+        chunk_size = max(1, min(N, 2 ** 23 // max(B, 1)))
     if x_labels is not None:
         x_labels = torch.as_tensor(x_labels, device=q.device).flatten()
         data_labels = torch.as_tensor(data_labels, device=q.device).flatten()
         check(x_labels.numel() == B and data_labels.numel() == N, "one label per query and per data point")
+
+    # Logits are laid out (data chunk, queries): reductions over the data then run along
+    # contiguous rows, which vectorizes well for both tiny (2D toy) and large (image) d.
+    def chunk_logits(start):
+        yc = y[start:start + chunk_size]
+        # -||x - y||^2 / 2s^2 up to a per-query constant: (2 y.x - ||y||^2) / 2s^2
+        logits = torch.addmm(yc.square().sum(1, keepdim=True).neg(), yc, q.T, alpha=2).mul_(scale)
+        if x_labels is not None:
+            logits.masked_fill_(data_labels[start:start + chunk_size, None] != x_labels, -math.inf)
+        return yc, logits
+
     run_max = q.new_full((B,), -math.inf)
     run_sum = q.new_zeros(B)
-    acc = q.new_zeros(q.shape)
+    acc = q.new_zeros(q.shape[::-1])                                  # (d, B)
     for start in range(0, N, chunk_size):
-        yc = y[start:start + chunk_size]
-        # -||x - y||^2 / 2s^2 up to a per-query constant: (2 x.y - ||y||^2) / 2s^2
-        logits = (2 * q @ yc.T - yc.square().sum(1)) * scale[:, None]
-        if x_labels is not None:
-            logits = logits.masked_fill(x_labels[:, None] != data_labels[None, start:start + chunk_size],
-                                        -math.inf)
-        new_max = torch.maximum(run_max, logits.amax(1))
-        safe_max = torch.where(torch.isfinite(new_max), new_max, torch.zeros_like(new_max))
+        yc, logits = chunk_logits(start)
+        new_max = torch.maximum(run_max, logits.amax(0))
+        safe_max = torch.where(torch.isfinite(new_max), new_max, 0)
         rescale = torch.exp(run_max - safe_max)
-        w = torch.exp(logits - safe_max[:, None])
-        run_sum = run_sum * rescale + w.sum(1)
-        acc = acc * rescale[:, None] + w @ yc
+        w = logits.sub_(safe_max).exp_()
+        run_sum = run_sum * rescale + w.sum(0)
+        acc = torch.addmm(acc * rescale, yc.T, w)
         run_max = new_max
     check(bool((run_sum > 0).all()), "some queries have a label that no data point carries")
-    return (acc / run_sum[:, None]).reshape(x.shape)
+    return (acc / run_sum).T.reshape(x.shape)
 
 
 def error_prone_denoiser(x, sigma, data, delta, x_labels=None, data_labels=None, chunk_size=None):
@@ -216,21 +222,804 @@ def error_prone_denoiser(x, sigma, data, delta, x_labels=None, data_labels=None,
 # Networks: EDM-preconditioned U-Net (DDPM++ style) and Transformer (DiT style)
 # ---------------------------------------------------------------------------
 
-# (networks section)
+from einops import rearrange  # noqa: E402  (used by the networks only)
+
+
+def noise_embedding(c, dim, max_period=10000):
+    """Sinusoidal (positional) embedding of scalars c (B,) -> (B, dim):
+    [cos(c w_k), sin(c w_k)], w_k = max_period^(-k/(dim/2 - 1)), as in DDPM++ and DiT."""
+    half = dim // 2
+    freqs = max_period ** -(torch.arange(half, dtype=torch.float32, device=c.device) / max(half - 1, 1))
+    args = c.float()[:, None] * freqs
+    return torch.cat([args.cos(), args.sin()], dim=1)
+
+
+def group_norm(channels):
+    """GroupNorm with up to 32 groups of at least 4 channels (DDPM++), float32 statistics."""
+    groups = min(32, max(1, channels // 4))
+    while channels % groups:
+        groups -= 1
+    return nn.GroupNorm(groups, channels, eps=1e-6)
+
+
+def resample(x, mode):
+    """2x box-filter downsampling ('down'), nearest upsampling ('up'), or identity (None)."""
+    if mode == "down":
+        return F.avg_pool2d(x, 2)
+    if mode == "up":
+        return F.interpolate(x, scale_factor=2, mode="nearest")
+    return x
+
+
+class SelfAttention2d(nn.Module):
+    """Single-head self-attention over the pixels of a feature map (DDPM++)."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.norm = group_norm(channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x):
+        q, k, v = rearrange(self.qkv(self.norm(x)), "b (three c) h w -> three b (h w) c", three=3)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(rearrange(out, "b (h w) c -> b c h w", h=x.shape[2]))
+
+
+class ResBlock(nn.Module):
+    """DDPM++ residual block: GN-SiLU-conv, + embedding, GN-SiLU-dropout-conv, plus a
+    (projected) skip, scaled by sqrt(1/2); then optional self-attention, same scaling."""
+
+    def __init__(self, cin, cout, emb_dim, resample=None, attention=False, dropout=0.0):
+        super().__init__()
+        self.resample = resample
+        self.norm0 = group_norm(cin)
+        self.conv0 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.affine = nn.Linear(emb_dim, cout)
+        self.norm1 = group_norm(cout)
+        self.dropout = nn.Dropout(dropout)
+        self.conv1 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout or resample else None
+        self.attn = SelfAttention2d(cout) if attention else None
+
+    def forward(self, x, emb):
+        h = self.conv0(resample(F.silu(self.norm0(x)), self.resample))
+        h = F.silu(self.norm1(h + self.affine(emb)[:, :, None, None]))
+        h = self.conv1(self.dropout(h))
+        x = resample(x, self.resample)
+        x = (h + (self.skip(x) if self.skip is not None else x)) * math.sqrt(0.5)
+        if self.attn is not None:
+            x = (x + self.attn(x)) * math.sqrt(0.5)
+        return x
+
+
+class UNet(nn.Module):
+    """DDPM++ U-Net F(x; c_noise, label) (Song et al. 2021, as configured in EDM): per level
+    `blocks` residual blocks of channels * mult, attention at attn_resolutions, skip connections
+    from every encoder block to the decoder; noise embedding (+ label embedding) -> MLP."""
+
+    def __init__(self, img_resolution, img_channels, num_classes=0, channels=128,
+                 channel_mult=(2, 2, 2), blocks=4, attn_resolutions=(16,), dropout=0.0, emb_mult=4):
+        super().__init__()
+        emb_dim = channels * emb_mult
+        self.label_embed = nn.Embedding(num_classes + 1, channels) if num_classes else None
+        self.map_noise = nn.Sequential(nn.Linear(channels, emb_dim), nn.SiLU(),
+                                       nn.Linear(emb_dim, emb_dim), nn.SiLU())
+        block = lambda cin, cout, **kw: ResBlock(cin, cout, emb_dim, dropout=dropout, **kw)  # noqa: E731
+        self.conv_in = nn.Conv2d(img_channels, channels, 3, padding=1)
+        self.enc, skips, c = nn.ModuleList(), [channels], channels
+        for level, mult in enumerate(channel_mult):
+            res = img_resolution >> level
+            if level > 0:
+                self.enc.append(block(c, c, resample="down"))
+                skips.append(c)
+            for _ in range(blocks):
+                self.enc.append(block(c, channels * mult, attention=res in attn_resolutions))
+                c = channels * mult
+                skips.append(c)
+        self.dec, self.dec_takes_skip = nn.ModuleList(), []
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            res = img_resolution >> level
+            if level == len(channel_mult) - 1:
+                self.dec.extend([block(c, c, attention=True), block(c, c)])
+                self.dec_takes_skip += [False, False]
+            else:
+                self.dec.append(block(c, c, resample="up"))
+                self.dec_takes_skip.append(False)
+            for i in range(blocks + 1):
+                attention = i == blocks and res in attn_resolutions
+                self.dec.append(block(c + skips.pop(), channels * mult, attention=attention))
+                self.dec_takes_skip.append(True)
+                c = channels * mult
+        self.norm_out = group_norm(c)
+        self.conv_out = nn.Conv2d(c, img_channels, 3, padding=1)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        """Xavier-uniform weights and zero biases; zero output conv and residual-branch last
+        convs (each block starts as its skip path); N(0, 1) label embeddings."""
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        for m in self.modules():
+            if isinstance(m, ResBlock):
+                nn.init.zeros_(m.conv1.weight)
+            if isinstance(m, SelfAttention2d):
+                nn.init.zeros_(m.proj.weight)
+        nn.init.zeros_(self.conv_out.weight)
+        if self.label_embed is not None:
+            nn.init.normal_(self.label_embed.weight)
+
+    def forward(self, x, c_noise, labels=None):
+        emb = noise_embedding(c_noise, self.conv_in.out_channels)
+        if self.label_embed is not None:
+            emb = emb + self.label_embed(labels)
+        emb = self.map_noise(emb)
+        x = self.conv_in(x)
+        skips = [x]
+        for block in self.enc:
+            x = block(x, emb)
+            skips.append(x)
+        for block, takes_skip in zip(self.dec, self.dec_takes_skip):
+            x = block(torch.cat([x, skips.pop()], dim=1) if takes_skip else x, emb)
+        return self.conv_out(F.silu(self.norm_out(x)))
+
+
+def modulate(x, shift, scale):
+    """adaLN modulation (DiT): x (1 + scale) + shift, with one shift and scale per image."""
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class DiTBlock(nn.Module):
+    """Transformer block with adaLN-Zero (DiT): the conditioning regresses shift, scale and a
+    gate for the attention and the MLP branch; zero gates make the block the identity at init."""
+
+    def __init__(self, dim, heads, mlp_ratio=4, dropout=0.0):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(approximate="tanh"),
+                                 nn.Linear(mlp_ratio * dim, dim))
+        self.dropout = nn.Dropout(dropout)
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+
+    def forward(self, x, cond):
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(cond).chunk(6, dim=1)
+        qkv = self.qkv(modulate(self.norm1(x), shift1, scale1))
+        q, k, v = rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=self.heads)
+        attn = rearrange(F.scaled_dot_product_attention(q, k, v), "b h n d -> b n (h d)")
+        x = x + gate1[:, None] * self.dropout(self.proj(attn))
+        return x + gate2[:, None] * self.dropout(self.mlp(modulate(self.norm2(x), shift2, scale2)))
+
+
+class DiT(nn.Module):
+    """Diffusion Transformer F(x; c_noise, label) (Peebles & Xie 2023): patch embedding with a
+    fixed 2D sin-cos position embedding, adaLN-Zero blocks, final adaLN layer, unpatchify."""
+
+    def __init__(self, img_resolution, img_channels, num_classes=0, channels=384, blocks=12,
+                 heads=6, patch=2, dropout=0.0, mlp_ratio=4, freq_dim=256):
+        super().__init__()
+        self.patch, self.freq_dim = patch, freq_dim
+        self.patch_embed = nn.Conv2d(img_channels, channels, patch, stride=patch)
+        grid = torch.arange(img_resolution // patch, dtype=torch.float32)
+        ys, xs = torch.meshgrid(grid, grid, indexing="ij")
+        pos = torch.cat([noise_embedding(ys.flatten(), channels // 2),
+                         noise_embedding(xs.flatten(), channels // 2)], dim=1)
+        self.register_buffer("pos_embed", pos[None], persistent=False)
+        self.map_noise = nn.Sequential(nn.Linear(freq_dim, channels), nn.SiLU(), nn.Linear(channels, channels))
+        self.label_embed = nn.Embedding(num_classes + 1, channels) if num_classes else None
+        self.blocks = nn.ModuleList(DiTBlock(channels, heads, mlp_ratio, dropout) for _ in range(blocks))
+        self.norm_out = nn.LayerNorm(channels, elementwise_affine=False, eps=1e-6)
+        self.ada_out = nn.Sequential(nn.SiLU(), nn.Linear(channels, 2 * channels))
+        self.linear_out = nn.Linear(channels, patch * patch * img_channels)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        """DiT initialisation: Xavier-uniform weights and zero biases, N(0, 0.02) embeddings,
+        and adaLN-Zero: zero modulation layers and a zero output layer."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.xavier_uniform_(self.patch_embed.weight.view(self.patch_embed.out_channels, -1))
+        nn.init.zeros_(self.patch_embed.bias)
+        for layer in self.map_noise[0::2]:
+            nn.init.normal_(layer.weight, std=0.02)
+        if self.label_embed is not None:
+            nn.init.normal_(self.label_embed.weight, std=0.02)
+        for ada in [b.ada for b in self.blocks] + [self.ada_out]:
+            nn.init.zeros_(ada[-1].weight)
+            nn.init.zeros_(ada[-1].bias)
+        nn.init.zeros_(self.linear_out.weight)
+        nn.init.zeros_(self.linear_out.bias)
+
+    def forward(self, x, c_noise, labels=None):
+        h = x.shape[2] // self.patch
+        tokens = rearrange(self.patch_embed(x), "b c h w -> b (h w) c") + self.pos_embed
+        cond = self.map_noise(noise_embedding(c_noise, self.freq_dim))
+        if self.label_embed is not None:
+            cond = cond + self.label_embed(labels)
+        for block in self.blocks:
+            tokens = block(tokens, cond)
+        shift, scale = self.ada_out(cond).chunk(2, dim=1)
+        out = self.linear_out(modulate(self.norm_out(tokens), shift, scale))
+        return rearrange(out, "b (h w) (p q c) -> b c (h p) (w q)", h=h, p=self.patch, q=self.patch)
+
+
+# Constructor arguments per model and size. unet `l` is the paper's CIFAR-10 DDPM++ model
+# (~56M parameters at 32x32x3); dit `l` is DiT-S/2. The small U-Nets have no dropout so that
+# CPU runs memorize within minutes; --dropout overrides it.
+NETWORK_PRESETS = {
+    "unet": {
+        "tiny": dict(channels=16, channel_mult=(1, 2, 2), blocks=1, attn_resolutions=(8,), dropout=0.0),
+        "xs": dict(channels=16, channel_mult=(1, 2, 2), blocks=2, attn_resolutions=(16,), dropout=0.0),
+        "s": dict(channels=32, channel_mult=(1, 2, 2), blocks=2, attn_resolutions=(16,), dropout=0.0),
+        "m": dict(channels=64, channel_mult=(2, 2, 2), blocks=2, attn_resolutions=(16,), dropout=0.13),
+        "l": dict(channels=128, channel_mult=(2, 2, 2), blocks=4, attn_resolutions=(16,), dropout=0.13),
+    },
+    "dit": {
+        "tiny": dict(channels=64, blocks=4, heads=2, patch=2, dropout=0.0),
+        "xs": dict(channels=128, blocks=6, heads=2, patch=2, dropout=0.0),
+        "s": dict(channels=192, blocks=8, heads=3, patch=2, dropout=0.0),
+        "m": dict(channels=256, blocks=12, heads=4, patch=2, dropout=0.0),
+        "l": dict(channels=384, blocks=12, heads=6, patch=2, dropout=0.0),
+    },
+}
+NETWORKS = {"unet": UNet, "dit": DiT}
+
+
+class Denoiser(nn.Module):
+    """EDM preconditioning: D(x; sigma, c) = c_skip x + c_out F(c_in x; c_noise, c).
+
+    labels: int64 (B,) in [0, num_classes], where num_classes is the null (unconditional)
+    label; None means all null. Ignored when num_classes == 0. Returns D in x's dtype;
+    the skip connection is computed in float32 (float64 inputs stay float64).
+    """
+
+    def __init__(self, net, config):
+        super().__init__()
+        self.net, self.config = net, dict(config)
+        self.num_classes, self.sigma_data = config["num_classes"], config["sigma_data"]
+
+    def forward(self, x, sigma, labels=None):
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        sigma = torch.as_tensor(sigma, dtype=xf.dtype, device=x.device).flatten().expand(x.shape[0])
+        c_skip, c_out, c_in, c_noise = (c.view(-1, 1, 1, 1) for c in precond_coeffs(sigma, self.sigma_data))
+        if self.num_classes == 0:
+            labels = None
+        elif labels is None:
+            labels = torch.full((x.shape[0],), self.num_classes, dtype=torch.long, device=x.device)
+        f = self.net((c_in * xf).to(next(self.net.parameters()).dtype), c_noise.flatten(), labels)
+        return (c_skip * xf + c_out * f.to(xf.dtype)).to(x.dtype)
+
+
+def build_network(model, size="tiny", img_resolution=32, img_channels=1, num_classes=0, channels=None,
+                  blocks=None, dropout=None, patch=None, sigma_data=SIGMA_DATA):
+    """EDM-preconditioned U-Net or DiT from a named preset with optional overrides;
+    build_network(**denoiser.config) rebuilds the same architecture."""
+    check(model in NETWORK_PRESETS, f"unknown model {model!r}: choose one of {', '.join(NETWORK_PRESETS)}")
+    check(size in NETWORK_PRESETS[model],
+          f"unknown size {size!r} for {model}: choose one of {', '.join(NETWORK_PRESETS[model])}")
+    check(patch is None or model == "dit", "patch applies to the dit model only")
+    kwargs = dict(NETWORK_PRESETS[model][size])
+    overrides = dict(channels=channels, blocks=blocks, dropout=dropout, patch=patch)
+    kwargs.update({k: v for k, v in overrides.items() if v is not None})
+    check(img_channels >= 1 and num_classes >= 0, f"need img_channels >= 1 and num_classes >= 0, "
+          f"got {img_channels}, {num_classes}")
+    check(kwargs["channels"] >= 1 and kwargs["blocks"] >= 1, f"channels and blocks must be positive, "
+          f"got {kwargs['channels']}, {kwargs['blocks']}")
+    check(0 <= kwargs["dropout"] < 1, f"dropout must lie in [0, 1), got {kwargs['dropout']}")
+    if model == "unet":
+        factor = 2 ** (len(kwargs["channel_mult"]) - 1)
+        check(img_resolution % factor == 0 and img_resolution >= factor,
+              f"the {size} U-Net needs a resolution divisible by {factor}, got {img_resolution}")
+    else:
+        p, c, heads = kwargs["patch"], kwargs["channels"], kwargs["heads"]
+        check(p >= 1 and img_resolution % p == 0, f"patch {p} must divide the resolution {img_resolution}")
+        check(c % heads == 0 and c % 4 == 0, f"DiT channels ({c}) must be divisible by 4 and by "
+              f"the {heads} heads of size {size}")
+    net = NETWORKS[model](img_resolution=img_resolution, img_channels=img_channels,
+                          num_classes=num_classes, **kwargs)
+    config = dict(model=model, size=size, img_resolution=int(img_resolution), img_channels=int(img_channels),
+                  num_classes=int(num_classes), channels=int(kwargs["channels"]), blocks=int(kwargs["blocks"]),
+                  dropout=float(kwargs["dropout"]), patch=kwargs.get("patch"), sigma_data=float(sigma_data))
+    return Denoiser(net, config)
+
+
+def count_parameters(module):
+    """Number of parameters of a module."""
+    return sum(p.numel() for p in module.parameters())
 
 
 # ---------------------------------------------------------------------------
 # Data: dataset readers, subsets, conditioning labels
 # ---------------------------------------------------------------------------
 
-# (data section)
+import gzip
+import hashlib
+import http.client
+import importlib
+import io
+import pickle
+import tarfile
+import urllib.request
+
+_IDX_SPLITS = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+               "val": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
+_CIFAR_URL = "https://www.cs.toronto.edu/~kriz/"
+_DOWNLOAD_TIMEOUT = 30  # seconds without data before a download gives up
+_CACHE_NAME = "edm-memorization"
+
+
+def _idx_dataset(folder, url, md5s, **extra):
+    files = [f for split in ("train", "val") for f in _IDX_SPLITS[split]]
+    return dict(num_classes=10, shape=(28, 28, 1), format="idx", folder=folder, files=files,
+                urls={f: url + f for f in files}, md5=dict(zip(files, md5s)),
+                split_files=_IDX_SPLITS, **extra)
+
+
+def _cifar_dataset(folder, archive, md5, extracted, train, val, label_key, num_classes):
+    return dict(num_classes=num_classes, shape=(32, 32, 3), format="cifar", folder=folder,
+                files=[archive], urls={archive: _CIFAR_URL + archive}, md5={archive: md5},
+                split_files={"train": (archive,), "val": (archive,)}, extracted=extracted,
+                members={"train": train, "val": val}, label_key=label_key)
+
+
+# Published md5 checksums of the canonical archives (as listed by their authors and torchvision).
+DATASETS = {
+    "fashion-mnist": _idx_dataset(
+        "fashion-mnist", "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+        ["8d4fb7e6c68d591d4c3dfef9ec88bf0d", "25c81989df183df01b3e8a0aad5dffbe",
+         "bef4ecab320f06d8554ea6380940ec79", "bb300cfdad3c16e7a12a480ee83cd310"],
+        system_dirs=("/usr/share/datasets/fashion-mnist",), apt="dataset-fashion-mnist",
+        aliases=("FashionMNIST/raw",)),
+    "mnist": _idx_dataset(
+        "mnist", "https://ossci-datasets.s3.amazonaws.com/mnist/",
+        ["f68b3c2dcbeaaa9fbdd348bbdeb94873", "d53e105ee54ea40749a09fcbcd1e9432",
+         "9fb629c4189551a2d022fa330f9573f3", "ec29112dd5afa0611ce80d1b7f02629c"],
+        aliases=("MNIST/raw",)),
+    "cifar10": _cifar_dataset(
+        "cifar10", "cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a",
+        "cifar-10-batches-py", tuple(f"data_batch_{i}" for i in range(1, 6)), ("test_batch",), b"labels", 10),
+    "cifar100": _cifar_dataset(
+        "cifar100", "cifar-100-python.tar.gz", "eb9058c3a382ffc7106e4002c42a8d85",
+        "cifar-100-python", ("train",), ("test",), b"fine_labels", 100),
+    "cifar100-coarse": _cifar_dataset(
+        "cifar100", "cifar-100-python.tar.gz", "eb9058c3a382ffc7106e4002c42a8d85",
+        "cifar-100-python", ("train",), ("test",), b"coarse_labels", 20),
+}
+_LOADED = {}  # (name, split, source paths) -> (images, labels), read-only arrays
+
+
+def _cache_dir(info):
+    """Per-user download folder: $XDG_CACHE_HOME (or ~/.cache)/edm-memorization/<dataset>."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, _CACHE_NAME, info["folder"])
+
+
+def _search_dirs(info, root):
+    """Folders to look in, in order: --data-dir (its dataset subfolder first), system, cache."""
+    dirs = []
+    if root is not None:
+        root = os.path.expanduser(os.fspath(root))
+        dirs += [os.path.join(root, sub) for sub in (info["folder"], *info.get("aliases", ()))] + [root]
+    return dirs + list(info.get("system_dirs", ())) + [_cache_dir(info)]
+
+
+def _find_source(info, split, folder):
+    """Paths of the split's files in folder (IDX files gz or raw; CIFAR archive or its
+    extracted folder), or None when something is missing."""
+    if info["format"] == "cifar":
+        archive = os.path.join(folder, info["files"][0])
+        extracted = os.path.join(folder, info["extracted"])
+        if os.path.isfile(archive):
+            return (archive,)
+        if all(os.path.isfile(os.path.join(extracted, m)) for m in info["members"][split]):
+            return (extracted,)
+        return None
+    paths = []
+    for name in info["split_files"][split]:
+        found = [p for p in (name, name[:-3]) if os.path.isfile(os.path.join(folder, p))]
+        if not found:
+            return None
+        paths.append(os.path.join(folder, found[0]))
+    return tuple(paths)
+
+
+def _md5(path):
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _urlretrieve(url, path, timeout=_DOWNLOAD_TIMEOUT):
+    """Copy url to path; network failures raise OSError or http.client.HTTPException."""
+    with urllib.request.urlopen(url, timeout=timeout) as response, open(path, "wb") as f:
+        for block in iter(lambda: response.read(1 << 20), b""):
+            f.write(block)
+
+
+def _how_to_get(name, info, split, searched, reason):
+    """The message for missing data: where we looked, why the download failed, what to do."""
+    files = info["split_files"][split]
+    urls = ", ".join(info["urls"][f] for f in files)
+    where = f"{_cache_dir(info)}, or into a folder DIR (or DIR/{info['folder']}) passed as --data-dir DIR"
+    text = (f"{name} ({split} split) not found (looked in {', '.join(searched)}) and {reason}. "
+            f"Download {', '.join(files)} from {urls} and put {'it' if len(files) == 1 else 'them'} "
+            f"into {where}")
+    if info["format"] == "cifar":
+        text += f" (the .tar.gz as it is, or extracted as {info['extracted']}/)"
+    if "apt" in info:
+        text += (f"; or install the Debian/Ubuntu package {info['apt']} (sudo apt install {info['apt']}), "
+                 f"which puts the files in {info['system_dirs'][0]}")
+    return text
+
+
+def _download(name, info, split, searched):
+    """Download the split's canonical files into the cache, verify their md5, return the source."""
+    folder = _cache_dir(info)
+    for filename in info["split_files"][split]:
+        dest, url, md5 = os.path.join(folder, filename), info["urls"][filename], info["md5"][filename]
+        if os.path.isfile(dest):
+            continue
+        tmp = None
+        try:
+            os.makedirs(folder, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=folder, suffix=".part")
+            os.close(fd)
+            print(f"downloading {url} -> {dest}", file=sys.stderr)
+            _urlretrieve(url, tmp)
+            got = _md5(tmp)
+            check(got == md5, f"checksum mismatch for {url}: md5 {got}, expected {md5}; the download is "
+                              f"corrupt (or changed upstream) and was deleted. Try again, or fetch the file "
+                              f"yourself and put it into {folder} or a folder passed as --data-dir")
+            os.replace(tmp, dest)
+        except (OSError, http.client.HTTPException) as err:
+            raise UserError(_how_to_get(name, info, split, searched, f"downloading {url} failed ({err})"))
+        finally:
+            if tmp is not None and os.path.exists(tmp):
+                os.remove(tmp)
+    return _find_source(info, split, folder)
+
+
+def _read_idx(path, ndim):
+    """IDX file (gz or raw) of uint8 with ndim dimensions: magic 0x0000080N, then N big-endian sizes."""
+    try:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as err:
+        raise UserError(f"cannot read {path} ({err}); delete it and get the file again")
+    check(len(raw) >= 4 + 4 * ndim and raw[:4] == bytes([0, 0, 8, ndim]),
+          f"{path} is not an IDX file of uint8 with {ndim} dimensions (magic {2048 + ndim})")
+    dims = [int(s) for s in np.frombuffer(raw, ">u4", ndim, 4)]
+    data = np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim)
+    check(data.size == math.prod(dims), f"{path} holds {data.size} values but its header says {dims}: "
+                                        "truncated or corrupt; delete it and get the file again")
+    return data.reshape(dims)
+
+
+# Only what CIFAR's python batches need: numpy arrays (any pickle protocol) and plain containers.
+_PICKLE_GLOBALS = {("numpy.core.multiarray", "_reconstruct"), ("numpy.core.numeric", "_frombuffer"),
+                   ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickler that rebuilds numpy arrays, dicts, lists and strings and nothing else."""
+
+    def find_class(self, module, name):
+        if (module.replace("numpy._core", "numpy.core"), name) not in _PICKLE_GLOBALS:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+        try:
+            return getattr(importlib.import_module(module.replace("numpy.core", "numpy._core")), name)
+        except ImportError:  # numpy 1.x has no numpy._core
+            return getattr(importlib.import_module(module), name)
+
+
+def _read_cifar_batches(source, members, where):
+    """The CIFAR python batches `members` (pickled dicts) from the .tar.gz or an extracted folder."""
+    blobs = {}
+    try:
+        if os.path.isdir(source):
+            for m in members:
+                with open(os.path.join(source, m), "rb") as f:
+                    blobs[m] = f.read()
+        else:
+            wanted = {f"{where}/{m}": m for m in members}
+            with tarfile.open(source, "r:gz") as tar:
+                for member in tar:
+                    if member.isfile() and member.name in wanted:
+                        blobs[wanted[member.name]] = tar.extractfile(member).read()
+                        if len(blobs) == len(members):
+                            break
+    except (OSError, EOFError, tarfile.TarError) as err:
+        raise UserError(f"cannot read {source} ({err}); delete it and get the file again")
+    missing = [f"{where}/{m}" for m in members if m not in blobs]
+    check(not missing, f"{source} lacks {', '.join(missing)}: not the canonical CIFAR python archive")
+    batches = []
+    for m in members:
+        try:
+            batch = _ArrayUnpickler(io.BytesIO(blobs[m]), encoding="bytes").load()
+        except Exception as err:  # any failure to decode means a foreign or corrupt file
+            raise UserError(f"{source}: {m} is not a CIFAR python batch ({err})")
+        check(isinstance(batch, dict) and b"data" in batch, f"{source}: {m} is not a CIFAR python batch")
+        batches.append(batch)
+    return batches
+
+
+def _read_source(info, split, source):
+    """Decode one split: uint8 images (N, H, W, C) and int64 labels (N,)."""
+    if info["format"] == "idx":
+        images, labels = _read_idx(source[0], 3)[..., None], _read_idx(source[1], 1).astype(np.int64)
+    else:
+        batches = _read_cifar_batches(source[0], info["members"][split], info["extracted"])
+        key = info["label_key"]
+        check(all(key in b for b in batches), f"{source[0]}: batches have no {key.decode()}")
+        data = np.concatenate([np.asarray(b[b"data"]) for b in batches])
+        check(data.dtype == np.uint8 and data.ndim == 2 and data.shape[1] == 3 * 32 * 32,
+              f"{source[0]}: data is {data.dtype} {data.shape}, expected uint8 (N, 3072)")
+        images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+        labels = np.concatenate([np.asarray(b[key], dtype=np.int64) for b in batches])
+    check(images.shape[1:] == info["shape"],
+          f"{source[0]}: images are {images.shape[1:]}, expected {info['shape']}")
+    check(len(images) == len(labels), f"{source}: {len(images)} images but {len(labels)} labels")
+    check(len(labels) == 0 or 0 <= labels.min() and labels.max() < info["num_classes"],
+          f"{source[-1]}: labels outside 0..{info['num_classes'] - 1}")
+    return images, labels
+
+
+def load_images(name="fashion-mnist", split="train", root=None):
+    """Dataset split as uint8 images (N, H, W, C) and int64 labels (N,); 'val' is the official
+    test split. Looks in root (--data-dir), the system folder, the user cache, then downloads.
+    The arrays are cached per process and read-only: index or copy them before changing them."""
+    check(name in DATASETS, f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
+    check(split in ("train", "val"), f"unknown split {split!r}: use train or val")
+    info = DATASETS[name]
+    searched = _search_dirs(info, root)
+    source = next(filter(None, (_find_source(info, split, d) for d in searched)), None)
+    if source is None:
+        source = _download(name, info, split, searched)
+    key = (name, split, tuple(os.path.abspath(p) for p in source))
+    if key not in _LOADED:
+        images, labels = _read_source(info, split, source)
+        images, labels = np.ascontiguousarray(images), np.ascontiguousarray(labels)
+        images.flags.writeable = labels.flags.writeable = False
+        _LOADED[key] = images, labels
+    return _LOADED[key]
+
+
+def images_to_tensor(images, resolution=32):
+    """uint8 (N, H, W, C) -> float32 (N, C, R, R), y = x / 127.5 - 1 in [-1, 1]; images smaller
+    than 32x32 are padded with the background -1 (28 -> 32: 2 pixels each side), then R x R
+    by area averaging over (32/R)^2 blocks, so R must divide 32."""
+    images = np.asarray(images)
+    check(images.dtype == np.uint8 and images.ndim == 4 and images.shape[1] == images.shape[2],
+          f"images must be square uint8 (N, H, W, C), got {images.dtype} {images.shape}")
+    n, h, _, c = images.shape
+    size = max(h, 32)
+    valid = [r for r in range(1, size + 1) if size % r == 0]
+    check(isinstance(resolution, (int, np.integer)) and resolution in valid,
+          f"resolution {resolution} must divide the padded size {size}: one of {valid}")
+    lo, hi = (size - h) // 2, size - h - (size - h) // 2
+    out = torch.empty(n, c, resolution, resolution)
+    chunk = 4096
+    for start in range(0, n, chunk):
+        padded = np.pad(images[start:start + chunk], ((0, 0), (lo, hi), (lo, hi), (0, 0)))  # 0 -> -1
+        x = torch.from_numpy(padded).permute(0, 3, 1, 2).float().div_(127.5).sub_(1)
+        out[start:start + chunk] = F.avg_pool2d(x, size // resolution) if resolution != size else x
+    return out
+
+
+def choose_subset(num_available, n, seed):
+    """Training subset: the first n of a seeded random permutation of range(num_available),
+    sorted (same seed: the subset of size n is contained in the one of size n' > n)."""
+    check(isinstance(n, (int, np.integer)) and n >= 1, f"n must be a positive integer, got {n}")
+    check(n <= num_available, f"n = {n} is larger than the {num_available} images available in the split")
+    perm = torch.randperm(num_available, generator=torch.Generator().manual_seed(int(seed)))
+    return np.sort(perm[:n].numpy()).astype(np.int64)
+
+
+def _sq_dists(x, centroids, x_sq):
+    """Squared distances ||x_i - c_j||^2 = ||x_i||^2 - 2 x_i.c_j + ||c_j||^2, shape (N, k)."""
+    dd = torch.addmm(centroids.square().sum(1), x, centroids.T, alpha=-2)
+    return dd.add_(x_sq[:, None]).clamp_(min=0)
+
+
+def _nearest(x, centroids, x_sq=None):
+    """Index of and squared distance to the nearest centroid for each row of x, in chunks
+    of rows, so no (N, k, d) tensor and at most ~2^22 floats of temporaries."""
+    if x_sq is None:
+        x_sq = torch.linalg.vector_norm(x, dim=1).square()
+    chunk = max(1, 2 ** 22 // centroids.shape[0])
+    dists, index = [], []
+    for start in range(0, x.shape[0], chunk):
+        m, i = _sq_dists(x[start:start + chunk], centroids, x_sq[start:start + chunk]).min(1)
+        dists.append(m)
+        index.append(i)
+    return torch.cat(index), torch.cat(dists)
+
+
+def _as_points(x):
+    x = torch.as_tensor(x)
+    check(x.ndim >= 2 and x.shape[0] >= 1, f"need points of shape (N, d) or (N, ...), got {tuple(x.shape)}")
+    return x.reshape(x.shape[0], -1).float()
+
+
+def kmeans_labels(x, k, seed=0, iters=50):
+    """k-means pseudo-labels (the condition-granularity factor): greedy k-means++ seeding, then
+    Lloyd steps until the assignment stops changing; an empty cluster restarts at the point
+    farthest from its centroid. Deterministic for a seed. Returns labels int64 (N,) and
+    centroids float32 (k, d)."""
+    x = _as_points(x)
+    n = x.shape[0]
+    check(isinstance(k, (int, np.integer)) and 1 <= k <= n,
+          f"k must be between 1 and the number of points {n}, got {k}")
+    gen = torch.Generator().manual_seed(int(seed))
+    x_sq = torch.linalg.vector_norm(x, dim=1).square()
+    chosen = [int(torch.randint(n, (1,), generator=gen))]
+    min_d = _sq_dists(x, x[chosen], x_sq)[:, 0]
+    trials = 2 + int(math.log(k))
+    for _ in range(k - 1):  # greedy k-means++: of a few draws with p ~ D(x)^2, keep the best
+        if float(min_d.sum()) > 0:
+            candidates = torch.multinomial(min_d.double(), trials, replacement=True, generator=gen)
+        else:  # fewer distinct points than k
+            candidates = torch.randint(n, (trials,), generator=gen)
+        new_d = torch.minimum(min_d[:, None], _sq_dists(x, x[candidates], x_sq))
+        best = int(new_d.sum(0).argmin())
+        chosen.append(int(candidates[best]))
+        min_d = new_d[:, best]
+    centroids = x[chosen].clone()
+    labels, dist = _nearest(x, centroids, x_sq)
+    for _ in range(iters):
+        counts = torch.bincount(labels, minlength=k)
+        centroids = torch.zeros_like(centroids).index_add_(0, labels, x) / counts.clamp(min=1)[:, None]
+        empty = (counts == 0).nonzero().flatten()
+        if len(empty):
+            centroids[empty] = x[torch.argsort(dist, descending=True, stable=True)[:len(empty)]]
+        new_labels, dist = _nearest(x, centroids, x_sq)
+        done = torch.equal(new_labels, labels)
+        labels = new_labels
+        if done:
+            break
+    return labels.numpy().astype(np.int64), centroids
+
+
+def assign_clusters(x, centroids):
+    """Label of the nearest centroid (squared Euclidean) for each point, e.g. validation images
+    with the training centroids of kmeans_labels; int64 (N,)."""
+    x, centroids = _as_points(x), torch.as_tensor(centroids).float()
+    check(centroids.ndim == 2 and centroids.shape[1] == x.shape[1],
+          f"centroids {tuple(centroids.shape)} do not match points of dimension {x.shape[1]}")
+    return _nearest(x, centroids)[0].numpy().astype(np.int64)
 
 
 # ---------------------------------------------------------------------------
 # Checkpoint I/O
 # ---------------------------------------------------------------------------
 
-# (checkpoint section)
+import random  # noqa: E402  (its state is part of rng_state)
+
+CHECKPOINT_KIND = "edm-denoiser-snapshot"
+CHECKPOINT_KEYS = ("kind", "net", "ema", "opt", "step", "images_seen", "args", "network", "subset",
+                   "labels", "dataset", "resolution", "kmeans_centroids", "rng")
+
+
+def save_checkpoint(state, path):
+    """Write a snapshot dict atomically: temp file in the same folder, fsync, then os.replace."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".pt.tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Read a snapshot written by save_checkpoint; UserError for a missing, corrupted or foreign file."""
+    path = os.fspath(path)
+    check(os.path.isfile(path), f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as err:  # any failure to unpickle means a corrupted or foreign file
+        raise UserError(f"cannot read checkpoint {path} ({type(err).__name__}): the file is corrupted "
+                        "or not a torch file; delete it or point to another snapshot") from None
+    check(isinstance(ckpt, dict) and ckpt.get("kind") == CHECKPOINT_KIND,
+          f"{path} is not a denoiser snapshot (no kind {CHECKPOINT_KIND!r}); "
+          "point to a snapshot-*.pt written by train_image.py")
+    missing = [key for key in CHECKPOINT_KEYS if key not in ckpt]
+    check(not missing, f"snapshot {path} lacks the keys {', '.join(missing)}; it is incomplete or foreign")
+    return ckpt
+
+
+def load_denoiser(checkpoint_or_path, weights="ema", device="cpu"):
+    """The snapshot's Denoiser, rebuilt by build_network(**ckpt['network']) with its 'ema' or
+    'net' weights, in eval mode without gradients; returns (denoiser, checkpoint dict)."""
+    check(weights in ("ema", "net"), f"weights must be 'ema' or 'net', got {weights!r}")
+    ckpt = checkpoint_or_path
+    if not isinstance(ckpt, dict):
+        ckpt = load_checkpoint(ckpt)
+    denoiser = build_network(**ckpt["network"])
+    denoiser.load_state_dict(ckpt[weights])
+    return denoiser.to(device).eval().requires_grad_(False), ckpt
+
+
+def rng_state(**generators):
+    """All random-number-generator states of this process (python, numpy, torch, cuda) and
+    of the named torch.Generators, as a plain dict for a checkpoint."""
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "generators": {name: g.get_state() for name, g in generators.items()}}
+
+
+def set_rng_state(state, **generators):
+    """Restore the states saved by rng_state, including those of the named torch.Generators."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    for name, g in generators.items():
+        g.set_state(state["generators"][name])
+
+
+def ema_beta(batch, half_life_images):
+    """EMA decay per step for a half-life counted in images: beta = 0.5 ** (batch / half_life)."""
+    return 0.5 ** (batch / half_life_images) if half_life_images > 0 else 0.0
+
+
+@torch.no_grad()
+def update_ema(ema, net, beta):
+    """Exponential moving average of weights: ema <- beta ema + (1 - beta) net; buffers are copied."""
+    torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1 - beta)
+    for b_ema, b in zip(ema.buffers(), net.buffers()):
+        b_ema.copy_(b)
+
+
+# ---------------------------------------------------------------------------
+# Per-noise-level denoising error
+# ---------------------------------------------------------------------------
+
+def image_noise(indices, shape, seed=0):
+    """One fixed N(0, I) draw per image, seeded by the image's dataset index (and `seed`),
+    so the draw is the same whatever the batch, order or checkpoint: (len(indices), *shape)."""
+    draws = [torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed * 1_000_003 + int(i)))
+             for i in indices]
+    return torch.stack(draws) if draws else torch.zeros(0, *shape)
+
+
+@torch.no_grad()
+def denoising_errors(denoise, images, noise, sigmas, labels=None, batch_size=256):
+    """Per-noise-level error E(sigma) of PAPER.md, per image: (1/d) ||y_i - D(y_i + sigma n_i; sigma, c_i)||^2,
+    unweighted, returned as float64 (S, N). Batches mix (image, sigma) pairs; `denoise(x, sigma, labels)`
+    gets sigma as a (B,) tensor and labels (B,) or None."""
+    sigmas = torch.as_tensor(sigmas, dtype=torch.float64).flatten()
+    check(bool((sigmas > 0).all()), "sigmas must be positive")
+    check(images.shape == noise.shape, f"images {tuple(images.shape)} and noise {tuple(noise.shape)} differ")
+    S, N = len(sigmas), images.shape[0]
+    out = torch.empty(S * N, dtype=torch.float64)
+    for start in range(0, S * N, batch_size):
+        pair = torch.arange(start, min(start + batch_size, S * N))
+        s_idx, i_idx = pair // N, pair % N
+        y = images[i_idx]
+        sigma = sigmas[s_idx].to(y.device, y.dtype)
+        x = y + sigma.view(-1, *[1] * (y.ndim - 1)) * noise[i_idx]
+        den = denoise(x, sigma, None if labels is None else labels[i_idx])
+        out[start:start + len(pair)] = (den.double() - y.double()).square().flatten(1).mean(1).cpu()
+    return out.view(S, N)
 
 
 # ---------------------------------------------------------------------------
@@ -252,6 +1041,13 @@ def frechet_distance(a, b):
 
 
 # ---------------------------------------------------------------------------
+# Feature spaces for Fréchet distances
+# ---------------------------------------------------------------------------
+
+# (features section)
+
+
+# ---------------------------------------------------------------------------
 # Devices, seeds and command-line plumbing
 # ---------------------------------------------------------------------------
 
@@ -269,6 +1065,19 @@ def pick_device(name="auto"):
         raise UserError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps")
     check(device.type != "cuda" or torch.cuda.is_available(), f"--device {name}: CUDA is not available here")
     return device
+
+
+def init_distributed(device_name="auto"):
+    """(rank, world size, device) for a script launched by torchrun (WORLD_SIZE, RANK, LOCAL_RANK set)
+    or plainly (0, 1, device). NCCL on CUDA, gloo on CPU."""
+    device, world = pick_device(device_name), int(os.environ.get("WORLD_SIZE", 1))
+    if world == 1:
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return torch.distributed.get_rank(), world, device
 
 
 def run_cli(main):

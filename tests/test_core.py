@@ -282,3 +282,44 @@ def test_pick_device_auto_and_unknown():
     assert common.pick_device("auto").type in ("cpu", "cuda", "mps")
     with pytest.raises(common.UserError):
         common.pick_device("abacus")
+
+
+# --- per-noise-level error ---------------------------------------------------
+
+def test_image_noise_is_fixed_per_dataset_index_whatever_the_order():
+    a = common.image_noise([5, 9, 2], (1, 4, 4))
+    b = common.image_noise([2, 5], (1, 4, 4))
+    torch.testing.assert_close(a[2], b[0])
+    torch.testing.assert_close(a[0], b[1])
+    assert not torch.equal(a[0], a[1])
+    assert not torch.equal(common.image_noise([5], (1, 4, 4), seed=1)[0], a[0])
+
+
+def test_denoising_error_of_the_identity_is_sigma_squared_times_the_noise_power():
+    images = torch.rand(10, 1, 4, 4) * 2 - 1
+    noise = common.image_noise(range(10), (1, 4, 4))
+    sigmas = torch.tensor([0.1, 1.0, 10.0], dtype=F64)
+    e_id = common.denoising_errors(lambda x, s, c: x, images, noise, sigmas, batch_size=7)
+    expected = sigmas[:, None] ** 2 * noise.double().square().flatten(1).mean(1)[None]
+    torch.testing.assert_close(e_id, expected, rtol=1e-6, atol=0)
+
+
+def test_denoising_error_is_zero_for_a_denoiser_that_knows_the_clean_images():
+    images = torch.rand(6, 1, 3, 3, dtype=F64) * 2 - 1
+    noise = common.image_noise(range(6), (1, 3, 3)).double()
+    labels = torch.arange(6)                      # here the "label" identifies the image
+    oracle = lambda x, s, c: images[c]            # noqa: E731
+    err = common.denoising_errors(oracle, images, noise, [0.01, 1.0, 80.0], labels=labels, batch_size=4)
+    assert err.shape == (3, 6) and err.abs().max().item() == 0
+
+
+def test_optimal_denoiser_training_error_vanishes_as_sigma_falls_while_validation_does_not():
+    g = torch.Generator().manual_seed(10)
+    train = torch.rand(16, 1, 4, 4, generator=g, dtype=F64) * 2 - 1
+    val = torch.rand(16, 1, 4, 4, generator=g, dtype=F64) * 2 - 1
+    opt = lambda x, s, c: common.optimal_denoiser(x, s, train)  # noqa: E731
+    sigmas = [0.002, 0.01, 1.0]
+    e_train = common.denoising_errors(opt, train, common.image_noise(range(16), (1, 4, 4)).double(), sigmas).mean(1)
+    e_val = common.denoising_errors(opt, val, common.image_noise(range(16, 32), (1, 4, 4)).double(), sigmas).mean(1)
+    assert e_train[0] < 1e-12 and e_train[1] < 1e-10
+    assert e_val[0] > 0.05 and e_val[2] > e_train[2]

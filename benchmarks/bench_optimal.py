@@ -1,0 +1,132 @@
+"""Throughput of common.optimal_denoiser against a straightforward NumPy version.
+
+(a) the toy delta sweep (PAPER.md (b)): 11 deltas x 120 sigmas x (10 train + 10 val points)
+    x 50 noise draws, 10 training points in 2D, float64, one call per delta;
+(b) an image-sized case: N = 60000 training vectors of d = 784, 512 queries, float32.
+The NumPy version builds the (queries x N x d) difference array; in (b) it runs on a few
+queries and is scaled up. GFLOP/s counts the two matmuls (4 B N d flops) and is set
+against torch's own matmul rate measured in the same run.
+
+    python benchmarks/bench_optimal.py
+"""
+import argparse
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # noqa: E402
+
+
+def numpy_optimal(x, sigma, data):
+    """Straightforward y*: full (B, N, d) difference array, then a softmax over N."""
+    d2 = ((x[:, None, :] - data[None, :, :]) ** 2).sum(-1)
+    logits = -d2 / (2 * np.asarray(sigma).reshape(-1, 1) ** 2)
+    logits -= logits.max(1, keepdims=True)
+    w = np.exp(logits)
+    return (w / w.sum(1, keepdims=True)) @ data
+
+
+def numpy_error_prone(x, sigma, data, delta):
+    s2, d2 = sigma ** 2, delta ** 2
+    return (d2 * x + s2[:, None] * numpy_optimal(x, np.sqrt(s2 + d2), data)) / (s2 + d2)[:, None]
+
+
+def best_time(fn, repeats):
+    """Smallest wall time of `repeats` calls (after one warm-up call)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def peak_extra_mb(fn):
+    """Peak resident memory above the level before fn() (Linux: VmHWM after resetting it), in MB."""
+    def status(key):
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(key)) / 1024
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return float("nan")
+    base = status("VmRSS:")
+    fn()
+    return status("VmHWM:") - base
+
+
+def matmul_gflops(m, k, n, dtype, repeats=5):
+    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+    return 2 * m * k * n / best_time(lambda: a @ b, repeats) / 1e9
+
+
+def bench_toy(repeats):
+    g = torch.Generator().manual_seed(0)
+    angles = 2 * np.pi * (torch.arange(20, dtype=torch.float64) / 20 + 0.01)
+    circle = 10 * torch.stack([angles.cos(), angles.sin()], 1)
+    train = circle[0::2]
+    sigmas = common.edm_sigmas(120)[:-1]
+    noise = torch.randn(20, 50, 2, generator=g, dtype=torch.float64)
+    x = (circle[None, :, None] + sigmas[:, None, None, None] * noise[None]).reshape(-1, 2)
+    sig = sigmas[:, None, None].expand(120, 20, 50).reshape(-1)
+    deltas = np.linspace(2.2, 1.2, 11)
+    x_np, sig_np, train_np = x.numpy(), sig.numpy(), train.numpy()
+    t_torch = best_time(lambda: [common.error_prone_denoiser(x, sig, train, d) for d in deltas], repeats)
+    t_numpy = best_time(lambda: [numpy_error_prone(x_np, sig_np, train_np, d) for d in deltas], repeats)
+    err = np.abs(common.error_prone_denoiser(x, sig, train, 1.6).numpy() - numpy_error_prone(x_np, sig_np, train_np, 1.6)).max()
+    print(f"(a) toy delta sweep: {len(x) * len(deltas):,} queries x 10 points x d=2, float64")
+    print(f"    optimal_denoiser {t_torch * 1e3:8.1f} ms   NumPy {t_numpy * 1e3:8.1f} ms   "
+          f"speed-up {t_numpy / t_torch:5.1f}x   max |difference| {err:.1e}")
+
+
+def bench_images(n, d, queries, numpy_queries, repeats):
+    g = torch.Generator().manual_seed(0)
+    data = torch.rand(n, d, generator=g) * 2 - 1
+    x = data[:queries] + 0.5 * torch.randn(queries, d, generator=g)
+    sigma = 1.0
+    flops = 4 * queries * n * d
+    t_torch = best_time(lambda: common.optimal_denoiser(x, sigma, data), repeats)
+    extra = peak_extra_mb(lambda: common.optimal_denoiser(x, sigma, data))
+    t_np_part = best_time(lambda: numpy_optimal(x[:numpy_queries].numpy(), sigma, data.numpy()), 1)
+    t_numpy = t_np_part * queries / numpy_queries
+    ref = common.optimal_denoiser(x[:4].double(), sigma, data.double())
+    err = (common.optimal_denoiser(x[:4], sigma, data).double() - ref).abs().max().item()
+    peak = matmul_gflops(2048, 2048, 2048, torch.float32)
+    same_shape = matmul_gflops(queries, d, 16384, torch.float32)
+    rate = flops / t_torch / 1e9
+    print(f"(b) images: {queries} queries x N={n:,} x d={d}, float32 "
+          f"(NumPy on {numpy_queries} queries, scaled)")
+    print(f"    optimal_denoiser {t_torch * 1e3:8.1f} ms = {rate:6.1f} GFLOP/s   NumPy {t_numpy:8.2f} s   "
+          f"speed-up {t_numpy / t_torch:6.1f}x")
+    print(f"    torch matmul: {peak:6.1f} GFLOP/s (2048^3), {same_shape:6.1f} GFLOP/s ({queries}x{d}x16384)   "
+          f"optimal_denoiser reaches {rate / peak:5.1%} of 2048^3 matmul")
+    print(f"    peak working memory beyond the data: {extra:6.1f} MB (data itself: {n * d * 4 / 2**20:.0f} MB)   "
+          f"max |float32 - float64| {err:.1e}")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--n", type=int, default=60000, help="training vectors in (b)")
+    p.add_argument("--d", type=int, default=784, help="dimension in (b)")
+    p.add_argument("--queries", type=int, default=512, help="queries in (b)")
+    p.add_argument("--numpy-queries", type=int, default=2, help="queries the NumPy version runs in (b)")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats (best is reported)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, numpy {np.__version__}, {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads")
+    bench_toy(args.repeats)
+    bench_images(args.n, args.d, args.queries, args.numpy_queries, args.repeats)
+
+
+if __name__ == "__main__":
+    main()
