@@ -958,11 +958,11 @@ def load_denoiser(checkpoint_or_path, weights="ema", device="cpu"):
 
 
 def rng_state(**generators):
-    """All random-number-generator states of this process (python, numpy, torch, cuda) and
-    of the named torch.Generators, as a plain dict for a checkpoint."""
+    """All random-number-generator states of this process (python, numpy, torch, the current
+    CUDA device once initialised) and of the named torch.Generators, as a plain dict."""
+    cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "generators": {name: g.get_state() for name, g in generators.items()}}
+            "cuda": cuda, "generators": {name: g.get_state() for name, g in generators.items()}}
 
 
 def set_rng_state(state, **generators):
@@ -970,8 +970,8 @@ def set_rng_state(state, **generators):
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
     for name, g in generators.items():
         g.set_state(state["generators"][name])
 
@@ -1037,7 +1037,7 @@ def frechet_distance(a, b):
     evals, evecs = torch.linalg.eigh(cov_a)
     root_a = evecs @ torch.diag(evals.clamp(min=0).sqrt()) @ evecs.T
     cross = torch.linalg.eigvalsh(root_a @ cov_b @ root_a).clamp(min=0).sqrt().sum()
-    return float((mu_a - mu_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * cross)
+    return max(0.0, float((mu_a - mu_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * cross))
 
 
 import contextlib  # noqa: E402  (nearest_neighbours only)

@@ -1,0 +1,194 @@
+"""train_image.py: snapshots and logs, exact resume, data parallel, NaN stop, bad input."""
+import gzip
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import common
+import train_image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BATCH = 8
+
+
+def write_idx(path, array):
+    """A gzipped IDX file of uint8 (the MNIST / Fashion-MNIST format)."""
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(s).to_bytes(4, "big") for s in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine, two spinning threads can slow a step 50x."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """A tiny synthetic Fashion-MNIST: 40 training and 20 validation images of 28x28."""
+    root = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 40), ("t10k", 20)):
+        write_idx(root / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (count, 28, 28)))
+        write_idx(root / f"{split}-labels-idx1-ubyte.gz", np.arange(count) % 10)
+    return str(root)
+
+
+def argv(data_dir, out, steps=40, *extra):
+    """A tiny conditional run that draws from every random stream (noise, flips, label and weight dropout)."""
+    return ["--data-dir", data_dir, "--out", str(out), "--model", "unet", "--size", "tiny", "--channels", "8",
+            "--resolution", "16", "--n", "16", "--batch", str(BATCH), "--steps", str(steps), "--lr", "2e-3",
+            "--lr-rampup", "64", "--ema-half-life", "80", "--cond", "class", "--label-dropout", "0.2",
+            "--augment", "xflip", "--dropout", "0.1", "--snapshots", f"every:{20 * BATCH}",
+            "--eval-every", f"{20 * BATCH}", "--probe-images", "8", "--device", "cpu", *extra]
+
+
+def snapshot(out, step):
+    return os.path.join(out, f"snapshot-{step * BATCH:09d}.pt")
+
+
+@pytest.fixture(scope="module")
+def baseline(data_dir, tmp_path_factory):
+    """An uninterrupted 40-step run."""
+    out = tmp_path_factory.mktemp("baseline")
+    train_image.main(argv(data_dir, out))
+    return out
+
+
+def counting_loss(monkeypatch, at, result):
+    """Make the training loss call number `at` (and later ones) return result(loss) instead."""
+    calls, real = [0], common.edm_loss
+
+    def loss(*args, **kwargs):
+        calls[0] += 1
+        return result(real(*args, **kwargs)) if calls[0] >= at else real(*args, **kwargs)
+    monkeypatch.setattr(common, "edm_loss", loss)
+
+
+def interrupt(loss):
+    raise KeyboardInterrupt
+
+
+def test_snapshot_is_a_plain_dict_with_the_contract_keys(baseline):
+    path = snapshot(baseline, 40)
+    ckpt = torch.load(path, weights_only=False)
+    assert set(common.CHECKPOINT_KEYS) <= set(ckpt)
+    assert ckpt["kind"] == common.CHECKPOINT_KIND
+    assert (ckpt["step"], ckpt["images_seen"], ckpt["dataset"], ckpt["resolution"]) == \
+        (40, 40 * BATCH, "fashion-mnist", 16)
+    assert ckpt["args"]["n"] == 16 and len(ckpt["subset"]) == 16 and len(ckpt["labels"]) == 16
+    assert len(ckpt["rng"]) == 1 and "noise" in ckpt["rng"][0]["generators"]
+    denoiser, _ = common.load_denoiser(path)
+    assert denoiser.config == ckpt["network"] and not denoiser.training
+    x = torch.randn(2, 1, 16, 16)
+    assert torch.isfinite(denoiser(x, torch.tensor([0.5, 2.0]), torch.tensor([0, 10]))).all()
+
+
+def test_train_log_has_the_documented_keys_and_one_loss_per_step(baseline):
+    log = common.load_npz(os.path.join(baseline, "train_log.npz"))
+    assert set(log) == {"args", "images_seen", "loss", "eval_images", "eval_sigmas", "E_train", "E_val",
+                        "snapshot_images", "subset", "probe_train", "probe_val"}
+    assert log["args"]["steps"] == 40
+    np.testing.assert_array_equal(log["images_seen"], BATCH * np.arange(1, 41))
+    assert np.isfinite(log["loss"]).all()
+    np.testing.assert_array_equal(log["eval_images"], [0, 20 * BATCH, 40 * BATCH])
+    np.testing.assert_array_equal(log["snapshot_images"], [20 * BATCH, 40 * BATCH])
+    assert log["E_train"].shape == log["E_val"].shape == (3, 3)
+    assert np.isin(log["probe_train"], log["subset"]).all() and len(log["probe_val"]) == 8
+    assert log["E_train"][-1, 1] < log["E_train"][0, 1], "training lowers the denoising error at sigma = 1"
+
+
+def test_killed_and_resumed_run_ends_bit_identical_to_uninterrupted(baseline, data_dir, tmp_path, monkeypatch):
+    counting_loss(monkeypatch, 28, interrupt)  # killed in step 28, after the snapshot at step 20
+    with pytest.raises(KeyboardInterrupt):
+        train_image.main(argv(data_dir, tmp_path))
+    assert sorted(os.listdir(tmp_path)) == [os.path.basename(snapshot(tmp_path, 20)), "train_log.npz"]
+    monkeypatch.undo()
+    train_image.main(argv(data_dir, tmp_path))
+    a, b = (torch.load(snapshot(out, 40), weights_only=False) for out in (baseline, tmp_path))
+    for key in ("net", "ema"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+    for i, state in a["opt"]["state"].items():
+        assert all(torch.equal(state[k], b["opt"]["state"][i][k]) for k in state)
+    log_a, log_b = (common.load_npz(os.path.join(d, "train_log.npz")) for d in (baseline, tmp_path))
+    for key in ("loss", "E_train", "E_val", "snapshot_images"):
+        np.testing.assert_array_equal(log_a[key], log_b[key])
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_snapshot(data_dir, tmp_path, monkeypatch):
+    counting_loss(monkeypatch, 25, lambda loss: loss * float("nan"))
+    with pytest.raises(common.UserError, match=r"loss became nan at step 25 .*snapshot-000000160\.pt.*--lr"):
+        train_image.main(argv(data_dir, tmp_path))
+    assert sorted(os.listdir(tmp_path)) == [os.path.basename(snapshot(tmp_path, 20)), "train_log.npz"]
+    ckpt = common.load_checkpoint(snapshot(tmp_path, 20))
+    assert all(torch.isfinite(v).all() for v in ckpt["ema"].values())
+
+
+def run_cli(args, capsys):
+    """Exit status and stderr of the script's entry point."""
+    with pytest.raises(SystemExit) as exit_info:
+        common.run_cli(lambda: train_image.main(args))
+    return exit_info.value.code, capsys.readouterr().err
+
+
+def assert_one_line_error(status, err, *words):
+    assert status == 2
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert all(w in err for w in words), err
+
+
+@pytest.mark.parametrize("change, words", [
+    (["--n", "41"], ["41", "40 images"]),
+    (["--n", "1"], ["--n", "at least 2"]),
+    (["--model", "vit"], ["unknown model", "unet", "dit"]),
+    (["--size", "huge"], ["unknown size", "tiny"]),
+    (["--data", "imagenet"], ["unknown dataset", "fashion-mnist"]),
+    (["--snapshots", "log20"], ["--snapshots", "every:N"]),
+])
+def test_bad_arguments_exit_2_with_one_line_message(data_dir, tmp_path, capsys, change, words):
+    assert_one_line_error(*run_cli(argv(data_dir, tmp_path, 40, *change), capsys), *words)
+    assert not os.path.exists(tmp_path / "train_log.npz")
+
+
+@pytest.mark.parametrize("content, words", [
+    (b"not a torch file", ["corrupted"]),
+    (None, ["not a denoiser snapshot"]),
+])
+def test_resuming_from_a_corrupted_or_foreign_snapshot_exits_2(data_dir, tmp_path, capsys, content, words):
+    path = snapshot(tmp_path, 20)
+    if content is None:
+        torch.save({"model": {}}, path)
+    else:
+        with open(path, "wb") as f:
+            f.write(content)
+    assert_one_line_error(*run_cli(argv(data_dir, tmp_path), capsys), path, *words)
+
+
+def test_resuming_with_different_arguments_names_them(baseline, data_dir, capsys):
+    status, err = run_cli(argv(data_dir, baseline, 60, "--lr", "1e-3"), capsys)
+    assert_one_line_error(status, err, "--lr 0.002 (snapshot) vs 0.001 (now)", "--no-resume")
+    assert "--steps" not in err.split("--no-resume")[0], "a longer --steps resumes"
+
+
+def test_two_gloo_processes_train_like_one_process_with_the_same_global_batch(baseline, data_dir, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--",
+           os.path.join(ROOT, "train_image.py"), *argv(data_dir, tmp_path)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(os.listdir(tmp_path)) == sorted(os.listdir(baseline))
+    ckpt = common.load_checkpoint(snapshot(tmp_path, 40))
+    assert len(ckpt["rng"]) == 2 and not torch.equal(*(s["generators"]["noise"] for s in ckpt["rng"]))
+    one, two = (common.load_npz(os.path.join(d, "train_log.npz")) for d in (baseline, tmp_path))
+    np.testing.assert_array_equal(one["subset"], two["subset"])
+    assert not np.array_equal(one["loss"], two["loss"]), "each process draws its own noise"
+    np.testing.assert_allclose(two["loss"].mean(), one["loss"].mean(), rtol=0.25)
+    np.testing.assert_allclose(two["E_train"][-1], one["E_train"][-1], rtol=0.15)

@@ -1,0 +1,383 @@
+"""Train an EDM denoiser (U-Net or DiT) on a seeded subset of n training images, keeping
+snapshots along the way and a log of E_train and E_val at a few noise levels (PAPER.md,
+the image studies).
+
+  python train_image.py --model unet --n 1000 --steps 200000              # paper scale, GPU
+  python train_image.py --model unet --size tiny --resolution 16 --n 32 --steps 1000 \\
+      --batch 32 --lr-rampup 0 --eval-every 3200                           # CPU, minutes
+  torchrun --nproc_per_node=K -- train_image.py --n 1000 ...               # data parallel
+                                  (the -- keeps torchrun from reading --n as its own option)
+
+Rerunning a command with the same --out resumes from its last snapshot. Writes to --out:
+snapshot-<images seen, 9 digits>.pt (a plain dict with common.CHECKPOINT_KEYS and `log`)
+and train_log.npz (args, images_seen, loss, eval_images, eval_sigmas, E_train, E_val,
+snapshot_images, subset, probe_train, probe_val).
+"""
+import argparse
+import contextlib
+import copy
+import math
+import os
+import re
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+import common
+
+# Arguments a resumed run may change: they touch neither the weights nor the log's layout.
+RESUMABLE_CHANGES = {"steps", "snapshots", "eval_every", "device", "compile", "out", "data_dir", "no_resume"}
+SNAPSHOT_NAME = re.compile(r"snapshot-(\d{9})\.pt")
+FLUSH_EVERY = 20  # steps between loss read-outs; each one waits for the device
+
+
+class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help with every default and the module docstring's examples as written."""
+
+
+def parse_args(argv=None):
+    """The command line; every default shows in --help."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter)
+    p.add_argument("--data", default="fashion-mnist", help="dataset: " + ", ".join(common.DATASETS))
+    p.add_argument("--data-dir", default=None, help="folder with the dataset files "
+                   "(else the system folder, the user cache, or a download)")
+    p.add_argument("--resolution", type=int, default=32, help="image size R x R (R divides 32)")
+    p.add_argument("--n", type=int, default=1000, help="training subset size, drawn with --seed")
+    p.add_argument("--model", default="unet", help="unet or dit")
+    p.add_argument("--size", default="m", help="preset: tiny, xs, s, m, l (l = the paper's CIFAR U-Net)")
+    p.add_argument("--channels", type=int, default=None, help="override the preset's base channels")
+    p.add_argument("--blocks", type=int, default=None, help="override the preset's blocks per level / depth")
+    p.add_argument("--dropout", type=float, default=None, help="override the preset's dropout")
+    p.add_argument("--patch", type=int, default=None, help="DiT patch size (overrides the preset)")
+    p.add_argument("--cond", default="none", choices=["none", "class", "kmeans"],
+                   help="conditioning: none, dataset classes, or k-means clusters of the subset")
+    p.add_argument("--k", type=int, default=10, help="number of k-means clusters for --cond kmeans")
+    p.add_argument("--label-dropout", type=float, default=0.0,
+                   help="probability of replacing a label by the null label (for guidance)")
+    p.add_argument("--steps", type=int, default=200000, help="training steps (optimizer updates)")
+    p.add_argument("--batch", type=int, default=512, help="global batch size (split across processes)")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    p.add_argument("--lr-rampup", type=int, default=10_000_000, help="linear lr ramp-up, in images (0: none)")
+    p.add_argument("--ema-half-life", type=int, default=500_000, help="EMA half-life in images")
+    p.add_argument("--ema-rampup", type=float, default=0.05,
+                   help="EMA half-life at most this fraction of the images seen so far (0: off)")
+    p.add_argument("--p-mean", type=float, default=common.P_MEAN, help="training ln(sigma) mean")
+    p.add_argument("--p-std", type=float, default=common.P_STD, help="training ln(sigma) std")
+    p.add_argument("--augment", default="none", choices=["none", "xflip"], help="data augmentation")
+    p.add_argument("--snapshots", default="log:32,every:20000000",
+                   help="when to write snapshots, comma-separated: log:K = K log-spaced image counts, "
+                   "every:N = every N images; the last step always gets one")
+    p.add_argument("--eval-every", type=int, default=1_000_000,
+                   help="images between E_train/E_val evaluations (also at the start and the end)")
+    p.add_argument("--eval-sigmas", type=float, nargs="+", default=[0.5, 1.0, 2.0],
+                   help="noise levels of the E_train/E_val evaluations")
+    p.add_argument("--probe-images", type=int, default=256,
+                   help="images per split in the fixed probe set of the evaluations")
+    p.add_argument("--seed", type=int, default=0, help="seed of the subset, initialisation and noise")
+    p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N, mps")
+    p.add_argument("--out", default=None, help="run folder (default: runs/<data>-r<R>-n<n>-<model>-<size>-"
+                   "<cond>-seed<seed>)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the network")
+    p.add_argument("--no-resume", action="store_true",
+                   help="start from step 0, deleting the snapshots and train_log.npz already in --out")
+    return p.parse_args(argv)
+
+
+def check_args(args):
+    """UserError for arguments that cannot make a run."""
+    check = common.check
+    check(args.data in common.DATASETS, f"unknown dataset {args.data!r}: choose one of {', '.join(common.DATASETS)}")
+    check(args.n >= 2, f"--n must be at least 2, got {args.n}")
+    check(args.steps >= 1 and args.batch >= 1, f"--steps and --batch must be positive, got {args.steps}, {args.batch}")
+    check(args.lr >= 0 and args.lr_rampup >= 0 and args.ema_half_life >= 0 and args.ema_rampup >= 0,
+          "--lr, --lr-rampup, --ema-half-life and --ema-rampup must not be negative")
+    check(args.p_std > 0, f"--p-std must be positive, got {args.p_std}")
+    check(0 <= args.label_dropout < 1, f"--label-dropout must lie in [0, 1), got {args.label_dropout}")
+    check(args.cond != "kmeans" or args.k >= 1, f"--k must be positive, got {args.k}")
+    check(args.eval_every >= 1 and args.probe_images >= 1, "--eval-every and --probe-images must be positive")
+    check(all(s > 0 for s in args.eval_sigmas), f"--eval-sigmas must be positive, got {args.eval_sigmas}")
+    check(args.seed >= 0, f"--seed must not be negative, got {args.seed}")
+    snapshot_steps(args.snapshots, args.steps, args.batch)
+
+
+def default_out(args):
+    """runs/<data>-r<R>-n<n>-<model>-<size>-<cond>-seed<seed>: one folder per experiment."""
+    cond = {"none": "uncond", "class": "class", "kmeans": f"kmeans{args.k}"}[args.cond]
+    return os.path.join("runs", f"{args.data}-r{args.resolution}-n{args.n}-{args.model}-{args.size}-"
+                                f"{cond}-seed{args.seed}")
+
+
+def snapshot_steps(spec, steps, batch):
+    """Steps after which a snapshot is written: 'log:K' = K image counts log-spaced from one
+    batch to the end, 'every:N' = each time another N images have been seen; the last step."""
+    chosen = {steps}
+    for part in filter(None, spec.replace(" ", "").split(",")):
+        kind, _, value = part.partition(":")
+        common.check(kind in ("log", "every") and value.isdigit() and int(value) >= 1,
+                     f"bad --snapshots part {part!r}: use log:K and/or every:N (N in images), "
+                     "comma-separated, e.g. log:32,every:20000000")
+        if kind == "log":
+            chosen.update(int(s) for s in np.round(np.geomspace(1, steps, int(value))))
+        else:
+            chosen.update(s for s in range(1, steps + 1) if s * batch // int(value) > (s - 1) * batch // int(value))
+    return chosen
+
+
+def derived_seed(*keys):
+    """Seed of an independent random stream named by non-negative integers (seed, stream, rank, ...)."""
+    return int(np.random.SeedSequence(keys).generate_state(1)[0])
+
+
+class EpochOrder:
+    """Training order: a seeded permutation of the n subset images per epoch, epochs back to
+    back; the images at any position of the stream are known without state, so resuming is exact."""
+
+    def __init__(self, n, seed, device="cpu"):
+        self.n, self.seed, self.device, self.cached = n, seed, device, (None, None)
+
+    def permutation(self, epoch):
+        if self.cached[0] != epoch:
+            g = torch.Generator().manual_seed(derived_seed(self.seed, 2, epoch))
+            self.cached = (epoch, torch.randperm(self.n, generator=g).to(self.device))
+        return self.cached[1]
+
+    def indices(self, start, count):
+        """Subset positions at stream positions start .. start + count - 1."""
+        parts = []
+        while count > 0:
+            epoch, offset = divmod(start, self.n)
+            take = min(count, self.n - offset)
+            parts.append(self.permutation(epoch)[offset:offset + take])
+            start, count = start + take, count - take
+        return torch.cat(parts)
+
+
+def probe_set(images, labels, index, noise_index, resolution, seed, device):
+    """Fixed probe (y_i, n_i, c_i): images with ONE noise draw each, seeded by the image's dataset
+    index (validation image j: training-split size + j, as eval_gap.py), reused at every evaluation."""
+    y = common.images_to_tensor(images[index], resolution)
+    noise = common.image_noise(noise_index, y.shape[1:], seed)
+    return y.to(device), noise.to(device), None if labels is None else torch.as_tensor(labels).to(device)
+
+
+def latest_snapshot(out):
+    """The snapshot in out with the most images seen, or None."""
+    if not os.path.isdir(out):
+        return None
+    found = [(int(m.group(1)), m.group(0)) for m in map(SNAPSHOT_NAME.fullmatch, os.listdir(out)) if m]
+    return os.path.join(out, max(found)[1]) if found else None
+
+
+def check_same_run(saved, current, path):
+    """UserError naming the arguments that differ from those that made the snapshot."""
+    keys = sorted((set(saved) | set(current)) - RESUMABLE_CHANGES)
+    diff = [f"--{k.replace('_', '-')} {saved.get(k)} (snapshot) vs {current.get(k)} (now)"
+            for k in keys if saved.get(k) != current.get(k)]
+    common.check(not diff, f"{path} was made with different arguments: {'; '.join(diff)}. Rerun with the "
+                           "snapshot's arguments, choose another --out, or pass --no-resume to start over")
+
+
+def main(argv=None):
+    """Train (or resume) one run as the command line says."""
+    args = parse_args(argv)
+    check_args(args)
+    args.out = args.out or default_out(args)
+    rank, world, device = common.init_distributed(args.device)
+    try:
+        train(args, rank, world, device)
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def train(args, rank, world, device):
+    """EDM training loop with EMA, snapshots and E_train/E_val evaluations; this process is `rank` of `world`."""
+    common.check(args.batch % world == 0, f"--batch {args.batch} must be divisible by the {world} processes")
+    say = print if rank == 0 else (lambda *a, **k: None)
+    cuda, local, B = device.type == "cuda", args.batch // world, args.batch
+
+    ckpt, last_path = None, latest_snapshot(args.out)
+    if last_path is not None and args.no_resume:
+        if rank == 0:
+            for name in os.listdir(args.out):
+                if SNAPSHOT_NAME.fullmatch(name) or name == "train_log.npz":
+                    os.remove(os.path.join(args.out, name))
+        last_path = None
+    if last_path is not None:
+        ckpt = common.load_checkpoint(last_path)
+        check_same_run(ckpt["args"], vars(args), last_path)
+        common.check(ckpt["step"] <= args.steps, f"{last_path} is at step {ckpt['step']}, past --steps "
+                                                 f"{args.steps}; pass a larger --steps or another --out")
+
+    # Network: initialised from --seed, the same on every process.
+    info = common.DATASETS[args.data]
+    num_classes = {"none": 0, "class": info["num_classes"], "kmeans": args.k}[args.cond]
+    torch.manual_seed(args.seed)
+    net = common.build_network(args.model, args.size, args.resolution, info["shape"][-1], num_classes,
+                               args.channels, args.blocks, args.dropout, args.patch)
+
+    # Data: the subset, its conditioning labels, and the fixed probe sets.
+    images, class_labels = common.load_images(args.data, "train", args.data_dir)
+    subset = ckpt["subset"] if ckpt else common.choose_subset(len(images), args.n, args.seed)
+    x_train = common.images_to_tensor(images[subset], args.resolution)
+    centroids = None
+    if args.cond == "class":
+        labels = class_labels[subset]
+    elif args.cond == "kmeans":
+        labels, centroids = ((ckpt["labels"], ckpt["kmeans_centroids"]) if ckpt
+                             else common.kmeans_labels(x_train, args.k, args.seed))
+    else:
+        labels = None
+    val_images, val_class_labels = common.load_images(args.data, "val", args.data_dir)
+    probe_train = common.choose_subset(args.n, min(args.probe_images, args.n), args.seed)
+    probe_val = common.choose_subset(len(val_images), min(args.probe_images, len(val_images)), args.seed)
+    val_labels = val_class_labels[probe_val] if args.cond == "class" else None
+    if args.cond == "kmeans":
+        val_labels = common.assign_clusters(common.images_to_tensor(val_images[probe_val], args.resolution),
+                                            centroids)
+    probes = [probe_set(images, None if labels is None else labels[probe_train], subset[probe_train],
+                        subset[probe_train], args.resolution, args.seed, device),
+              probe_set(val_images, val_labels, probe_val, len(images) + probe_val, args.resolution, args.seed,
+                        device)]
+    x_train = x_train.to(device)
+    train_labels = None if labels is None else torch.as_tensor(labels).to(device)
+
+    # Model, EMA, optimizer and random streams (each process its own, derived from seed and rank).
+    net.to(device)
+    if cuda:
+        torch.cuda.set_device(device.index or 0)  # rng_state saves the current CUDA device's generator
+        net.to(memory_format=torch.channels_last)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    ema = copy.deepcopy(net).eval().requires_grad_(False)
+    opt = torch.optim.Adam(net.parameters(), lr=args.lr, fused=True if cuda else None)
+    gen = torch.Generator(device).manual_seed(derived_seed(args.seed, 0, rank))
+    torch.manual_seed(derived_seed(args.seed, 1, rank))  # dropout
+    log = dict(images_seen=[], loss=[], eval_images=[], E_train=[], E_val=[], snapshot_images=[])
+    start = 0
+    say(f"{args.model} {args.size}: {common.count_parameters(net):,} parameters; {args.n} {args.data} images "
+        f"at {args.resolution}x{args.resolution}, cond {args.cond} ({num_classes} classes); "
+        f"{world} process(es) on {device}; run folder {args.out}")
+    if ckpt:
+        net.load_state_dict(ckpt["net"])
+        ema.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["opt"])
+        start, log = ckpt["step"], ckpt["log"]
+        if len(ckpt["rng"]) == world:
+            common.set_rng_state(ckpt["rng"][rank], noise=gen)
+        else:
+            say(f"note: the snapshot was made by {len(ckpt['rng'])} processes, this run has {world}: "
+                "fresh random streams, so the result differs from an uninterrupted run")
+            gen.manual_seed(derived_seed(args.seed, 0, rank, start))
+            torch.manual_seed(derived_seed(args.seed, 1, rank, start))
+        say(f"resuming from {last_path} (step {start}, {start * B:,} images seen)")
+    if args.lr_rampup > args.steps * B / 2:
+        say(f"note: --lr-rampup {args.lr_rampup} images is over half of this run's {args.steps * B} images, "
+            f"so the learning rate stays below {args.lr * min(1, args.steps * B / args.lr_rampup):.3g}")
+
+    model = DistributedDataParallel(net, device_ids=[device.index] if cuda else None) if world > 1 else net
+    forward = torch.compile(model) if args.compile else model
+    autocast = torch.autocast("cuda", torch.bfloat16) if cuda else contextlib.nullcontext()
+    snapshots, order = snapshot_steps(args.snapshots, args.steps, B), EpochOrder(args.n, args.seed, device)
+    log_path, last_snapshot = os.path.join(args.out, "train_log.npz"), last_path
+
+    def evaluate(seen):
+        if rank == 0:
+            log["eval_images"].append(seen)
+            for key, (y, noise, c) in zip(("E_train", "E_val"), probes):
+                log[key].append(common.denoising_errors(ema, y, noise, args.eval_sigmas, c, B).mean(1).tolist())
+
+    def write_log():
+        m = len(args.eval_sigmas)
+        common.save_npz(log_path, args=vars(args), images_seen=np.array(log["images_seen"], np.int64),
+                        loss=np.array(log["loss"], np.float64), eval_images=np.array(log["eval_images"], np.int64),
+                        eval_sigmas=np.array(args.eval_sigmas, np.float64),
+                        E_train=np.array(log["E_train"], np.float64).reshape(-1, m),
+                        E_val=np.array(log["E_val"], np.float64).reshape(-1, m),
+                        snapshot_images=np.array(log["snapshot_images"], np.int64), subset=subset,
+                        probe_train=subset[probe_train], probe_val=probe_val)
+
+    def snapshot(step):
+        states = [common.rng_state(noise=gen)] * world
+        if world > 1:
+            dist.all_gather_object(states, states[0])
+        path = os.path.join(args.out, f"snapshot-{step * B:09d}.pt")
+        if rank == 0:
+            log["snapshot_images"].append(step * B)
+            common.save_checkpoint(dict(
+                kind=common.CHECKPOINT_KIND, net=net.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
+                step=step, images_seen=step * B, args=vars(args), network=net.config, subset=subset,
+                labels=labels, dataset=args.data, resolution=args.resolution,
+                kmeans_centroids=None if centroids is None else np.asarray(centroids), rng=states, log=log), path)
+            write_log()
+        return path
+
+    if start == 0:
+        evaluate(0)
+    pending, tick, tick_images = [], time.perf_counter(), start * B
+    with tqdm(total=args.steps, initial=start, unit="step", disable=rank != 0, dynamic_ncols=True) as bar:
+        for step in range(start + 1, args.steps + 1):
+            seen = (step - 1) * B
+            idx = order.indices(seen + rank * local, local)
+            y = x_train[idx]
+            c = None if train_labels is None else train_labels[idx]
+            if args.augment == "xflip":
+                y = torch.where(torch.rand(local, 1, 1, 1, generator=gen, device=device) < 0.5, y.flip(3), y)
+            if c is not None and args.label_dropout > 0:
+                c = c.masked_fill(torch.rand(local, generator=gen, device=device) < args.label_dropout, num_classes)
+            if cuda:
+                y = y.contiguous(memory_format=torch.channels_last)
+            for group in opt.param_groups:
+                group["lr"] = args.lr * min(1.0, (seen + B) / args.lr_rampup) if args.lr_rampup else args.lr
+            with autocast:
+                loss = common.edm_loss(forward, y, c, args.p_mean, args.p_std, generator=gen).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            seen += B
+            half_life = min(args.ema_half_life, args.ema_rampup * seen) if args.ema_rampup else args.ema_half_life
+            common.update_ema(ema, net, common.ema_beta(B, half_life))
+            pending.append(loss.detach())
+            bar.update()
+
+            is_snapshot = step in snapshots
+            is_eval = step == args.steps or seen // args.eval_every > (seen - B) // args.eval_every
+            if not (is_snapshot or is_eval or step % FLUSH_EVERY == 0):
+                continue
+            values = torch.stack(pending).float()
+            if world > 1:
+                dist.all_reduce(values)
+                values /= world
+            values, first = values.tolist(), step - len(pending) + 1
+            pending.clear()
+            for i, v in enumerate(values):
+                if not math.isfinite(v):
+                    raise common.UserError(
+                        f"loss became {v} at step {first + i} (images seen {(first + i) * B:,}); the last good "
+                        f"snapshot is {last_snapshot or 'none (none was written yet)'}; try a lower --lr")
+            log["images_seen"] += [(first + i) * B for i in range(len(values))]
+            log["loss"] += values
+            now = time.perf_counter()
+            bar.set_postfix(loss=f"{np.mean(values):.4f}", img_s=f"{(seen - tick_images) / (now - tick):.0f}")
+            tick, tick_images = now, seen
+            if is_eval:
+                evaluate(seen)
+            if is_snapshot:
+                last_snapshot = snapshot(step)
+
+    if rank == 0:
+        write_log()
+        tail = log["loss"][-100:]
+        say(f"done: {args.steps:,} steps, {args.steps * B:,} images seen, final loss {np.mean(tail):.4g} "
+            f"(mean of the last {len(tail)} steps)")
+        for s, e_train, e_val in zip(args.eval_sigmas, log["E_train"][-1], log["E_val"][-1]):
+            say(f"  sigma {s:g}: E_train {e_train:.4g}, E_val {e_val:.4g}, gap {(e_val - e_train) / e_train:+.3f}")
+        say(f"wrote {len(log['snapshot_images'])} snapshots (last: {last_snapshot}) and {log_path}")
+
+
+if __name__ == "__main__":
+    common.run_cli(main)
