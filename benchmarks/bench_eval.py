@@ -1,0 +1,95 @@
+"""Throughput of eval_gap's E(sigma) loop against the bare forward pass of the same network.
+
+Both run the same (image, sigma) pairs in batches of the same size, in inference mode (bf16
+autocast on CUDA): the loop through eval_gap.split_errors (which batches mixed sigmas, forms
+y + sigma n, and reduces the per-image errors), the bare pass as network calls on inputs made
+beforehand. Throughput counts images x sigmas per second; the loop should stay within 15% of
+the bare pass. The default (tiny U-Net, 16x16) runs in about a minute on a 2-core CPU.
+
+    python benchmarks/bench_eval.py
+    python benchmarks/bench_eval.py --size s --resolution 32 --images 2048 --sigmas 64 --batch 1024  # GPU
+"""
+import argparse
+import os
+import platform
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # noqa: E402
+import eval_gap  # noqa: E402
+
+
+def best_time(fn, repeats, device):
+    """Smallest wall time of `repeats` calls (after one warm-up call), synchronising CUDA."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="unet", help="unet or dit")
+    p.add_argument("--size", default="tiny", help="network preset")
+    p.add_argument("--resolution", type=int, default=16, help="image size")
+    p.add_argument("--channels", type=int, default=1, help="image channels")
+    p.add_argument("--images", type=int, default=128, help="images in the split")
+    p.add_argument("--sigmas", type=int, default=8, help="noise levels")
+    p.add_argument("--batch", type=int, default=128, help="(image, sigma) pairs per forward pass")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats (best is reported)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, ...")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = common.pick_device(args.device)
+    torch.manual_seed(0)
+    net = common.build_network(args.model, args.size, args.resolution, args.channels)
+    with torch.no_grad():  # random output layers, so the network does real work on every path
+        for p_ in net.parameters():
+            p_.add_(0.02 * torch.randn_like(p_))
+    net = net.to(device).eval().requires_grad_(False)
+    model = eval_gap.network_model(net, device)
+
+    shape = (args.channels, args.resolution, args.resolution)
+    y = (torch.rand(args.images, *shape) * 2 - 1).to(device)
+    noise = common.image_noise(range(args.images), shape).to(device)
+    sigmas = common.log_sigmas(args.sigmas)
+    split = eval_gap.Split(y, noise, None, args.images)
+    pairs = args.images * args.sigmas
+    flat_sigma = sigmas.repeat_interleave(args.images).float().to(device)
+    flat_x = y.repeat(args.sigmas, 1, 1, 1) + flat_sigma.view(-1, 1, 1, 1) * noise.repeat(args.sigmas, 1, 1, 1)
+    batches = [(flat_x[i:i + args.batch], flat_sigma[i:i + args.batch]) for i in range(0, pairs, args.batch)]
+
+    def loop():
+        eval_gap.split_errors(model, None, split, sigmas, [0.0], args.batch)
+
+    def bare():
+        for x, s in batches:
+            model(x, s, None)
+
+    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+          f"{torch.get_num_threads()} torch threads, device {device}")
+    print(f"{args.model} {args.size} ({common.count_parameters(net):,} parameters) at {args.resolution}x"
+          f"{args.resolution}x{args.channels}; {args.images} images x {args.sigmas} sigmas = {pairs:,} pairs, "
+          f"batch {args.batch}")
+    with torch.inference_mode():
+        t_loop = best_time(loop, args.repeats, device)
+        t_bare = best_time(bare, args.repeats, device)
+    ratio = (pairs / t_loop) / (pairs / t_bare)
+    print(f"  eval_gap loop   {pairs / t_loop:10.1f} images*sigmas/s   ({t_loop:.3f} s)")
+    print(f"  bare forward    {pairs / t_bare:10.1f} images*sigmas/s   ({t_bare:.3f} s)")
+    print(f"  loop / bare     {ratio:10.1%}   ({'within' if ratio >= 0.85 else 'NOT within'} 15% of the bare pass)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,309 @@
+"""eval_gap.py: E(sigma), the gap and the onset of snapshots and of the optimal denoiser; fixed
+noise, guidance, reuse of earlier results, torchrun sharding and bad input."""
+import gzip
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import common
+import eval_gap
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+N_TRAIN, N_VAL, N_SUBSET, RES = 40, 20, 16, 8
+SIGMAS = ["0.002", "0.05", "0.5", "2", "10"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: tiny networks on a shared CPU run far faster without thread contention."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def write_idx(path, array):
+    """A gzipped IDX file of uint8 (the MNIST / Fashion-MNIST format)."""
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(s).to_bytes(4, "big") for s in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """A tiny synthetic Fashion-MNIST: 40 training and 20 validation images of 28x28."""
+    root = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    for split, count in (("train", N_TRAIN), ("t10k", N_VAL)):
+        write_idx(root / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (count, 28, 28)))
+        write_idx(root / f"{split}-labels-idx1-ubyte.gz", np.arange(count) % 10)
+    return str(root)
+
+
+def make_snapshot(path, data_dir, images_seen, net_seed, run_seed=0):
+    """A class-conditional tiny U-Net snapshot with random (not zero-initialised) weights, in the
+    layout train_image.py writes, on the subset train_image.py would choose."""
+    images, classes = common.load_images("fashion-mnist", "train", data_dir)
+    subset = common.choose_subset(len(images), N_SUBSET, run_seed)
+    torch.manual_seed(net_seed)
+    net = common.build_network("unet", "tiny", RES, 1, num_classes=10, channels=8)
+    states = []
+    for _ in range(2):  # raw and EMA weights differ
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+        states.append({k: v.clone() for k, v in net.state_dict().items()})
+    args = dict(data="fashion-mnist", data_dir=data_dir, resolution=RES, n=N_SUBSET, model="unet", size="tiny",
+                channels=8, cond="class", seed=run_seed, steps=100, out=os.path.dirname(path))
+    common.save_checkpoint(dict(kind=common.CHECKPOINT_KIND, net=states[0], ema=states[1], opt={},
+                                step=images_seen // 8, images_seen=images_seen, args=args, network=net.config,
+                                subset=subset, labels=classes[subset], dataset="fashion-mnist", resolution=RES,
+                                kmeans_centroids=None, rng=[]), path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def run_dir(data_dir, tmp_path_factory):
+    """A run folder with three snapshots (80, 160, 240 images seen)."""
+    root = tmp_path_factory.mktemp("run")
+    for i, seen in enumerate((80, 160, 240)):
+        make_snapshot(root / f"snapshot-{seen:09d}.pt", data_dir, seen, net_seed=i)
+    return str(root)
+
+
+def snap(run_dir, seen):
+    return os.path.join(run_dir, f"snapshot-{seen:09d}.pt")
+
+
+def evaluate(data_dir, out, *extra):
+    """Run eval_gap on small settings and return its output."""
+    eval_gap.main(["--data-dir", data_dir, "--num-images", "20", "--sigmas", *SIGMAS, "--batch", "200",
+                   "--device", "cpu", "--out", str(out), *extra])
+    return common.load_npz(str(out))
+
+
+def test_identity_error_is_sigma_squared_noise_power_and_oracle_error_is_zero(data_dir):
+    source = dict(dataset="fashion-mnist", resolution=RES, subset=np.arange(8), labels=None, centroids=None,
+                  data_dir=data_dir)
+    args = eval_gap.parse_args(["--optimal", "--num-images", "20"])
+    train, val = eval_gap.eval_splits(source, args, 0, 1, torch.device("cpu"))
+    sigmas = torch.tensor([0.01, 1.0, 30.0], dtype=torch.float64)
+    for split in (train, val):
+        oracle_split = split._replace(labels=torch.arange(len(split.y)))  # the "label" names the image
+        oracle = lambda x, s, c, y=split.y: y[c]  # noqa: E731
+        e = eval_gap.split_errors(oracle, oracle, oracle_split, sigmas, [0.0, 1.0], batch=7)
+        assert e.shape == (2, 3) and np.abs(e).max() == 0
+        e_id = eval_gap.split_errors(lambda x, s, c: x, None, split, sigmas, [0.0], batch=7)[0]
+        power = split.noise.double().square().mean().item()
+        np.testing.assert_allclose(e_id, sigmas.numpy() ** 2 * power, rtol=1e-5)
+
+
+def test_fixed_noise_is_seeded_by_dataset_index_and_validation_draws_differ_from_training(data_dir):
+    source = dict(dataset="fashion-mnist", resolution=RES, subset=np.array([3, 5, 7, 11]), labels=None,
+                  centroids=None, data_dir=data_dir)
+    args = eval_gap.parse_args(["--optimal", "--num-images", "20"])
+    train, val = eval_gap.eval_splits(source, args, 0, 1, torch.device("cpu"))
+    again, _ = eval_gap.eval_splits(source, args, 0, 1, torch.device("cpu"))
+    assert torch.equal(train.noise, again.noise)
+    torch.testing.assert_close(train.noise, common.image_noise([3, 5, 7, 11], (1, RES, RES)), rtol=0, atol=0)
+    torch.testing.assert_close(val.noise, common.image_noise(N_TRAIN + np.arange(N_VAL), (1, RES, RES)), rtol=0, atol=0)
+    assert not torch.equal(val.noise[3], common.image_noise([3], (1, RES, RES))[0])
+
+
+def test_curves_are_identical_across_calls_and_snapshot_order(data_dir, run_dir, tmp_path):
+    a, b = snap(run_dir, 80), snap(run_dir, 240)
+    ab = evaluate(data_dir, tmp_path / "ab.npz", a, b)
+    ba = evaluate(data_dir, tmp_path / "ba.npz", b, a)
+    for key in ("e_train", "e_val", "gap"):
+        np.testing.assert_array_equal(ab[key], ba[key][::-1])
+    assert list(ab["images_seen"]) == [80, 240] and list(ba["images_seen"]) == [240, 80]
+    again = evaluate(data_dir, tmp_path / "ab.npz", a, b, "--force")
+    for key in set(ab) - {"args"}:
+        np.testing.assert_array_equal(again[key], ab[key])
+
+
+def test_run_folder_gives_all_snapshots_in_order_with_documented_keys_and_shapes(data_dir, run_dir, tmp_path):
+    r = evaluate(data_dir, tmp_path / "gap.npz", run_dir)
+    S = len(SIGMAS)
+    assert list(r["images_seen"]) == [80, 160, 240]
+    assert [os.path.basename(p) for p in r["checkpoints"]] == [f"snapshot-{s:09d}.pt" for s in (80, 160, 240)]
+    assert r["e_train"].shape == r["e_val"].shape == r["gap"].shape == (3, S)
+    assert r["onset_images_seen"].shape == (S,) and r["peak_sigma"].shape == (3,)
+    np.testing.assert_allclose(r["gap"], (r["e_val"] - r["e_train"]) / r["e_train"])
+    np.testing.assert_array_equal(r["sigmas"], np.array(SIGMAS, float))
+    assert str(r["weights"]) == "ema" and r["args"]["num_images"] == 20
+    raw = evaluate(data_dir, tmp_path / "raw.npz", run_dir, "--weights", "raw")
+    assert not np.array_equal(raw["e_val"], r["e_val"]), "raw and EMA weights differ"
+
+
+def test_optimal_denoiser_training_error_vanishes_as_sigma_falls_while_validation_does_not(data_dir, tmp_path):
+    r = evaluate(data_dir, tmp_path / "opt.npz", "--optimal", "--n", str(N_SUBSET), "--resolution", str(RES))
+    e_train, e_val = r["e_train_optimal"][0], r["e_val_optimal"][0]
+    np.testing.assert_array_equal(r["e_train"], r["e_train_optimal"])
+    assert list(r["checkpoints"]) == ["optimal"] and r["e_train"].shape == (1, len(SIGMAS))
+    assert e_train[0] < 1e-12 and e_train[1] < 1e-6
+    assert np.all(np.diff(e_train) >= 0), "the optimal denoiser's training error grows with sigma"
+    assert e_val[0] > 0.01 and np.all(e_val > e_train)
+
+
+def test_optimal_beside_snapshots_uses_their_subset_and_labels(data_dir, run_dir, tmp_path):
+    both = evaluate(data_dir, tmp_path / "both.npz", run_dir, "--optimal")
+    alone = evaluate(data_dir, tmp_path / "alone.npz", "--optimal", "--n", str(N_SUBSET), "--resolution", str(RES),
+                     "--cond", "class")
+    unconditional = evaluate(data_dir, tmp_path / "uncond.npz", "--optimal", "--n", str(N_SUBSET),
+                             "--resolution", str(RES))
+    assert both["e_train"].shape == (3, len(SIGMAS)) and both["e_val_optimal"].shape == (1, len(SIGMAS))
+    for key in ("e_train_optimal", "e_val_optimal"):
+        np.testing.assert_array_equal(both[key], alone[key])
+    assert not np.array_equal(both["e_val_optimal"], unconditional["e_val_optimal"])
+
+
+def test_overfitting_onset_is_images_seen_at_smallest_validation_error_per_sigma():
+    seen = np.array([10, 20, 40, 80])
+    e_val = np.array([[5.0, 1.0, 3.0],
+                      [4.0, 2.0, 2.0],
+                      [3.0, 3.0, 1.0],
+                      [4.5, 4.0, 1.0]])                 # sigma 0: U-shape, 1: rising, 2: falling, then flat
+    np.testing.assert_array_equal(eval_gap.overfitting_onset(seen, e_val), [40, 10, 40])
+    e_val[2, 0] = np.nan
+    assert eval_gap.overfitting_onset(seen, e_val)[0] == 20, "NaN entries are skipped"
+    stacked = np.stack([e_val, e_val[:, ::-1]])        # a leading guidance axis
+    np.testing.assert_array_equal(eval_gap.overfitting_onset(seen, stacked)[1], [40, 10, 20])
+
+
+def test_peak_sigma_is_where_the_relative_gap_is_largest():
+    sigmas = np.geomspace(0.01, 10, 31)
+    e_train = 0.1 * np.ones(31)
+    bump = lambda centre: e_train * (1 + np.exp(-np.log(sigmas / centre) ** 2))  # noqa: E731
+    gap = eval_gap.relative_gap(e_train, np.stack([bump(1.2), bump(0.1)]))
+    np.testing.assert_allclose(gap.max(1), 1, rtol=1e-2)
+    peaks = eval_gap.peak_sigma(sigmas, gap)
+    assert np.all(np.abs(np.log(peaks / [1.2, 0.1])) < np.log(sigmas[1] / sigmas[0]))
+    gap[0, 20] = np.nan
+    assert np.array_equal(eval_gap.peak_sigma(sigmas, gap), peaks), "NaN entries are skipped"
+    assert np.isinf(eval_gap.relative_gap([0.0, 1.0], [0.5, 1.0])[0])
+
+
+def test_guidance_with_zero_weight_equals_unguided_and_adds_a_leading_axis(data_dir, run_dir, tmp_path):
+    snaps = [snap(run_dir, 80), snap(run_dir, 240)]
+    plain = evaluate(data_dir, tmp_path / "plain.npz", *snaps)
+    cfg = evaluate(data_dir, tmp_path / "cfg.npz", *snaps, "--guidance-weights", "0", "1.5")
+    auto = evaluate(data_dir, tmp_path / "auto.npz", *snaps, "--guidance-weights", "0", "1.5",
+                    "--neg", snap(run_dir, 80))
+    assert cfg["e_train"].shape == (2, 2, len(SIGMAS)) and cfg["peak_sigma"].shape == (2, 2)
+    assert cfg["onset_images_seen"].shape == (2, len(SIGMAS))
+    np.testing.assert_array_equal(cfg["guidance_weights"], [0, 1.5])
+    for r in (cfg, auto):
+        np.testing.assert_array_equal(r["e_val"][0], plain["e_val"])
+        assert not np.allclose(r["e_val"][1], plain["e_val"])
+    assert np.array_equal(auto["e_val"][1][0], plain["e_val"][0]), "guiding a model by itself changes nothing"
+
+
+def test_earlier_rows_are_reused_per_snapshot_and_force_recomputes(data_dir, run_dir, tmp_path, monkeypatch):
+    out = tmp_path / "gap.npz"
+    evaluate(data_dir, out, snap(run_dir, 80), snap(run_dir, 160))
+    fresh = common.load_npz(str(out))
+    planted = dict(fresh)
+    planted["e_train"] = fresh["e_train"].copy()
+    planted["e_train"][0, 0] = 123.0                 # a marker that only a reused row can carry
+    common.save_npz(str(out), **planted)
+
+    loaded = []
+    real = common.load_denoiser
+    monkeypatch.setattr(common, "load_denoiser", lambda path, *a, **k: loaded.append(path) or real(path, *a, **k))
+    r = evaluate(data_dir, out, run_dir)
+    assert [os.path.basename(p) for p in loaded] == ["snapshot-000000240.pt"]
+    assert r["e_train"][0, 0] == 123.0 and r["e_train"].shape == (3, len(SIGMAS))
+    np.testing.assert_array_equal(r["e_val"][:2], fresh["e_val"])
+
+    loaded.clear()
+    r = evaluate(data_dir, out, run_dir, "--force")
+    assert len(loaded) == 3 and r["e_train"][0, 0] == fresh["e_train"][0, 0]
+    loaded.clear()
+    evaluate(data_dir, out, run_dir, "--sigmas", "0.5", "1")
+    assert len(loaded) == 3, "other evaluation settings recompute every row"
+
+
+def test_feature_space_reconstruction_gap_of_the_optimal_denoiser(data_dir, tmp_path):
+    r = evaluate(data_dir, tmp_path / "fd.npz", "--optimal", "--n", str(N_SUBSET), "--resolution", str(RES),
+                 "--features", "builtin", "--feature-sigmas", "0.002", "10")
+    assert r["fd_train"].shape == r["fd_val"].shape == (1, 2)
+    assert abs(r["fd_train"][0, 0]) < 1e-6, "the optimal denoiser returns the training images at tiny sigma"
+    assert r["fd_val"][0, 0] > 1e3 * abs(r["fd_train"][0, 0]) and r["fd_val"][0, 0] > 0.01
+    assert r["fd_train"][0, 1] > r["fd_val"][0, 0], "at sigma 10 every image is denoised to near the mean"
+    np.testing.assert_array_equal(r["feature_gap"], eval_gap.relative_gap(r["fd_train"], r["fd_val"]))
+    np.testing.assert_array_equal(r["feature_sigmas"], [0.002, 10])
+
+
+def test_train_image_run_with_kmeans_labels_matches_optimal_on_the_same_subset(data_dir, tmp_path):
+    import train_image
+    run = tmp_path / "run"
+    train_image.main(["--data-dir", data_dir, "--out", str(run), "--model", "unet", "--size", "tiny", "--channels",
+                      "8", "--resolution", str(RES), "--n", str(N_SUBSET), "--batch", "8", "--steps", "4",
+                      "--cond", "kmeans", "--k", "3", "--snapshots", "every:16", "--eval-every", "1000",
+                      "--probe-images", "4", "--device", "cpu"])
+    r = evaluate(data_dir, tmp_path / "gap.npz", str(run), "--optimal")
+    alone = evaluate(data_dir, tmp_path / "alone.npz", "--optimal", "--n", str(N_SUBSET), "--resolution", str(RES),
+                     "--cond", "kmeans", "--k", "3")
+    assert list(r["images_seen"]) == [16, 32] and np.isfinite(r["gap"]).all()
+    np.testing.assert_array_equal(r["e_val_optimal"], alone["e_val_optimal"])
+
+    info = eval_gap.read_snapshot(os.path.join(run, "snapshot-000000032.pt"), eval_gap.parse_args(["x"]))
+    args = eval_gap.parse_args(["--optimal", "--num-images", "20"])
+    train, val = eval_gap.eval_splits(info["source"], args, 0, 1, torch.device("cpu"))
+    centroids = torch.as_tensor(info["source"]["centroids"])
+    nearest = torch.cdist(val.y.flatten(1), centroids).argmin(1)
+    assert torch.equal(val.labels, nearest), "validation images get the label of the nearest stored centroid"
+    np.testing.assert_array_equal(train.labels.numpy(), info["source"]["labels"])
+
+
+def test_two_gloo_processes_give_the_same_curves_as_one(data_dir, run_dir, tmp_path):
+    one = evaluate(data_dir, tmp_path / "one.npz", run_dir, "--optimal")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, "eval_gap.py"), run_dir, "--optimal", "--data-dir", data_dir, "--num-images", "20",
+           "--sigmas", *SIGMAS, "--batch", "50", "--device", "cpu", "--out", str(tmp_path / "two.npz")]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    two = common.load_npz(str(tmp_path / "two.npz"))
+    for key in ("e_train", "e_val", "e_train_optimal", "e_val_optimal"):
+        np.testing.assert_allclose(two[key], one[key], rtol=1e-5)
+
+
+def run_cli(argv, capsys):
+    """Exit status and stderr of the script's entry point."""
+    with pytest.raises(SystemExit) as exit_info:
+        common.run_cli(lambda: eval_gap.main(argv))
+    return exit_info.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case, words", [
+    ("empty folder", ["no snapshot-*.pt in"]),
+    ("missing path", ["neither a run folder nor a snapshot file"]),
+    ("corrupted", ["corrupted"]),
+    ("foreign", ["not a denoiser snapshot"]),
+    ("mixed runs", ["different runs", "--seed 0 vs 1", "--allow-mixed"]),
+    ("nothing", ["nothing to evaluate"]),
+])
+def test_bad_input_exits_2_with_one_clear_message(data_dir, run_dir, tmp_path, capsys, case, words):
+    bad = tmp_path / "snapshot-000000008.pt"
+    argv = {"empty folder": [str(tmp_path)], "missing path": [str(tmp_path / "nowhere")],
+            "corrupted": [run_dir, str(bad)], "foreign": [str(bad)], "mixed runs": [run_dir, str(bad)],
+            "nothing": []}[case]
+    if case == "corrupted":
+        bad.write_bytes(b"not a torch file")
+    elif case == "foreign":
+        torch.save({"model": {}}, bad)
+    elif case == "mixed runs":
+        make_snapshot(bad, data_dir, 8, net_seed=5, run_seed=1)
+    status, err = run_cli(["--data-dir", data_dir, "--device", "cpu", "--out", str(tmp_path / "o.npz"), *argv], capsys)
+    assert status == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert all(w in err for w in words), err
+    assert not os.path.exists(tmp_path / "o.npz")
+    if case == "mixed runs":
+        r = evaluate(data_dir, tmp_path / "o.npz", snap(run_dir, 80), str(bad), "--allow-mixed")
+        assert list(r["images_seen"]) == [80, 8]
