@@ -469,7 +469,6 @@ NETWORK_PRESETS = {
         "l": dict(channels=384, blocks=12, heads=6, patch=2, dropout=0.0),
     },
 }
-NETWORKS = {"unet": UNet, "dit": DiT}
 
 
 class Denoiser(nn.Module):
@@ -522,11 +521,12 @@ def build_network(model, size="tiny", img_resolution=32, img_channels=1, num_cla
         check(p >= 1 and img_resolution % p == 0, f"patch {p} must divide the resolution {img_resolution}")
         check(c % heads == 0 and c % 4 == 0, f"DiT channels ({c}) must be divisible by 4 and by "
               f"the {heads} heads of size {size}")
-    net = NETWORKS[model](img_resolution=img_resolution, img_channels=img_channels,
+    net = {"unet": UNet, "dit": DiT}[model](img_resolution=img_resolution, img_channels=img_channels,
                           num_classes=num_classes, **kwargs)
     config = dict(model=model, size=size, img_resolution=int(img_resolution), img_channels=int(img_channels),
                   num_classes=int(num_classes), channels=int(kwargs["channels"]), blocks=int(kwargs["blocks"]),
-                  dropout=float(kwargs["dropout"]), patch=kwargs.get("patch"), sigma_data=float(sigma_data))
+                  dropout=float(kwargs["dropout"]), patch=int(kwargs["patch"]) if model == "dit" else None,
+                  sigma_data=float(sigma_data))
     return Denoiser(net, config)
 
 
@@ -1043,6 +1043,7 @@ def frechet_distance(a, b):
 import contextlib  # noqa: E402  (nearest_neighbours only)
 
 COPY_RATIO = 1 / 3  # a generated sample is a copy when d1 / d2 < 1/3 (PAPER.md, memorization)
+NN_BLOCK_SCORES = 2 ** 22  # float32 scores (query block x data chunk) nearest_neighbours holds at once: 16 MB
 
 
 def nearest_neighbours(queries, data, k=2, chunk_size=None):
@@ -1064,7 +1065,7 @@ def nearest_neighbours(queries, data, k=2, chunk_size=None):
     d, K = q.shape[1], min(N, k + 8)
     chunk = int(chunk_size or min(N, 4096))
     check(chunk >= 1, f"chunk_size must be positive, got {chunk_size}")
-    block = max(1, min(M, 2 ** 23 // chunk))             # (block, chunk) float32 scores: <= 32 MB
+    block = max(1, min(M, NN_BLOCK_SCORES // chunk))
     wide = torch.promote_types(y.dtype, torch.float64)
     dist = torch.empty(M, k, dtype=torch.float64, device=q.device)
     index = torch.empty(M, k, dtype=torch.int64, device=q.device)
@@ -1077,11 +1078,11 @@ def nearest_neighbours(queries, data, k=2, chunk_size=None):
         for b0 in range(0, M, block):
             rows = slice(b0, b0 + block)
             score, cand = _best_scores(q[rows].float(), y32, y_sq, K, chunk)
-            exact = _distances_to(q[rows].to(wide), y, cand)
+            exact = _distances_to(q[rows], y, cand, wide)
             order = _sort_by_distance_then_index(exact, cand)[:, :k]
             dist[rows], index[rows] = exact.gather(1, order), cand.gather(1, order)
             if K < N:  # unseen points score >= the K-th best: prove that none beats the k-th distance
-                q_norm = q[rows].double().norm(dim=1)
+                q_norm = torch.linalg.vector_norm(q[rows], dim=1, dtype=torch.float64)
                 bound = (2 * d + 16) * 2.0 ** -24 * (q_norm + y_max).square()
                 lower = q_norm.square() + score.amax(1).double() - bound
                 redo = b0 + (lower <= dist[rows, k - 1].square()).nonzero().flatten()
@@ -1115,12 +1116,13 @@ def _best_scores(q32, y32, y_sq, K, chunk):
     return best, best_idx
 
 
-def _distances_to(q, y, index):
-    """||q_i - y_index[i, j]|| from differences in q's dtype, (M, K), in blocks of <= 2^21 values."""
-    out = torch.empty(index.shape, dtype=q.dtype, device=q.device)
-    rows = max(1, 2 ** 21 // max(1, index.shape[1] * q.shape[1]))
+def _distances_to(q, y, index, dtype):
+    """||q_i - y_index[i, j]|| from differences in `dtype`, (M, K), in blocks of <= 2^20 values."""
+    out = torch.empty(index.shape, dtype=dtype, device=q.device)
+    rows = max(1, 2 ** 20 // max(1, index.shape[1] * q.shape[1]))
     for r0 in range(0, len(q), rows):
-        out[r0:r0 + rows] = torch.linalg.vector_norm(q[r0:r0 + rows, None, :] - y[index[r0:r0 + rows]], dim=2)
+        diff = q[r0:r0 + rows, None, :].to(dtype) - y[index[r0:r0 + rows]]
+        out[r0:r0 + rows] = torch.linalg.vector_norm(diff, dim=2)
     return out
 
 
@@ -1131,11 +1133,12 @@ def _sort_by_distance_then_index(dist, index):
 
 
 def _brute_force_neighbours(q, y, k):
-    """Exact float64 k nearest neighbours from all differences, a few queries at a time."""
-    rows = max(1, 2 ** 22 // y.shape[0])
+    """Exact k nearest neighbours from all differences in q's dtype, a few queries and data rows at a time."""
+    rows, chunk = max(1, 2 ** 22 // len(y)), max(1, 2 ** 20 // y.shape[1])
     dist, index = [], []
     for r0 in range(0, len(q), rows):
-        full = torch.cdist(q[r0:r0 + rows], y.to(q.dtype), compute_mode="donot_use_mm_for_euclid_dist")
+        full = torch.cat([torch.cdist(q[r0:r0 + rows], y[c0:c0 + chunk].to(q.dtype),
+                                      compute_mode="donot_use_mm_for_euclid_dist") for c0 in range(0, len(y), chunk)], 1)
         order = full.argsort(dim=1, stable=True)[:, :k]
         dist.append(full.gather(1, order))
         index.append(order)

@@ -16,7 +16,8 @@ image i has index i and validation image j has index len(training split) + j, so
 and validation image share a draw. Conditional networks get their own labels: the dataset's
 classes, or k-means clusters (validation images go to the nearest stored centroid).
 
-Writes --out (.npz): sigmas (S,), images_seen (C,), checkpoints (C,) paths, digests (C,),
+Writes --out (.npz): sigmas (S,), images_seen (C,), checkpoints (C,) paths, digests (C,), run_args and
+network (JSON of the first snapshot's training arguments and network config), params,
 weights, e_train, e_val, gap (C, S), onset_images_seen (S,) = images seen where E_val(sigma) is
 smallest, peak_sigma (C,) = sigma where G is largest, args and eval_settings (JSON). With
 --optimal also e_train_optimal, e_val_optimal, gap_optimal (1, S) and optimal_digest; without
@@ -214,6 +215,7 @@ def read_snapshot(path, args):
     source = snapshot_source(ckpt, args.data_dir)
     run = {k: v for k, v in ckpt["args"].items() if k not in RUN_ARGS_IGNORED}
     return dict(path=path, images_seen=int(ckpt["images_seen"]), run=run, network=ckpt["network"], source=source,
+                params=sum(int(t.numel()) for t in weights.values()),
                 digest=digest(ckpt["network"], weights, source_digest(source)))
 
 
@@ -560,7 +562,10 @@ def evaluate(args, rank, world, device):
     if snapshots:
         result.update(images_seen=np.array([s["images_seen"] for s in snapshots], np.int64),
                       checkpoints=np.array([s["path"] for s in snapshots]),
-                      digests=np.array([s["digest"] for s in snapshots]))
+                      digests=np.array([s["digest"] for s in snapshots]),
+                      run_args=np.array(json.dumps(snapshots[0]["run"], sort_keys=True, default=str)),
+                      network=np.array(json.dumps(snapshots[0]["network"], sort_keys=True)),
+                      params=np.int64(snapshots[0]["params"]))
         main_rows = [rows[s["digest"]] for s in snapshots]
     else:
         result.update(images_seen=np.zeros(1, np.int64), checkpoints=np.array(["optimal"]),

@@ -1,0 +1,114 @@
+"""Throughput and memory of common.nearest_neighbours (the memorization test of PAPER.md).
+
+N = 60000 training vectors of d = 784 (Fashion-MNIST size), 10000 queries, k = 2, float32 data.
+GFLOP/s counts the search matmul (2 M N d flops) and is set against torch's own float32 matmul
+rate measured in the same run: the bare products of the search (same blocks, interleaved with
+the timed calls so that both see the same machine load), and a 2048^3 product. Peak working
+memory is VmHWM above the resident level before the call (after resetting it through
+/proc/self/clear_refs), with glibc's mmap threshold fixed so that freed memory is not counted.
+Correctness: a few queries are checked against float64 torch.cdist.
+
+    python benchmarks/bench_nn.py                    # full size
+    python benchmarks/bench_nn.py --queries 1000     # quicker
+"""
+import argparse
+import ctypes
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # noqa: E402
+
+
+def wall_time(fn):
+    """Wall time of one call of fn, in seconds."""
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def fix_mmap_threshold(size=128 * 1024):
+    """glibc: serve every allocation above `size` by mmap and return it on free (mallopt
+    M_MMAP_THRESHOLD), so that VmHWM measures live memory rather than freed-but-cached heap."""
+    try:
+        return ctypes.CDLL("libc.so.6").mallopt(-3, size) == 1
+    except OSError:
+        return False
+
+
+def peak_extra_mb(fn):
+    """Peak resident memory above the level before fn() (Linux: VmHWM after resetting it), in MB."""
+    def status(key):
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(key)) / 1024
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return float("nan")
+    base = status("VmRSS:")
+    fn()
+    return status("VmHWM:") - base
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, default=60000, help="training vectors")
+    p.add_argument("--d", type=int, default=784, help="dimension")
+    p.add_argument("--queries", type=int, default=10000, help="query vectors")
+    p.add_argument("--k", type=int, default=2, help="neighbours per query")
+    p.add_argument("--chunk-size", type=int, default=None, help="data rows per chunk (default: the function's)")
+    p.add_argument("--repeats", type=int, default=2, help="timed repeats of each (best is reported)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    fixed = fix_mmap_threshold()
+    print(f"torch {torch.__version__}, numpy {np.__version__}, {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads")
+
+    g = torch.Generator().manual_seed(0)
+    data = torch.rand(args.n, args.d, generator=g) * 2 - 1
+    queries = data[torch.randint(args.n, (args.queries,), generator=g)] + 0.3 * torch.randn(args.queries, args.d,
+                                                                                            generator=g)
+    run = lambda: common.nearest_neighbours(queries, data, args.k, args.chunk_size)  # noqa: E731
+    chunk = args.chunk_size or min(args.n, 4096)
+    block = max(1, min(args.queries, common.NN_BLOCK_SCORES // chunk))
+
+    def matmuls():
+        """The bare products of the search, same blocks: (block x d) @ (d x chunk) over all of data."""
+        for b0 in range(0, args.queries, block):
+            for c0 in range(0, args.n, chunk):
+                queries[b0:b0 + block] @ data[c0:c0 + chunk].T
+
+    result = []
+    extra = peak_extra_mb(lambda: result.append(run()))  # also the warm-up
+    t, t_mm = float("inf"), float("inf")
+    for _ in range(args.repeats):  # interleaved, so that both see the same machine load
+        t, t_mm = min(t, wall_time(run)), min(t_mm, wall_time(matmuls))
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    square = 2 * 2048 ** 3 / min(wall_time(lambda: a @ b) for _ in range(4)) / 1e9
+    flops = 2 * args.queries * args.n * args.d
+    rate, mm_rate = flops / t / 1e9, flops / t_mm / 1e9
+
+    dist, index = result[0]
+    ref = torch.cdist(queries[:16].double(), data.double(), compute_mode="donot_use_mm_for_euclid_dist")
+    ref_d, ref_i = ref.sort(dim=1, stable=True)
+    ok = torch.equal(index[:16], ref_i[:, :args.k]) and torch.allclose(dist[:16], ref_d[:, :args.k], rtol=1e-12, atol=0)
+    print(f"nearest_neighbours: {args.queries} queries x N={args.n:,} x d={args.d}, k={args.k}, float32 search, "
+          f"float64 re-ranking")
+    print(f"    time {t:7.2f} s = {rate:6.1f} GFLOP/s   bare torch matmuls ({block}x{args.d}x{chunk} blocks) "
+          f"{t_mm:7.2f} s = {mm_rate:6.1f} GFLOP/s   ratio {rate / mm_rate:5.1%} (target >= 50%)")
+    print(f"    torch matmul 2048^3: {square:6.1f} GFLOP/s   ratio {rate / square:5.1%}")
+    print(f"    peak working memory beyond the data: {extra:6.1f} MB{'' if fixed else ' (glibc caching included)'} (data itself: "
+          f"{args.n * args.d * 4 / 2**20:.0f} MB, queries {args.queries * args.d * 4 / 2**20:.0f} MB)   "
+          f"matches float64 cdist on 16 queries: {ok}")
+
+
+if __name__ == "__main__":
+    main()

