@@ -5,17 +5,28 @@ Formulas follow Karras et al. 2022 (EDM, variance exploding) as used by
 Kaiser & Kollmann 2026; each function names the formula it implements.
 Read top to bottom like the paper's method section.
 """
+import contextlib
+import gzip
+import hashlib
+import http.client
+import importlib
+import io
 import json
 import math
 import os
+import pickle
+import random
 import sys
+import tarfile
 import tempfile
+import urllib.request
 import zipfile
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
 
 SIGMA_DATA = 0.5
 P_MEAN, P_STD = -1.2, 1.2
@@ -221,8 +232,6 @@ def error_prone_denoiser(x, sigma, data, delta, x_labels=None, data_labels=None,
 # ---------------------------------------------------------------------------
 # Networks: EDM-preconditioned U-Net (DDPM++ style) and Transformer (DiT style)
 # ---------------------------------------------------------------------------
-
-from einops import rearrange  # noqa: E402  (used by the networks only)
 
 
 def noise_embedding(c, dim, max_period=10000):
@@ -539,14 +548,6 @@ def count_parameters(module):
 # Data: dataset readers, subsets, conditioning labels
 # ---------------------------------------------------------------------------
 
-import gzip
-import hashlib
-import http.client
-import importlib
-import io
-import pickle
-import tarfile
-import urllib.request
 
 _IDX_SPLITS = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
                "val": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
@@ -902,7 +903,6 @@ def assign_clusters(x, centroids):
 # Checkpoint I/O
 # ---------------------------------------------------------------------------
 
-import random  # noqa: E402  (its state is part of rng_state)
 
 CHECKPOINT_KIND = "edm-denoiser-snapshot"
 CHECKPOINT_KEYS = ("kind", "net", "ema", "opt", "step", "images_seen", "args", "network", "subset",
@@ -1039,8 +1039,6 @@ def frechet_distance(a, b):
     cross = torch.linalg.eigvalsh(root_a @ cov_b @ root_a).clamp(min=0).sqrt().sum()
     return max(0.0, float((mu_a - mu_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * cross))
 
-
-import contextlib  # noqa: E402  (nearest_neighbours only)
 
 COPY_RATIO = 1 / 3  # a generated sample is a copy when d1 / d2 < 1/3 (PAPER.md, memorization)
 NN_BLOCK_SCORES = 2 ** 22  # float32 scores (query block x data chunk) nearest_neighbours holds at once: 16 MB
