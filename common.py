@@ -910,22 +910,8 @@ CHECKPOINT_KEYS = ("kind", "net", "ema", "opt", "step", "images_seen", "args", "
 
 
 def save_checkpoint(state, path):
-    """Write a snapshot dict atomically: temp file in the same folder, fsync, then os.replace."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".pt.tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
+    """Write a snapshot dict atomically (see atomic_write)."""
+    return atomic_write(path, lambda f: torch.save(state, f))
 
 
 def load_checkpoint(path, map_location="cpu"):
@@ -1315,28 +1301,40 @@ def run_cli(main):
         sys.exit(2)
 
 
-def save_npz(path, args=None, **arrays):
-    """Write an .npz atomically (temp file, then rename) and byte-reproducibly (fixed zip
-    timestamps); `args` (a dict or argparse.Namespace) is stored as a JSON string under 'args'."""
+def atomic_write(path, write):
+    """Write a file atomically: write(f) into a temp file in the same folder, fsync, then rename,
+    so that a kill at any moment leaves either the old file or the new one."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    if args is not None:
-        arrays["args"] = np.array(json.dumps(vars(args) if hasattr(args, "__dict__") else args,
-                                             sort_keys=True, default=str))
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".npz.tmp")
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as zf:
-            for key, value in arrays.items():
-                info = zipfile.ZipInfo(key + ".npy", date_time=(1980, 1, 1, 0, 0, 0))
-                with zf.open(info, "w", force_zip64=True) as member:
-                    np.lib.format.write_array(member, np.asarray(value), allow_pickle=False)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
     return path
+
+
+def save_npz(path, args=None, **arrays):
+    """Write an .npz atomically and byte-reproducibly (fixed zip timestamps); `args` (a dict or
+    argparse.Namespace) is stored as a JSON string under 'args'."""
+    if args is not None:
+        arrays["args"] = np.array(json.dumps(vars(args) if hasattr(args, "__dict__") else args,
+                                             sort_keys=True, default=str))
+
+    def write(f):
+        with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as zf:
+            for key, value in arrays.items():
+                info = zipfile.ZipInfo(key + ".npy", date_time=(1980, 1, 1, 0, 0, 0))
+                with zf.open(info, "w", force_zip64=True) as member:
+                    np.lib.format.write_array(member, np.asarray(value), allow_pickle=False)
+    return atomic_write(path, write)
 
 
 def load_npz(path):

@@ -20,8 +20,7 @@ for n in 32 256; do
         $PY train_image.py $DATA --model unet --size "$size" --n "$n" --steps "$STEPS" --batch 32 \
             --lr 2e-3 --lr-rampup 0 --snapshots log:8 --eval-every 8000 --out "$OUT/runs/$run"
         $PY eval_gap.py "$OUT/runs/$run" --optimal --num-images 256 --num-sigmas 32 --out "$OUT/gap/$run.npz"
-        last=$(ls "$OUT/runs/$run"/snapshot-*.pt | tail -n 1)
-        $PY sample_memorize.py "$last" --num-samples 128 --steps 18 --out "$OUT/samples/$run.npz"
+        $PY sample_memorize.py "$OUT/runs/$run" --num-samples 128 --out "$OUT/samples/$run.npz"
     done
 done
 $PY sample_memorize.py --optimal $DATA --n 32 --num-samples 128 --out "$OUT/samples/optimal-n32.npz"

@@ -1,6 +1,5 @@
 """eval_gap.py: E(sigma), the gap and the onset of snapshots and of the optimal denoiser; fixed
 noise, guidance, reuse of earlier results, torchrun sharding and bad input."""
-import gzip
 import os
 import subprocess
 import sys
@@ -10,6 +9,7 @@ import pytest
 import torch
 
 import common
+from conftest import write_fashion_mnist
 import eval_gap
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -17,31 +17,10 @@ N_TRAIN, N_VAL, N_SUBSET, RES = 40, 20, 16, 8
 SIGMAS = ["0.002", "0.05", "0.5", "2", "10"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: tiny networks on a shared CPU run far faster without thread contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def write_idx(path, array):
-    """A gzipped IDX file of uint8 (the MNIST / Fashion-MNIST format)."""
-    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(s).to_bytes(4, "big") for s in array.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.astype(np.uint8).tobytes())
-
-
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     """A tiny synthetic Fashion-MNIST: 40 training and 20 validation images of 28x28."""
-    root = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(0)
-    for split, count in (("train", N_TRAIN), ("t10k", N_VAL)):
-        write_idx(root / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (count, 28, 28)))
-        write_idx(root / f"{split}-labels-idx1-ubyte.gz", np.arange(count) % 10)
-    return str(root)
+    return write_fashion_mnist(tmp_path_factory.mktemp("data"), N_TRAIN, N_VAL)
 
 
 def make_snapshot(path, data_dir, images_seen, net_seed, run_seed=0):

@@ -1,6 +1,5 @@
 """sample_memorize.py and its common.py helpers: exact nearest neighbours, the memorization ratio,
 bootstrap intervals, feature spaces, per-seed sampling, early stopping, guidance, bad input."""
-import gzip
 import os
 
 import numpy as np
@@ -8,36 +7,16 @@ import pytest
 import torch
 
 import common
+from conftest import write_fashion_mnist
 import sample_memorize
 
 R = 16  # image resolution of the synthetic runs
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: a single thread avoids OpenMP overhead, which is severe on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def write_idx(path, array):
-    """A gzipped IDX file of uint8 (the Fashion-MNIST format)."""
-    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(s).to_bytes(4, "big") for s in array.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.astype(np.uint8).tobytes())
-
-
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     """A tiny synthetic Fashion-MNIST: 24 training and 12 validation images of 28x28, 3 classes."""
-    root = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(0)
-    for split, count in (("train", 24), ("t10k", 12)):
-        write_idx(root / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (count, 28, 28)))
-        write_idx(root / f"{split}-labels-idx1-ubyte.gz", np.arange(count) % 3)
-    return str(root)
+    return write_fashion_mnist(tmp_path_factory.mktemp("data"), 24, 12, classes=3)
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,4 @@
 """train_image.py: snapshots and logs, exact resume, data parallel, NaN stop, bad input."""
-import gzip
 import os
 import subprocess
 import sys
@@ -9,37 +8,17 @@ import pytest
 import torch
 
 import common
+from conftest import write_fashion_mnist
 import train_image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BATCH = 8
 
 
-def write_idx(path, array):
-    """A gzipped IDX file of uint8 (the MNIST / Fashion-MNIST format)."""
-    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(s).to_bytes(4, "big") for s in array.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.astype(np.uint8).tobytes())
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine, two spinning threads can slow a step 50x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     """A tiny synthetic Fashion-MNIST: 40 training and 20 validation images of 28x28."""
-    root = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(0)
-    for split, count in (("train", 40), ("t10k", 20)):
-        write_idx(root / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (count, 28, 28)))
-        write_idx(root / f"{split}-labels-idx1-ubyte.gz", np.arange(count) % 10)
-    return str(root)
+    return write_fashion_mnist(tmp_path_factory.mktemp("data"), 40, 20)
 
 
 def argv(data_dir, out, steps=40, *extra):
