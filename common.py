@@ -197,17 +197,18 @@ def optimal_denoiser(x, sigma, data, x_labels=None, data_labels=None, chunk_size
             logits.masked_fill_(data_labels[start:start + chunk_size, None] != x_labels, -math.inf)
         return yc, logits
 
-    run_max = q.new_full((B,), -math.inf)
-    run_sum = q.new_zeros(B)
-    acc = q.new_zeros(q.shape[::-1])                                  # (d, B)
+    run_max = run_sum = acc = None                                   # acc: (d, B)
     for start in range(0, N, chunk_size):
         yc, logits = chunk_logits(start)
-        new_max = torch.maximum(run_max, logits.amax(0))
+        new_max = logits.amax(0) if run_max is None else torch.maximum(run_max, logits.amax(0))
         safe_max = torch.where(torch.isfinite(new_max), new_max, 0)
-        rescale = torch.exp(run_max - safe_max)
         w = logits.sub_(safe_max).exp_()
-        run_sum = run_sum * rescale + w.sum(0)
-        acc = torch.addmm(acc * rescale, yc.T, w)
+        if run_max is None:
+            run_sum, acc = w.sum(0), yc.T @ w
+        else:  # rescale what earlier chunks summed to the new running maximum
+            rescale = torch.exp(run_max - safe_max)
+            run_sum = run_sum * rescale + w.sum(0)
+            acc = torch.addmm(acc * rescale, yc.T, w)
         run_max = new_max
     check(bool((run_sum > 0).all()), "some queries have a label that no data point carries")
     return (acc / run_sum).T.reshape(x.shape)

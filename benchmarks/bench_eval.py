@@ -13,27 +13,13 @@ import argparse
 import os
 import platform
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
 import eval_gap  # noqa: E402
-
-
-def best_time(fn, repeats, device):
-    """Smallest wall time of `repeats` calls (after one warm-up call), synchronising CUDA."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return min(times)
+from benchlib import best_time  # noqa: E402
 
 
 def main():

@@ -12,48 +12,14 @@ Correctness: a few queries are checked against float64 torch.cdist.
     python benchmarks/bench_nn.py --queries 1000     # quicker
 """
 import argparse
-import ctypes
 import os
-import platform
 import sys
-import time
 
-import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
-
-
-def wall_time(fn):
-    """Wall time of one call of fn, in seconds."""
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def fix_mmap_threshold(size=128 * 1024):
-    """glibc: serve every allocation above `size` by mmap and return it on free (mallopt
-    M_MMAP_THRESHOLD), so that VmHWM measures live memory rather than freed-but-cached heap."""
-    try:
-        return ctypes.CDLL("libc.so.6").mallopt(-3, size) == 1
-    except OSError:
-        return False
-
-
-def peak_extra_mb(fn):
-    """Peak resident memory above the level before fn() (Linux: VmHWM after resetting it), in MB."""
-    def status(key):
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith(key)) / 1024
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return float("nan")
-    base = status("VmRSS:")
-    fn()
-    return status("VmHWM:") - base
+from benchlib import fix_mmap_threshold, machine, peak_extra_mb, wall_time  # noqa: E402
 
 
 def main():
@@ -69,8 +35,7 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     fixed = fix_mmap_threshold()
-    print(f"torch {torch.__version__}, numpy {np.__version__}, {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads")
+    print(machine())
 
     g = torch.Generator().manual_seed(0)
     data = torch.rand(args.n, args.d, generator=g) * 2 - 1

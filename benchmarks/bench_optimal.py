@@ -11,15 +11,14 @@ against torch's own matmul rate measured in the same run.
 """
 import argparse
 import os
-import platform
 import sys
-import time
 
 import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
+from benchlib import best_time, machine, matmul_gflops, peak_extra_mb  # noqa: E402
 
 
 def numpy_optimal(x, sigma, data):
@@ -34,37 +33,6 @@ def numpy_optimal(x, sigma, data):
 def numpy_error_prone(x, sigma, data, delta):
     s2, d2 = sigma ** 2, delta ** 2
     return (d2 * x + s2[:, None] * numpy_optimal(x, np.sqrt(s2 + d2), data)) / (s2 + d2)[:, None]
-
-
-def best_time(fn, repeats):
-    """Smallest wall time of `repeats` calls (after one warm-up call)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
-def peak_extra_mb(fn):
-    """Peak resident memory above the level before fn() (Linux: VmHWM after resetting it), in MB."""
-    def status(key):
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith(key)) / 1024
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return float("nan")
-    base = status("VmRSS:")
-    fn()
-    return status("VmHWM:") - base
-
-
-def matmul_gflops(m, k, n, dtype, repeats=5):
-    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
-    return 2 * m * k * n / best_time(lambda: a @ b, repeats) / 1e9
 
 
 def bench_toy(repeats):
@@ -122,8 +90,7 @@ def main():
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, numpy {np.__version__}, {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads")
+    print(machine())
     bench_toy(args.repeats)
     bench_images(args.n, args.d, args.queries, args.numpy_queries, args.repeats)
 
