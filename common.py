@@ -5,6 +5,7 @@ Formulas follow Karras et al. 2022 (EDM, variance exploding) as used by
 Kaiser & Kollmann 2026; each function names the formula it implements.
 Read top to bottom like the paper's method section.
 """
+import argparse
 import contextlib
 import gzip
 import hashlib
@@ -1291,6 +1292,20 @@ def init_distributed(device_name="auto"):
         torch.cuda.set_device(device)
     torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return torch.distributed.get_rank(), world, device
+
+
+def run_distributed(job, args):
+    """job(args, rank, world, device) in this process: alone, or in torchrun's process group (see init_distributed)."""
+    rank, world, device = init_distributed(args.device)
+    try:
+        return job(args, rank, world, device)
+    finally:
+        if world > 1:
+            torch.distributed.destroy_process_group()
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help that shows every default and keeps the layout of the script's docstring."""
 
 
 def run_cli(main):

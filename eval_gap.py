@@ -55,12 +55,8 @@ WEIGHTS_KEY = {"ema": "ema", "raw": "net"}  # --weights -> checkpoint key
 Split = collections.namedtuple("Split", "y noise labels count")  # this process's shard; count: all processes
 
 
-class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
-
-
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
     p.add_argument("snapshots", nargs="*", metavar="RUN_DIR_OR_CHECKPOINT",
                    help="run folders (all their snapshot-*.pt, by images seen) or snapshot files")
     p.add_argument("--weights", default="ema", choices=["ema", "raw"], help="snapshot weights to evaluate")
@@ -495,15 +491,10 @@ def curves(rows, guided, sigmas=None, images_seen=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    rank, world, device = common.init_distributed(args.device)
-    try:
-        with torch.inference_mode():
-            evaluate(args, rank, world, device)
-    finally:
-        if world > 1:
-            dist.destroy_process_group()
+    common.run_distributed(evaluate, args)
 
 
+@torch.inference_mode()
 def evaluate(args, rank, world, device):
     say = print if rank == 0 else (lambda *a, **k: None)
     snapshots = [read_snapshot(path, args) for path in find_snapshots(args.snapshots)]

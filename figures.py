@@ -31,8 +31,7 @@ GAP_LABEL = "relative gap G(sigma)"
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=type(
-        "Formatter", (argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter), {}))
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
     p.add_argument("results", metavar="RESULTS_DIR", help="folder searched (recursively) for .npz files")
     p.add_argument("--out", help="figure folder (default: RESULTS_DIR/figures)")
     p.add_argument("--seed", type=int, default=0, help="unused: figures are deterministic (kept for a uniform CLI)")
@@ -113,7 +112,7 @@ def fig_errors_over_training(data):
     ax.plot(seen, e_val, "s-", label="validation images")
     ax.axvline(onset, color="gray", ls="--", label=f"overfitting onset ({onset:,} images)")
     ax.set(xscale="log", yscale="log", xlabel="training images seen",
-           ylabel=f"denoising error E(sigma) (per pixel, [-1, 1] scale)", title=f"E at sigma = {sigma:.2f}")
+           ylabel="denoising error E(sigma) (per pixel, [-1, 1] scale)", title=f"E at sigma = {sigma:.2f}")
     ax.legend(fontsize=8)
     return fig
 

@@ -57,12 +57,8 @@ SNAPSHOT_NAME = re.compile(r"snapshot-\d{9}\.pt")
 PROBE_NEAR = 1.2  # the paper's intermediate noise level for the trajectory overlap
 
 
-class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
-
-
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
     p.add_argument("inputs", nargs="*", metavar="RUN_DIR_OR_CHECKPOINT",
                    help="run folders (all their snapshot-*.pt) or snapshot files written by train_image.py")
     p.add_argument("--optimal", action="store_true", help="sample the optimal denoiser of a training subset "
@@ -501,12 +497,7 @@ def gather(local, world):
 
 def main(argv=None):
     args = parse_args(argv)
-    rank, world, device = common.init_distributed(args.device)
-    try:
-        evaluate(args, rank, world, device)
-    finally:
-        if world > 1:
-            dist.destroy_process_group()
+    common.run_distributed(evaluate, args)
 
 
 def evaluate(args, rank, world, device):

@@ -54,7 +54,8 @@ def parse_args(argv=None):
     p.add_argument("--num-samples", type=int, default=1000, help="ODE samples for trajectories and fd")
     p.add_argument("--steps", type=int, default=120, help="EDM schedule steps (sigma grid and sampler)")
     p.add_argument("--seed", type=int, default=0, help="seed of noise draws, random angles and samples")
-    p.add_argument("--device", default="cpu", help="torch device (auto: cuda, then mps, then cpu)")
+    p.add_argument("--device", default="auto", help="auto (cuda, then cpu: the toy needs float64, which mps "
+                   "lacks), cpu, cuda, cuda:N")
     args = p.parse_args(argv)
     check(args.samples_per_point >= 1, "--samples-per-point must be at least 1")
     check(args.num_samples >= 2, "--num-samples must be at least 2")
@@ -358,7 +359,8 @@ RUNNERS = {name: globals()[f"exp_{name}"] for name in EXPERIMENTS}
 
 def main(argv=None):
     args = parse_args(argv)
-    args.device = str(common.pick_device(args.device))
+    device = common.pick_device(args.device)
+    args.device = "cpu" if device.type == "mps" else str(device)
     names = EXPERIMENTS if args.experiment == "all" else [args.experiment]
     for name in tqdm(names, desc="toy2d", disable=len(names) == 1):
         start = time.time()

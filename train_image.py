@@ -41,7 +41,7 @@ class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionH
 
 def parse_args(argv=None):
     """The command line; every default shows in --help."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
     p.add_argument("--data", default="fashion-mnist", help="dataset: " + ", ".join(common.DATASETS))
     p.add_argument("--data-dir", default=None, help="folder with the dataset files "
                    "(else the system folder, the user cache, or a download)")
@@ -186,12 +186,7 @@ def main(argv=None):
     args = parse_args(argv)
     check_args(args)
     args.out = args.out or default_out(args)
-    rank, world, device = common.init_distributed(args.device)
-    try:
-        train(args, rank, world, device)
-    finally:
-        if world > 1:
-            dist.destroy_process_group()
+    common.run_distributed(train, args)
 
 
 def train(args, rank, world, device):
