@@ -56,7 +56,7 @@ def interrupt(loss):
     raise KeyboardInterrupt
 
 
-def test_snapshot_is_a_plain_dict_with_the_contract_keys(baseline):
+def test_snapshot_is_a_plain_dict_with_the_documented_keys(baseline):
     path = snapshot(baseline, 40)
     ckpt = torch.load(path, weights_only=False)
     assert set(common.CHECKPOINT_KEYS) <= set(ckpt)
