@@ -17,6 +17,7 @@ import math
 import os
 import pickle
 import random
+import re
 import sys
 import tarfile
 import tempfile
@@ -827,6 +828,20 @@ def choose_subset(num_available, n, seed):
     return np.sort(perm[:n].numpy()).astype(np.int64)
 
 
+def training_subset(name, n, seed, cond="none", k=10, resolution=32, root=None):
+    """The subset train_image.py trains on: (seeded indices into the training split, their conditioning
+    labels: dataset classes, seeded k-means clusters or None, and the k-means centroids or None)."""
+    check(name in DATASETS, f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
+    images, classes = load_images(name, "train", root)
+    subset = choose_subset(len(images), n, seed)
+    if cond == "class":
+        return subset, classes[subset], None
+    if cond == "kmeans":
+        labels, centroids = kmeans_labels(images_to_tensor(images[subset], resolution), k, seed)
+        return subset, labels, centroids
+    return subset, None, None
+
+
 def _sq_dists(x, centroids, x_sq):
     """Squared distances ||x_i - c_j||^2 = ||x_i||^2 - 2 x_i.c_j + ||c_j||^2, shape (N, k)."""
     dd = torch.addmm(centroids.square().sum(1), x, centroids.T, alpha=-2)
@@ -914,6 +929,24 @@ CHECKPOINT_KEYS = ("kind", "net", "ema", "opt", "step", "images_seen", "args", "
 def save_checkpoint(state, path):
     """Write a snapshot dict atomically (see atomic_write)."""
     return atomic_write(path, lambda f: torch.save(state, f))
+
+
+SNAPSHOT_NAME = re.compile(r"snapshot-(\d{9})\.pt")  # snapshot-<images seen, 9 digits>.pt
+
+
+def find_snapshots(paths):
+    """Snapshot files: a run folder stands for all its snapshot-*.pt in order of images seen, a file for itself."""
+    found = []
+    for path in paths:
+        if os.path.isdir(path):
+            names = sorted(name for name in os.listdir(path) if SNAPSHOT_NAME.fullmatch(name))
+            check(names, f"no snapshot-*.pt in {path}: train one with train_image.py --out {path}, "
+                         "or point to snapshot files")
+            found += [os.path.join(path, name) for name in names]
+        else:
+            check(os.path.isfile(path), f"{path} does not exist: it is neither a run folder nor a snapshot file")
+            found.append(path)
+    return found
 
 
 def load_checkpoint(path, map_location="cpu"):

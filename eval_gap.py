@@ -34,7 +34,6 @@ import contextlib
 import hashlib
 import json
 import os
-import re
 
 import numpy as np
 import torch
@@ -44,7 +43,6 @@ from tqdm import tqdm
 import common
 from common import check
 
-SNAPSHOT_NAME = re.compile(r"snapshot-(\d{9})\.pt")
 # train_image.py arguments that a resumed run may change: they do not tell two runs apart.
 RUN_ARGS_IGNORED = {"steps", "snapshots", "eval_every", "device", "compile", "out", "data_dir", "no_resume"}
 # Arguments that change the numbers of a row; a cached row is reused only when they all match.
@@ -160,21 +158,6 @@ def digest(*parts):
     return h.hexdigest()
 
 
-def find_snapshots(paths):
-    """Snapshot files: a folder stands for all its snapshot-*.pt in order of images seen."""
-    found = []
-    for path in paths:
-        if os.path.isdir(path):
-            names = sorted(name for name in os.listdir(path) if SNAPSHOT_NAME.fullmatch(name))
-            check(names, f"no snapshot-*.pt in {path}: train one with train_image.py --out {path}, "
-                         "or point to snapshot files")
-            found += [os.path.join(path, name) for name in names]
-        else:
-            check(os.path.isfile(path), f"{path} is neither a run folder nor a snapshot file")
-            found.append(path)
-    return found
-
-
 def snapshot_source(ckpt, data_dir):
     """What the snapshot's network was trained on: dataset, resolution, subset, labels, centroids."""
     as_array = lambda a: None if a is None else np.asarray(a)  # noqa: E731
@@ -185,16 +168,9 @@ def snapshot_source(ckpt, data_dir):
 
 def subset_source(args):
     """The subset train_image.py trains on for --data/--n/--seed/--cond/--k, for --optimal alone."""
-    check(args.data in common.DATASETS, f"unknown dataset {args.data!r}: choose one of {', '.join(common.DATASETS)}")
-    images, classes = common.load_images(args.data, "train", args.data_dir)
-    subset = common.choose_subset(len(images), args.n, args.seed)
-    labels = centroids = None
-    if args.cond == "class":
-        labels = classes[subset]
-    elif args.cond == "kmeans":
-        labels, centroids = common.kmeans_labels(common.images_to_tensor(images[subset], args.resolution),
-                                                 args.k, args.seed)
-        centroids = centroids.numpy()
+    subset, labels, centroids = common.training_subset(args.data, args.n, args.seed, args.cond, args.k,
+                                                       args.resolution, args.data_dir)
+    centroids = None if centroids is None else centroids.numpy()
     return dict(dataset=args.data, resolution=args.resolution, subset=subset, labels=labels,
                 centroids=centroids, data_dir=args.data_dir)
 
@@ -497,7 +473,7 @@ def main(argv=None):
 @torch.inference_mode()
 def evaluate(args, rank, world, device):
     say = print if rank == 0 else (lambda *a, **k: None)
-    snapshots = [read_snapshot(path, args) for path in find_snapshots(args.snapshots)]
+    snapshots = [read_snapshot(path, args) for path in common.find_snapshots(args.snapshots)]
     if snapshots:
         check_same_run(snapshots, args.allow_mixed)
     opt_source = None

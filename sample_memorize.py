@@ -37,7 +37,6 @@ import dataclasses
 import functools
 import math
 import os
-import re
 import time
 from typing import Callable
 
@@ -53,7 +52,6 @@ from tqdm import tqdm  # noqa: E402
 import common  # noqa: E402
 from common import check  # noqa: E402
 
-SNAPSHOT_NAME = re.compile(r"snapshot-\d{9}\.pt")
 PROBE_NEAR = 1.2  # the paper's intermediate noise level for the trajectory overlap
 
 
@@ -181,15 +179,9 @@ class Model:
 
 def optimal_model(args, device):
     """The optimal denoiser of the --n images that train_image.py --seed SUBSET_SEED trains on."""
-    images, classes = common.load_images(args.data, "train", args.data_dir)
-    index = common.choose_subset(len(images), args.n, args.subset_seed)
-    labels, centroids, num_classes = None, None, 0
-    if args.cond == "class":
-        labels, num_classes = classes[index], common.DATASETS[args.data]["num_classes"]
-    elif args.cond == "kmeans":
-        x = common.images_to_tensor(images[index], args.resolution)
-        labels, centroids = common.kmeans_labels(x, args.k, args.subset_seed)
-        num_classes = args.k
+    index, labels, centroids = common.training_subset(args.data, args.n, args.subset_seed, args.cond, args.k,
+                                                      args.resolution, args.data_dir)
+    num_classes = {"none": 0, "class": common.DATASETS[args.data]["num_classes"], "kmeans": args.k}[args.cond]
     train = load_training_set(args.data, args.data_dir, args.resolution, index, labels, num_classes, args.cond,
                               centroids, device)
     name = f"optimal-{args.data}-r{args.resolution}-n{args.n}" + ("" if args.cond == "none" else f"-{args.cond}")
@@ -214,20 +206,6 @@ def network_model(path, args, device, train_cache):
     run = os.path.basename(os.path.dirname(os.path.abspath(path)))
     return Model(f"{run}-{os.path.basename(path).removesuffix('.pt')}", denoise, train_cache[key], num_classes,
                  torch.float32, os.fspath(path), int(ckpt["images_seen"]))
-
-
-def snapshot_paths(inputs):
-    """Snapshot files: each run folder's snapshot-*.pt in order of images seen, files as given."""
-    paths = []
-    for item in inputs:
-        if os.path.isdir(item):
-            found = sorted(f for f in os.listdir(item) if SNAPSHOT_NAME.fullmatch(f))
-            check(found, f"{item} holds no snapshot-*.pt: point to a run folder of train_image.py or a snapshot file")
-            paths += [os.path.join(item, f) for f in found]
-        else:
-            check(os.path.isfile(item), f"checkpoint {item} does not exist")
-            paths.append(item)
-    return paths
 
 
 def guided_denoiser(pos, neg, w):
@@ -504,7 +482,7 @@ def evaluate(args, rank, world, device):
     check(args.num_samples >= world, f"--num-samples {args.num_samples} is fewer than the {world} processes")
     say = print if rank == 0 else (lambda *a, **k: None)
     features = common.load_feature_extractor(args.features, device)
-    paths = [] if args.optimal else snapshot_paths(args.inputs)
+    paths = [] if args.optimal else common.find_snapshots(args.inputs)
     sigmas = common.edm_sigmas(args.steps)
     stops, probes = stop_steps(sigmas, args.stop_sigma), probe_steps(sigmas, args.probe_sigmas)
     shard = np.array_split(np.arange(args.num_samples), world)[rank]

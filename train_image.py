@@ -18,7 +18,6 @@ import contextlib
 import copy
 import math
 import os
-import re
 import time
 
 import numpy as np
@@ -31,12 +30,7 @@ import common
 
 # Arguments a resumed run may change: they touch neither the weights nor the log's layout.
 RESUMABLE_CHANGES = {"steps", "snapshots", "eval_every", "device", "compile", "out", "data_dir", "no_resume"}
-SNAPSHOT_NAME = re.compile(r"snapshot-(\d{9})\.pt")
 FLUSH_EVERY = 20  # steps between loss read-outs; each one waits for the device
-
-
-class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """--help with every default and the module docstring's examples as written."""
 
 
 def parse_args(argv=None):
@@ -168,7 +162,7 @@ def latest_snapshot(out):
     """The snapshot in out with the most images seen, or None."""
     if not os.path.isdir(out):
         return None
-    found = [(int(m.group(1)), m.group(0)) for m in map(SNAPSHOT_NAME.fullmatch, os.listdir(out)) if m]
+    found = [(int(m.group(1)), m.group(0)) for m in map(common.SNAPSHOT_NAME.fullmatch, os.listdir(out)) if m]
     return os.path.join(out, max(found)[1]) if found else None
 
 
@@ -199,7 +193,7 @@ def train(args, rank, world, device):
     if last_path is not None and args.no_resume:
         if rank == 0:
             for name in os.listdir(args.out):
-                if SNAPSHOT_NAME.fullmatch(name) or name == "train_log.npz":
+                if common.SNAPSHOT_NAME.fullmatch(name) or name == "train_log.npz":
                     os.remove(os.path.join(args.out, name))
         last_path = None
     if last_path is not None:
@@ -216,17 +210,13 @@ def train(args, rank, world, device):
                                args.channels, args.blocks, args.dropout, args.patch)
 
     # Data: the subset, its conditioning labels, and the fixed probe sets.
-    images, class_labels = common.load_images(args.data, "train", args.data_dir)
-    subset = ckpt["subset"] if ckpt else common.choose_subset(len(images), args.n, args.seed)
-    x_train = common.images_to_tensor(images[subset], args.resolution)
-    centroids = None
-    if args.cond == "class":
-        labels = class_labels[subset]
-    elif args.cond == "kmeans":
-        labels, centroids = ((ckpt["labels"], ckpt["kmeans_centroids"]) if ckpt
-                             else common.kmeans_labels(x_train, args.k, args.seed))
+    images, _ = common.load_images(args.data, "train", args.data_dir)
+    if ckpt:
+        subset, labels, centroids = ckpt["subset"], ckpt["labels"], ckpt["kmeans_centroids"]
     else:
-        labels = None
+        subset, labels, centroids = common.training_subset(args.data, args.n, args.seed, args.cond, args.k,
+                                                           args.resolution, args.data_dir)
+    x_train = common.images_to_tensor(images[subset], args.resolution)
     val_images, val_class_labels = common.load_images(args.data, "val", args.data_dir)
     probe_train = common.choose_subset(args.n, min(args.probe_images, args.n), args.seed)
     probe_val = common.choose_subset(len(val_images), min(args.probe_images, len(val_images)), args.seed)
