@@ -842,6 +842,11 @@ def training_subset(name, n, seed, cond="none", k=10, resolution=32, root=None):
     return subset, None, None
 
 
+def num_condition_classes(name, cond, k=10):
+    """Number of conditioning classes of a network for --cond: 0 (none), the dataset's classes, or k clusters."""
+    return {"none": 0, "class": DATASETS[name]["num_classes"], "kmeans": k}[cond]
+
+
 def _sq_dists(x, centroids, x_sq):
     """Squared distances ||x_i - c_j||^2 = ||x_i||^2 - 2 x_i.c_j + ||c_j||^2, shape (N, k)."""
     dd = torch.addmm(centroids.square().sum(1), x, centroids.T, alpha=-2)

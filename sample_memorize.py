@@ -181,7 +181,7 @@ def optimal_model(args, device):
     """The optimal denoiser of the --n images that train_image.py --seed SUBSET_SEED trains on."""
     index, labels, centroids = common.training_subset(args.data, args.n, args.subset_seed, args.cond, args.k,
                                                       args.resolution, args.data_dir)
-    num_classes = {"none": 0, "class": common.DATASETS[args.data]["num_classes"], "kmeans": args.k}[args.cond]
+    num_classes = common.num_condition_classes(args.data, args.cond, args.k)
     train = load_training_set(args.data, args.data_dir, args.resolution, index, labels, num_classes, args.cond,
                               centroids, device)
     name = f"optimal-{args.data}-r{args.resolution}-n{args.n}" + ("" if args.cond == "none" else f"-{args.cond}")

@@ -204,7 +204,7 @@ def train(args, rank, world, device):
 
     # Network: initialised from --seed, the same on every process.
     info = common.DATASETS[args.data]
-    num_classes = {"none": 0, "class": info["num_classes"], "kmeans": args.k}[args.cond]
+    num_classes = common.num_condition_classes(args.data, args.cond, args.k)
     torch.manual_seed(args.seed)
     net = common.build_network(args.model, args.size, args.resolution, info["shape"][-1], num_classes,
                                args.channels, args.blocks, args.dropout, args.patch)
