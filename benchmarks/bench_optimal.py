@@ -85,7 +85,7 @@ def main():
     p.add_argument("--d", type=int, default=784, help="dimension in (b)")
     p.add_argument("--queries", type=int, default=512, help="queries in (b)")
     p.add_argument("--numpy-queries", type=int, default=2, help="queries the NumPy version runs in (b)")
-    p.add_argument("--repeats", type=int, default=3, help="timed repeats (best is reported)")
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats (best is reported)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = p.parse_args()
     if args.threads:

@@ -159,6 +159,33 @@ def test_class_conditional_optimal_denoiser_uses_only_points_with_the_query_labe
     torch.testing.assert_close(far[0], data[data_labels == 0].mean(0), rtol=0, atol=1e-8)
 
 
+def test_class_conditional_optimal_denoiser_streams_past_chunks_without_the_query_label():
+    # Data sorted by label, so whole chunks hold other labels only, before and after the
+    # query's; each query sits next to a point of another label.
+    g = torch.Generator().manual_seed(11)
+    data = torch.randn(12, 3, generator=g, dtype=F64)
+    data_labels = torch.arange(12) // 4
+    x = data[[0, 5, 11]] + 0.01 * torch.randn(3, 3, generator=g, dtype=F64)
+    x_labels = torch.tensor([2, 0, 1])
+    for chunk in (1, 2, 5, 12):
+        got = common.optimal_denoiser(x, 0.05, data, x_labels, data_labels, chunk_size=chunk)
+        for i in range(3):
+            same = data[data_labels == x_labels[i]]
+            torch.testing.assert_close(got[i:i + 1], brute_force_optimal(x[i:i + 1], 0.05, same),
+                                       rtol=0, atol=1e-12)
+
+
+def test_float32_optimal_denoiser_matches_float64_where_most_weights_underflow():
+    # At sigma 0.3 in d = 64 nearly all weights exp(logit - max) lie below float32's range.
+    g = torch.Generator().manual_seed(12)
+    data = torch.randn(300, 64, generator=g, dtype=F64)
+    x = data[:6] + 0.5 * torch.randn(6, 64, generator=g, dtype=F64)
+    ref = common.optimal_denoiser(x, 0.3, data)
+    got = common.optimal_denoiser(x.float(), 0.3, data.float(), chunk_size=50)
+    assert got.dtype == torch.float32 and torch.isfinite(got).all()
+    torch.testing.assert_close(got.double(), ref, rtol=0, atol=1e-5)
+
+
 def test_optimal_denoiser_rejects_bad_input_with_user_error():
     data = torch.randn(5, 2)
     with pytest.raises(common.UserError, match="sigma must be positive"):
