@@ -1,4 +1,5 @@
-"""train_image.py: snapshots and logs, exact resume, data parallel, NaN stop, bad input."""
+"""train_image.py: snapshots and logs, exact resume, data parallel, compile, NaN stop, bad input."""
+import functools
 import os
 import subprocess
 import sys
@@ -171,3 +172,17 @@ def test_two_gloo_processes_train_like_one_process_with_the_same_global_batch(ba
     assert not np.array_equal(one["loss"], two["loss"]), "each process draws its own noise"
     np.testing.assert_allclose(two["loss"].mean(), one["loss"].mean(), rtol=0.25)
     np.testing.assert_allclose(two["E_train"][-1], one["E_train"][-1], rtol=0.15)
+
+
+def test_compiled_network_trains_like_the_eager_one(baseline, data_dir, tmp_path, monkeypatch):
+    # torch.compile's graph capture (dynamo + autograd) with the aot_eager backend: the same graph
+    # inductor would generate code for, without minutes of C++ compilation in the test suite.
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    train_image.main(argv(data_dir, tmp_path, 20, "--compile"))
+    one, compiled = (common.load_npz(os.path.join(d, "train_log.npz")) for d in (baseline, tmp_path))
+    np.testing.assert_allclose(compiled["loss"], one["loss"][:20], rtol=1e-5)
+    for key in ("net", "ema"):
+        a, b = (common.load_checkpoint(snapshot(d, 20))[key] for d in (baseline, tmp_path))
+        assert a.keys() == b.keys()
+        for name in a:
+            torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-6)
