@@ -200,7 +200,8 @@ def optimal_denoiser(x, sigma, data, x_labels=None, data_labels=None, chunk_size
     for start in range(0, N, chunk_size):
         yc = y[start:start + chunk_size]
         # -||x - y||^2 / 2s^2 up to a per-query constant: (2 y.x - ||y||^2) / 2s^2
-        logits = torch.addmm(yc.square().sum(1, keepdim=True).neg(), yc, q.T, alpha=2).mul_(scale)
+        sq_norms = torch.linalg.vector_norm(yc, dim=1, keepdim=True).square_()  # no (chunk, d) temporary
+        logits = torch.addmm(sq_norms.neg_(), yc, q.T, alpha=2).mul_(scale)
         other_label = None
         if x_labels is not None:
             other_label = data_labels[start:start + chunk_size, None] != x_labels

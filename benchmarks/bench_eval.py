@@ -9,21 +9,15 @@ the bare pass. The default (tiny U-Net, 16x16) runs in about a minute on a 2-cor
     python benchmarks/bench_eval.py
     python benchmarks/bench_eval.py --size s --resolution 32 --images 2048 --sigmas 64 --batch 1024  # GPU
 """
-import argparse
-import os
-import platform
-import sys
-
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import common  # noqa: E402
-import eval_gap  # noqa: E402
-from benchlib import best_time  # noqa: E402
+from benchlib import best_time, parser, start
+import common
+import eval_gap
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = parser(__doc__, repeats=3, device=True)
     p.add_argument("--model", default="unet", help="unet or dit")
     p.add_argument("--size", default="tiny", help="network preset")
     p.add_argument("--resolution", type=int, default=16, help="image size")
@@ -31,13 +25,8 @@ def main():
     p.add_argument("--images", type=int, default=128, help="images in the split")
     p.add_argument("--sigmas", type=int, default=8, help="noise levels")
     p.add_argument("--batch", type=int, default=128, help="(image, sigma) pairs per forward pass")
-    p.add_argument("--repeats", type=int, default=3, help="timed repeats (best is reported)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, ...")
     args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = common.pick_device(args.device)
+    device = start(args)
     torch.manual_seed(0)
     net = common.build_network(args.model, args.size, args.resolution, args.channels)
     with torch.no_grad():  # random output layers, so the network does real work on every path
@@ -63,8 +52,6 @@ def main():
         for x, s in batches:
             model(x, s, None)
 
-    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-          f"{torch.get_num_threads()} torch threads, device {device}")
     print(f"{args.model} {args.size} ({common.count_parameters(net):,} parameters) at {args.resolution}x"
           f"{args.resolution}x{args.channels}; {args.images} images x {args.sigmas} sigmas = {pairs:,} pairs, "
           f"batch {args.batch}")

@@ -11,37 +11,28 @@ Correctness: a few queries are checked against float64 torch.cdist.
     python benchmarks/bench_nn.py                    # full size
     python benchmarks/bench_nn.py --queries 1000     # quicker
 """
-import argparse
-import os
-import sys
-
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import common  # noqa: E402
-from benchlib import fix_mmap_threshold, machine, peak_extra_mb, wall_time  # noqa: E402
+from benchlib import fix_mmap_threshold, parser, peak_extra_mb, start, wall_time
+import common
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__, repeats=2)
     p.add_argument("--n", type=int, default=60000, help="training vectors")
     p.add_argument("--d", type=int, default=784, help="dimension")
     p.add_argument("--queries", type=int, default=10000, help="query vectors")
     p.add_argument("--k", type=int, default=2, help="neighbours per query")
-    p.add_argument("--chunk-size", type=int, default=None, help="data rows per chunk (default: the function's)")
-    p.add_argument("--repeats", type=int, default=2, help="timed repeats of each (best is reported)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--chunk-size", type=int, default=0, help="data rows per chunk (0: the function's)")
     args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    start(args)
     fixed = fix_mmap_threshold()
-    print(machine())
 
     g = torch.Generator().manual_seed(0)
     data = torch.rand(args.n, args.d, generator=g) * 2 - 1
     queries = data[torch.randint(args.n, (args.queries,), generator=g)] + 0.3 * torch.randn(args.queries, args.d,
                                                                                             generator=g)
-    run = lambda: common.nearest_neighbours(queries, data, args.k, args.chunk_size)  # noqa: E731
+    run = lambda: common.nearest_neighbours(queries, data, args.k, args.chunk_size or None)  # noqa: E731
     chunk = args.chunk_size or min(args.n, 4096)
     block = max(1, min(args.queries, common.NN_BLOCK_SCORES // chunk))
 

@@ -9,16 +9,11 @@ against torch's own matmul rate measured in the same run.
 
     python benchmarks/bench_optimal.py
 """
-import argparse
-import os
-import sys
-
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import common  # noqa: E402
-from benchlib import best_time, machine, matmul_gflops, peak_extra_mb  # noqa: E402
+from benchlib import best_time, fix_mmap_threshold, matmul_gflops, parser, peak_extra_mb, start
+import common
 
 
 def numpy_optimal(x, sigma, data):
@@ -61,7 +56,6 @@ def bench_images(n, d, queries, numpy_queries, repeats):
     sigma = 1.0
     flops = 4 * queries * n * d
     t_torch = best_time(lambda: common.optimal_denoiser(x, sigma, data), repeats)
-    extra = peak_extra_mb(lambda: common.optimal_denoiser(x, sigma, data))
     t_np_part = best_time(lambda: numpy_optimal(x[:numpy_queries].numpy(), sigma, data.numpy()), 1)
     t_numpy = t_np_part * queries / numpy_queries
     # accuracy where many points share the weight (at sigma = 1 one point takes it all)
@@ -71,28 +65,26 @@ def bench_images(n, d, queries, numpy_queries, repeats):
     peak = matmul_gflops(2048, 2048, 2048, torch.float32)
     same_shape = matmul_gflops(queries, d, 16384, torch.float32)
     rate = flops / t_torch / 1e9
+    fixed = fix_mmap_threshold()  # last, since it slows later allocations: count live memory only
+    extra = peak_extra_mb(lambda: common.optimal_denoiser(x, sigma, data))
     print(f"(b) images: {queries} queries x N={n:,} x d={d}, float32 "
           f"(NumPy on {numpy_queries} queries, scaled)")
     print(f"    optimal_denoiser {t_torch * 1e3:8.1f} ms = {rate:6.1f} GFLOP/s   NumPy {t_numpy:8.2f} s   "
           f"speed-up {t_numpy / t_torch:6.1f}x")
     print(f"    torch matmul: {peak:6.1f} GFLOP/s (2048^3), {same_shape:6.1f} GFLOP/s ({queries}x{d}x16384)   "
           f"optimal_denoiser reaches {rate / peak:5.1%} of 2048^3 matmul")
-    print(f"    peak working memory beyond the data: {extra:6.1f} MB (data itself: {n * d * 4 / 2**20:.0f} MB)   "
+    print(f"    peak working memory beyond the data: {extra:6.1f} MB{'' if fixed else ' (glibc caching included)'} (data itself: {n * d * 4 / 2**20:.0f} MB)   "
           f"max |float32 - float64| at sigma {wide:g}: {err:.1e}")
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = parser(__doc__, repeats=5)
     p.add_argument("--n", type=int, default=60000, help="training vectors in (b)")
     p.add_argument("--d", type=int, default=784, help="dimension in (b)")
     p.add_argument("--queries", type=int, default=512, help="queries in (b)")
     p.add_argument("--numpy-queries", type=int, default=2, help="queries the NumPy version runs in (b)")
-    p.add_argument("--repeats", type=int, default=5, help="timed repeats (best is reported)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    print(machine())
+    start(args)
     bench_toy(args.repeats)
     bench_images(args.n, args.d, args.queries, args.numpy_queries, args.repeats)
 

@@ -2,7 +2,7 @@
 training step (EDM loss, backward, Adam), against torch's matmul rate measured in the same run.
 
 FLOPs are counted by torch.utils.flop_counter.FlopCounterMode over the first (warm-up) step;
-the step time is the fastest of --steps timed steps. The matmul rate is the fastest of a few
+the step time is the fastest of --repeats timed steps. The matmul rate is the fastest of a few
 square matmuls in the same dtype, measured before and after each preset; the fraction is taken
 against the fastest matmul of the whole run, so that a busy machine cannot inflate it.
 CUDA runs in bf16 autocast with channels-last tensors; CPU runs in float32.
@@ -10,32 +10,27 @@ CUDA runs in bf16 autocast with channels-last tensors; CPU runs in float32.
     python benchmarks/bench_train.py                          # unet tiny..m at batch 128
     python benchmarks/bench_train.py --model dit --sizes s,l --device cuda
 """
-import argparse
-import os
-import sys
-
 import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import common  # noqa: E402
-from benchlib import matmul_gflops, wall_time  # noqa: E402
+from benchlib import matmul_gflops, parser, start, wall_time
+import common
 
 
 def parse_args():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = parser(__doc__, repeats=1, device=True)
     p.add_argument("--model", default="unet", choices=sorted(common.NETWORK_PRESETS))
     p.add_argument("--sizes", default="auto", help="comma-separated presets; auto: all on CUDA, "
                    "all but l on CPU")
-    p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--resolution", type=int, default=32)
+    p.add_argument("--batch", type=int, default=128, help="images per training step")
+    p.add_argument("--resolution", type=int, default=32, help="image size")
     p.add_argument("--channels", type=int, default=3, help="image channels")
-    p.add_argument("--steps", type=int, default=1, help="timed training steps per preset (after one warm-up)")
+    p.add_argument("--compile", action="store_true", help="time the torch.compile'd network (FLOPs are "
+                   "counted on the eager one)")
     p.add_argument("--matmul-size", type=int, default=None, help="side of the square matmul; "
                    "default 8192 on CUDA, 2048 on CPU")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights and images")
     p.add_argument("--out", default=None, help="optional .npz for the table (with the arguments)")
     return p.parse_args()
 
@@ -46,38 +41,42 @@ def bench_preset(args, size, device):
     denoiser = common.build_network(args.model, size, args.resolution, args.channels).to(device).train()
     memory_format = torch.channels_last if cuda else torch.contiguous_format
     denoiser = denoiser.to(memory_format=memory_format)
-    opt = torch.optim.Adam(denoiser.parameters(), lr=1e-4)
+    opt = torch.optim.Adam(denoiser.parameters(), lr=1e-4, fused=True if cuda else None)
     y = torch.rand(args.batch, args.channels, args.resolution, args.resolution, device=device) * 2 - 1
     y = y.contiguous(memory_format=memory_format)
 
-    def step():
+    def step(model):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-            loss = common.edm_loss(denoiser, y).mean()
+            loss = common.edm_loss(model, y).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
     with FlopCounterMode(display=False) as counter:
-        step()
-    best = min(wall_time(step, device) for _ in range(args.steps))
+        step(denoiser)
+    model = denoiser
+    if args.compile:
+        model = torch.compile(denoiser)
+        step(model)  # compiles
+    best = min(wall_time(lambda: step(model), device) for _ in range(args.repeats))
     return common.count_parameters(denoiser), counter.get_total_flops(), best
 
 
 def main():
     args = parse_args()
+    device = start(args)
     torch.manual_seed(args.seed)
-    device = common.pick_device(args.device)
     cuda = device.type == "cuda"
     presets = list(common.NETWORK_PRESETS[args.model])
     sizes = [s for s in presets if cuda or s != "l"] if args.sizes == "auto" else args.sizes.split(",")
     for s in sizes:
         common.check(s in presets, f"unknown size {s!r} for {args.model}: choose from {', '.join(presets)}")
-    common.check(args.batch >= 1 and args.steps >= 1, "--batch and --steps must be positive")
+    common.check(args.batch >= 1, "--batch must be positive")
     dtype = torch.bfloat16 if cuda else torch.float32
     n = args.matmul_size or (8192 if cuda else 2048)
     name = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads"
-    print(f"{args.model} training step, batch {args.batch}, {args.channels}x{args.resolution}x"
-          f"{args.resolution}, {str(dtype).split('.')[-1]} on {name}, torch {torch.__version__}")
+    print(f"{args.model} training step{' (compiled)' if args.compile else ''}, batch {args.batch}, "
+          f"{args.channels}x{args.resolution}x{args.resolution}, {str(dtype).split('.')[-1]} on {name}")
     rates, rows = [matmul_gflops(n, n, n, dtype, device) * 1e9], []
     for size in sizes:
         try:

@@ -1,11 +1,16 @@
-"""Timing and memory helpers shared by the benchmark scripts."""
+"""Timing, memory and command-line helpers shared by the benchmark scripts."""
+import argparse
 import ctypes
 import os
 import platform
+import sys
 import time
 
 import numpy as np
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # noqa: E402
 
 
 def sync(device="cpu"):
@@ -60,7 +65,29 @@ def peak_extra_mb(fn):
     return status("VmHWM:") - base
 
 
-def machine():
+def machine(device="cpu"):
     """One line naming the software and hardware a benchmark ran on."""
+    device = torch.device(device)
+    gpu = f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
     return (f"torch {torch.__version__}, numpy {np.__version__}, {platform.processor() or platform.machine()}, "
-            f"{os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads")
+            f"{os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads{gpu}")
+
+
+def parser(doc, repeats, device=False):
+    """The benchmark's argument parser with the shared --repeats, --threads (and --device) flags."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=common.HelpFormatter)
+    p.add_argument("--repeats", type=int, default=repeats, help="timed repeats (the best is reported)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's choice)")
+    if device:
+        p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N, mps")
+    return p
+
+
+def start(args):
+    """Apply --threads, pick --device (when the benchmark has one), print the machine line; -> device."""
+    common.check(args.repeats >= 1, "--repeats must be at least 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = common.pick_device(getattr(args, "device", "cpu"))
+    print(machine(device))
+    return device
