@@ -154,12 +154,13 @@ def guided(d_pos, d_neg, w):
 # Optimal and error-prone denoisers
 # ---------------------------------------------------------------------------
 
-def _per_query(value, batch, like, name):
-    """A float or tensor broadcast to shape (batch,), in like's dtype and device."""
-    value = torch.as_tensor(value, dtype=like.dtype, device=like.device).flatten()
-    check(value.numel() in (1, batch), f"{name} must be a scalar or have one value per query "
-          f"({batch}), got {value.numel()} values")
-    return value.expand(batch)
+def _per_query(value, x, name):
+    """A float or tensor as shape (1,) or (B,), in x's dtype and on x's device."""
+    check(x.ndim >= 1, "x needs a leading batch dimension")
+    value = torch.as_tensor(value, dtype=x.dtype, device=x.device).flatten()
+    check(value.numel() in (1, x.shape[0]), f"{name} must be a scalar or have one value per query "
+          f"({x.shape[0]}), got {value.numel()} values")
+    return value
 
 
 def optimal_denoiser(x, sigma, data, x_labels=None, data_labels=None, chunk_size=None):
@@ -171,6 +172,29 @@ def optimal_denoiser(x, sigma, data, x_labels=None, data_labels=None, chunk_size
     no (B, N, d) tensor is built. float64 is exact down to sigma = 1e-3; float32
     is fast but loses the order of nearly equidistant points at tiny sigma.
     """
+    sig = _per_query(sigma, x, "sigma")
+    check(bool((sig > 0).all()), "sigma must be positive")
+    return _posterior_mean(x, sig.square(), data, x_labels, data_labels, chunk_size)
+
+
+def error_prone_denoiser(x, sigma, data, delta, x_labels=None, data_labels=None, chunk_size=None):
+    """Error-prone model (toy): optimal denoiser of data smeared by N(0, delta^2),
+    y_delta(x, sigma) = (delta^2 x + sigma^2 y*(x, s~)) / (sigma^2 + delta^2), s~^2 = sigma^2 + delta^2.
+    sigma and delta: floats or (B,); delta = 0 gives y*."""
+    sig, dlt = _per_query(sigma, x, "sigma"), _per_query(delta, x, "delta")
+    check(bool((dlt >= 0).all()), "delta must be >= 0")
+    check(bool((sig > 0).all()), "sigma must be positive")
+    s2 = sig.square()
+    smeared = s2 + dlt.square()                                       # s~^2
+    y_star = _posterior_mean(x, smeared, data, x_labels, data_labels, chunk_size)
+    B = x.shape[0]
+    weight = (s2 / smeared).expand(B)[:, None]                        # y_delta = x + weight (y* - x)
+    return torch.lerp(x.reshape(B, -1), y_star.reshape(B, -1), weight).reshape(x.shape)
+
+
+def _posterior_mean(x, variance, data, x_labels, data_labels, chunk_size):
+    """sum_i y_i softmax_i(-||x - y_i||^2 / (2 variance)), the core of y* and y_delta:
+    x (B, ...), variance (1,) or (B,), data (N, ...), optional labels, data rows per chunk."""
     check(x.ndim >= 1 and data.ndim >= 1, "x and data need a leading batch dimension")
     check(x.shape[1:] == data.shape[1:],
           f"x has point shape {tuple(x.shape[1:])} but data has {tuple(data.shape[1:])}")
@@ -179,9 +203,7 @@ def optimal_denoiser(x, sigma, data, x_labels=None, data_labels=None, chunk_size
     B, N = x.shape[0], data.shape[0]
     q = x.reshape(B, -1)
     y = data.reshape(N, -1).to(q)
-    sig = _per_query(sigma, B, q, "sigma")
-    check(bool((sig > 0).all()), "sigma must be positive")
-    scale = 1 / (2 * sig.square())                                    # (B,)
+    scale = (0.5 * math.log2(math.e)) / variance                      # base-2 logits
     if chunk_size is None:  # logits of at most 2^23 elements (32 MB in float32) per chunk
         chunk_size = max(1, min(N, 2 ** 23 // max(B, 1)))
     if x_labels is not None:
@@ -191,15 +213,15 @@ def optimal_denoiser(x, sigma, data, x_labels=None, data_labels=None, chunk_size
 
     # Logits are laid out (data chunk, queries): reductions over the data then run along
     # contiguous rows, which vectorizes well for both tiny (2D toy) and large (image) d.
-    # Exponents are raised to 1 + log(smallest normal float): exp takes a slow path (10-30x)
-    # near and past underflow on CPUs, and a weight of 6e-308 (3e-38 in float32) beside the
-    # largest, 1, is far below rounding. Other labels get the lowest finite logit, which keeps
-    # the running maxima finite.
-    lowest, floor = torch.finfo(q.dtype).min, 1 + math.log(torch.finfo(q.dtype).tiny)
+    # Weights are 2^(logit - max) with logits in base 2 (exp2 is cheaper than exp on CPUs).
+    # Exponents are raised to 1 + log2(smallest normal float): CPUs take a slow path past
+    # underflow, and a weight of 4e-308 (2e-38 in float32) beside the largest, 1, is far below
+    # rounding. Other labels get the lowest finite logit, which keeps the running maxima finite.
+    lowest, floor = torch.finfo(q.dtype).min, 1 + math.log2(torch.finfo(q.dtype).tiny)
     run_max = run_sum = acc = None                                   # acc: (d, B)
     for start in range(0, N, chunk_size):
         yc = y[start:start + chunk_size]
-        # -||x - y||^2 / 2s^2 up to a per-query constant: (2 y.x - ||y||^2) / 2s^2
+        # -||x - y||^2 / 2s^2 (in base 2) up to a per-query constant: (2 y.x - ||y||^2) / 2s^2
         sq_norms = torch.linalg.vector_norm(yc, dim=1, keepdim=True).square_()  # no (chunk, d) temporary
         logits = torch.addmm(sq_norms.neg_(), yc, q.T, alpha=2).mul_(scale)
         other_label = None
@@ -207,33 +229,18 @@ def optimal_denoiser(x, sigma, data, x_labels=None, data_labels=None, chunk_size
             other_label = data_labels[start:start + chunk_size, None] != x_labels
             logits.masked_fill_(other_label, lowest)
         new_max = logits.amax(0) if run_max is None else torch.maximum(run_max, logits.amax(0))
-        w = logits.sub_(new_max).clamp_min_(floor).exp_()
+        w = logits.sub_(new_max).clamp_min_(floor).exp2_()
         if other_label is not None:
             w.masked_fill_(other_label, 0)
         if run_max is None:
             run_sum, acc = w.sum(0), yc.T @ w
         else:  # rescale what earlier chunks summed to the new running maximum
-            rescale = torch.exp(run_max - new_max)
+            rescale = torch.exp2(run_max - new_max)
             run_sum = run_sum.mul_(rescale).add_(w.sum(0))
             acc = acc.mul_(rescale).addmm_(yc.T, w)
         run_max = new_max
     check(bool((run_sum > 0).all()), "some queries have a label that no data point carries")
     return acc.div_(run_sum).T.reshape(x.shape)
-
-
-def error_prone_denoiser(x, sigma, data, delta, x_labels=None, data_labels=None, chunk_size=None):
-    """Error-prone model (toy): optimal denoiser of data smeared by N(0, delta^2),
-    y_delta(x, sigma) = (delta^2 x + sigma^2 y*(x, s~)) / (sigma^2 + delta^2), s~^2 = sigma^2 + delta^2.
-    sigma and delta: floats or (B,); delta = 0 gives y*."""
-    B = x.shape[0]
-    q = x.reshape(B, -1)
-    sig = _per_query(sigma, B, q, "sigma")
-    dlt = _per_query(delta, B, q, "delta")
-    check(bool((dlt >= 0).all()), "delta must be >= 0")
-    check(bool((sig > 0).all()), "sigma must be positive")
-    s2, d2 = sig.square(), dlt.square()
-    y_star = optimal_denoiser(x, (s2 + d2).sqrt(), data, x_labels, data_labels, chunk_size).reshape(B, -1)
-    return torch.lerp(q, y_star, (s2 / (s2 + d2))[:, None]).reshape(x.shape)   # q + s2/(s2+d2) (y* - q)
 
 
 # ---------------------------------------------------------------------------

@@ -4,8 +4,9 @@
     x 50 noise draws, 10 training points in 2D, float64, one call per delta;
 (b) an image-sized case: N = 60000 training vectors of d = 784, 512 queries, float32.
 The NumPy version builds the (queries x N x d) difference array; in (b) it runs on a few
-queries and is scaled up. GFLOP/s counts the two matmuls (4 B N d flops) and is set
-against torch's own matmul rate measured in the same run.
+queries and is scaled up. Times are the best of --repeats runs after a warm-up run. GFLOP/s
+counts the two matmuls (4 B N d flops) and is set against torch's own matmul rate measured
+in the same run.
 
     python benchmarks/bench_optimal.py
 """

@@ -216,6 +216,18 @@ def test_error_prone_denoiser_is_posterior_mean_of_smeared_data_for_one_point():
     torch.testing.assert_close(common.error_prone_denoiser(x, sigma, y0, delta), expected)
 
 
+def test_error_prone_denoiser_accepts_one_sigma_and_delta_per_query():
+    g = torch.Generator().manual_seed(13)
+    data = torch.randn(15, 2, generator=g, dtype=F64)
+    x = torch.randn(4, 2, generator=g, dtype=F64) * 2
+    sigmas, deltas = [0.05, 0.5, 1.5, 20.0], [0.0, 1.2, 0.3, 2.2]
+    got = common.error_prone_denoiser(x, torch.tensor(sigmas, dtype=F64), data, torch.tensor(deltas, dtype=F64))
+    for i, (s, d) in enumerate(zip(sigmas, deltas)):
+        smeared = brute_force_optimal(x[i:i + 1], (s ** 2 + d ** 2) ** 0.5, data)
+        expected = (d ** 2 * x[i:i + 1] + s ** 2 * smeared) / (s ** 2 + d ** 2)
+        torch.testing.assert_close(got[i:i + 1], expected, rtol=0, atol=1e-12)
+
+
 def test_error_prone_denoiser_rejects_negative_delta():
     with pytest.raises(common.UserError, match="delta"):
         common.error_prone_denoiser(torch.randn(2, 2), 1.0, torch.randn(3, 2), -0.1)
