@@ -101,7 +101,7 @@ def main():
           f"matmul TFLOP/s is the rate measured around each preset")
     if args.out and rows:
         columns = {key: np.array([row[key] for row in rows]) for key in rows[0]}
-        path = common.save_npz(args.out, **columns, peak_matmul_flops_per_s=peak, device=name, args=str(vars(args)))
+        path = common.save_npz(args.out, **columns, peak_matmul_flops_per_s=peak, device=name, args=args)
         print(f"wrote the table to {path}")
 
 

@@ -1,0 +1,58 @@
+"""The benchmark scripts run end to end on small cases and report what they promise."""
+import functools
+import os
+import re
+import subprocess
+import sys
+
+import torch
+
+import common
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, "benchmarks")
+
+
+def run_bench(name, *argv):
+    """Run benchmarks/<name>.py in its own process (some benchmarks tune the allocator); -> stdout."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, os.path.join(BENCH, f"{name}.py"), *argv], env=env,
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_bench_optimal_reports_speed_up_and_agreement_with_numpy():
+    out = run_bench("bench_optimal", "--n", "300", "--d", "16", "--queries", "8", "--repeats", "1")
+    assert "(a) toy delta sweep" in out and "(b) images: 8 queries x N=300 x d=16" in out
+    assert float(re.search(r"max \|difference\| (\S+)", out).group(1)) < 1e-10
+    assert float(re.search(r"at sigma 20: (\S+)", out).group(1)) < 1e-5
+    assert "peak working memory beyond the data" in out
+
+
+def test_bench_nn_finds_the_exact_neighbours():
+    out = run_bench("bench_nn", "--n", "500", "--d", "16", "--queries", "50", "--repeats", "1")
+    assert "matches float64 cdist on 16 queries: True" in out
+
+
+def test_bench_eval_compares_the_loop_with_the_bare_forward_pass():
+    out = run_bench("bench_eval", "--images", "8", "--sigmas", "2", "--batch", "8", "--repeats", "1",
+                    "--device", "cpu")
+    assert "eval_gap loop" in out and "bare forward" in out and "loop / bare" in out
+
+
+def test_bench_train_counts_flops_and_times_the_compiled_step(monkeypatch, capsys, tmp_path):
+    # In-process, with torch.compile's graph capture on the aot_eager backend (no C++ build).
+    monkeypatch.syspath_prepend(BENCH)
+    import bench_train
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    out_file = tmp_path / "train.npz"
+    monkeypatch.setattr(sys, "argv", ["bench_train.py", "--sizes", "tiny", "--batch", "4", "--resolution", "16",
+                                      "--channels", "1", "--matmul-size", "128", "--device", "cpu", "--compile",
+                                      "--out", str(out_file)])
+    bench_train.main()
+    out = capsys.readouterr().out
+    assert "(compiled)" in out and re.search(r"^\s+tiny\s+0\.\d+M", out, re.M), out
+    table = common.load_npz(str(out_file))
+    assert table["args"]["compile"] and list(table["size"]) == ["tiny"]
+    assert table["images_per_s"][0] > 0 and table["flops_per_image"][0] > 1e6
