@@ -150,6 +150,14 @@ def guided(d_pos, d_neg, w):
     return d_pos + w * (d_pos - d_neg)
 
 
+def guided_denoiser(denoise_pos, denoise_neg, w):
+    """The guided denoiser D_w = D_pos + w (D_pos - D_neg) as a callable taking D_pos's arguments
+    (x, sigma[, labels]); w = 0 returns D_pos itself, so that D_neg is never evaluated."""
+    if w == 0:
+        return denoise_pos
+    return lambda *args: guided(denoise_pos(*args), denoise_neg(*args), w)
+
+
 # ---------------------------------------------------------------------------
 # Optimal and error-prone denoisers
 # ---------------------------------------------------------------------------

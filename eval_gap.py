@@ -280,13 +280,6 @@ def optimal_model(source, device, say=print):
     return denoise
 
 
-def guided_model(denoise, neg, w):
-    """D_w = D + w (D - D_neg); w = 0 is D itself (and spares the negative's forward pass)."""
-    if w == 0:
-        return denoise
-    return lambda x, sigma, labels: common.guided(denoise(x, sigma, labels), neg(x, sigma, labels), w)
-
-
 def counted(denoise, bar):
     """denoise that advances the progress bar by its batch size."""
     if bar is None:
@@ -331,8 +324,8 @@ def split_errors(denoise, neg, split, sigmas, weights, batch, world=1, device="c
     """E(sigma) of PAPER.md on one split for each guidance weight, averaged over the images of
     every process: float64 (G, S)."""
     totals = torch.stack([
-        common.denoising_errors(counted(guided_model(denoise, neg, w), bar), split.y, split.noise, sigmas,
-                                split.labels, batch).sum(1)
+        common.denoising_errors(counted(common.guided_denoiser(denoise, neg, w), bar), split.y, split.noise,
+                                sigmas, split.labels, batch).sum(1)
         for w in weights])
     return (all_sum(totals, world, device) / split.count).numpy()
 
@@ -350,7 +343,7 @@ def feature_distances(denoise, neg, split, clean, extractor, feature_sigmas, wei
     out = np.zeros((len(weights), len(feature_sigmas)))
     for g, w in enumerate(weights):
         for k, sigma in enumerate(feature_sigmas):
-            feats, model = [], counted(guided_model(denoise, neg, w), bar)
+            feats, model = [], counted(common.guided_denoiser(denoise, neg, w), bar)
 
             def capture(x, s, labels):
                 den = model(x, s, labels)

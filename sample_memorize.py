@@ -208,20 +208,16 @@ def network_model(path, args, device, train_cache):
                  torch.float32, os.fspath(path), int(ckpt["images_seen"]))
 
 
-def guided_denoiser(pos, neg, w):
-    """D_w = D_pos + w (D_pos - D_neg) (common.guided); w = 0 is unguided and skips D_neg.
-    neg: 'uncond' (D_pos with the null label: classifier-free guidance) or a Model (autoguidance)."""
-    if w == 0:
-        return pos.denoise
+def negative_denoiser(pos, neg):
+    """D_neg of guidance for model pos: with neg 'uncond', D_pos with the null label (classifier-free
+    guidance); with neg a Model, that model's denoiser (autoguidance)."""
     if neg == "uncond":
         check(pos.num_classes > 0, f"--neg uncond needs a class-conditional denoiser, but {pos.name} is "
               "unconditional: give --neg SNAPSHOT (autoguidance) or --guidance-weights 0")
-        d_neg = lambda x, s, c: pos.denoise(x, s, torch.full_like(c, pos.num_classes))  # noqa: E731
-    else:
-        check(neg.num_classes in (0, pos.num_classes), f"the --neg snapshot has {neg.num_classes} classes but "
-              f"{pos.name} has {pos.num_classes}: it must be unconditional or use the same labels")
-        d_neg = lambda x, s, c: neg.denoise(x, s, c if neg.num_classes else None)  # noqa: E731
-    return lambda x, s, c: common.guided(pos.denoise(x, s, c), d_neg(x, s, c), w)
+        return lambda x, s, c: pos.denoise(x, s, torch.full_like(c, pos.num_classes))
+    check(neg.num_classes in (0, pos.num_classes), f"the --neg snapshot has {neg.num_classes} classes but "
+          f"{pos.name} has {pos.num_classes}: it must be unconditional or use the same labels")
+    return lambda x, s, c: neg.denoise(x, s, c if neg.num_classes else None)
 
 
 # ---------------------------------------------------------------------------
@@ -501,10 +497,12 @@ def evaluate(args, rank, world, device):
         if len(model.train.distinct) < 2:
             say(f"note: the training set of {model.name} has one distinct image, so d2 = inf and every sample "
                 "counts as a copy of it (common.memorization_ratio)")
+        d_neg = negative_denoiser(model, neg) if any(args.guidance_weights) else None
         for w in args.guidance_weights:
             name, start = f"{model.name}-w{w:g}", time.perf_counter()
-            res = gather(run_configuration(dataclasses.replace(model, name=name), guided_denoiser(model, neg, w),
-                                           shard, args, sigmas, stops, probes, features, device, rank == 0), world)
+            denoise = common.guided_denoiser(model.denoise, d_neg, w)
+            res = gather(run_configuration(dataclasses.replace(model, name=name), denoise, shard, args, sigmas,
+                                           stops, probes, features, device, rank == 0), world)
             if rank != 0:
                 continue
             if id(model.train) not in ref_cache:

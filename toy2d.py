@@ -274,7 +274,7 @@ def exp_guidance(args):
     check(len(toy.deltas) == 2, "guidance needs --deltas DELTA_POS DELTA_NEG")
     weights = args.weights if args.weights is not None else DEFAULTS["guidance"]["weights"]
     pos, neg = (delta_model(toy.train, d) for d in toy.deltas)
-    curves = [toy.gap(lambda x, s, w=w: common.guided(pos(x, s), neg(x, s), w))
+    curves = [toy.gap(common.guided_denoiser(pos, neg, w))
               for w in tqdm(weights, desc="guidance", leave=False)]
     e_train, e_val, gap = (torch.stack(c).cpu().numpy() for c in zip(*curves))
     out = dict(sigmas=toy.grid.cpu().numpy(), weights=np.array(weights), delta_pos=toy.deltas[0],

@@ -239,6 +239,23 @@ def test_guidance_with_zero_weight_is_unguided_and_extrapolates_linearly():
     torch.testing.assert_close(common.guided(pos, neg, 2.0), pos + 2 * (pos - neg))
 
 
+def test_guided_denoiser_passes_every_argument_and_skips_the_negative_at_zero_weight():
+    calls = []
+
+    def d_pos(x, sigma, labels):
+        return x * sigma + labels
+
+    def d_neg(x, sigma, labels):
+        calls.append(labels)
+        return x - sigma
+
+    x, sigma, labels = torch.randn(3, 2), torch.tensor(0.7), torch.ones(3, 2)
+    assert common.guided_denoiser(d_pos, d_neg, 0.0) is d_pos and not calls
+    got = common.guided_denoiser(d_pos, d_neg, 1.5)(x, sigma, labels)
+    torch.testing.assert_close(got, common.guided(d_pos(x, sigma, labels), d_neg(x, sigma, labels), 1.5))
+    assert all(c is labels for c in calls)
+
+
 # --- sampler ---------------------------------------------------------------
 
 def test_heun_sampler_on_optimal_denoiser_of_one_point_returns_that_point():
