@@ -22,6 +22,7 @@ import sys
 import tarfile
 import tempfile
 import urllib.request
+import warnings
 import zipfile
 
 import numpy as np
@@ -1255,7 +1256,9 @@ def load_feature_extractor(name="builtin", device="cpu"):
 
     check(os.path.isfile(os.fspath(name)), f"feature network {name!r} not found: {FEATURE_HELP}")
     try:
-        net = torch.jit.load(os.fspath(name), map_location=device).eval()
+        with warnings.catch_warnings():  # Inception feature networks ship as TorchScript, deprecated in torch
+            warnings.simplefilter("ignore", DeprecationWarning)
+            net = torch.jit.load(os.fspath(name), map_location=device).eval()
     except Exception as err:  # any failure to deserialize means a foreign file
         raise UserError(f"{name} is not a TorchScript file ({type(err).__name__}): {FEATURE_HELP}") from None
     nvidia = "return_features" in str(getattr(net.forward, "schema", ""))

@@ -142,6 +142,7 @@ def test_builtin_features_are_deterministic_for_any_size_and_channels():
     torch.testing.assert_close(torch.cat([a(gray[:2]), a(gray[2:])]), a(gray))
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
 def test_torchscript_inception_file_gives_pool_features(tmp_path):
     class Pool(torch.nn.Module):  # stands in for Inception-v3: (B, 3, 299, 299) -> (B, 2048)
         def forward(self, x):
