@@ -204,7 +204,7 @@ def error_prone_denoiser(x, sigma, data, delta, x_labels=None, data_labels=None,
 def _posterior_mean(x, variance, data, x_labels, data_labels, chunk_size):
     """sum_i y_i softmax_i(-||x - y_i||^2 / (2 variance)), the core of y* and y_delta:
     x (B, ...), variance (1,) or (B,), data (N, ...), optional labels, data rows per chunk."""
-    check(x.ndim >= 1 and data.ndim >= 1, "x and data need a leading batch dimension")
+    check(data.ndim >= 1, "data needs a leading batch dimension")  # x: checked by _per_query
     check(x.shape[1:] == data.shape[1:],
           f"x has point shape {tuple(x.shape[1:])} but data has {tuple(data.shape[1:])}")
     check(data.shape[0] >= 1, "data is empty")
