@@ -13,7 +13,7 @@ Correctness: a few queries are checked against float64 torch.cdist.
 """
 import torch
 
-from benchlib import fix_mmap_threshold, parser, peak_extra_mb, start, wall_time
+from benchlib import fix_mmap_threshold, matmul_gflops, parser, peak_extra_mb, start, wall_time
 import common
 
 
@@ -47,8 +47,7 @@ def main():
     t, t_mm = float("inf"), float("inf")
     for _ in range(args.repeats):  # interleaved, so that both see the same machine load
         t, t_mm = min(t, wall_time(run)), min(t_mm, wall_time(matmuls))
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    square = 2 * 2048 ** 3 / min(wall_time(lambda: a @ b) for _ in range(4)) / 1e9
+    square = matmul_gflops(2048, 2048, 2048, repeats=4)
     flops = 2 * args.queries * args.n * args.d
     rate, mm_rate = flops / t / 1e9, flops / t_mm / 1e9
 
