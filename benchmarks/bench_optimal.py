@@ -15,6 +15,7 @@ import torch
 
 from benchlib import best_time, fix_mmap_threshold, matmul_gflops, parser, peak_extra_mb, start
 import common
+import toy2d
 
 
 def numpy_optimal(x, sigma, data):
@@ -32,13 +33,11 @@ def numpy_error_prone(x, sigma, data, delta):
 
 
 def bench_toy(repeats):
-    g = torch.Generator().manual_seed(0)
-    angles = 2 * np.pi * (torch.arange(20, dtype=torch.float64) / 20 + 0.01)
-    circle = 10 * torch.stack([angles.cos(), angles.sin()], 1)
-    train = circle[0::2]
+    train, val, _ = toy2d.circle_data(20, 10.0, random=False, seed=0)   # the symmetric circle of toy2d.py
+    points = torch.cat([train, val])
     sigmas = common.edm_sigmas(120)[:-1]
-    noise = torch.randn(20, 50, 2, generator=g, dtype=torch.float64)
-    x = (circle[None, :, None] + sigmas[:, None, None, None] * noise[None]).reshape(-1, 2)
+    noise = toy2d.fixed_noise(len(points), 50, seed=0)
+    x = (points[None, :, None] + sigmas[:, None, None, None] * noise[None]).reshape(-1, 2)
     sig = sigmas[:, None, None].expand(120, 20, 50).reshape(-1)
     deltas = np.linspace(2.2, 1.2, 11)
     x_np, sig_np, train_np = x.numpy(), sig.numpy(), train.numpy()
