@@ -183,7 +183,7 @@ def optimal_denoiser(x, sigma, data, x_labels=None, data_labels=None, chunk_size
     """
     sig = _per_query(sigma, x, "sigma")
     check(bool((sig > 0).all()), "sigma must be positive")
-    return _posterior_mean(x, sig.square(), data, x_labels, data_labels, chunk_size)
+    return _softmax_stream(x, sig.square(), data, x_labels, data_labels, chunk_size)[0]
 
 
 def error_prone_denoiser(x, sigma, data, delta, x_labels=None, data_labels=None, chunk_size=None):
@@ -195,15 +195,43 @@ def error_prone_denoiser(x, sigma, data, delta, x_labels=None, data_labels=None,
     check(bool((sig > 0).all()), "sigma must be positive")
     s2 = sig.square()
     smeared = s2 + dlt.square()                                       # s~^2
-    y_star = _posterior_mean(x, smeared, data, x_labels, data_labels, chunk_size)
+    y_star = _softmax_stream(x, smeared, data, x_labels, data_labels, chunk_size)[0]
     B = x.shape[0]
     weight = (s2 / smeared).expand(B)[:, None]                        # y_delta = x + weight (y* - x)
     return torch.lerp(x.reshape(B, -1), y_star.reshape(B, -1), weight).reshape(x.shape)
 
 
-def _posterior_mean(x, variance, data, x_labels, data_labels, chunk_size):
-    """sum_i y_i softmax_i(-||x - y_i||^2 / (2 variance)), the core of y* and y_delta:
-    x (B, ...), variance (1,) or (B,), data (N, ...), optional labels, data rows per chunk."""
+def noisy_log_density(x, sigma, data, x_labels=None, data_labels=None, chunk_size=None):
+    """log p_S(x | sigma) = log (1/|S|) sum_{y in S} N(x; y, sigma^2 I), the density of the set S = data
+    after adding noise of std sigma (with labels: S holds the points with the query's label): (B,)."""
+    sig = _per_query(sigma, x, "sigma")
+    check(bool((sig > 0).all()), "sigma must be positive")
+    variance = sig.square()
+    _, log2_sum = _softmax_stream(x, variance, data, x_labels, data_labels, chunk_size, mean=False)
+    q = x.reshape(x.shape[0], -1)
+    count = torch.full_like(log2_sum, data.shape[0])
+    if x_labels is not None:
+        labels = torch.as_tensor(data_labels, device=q.device).flatten()
+        present, per_label = labels.unique(return_counts=True)
+        x_labels = torch.as_tensor(x_labels, device=q.device).flatten()
+        count = per_label[torch.searchsorted(present, x_labels).clamp_max(len(present) - 1)].to(q.dtype)
+    # the stream's logits leave out -||x||^2 / (2 s^2); log N(x; y, s^2 I) also has -d/2 log(2 pi s^2)
+    return (math.log(2) * log2_sum - q.square().sum(1) / (2 * variance) - count.log()
+            - q.shape[1] / 2 * torch.log(2 * math.pi * variance))
+
+
+def log_likelihood_ratio(x, sigma, data_a, data_b, x_labels=None, labels_a=None, labels_b=None):
+    """LLR(x) = log p_A(x | sigma) - log p_B(x | sigma) of two noisy empirical distributions
+    (noisy_log_density): high where noisy points of A lie, low where those of B lie. (B,)"""
+    return (noisy_log_density(x, sigma, data_a, None if labels_a is None else x_labels, labels_a)
+            - noisy_log_density(x, sigma, data_b, None if labels_b is None else x_labels, labels_b))
+
+
+def _softmax_stream(x, variance, data, x_labels, data_labels, chunk_size, mean=True):
+    """Streaming log-sum-exp over chunks of data, the core of y*, y_delta and p_S: with base-2 logits
+    l_i = (2 y_i.x - ||y_i||^2) / (2 variance ln 2), returns the posterior mean sum_i y_i 2^l_i / sum_i 2^l_i
+    (x's shape; None unless `mean`) and log2 sum_i 2^l_i (B,). x (B, ...), variance (1,) or (B,),
+    data (N, ...), optional labels (the sums then run over the points with the query's label)."""
     check(data.ndim >= 1, "data needs a leading batch dimension")  # x: checked by _per_query
     check(x.shape[1:] == data.shape[1:],
           f"x has point shape {tuple(x.shape[1:])} but data has {tuple(data.shape[1:])}")
@@ -223,10 +251,12 @@ def _posterior_mean(x, variance, data, x_labels, data_labels, chunk_size):
     # Logits are laid out (data chunk, queries): reductions over the data then run along
     # contiguous rows, which vectorizes well for both tiny (2D toy) and large (image) d.
     # Weights are 2^(logit - max) with logits in base 2 (exp2 is cheaper than exp on CPUs).
-    # Exponents are raised to 1 + log2(smallest normal float): CPUs take a slow path past
-    # underflow, and a weight of 4e-308 (2e-38 in float32) beside the largest, 1, is far below
-    # rounding. Other labels get the lowest finite logit, which keeps the running maxima finite.
-    lowest, floor = torch.finfo(q.dtype).min, 1 + math.log2(torch.finfo(q.dtype).tiny)
+    # Weights below 2^cut are set to exactly 0 (clamp the exponent at cut, then subtract 2^cut):
+    # far below rounding beside the largest weight, 1, yet they never reach float underflow,
+    # where exp2 and products with them (subnormal numbers) take a 10-100x slower path on
+    # many CPUs. Other labels get the lowest finite logit, which keeps the running maxima finite.
+    lowest, cut = torch.finfo(q.dtype).min, _weight_cut(q.dtype)
+    tiny_weight = 2.0 ** cut
     run_max = run_sum = acc = None                                   # acc: (d, B)
     for start in range(0, N, chunk_size):
         yc = y[start:start + chunk_size]
@@ -238,18 +268,27 @@ def _posterior_mean(x, variance, data, x_labels, data_labels, chunk_size):
             other_label = data_labels[start:start + chunk_size, None] != x_labels
             logits.masked_fill_(other_label, lowest)
         new_max = logits.amax(0) if run_max is None else torch.maximum(run_max, logits.amax(0))
-        w = logits.sub_(new_max).clamp_min_(floor).exp2_()
+        w = logits.sub_(new_max).clamp_min_(cut).exp2_().sub_(tiny_weight)
         if other_label is not None:
             w.masked_fill_(other_label, 0)
         if run_max is None:
-            run_sum, acc = w.sum(0), yc.T @ w
+            run_sum = w.sum(0)
+            acc = yc.T @ w if mean else None
         else:  # rescale what earlier chunks summed to the new running maximum
-            rescale = torch.exp2(run_max - new_max)
+            rescale = (run_max - new_max).clamp_min_(cut).exp2_().sub_(tiny_weight)
             run_sum = run_sum.mul_(rescale).add_(w.sum(0))
-            acc = acc.mul_(rescale).addmm_(yc.T, w)
+            acc = acc.mul_(rescale).addmm_(yc.T, w) if mean else None
         run_max = new_max
     check(bool((run_sum > 0).all()), "some queries have a label that no data point carries")
-    return acc.div_(run_sum).T.reshape(x.shape)
+    log2_sum = run_max + run_sum.log2()
+    return (acc.div_(run_sum).T.reshape(x.shape) if mean else None), log2_sum
+
+
+def _weight_cut(dtype):
+    """Base-2 exponent below which a softmax weight is dropped: half the normal exponent range (2^-63 in
+    float32, 2^-511 in float64), far below rounding beside 1 even summed over 2^30 points, while its
+    products with data values stay normal numbers."""
+    return math.log2(torch.finfo(dtype).tiny) / 2
 
 
 # ---------------------------------------------------------------------------

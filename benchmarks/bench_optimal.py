@@ -52,29 +52,29 @@ def bench_toy(repeats):
 def bench_images(n, d, queries, numpy_queries, repeats):
     g = torch.Generator().manual_seed(0)
     data = torch.rand(n, d, generator=g) * 2 - 1
-    x = data[:queries] + 0.5 * torch.randn(queries, d, generator=g)
-    sigma = 1.0
+    noise = torch.randn(queries, d, generator=g)
     flops = 4 * queries * n * d
-    t_torch = best_time(lambda: common.optimal_denoiser(x, sigma, data), repeats)
-    t_np_part = best_time(lambda: numpy_optimal(x[:numpy_queries].numpy(), sigma, data.numpy()), 1)
-    t_numpy = t_np_part * queries / numpy_queries
-    # accuracy where many points share the weight (at sigma = 1 one point takes it all)
-    wide = 20.0
-    ref = common.optimal_denoiser(x[:4].double(), wide, data.double())
-    err = (common.optimal_denoiser(x[:4], wide, data).double() - ref).abs().max().item()
     peak = matmul_gflops(2048, 2048, 2048, torch.float32)
-    same_shape = matmul_gflops(queries, d, 16384, torch.float32)
-    rate = flops / t_torch / 1e9
+    print(f"(b) images: {queries} queries x N={n:,} x d={d}, float32 (NumPy on {numpy_queries} queries, scaled); "
+          f"torch matmul {peak:6.1f} GFLOP/s (2048^3)")
+    # queries at noise 0.5 and 1 around data points with sigma 1: weights nearly one-hot (most far below
+    # rounding); sigma 20: many points share the weight
+    for scale, sigma in ((0.5, 1.0), (1.0, 1.0), (0.5, 20.0)):
+        x = data[:queries] + scale * noise
+        t_torch = best_time(lambda: common.optimal_denoiser(x, sigma, data), repeats)
+        t_numpy = best_time(lambda: numpy_optimal(x[:numpy_queries].numpy(), sigma, data.numpy()), 1)
+        t_numpy *= queries / numpy_queries
+        ref = common.optimal_denoiser(x[:4].double(), sigma, data.double())
+        err = (common.optimal_denoiser(x[:4], sigma, data).double() - ref).abs().max().item()
+        rate = flops / t_torch / 1e9
+        print(f"    noise {scale:g}, sigma {sigma:4g}: optimal_denoiser {t_torch * 1e3:8.1f} ms = {rate:6.1f} GFLOP/s "
+              f"= {rate / peak:5.1%} of matmul   NumPy {t_numpy:7.2f} s ({t_numpy / t_torch:5.1f}x)   "
+              f"max |float32 - float64| {err:.1e}")
+    x = data[:queries] + 0.5 * noise
     fixed = fix_mmap_threshold()  # last, since it slows later allocations: count live memory only
-    extra = peak_extra_mb(lambda: common.optimal_denoiser(x, sigma, data))
-    print(f"(b) images: {queries} queries x N={n:,} x d={d}, float32 "
-          f"(NumPy on {numpy_queries} queries, scaled)")
-    print(f"    optimal_denoiser {t_torch * 1e3:8.1f} ms = {rate:6.1f} GFLOP/s   NumPy {t_numpy:8.2f} s   "
-          f"speed-up {t_numpy / t_torch:6.1f}x")
-    print(f"    torch matmul: {peak:6.1f} GFLOP/s (2048^3), {same_shape:6.1f} GFLOP/s ({queries}x{d}x16384)   "
-          f"optimal_denoiser reaches {rate / peak:5.1%} of 2048^3 matmul")
-    print(f"    peak working memory beyond the data: {extra:6.1f} MB{'' if fixed else ' (glibc caching included)'} (data itself: {n * d * 4 / 2**20:.0f} MB)   "
-          f"max |float32 - float64| at sigma {wide:g}: {err:.1e}")
+    extra = peak_extra_mb(lambda: common.optimal_denoiser(x, 1.0, data))
+    print(f"    peak working memory beyond the data: {extra:6.1f} MB{'' if fixed else ' (glibc caching included)'} "
+          f"(data itself: {n * d * 4 / 2**20:.0f} MB)")
 
 
 def main():

@@ -65,11 +65,27 @@ def peak_extra_mb(fn):
     return status("VmHWM:") - base
 
 
+def cpu_name():
+    """The CPU's model name and widest vector extension (Linux /proc/cpuinfo), e.g. 'AMD EPYC 7B13, AVX2'."""
+    info = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                info.setdefault(key.strip(), value.strip())
+    except OSError:
+        return platform.processor() or platform.machine()
+    flags = set(info.get("flags", "").split())
+    isa = next((name for flag, name in (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX"), ("asimd", "NEON"))
+                if flag in flags), platform.machine())
+    return f"{info.get('model name', platform.machine())}, {isa}"
+
+
 def machine(device="cpu"):
     """One line naming the software and hardware a benchmark ran on."""
     device = torch.device(device)
     gpu = f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
-    return (f"torch {torch.__version__}, numpy {np.__version__}, {platform.processor() or platform.machine()}, "
+    return (f"torch {torch.__version__}, numpy {np.__version__}, {cpu_name()}, "
             f"{os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads{gpu}")
 
 
