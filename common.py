@@ -201,6 +201,22 @@ def error_prone_denoiser(x, sigma, data, delta, x_labels=None, data_labels=None,
     return torch.lerp(x.reshape(B, -1), y_star.reshape(B, -1), weight).reshape(x.shape)
 
 
+def gaussian_denoiser(data):
+    """The denoiser of a Gaussian fitted to data (mean mu, covariance C = V diag(l) V^T), a linear map that
+    generalizes: D(x; sigma) = mu + V diag(l / (l + sigma^2)) V^T (x - mu). Returns D(x (B, ...), sigma)."""
+    y = data.reshape(data.shape[0], -1).double()
+    mu = y.mean(0)
+    evals, evecs = torch.linalg.eigh(torch.cov(y.T).reshape(y.shape[1], -1))
+    evals = evals.clamp_min(0)
+
+    def denoise(x, sigma):
+        sig = _per_query(sigma, x, "sigma").double()
+        q = x.reshape(x.shape[0], -1).double() - mu
+        shrink = evals / (evals + sig[:, None] ** 2)                  # (B or 1, d)
+        return (mu + ((q @ evecs) * shrink) @ evecs.T).to(x.dtype).reshape(x.shape)
+    return denoise
+
+
 def noisy_log_density(x, sigma, data, x_labels=None, data_labels=None, chunk_size=None):
     """log p_S(x | sigma) = log (1/|S|) sum_{y in S} N(x; y, sigma^2 I), the density of the set S = data
     after adding noise of std sigma (with labels: S holds the points with the query's label): (B,)."""
@@ -1276,7 +1292,12 @@ def load_feature_extractor(name="builtin", device="cpu"):
     layout) that pixel-space statistics blur, and random embeddings are known to rank generative
     models sensibly (Naeem et al. 2020); it needs no download, runs fast on a CPU and is
     deterministic. Its values compare only with each other, not with published FIDs.
-    A path: a TorchScript Inception-v3 (pool3, F = 2048) on images resized to 299x299.
+    A path: a TorchScript Inception-v3 (pool3, F = 2048), fed as FID tools feed it: images
+    quantized to 8 bits (quantize_8bit), grayscale repeated to 3 channels; NVIDIA's
+    inception-2015-12-05.pt (recognised by its return_features argument) gets the uint8 values
+    0..255 as float32 at the image's own size and resizes to 299x299 itself (the StyleGAN/EDM
+    convention); other files get bilinear 299x299 inputs as (pixel - 128) / 128, TF-Inception's scaling.
+    Every input, for the builtin space too, is quantized to 8 bits first.
     """
     device = torch.device(device)
     if name == "builtin":
@@ -1306,8 +1327,14 @@ def load_feature_extractor(name="builtin", device="cpu"):
         if nvidia:  # takes [0, 255], resizes to 299 itself
             return net((x + 1) * 127.5, return_features=True)
         x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
-        return net(x * (1 + 0.9921875) / 2 + (0.9921875 - 1) / 2)  # [-1, 1] -> TF's [-1, 255/128 - 1]
+        return net((x + 1) * 127.5 / 128 - 1)  # TF-Inception's (pixel - 128) / 128
     return _batched_features(inception, device, 64)
+
+
+def quantize_8bit(x):
+    """Images in [-1, 1] rounded to the 256 levels of 8-bit pixels (what FID tools feed their network:
+    PNG files), still in [-1, 1]; out-of-range values are clipped."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round_().div_(127.5).sub_(1)
 
 
 def _batched_features(network, device, batch_size):
@@ -1319,7 +1346,7 @@ def _batched_features(network, device, batch_size):
               f"features need images (B, 1 or 3, H, W), got {tuple(images.shape)}")
         out = []
         for start in range(0, len(images), batch_size):
-            x = images[start:start + batch_size].to(device, torch.float32).clamp(-1, 1)
+            x = quantize_8bit(images[start:start + batch_size].to(device, torch.float32))
             feats = network(x.expand(-1, 3, -1, -1))
             out.append(feats.float().flatten(2).mean(2).cpu() if feats.ndim > 2 else feats.float().cpu())
         return torch.cat(out) if out else torch.zeros(0, 0)

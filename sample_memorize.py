@@ -1,6 +1,6 @@
 """Generate samples, measure how many copy the training set, and where sampling trajectories go
-(PAPER.md claims 1 and 3: the optimal denoiser memorizes; trained denoisers overfit in the denoising
-loss, yet their samples do not, because trajectories avoid the overfit regions).
+(docs/method.md, claims 1 and 3: the optimal denoiser memorizes; trained denoisers overfit in the
+denoising loss, yet their samples do not, because trajectories avoid the overfit regions).
 
   python sample_memorize.py runs/RUN                          # every snapshot of a run
   python sample_memorize.py runs/RUN/snapshot-000512000.pt --guidance-weights 0 1 2 --neg uncond
@@ -19,15 +19,29 @@ Writes --out (.npz; C configurations, M samples, P probe sigmas, T stop sigmas):
   training image), d_val (nearest validation image), nn_train_index (C, M) (its index in the
   training split), memorized_fraction (C,) = share with nn_ratio < 1/3, memorized_ci (C, 2) (95%
   bootstrap interval);
-  Frechet distances in --features space to equally many training and validation images:
-  fd_train, fd_val, fd_gap = (fd_val - fd_train) / fd_train (C,), fd_reference_size (C,); for
-  samples stopped early (jump to D at the first grid sigma <= each --stop-sigma): stop_sigmas (T,),
-  fd_stop_train, fd_stop_val, fd_stop_gap (C, T);
-  trajectory overlap at probe_sigmas (P,) (grid sigmas): D(trajectory state), D(noisy training
-  image), D(noisy validation image), all with the configuration's denoiser: distance to the nearest
-  training image nn_traj, nn_train, nn_val, cosine similarity to it cos_traj, cos_train, cos_val,
-  and disagreement with the optimal denoiser of the training set at the same input (mean squared
-  difference per pixel) dis_traj, dis_train, dis_val, each (C, P, M).
+  Frechet distances in --features space (inputs quantized to 8 bits, as FID tools do): fd_train (mean
+  over --fd-subsets seeded training subsets of the validation reference's size R), fd_val (to the
+  validation reference), fd_gap = (fd_val - fd_train) / fd_train (C,), fd_reference_size (C,) = R, and
+  calibration baselines fd_noise (FD between the validation reference and R other validation images:
+  sampling noise), fd_shift (FD between training subsets and the validation reference: distribution
+  shift), fd_gap_heldout (the gap of --num-samples held-out validation images: a sampler that
+  generalizes perfectly) (C,); for samples stopped early (jump to D at the first grid sigma <= each
+  --stop-sigma): stop_sigmas (T,), fd_stop_train, fd_stop_val, fd_stop_gap (C, T);
+  where sampling trajectories live, at probe_sigmas (P,) (grid sigmas), for SET = traj (trajectory
+  states x_k), train and val (noisy training and validation images y + sigma n, drawn from the
+  references): llr_SET (C, P, M), the log-likelihood ratio log p_train(x | sigma) - log p_val(x | sigma)
+  of the noisy reference images (R training and R validation images, per label when conditional:
+  llr_conditional (C,)); traj_train_overlap (C, P), the share of trajectory states whose LLR reaches
+  the 10th percentile of the noisy training images' (near 1: trajectories pass where noisy training
+  images lie; near 0: they do not), traj_train_score (C, P) = (median llr_traj - median llr_val) /
+  (median llr_train - median llr_val);
+  the authors' feature-space measure: 1-NN cosine similarity in --features space to the training
+  reference (_train) and to the validation reference (_val) of D(x) for SET: fcos_SET_train,
+  fcos_SET_val (C, P, M), of the final samples fcos_samples_train, fcos_samples_val (C, M) and of the
+  early-stopped samples fcos_stop_train, fcos_stop_val (C, T, M);
+  in pixel space, with the configuration's denoiser: distance of D(x) to the nearest training image
+  nn_SET, cosine similarity to it cos_SET, and the mean squared difference per pixel from the optimal
+  denoiser of the training set at the same x dis_SET (C, P, M).
 and, in the folder named like --out without .npz, samples-CONFIG.png (a grid of the first samples)
 and nn-CONFIG.png (samples above their nearest training images, with their ratio).
 """
@@ -61,6 +75,9 @@ def parse_args(argv=None):
                    help="run folders (all their snapshot-*.pt) or snapshot files written by train_image.py")
     p.add_argument("--optimal", action="store_true", help="sample the optimal denoiser of a training subset "
                    "(--data, --n, --resolution, --cond, --subset-seed) instead of snapshots")
+    p.add_argument("--gaussian", action="store_true", help="sample the denoiser of a Gaussian fitted to the "
+                   "training subset (common.gaussian_denoiser): a sampler that generalizes, the reference a "
+                   "memorization measure must tell apart from --optimal (unconditional)")
     p.add_argument("--data", default="fashion-mnist", help="--optimal: dataset, one of " + ", ".join(common.DATASETS))
     p.add_argument("--data-dir", default=None, help="folder with the dataset files (default: the snapshot's, "
                    "else the system folder or the user cache)")
@@ -89,15 +106,20 @@ def parse_args(argv=None):
                    "(no download) or the path of a TorchScript Inception-v3 (see common.FEATURE_HELP)")
     p.add_argument("--batch", type=int, default=256, help="samples per batch (per process)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of the memorized fraction")
+    p.add_argument("--fd-subsets", type=int, default=10, help="training subsets of the validation reference's "
+                   "size that fd_train averages over")
     p.add_argument("--seed", type=int, default=0, help="sample i uses seed --seed + i; also the seed of the "
                    "probe and reference images and of the bootstrap")
     p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N, mps")
     p.add_argument("--out", default="results/memorize.npz", help="result file; figures go to the folder "
                    "of the same name without .npz")
     args = p.parse_args(argv)
-    check(args.optimal != bool(args.inputs), "give run folders or snapshot files, or --optimal (not both)")
+    check(args.optimal + args.gaussian + bool(args.inputs) == 1,
+          "give run folders or snapshot files, or --optimal, or --gaussian (one of them)")
+    check(not args.gaussian or args.cond == "none", "--gaussian fits one Gaussian to the whole subset: use --cond none")
     check(args.num_samples >= 2, f"--num-samples must be at least 2 (Frechet distances), got {args.num_samples}")
-    check(args.batch >= 1 and args.bootstrap >= 1, "--batch and --bootstrap must be positive")
+    check(args.batch >= 1 and args.bootstrap >= 1 and args.fd_subsets >= 1,
+          "--batch, --bootstrap and --fd-subsets must be positive")
     check(args.steps >= 2, f"--steps must be at least 2, got {args.steps}")
     check(args.seed >= 0 and args.subset_seed >= 0, "--seed and --subset-seed must not be negative")
     check(all(map(math.isfinite, args.guidance_weights)), "--guidance-weights must be finite")
@@ -178,14 +200,20 @@ class Model:
 
 
 def optimal_model(args, device):
-    """The optimal denoiser of the --n images that train_image.py --seed SUBSET_SEED trains on."""
+    """The optimal denoiser (or with --gaussian the Gaussian one) of the --n images that
+    train_image.py --seed SUBSET_SEED trains on."""
     index, labels, centroids = common.training_subset(args.data, args.n, args.subset_seed, args.cond, args.k,
                                                       args.resolution, args.data_dir)
     num_classes = common.num_condition_classes(args.data, args.cond, args.k)
     train = load_training_set(args.data, args.data_dir, args.resolution, index, labels, num_classes, args.cond,
                               centroids, device)
-    name = f"optimal-{args.data}-r{args.resolution}-n{args.n}" + ("" if args.cond == "none" else f"-{args.cond}")
-    return Model(name, train.optimal, train, num_classes, torch.float64, path="optimal")
+    kind = "gaussian" if args.gaussian else "optimal"
+    name = f"{kind}-{args.data}-r{args.resolution}-n{args.n}" + ("" if args.cond == "none" else f"-{args.cond}")
+    denoise = train.optimal
+    if args.gaussian:
+        gauss = common.gaussian_denoiser(train.x)
+        denoise = lambda x, sigma, labels=None: gauss(x, sigma)  # noqa: E731
+    return Model(name, denoise, train, num_classes, torch.float64, path=kind)
 
 
 def network_model(path, args, device, train_cache):
@@ -321,19 +349,14 @@ def overlap_stats(train, x, d, sigma, labels, batch):
     return dist[:, 0], cos, (d.double() - opt.double()).square().flatten(1).mean(1)
 
 
-def probe_sets(model, args, shard, p_sigmas, denoise, device):
+def probe_sets(model, refs, args, shard, p_sigmas, denoise, device):
     """This process's share `shard` of --num-samples noisy training and validation images at every
-    probe sigma: {'train': (x (P, B, ...), D(x) (P, B, ...), labels), 'val': ...}. Validation images
-    are drawn from the labels the training subset has (the optimal denoiser needs them)."""
-    train = model.train
-    val_pool = np.arange(len(train.val_x))
-    if train.val_labels is not None:
-        val_pool = torch.isin(train.val_labels, train.labels).nonzero().flatten().cpu().numpy()
-        check(len(val_pool) > 0, f"no validation image has a label of the training subset of {model.name}")
-    sets = {}
+    probe sigma, drawn from the reference images `refs` (reference_pair): {'train': (x (P, B, ...),
+    D(x) (P, B, ...), labels), 'val': ...}."""
+    train, sets = model.train, {}
     for name, images, labels, split_index, pool in (
-            ("train", train.x, train.labels, train.index, np.arange(len(train.x))),
-            ("val", train.val_x, train.val_labels, np.arange(len(train.val_x)), val_pool)):
+            ("train", train.x, train.labels, train.index, refs.train_pos),
+            ("val", train.val_x, train.val_labels, np.arange(len(train.val_x)), refs.val_pos)):
         pos, draws = (a[shard] for a in probe_images(args.num_samples, pool, args.seed))
         at = torch.as_tensor(pos, device=device)
         lab = None
@@ -351,9 +374,9 @@ def probe_sets(model, args, shard, p_sigmas, denoise, device):
 
 
 @torch.no_grad()
-def run_configuration(model, denoise, shard, args, sigmas, stops, probes, features, device, show):
+def run_configuration(model, denoise, refs, shard, args, sigmas, stops, probes, features, device, show):
     """Everything per sample for this process's seeds --seed + shard: samples, memorization, features,
-    features of the early-stopped samples, and the trajectory overlap at the probe sigmas."""
+    features of the early-stopped samples, and where the trajectories live at the probe sigmas."""
     choices, shape, parts = label_choices(model, args.label), model.train.x.shape[1:], []
     for b in tqdm(batches(len(shard), args.batch), desc=model.name, unit="batch", disable=not show, leave=False):
         x_init, labels = initial_state(args.seed + shard[b], shape, choices, model.dtype, device)
@@ -368,40 +391,136 @@ def run_configuration(model, denoise, shard, args, sigmas, stops, probes, featur
     res.update(samples=samples, labels=torch.full((len(shard),), -1) if labels is None else labels,
                d_val=common.nearest_neighbours(samples, model.train.val_x, k=1)[0][:, 0],
                features=features(samples), stop_features=cat("stop_features", 1))
+    for ref in ("train", "val"):
+        res[f"fcos_samples_{ref}"] = nearest_cosine(res["features"], refs.features[ref])
+        res[f"fcos_stop_{ref}"] = torch.stack([nearest_cosine(f, refs.features[ref]) for f in res["stop_features"]]
+                                              ) if len(stops) else torch.zeros(0, len(shard))
     p_sigmas = sigmas[probes].tolist()
-    sets = dict(traj=(cat("traj_x", 1), cat("traj_d", 1), labels), **probe_sets(model, args, shard, p_sigmas,
-                                                                                denoise, device))
+    sets = dict(traj=(cat("traj_x", 1), cat("traj_d", 1), labels),
+                **probe_sets(model, refs, args, shard, p_sigmas, denoise, device))
     for name, (x, d, lab) in sets.items():
         stats = [overlap_stats(model.train, x[p], d[p], s, lab, args.batch) for p, s in enumerate(p_sigmas)]
         for i, kind in enumerate(("nn", "cos", "dis")):
             res[f"{kind}_{name}"] = torch.stack([st[i] for st in stats])
+        res[f"llr_{name}"] = torch.stack([refs.llr(x[p], s, lab, args.batch) for p, s in enumerate(p_sigmas)])
+        feats = [features(d[p]) for p in range(len(p_sigmas))]
+        for ref in ("train", "val"):
+            res[f"fcos_{name}_{ref}"] = torch.stack([nearest_cosine(f, refs.features[ref]) for f in feats])
     return {k: v.cpu() for k, v in res.items()}
 
 
-def frechet_gap(sample_feats, ref_train, ref_val):
-    """FD of samples to training and validation features, and the relative gap (FD_val - FD_train) / FD_train;
-    NaN when a reference set has fewer than 2 images."""
-    if min(len(ref_train), len(ref_val)) < 2:
+# ---------------------------------------------------------------------------
+# References: where trajectories live (LLR), feature-space overlap, Frechet baselines
+# ---------------------------------------------------------------------------
+
+@dataclasses.dataclass(eq=False)
+class References:
+    """The training subset and as many validation reference images (per label when conditional): the
+    pools of the probe images, the LLR's two noisy empirical distributions and the Frechet references."""
+    train: TrainingSet
+    train_pos: np.ndarray         # (n,) positions in train.x: all of them
+    val_pos: np.ndarray           # (R,) positions in train.val_x
+    heldout_pos: np.ndarray       # validation images outside the reference (Frechet baselines)
+    conditional: bool             # LLR per label (the query's label only)
+    features: dict = dataclasses.field(default_factory=dict)  # 'train', 'val': (R, F) reference features
+
+    def llr(self, x, sigma, labels, batch):
+        """LLR(x) = log p_train(x | sigma) - log p_val(x | sigma) of the noisy reference images, (B,) float64
+        (float32 on MPS). Conditional when the references are and the query has a label (not null)."""
+        t, dtype = self.train, torch.float32 if x.device.type == "mps" else torch.float64
+        ref_t, ref_v = t.x[self.train_pos].to(dtype), t.val_x[self.val_pos].to(dtype)
+        lab_t = lab_v = None
+        if self.conditional and labels is not None and bool((labels < t.num_classes).all()):
+            lab_t, lab_v = t.labels[self.train_pos], t.val_labels[self.val_pos]
+        return torch.cat([common.log_likelihood_ratio(
+            x[b].to(dtype), sigma, ref_t, ref_v, None if lab_t is None else labels[b], lab_t, lab_v)
+            for b in batches(len(x), batch)]).double()
+
+
+def reference_pair(train, seed):
+    """References (without features) of a training set: the whole training subset, and as many seeded
+    validation images (per label when the set is conditional and every label of the subset has
+    validation images, else unconditional), at most half the validation split (per label), so that
+    the other half stays out for the Frechet baselines; fewer when the validation split is small."""
+    def pick(positions, count, salt):
+        return np.sort(positions[common.choose_subset(len(positions), count, seed + salt)])
+    t_all, v_all = np.arange(len(train.x)), np.arange(len(train.val_x))
+    if train.labels is not None and train.val_labels is not None:
+        t_lab, v_lab = train.labels.cpu().numpy(), train.val_labels.cpu().numpy()
+        counts = {c: min(int((t_lab == c).sum()), int((v_lab == c).sum()) // 2) for c in np.unique(t_lab)}
+        if min(counts.values()) > 0:
+            v_pos = np.sort(np.concatenate([pick(v_all[v_lab == c], r, int(c)) for c, r in counts.items()]))
+            return References(train, t_all, v_pos, np.setdiff1d(v_all, v_pos), True)
+    check(len(v_all) >= 2, f"the validation split has {len(v_all)} images: at least 2 are needed for a reference")
+    v_pos = pick(v_all, min(len(t_all), len(v_all) // 2), 0)
+    return References(train, t_all, v_pos, np.setdiff1d(v_all, v_pos), False)
+
+
+def nearest_cosine(feats, ref_feats, block=1024):
+    """1-NN cosine similarity of each feature vector to a reference set (the authors' overlap measure): (M,)."""
+    ref = F.normalize(ref_feats.double(), dim=1)
+    q = F.normalize(feats.double(), dim=1)
+    return torch.cat([(q[i:i + block] @ ref.T).amax(1) for i in range(0, len(q), block)]) if len(q) else q[:, 0]
+
+
+def frechet_references(refs, features, num_samples, subsets, seed):
+    """Frechet references of a training set: features of `subsets` seeded training subsets of the
+    validation reference's size R (fd_train averages over them) and of the validation reference;
+    calibration baselines fd_noise = FD(validation reference, R other validation images) (sampling
+    noise), fd_shift = mean FD(training subset, validation reference) (train/val shift) and
+    fd_gap_heldout, the relative gap of num_samples held-out validation images (a sampler that
+    generalizes perfectly); NaN where the validation split is too small."""
+    t, R = refs.train, len(refs.val_pos)
+    train_sets = [features(t.x[torch.as_tensor(common.choose_subset(len(t.x), R, seed + k), device=t.x.device)])
+                  for k in range(subsets)]
+    val_ref = features(t.val_x[torch.as_tensor(refs.val_pos, device=t.x.device)])
+    refs.features.update(train=features(t.x[torch.as_tensor(refs.train_pos, device=t.x.device)]), val=val_ref)
+    held = lambda count, salt: features(t.val_x[torch.as_tensor(  # noqa: E731
+        refs.heldout_pos[common.choose_subset(len(refs.heldout_pos), count, seed + salt)], device=t.x.device)])
+    fd = lambda a, b: common.frechet_distance(a, b) if min(len(a), len(b)) >= 2 else math.nan  # noqa: E731
+    noise = fd(val_ref, held(R, 1)) if len(refs.heldout_pos) >= R else math.nan
+    out = dict(train_sets=train_sets, val=val_ref, fd_noise=noise,
+               fd_shift=float(np.mean([fd(s, val_ref) for s in train_sets])), fd_gap_heldout=math.nan)
+    if len(refs.heldout_pos) >= num_samples:
+        out["fd_gap_heldout"] = frechet_gap(held(num_samples, 2), out)[2]
+    return out
+
+
+def frechet_gap(sample_feats, fd_refs):
+    """fd_train (mean FD to the training subsets), fd_val (FD to the validation reference) and the
+    relative gap (fd_val - fd_train) / fd_train; NaN when a set has fewer than 2 images."""
+    if min(len(sample_feats), len(fd_refs["val"])) < 2:
         return math.nan, math.nan, math.nan
-    fd_train = common.frechet_distance(sample_feats, ref_train)
-    fd_val = common.frechet_distance(sample_feats, ref_val)
+    fd_train = float(np.mean([common.frechet_distance(sample_feats, s) for s in fd_refs["train_sets"]]))
+    fd_val = common.frechet_distance(sample_feats, fd_refs["val"])
     return fd_train, fd_val, (fd_val - fd_train) / fd_train if fd_train > 0 else math.nan
 
 
-def reference_features(train, features, seed):
-    """Features of equally many training and validation images (the smaller split's size), seeded."""
-    size = min(len(train.x), len(train.val_x))
-    pick = lambda n: torch.as_tensor(common.choose_subset(n, size, seed), device=train.x.device)  # noqa: E731
-    return features(train.x[pick(len(train.x))]), features(train.val_x[pick(len(train.val_x))])
+def trajectory_overlap(llr_traj, llr_train, llr_val):
+    """Where trajectory states live at each probe sigma, from the LLR of (P, M) trajectory states and
+    noisy training and validation images: traj_train_overlap (P,), the share of trajectory states whose
+    LLR reaches the 10th percentile of the noisy training images' (near 1: trajectories pass where noisy
+    training images lie; near 0: they do not), and traj_train_score (P,) = (median LLR_traj - median
+    LLR_val) / (median LLR_train - median LLR_val) (1: like noisy training images, 0: like validation)."""
+    llr_traj, llr_train, llr_val = (torch.as_tensor(a, dtype=torch.float64) for a in (llr_traj, llr_train, llr_val))
+    threshold = torch.quantile(llr_train, 0.1, dim=1, keepdim=True)
+    overlap = (llr_traj >= threshold).double().mean(1)
+    med = lambda a: a.median(1).values  # noqa: E731
+    score = (med(llr_traj) - med(llr_val)) / (med(llr_train) - med(llr_val))
+    return overlap.numpy(), score.numpy()
 
 
-def summarize(res, refs, args):
-    """Memorized fraction with its bootstrap interval and the Frechet distances of one configuration."""
+def summarize(res, fd_refs, n_boot, seed):
+    """Memorized fraction with its bootstrap interval, Frechet distances and trajectory overlap of one
+    configuration."""
     copies = (res["nn_ratio"] < common.COPY_RATIO).double().numpy()
-    low, high = common.bootstrap_ci(copies, n_boot=args.bootstrap, seed=args.seed)
-    fd_stop = [frechet_gap(f, *refs) for f in res["stop_features"]]
+    low, high = common.bootstrap_ci(copies, n_boot=n_boot, seed=seed)
+    fd_stop = [frechet_gap(f, fd_refs) for f in res["stop_features"]]
+    overlap, score = trajectory_overlap(res["llr_traj"], res["llr_train"], res["llr_val"])
     return dict(memorized_fraction=float(copies.mean()), memorized_ci=(low, high),
-                fd=frechet_gap(res["features"], *refs), fd_stop=np.array(fd_stop, np.float64).reshape(-1, 3))
+                fd=frechet_gap(res["features"], fd_refs), fd_stop=np.array(fd_stop, np.float64).reshape(-1, 3),
+                fd_baselines=(fd_refs["fd_noise"], fd_refs["fd_shift"], fd_refs["fd_gap_heldout"]),
+                traj_train_overlap=overlap, traj_train_score=score)
 
 
 # ---------------------------------------------------------------------------
@@ -457,7 +576,11 @@ def save_figures(out, name, res, train, count=12):
 # Main
 # ---------------------------------------------------------------------------
 
-SAMPLE_AXIS_1 = {"stop_features"} | {f"{a}_{b}" for a in ("nn", "cos", "dis") for b in ("traj", "train", "val")}
+PROBE_SETS = ("traj", "train", "val")
+# per-sample results whose sample axis is the second (after probe sigmas or stop sigmas)
+SAMPLE_AXIS_1 = ({"stop_features", "fcos_stop_train", "fcos_stop_val"}
+                 | {f"{a}_{b}" for a in ("nn", "cos", "dis", "llr") for b in PROBE_SETS}
+                 | {f"fcos_{b}_{r}" for b in PROBE_SETS for r in ("train", "val")})
 
 
 def gather(local, world):
@@ -478,7 +601,7 @@ def evaluate(args, rank, world, device):
     check(args.num_samples >= world, f"--num-samples {args.num_samples} is fewer than the {world} processes")
     say = print if rank == 0 else (lambda *a, **k: None)
     features = common.load_feature_extractor(args.features, device)
-    paths = [] if args.optimal else common.find_snapshots(args.inputs)
+    paths = common.find_snapshots(args.inputs) if args.inputs else []
     sigmas = common.edm_sigmas(args.steps)
     stops, probes = stop_steps(sigmas, args.stop_sigma), probe_steps(sigmas, args.probe_sigmas)
     shard = np.array_split(np.arange(args.num_samples), world)[rank]
@@ -501,15 +624,18 @@ def evaluate(args, rank, world, device):
         for w in args.guidance_weights:
             name, start = f"{model.name}-w{w:g}", time.perf_counter()
             denoise = common.guided_denoiser(model.denoise, d_neg, w)
-            res = gather(run_configuration(dataclasses.replace(model, name=name), denoise, shard, args, sigmas,
-                                           stops, probes, features, device, rank == 0), world)
+            if id(model.train) not in ref_cache:  # the same on every process
+                refs = reference_pair(model.train, args.seed)
+                ref_cache[id(model.train)] = refs, frechet_references(refs, features, args.num_samples,
+                                                                      args.fd_subsets, args.seed)
+            refs, fd_refs = ref_cache[id(model.train)]
+            res = gather(run_configuration(dataclasses.replace(model, name=name), denoise, refs, shard, args,
+                                           sigmas, stops, probes, features, device, rank == 0), world)
             if rank != 0:
                 continue
-            if id(model.train) not in ref_cache:
-                ref_cache[id(model.train)] = reference_features(model.train, features, args.seed)
-            refs = ref_cache[id(model.train)]
-            res.update(summarize(res, refs, args), name=name, path=model.path, images_seen=model.images_seen,
-                       w=w, fd_size=len(refs[0]))
+            res.update(summarize(res, fd_refs, args.bootstrap, args.seed), name=name, path=model.path,
+                       images_seen=model.images_seen, w=w, fd_size=len(refs.val_pos),
+                       conditional_llr=refs.conditional)
             figs = save_figures(args.out, name, res, model.train)
             results.append(res)
             say(summary_line(res, sigmas, probes, time.perf_counter() - start) + f"; figures {', '.join(figs)}")
@@ -522,9 +648,10 @@ def summary_line(res, sigmas, probes, seconds):
     mid, (low, high), fd = len(probes) // 2, res["memorized_ci"], res["fd"]
     return (f"{res['name']}: memorized {res['memorized_fraction']:.1%} [{low:.1%}, {high:.1%}], median d_train "
             f"{res['d_train'].median():.3f} d_val {res['d_val'].median():.3f}; FD train {fd[0]:.4g} val {fd[1]:.4g} "
-            f"gap {fd[2]:+.3f}; at sigma {float(sigmas[probes[mid]]):.3g} median nn distance traj "
-            f"{res['nn_traj'][mid].median():.3f} train {res['nn_train'][mid].median():.3f} val "
-            f"{res['nn_val'][mid].median():.3f} ({seconds:.1f} s)")
+            f"gap {fd[2]:+.3f} (held-out images: {res['fd_baselines'][2]:+.3f}); at sigma "
+            f"{float(sigmas[probes[mid]]):.3g} median LLR traj {res['llr_traj'][mid].median():.2f} train "
+            f"{res['llr_train'][mid].median():.2f} val {res['llr_val'][mid].median():.2f}, traj_train_overlap "
+            f"{res['traj_train_overlap'][mid]:.2f} ({seconds:.1f} s)")
 
 
 def write_results(args, results, sigmas, stops, probes):
@@ -541,8 +668,12 @@ def write_results(args, results, sigmas, stops, probes):
         memorized_ci=stack("memorized_ci"), fd_train=fd[:, 0], fd_val=fd[:, 1], fd_gap=fd[:, 2],
         fd_reference_size=stack("fd_size", np.int64), stop_sigmas=sigmas[stops].numpy(),
         fd_stop_train=fd_stop[..., 0], fd_stop_val=fd_stop[..., 1], fd_stop_gap=fd_stop[..., 2],
-        probe_sigmas=sigmas[probes].numpy(),
-        **{f"{kind}_{name}": stack(f"{kind}_{name}") for kind in ("nn", "cos", "dis") for name in ("traj", "train", "val")})
+        fd_noise=stack("fd_baselines")[:, 0], fd_shift=stack("fd_baselines")[:, 1],
+        fd_gap_heldout=stack("fd_baselines")[:, 2], probe_sigmas=sigmas[probes].numpy(),
+        traj_train_overlap=stack("traj_train_overlap"), traj_train_score=stack("traj_train_score"),
+        llr_conditional=stack("conditional_llr", np.bool_),
+        **{key: stack(key) for key in sorted(SAMPLE_AXIS_1 - {"stop_features"}) + ["fcos_samples_train",
+                                                                                  "fcos_samples_val"]})
     path = common.save_npz(args.out, args=args, **arrays)
     print(f"wrote {path}: {len(results)} configuration(s) x {args.num_samples} samples, keys "
           f"{', '.join(sorted(arrays))}")

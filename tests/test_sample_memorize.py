@@ -150,9 +150,34 @@ def test_torchscript_inception_file_gives_pool_features(tmp_path):
             return x.mean((2, 3)).repeat(1, 683)[:, :2048]
     path = tmp_path / "inception.pt"
     torch.jit.save(torch.jit.script(Pool()), str(path))
-    feats = common.load_feature_extractor(str(path))(torch.zeros(3, 1, 16, 16))
+    images = torch.stack([torch.full((1, 16, 16), v) for v in (-1.0, 0.0, 1.0)])
+    feats = common.load_feature_extractor(str(path))(images)
     assert feats.shape == (3, 2048)
-    torch.testing.assert_close(feats, torch.full((3, 2048), -0.00390625))  # 0 -> TF's input range
+    # pixels 0, 128 (0.0 rounds to level 128) and 255 -> TF-Inception's (pixel - 128) / 128
+    torch.testing.assert_close(feats[:, 0], torch.tensor([-1.0, 0.0, 127 / 128]))
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
+def test_nvidia_inception_file_gets_8_bit_pixel_values_at_the_images_own_size(tmp_path):
+    class Probe(torch.nn.Module):  # stands in for inception-2015-12-05.pt: returns what it was fed
+        def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+            return x.flatten(1)
+    path = tmp_path / "inception-2015-12-05.pt"
+    torch.jit.save(torch.jit.script(Probe()), str(path))
+    images = torch.tensor([-1.0, -0.2, 0.3, 1.0, 1.7]).view(1, 1, 1, 5)
+    fed = common.load_feature_extractor(str(path))(images).view(3, 5)
+    assert torch.equal(fed, torch.tensor([0.0, 102.0, 166.0, 255.0, 255.0]).expand(3, 5))  # round(127.5 (x + 1))
+
+
+def test_feature_inputs_are_quantized_to_8_bits():
+    g = torch.Generator().manual_seed(3)
+    images = torch.rand(6, 1, 16, 16, generator=g) * 2 - 1
+    features = common.load_feature_extractor("builtin")
+    level = common.quantize_8bit(images)
+    pixels = (level + 1) * 127.5
+    assert (pixels - pixels.round()).abs().max() < 1e-4 and (level - images).abs().max() <= 1 / 255 + 1e-6
+    assert torch.equal(features(images), features(level))
+    assert not torch.equal(features(images), features(images + 2 / 255))
 
 
 def test_missing_or_foreign_feature_files_say_how_to_get_inception(tmp_path):
@@ -213,6 +238,45 @@ def test_guidance_weight_zero_is_the_unguided_sampler_and_nonzero_weights_change
 
 
 # ---------------------------------------------------------------------------
+# Where trajectories live: the log-likelihood ratio of noisy training vs validation images
+# ---------------------------------------------------------------------------
+
+def test_references_are_the_training_subset_and_as_many_validation_images_per_label_as_half_the_split_has(data_dir):
+    args = sample_memorize.parse_args(["--optimal", "--data-dir", data_dir, "--n", "12", "--resolution", str(R),
+                                       "--cond", "class"])
+    model = sample_memorize.optimal_model(args, torch.device("cpu"))
+    refs = sample_memorize.reference_pair(model.train, seed=0)
+    t_lab, v_lab = model.train.labels[refs.train_pos], model.train.val_labels[refs.val_pos]
+    assert refs.conditional and refs.train_pos.tolist() == list(range(12))
+    assert [int((v_lab == c).sum()) for c in range(3)] == [min(int((t_lab == c).sum()), 2) for c in range(3)]
+    assert not set(refs.heldout_pos) & set(refs.val_pos)  # 4 validation images per class, half kept out
+
+
+def test_samples_of_a_sampler_that_ignores_the_training_set_do_not_score_like_noisy_training_images(data_dir):
+    # the optimal denoiser of held-out validation images: its samples copy images the model never trained on
+    args = sample_memorize.parse_args(["--optimal", "--data-dir", data_dir, "--n", "6", "--resolution", str(R),
+                                       "--num-samples", "12", "--batch", "12"])
+    model = sample_memorize.optimal_model(args, torch.device("cpu"))
+    refs = sample_memorize.reference_pair(model.train, seed=0)
+    held = model.train.val_x[refs.heldout_pos].double()
+    other = lambda x, s, labels: common.optimal_denoiser(x.double(), s.double(), held).to(x.dtype)  # noqa: E731
+    sigmas = common.edm_sigmas(8)
+    probe = sample_memorize.probe_steps(sigmas, [0.3])[0]  # sigma 0.27: noisy images of 16x16 noise separate well
+    llr = {}
+    for name, denoise in (("memorizing", model.denoise), ("other", other)):
+        x_init, _ = sample_memorize.initial_state(np.arange(12), (1, R, R), None, torch.float64, "cpu")
+        _, traj = sample_memorize.sample(denoise, x_init, None, sigmas)
+        llr[name] = refs.llr(traj["states"][probe], float(sigmas[probe]), None, 12)
+    sets = sample_memorize.probe_sets(model, refs, args, np.arange(12), [float(sigmas[probe])], model.denoise, "cpu")
+    llr_train, llr_val = (refs.llr(sets[s][0][0], float(sigmas[probe]), None, 12) for s in ("train", "val"))
+    overlap, score = {}, {}
+    for k, v in llr.items():
+        (overlap[k],), (score[k],) = sample_memorize.trajectory_overlap(v[None], llr_train[None], llr_val[None])
+    assert overlap["memorizing"] >= 0.9 and score["memorizing"] > 0.8
+    assert overlap["other"] <= 0.1 and 0.2 < score["other"] < 0.8  # in between: near neither split
+
+
+# ---------------------------------------------------------------------------
 # The command line
 # ---------------------------------------------------------------------------
 
@@ -229,6 +293,14 @@ def test_optimal_denoiser_samples_are_copies_and_results_have_documented_shapes(
                 "dis_val"):
         assert res[key].shape == (C, P, M) and np.isfinite(res[key]).all(), key
     assert np.abs(res["dis_traj"]).max() < 1e-10  # the sampler is the optimal denoiser itself
+    # its trajectories live where noisy training images lie: LLR like theirs, far above the validation images'
+    for key in ("llr_traj", "llr_train", "llr_val", "fcos_traj_train", "fcos_val_val"):
+        assert res[key].shape == (C, P, M) and np.isfinite(res[key]).all(), key
+    assert res["traj_train_overlap"].shape == (C, P) and (res["traj_train_overlap"] >= 0.85).all()
+    assert (res["traj_train_score"] > 0.7).all()
+    assert (res["llr_val"][:, 1:].max(2) < res["llr_train"][:, 1:].min(2)).all()  # sigma 0.97 and 0.085, not 5.8
+    assert res["llr_conditional"].tolist() == [True] and res["fcos_samples_train"].min() > 0.999
+    assert np.isfinite(res["fd_shift"]).all() and res["fd_reference_size"].tolist() == [5]  # per class min(n_c, 2)
     assert res["args"]["n"] == 6 and np.isfinite(res["fd_gap"]).all()
     folder = tmp_path / "mem"
     assert sorted(os.listdir(folder)) == ["nn-optimal-fashion-mnist-r16-n6-class-w0.png",
