@@ -23,8 +23,9 @@ smallest, peak_sigma (C,) = sigma where G is largest, args and eval_settings (JS
 --optimal also e_train_optimal, e_val_optimal, gap_optimal (1, S) and optimal_digest; without
 snapshots the optimal denoiser is the only row (images_seen 0, checkpoint 'optimal'); its E_train
 is exactly 0 at small sigma, where its relative gap is inf. With --features: feature_sigmas (K,),
-fd_train, fd_val, feature_gap (C, K) (and *_optimal); the training split has min(n, --num-images)
-images, so for small n its Frechet distances come from fewer images than the validation ones.
+fd_train, fd_val, feature_gap (C, K) (and *_optimal); both splits' Frechet distances use equally
+many images (the first min(n, --num-images) of each), since the distance's bias grows as 1/count;
+reconstructions and clean images are quantized to 8 bits before the features (as FID tools do).
 With --guidance-weights every per-model array gains a leading axis (G, ...) and guidance_weights
 (G,) is stored. Rows of --out already computed with the same settings are reused unless --force.
 """
@@ -50,7 +51,8 @@ SETTINGS = ("num_images", "seed", "guidance_weights", "neg", "features", "featur
 ROW_KEYS = ("e_train", "e_val", "fd_train", "fd_val")
 WEIGHTS_KEY = {"ema": "ema", "raw": "net"}  # --weights -> checkpoint key
 
-Split = collections.namedtuple("Split", "y noise labels count")  # this process's shard; count: all processes
+# this process's shard; count: images of all processes; fd: the shard's images in the Frechet subset
+Split = collections.namedtuple("Split", "y noise labels count fd")
 
 
 def parse_args(argv=None):
@@ -80,8 +82,8 @@ def parse_args(argv=None):
                    "label: classifier-free guidance) or a snapshot file (autoguidance)")
     p.add_argument("--features", default=None, help="also the reconstruction gap in a feature space: "
                    "'builtin' or an Inception TorchScript file (common.load_feature_extractor)")
-    p.add_argument("--feature-sigmas", type=float, nargs="+", default=[0.25, 0.5, 1.0, 2.0, 4.0],
-                   help="noise levels of the feature-space reconstruction gap")
+    p.add_argument("--feature-sigmas", nargs="+", default=["0.25", "0.5", "1", "2", "4"],
+                   help="noise levels of the feature-space reconstruction gap, or 'all' (every evaluated sigma)")
     p.add_argument("--batch", type=int, default=512, help="(image, sigma) pairs per forward pass")
     p.add_argument("--allow-mixed", action="store_true", help="accept snapshots of different runs")
     p.add_argument("--force", action="store_true", help="recompute rows already in --out")
@@ -95,7 +97,14 @@ def parse_args(argv=None):
                                           "and/or --optimal (see --help)")
     check(args.num_images >= 2 and args.batch >= 1, "--num-images must be at least 2 and --batch positive")
     check(args.num_sigmas >= 1, f"--num-sigmas must be positive, got {args.num_sigmas}")
-    for name in ("sigmas", "feature_sigmas"):
+    if args.feature_sigmas == ["all"]:
+        args.feature_sigmas = "all"
+    else:
+        try:
+            args.feature_sigmas = [float(s) for s in args.feature_sigmas]
+        except ValueError:
+            raise common.UserError(f"--feature-sigmas takes positive numbers or 'all', got {args.feature_sigmas}")
+    for name in ("sigmas",) + (("feature_sigmas",) if args.feature_sigmas != "all" else ()):
         values = getattr(args, name)
         check(values is None or all(np.isfinite(values)) and min(values) > 0,
               f"--{name.replace('_', '-')} must be positive numbers, got {values}")
@@ -227,10 +236,13 @@ def eval_splits(source, args, rank, world, device):
                       else common.assign_clusters(y_val, source["centroids"]))
     shape = y_train.shape[1:]
 
+    fd_count = min(n_train, n_val)  # equally many images in both splits' Frechet distances
+
     def split(y, indices, c, count):
         noise = common.image_noise(indices, shape, args.seed)
         c = None if c is None else torch.as_tensor(np.asarray(c), dtype=torch.long).to(device)
-        return Split(y.to(device), noise.to(device), c, count)
+        fd = torch.as_tensor(np.flatnonzero(rank + world * np.arange(len(y)) < fd_count), device=device)
+        return Split(y.to(device), noise.to(device), c, count, fd)
     return (split(y_train, subset[pos], train_labels, n_train),
             split(y_val, len(train_images) + val_index, val_labels, n_val))
 
@@ -349,7 +361,8 @@ def feature_distances(denoise, neg, split, clean, extractor, feature_sigmas, wei
                 den = model(x, s, labels)
                 feats.append(extractor(den.to(x.dtype)).double().cpu())
                 return den
-            common.denoising_errors(capture, split.y, split.noise, [sigma], split.labels, batch)
+            common.denoising_errors(capture, split.y[split.fd], split.noise[split.fd], [sigma],
+                                    None if split.labels is None else split.labels[split.fd], batch)
             out[g, k] = common.frechet_distance(gather_rows(torch.cat(feats), world, device), clean)
     return out
 
@@ -368,7 +381,7 @@ class Evaluator:
         if key != self.source_key:
             self.splits = eval_splits(source, self.args, self.rank, self.world, self.device)
             if self.extractor is not None:
-                self.clean = [features_of(s.y, self.extractor, self.args.batch, self.world, self.device)
+                self.clean = [features_of(s.y[s.fd], self.extractor, self.args.batch, self.world, self.device)
                               for s in self.splits]
             self.source_key = key
         return self.splits
@@ -480,6 +493,8 @@ def evaluate(args, rank, world, device):
             opt_source = subset_source(args)
     sigmas = (torch.tensor(sorted(args.sigmas), dtype=torch.float64) if args.sigmas
               else common.log_sigmas(args.num_sigmas))
+    if args.feature_sigmas == "all":
+        args.feature_sigmas = sigmas.tolist()
     guided = args.guidance_weights is not None
     weights = args.guidance_weights if guided else [0.0]
     neg, neg_digest = negative_model(args, snapshots, device) if guided else (None, "uncond")
@@ -495,8 +510,9 @@ def evaluate(args, rank, world, device):
     K = len(args.feature_sigmas) if extractor is not None else 0
     total = 0
     for source, _ in todo.values():
-        count = sum(len(range(rank, n, world)) for n in split_counts(source, args.num_images))
-        total += len(weights) * (len(sigmas) + K) * count
+        counts = split_counts(source, args.num_images)
+        count = sum(len(range(rank, n, world)) for n in counts)
+        total += len(weights) * (len(sigmas) * count + K * 2 * len(range(rank, min(counts), world)))
     say(f"{len(snapshots)} snapshot(s){' + the optimal denoiser' if opt_source is not None else ''}: "
         f"{len(models) - len(todo)} reused from {out_path}, {len(todo)} to evaluate on {device}"
         f"{f' ({world} processes)' if world > 1 else ''}")

@@ -218,6 +218,35 @@ def test_feature_space_reconstruction_gap_of_the_optimal_denoiser(data_dir, tmp_
     np.testing.assert_array_equal(r["feature_sigmas"], [0.002, 10])
 
 
+def test_feature_gap_compares_equally_many_images_of_both_splits_and_is_near_zero_for_equal_quality(
+        tmp_path, monkeypatch):
+    # 48 training images and up to 512 validation images requested: the Frechet distance's 1/count bias
+    # would make the validation distance smaller; an untrained network (D = c_skip x) treats both alike
+    (tmp_path / "data").mkdir()
+    data = write_fashion_mnist(tmp_path / "data", 96, 512, seed=2)
+    images, _ = common.load_images("fashion-mnist", "train", data)
+    net = common.build_network("unet", "tiny", RES, 1, channels=8)  # zero output layer
+    args = dict(data="fashion-mnist", data_dir=data, resolution=RES, n=48, model="unet", size="tiny", channels=8,
+                cond="none", seed=0, steps=1, out=str(tmp_path))
+    common.save_checkpoint(dict(kind=common.CHECKPOINT_KIND, net=net.state_dict(), ema=net.state_dict(), opt={},
+                                step=1, images_seen=8, args=args, network=net.config,
+                                subset=common.choose_subset(len(images), 48, 0), labels=None, dataset="fashion-mnist",
+                                resolution=RES, kmeans_centroids=None, rng=[]), tmp_path / "snapshot-000000008.pt")
+    sizes, frechet = [], common.frechet_distance
+    monkeypatch.setattr(common, "frechet_distance", lambda a, b: sizes.append((len(a), len(b))) or frechet(a, b))
+    r = evaluate(data, tmp_path / "gap.npz", str(tmp_path), "--num-images", "512", "--features", "builtin",
+                 "--feature-sigmas", "0.5", "1", "2")
+    assert sizes == [(48, 48)] * 6
+    assert np.abs(r["feature_gap"]).max() < 0.15
+
+
+def test_feature_sigmas_all_computes_the_feature_gap_at_every_evaluated_sigma(data_dir, tmp_path):
+    r = evaluate(data_dir, tmp_path / "fd.npz", "--optimal", "--n", str(N_SUBSET), "--resolution", str(RES),
+                 "--features", "builtin", "--feature-sigmas", "all")
+    np.testing.assert_array_equal(r["feature_sigmas"], r["sigmas"])
+    assert r["fd_train"].shape == (1, len(SIGMAS)) and np.isfinite(r["feature_gap"][:, 2:]).all()
+
+
 def test_train_image_run_with_kmeans_labels_matches_optimal_on_the_same_subset(data_dir, tmp_path):
     import train_image
     run = tmp_path / "run"
