@@ -8,9 +8,10 @@ It reads every .npz below RESULTS_DIR and recognises it by its keys:
                    (paper Fig. 1), G(sigma) coloured by images seen with the onset curve (Fig. 2), the
                    optimal denoiser beside the network, and G(sigma) across runs coloured by model size,
                    dataset size n, conditioning granularity k and guidance weight w;
-  sample_memorize.py (nn_ratio, memorized_fraction): memorized fraction and Frechet gap of samples over
-                   images seen, the Frechet gap against the early-stopping sigma, trajectory overlap,
-                   sample grids (beside their nearest training images when stored);
+  sample_memorize.py (nn_ratio, memorized_fraction): memorized fraction, Frechet gap of samples and
+                   where trajectories live (LLR overlap) over images seen, the Frechet gap against the
+                   early-stopping sigma, the LLR distributions of trajectory states and noisy
+                   training and validation images per probe sigma, sample grids;
   train_image.py   (train_log.npz): loss and probe E_train / E_val over images seen;
   toy2d.py         (delta, density, guidance): G(sigma) sweeps (toy2d.py draws every toy panel itself).
 Each figure is written as PNG and PDF, named after what it shows; inputs it lacks are skipped with a note.
@@ -187,27 +188,49 @@ def network_configs(data):
     return [i for i, seen in enumerate(data["images_seen"]) if seen >= 0]
 
 
+def middle_probe(data):
+    """Index of the middle probe sigma (the one nearest the paper's 1.2 by default)."""
+    return len(data["probe_sigmas"]) // 2
+
+
 def fig_memorization_over_training(mem_results):
-    """Memorized fraction (with its bootstrap interval) and Frechet gap of samples over images seen."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
+    """Over images seen: memorized fraction (with its bootstrap interval), Frechet gap of samples (with
+    the gap of held-out validation images as its noise level), and where trajectories live
+    (traj_train_overlap at the middle probe sigma; references such as the optimal denoiser as lines)."""
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4), layout="constrained")
     drawn = False
     for name, data in mem_results:
         idx = network_configs(data)
+        refs = [i for i in range(len(data["configs"])) if i not in idx]
+        for i in refs:
+            if "traj_train_overlap" in data:
+                axes[2].axhline(data["traj_train_overlap"][i, middle_probe(data)], ls=":", color="gray")
+                axes[2].annotate(str(data["configs"][i]), (0.02, data["traj_train_overlap"][i, middle_probe(data)]),
+                                 xycoords=("axes fraction", "data"), fontsize=6, va="bottom")
         if not idx:
             continue
         seen = np.maximum(data["images_seen"][idx], 1)
         frac, ci = data["memorized_fraction"][idx], data["memorized_ci"][idx]
-        axes[0].errorbar(seen, frac, yerr=np.abs(ci.T - frac), fmt="o-", capsize=3, label=name)
+        line, = axes[0].plot(seen, frac, "o-", label=name)
+        axes[0].errorbar(seen, frac, yerr=np.abs(ci.T - frac), fmt="none", capsize=3, color=line.get_color())
         if "fd_gap" in data:
-            axes[1].plot(seen, data["fd_gap"][idx], "o-", label=name)
+            axes[1].plot(seen, data["fd_gap"][idx], "o-", color=line.get_color(), label=name)
+        if "fd_gap_heldout" in data and np.isfinite(data["fd_gap_heldout"][idx]).any():
+            axes[1].plot(seen, data["fd_gap_heldout"][idx], ":", color=line.get_color())
+        if "traj_train_overlap" in data:
+            axes[2].plot(seen, data["traj_train_overlap"][idx, middle_probe(data)], "o-", color=line.get_color(),
+                         label=f"{name} (sigma {data['probe_sigmas'][middle_probe(data)]:.2f})")
         drawn = True
     if not drawn:
         plt.close(fig)
         return None
     axes[0].set(xscale="log", xlabel="training images seen", ylabel="memorized fraction (d1/d2 < 1/3)",
-                ylim=(-0.02, 1.02), title="copies among samples")
+                ylim=(-0.02, 1.02), title="copies among samples (95% bootstrap interval)")
     axes[1].set(xscale="log", xlabel="training images seen", ylabel="(FD_val - FD_train) / FD_train",
-                title="Frechet gap of samples")
+                title="Frechet gap of samples (dotted: held-out validation images)")
+    axes[2].set(xscale="log", xlabel="training images seen", ylim=(-0.02, 1.02),
+                ylabel="share of trajectory states with LLR >= 10th pct. of noisy training images",
+                title="where trajectories live (dotted: reference samplers)")
     for ax in axes:
         ax.legend(fontsize=7)
     return fig
@@ -224,20 +247,22 @@ def fig_fd_vs_stop_sigma(data):
     return fig
 
 
-def fig_trajectory_overlap(data, config):
-    """Nearest-neighbour distance to the training set of D(trajectory), D(noisy train), D(noisy val)."""
+def fig_trajectory_llr(data, config):
+    """Where trajectories live: distributions of LLR = log p_train(x | sigma) - log p_val(x | sigma) of
+    trajectory states, noisy training images and noisy validation images, one panel per probe sigma."""
     probes = data["probe_sigmas"]
     fig, axes = plt.subplots(1, len(probes), figsize=(4.2 * len(probes), 3.8), squeeze=False, layout="constrained")
     for p, ax in enumerate(axes[0]):
-        sets = [("D(trajectory state)", data["nn_traj"]), ("D(noisy training image)", data["nn_train"]),
-                ("D(noisy validation image)", data["nn_val"])]
+        sets = [("trajectory states", data["llr_traj"]), ("noisy training images", data["llr_train"]),
+                ("noisy validation images", data["llr_val"])]
         values = [s[config, p] for _, s in sets]
         bins = np.histogram_bin_edges(np.concatenate(values), bins=30)
         for (label, _), v in zip(sets, values):
-            ax.hist(v, bins=bins, histtype="step", lw=1.5, label=f"{label}: median {np.median(v):.2f}")
-        ax.set(xlabel="L2 distance to nearest training image", ylabel="count", title=f"sigma = {probes[p]:.2f}")
+            ax.hist(v, bins=bins, histtype="step", lw=1.5, label=f"{label}: median {np.median(v):.1f}")
+        ax.set(xlabel="LLR = log p_train(x|sigma) - log p_val(x|sigma) (nats)", ylabel="count",
+               title=f"sigma = {probes[p]:.2f}: overlap {data['traj_train_overlap'][config, p]:.2f}")
         ax.legend(fontsize=7)
-    fig.suptitle(f"trajectory overlap, {data['configs'][config]}")
+    fig.suptitle(f"where trajectories live, {data['configs'][config]}")
     return fig
 
 
@@ -253,18 +278,13 @@ def image_grid(images, rows):
 
 
 def fig_samples(data, config, count=16):
-    """The first samples of a configuration, above their nearest training images when stored."""
+    """The first samples of a configuration, titled with their d1/d2 (a copy when < 1/3)."""
     samples = data["samples"][config, :count].astype(np.float32)
-    rows = [("samples", samples)]
-    if "nn_images" in data:
-        rows.append(("nearest training images", data["nn_images"][config, :count].astype(np.float32)))
-    fig, axes = plt.subplots(len(rows), 1, figsize=(0.8 * len(samples), 1.2 * len(rows) + 0.4), squeeze=False,
-                             layout="constrained")
-    for ax, (label, images) in zip(axes[:, 0], rows):
-        ax.imshow(image_grid(images, 1), cmap="gray", vmin=0, vmax=1)
-        ax.set(xticks=[], yticks=[], ylabel=label)
+    fig, ax = plt.subplots(figsize=(0.8 * len(samples), 1.6), layout="constrained")
+    ax.imshow(image_grid(samples, 1), cmap="gray", vmin=0, vmax=1)
+    ax.set(xticks=[], yticks=[], ylabel="samples")
     ratio = data["nn_ratio"][config, :count]
-    axes[0, 0].set_title(f"{data['configs'][config]}: d1/d2 = " + " ".join(f"{r:.2f}" for r in ratio), fontsize=7)
+    ax.set_title(f"{data['configs'][config]}: d1/d2 = " + " ".join(f"{r:.2f}" for r in ratio), fontsize=7)
     return fig
 
 
@@ -300,13 +320,25 @@ def fig_toy(data):
 # ---------------------------------------------------------------------------
 
 def summary_rows(gap_results, mem_results):
-    """Per run: parameters, n, images seen, peak gap and its sigma (last snapshot), memorized fraction."""
-    fractions = {}  # last snapshot path -> memorized fraction of its unguided samples
-    for _, data in mem_results:
-        for path, seen, w, frac in zip(data["checkpoints"], data["images_seen"], data["guidance_weights"],
-                                       data["memorized_fraction"]):
-            if seen >= 0 and w == 0:
-                fractions[os.path.normpath(str(path))] = float(frac)
+    """Per run (last snapshot): parameters, n, images seen, peak gap and its sigma, memorized fraction with
+    its interval, traj_train_overlap at the middle probe sigma, Frechet gap of samples and of held-out
+    validation images (its noise level); then the reference samplers (optimal, Gaussian) of the sample files."""
+    memo = {}  # last snapshot path -> statistics of its unguided samples
+    refs = []
+    for name, data in mem_results:
+        for i, (path, seen, w) in enumerate(zip(data["checkpoints"], data["images_seen"], data["guidance_weights"])):
+            if w != 0:
+                continue
+            stats = dict(memorized=float(data["memorized_fraction"][i]), ci=data["memorized_ci"][i],
+                         overlap=float(data["traj_train_overlap"][i, middle_probe(data)]) if "traj_train_overlap"
+                         in data else None, fd_gap=float(data["fd_gap"][i]),
+                         fd_heldout=float(data["fd_gap_heldout"][i]) if "fd_gap_heldout" in data else None)
+            if seen >= 0:
+                memo[os.path.normpath(str(path))] = stats
+            else:
+                refs.append(dict(run=str(data["configs"][i]), params=None, n=(data.get("args") or {}).get("n"),
+                                 images_seen=None,
+                                 peak_gap=None, peak_sigma=None, **stats))
     rows = []
     for name, data in gap_results:
         gap = first_weight(data["gap"], data)[-1]
@@ -316,18 +348,22 @@ def summary_rows(gap_results, mem_results):
         last = os.path.normpath(str(data["checkpoints"][-1])) if "checkpoints" in data else ""
         rows.append(dict(run=name, params=f.get("params"), n=f.get("n"), images_seen=int(data["images_seen"][-1]),
                          peak_gap=float(gap[j]), peak_sigma=float(data["sigmas"][j]),
-                         memorized=fractions.get(last)))
-    return rows
+                         **memo.get(last, dict(memorized=None, ci=None, overlap=None, fd_gap=None, fd_heldout=None))))
+    return rows + refs
 
 
 def format_summary(rows):
-    head = f"{'run':40s} {'params':>9s} {'n':>6s} {'images':>10s} {'peak G':>8s} {'at sigma':>9s} {'copies':>7s}"
+    head = (f"{'run':34s} {'params':>9s} {'n':>5s} {'images':>8s} {'peak G':>7s} {'at sigma':>8s} "
+            f"{'copies [95% CI]':>16s} {'LLR overlap':>11s} {'FD gap':>7s} {'held-out':>8s}")
     lines = [head, "-" * len(head)]
     for r in rows:
-        fmt = lambda v, spec: format(v, spec) if v is not None else "-"  # noqa: E731
-        lines.append(f"{r['run'][:40]:40s} {fmt(r['params'], ',d'):>9s} {fmt(r['n'], 'd'):>6s} "
-                     f"{r['images_seen']:>10,d} {r['peak_gap']:>8.2f} {r['peak_sigma']:>9.3f} "
-                     f"{fmt(r['memorized'], '.0%'):>7s}")
+        fmt = lambda v, spec: format(v, spec) if v is not None and np.isfinite(v) else "-"  # noqa: E731
+        copies = "-" if r.get("memorized") is None else (
+            f"{r['memorized']:.0%} [{r['ci'][0]:.0%}, {r['ci'][1]:.0%}]")
+        lines.append(f"{r['run'][:34]:34s} {fmt(r['params'], ',d'):>9s} {fmt(r['n'], 'd'):>5s} "
+                     f"{fmt(r['images_seen'], ',d'):>8s} {fmt(r['peak_gap'], '.2f'):>7s} "
+                     f"{fmt(r['peak_sigma'], '.3f'):>8s} {copies:>16s} {fmt(r.get('overlap'), '.2f'):>11s} "
+                     f"{fmt(r.get('fd_gap'), '+.2f'):>7s} {fmt(r.get('fd_heldout'), '+.2f'):>8s}")
     return "\n".join(lines)
 
 
@@ -364,8 +400,8 @@ def main(argv=None):
         if "fd_stop_gap" in data and data["fd_stop_gap"].size:
             add(f"fd_vs_stop_sigma_{name}", fig_fd_vs_stop_sigma, data)
         last = len(data["configs"]) - 1
-        if "nn_traj" in data and data["nn_traj"].size:
-            add(f"trajectory_overlap_{name}", fig_trajectory_overlap, data, last)
+        if "llr_traj" in data and data["llr_traj"].size:
+            add(f"trajectory_llr_{name}", fig_trajectory_llr, data, last)
         if "samples" in data:
             add(f"samples_{name}", fig_samples, data, last)
     for name, data in found.get("train_log", []):

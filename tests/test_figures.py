@@ -42,7 +42,9 @@ def write_memorization(path, params=1000, n=32):
                     fd_gap=np.linspace(0, 1, C), stop_sigmas=np.array([0.5, 2.0]), fd_stop_gap=rng.random((C, 2)),
                     probe_sigmas=np.array([2.0, 1.2, 0.6]), nn_traj=rng.random((C, P, M)),
                     nn_train=rng.random((C, P, M)), nn_val=rng.random((C, P, M)),
-                    samples=rng.uniform(-1, 1, (C, M, 1, 8, 8)).astype(np.float16))
+                    llr_traj=rng.normal(0, 1, (C, P, M)), llr_train=rng.normal(5, 1, (C, P, M)),
+                    llr_val=rng.normal(-5, 1, (C, P, M)), traj_train_overlap=np.tile([0.9, 0.3, 0.1], (C, 1)),
+                    fd_gap_heldout=np.full(C, 0.05), samples=rng.uniform(-1, 1, (C, M, 1, 8, 8)).astype(np.float16))
 
 
 def test_every_figure_is_drawn_from_matching_results(tmp_path, capsys):
@@ -56,12 +58,13 @@ def test_every_figure_is_drawn_from_matching_results(tmp_path, capsys):
     names = {p.stem for p in out.glob("*.png")}
     for expected in ("errors_over_training_gap_small", "gap_over_training_gap_small", "optimal_vs_network_gap_small",
                      "gap_by_params", "gap_by_n", "gap_by_guidance_gap_guided", "memorization_over_training",
-                     "fd_vs_stop_sigma_samples_small", "trajectory_overlap_samples_small", "samples_samples_small"):
+                     "fd_vs_stop_sigma_samples_small", "trajectory_llr_samples_small", "samples_samples_small"):
         assert expected in names, f"{expected} missing from {sorted(names)}"
         assert (out / f"{expected}.pdf").exists()
     summary = (out / "summary.txt").read_text()
     row = next(line for line in summary.splitlines() if line.startswith("gap_small "))
-    assert "1,000" in row and "100,000" in row and "50%" in row   # params, images seen, memorized fraction
+    assert "1,000" in row and "100,000" in row and "50% [0%, 10%]" in row   # params, images seen, copies
+    assert " 0.30 " in row and "+1.00" in row and "+0.05" in row  # LLR overlap (middle probe), FD gap, held-out
     assert "figures in" in capsys.readouterr().out
 
 
