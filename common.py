@@ -1378,12 +1378,19 @@ def run_cli(main):
 
 
 def atomic_write(path, write):
-    """Write a file atomically: write(f) into a temp file in the same folder, fsync, then rename,
-    so that a kill at any moment leaves either the old file or the new one."""
+    """Write a file atomically: write(f) into a temp file beside it, fsync, then rename, so that a
+    kill at any moment leaves either the old file or the new one. The temp file is named after the
+    target (.NAME.PID.tmp) and gets the umask's permissions; temp files of the same target left by
+    a killed writer are removed first (one writer per target at a time)."""
     path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
+    folder, name = os.path.split(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".", suffix=".tmp")
+    for stale in os.listdir(folder):
+        if re.fullmatch(rf"\.{re.escape(name)}\.\d+\.tmp", stale):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(folder, stale))
+    tmp = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # 0o666 minus the umask
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)

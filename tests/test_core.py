@@ -1,6 +1,9 @@
-"""The paper's EDM formulas and the optimal / error-prone denoisers (PAPER.md, "Formulas")."""
+"""The paper's EDM formulas and the optimal / error-prone denoisers (PAPER.md, "Formulas"); file and
+command-line helpers."""
 import math
+import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -379,3 +382,34 @@ def test_optimal_denoiser_training_error_vanishes_as_sigma_falls_while_validatio
     e_val = common.denoising_errors(opt, val, common.image_noise(range(16, 32), (1, 4, 4)).double(), sigmas).mean(1)
     assert e_train[0] < 1e-12 and e_train[1] < 1e-10
     assert e_val[0] > 0.05 and e_val[2] > e_train[2]
+
+
+# --- files ---------------------------------------------------------------------
+
+def test_atomic_write_removes_temp_files_a_killed_writer_left_for_the_same_target(tmp_path):
+    stale, other = tmp_path / ".a.npz.12345.tmp", tmp_path / ".b.npz.12345.tmp"
+    stale.write_bytes(b"x" * 100)
+    other.write_bytes(b"x")
+    common.save_npz(tmp_path / "a.npz", x=np.zeros(3))
+    assert sorted(os.listdir(tmp_path)) == [".b.npz.12345.tmp", "a.npz"]
+
+
+def test_atomic_write_leaves_no_temp_file_when_the_writer_fails(tmp_path):
+    def fail(f):
+        f.write(b"partial")
+        raise RuntimeError("disk full")
+    with pytest.raises(RuntimeError):
+        common.atomic_write(tmp_path / "a.pt", fail)
+    assert os.listdir(tmp_path) == []
+
+
+def test_atomic_write_gives_the_files_the_umasks_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        npz = common.save_npz(tmp_path / "a.npz", x=np.zeros(3))
+        pt = common.save_checkpoint({"a": 1}, tmp_path / "a.pt")
+        os.umask(0o077)
+        private = common.save_npz(tmp_path / "b.npz", x=np.zeros(3))
+    finally:
+        os.umask(old)
+    assert [os.stat(p).st_mode & 0o777 for p in (npz, pt, private)] == [0o644, 0o644, 0o600]
