@@ -46,6 +46,15 @@ def check(condition, message):
         raise UserError(message)
 
 
+def _read_error(path, err, advice):
+    """UserError for a file that failed to load. An OS error (permission denied, I/O error) is named
+    and nothing more, since the file itself may be fine; otherwise its contents are bad, and `advice`
+    says what to do."""
+    if isinstance(err, OSError) and err.errno is not None:
+        return UserError(f"cannot read {path}: {err.strerror or err}")
+    return UserError(f"cannot read {path} ({type(err).__name__}: {err}); {advice}")
+
+
 # ---------------------------------------------------------------------------
 # EDM schedule and preconditioning
 # ---------------------------------------------------------------------------
@@ -718,7 +727,7 @@ def _read_idx(path, ndim):
         with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
             raw = f.read()
     except (OSError, EOFError) as err:
-        raise UserError(f"cannot read {path} ({err}); delete it and get the file again")
+        raise _read_error(path, err, "delete it and get the file again") from None
     check(len(raw) >= 4 + 4 * ndim and raw[:4] == bytes([0, 0, 8, ndim]),
           f"{path} is not an IDX file of uint8 with {ndim} dimensions (magic {2048 + ndim})")
     dims = [int(s) for s in np.frombuffer(raw, ">u4", ndim, 4)]
@@ -762,7 +771,7 @@ def _read_cifar_batches(source, members, where):
                         if len(blobs) == len(members):
                             break
     except (OSError, EOFError, tarfile.TarError) as err:
-        raise UserError(f"cannot read {source} ({err}); delete it and get the file again")
+        raise _read_error(source, err, "delete it and get the file again") from None
     missing = [f"{where}/{m}" for m in members if m not in blobs]
     check(not missing, f"{source} lacks {', '.join(missing)}: not the canonical CIFAR python archive")
     batches = []
@@ -980,15 +989,27 @@ def load_checkpoint(path, map_location="cpu"):
     check(os.path.isfile(path), f"checkpoint {path} does not exist")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as err:  # any failure to unpickle means a corrupted or foreign file
-        raise UserError(f"cannot read checkpoint {path} ({type(err).__name__}): the file is corrupted "
-                        "or not a torch file; delete it or point to another snapshot") from None
+    except Exception as err:  # an OS error, or contents that torch cannot unpickle
+        check(not _is_npz(path), f"{path} is an .npz file (results or a training log), not a torch "
+                                 "checkpoint: point to a snapshot-*.pt written by train_image.py")
+        raise _read_error(path, err, "the file is corrupted (truncated?) or not a torch checkpoint: point to "
+                         "a snapshot-*.pt written by train_image.py, or delete it if it is a damaged one") from None
     check(isinstance(ckpt, dict) and ckpt.get("kind") == CHECKPOINT_KIND,
           f"{path} is not a denoiser snapshot (no kind {CHECKPOINT_KIND!r}); "
           "point to a snapshot-*.pt written by train_image.py")
     missing = [key for key in CHECKPOINT_KEYS if key not in ckpt]
     check(not missing, f"snapshot {path} lacks the keys {', '.join(missing)}; it is incomplete or foreign")
     return ckpt
+
+
+def _is_npz(path):
+    """Whether a file is a zip of .npy arrays, as np.savez and save_npz write."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return False
+    return bool(names) and all(name.endswith(".npy") for name in names)
 
 
 def load_denoiser(checkpoint_or_path, weights="ema", device="cpu"):
@@ -1427,7 +1448,7 @@ def load_npz(path):
         with np.load(path, allow_pickle=False) as f:
             out = {key: f[key] for key in f.files}
     except Exception as err:
-        raise UserError(f"{path} is not a readable .npz file ({err}); rerun the script that writes it")
+        raise _read_error(path, err, "not a readable .npz file; rerun the script that writes it") from None
     if "args" in out:
         out["args"] = json.loads(str(out["args"]))
     return out

@@ -413,3 +413,28 @@ def test_atomic_write_gives_the_files_the_umasks_permissions(tmp_path):
     finally:
         os.umask(old)
     assert [os.stat(p).st_mode & 0o777 for p in (npz, pt, private)] == [0o644, 0o644, 0o600]
+
+
+def test_unreadable_checkpoint_says_permission_denied_without_telling_to_delete_it(tmp_path, monkeypatch):
+    path = common.save_checkpoint({"kind": common.CHECKPOINT_KIND}, tmp_path / "snapshot-000000008.pt")
+
+    def denied(f, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", os.fspath(f))
+    monkeypatch.setattr(torch, "load", denied)
+    with pytest.raises(common.UserError) as err:
+        common.load_checkpoint(path)
+    assert str(err.value) == f"cannot read {path}: Permission denied"
+
+
+def test_npz_passed_as_a_checkpoint_is_named_as_such_and_not_called_corrupted(tmp_path):
+    path = common.save_npz(tmp_path / "gap.npz", x=np.zeros(3))
+    with pytest.raises(common.UserError, match=r"gap\.npz is an \.npz file .*not a torch checkpoint") as err:
+        common.load_checkpoint(path)
+    assert "delete" not in str(err.value) and "corrupted" not in str(err.value)
+
+
+def test_garbage_checkpoint_is_called_corrupted_or_foreign(tmp_path):
+    path = tmp_path / "snapshot-000000008.pt"
+    path.write_bytes(b"not a torch file")
+    with pytest.raises(common.UserError, match="corrupted .*or not a torch checkpoint"):
+        common.load_checkpoint(path)

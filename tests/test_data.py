@@ -218,6 +218,17 @@ def test_truncated_or_foreign_idx_files_give_user_error(tmp_path):
         common.load_images("mnist", "val", root=tmp_path)
 
 
+def test_data_file_without_read_permission_is_not_called_corrupt(tmp_path, monkeypatch):
+    make_idx_files(str(tmp_path / "mnist"))
+
+    def denied(path, mode="rb"):
+        raise PermissionError(13, "Permission denied", path)
+    monkeypatch.setattr(common.gzip, "open", denied)
+    with pytest.raises(common.UserError) as err:
+        common.load_images("mnist", "val", root=tmp_path)
+    assert str(err.value).endswith("t10k-images-idx3-ubyte.gz: Permission denied"), err.value
+
+
 class Payload:
     def __reduce__(self):
         return (os.mkdir, ("should-never-be-created",))
