@@ -626,6 +626,7 @@ DATASETS = {
         "cifar-100-python", ("train",), ("test",), b"coarse_labels", 20),
 }
 _LOADED = {}  # (name, split, source paths) -> (images, labels), read-only arrays
+_REPORTED = set()  # (name, folder) pairs whose files load_images has printed
 
 
 def _cache_dir(info):
@@ -635,12 +636,11 @@ def _cache_dir(info):
 
 
 def _search_dirs(info, root):
-    """Folders to look in, in order: --data-dir (its dataset subfolder first), system, cache."""
-    dirs = []
+    """Folders to look in, in order: --data-dir alone (its dataset subfolders first), else system, cache."""
     if root is not None:
         root = os.path.expanduser(os.fspath(root))
-        dirs += [os.path.join(root, sub) for sub in (info["folder"], *info.get("aliases", ()))] + [root]
-    return dirs + list(info.get("system_dirs", ())) + [_cache_dir(info)]
+        return [os.path.join(root, sub) for sub in (info["folder"], *info.get("aliases", ()))] + [root]
+    return list(info.get("system_dirs", ())) + [_cache_dir(info)]
 
 
 def _find_source(info, split, folder):
@@ -808,7 +808,8 @@ def _read_source(info, split, source):
 
 def load_images(name="fashion-mnist", split="train", root=None):
     """Dataset split as uint8 images (N, H, W, C) and int64 labels (N,); 'val' is the official
-    test split. Looks in root (--data-dir), the system folder, the user cache, then downloads.
+    test split. Looks in root (--data-dir) alone when given, else in the system folder, the user
+    cache, then downloads. Prints the files it reads (once per folder).
     The arrays are cached per process and read-only: index or copy them before changing them."""
     check(name in DATASETS, f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
     check(split in ("train", "val"), f"unknown split {split!r}: use train or val")
@@ -816,6 +817,10 @@ def load_images(name="fashion-mnist", split="train", root=None):
     searched = _search_dirs(info, root)
     source = next(filter(None, (_find_source(info, split, d) for d in searched)), None)
     if source is None:
+        wanted = " and ".join(info["split_files"][split])
+        wanted += f" (or the extracted {info['extracted']}/)" if info["format"] == "cifar" else " (gzipped or not)"
+        check(root is None, f"--data-dir {root} has no {name} {split} split: looked for {wanted} in "
+                            f"{', '.join(searched)}")
         source = _download(name, info, split, searched)
     key = (name, split, tuple(os.path.abspath(p) for p in source))
     if key not in _LOADED:
@@ -823,7 +828,18 @@ def load_images(name="fashion-mnist", split="train", root=None):
         images, labels = np.ascontiguousarray(images), np.ascontiguousarray(labels)
         images.flags.writeable = labels.flags.writeable = False
         _LOADED[key] = images, labels
+        _report_source(name, info, key[2][0])
     return _LOADED[key]
+
+
+def _report_source(name, info, path):
+    """Print, once per dataset and folder (and on the first process only), the files of both splits there."""
+    folder, dist = os.path.dirname(path), torch.distributed
+    if (name, folder) in _REPORTED or (dist.is_available() and dist.is_initialized() and dist.get_rank() > 0):
+        return
+    _REPORTED.add((name, folder))
+    files = [os.path.basename(p) for split in ("train", "val") for p in _find_source(info, split, folder) or ()]
+    print(f"reading {name} from {folder}: {', '.join(dict.fromkeys(files))}")
 
 
 def images_to_tensor(images, resolution=32):
