@@ -553,7 +553,9 @@ def build_network(model, size="tiny", img_resolution=32, img_channels=1, num_cla
     check(kwargs["channels"] >= 1 and kwargs["blocks"] >= 1, f"channels and blocks must be positive, "
           f"got {kwargs['channels']}, {kwargs['blocks']}")
     check(0 <= kwargs["dropout"] < 1, f"dropout must lie in [0, 1), got {kwargs['dropout']}")
-    if model == "unet":
+    if model == "unet":  # group_norm finds groups for any width; the noise embedding needs cos-sin pairs
+        check(kwargs["channels"] % 2 == 0, f"U-Net channels must be even (the noise embedding is made of "
+              f"cos-sin pairs), got {kwargs['channels']}")
         factor = 2 ** (len(kwargs["channel_mult"]) - 1)
         check(img_resolution % factor == 0 and img_resolution >= factor,
               f"the {size} U-Net needs a resolution divisible by {factor}, got {img_resolution}")
