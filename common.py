@@ -1416,6 +1416,24 @@ def run_cli(main):
         sys.exit(2)
 
 
+def check_writable(path, folder=False, option="--out"):
+    """UserError unless `path` can be written: a file (or, with folder, a folder for files), existing
+    or to be created in the nearest existing folder above it. None passes (a default chosen later)."""
+    if path is None:
+        return
+    full = os.path.abspath(os.fspath(path))
+    if folder:
+        check(not os.path.isfile(full), f"{option} {path} is an existing file, not a folder")
+    else:
+        check(not os.path.isdir(full), f"{option} {path} is a folder, not a file name")
+    parent = full if folder else os.path.dirname(full)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    check(os.path.isdir(parent), f"{option} {path} cannot be written: {parent} is a file, not a folder")
+    check(os.access(parent, os.W_OK | os.X_OK), f"{option} {path} cannot be written: permission denied "
+                                                f"in {parent}")
+
+
 def atomic_write(path, write):
     """Write a file atomically: write(f) into a temp file beside it, fsync, then rename, so that a
     kill at any moment leaves either the old file or the new one. The temp file is named after the

@@ -359,6 +359,7 @@ RUNNERS = {name: globals()[f"exp_{name}"] for name in EXPERIMENTS}
 
 def main(argv=None):
     args = parse_args(argv)
+    common.check_writable(args.out, folder=True)
     device = common.pick_device(args.device)
     args.device = "cpu" if device.type == "mps" else str(device)
     names = EXPERIMENTS if args.experiment == "all" else [args.experiment]

@@ -180,6 +180,7 @@ def main(argv=None):
     args = parse_args(argv)
     check_args(args)
     args.out = args.out or default_out(args)
+    common.check_writable(args.out, folder=True)
     common.run_distributed(train, args)
 
 

@@ -438,3 +438,26 @@ def test_garbage_checkpoint_is_called_corrupted_or_foreign(tmp_path):
     path.write_bytes(b"not a torch file")
     with pytest.raises(common.UserError, match="corrupted .*or not a torch checkpoint"):
         common.load_checkpoint(path)
+
+
+# --- command line ----------------------------------------------------------------
+
+def test_check_writable_names_files_where_folders_are_expected_and_back(tmp_path):
+    (tmp_path / "file").write_text("x")
+    common.check_writable(tmp_path / "new" / "deeper" / "a.npz")
+    common.check_writable(tmp_path / "new" / "run", folder=True)
+    common.check_writable(tmp_path, folder=True)
+    common.check_writable(None)
+    for path, folder, words in [(tmp_path / "file", True, "is an existing file, not a folder"),
+                                (tmp_path, False, "is a folder, not a file name"),
+                                (tmp_path / "file" / "a.npz", False, "is a file, not a folder"),
+                                (tmp_path / "file" / "run", True, "is a file, not a folder")]:
+        with pytest.raises(common.UserError, match=words):
+            common.check_writable(path, folder)
+
+
+def test_check_writable_reports_a_folder_without_write_permission(tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "access", lambda path, mode: os.fspath(path) != str(tmp_path))
+    with pytest.raises(common.UserError, match=f"--out {tmp_path}/run/a.npz cannot be written: permission "
+                                               f"denied in {tmp_path}$"):
+        common.check_writable(tmp_path / "run" / "a.npz")

@@ -127,3 +127,12 @@ def test_bad_input_stops_with_one_clear_message(tmp_path, argv, message):
                           text=True, cwd=toy2d.__file__.rsplit("/", 1)[0])
     assert proc.returncode == 2
     assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_out_that_is_an_existing_file_stops_before_any_experiment(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(toy2d, "RUNNERS", {})  # reached only after the check
+    (tmp_path / "toy").write_text("not a folder")
+    with pytest.raises(SystemExit) as exit_info:
+        common.run_cli(lambda: toy2d.main(["all", "--out", str(tmp_path / "toy")]))
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == f"error: --out {tmp_path / 'toy'} is an existing file, not a folder\n"

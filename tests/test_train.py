@@ -186,3 +186,10 @@ def test_compiled_network_trains_like_the_eager_one(baseline, data_dir, tmp_path
         assert a.keys() == b.keys()
         for name in a:
             torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-6)
+
+
+def test_out_that_is_an_existing_file_stops_before_training(data_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(common, "load_images", None)  # reached only after the check
+    (tmp_path / "run").write_text("not a folder")
+    status, err = run_cli(argv(data_dir, tmp_path / "run"), capsys)
+    assert_one_line_error(status, err, f"--out {tmp_path / 'run'} is an existing file, not a folder")
