@@ -1407,6 +1407,27 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     """--help that shows every default and keeps the layout of the script's docstring."""
 
 
+def _number_type(kind, accept, wanted):
+    """argparse type= that parses a finite `kind` for which accept(value) holds; anything else stops
+    with argparse's usage error (status 2) naming the option and what it must be."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value) or not accept(value):
+            raise argparse.ArgumentTypeError(f"must be {wanted}, got {text!r}")
+        return value
+    return parse
+
+
+finite_float = _number_type(float, lambda v: True, "a finite number")
+positive_float = _number_type(float, lambda v: v > 0, "a positive number")
+non_negative_float = _number_type(float, lambda v: v >= 0, "a non-negative number")
+positive_int = _number_type(int, lambda v: v > 0, "a positive integer")
+non_negative_int = _number_type(int, lambda v: v >= 0, "a non-negative integer")
+
+
 def run_cli(main):
     """Run a script's main(); a UserError prints 'error: ...' and exits with status 2."""
     try:

@@ -53,7 +53,7 @@ def parse_args(argv=None):
     p.add_argument("--samples-per-point", type=int, default=50, help="fixed noise draws per point")
     p.add_argument("--num-samples", type=int, default=1000, help="ODE samples for trajectories and fd")
     p.add_argument("--steps", type=int, default=120, help="EDM schedule steps (sigma grid and sampler)")
-    p.add_argument("--seed", type=int, default=0, help="seed of noise draws, random angles and samples")
+    p.add_argument("--seed", type=common.non_negative_int, default=0, help="seed of noise draws, random angles and samples")
     p.add_argument("--device", default="auto", help="auto (cuda, then cpu: the toy needs float64, which mps "
                    "lacks), cpu, cuda, cuda:N")
     args = p.parse_args(argv)

@@ -37,41 +37,52 @@ def parse_args(argv=None):
     """The command line; every default shows in --help."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
     p.add_argument("--data", default="fashion-mnist", help="dataset: " + ", ".join(common.DATASETS))
-    p.add_argument("--data-dir", default=None, help="folder with the dataset files "
-                   "(else the system folder, the user cache, or a download)")
-    p.add_argument("--resolution", type=int, default=32, help="image size R x R (R divides 32)")
-    p.add_argument("--n", type=int, default=1000, help="training subset size, drawn with --seed")
+    p.add_argument("--data-dir", default=None, help="folder with the dataset files, the only "
+                   "place looked in when given (else the system folder, the user cache, or a download)")
+    p.add_argument("--resolution", type=common.positive_int, default=32, help="image size R x R (R divides 32)")
+    p.add_argument("--n", type=common.positive_int, default=1000,
+                   help="training subset size, drawn with --seed")
     p.add_argument("--model", default="unet", help="unet or dit")
     p.add_argument("--size", default="m", help="preset: tiny, xs, s, m, l (l = the paper's CIFAR U-Net)")
-    p.add_argument("--channels", type=int, default=None, help="override the preset's base channels")
-    p.add_argument("--blocks", type=int, default=None, help="override the preset's blocks per level / depth")
-    p.add_argument("--dropout", type=float, default=None, help="override the preset's dropout")
-    p.add_argument("--patch", type=int, default=None, help="DiT patch size (overrides the preset)")
+    p.add_argument("--channels", type=common.positive_int, default=None,
+                   help="override the preset's base channels")
+    p.add_argument("--blocks", type=common.positive_int, default=None,
+                   help="override the preset's blocks per level / depth")
+    p.add_argument("--dropout", type=common.non_negative_float, default=None,
+                   help="override the preset's dropout")
+    p.add_argument("--patch", type=common.positive_int, default=None,
+                   help="DiT patch size (overrides the preset)")
     p.add_argument("--cond", default="none", choices=["none", "class", "kmeans"],
                    help="conditioning: none, dataset classes, or k-means clusters of the subset")
-    p.add_argument("--k", type=int, default=10, help="number of k-means clusters for --cond kmeans")
-    p.add_argument("--label-dropout", type=float, default=0.0,
+    p.add_argument("--k", type=common.positive_int, default=10,
+                   help="number of k-means clusters for --cond kmeans")
+    p.add_argument("--label-dropout", type=common.non_negative_float, default=0.0,
                    help="probability of replacing a label by the null label (for guidance)")
-    p.add_argument("--steps", type=int, default=200000, help="training steps (optimizer updates)")
-    p.add_argument("--batch", type=int, default=512, help="global batch size (split across processes)")
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
-    p.add_argument("--lr-rampup", type=int, default=10_000_000, help="linear lr ramp-up, in images (0: none)")
-    p.add_argument("--ema-half-life", type=int, default=500_000, help="EMA half-life in images")
-    p.add_argument("--ema-rampup", type=float, default=0.05,
+    p.add_argument("--steps", type=common.positive_int, default=200000,
+                   help="training steps (optimizer updates)")
+    p.add_argument("--batch", type=common.positive_int, default=512,
+                   help="global batch size (split across processes)")
+    p.add_argument("--lr", type=common.non_negative_float, default=1e-3, help="Adam learning rate")
+    p.add_argument("--lr-rampup", type=common.non_negative_int, default=10_000_000,
+                   help="linear lr ramp-up, in images (0: none)")
+    p.add_argument("--ema-half-life", type=common.non_negative_int, default=500_000,
+                   help="EMA half-life in images")
+    p.add_argument("--ema-rampup", type=common.non_negative_float, default=0.05,
                    help="EMA half-life at most this fraction of the images seen so far (0: off)")
-    p.add_argument("--p-mean", type=float, default=common.P_MEAN, help="training ln(sigma) mean")
-    p.add_argument("--p-std", type=float, default=common.P_STD, help="training ln(sigma) std")
+    p.add_argument("--p-mean", type=common.finite_float, default=common.P_MEAN, help="training ln(sigma) mean")
+    p.add_argument("--p-std", type=common.positive_float, default=common.P_STD, help="training ln(sigma) std")
     p.add_argument("--augment", default="none", choices=["none", "xflip"], help="data augmentation")
     p.add_argument("--snapshots", default="log:32,every:20000000",
                    help="when to write snapshots, comma-separated: log:K = K log-spaced image counts, "
                    "every:N = every N images; the last step always gets one")
-    p.add_argument("--eval-every", type=int, default=1_000_000,
+    p.add_argument("--eval-every", type=common.positive_int, default=1_000_000,
                    help="images between E_train/E_val evaluations (also at the start and the end)")
-    p.add_argument("--eval-sigmas", type=float, nargs="+", default=[0.5, 1.0, 2.0],
+    p.add_argument("--eval-sigmas", type=common.positive_float, nargs="+", default=[0.5, 1.0, 2.0],
                    help="noise levels of the E_train/E_val evaluations")
-    p.add_argument("--probe-images", type=int, default=256,
+    p.add_argument("--probe-images", type=common.positive_int, default=256,
                    help="images per split in the fixed probe set of the evaluations")
-    p.add_argument("--seed", type=int, default=0, help="seed of the subset, initialisation and noise")
+    p.add_argument("--seed", type=common.non_negative_int, default=0,
+                   help="seed of the subset, initialisation and noise")
     p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N, mps")
     p.add_argument("--out", default=None, help="run folder (default: runs/<data>-r<R>-n<n>-<model>-<size>-"
                    "<cond>-seed<seed>)")
@@ -82,19 +93,13 @@ def parse_args(argv=None):
 
 
 def check_args(args):
-    """UserError for arguments that cannot make a run."""
+    """UserError for arguments that cannot make a run (parse_args' types check each number alone)."""
     check = common.check
     check(args.data in common.DATASETS, f"unknown dataset {args.data!r}: choose one of {', '.join(common.DATASETS)}")
     check(args.n >= 2, f"--n must be at least 2, got {args.n}")
-    check(args.steps >= 1 and args.batch >= 1, f"--steps and --batch must be positive, got {args.steps}, {args.batch}")
-    check(args.lr >= 0 and args.lr_rampup >= 0 and args.ema_half_life >= 0 and args.ema_rampup >= 0,
-          "--lr, --lr-rampup, --ema-half-life and --ema-rampup must not be negative")
-    check(args.p_std > 0, f"--p-std must be positive, got {args.p_std}")
-    check(0 <= args.label_dropout < 1, f"--label-dropout must lie in [0, 1), got {args.label_dropout}")
-    check(args.cond != "kmeans" or args.k >= 1, f"--k must be positive, got {args.k}")
-    check(args.eval_every >= 1 and args.probe_images >= 1, "--eval-every and --probe-images must be positive")
-    check(all(s > 0 for s in args.eval_sigmas), f"--eval-sigmas must be positive, got {args.eval_sigmas}")
-    check(args.seed >= 0, f"--seed must not be negative, got {args.seed}")
+    check(args.label_dropout < 1, f"--label-dropout must lie in [0, 1), got {args.label_dropout}")
+    check(args.cond != "none" or args.label_dropout == 0, "--label-dropout needs a conditional run (--cond "
+          "class or kmeans): an unconditional network has no labels to drop")
     snapshot_steps(args.snapshots, args.steps, args.batch)
 
 

@@ -121,6 +121,7 @@ def test_same_seed_gives_same_npz_bytes_and_another_seed_does_not(tmp_path):
     (["delta", "--sigmas", "0"], "--sigmas must be positive"),
     (["density", "--n-points", "1"], "--n-points must be at least 2"),
     (["guidance", "--deltas", "1.0"], "guidance needs --deltas DELTA_POS DELTA_NEG"),
+    (["delta", "--seed", "-1"], "argument --seed: must be a non-negative integer, got '-1'"),
 ])
 def test_bad_input_stops_with_one_clear_message(tmp_path, argv, message):
     proc = subprocess.run([sys.executable, "toy2d.py", *argv, "--out", str(tmp_path)], capture_output=True,

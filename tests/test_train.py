@@ -132,10 +132,24 @@ def assert_one_line_error(status, err, *words):
     (["--size", "huge"], ["unknown size", "tiny"]),
     (["--data", "imagenet"], ["unknown dataset", "fashion-mnist"]),
     (["--snapshots", "log20"], ["--snapshots", "every:N"]),
+    (["--cond", "none"], ["--label-dropout needs a conditional run"]),
+    (["--channels", "7"], ["channels must be even", "7"]),
+    (["--data", "cifar10"], ["--data-dir", "has no cifar10 train split", "cifar-10-python.tar.gz"]),
 ])
 def test_bad_arguments_exit_2_with_one_line_message(data_dir, tmp_path, capsys, change, words):
     assert_one_line_error(*run_cli(argv(data_dir, tmp_path, 40, *change), capsys), *words)
     assert not os.path.exists(tmp_path / "train_log.npz")
+
+
+@pytest.mark.parametrize("change, message", [
+    (["--p-mean", "nan"], "argument --p-mean: must be a finite number, got 'nan'"),
+    (["--resolution", "0"], "argument --resolution: must be a positive integer, got '0'"),
+    (["--seed", "-1"], "argument --seed: must be a non-negative integer, got '-1'"),
+    (["--n", "1e3"], "argument --n: must be a positive integer, got '1e3'"),
+])
+def test_bad_numbers_are_refused_by_the_parser_naming_the_option(data_dir, tmp_path, capsys, change, message):
+    status, err = run_cli(argv(data_dir, tmp_path, 40, *change), capsys)
+    assert status == 2 and err.endswith(f"error: {message}\n") and "Traceback" not in err, err
 
 
 @pytest.mark.parametrize("content, words", [
