@@ -137,3 +137,14 @@ def test_out_that_is_an_existing_file_stops_before_any_experiment(tmp_path, caps
         common.run_cli(lambda: toy2d.main(["all", "--out", str(tmp_path / "toy")]))
     assert exit_info.value.code == 2
     assert capsys.readouterr().err == f"error: --out {tmp_path / 'toy'} is an existing file, not a folder\n"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["all", "--deltas", "2", "1.5", "1"], "guidance needs --deltas DELTA_POS DELTA_NEG (two values), got 3 (all:"),
+    (["all", "--n-points", "2"], "fd needs --n-points of at least 4"),
+])
+def test_all_checks_every_experiments_arguments_before_the_first_runs(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        common.run_cli(lambda: toy2d.main([*argv, "--out", str(tmp_path), *FAST]))
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
