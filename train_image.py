@@ -88,7 +88,8 @@ def parse_args(argv=None):
                    "<cond>-seed<seed>)")
     p.add_argument("--compile", action="store_true", help="torch.compile the network")
     p.add_argument("--no-resume", action="store_true",
-                   help="start from step 0, deleting the snapshots and train_log.npz already in --out")
+                   help="start from step 0; the snapshots and train_log.npz already in --out are replaced when "
+                   "the new run writes its first snapshot")
     return p.parse_args(argv)
 
 
@@ -195,12 +196,12 @@ def train(args, rank, world, device):
     say = print if rank == 0 else (lambda *a, **k: None)
     cuda, local, B = device.type == "cuda", args.batch // world, args.batch
 
-    ckpt, last_path = None, latest_snapshot(args.out)
-    if last_path is not None and args.no_resume:
-        if rank == 0:
-            for name in os.listdir(args.out):
-                if common.SNAPSHOT_NAME.fullmatch(name) or name == "train_log.npz":
-                    os.remove(os.path.join(args.out, name))
+    ckpt, last_path, old_run = None, latest_snapshot(args.out), []
+    if last_path is not None and args.no_resume:  # removed once this run has a snapshot of its own
+        old_run = [os.path.join(args.out, name) for name in sorted(os.listdir(args.out))
+                   if common.SNAPSHOT_NAME.fullmatch(name)]
+        say(f"--no-resume: the {len(old_run)} snapshot(s) of the earlier run in {args.out} are removed once this "
+            "run writes its first snapshot")
         last_path = None
     if last_path is not None:
         ckpt = common.load_checkpoint(last_path)
@@ -304,6 +305,10 @@ def train(args, rank, world, device):
                 step=step, images_seen=step * B, args=vars(args), network=net.config, subset=subset,
                 labels=labels, dataset=args.data, resolution=args.resolution,
                 kmeans_centroids=None if centroids is None else np.asarray(centroids), rng=states, log=log), path)
+            for old in old_run:
+                if old != path:
+                    os.remove(old)
+            old_run.clear()
             write_log()
         return path
 

@@ -1,6 +1,7 @@
 """train_image.py: snapshots and logs, exact resume, data parallel, compile, NaN stop, bad input."""
 import functools
 import os
+import shutil
 import subprocess
 import sys
 
@@ -164,6 +165,29 @@ def test_resuming_from_a_corrupted_or_foreign_snapshot_exits_2(data_dir, tmp_pat
         with open(path, "wb") as f:
             f.write(content)
     assert_one_line_error(*run_cli(argv(data_dir, tmp_path), capsys), path, *words)
+
+
+def test_no_resume_with_a_bad_argument_keeps_the_earlier_run(baseline, data_dir, tmp_path, capsys):
+    run = shutil.copytree(baseline, tmp_path / "run")
+    before = sorted(os.listdir(run))
+    for change, words in ((["--n", "41"], ["40 images"]), (["--data", "cifar10"], ["has no cifar10"])):
+        assert_one_line_error(*run_cli(argv(data_dir, run, 40, "--no-resume", *change), capsys), *words)
+    assert sorted(os.listdir(run)) == before
+
+
+def test_no_resume_replaces_the_earlier_run_once_its_first_snapshot_is_written(baseline, data_dir, tmp_path,
+                                                                              monkeypatch):
+    run = shutil.copytree(baseline, tmp_path / "run")
+    before = sorted(os.listdir(run))
+    counting_loss(monkeypatch, 5, interrupt)  # stopped before the new run's first snapshot
+    with pytest.raises(KeyboardInterrupt):
+        train_image.main(argv(data_dir, run, 20, "--no-resume", "--seed", "1"))
+    assert sorted(os.listdir(run)) == before
+    monkeypatch.undo()
+    train_image.main(argv(data_dir, run, 20, "--no-resume", "--seed", "1"))
+    assert sorted(os.listdir(run)) == [os.path.basename(snapshot(run, 20)), "train_log.npz"]
+    assert common.load_checkpoint(snapshot(run, 20))["args"]["seed"] == 1
+    assert common.load_npz(os.path.join(run, "train_log.npz"))["args"]["seed"] == 1
 
 
 def test_resuming_with_different_arguments_names_them(baseline, data_dir, capsys):
