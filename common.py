@@ -1428,13 +1428,26 @@ positive_int = _number_type(int, lambda v: v > 0, "a positive integer")
 non_negative_int = _number_type(int, lambda v: v >= 0, "a non-negative integer")
 
 
+_ON_INTERRUPT = []  # the describe() of on_interrupt, if a script registered one
+
+
+def on_interrupt(describe):
+    """Register describe() -> str, how far the script got and how to go on, for run_cli to print on Ctrl-C."""
+    _ON_INTERRUPT[:] = [describe]
+
+
 def run_cli(main):
-    """Run a script's main(); a UserError prints 'error: ...' and exits with status 2."""
+    """Run a script's main(); a UserError prints 'error: ...' and exits with status 2, Ctrl-C prints one
+    line 'interrupted' (with what the on_interrupt hook says) and exits with status 130."""
+    _ON_INTERRUPT.clear()
     try:
         main()
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted" + "".join(f" {describe()}" for describe in _ON_INTERRUPT), file=sys.stderr)
+        sys.exit(130)
 
 
 def check_writable(path, folder=False, option="--out"):

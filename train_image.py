@@ -181,6 +181,15 @@ def check_same_run(saved, current, path):
                            "snapshot's arguments, choose another --out, or pass --no-resume to start over")
 
 
+def interrupted_note(args, steps_done, last_snapshot):
+    """How far training got and how to go on, for the one line printed on Ctrl-C."""
+    where = f"after {steps_done:,} of {args.steps:,} steps ({steps_done * args.batch:,} images seen)"
+    if last_snapshot is None:
+        return f"{where}, before the first snapshot of this run: rerun the same command to start again"
+    again = "the command without --no-resume" if args.no_resume else "the same command"
+    return f"{where}; last snapshot {last_snapshot}: rerun {again} to resume from it"
+
+
 def main(argv=None):
     """Train (or resume) one run as the command line says."""
     args = parse_args(argv)
@@ -312,6 +321,8 @@ def train(args, rank, world, device):
             write_log()
         return path
 
+    done = start
+    common.on_interrupt(lambda: interrupted_note(args, done, last_snapshot))
     if start == 0:
         evaluate(0)
     pending, tick, tick_images = [], time.perf_counter(), start * B
@@ -339,6 +350,7 @@ def train(args, rank, world, device):
             common.update_ema(ema, net, common.ema_beta(B, half_life))
             pending.append(loss.detach())
             bar.update()
+            done = step
 
             is_snapshot = step in snapshots
             is_eval = step == args.steps or seen // args.eval_every > (seen - B) // args.eval_every

@@ -461,3 +461,14 @@ def test_check_writable_reports_a_folder_without_write_permission(tmp_path, monk
     with pytest.raises(common.UserError, match=f"--out {tmp_path}/run/a.npz cannot be written: permission "
                                                f"denied in {tmp_path}$"):
         common.check_writable(tmp_path / "run" / "a.npz")
+
+
+def test_ctrl_c_prints_one_line_with_the_registered_progress_and_exits_130(capsys):
+    def main(progress):
+        if progress:
+            common.on_interrupt(lambda: "after 3 of 9 steps")
+        raise KeyboardInterrupt
+    for progress, line in ((True, "interrupted after 3 of 9 steps\n"), (False, "interrupted\n")):
+        with pytest.raises(SystemExit) as exit_info:
+            common.run_cli(lambda: main(progress))
+        assert exit_info.value.code == 130 and capsys.readouterr().err == line

@@ -104,6 +104,17 @@ def test_killed_and_resumed_run_ends_bit_identical_to_uninterrupted(baseline, da
         np.testing.assert_array_equal(log_a[key], log_b[key])
 
 
+def test_ctrl_c_prints_one_line_with_the_step_the_last_snapshot_and_how_to_resume(data_dir, tmp_path, capsys,
+                                                                                   monkeypatch):
+    counting_loss(monkeypatch, 28, interrupt)  # in step 28, after the snapshot at step 20
+    with pytest.raises(SystemExit) as exit_info:
+        common.run_cli(lambda: train_image.main(argv(data_dir, tmp_path)))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 130 and "Traceback" not in err
+    assert err.splitlines()[-1] == (f"interrupted after 27 of 40 steps (216 images seen); last snapshot "
+                                    f"{snapshot(tmp_path, 20)}: rerun the same command to resume from it")
+
+
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_snapshot(data_dir, tmp_path, monkeypatch):
     counting_loss(monkeypatch, 25, lambda loss: loss * float("nan"))
     with pytest.raises(common.UserError, match=r"loss became nan at step 25 .*snapshot-000000160\.pt.*--lr"):
