@@ -1087,10 +1087,10 @@ def image_noise(indices, shape, seed=0):
 
 
 @torch.no_grad()
-def denoising_errors(denoise, images, noise, sigmas, labels=None, batch_size=256):
+def denoising_errors(denoise, images, noise, sigmas, labels=None, batch_size=256, progress=None):
     """Per-noise-level error E(sigma) of PAPER.md, per image: (1/d) ||y_i - D(y_i + sigma n_i; sigma, c_i)||^2,
     unweighted, returned as float64 (S, N). Batches mix (image, sigma) pairs; `denoise(x, sigma, labels)`
-    gets sigma as a (B,) tensor and labels (B,) or None."""
+    gets sigma as a (B,) tensor and labels (B,) or None. A tqdm `progress` bar advances by the pairs done."""
     sigmas = torch.as_tensor(sigmas, dtype=torch.float64).flatten()
     check(bool((sigmas > 0).all()), "sigmas must be positive")
     check(images.shape == noise.shape, f"images {tuple(images.shape)} and noise {tuple(noise.shape)} differ")
@@ -1104,6 +1104,8 @@ def denoising_errors(denoise, images, noise, sigmas, labels=None, batch_size=256
         x = y + sigma.view(-1, *[1] * (y.ndim - 1)) * noise[i_idx]
         den = denoise(x, sigma, None if labels is None else labels[i_idx])
         out[start:start + len(pair)] = (den.double() - y.double()).square().flatten(1).mean(1).cpu()
+        if progress is not None:
+            progress.update(len(pair))
     return out.view(S, N)
 
 

@@ -18,6 +18,7 @@ import contextlib
 import copy
 import math
 import os
+import shutil
 import time
 
 import numpy as np
@@ -31,6 +32,9 @@ import common
 # Arguments a resumed run may change: they touch neither the weights nor the log's layout.
 RESUMABLE_CHANGES = {"steps", "snapshots", "eval_every", "device", "compile", "out", "data_dir", "no_resume"}
 FLUSH_EVERY = 20  # steps between loss read-outs; each one waits for the device
+EVAL_BATCH = 64  # (image, sigma) pairs per forward pass of the evaluations: small, so their progress bar moves
+PLAN_AFTER = 10  # seconds of training (or FLUSH_EVERY steps) after which the time and disk estimate is printed
+CPU_SCALE = "--size tiny --resolution 16 --n 256 --batch 32 --steps 600"  # as quick.sh
 
 
 def parse_args(argv=None):
@@ -181,6 +185,38 @@ def check_same_run(saved, current, path):
                            "snapshot's arguments, choose another --out, or pass --no-resume to start over")
 
 
+def duration(seconds):
+    """A duration for people: 0.42 s, 17 min, 3.5 h, 2.1 days."""
+    for unit, size in (("days", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= 2 * size:
+            return f"{seconds / size:.2g} {unit}" if unit != "min" else f"{seconds / size:.0f} min"
+    return f"{seconds:.2g} s" if seconds < 10 else f"{seconds:.0f} s"
+
+
+def megabytes(size):
+    """A size in bytes for people: 1.3 MB, 2.1 GB."""
+    return f"{size / 1e9:.3g} GB" if size >= 1e9 else f"{size / 1e6:.3g} MB"
+
+
+def snapshot_bytes(net, ema, opt):
+    """Size of one snapshot, about: the tensors of the network, its EMA and the optimizer state."""
+    states = [net.state_dict(), ema.state_dict(), *opt.state_dict()["state"].values()]
+    return sum(t.numel() * t.element_size() for state in states for t in state.values() if torch.is_tensor(t))
+
+
+def plan_line(args, step, step_seconds, eval_seconds, num_snapshots, snapshot_size):
+    """Time left (steps, and evaluations when their time is known) and the disk the snapshots need."""
+    B, left = args.batch, args.steps - step
+    evals = args.steps * B // args.eval_every - step * B // args.eval_every + bool(args.steps * B % args.eval_every)
+    seconds = left * step_seconds + (evals * eval_seconds if eval_seconds is not None else 0)
+    os.makedirs(args.out, exist_ok=True)
+    need, free = num_snapshots * snapshot_size, shutil.disk_usage(args.out).free
+    evals_text = f" and {evals} evaluation(s) of {duration(eval_seconds)}" if eval_seconds is not None else ""
+    return (f"{duration(step_seconds)} per step: about {duration(seconds)} left for {left:,} steps{evals_text}; "
+            f"{num_snapshots} snapshots of about {megabytes(snapshot_size)}: {megabytes(need)} in {args.out} "
+            f"({megabytes(free)} free{', NOT ENOUGH' if need > free else ''})")
+
+
 def interrupted_note(args, steps_done, last_snapshot):
     """How far training got and how to go on, for the one line printed on Ctrl-C."""
     where = f"after {steps_done:,} of {args.steps:,} steps ({steps_done * args.batch:,} images seen)"
@@ -204,6 +240,10 @@ def train(args, rank, world, device):
     common.check(args.batch % world == 0, f"--batch {args.batch} must be divisible by the {world} processes")
     say = print if rank == 0 else (lambda *a, **k: None)
     cuda, local, B = device.type == "cuda", args.batch // world, args.batch
+    sizes = list(common.NETWORK_PRESETS.get(args.model, ()))
+    if device.type == "cpu" and args.size in sizes and sizes.index(args.size) >= sizes.index("m"):
+        say(f"warning: the {args.size} preset is sized for GPUs (on a CPU one step of batch {B} can take minutes); "
+            f"for a CPU-scale run try {CPU_SCALE} (as quick.sh)")
 
     ckpt, last_path, old_run = None, latest_snapshot(args.out), []
     if last_path is not None and args.no_resume:  # removed once this run has a snapshot of its own
@@ -289,8 +329,12 @@ def train(args, rank, world, device):
     def evaluate(seen):
         if rank == 0:
             log["eval_images"].append(seen)
-            for key, (y, noise, c) in zip(("E_train", "E_val"), probes):
-                log[key].append(common.denoising_errors(ema, y, noise, args.eval_sigmas, c, B).mean(1).tolist())
+            pairs = len(args.eval_sigmas) * sum(len(y) for y, _, _ in probes)
+            with tqdm(total=pairs, desc=f"E_train, E_val at {seen:,} images", unit="eval", leave=False,
+                      dynamic_ncols=True) as eval_bar:
+                for key, (y, noise, c) in zip(("E_train", "E_val"), probes):
+                    errors = common.denoising_errors(ema, y, noise, args.eval_sigmas, c, EVAL_BATCH, eval_bar)
+                    log[key].append(errors.mean(1).tolist())
 
     def write_log():
         m = len(args.eval_sigmas)
@@ -321,11 +365,14 @@ def train(args, rank, world, device):
             write_log()
         return path
 
-    done = start
+    done, eval_seconds = start, None
     common.on_interrupt(lambda: interrupted_note(args, done, last_snapshot))
     if start == 0:
+        tick = time.perf_counter()
         evaluate(0)
+        eval_seconds = time.perf_counter() - tick
     pending, tick, tick_images = [], time.perf_counter(), start * B
+    loop_start, planned = tick, rank != 0
     with tqdm(total=args.steps, initial=start, unit="step", disable=rank != 0, dynamic_ncols=True) as bar:
         for step in range(start + 1, args.steps + 1):
             seen = (step - 1) * B
@@ -351,6 +398,12 @@ def train(args, rank, world, device):
             pending.append(loss.detach())
             bar.update()
             done = step
+            if not planned and (step - start >= FLUSH_EVERY or time.perf_counter() - loop_start >= PLAN_AFTER):
+                if cuda:
+                    torch.cuda.synchronize(device)
+                bar.write(plan_line(args, step, (time.perf_counter() - loop_start) / (step - start), eval_seconds,
+                                    len(snapshots), snapshot_bytes(net, ema, opt)))
+                planned = True
 
             is_snapshot = step in snapshots
             is_eval = step == args.steps or seen // args.eval_every > (seen - B) // args.eval_every

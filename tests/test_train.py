@@ -242,3 +242,24 @@ def test_out_that_is_an_existing_file_stops_before_training(data_dir, tmp_path, 
     (tmp_path / "run").write_text("not a folder")
     status, err = run_cli(argv(data_dir, tmp_path / "run"), capsys)
     assert_one_line_error(status, err, f"--out {tmp_path / 'run'} is an existing file, not a folder")
+
+
+def test_progress_shows_the_evaluations_and_one_estimate_of_time_and_disk(data_dir, tmp_path, capsys):
+    train_image.main(argv(data_dir, tmp_path, 40))
+    out, err = capsys.readouterr()
+    assert "E_train, E_val at 0 images" in err and "E_train, E_val at 160 images" in err
+    plan = [line for line in out.splitlines() if " per step: about " in line]
+    assert len(plan) == 1, out
+    assert "left for 20 steps and 1 evaluation(s) of" in plan[0] and "2 snapshots of about" in plan[0]
+    assert f"in {tmp_path} (" in plan[0] and "free)" in plan[0]
+
+
+def test_paper_scale_command_is_valid_and_on_a_cpu_warns_with_cpu_scale_settings(data_dir, tmp_path, capsys):
+    for command in ("--model unet --n 1000 --steps 200000", train_image.CPU_SCALE):
+        train_image.check_args(train_image.parse_args(command.split()))
+    with pytest.raises(SystemExit):  # --n 41 stops it after the warning
+        common.run_cli(lambda: train_image.main(argv(data_dir, tmp_path, 40, "--size", "m", "--n", "41")))
+    out, err = capsys.readouterr()
+    assert err.startswith("error: n = 41")
+    warnings = [line for line in out.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "m preset" in warnings[0] and train_image.CPU_SCALE in warnings[0]
