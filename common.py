@@ -46,6 +46,15 @@ def check(condition, message):
         raise UserError(message)
 
 
+def _read_error(path, err, advice):
+    """UserError for a file that failed to load. An OS error (permission denied, I/O error) is named
+    and nothing more, since the file itself may be fine; otherwise its contents are bad, and `advice`
+    says what to do."""
+    if isinstance(err, OSError) and err.errno is not None:
+        return UserError(f"cannot read {path}: {err.strerror or err}")
+    return UserError(f"cannot read {path} ({type(err).__name__}: {err}); {advice}")
+
+
 # ---------------------------------------------------------------------------
 # EDM schedule and preconditioning
 # ---------------------------------------------------------------------------
@@ -599,7 +608,9 @@ def build_network(model, size="tiny", img_resolution=32, img_channels=1, num_cla
     check(kwargs["channels"] >= 1 and kwargs["blocks"] >= 1, f"channels and blocks must be positive, "
           f"got {kwargs['channels']}, {kwargs['blocks']}")
     check(0 <= kwargs["dropout"] < 1, f"dropout must lie in [0, 1), got {kwargs['dropout']}")
-    if model == "unet":
+    if model == "unet":  # group_norm finds groups for any width; the noise embedding needs cos-sin pairs
+        check(kwargs["channels"] % 2 == 0, f"U-Net channels must be even (the noise embedding is made of "
+              f"cos-sin pairs), got {kwargs['channels']}")
         factor = 2 ** (len(kwargs["channel_mult"]) - 1)
         check(img_resolution % factor == 0 and img_resolution >= factor,
               f"the {size} U-Net needs a resolution divisible by {factor}, got {img_resolution}")
@@ -672,6 +683,7 @@ DATASETS = {
         "cifar-100-python", ("train",), ("test",), b"coarse_labels", 20),
 }
 _LOADED = {}  # (name, split, source paths) -> (images, labels), read-only arrays
+_REPORTED = set()  # (name, folder) pairs whose files load_images has printed
 
 
 def _cache_dir(info):
@@ -681,12 +693,11 @@ def _cache_dir(info):
 
 
 def _search_dirs(info, root):
-    """Folders to look in, in order: --data-dir (its dataset subfolder first), system, cache."""
-    dirs = []
+    """Folders to look in, in order: --data-dir alone (its dataset subfolders first), else system, cache."""
     if root is not None:
         root = os.path.expanduser(os.fspath(root))
-        dirs += [os.path.join(root, sub) for sub in (info["folder"], *info.get("aliases", ()))] + [root]
-    return dirs + list(info.get("system_dirs", ())) + [_cache_dir(info)]
+        return [os.path.join(root, sub) for sub in (info["folder"], *info.get("aliases", ()))] + [root]
+    return list(info.get("system_dirs", ())) + [_cache_dir(info)]
 
 
 def _find_source(info, split, folder):
@@ -773,7 +784,7 @@ def _read_idx(path, ndim):
         with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
             raw = f.read()
     except (OSError, EOFError) as err:
-        raise UserError(f"cannot read {path} ({err}); delete it and get the file again")
+        raise _read_error(path, err, "delete it and get the file again") from None
     check(len(raw) >= 4 + 4 * ndim and raw[:4] == bytes([0, 0, 8, ndim]),
           f"{path} is not an IDX file of uint8 with {ndim} dimensions (magic {2048 + ndim})")
     dims = [int(s) for s in np.frombuffer(raw, ">u4", ndim, 4)]
@@ -817,7 +828,7 @@ def _read_cifar_batches(source, members, where):
                         if len(blobs) == len(members):
                             break
     except (OSError, EOFError, tarfile.TarError) as err:
-        raise UserError(f"cannot read {source} ({err}); delete it and get the file again")
+        raise _read_error(source, err, "delete it and get the file again") from None
     missing = [f"{where}/{m}" for m in members if m not in blobs]
     check(not missing, f"{source} lacks {', '.join(missing)}: not the canonical CIFAR python archive")
     batches = []
@@ -854,7 +865,8 @@ def _read_source(info, split, source):
 
 def load_images(name="fashion-mnist", split="train", root=None):
     """Dataset split as uint8 images (N, H, W, C) and int64 labels (N,); 'val' is the official
-    test split. Looks in root (--data-dir), the system folder, the user cache, then downloads.
+    test split. Looks in root (--data-dir) alone when given, else in the system folder, the user
+    cache, then downloads. Prints the files it reads (once per folder).
     The arrays are cached per process and read-only: index or copy them before changing them."""
     check(name in DATASETS, f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
     check(split in ("train", "val"), f"unknown split {split!r}: use train or val")
@@ -862,6 +874,10 @@ def load_images(name="fashion-mnist", split="train", root=None):
     searched = _search_dirs(info, root)
     source = next(filter(None, (_find_source(info, split, d) for d in searched)), None)
     if source is None:
+        wanted = " and ".join(info["split_files"][split])
+        wanted += f" (or the extracted {info['extracted']}/)" if info["format"] == "cifar" else " (gzipped or not)"
+        check(root is None, f"--data-dir {root} has no {name} {split} split: looked for {wanted} in "
+                            f"{', '.join(searched)}")
         source = _download(name, info, split, searched)
     key = (name, split, tuple(os.path.abspath(p) for p in source))
     if key not in _LOADED:
@@ -869,7 +885,18 @@ def load_images(name="fashion-mnist", split="train", root=None):
         images, labels = np.ascontiguousarray(images), np.ascontiguousarray(labels)
         images.flags.writeable = labels.flags.writeable = False
         _LOADED[key] = images, labels
+        _report_source(name, info, key[2][0])
     return _LOADED[key]
+
+
+def _report_source(name, info, path):
+    """Print, once per dataset and folder (and on the first process only), the files of both splits there."""
+    folder, dist = os.path.dirname(path), torch.distributed
+    if (name, folder) in _REPORTED or (dist.is_available() and dist.is_initialized() and dist.get_rank() > 0):
+        return
+    _REPORTED.add((name, folder))
+    files = [os.path.basename(p) for split in ("train", "val") for p in _find_source(info, split, folder) or ()]
+    print(f"reading {name} from {folder}: {', '.join(dict.fromkeys(files))}")
 
 
 def images_to_tensor(images, resolution=32):
@@ -1035,15 +1062,27 @@ def load_checkpoint(path, map_location="cpu"):
     check(os.path.isfile(path), f"checkpoint {path} does not exist")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as err:  # any failure to unpickle means a corrupted or foreign file
-        raise UserError(f"cannot read checkpoint {path} ({type(err).__name__}): the file is corrupted "
-                        "or not a torch file; delete it or point to another snapshot") from None
+    except Exception as err:  # an OS error, or contents that torch cannot unpickle
+        check(not _is_npz(path), f"{path} is an .npz file (results or a training log), not a torch "
+                                 "checkpoint: point to a snapshot-*.pt written by train_image.py")
+        raise _read_error(path, err, "the file is corrupted (truncated?) or not a torch checkpoint: point to "
+                         "a snapshot-*.pt written by train_image.py, or delete it if it is a damaged one") from None
     check(isinstance(ckpt, dict) and ckpt.get("kind") == CHECKPOINT_KIND,
           f"{path} is not a denoiser snapshot (no kind {CHECKPOINT_KIND!r}); "
           "point to a snapshot-*.pt written by train_image.py")
     missing = [key for key in CHECKPOINT_KEYS if key not in ckpt]
     check(not missing, f"snapshot {path} lacks the keys {', '.join(missing)}; it is incomplete or foreign")
     return ckpt
+
+
+def _is_npz(path):
+    """Whether a file is a zip of .npy arrays, as np.savez and save_npz write."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return False
+    return bool(names) and all(name.endswith(".npy") for name in names)
 
 
 def load_denoiser(checkpoint_or_path, weights="ema", device="cpu"):
@@ -1103,10 +1142,10 @@ def image_noise(indices, shape, seed=0):
 
 
 @torch.no_grad()
-def denoising_errors(denoise, images, noise, sigmas, labels=None, batch_size=256):
+def denoising_errors(denoise, images, noise, sigmas, labels=None, batch_size=256, progress=None):
     """Per-noise-level error E(sigma) of PAPER.md, per image: (1/d) ||y_i - D(y_i + sigma n_i; sigma, c_i)||^2,
     unweighted, returned as float64 (S, N). Batches mix (image, sigma) pairs; `denoise(x, sigma, labels)`
-    gets sigma as a (B,) tensor and labels (B,) or None."""
+    gets sigma as a (B,) tensor and labels (B,) or None. A tqdm `progress` bar advances by the pairs done."""
     sigmas = torch.as_tensor(sigmas, dtype=torch.float64).flatten()
     check(bool((sigmas > 0).all()), "sigmas must be positive")
     check(images.shape == noise.shape, f"images {tuple(images.shape)} and noise {tuple(noise.shape)} differ")
@@ -1120,6 +1159,8 @@ def denoising_errors(denoise, images, noise, sigmas, labels=None, batch_size=256
         x = y + sigma.view(-1, *[1] * (y.ndim - 1)) * noise[i_idx]
         den = denoise(x, sigma, None if labels is None else labels[i_idx])
         out[start:start + len(pair)] = (den.double() - y.double()).square().flatten(1).mean(1).cpu()
+        if progress is not None:
+            progress.update(len(pair))
     return out.view(S, N)
 
 
@@ -1434,22 +1475,81 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     """--help that shows every default and keeps the layout of the script's docstring."""
 
 
+def _number_type(kind, accept, wanted):
+    """argparse type= that parses a finite `kind` for which accept(value) holds; anything else stops
+    with argparse's usage error (status 2) naming the option and what it must be."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value) or not accept(value):
+            raise argparse.ArgumentTypeError(f"must be {wanted}, got {text!r}")
+        return value
+    return parse
+
+
+finite_float = _number_type(float, lambda v: True, "a finite number")
+positive_float = _number_type(float, lambda v: v > 0, "a positive number")
+non_negative_float = _number_type(float, lambda v: v >= 0, "a non-negative number")
+positive_int = _number_type(int, lambda v: v > 0, "a positive integer")
+non_negative_int = _number_type(int, lambda v: v >= 0, "a non-negative integer")
+
+
+_ON_INTERRUPT = []  # the describe() of on_interrupt, if a script registered one
+
+
+def on_interrupt(describe):
+    """Register describe() -> str, how far the script got and how to go on, for run_cli to print on Ctrl-C."""
+    _ON_INTERRUPT[:] = [describe]
+
+
 def run_cli(main):
-    """Run a script's main(); a UserError prints 'error: ...' and exits with status 2."""
+    """Run a script's main(); a UserError prints 'error: ...' and exits with status 2, Ctrl-C prints one
+    line 'interrupted' (with what the on_interrupt hook says) and exits with status 130."""
+    _ON_INTERRUPT.clear()
     try:
         main()
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted" + "".join(f" {describe()}" for describe in _ON_INTERRUPT), file=sys.stderr)
+        sys.exit(130)
+
+
+def check_writable(path, folder=False, option="--out"):
+    """UserError unless `path` can be written: a file (or, with folder, a folder for files), existing
+    or to be created in the nearest existing folder above it. None passes (a default chosen later)."""
+    if path is None:
+        return
+    full = os.path.abspath(os.fspath(path))
+    if folder:
+        check(not os.path.isfile(full), f"{option} {path} is an existing file, not a folder")
+    else:
+        check(not os.path.isdir(full), f"{option} {path} is a folder, not a file name")
+    parent = full if folder else os.path.dirname(full)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    check(os.path.isdir(parent), f"{option} {path} cannot be written: {parent} is a file, not a folder")
+    check(os.access(parent, os.W_OK | os.X_OK), f"{option} {path} cannot be written: permission denied "
+                                                f"in {parent}")
 
 
 def atomic_write(path, write):
-    """Write a file atomically: write(f) into a temp file in the same folder, fsync, then rename,
-    so that a kill at any moment leaves either the old file or the new one."""
+    """Write a file atomically: write(f) into a temp file beside it, fsync, then rename, so that a
+    kill at any moment leaves either the old file or the new one. The temp file is named after the
+    target (.NAME.PID.tmp) and gets the umask's permissions; temp files of the same target left by
+    a killed writer are removed first (one writer per target at a time)."""
     path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
+    folder, name = os.path.split(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".", suffix=".tmp")
+    for stale in os.listdir(folder):
+        if re.fullmatch(rf"\.{re.escape(name)}\.\d+\.tmp", stale):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(folder, stale))
+    tmp = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # 0o666 minus the umask
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -1486,7 +1586,7 @@ def load_npz(path):
         with np.load(path, allow_pickle=False) as f:
             out = {key: f[key] for key in f.files}
     except Exception as err:
-        raise UserError(f"{path} is not a readable .npz file ({err}); rerun the script that writes it")
+        raise _read_error(path, err, "not a readable .npz file; rerun the script that writes it") from None
     if "args" in out:
         out["args"] = json.loads(str(out["args"]))
     return out

@@ -473,6 +473,7 @@ def curves(rows, guided, sigmas=None, images_seen=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    common.check_writable(args.out)
     common.run_distributed(evaluate, args)
 
 

@@ -594,6 +594,7 @@ def gather(local, world):
 
 def main(argv=None):
     args = parse_args(argv)
+    common.check_writable(args.out)
     common.run_distributed(evaluate, args)
 
 

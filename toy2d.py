@@ -53,7 +53,7 @@ def parse_args(argv=None):
     p.add_argument("--samples-per-point", type=int, default=50, help="fixed noise draws per point")
     p.add_argument("--num-samples", type=int, default=1000, help="ODE samples for trajectories and fd")
     p.add_argument("--steps", type=int, default=120, help="EDM schedule steps (sigma grid and sampler)")
-    p.add_argument("--seed", type=int, default=0, help="seed of noise draws, random angles and samples")
+    p.add_argument("--seed", type=common.non_negative_int, default=0, help="seed of noise draws, random angles and samples")
     p.add_argument("--device", default="auto", help="auto (cuda, then cpu: the toy needs float64, which mps "
                    "lacks), cpu, cuda, cuda:N")
     args = p.parse_args(argv)
@@ -271,7 +271,6 @@ def exp_manifold(args):
 def exp_guidance(args):
     """(f) Autoguidance: D_w = D_pos + w (D_pos - D_neg) with delta_pos < delta_neg."""
     toy = Toy(args, "guidance")
-    check(len(toy.deltas) == 2, "guidance needs --deltas DELTA_POS DELTA_NEG")
     weights = args.weights if args.weights is not None else DEFAULTS["guidance"]["weights"]
     pos, neg = (delta_model(toy.train, d) for d in toy.deltas)
     curves = [toy.gap(common.guided_denoiser(pos, neg, w))
@@ -357,11 +356,23 @@ def exp_fd(args):
 RUNNERS = {name: globals()[f"exp_{name}"] for name in EXPERIMENTS}
 
 
+def check_experiments(args, names):
+    """UserError for arguments that one of the experiments to run cannot use, before the first one runs."""
+    shared = " (all: every experiment gets the same flags)" if len(names) > 1 else ""
+    check("guidance" not in names or args.deltas is None or len(args.deltas) == 2,
+          f"guidance needs --deltas DELTA_POS DELTA_NEG (two values), got {len(args.deltas or ())}{shared}")
+    check("fd" not in names or args.n_points is None or args.n_points[0] >= 4,
+          f"fd needs --n-points of at least 4 (two training and two validation points for the Fréchet "
+          f"distances){shared}")
+
+
 def main(argv=None):
     args = parse_args(argv)
+    common.check_writable(args.out, folder=True)
     device = common.pick_device(args.device)
     args.device = "cpu" if device.type == "mps" else str(device)
     names = EXPERIMENTS if args.experiment == "all" else [args.experiment]
+    check_experiments(args, names)
     for name in tqdm(names, desc="toy2d", disable=len(names) == 1):
         start = time.time()
         out, fig = RUNNERS[name](args)

@@ -18,6 +18,7 @@ import contextlib
 import copy
 import math
 import os
+import shutil
 import time
 
 import numpy as np
@@ -31,70 +32,79 @@ import common
 # Arguments a resumed run may change: they touch neither the weights nor the log's layout.
 RESUMABLE_CHANGES = {"steps", "snapshots", "eval_every", "device", "compile", "out", "data_dir", "no_resume"}
 FLUSH_EVERY = 20  # steps between loss read-outs; each one waits for the device
+EVAL_BATCH = 64  # (image, sigma) pairs per forward pass of the evaluations: small, so their progress bar moves
+PLAN_AFTER = 10  # seconds of training (or FLUSH_EVERY steps) after which the time and disk estimate is printed
+CPU_SCALE = "--size tiny --resolution 16 --n 256 --batch 32 --steps 600"  # as quick.sh
 
 
 def parse_args(argv=None):
     """The command line; every default shows in --help."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
     p.add_argument("--data", default="fashion-mnist", help="dataset: " + ", ".join(common.DATASETS))
-    p.add_argument("--data-dir", default=None, help="folder with the dataset files "
-                   "(else the system folder, the user cache, or a download)")
-    p.add_argument("--resolution", type=int, default=32, help="image size R x R (R divides 32)")
-    p.add_argument("--n", type=int, default=1000, help="training subset size, drawn with --seed")
+    p.add_argument("--data-dir", default=None, help="folder with the dataset files, the only "
+                   "place looked in when given (else the system folder, the user cache, or a download)")
+    p.add_argument("--resolution", type=common.positive_int, default=32, help="image size R x R (R divides 32)")
+    p.add_argument("--n", type=common.positive_int, default=1000,
+                   help="training subset size, drawn with --seed")
     p.add_argument("--model", default="unet", help="unet or dit")
     p.add_argument("--size", default="m", help="preset: tiny, xs, s, m, l (l = the paper's CIFAR U-Net)")
-    p.add_argument("--channels", type=int, default=None, help="override the preset's base channels")
-    p.add_argument("--blocks", type=int, default=None, help="override the preset's blocks per level / depth")
-    p.add_argument("--dropout", type=float, default=None, help="override the preset's dropout")
-    p.add_argument("--patch", type=int, default=None, help="DiT patch size (overrides the preset)")
+    p.add_argument("--channels", type=common.positive_int, default=None,
+                   help="override the preset's base channels")
+    p.add_argument("--blocks", type=common.positive_int, default=None,
+                   help="override the preset's blocks per level / depth")
+    p.add_argument("--dropout", type=common.non_negative_float, default=None,
+                   help="override the preset's dropout")
+    p.add_argument("--patch", type=common.positive_int, default=None,
+                   help="DiT patch size (overrides the preset)")
     p.add_argument("--cond", default="none", choices=["none", "class", "kmeans"],
                    help="conditioning: none, dataset classes, or k-means clusters of the subset")
-    p.add_argument("--k", type=int, default=10, help="number of k-means clusters for --cond kmeans")
-    p.add_argument("--label-dropout", type=float, default=0.0,
+    p.add_argument("--k", type=common.positive_int, default=10,
+                   help="number of k-means clusters for --cond kmeans")
+    p.add_argument("--label-dropout", type=common.non_negative_float, default=0.0,
                    help="probability of replacing a label by the null label (for guidance)")
-    p.add_argument("--steps", type=int, default=200000, help="training steps (optimizer updates)")
-    p.add_argument("--batch", type=int, default=512, help="global batch size (split across processes)")
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
-    p.add_argument("--lr-rampup", type=int, default=10_000_000, help="linear lr ramp-up, in images (0: none)")
-    p.add_argument("--ema-half-life", type=int, default=500_000, help="EMA half-life in images")
-    p.add_argument("--ema-rampup", type=float, default=0.05,
+    p.add_argument("--steps", type=common.positive_int, default=200000,
+                   help="training steps (optimizer updates)")
+    p.add_argument("--batch", type=common.positive_int, default=512,
+                   help="global batch size (split across processes)")
+    p.add_argument("--lr", type=common.non_negative_float, default=1e-3, help="Adam learning rate")
+    p.add_argument("--lr-rampup", type=common.non_negative_int, default=10_000_000,
+                   help="linear lr ramp-up, in images (0: none)")
+    p.add_argument("--ema-half-life", type=common.non_negative_int, default=500_000,
+                   help="EMA half-life in images")
+    p.add_argument("--ema-rampup", type=common.non_negative_float, default=0.05,
                    help="EMA half-life at most this fraction of the images seen so far (0: off)")
-    p.add_argument("--p-mean", type=float, default=common.P_MEAN, help="training ln(sigma) mean")
-    p.add_argument("--p-std", type=float, default=common.P_STD, help="training ln(sigma) std")
+    p.add_argument("--p-mean", type=common.finite_float, default=common.P_MEAN, help="training ln(sigma) mean")
+    p.add_argument("--p-std", type=common.positive_float, default=common.P_STD, help="training ln(sigma) std")
     p.add_argument("--augment", default="none", choices=["none", "xflip"], help="data augmentation")
     p.add_argument("--snapshots", default="log:32,every:20000000",
                    help="when to write snapshots, comma-separated: log:K = K log-spaced image counts, "
                    "every:N = every N images; the last step always gets one")
-    p.add_argument("--eval-every", type=int, default=1_000_000,
+    p.add_argument("--eval-every", type=common.positive_int, default=1_000_000,
                    help="images between E_train/E_val evaluations (also at the start and the end)")
-    p.add_argument("--eval-sigmas", type=float, nargs="+", default=[0.5, 1.0, 2.0],
+    p.add_argument("--eval-sigmas", type=common.positive_float, nargs="+", default=[0.5, 1.0, 2.0],
                    help="noise levels of the E_train/E_val evaluations")
-    p.add_argument("--probe-images", type=int, default=256,
+    p.add_argument("--probe-images", type=common.positive_int, default=256,
                    help="images per split in the fixed probe set of the evaluations")
-    p.add_argument("--seed", type=int, default=0, help="seed of the subset, initialisation and noise")
+    p.add_argument("--seed", type=common.non_negative_int, default=0,
+                   help="seed of the subset, initialisation and noise")
     p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N, mps")
     p.add_argument("--out", default=None, help="run folder (default: runs/<data>-r<R>-n<n>-<model>-<size>-"
                    "<cond>-seed<seed>)")
     p.add_argument("--compile", action="store_true", help="torch.compile the network")
     p.add_argument("--no-resume", action="store_true",
-                   help="start from step 0, deleting the snapshots and train_log.npz already in --out")
+                   help="start from step 0; the snapshots and train_log.npz already in --out are replaced when "
+                   "the new run writes its first snapshot")
     return p.parse_args(argv)
 
 
 def check_args(args):
-    """UserError for arguments that cannot make a run."""
+    """UserError for arguments that cannot make a run (parse_args' types check each number alone)."""
     check = common.check
     check(args.data in common.DATASETS, f"unknown dataset {args.data!r}: choose one of {', '.join(common.DATASETS)}")
     check(args.n >= 2, f"--n must be at least 2, got {args.n}")
-    check(args.steps >= 1 and args.batch >= 1, f"--steps and --batch must be positive, got {args.steps}, {args.batch}")
-    check(args.lr >= 0 and args.lr_rampup >= 0 and args.ema_half_life >= 0 and args.ema_rampup >= 0,
-          "--lr, --lr-rampup, --ema-half-life and --ema-rampup must not be negative")
-    check(args.p_std > 0, f"--p-std must be positive, got {args.p_std}")
-    check(0 <= args.label_dropout < 1, f"--label-dropout must lie in [0, 1), got {args.label_dropout}")
-    check(args.cond != "kmeans" or args.k >= 1, f"--k must be positive, got {args.k}")
-    check(args.eval_every >= 1 and args.probe_images >= 1, "--eval-every and --probe-images must be positive")
-    check(all(s > 0 for s in args.eval_sigmas), f"--eval-sigmas must be positive, got {args.eval_sigmas}")
-    check(args.seed >= 0, f"--seed must not be negative, got {args.seed}")
+    check(args.label_dropout < 1, f"--label-dropout must lie in [0, 1), got {args.label_dropout}")
+    check(args.cond != "none" or args.label_dropout == 0, "--label-dropout needs a conditional run (--cond "
+          "class or kmeans): an unconditional network has no labels to drop")
     snapshot_steps(args.snapshots, args.steps, args.batch)
 
 
@@ -175,11 +185,53 @@ def check_same_run(saved, current, path):
                            "snapshot's arguments, choose another --out, or pass --no-resume to start over")
 
 
+def duration(seconds):
+    """A duration for people: 0.42 s, 17 min, 3.5 h, 2.1 days."""
+    for unit, size in (("days", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= 2 * size:
+            return f"{seconds / size:.2g} {unit}" if unit != "min" else f"{seconds / size:.0f} min"
+    return f"{seconds:.2g} s" if seconds < 10 else f"{seconds:.0f} s"
+
+
+def megabytes(size):
+    """A size in bytes for people: 1.3 MB, 2.1 GB."""
+    return f"{size / 1e9:.3g} GB" if size >= 1e9 else f"{size / 1e6:.3g} MB"
+
+
+def snapshot_bytes(net, ema, opt):
+    """Size of one snapshot, about: the tensors of the network, its EMA and the optimizer state."""
+    states = [net.state_dict(), ema.state_dict(), *opt.state_dict()["state"].values()]
+    return sum(t.numel() * t.element_size() for state in states for t in state.values() if torch.is_tensor(t))
+
+
+def plan_line(args, step, step_seconds, eval_seconds, num_snapshots, snapshot_size):
+    """Time left (steps, and evaluations when their time is known) and the disk the snapshots need."""
+    B, left = args.batch, args.steps - step
+    evals = args.steps * B // args.eval_every - step * B // args.eval_every + bool(args.steps * B % args.eval_every)
+    seconds = left * step_seconds + (evals * eval_seconds if eval_seconds is not None else 0)
+    os.makedirs(args.out, exist_ok=True)
+    need, free = num_snapshots * snapshot_size, shutil.disk_usage(args.out).free
+    evals_text = f" and {evals} evaluation(s) of {duration(eval_seconds)}" if eval_seconds is not None else ""
+    return (f"{duration(step_seconds)} per step: about {duration(seconds)} left for {left:,} steps{evals_text}; "
+            f"{num_snapshots} snapshots of about {megabytes(snapshot_size)}: {megabytes(need)} in {args.out} "
+            f"({megabytes(free)} free{', NOT ENOUGH' if need > free else ''})")
+
+
+def interrupted_note(args, steps_done, last_snapshot):
+    """How far training got and how to go on, for the one line printed on Ctrl-C."""
+    where = f"after {steps_done:,} of {args.steps:,} steps ({steps_done * args.batch:,} images seen)"
+    if last_snapshot is None:
+        return f"{where}, before the first snapshot of this run: rerun the same command to start again"
+    again = "the command without --no-resume" if args.no_resume else "the same command"
+    return f"{where}; last snapshot {last_snapshot}: rerun {again} to resume from it"
+
+
 def main(argv=None):
     """Train (or resume) one run as the command line says."""
     args = parse_args(argv)
     check_args(args)
     args.out = args.out or default_out(args)
+    common.check_writable(args.out, folder=True)
     common.run_distributed(train, args)
 
 
@@ -188,13 +240,17 @@ def train(args, rank, world, device):
     common.check(args.batch % world == 0, f"--batch {args.batch} must be divisible by the {world} processes")
     say = print if rank == 0 else (lambda *a, **k: None)
     cuda, local, B = device.type == "cuda", args.batch // world, args.batch
+    sizes = list(common.NETWORK_PRESETS.get(args.model, ()))
+    if device.type == "cpu" and args.size in sizes and sizes.index(args.size) >= sizes.index("m"):
+        say(f"warning: the {args.size} preset is sized for GPUs (on a CPU one step of batch {B} can take minutes); "
+            f"for a CPU-scale run try {CPU_SCALE} (as quick.sh)")
 
-    ckpt, last_path = None, latest_snapshot(args.out)
-    if last_path is not None and args.no_resume:
-        if rank == 0:
-            for name in os.listdir(args.out):
-                if common.SNAPSHOT_NAME.fullmatch(name) or name == "train_log.npz":
-                    os.remove(os.path.join(args.out, name))
+    ckpt, last_path, old_run = None, latest_snapshot(args.out), []
+    if last_path is not None and args.no_resume:  # removed once this run has a snapshot of its own
+        old_run = [os.path.join(args.out, name) for name in sorted(os.listdir(args.out))
+                   if common.SNAPSHOT_NAME.fullmatch(name)]
+        say(f"--no-resume: the {len(old_run)} snapshot(s) of the earlier run in {args.out} are removed once this "
+            "run writes its first snapshot")
         last_path = None
     if last_path is not None:
         ckpt = common.load_checkpoint(last_path)
@@ -273,8 +329,12 @@ def train(args, rank, world, device):
     def evaluate(seen):
         if rank == 0:
             log["eval_images"].append(seen)
-            for key, (y, noise, c) in zip(("E_train", "E_val"), probes):
-                log[key].append(common.denoising_errors(ema, y, noise, args.eval_sigmas, c, B).mean(1).tolist())
+            pairs = len(args.eval_sigmas) * sum(len(y) for y, _, _ in probes)
+            with tqdm(total=pairs, desc=f"E_train, E_val at {seen:,} images", unit="eval", leave=False,
+                      dynamic_ncols=True) as eval_bar:
+                for key, (y, noise, c) in zip(("E_train", "E_val"), probes):
+                    errors = common.denoising_errors(ema, y, noise, args.eval_sigmas, c, EVAL_BATCH, eval_bar)
+                    log[key].append(errors.mean(1).tolist())
 
     def write_log():
         m = len(args.eval_sigmas)
@@ -298,12 +358,21 @@ def train(args, rank, world, device):
                 step=step, images_seen=step * B, args=vars(args), network=net.config, subset=subset,
                 labels=labels, dataset=args.data, resolution=args.resolution,
                 kmeans_centroids=None if centroids is None else np.asarray(centroids), rng=states, log=log), path)
+            for old in old_run:
+                if old != path:
+                    os.remove(old)
+            old_run.clear()
             write_log()
         return path
 
+    done, eval_seconds = start, None
+    common.on_interrupt(lambda: interrupted_note(args, done, last_snapshot))
     if start == 0:
+        tick = time.perf_counter()
         evaluate(0)
+        eval_seconds = time.perf_counter() - tick
     pending, tick, tick_images = [], time.perf_counter(), start * B
+    loop_start, planned = tick, rank != 0
     with tqdm(total=args.steps, initial=start, unit="step", disable=rank != 0, dynamic_ncols=True) as bar:
         for step in range(start + 1, args.steps + 1):
             seen = (step - 1) * B
@@ -328,6 +397,13 @@ def train(args, rank, world, device):
             common.update_ema(ema, net, common.ema_beta(B, half_life))
             pending.append(loss.detach())
             bar.update()
+            done = step
+            if not planned and (step - start >= FLUSH_EVERY or time.perf_counter() - loop_start >= PLAN_AFTER):
+                if cuda:
+                    torch.cuda.synchronize(device)
+                bar.write(plan_line(args, step, (time.perf_counter() - loop_start) / (step - start), eval_seconds,
+                                    len(snapshots), snapshot_bytes(net, ema, opt)))
+                planned = True
 
             is_snapshot = step in snapshots
             is_eval = step == args.steps or seen // args.eval_every > (seen - B) // args.eval_every

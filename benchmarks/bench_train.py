@@ -64,6 +64,7 @@ def bench_preset(args, size, device):
 
 def main():
     args = parse_args()
+    common.check_writable(args.out)
     device = start(args)
     torch.manual_seed(args.seed)
     cuda = device.type == "cuda"

@@ -1,6 +1,9 @@
-"""The paper's EDM formulas and the optimal / error-prone denoisers (PAPER.md, "Formulas")."""
+"""The paper's EDM formulas and the optimal / error-prone denoisers (PAPER.md, "Formulas"); file and
+command-line helpers."""
 import math
+import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -433,3 +436,93 @@ def test_optimal_denoiser_training_error_vanishes_as_sigma_falls_while_validatio
     e_val = common.denoising_errors(opt, val, common.image_noise(range(16, 32), (1, 4, 4)).double(), sigmas).mean(1)
     assert e_train[0] < 1e-12 and e_train[1] < 1e-10
     assert e_val[0] > 0.05 and e_val[2] > e_train[2]
+
+
+# --- files ---------------------------------------------------------------------
+
+def test_atomic_write_removes_temp_files_a_killed_writer_left_for_the_same_target(tmp_path):
+    stale, other = tmp_path / ".a.npz.12345.tmp", tmp_path / ".b.npz.12345.tmp"
+    stale.write_bytes(b"x" * 100)
+    other.write_bytes(b"x")
+    common.save_npz(tmp_path / "a.npz", x=np.zeros(3))
+    assert sorted(os.listdir(tmp_path)) == [".b.npz.12345.tmp", "a.npz"]
+
+
+def test_atomic_write_leaves_no_temp_file_when_the_writer_fails(tmp_path):
+    def fail(f):
+        f.write(b"partial")
+        raise RuntimeError("disk full")
+    with pytest.raises(RuntimeError):
+        common.atomic_write(tmp_path / "a.pt", fail)
+    assert os.listdir(tmp_path) == []
+
+
+def test_atomic_write_gives_the_files_the_umasks_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        npz = common.save_npz(tmp_path / "a.npz", x=np.zeros(3))
+        pt = common.save_checkpoint({"a": 1}, tmp_path / "a.pt")
+        os.umask(0o077)
+        private = common.save_npz(tmp_path / "b.npz", x=np.zeros(3))
+    finally:
+        os.umask(old)
+    assert [os.stat(p).st_mode & 0o777 for p in (npz, pt, private)] == [0o644, 0o644, 0o600]
+
+
+def test_unreadable_checkpoint_says_permission_denied_without_telling_to_delete_it(tmp_path, monkeypatch):
+    path = common.save_checkpoint({"kind": common.CHECKPOINT_KIND}, tmp_path / "snapshot-000000008.pt")
+
+    def denied(f, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", os.fspath(f))
+    monkeypatch.setattr(torch, "load", denied)
+    with pytest.raises(common.UserError) as err:
+        common.load_checkpoint(path)
+    assert str(err.value) == f"cannot read {path}: Permission denied"
+
+
+def test_npz_passed_as_a_checkpoint_is_named_as_such_and_not_called_corrupted(tmp_path):
+    path = common.save_npz(tmp_path / "gap.npz", x=np.zeros(3))
+    with pytest.raises(common.UserError, match=r"gap\.npz is an \.npz file .*not a torch checkpoint") as err:
+        common.load_checkpoint(path)
+    assert "delete" not in str(err.value) and "corrupted" not in str(err.value)
+
+
+def test_garbage_checkpoint_is_called_corrupted_or_foreign(tmp_path):
+    path = tmp_path / "snapshot-000000008.pt"
+    path.write_bytes(b"not a torch file")
+    with pytest.raises(common.UserError, match="corrupted .*or not a torch checkpoint"):
+        common.load_checkpoint(path)
+
+
+# --- command line ----------------------------------------------------------------
+
+def test_check_writable_names_files_where_folders_are_expected_and_back(tmp_path):
+    (tmp_path / "file").write_text("x")
+    common.check_writable(tmp_path / "new" / "deeper" / "a.npz")
+    common.check_writable(tmp_path / "new" / "run", folder=True)
+    common.check_writable(tmp_path, folder=True)
+    common.check_writable(None)
+    for path, folder, words in [(tmp_path / "file", True, "is an existing file, not a folder"),
+                                (tmp_path, False, "is a folder, not a file name"),
+                                (tmp_path / "file" / "a.npz", False, "is a file, not a folder"),
+                                (tmp_path / "file" / "run", True, "is a file, not a folder")]:
+        with pytest.raises(common.UserError, match=words):
+            common.check_writable(path, folder)
+
+
+def test_check_writable_reports_a_folder_without_write_permission(tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "access", lambda path, mode: os.fspath(path) != str(tmp_path))
+    with pytest.raises(common.UserError, match=f"--out {tmp_path}/run/a.npz cannot be written: permission "
+                                               f"denied in {tmp_path}$"):
+        common.check_writable(tmp_path / "run" / "a.npz")
+
+
+def test_ctrl_c_prints_one_line_with_the_registered_progress_and_exits_130(capsys):
+    def main(progress):
+        if progress:
+            common.on_interrupt(lambda: "after 3 of 9 steps")
+        raise KeyboardInterrupt
+    for progress, line in ((True, "interrupted after 3 of 9 steps\n"), (False, "interrupted\n")):
+        with pytest.raises(SystemExit) as exit_info:
+            common.run_cli(lambda: main(progress))
+        assert exit_info.value.code == 130 and capsys.readouterr().err == line

@@ -163,7 +163,7 @@ def test_second_load_comes_from_memory_and_is_read_only(tmp_path):
 def test_missing_data_without_network_says_which_files_where_and_which_package(tmp_path, monkeypatch):
     monkeypatch.setitem(common.DATASETS["fashion-mnist"], "system_dirs", (str(tmp_path / "nowhere"),))
     with pytest.raises(common.UserError) as err:
-        common.load_images("fashion-mnist", "train", root=tmp_path / "empty")
+        common.load_images("fashion-mnist", "train")
     message = str(err.value)
     for needle in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "--data-dir",
                    "apt install dataset-fashion-mnist", str(tmp_path / "cache" / "edm-memorization"),
@@ -171,6 +171,30 @@ def test_missing_data_without_network_says_which_files_where_and_which_package(t
         assert needle in message
     with pytest.raises(common.UserError, match=r"cifar-10-python\.tar\.gz.*https://www\.cs\.toronto\.edu"):
         common.load_images("cifar10", "val")
+
+
+@pytest.mark.parametrize("folder", ["empty", "missing"])
+def test_data_dir_without_the_files_is_an_error_naming_what_was_looked_for(tmp_path, monkeypatch, folder):
+    system = tmp_path / "system"
+    make_idx_files(str(system))
+    monkeypatch.setitem(common.DATASETS["fashion-mnist"], "system_dirs", (str(system),))
+    root = tmp_path / folder
+    if folder == "empty":
+        root.mkdir()
+    with pytest.raises(common.UserError) as err:
+        common.load_images("fashion-mnist", "train", root=root)
+    message = str(err.value)
+    assert message.startswith(f"--data-dir {root} has no fashion-mnist train split"), message
+    assert "train-images-idx3-ubyte.gz" in message and str(root / "fashion-mnist") in message
+    assert common.load_images("fashion-mnist", "train")[0].shape == (7, 28, 28, 1)  # without --data-dir: found
+
+
+def test_loading_prints_the_files_read_once_per_folder(tmp_path, capsys):
+    make_idx_files(str(tmp_path / "mnist"))
+    common.load_images("mnist", "train", root=tmp_path)
+    common.load_images("mnist", "val", root=tmp_path)
+    assert capsys.readouterr().out == (f"reading mnist from {tmp_path / 'mnist'}: train-images-idx3-ubyte.gz, "
+                                       "train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz\n")
 
 
 def serve(monkeypatch, blobs):
@@ -216,6 +240,17 @@ def test_truncated_or_foreign_idx_files_give_user_error(tmp_path):
     path.write_bytes(b"not gzip at all")
     with pytest.raises(common.UserError, match="cannot read"):
         common.load_images("mnist", "val", root=tmp_path)
+
+
+def test_data_file_without_read_permission_is_not_called_corrupt(tmp_path, monkeypatch):
+    make_idx_files(str(tmp_path / "mnist"))
+
+    def denied(path, mode="rb"):
+        raise PermissionError(13, "Permission denied", path)
+    monkeypatch.setattr(common.gzip, "open", denied)
+    with pytest.raises(common.UserError) as err:
+        common.load_images("mnist", "val", root=tmp_path)
+    assert str(err.value).endswith("t10k-images-idx3-ubyte.gz: Permission denied"), err.value
 
 
 class Payload:

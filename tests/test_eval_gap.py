@@ -315,3 +315,9 @@ def test_bad_input_exits_2_with_one_clear_message(data_dir, run_dir, tmp_path, c
     if case == "mixed runs":
         r = evaluate(data_dir, tmp_path / "o.npz", snap(run_dir, 80), str(bad), "--allow-mixed")
         assert list(r["images_seen"]) == [80, 8]
+
+
+def test_out_that_is_a_folder_stops_before_any_evaluation(run_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(eval_gap, "evaluate", None)  # reached only after the check
+    status, err = run_cli([run_dir, "--out", str(tmp_path)], capsys)
+    assert status == 2 and err == f"error: --out {tmp_path} is a folder, not a file name\n"

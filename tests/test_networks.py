@@ -121,12 +121,21 @@ def test_build_network_from_its_config_rebuilds_the_same_architecture(model, ove
     (dict(model="unet", img_resolution=18), ["18"]),
     (dict(model="dit", img_resolution=18, patch=4), ["patch 4", "18"]),
     (dict(model="dit", channels=90), ["90", "heads"]),
+    (dict(model="dit", channels=7), ["7", "divisible by 4"]),
+    (dict(model="unet", channels=7), ["channels must be even", "7"]),
     (dict(model="unet", dropout=1.5), ["dropout"]),
 ])
 def test_bad_network_arguments_raise_a_user_error_naming_the_problem(kwargs, words):
     with pytest.raises(common.UserError) as err:
         common.build_network(**kwargs)
     assert all(word in str(err.value) for word in words)
+
+
+@pytest.mark.parametrize("channels", [2, 6, 10, 14, 22, 34, 66])
+def test_unet_builds_and_runs_for_any_even_width(channels):
+    denoiser = common.build_network("unet", "tiny", 16, 1, num_classes=3, channels=channels)
+    out = denoiser(torch.randn(2, 1, 16, 16), torch.tensor([0.5, 2.0]), torch.tensor([0, 3]))
+    assert out.shape == (2, 1, 16, 16)
 
 
 @pytest.mark.parametrize("model", MODELS)

@@ -331,3 +331,10 @@ def test_bad_input_exits_2_with_one_clear_message(case, expected, data_dir, tmp_
             "unconditional_cfg": optimal + ["--n", "4", "--guidance-weights", "1"]}[case]
     code, err = exit_message(argv, capsys)
     assert code == 2 and err.startswith("error: ") and expected in err and err.count("\n") == 1
+
+
+def test_out_that_is_a_folder_stops_before_sampling(snapshot, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sample_memorize, "evaluate", None)  # reached only after the check
+    (tmp_path / "m.npz").mkdir()
+    code, err = exit_message([snapshot, "--out", str(tmp_path / "m.npz")], capsys)
+    assert code == 2 and err == f"error: --out {tmp_path / 'm.npz'} is a folder, not a file name\n"

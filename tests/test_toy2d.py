@@ -121,9 +121,30 @@ def test_same_seed_gives_same_npz_bytes_and_another_seed_does_not(tmp_path):
     (["delta", "--sigmas", "0"], "--sigmas must be positive"),
     (["density", "--n-points", "1"], "--n-points must be at least 2"),
     (["guidance", "--deltas", "1.0"], "guidance needs --deltas DELTA_POS DELTA_NEG"),
+    (["delta", "--seed", "-1"], "argument --seed: must be a non-negative integer, got '-1'"),
 ])
 def test_bad_input_stops_with_one_clear_message(tmp_path, argv, message):
     proc = subprocess.run([sys.executable, "toy2d.py", *argv, "--out", str(tmp_path)], capture_output=True,
                           text=True, cwd=toy2d.__file__.rsplit("/", 1)[0])
     assert proc.returncode == 2
     assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_out_that_is_an_existing_file_stops_before_any_experiment(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(toy2d, "RUNNERS", {})  # reached only after the check
+    (tmp_path / "toy").write_text("not a folder")
+    with pytest.raises(SystemExit) as exit_info:
+        common.run_cli(lambda: toy2d.main(["all", "--out", str(tmp_path / "toy")]))
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == f"error: --out {tmp_path / 'toy'} is an existing file, not a folder\n"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["all", "--deltas", "2", "1.5", "1"], "guidance needs --deltas DELTA_POS DELTA_NEG (two values), got 3 (all:"),
+    (["all", "--n-points", "2"], "fd needs --n-points of at least 4"),
+])
+def test_all_checks_every_experiments_arguments_before_the_first_runs(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        common.run_cli(lambda: toy2d.main([*argv, "--out", str(tmp_path), *FAST]))
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

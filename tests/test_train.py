@@ -1,6 +1,7 @@
 """train_image.py: snapshots and logs, exact resume, data parallel, compile, NaN stop, bad input."""
 import functools
 import os
+import shutil
 import subprocess
 import sys
 
@@ -103,6 +104,17 @@ def test_killed_and_resumed_run_ends_bit_identical_to_uninterrupted(baseline, da
         np.testing.assert_array_equal(log_a[key], log_b[key])
 
 
+def test_ctrl_c_prints_one_line_with_the_step_the_last_snapshot_and_how_to_resume(data_dir, tmp_path, capsys,
+                                                                                   monkeypatch):
+    counting_loss(monkeypatch, 28, interrupt)  # in step 28, after the snapshot at step 20
+    with pytest.raises(SystemExit) as exit_info:
+        common.run_cli(lambda: train_image.main(argv(data_dir, tmp_path)))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 130 and "Traceback" not in err
+    assert err.splitlines()[-1] == (f"interrupted after 27 of 40 steps (216 images seen); last snapshot "
+                                    f"{snapshot(tmp_path, 20)}: rerun the same command to resume from it")
+
+
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_snapshot(data_dir, tmp_path, monkeypatch):
     counting_loss(monkeypatch, 25, lambda loss: loss * float("nan"))
     with pytest.raises(common.UserError, match=r"loss became nan at step 25 .*snapshot-000000160\.pt.*--lr"):
@@ -132,10 +144,24 @@ def assert_one_line_error(status, err, *words):
     (["--size", "huge"], ["unknown size", "tiny"]),
     (["--data", "imagenet"], ["unknown dataset", "fashion-mnist"]),
     (["--snapshots", "log20"], ["--snapshots", "every:N"]),
+    (["--cond", "none"], ["--label-dropout needs a conditional run"]),
+    (["--channels", "7"], ["channels must be even", "7"]),
+    (["--data", "cifar10"], ["--data-dir", "has no cifar10 train split", "cifar-10-python.tar.gz"]),
 ])
 def test_bad_arguments_exit_2_with_one_line_message(data_dir, tmp_path, capsys, change, words):
     assert_one_line_error(*run_cli(argv(data_dir, tmp_path, 40, *change), capsys), *words)
     assert not os.path.exists(tmp_path / "train_log.npz")
+
+
+@pytest.mark.parametrize("change, message", [
+    (["--p-mean", "nan"], "argument --p-mean: must be a finite number, got 'nan'"),
+    (["--resolution", "0"], "argument --resolution: must be a positive integer, got '0'"),
+    (["--seed", "-1"], "argument --seed: must be a non-negative integer, got '-1'"),
+    (["--n", "1e3"], "argument --n: must be a positive integer, got '1e3'"),
+])
+def test_bad_numbers_are_refused_by_the_parser_naming_the_option(data_dir, tmp_path, capsys, change, message):
+    status, err = run_cli(argv(data_dir, tmp_path, 40, *change), capsys)
+    assert status == 2 and err.endswith(f"error: {message}\n") and "Traceback" not in err, err
 
 
 @pytest.mark.parametrize("content, words", [
@@ -150,6 +176,29 @@ def test_resuming_from_a_corrupted_or_foreign_snapshot_exits_2(data_dir, tmp_pat
         with open(path, "wb") as f:
             f.write(content)
     assert_one_line_error(*run_cli(argv(data_dir, tmp_path), capsys), path, *words)
+
+
+def test_no_resume_with_a_bad_argument_keeps_the_earlier_run(baseline, data_dir, tmp_path, capsys):
+    run = shutil.copytree(baseline, tmp_path / "run")
+    before = sorted(os.listdir(run))
+    for change, words in ((["--n", "41"], ["40 images"]), (["--data", "cifar10"], ["has no cifar10"])):
+        assert_one_line_error(*run_cli(argv(data_dir, run, 40, "--no-resume", *change), capsys), *words)
+    assert sorted(os.listdir(run)) == before
+
+
+def test_no_resume_replaces_the_earlier_run_once_its_first_snapshot_is_written(baseline, data_dir, tmp_path,
+                                                                              monkeypatch):
+    run = shutil.copytree(baseline, tmp_path / "run")
+    before = sorted(os.listdir(run))
+    counting_loss(monkeypatch, 5, interrupt)  # stopped before the new run's first snapshot
+    with pytest.raises(KeyboardInterrupt):
+        train_image.main(argv(data_dir, run, 20, "--no-resume", "--seed", "1"))
+    assert sorted(os.listdir(run)) == before
+    monkeypatch.undo()
+    train_image.main(argv(data_dir, run, 20, "--no-resume", "--seed", "1"))
+    assert sorted(os.listdir(run)) == [os.path.basename(snapshot(run, 20)), "train_log.npz"]
+    assert common.load_checkpoint(snapshot(run, 20))["args"]["seed"] == 1
+    assert common.load_npz(os.path.join(run, "train_log.npz"))["args"]["seed"] == 1
 
 
 def test_resuming_with_different_arguments_names_them(baseline, data_dir, capsys):
@@ -186,3 +235,31 @@ def test_compiled_network_trains_like_the_eager_one(baseline, data_dir, tmp_path
         assert a.keys() == b.keys()
         for name in a:
             torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-6)
+
+
+def test_out_that_is_an_existing_file_stops_before_training(data_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(common, "load_images", None)  # reached only after the check
+    (tmp_path / "run").write_text("not a folder")
+    status, err = run_cli(argv(data_dir, tmp_path / "run"), capsys)
+    assert_one_line_error(status, err, f"--out {tmp_path / 'run'} is an existing file, not a folder")
+
+
+def test_progress_shows_the_evaluations_and_one_estimate_of_time_and_disk(data_dir, tmp_path, capsys):
+    train_image.main(argv(data_dir, tmp_path, 40))
+    out, err = capsys.readouterr()
+    assert "E_train, E_val at 0 images" in err and "E_train, E_val at 160 images" in err
+    plan = [line for line in out.splitlines() if " per step: about " in line]
+    assert len(plan) == 1, out
+    assert "left for 20 steps and 1 evaluation(s) of" in plan[0] and "2 snapshots of about" in plan[0]
+    assert f"in {tmp_path} (" in plan[0] and "free)" in plan[0]
+
+
+def test_paper_scale_command_is_valid_and_on_a_cpu_warns_with_cpu_scale_settings(data_dir, tmp_path, capsys):
+    for command in ("--model unet --n 1000 --steps 200000", train_image.CPU_SCALE):
+        train_image.check_args(train_image.parse_args(command.split()))
+    with pytest.raises(SystemExit):  # --n 41 stops it after the warning
+        common.run_cli(lambda: train_image.main(argv(data_dir, tmp_path, 40, "--size", "m", "--n", "41")))
+    out, err = capsys.readouterr()
+    assert err.startswith("error: n = 41")
+    warnings = [line for line in out.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "m preset" in warnings[0] and train_image.CPU_SCALE in warnings[0]
