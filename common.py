@@ -1143,7 +1143,7 @@ def image_noise(indices, shape, seed=0):
 
 @torch.no_grad()
 def denoising_errors(denoise, images, noise, sigmas, labels=None, batch_size=256, progress=None):
-    """Per-noise-level error E(sigma) of PAPER.md, per image: (1/d) ||y_i - D(y_i + sigma n_i; sigma, c_i)||^2,
+    """Per-noise-level error E(sigma) of docs/method.md, per image: (1/d) ||y_i - D(y_i + sigma n_i; sigma, c_i)||^2,
     unweighted, returned as float64 (S, N). Batches mix (image, sigma) pairs; `denoise(x, sigma, labels)`
     gets sigma as a (B,) tensor and labels (B,) or None. A tqdm `progress` bar advances by the pairs done."""
     sigmas = torch.as_tensor(sigmas, dtype=torch.float64).flatten()
@@ -1182,7 +1182,7 @@ def frechet_distance(a, b):
     return max(0.0, float((mu_a - mu_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * cross))
 
 
-COPY_RATIO = 1 / 3  # a generated sample is a copy when d1 / d2 < 1/3 (PAPER.md, memorization)
+COPY_RATIO = 1 / 3  # a generated sample is a copy when d1 / d2 < 1/3 (docs/method.md, "Formulas")
 NN_BLOCK_SCORES = 2 ** 22  # float32 scores (query block x data chunk) nearest_neighbours holds at once: 16 MB
 
 
@@ -1324,7 +1324,7 @@ FEATURE_HELP = ("--features is 'builtin' or the path of a TorchScript Inception-
 
 
 def load_feature_extractor(name="builtin", device="cpu"):
-    """Feature map for Fréchet distances (PAPER.md: FID/FDD of samples to train vs val): a callable
+    """Feature map for Fréchet distances (docs/method.md: FID/FDD of samples to train vs val): a callable
     taking images (B, C, H, W) in [-1, 1], any size, C = 1 or 3, and returning float32 (B, F) on the CPU.
 
     'builtin': a fixed random ReLU network (seed 0) of three 3x3-conv + 2x2-average-pool stages

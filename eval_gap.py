@@ -1,6 +1,6 @@
 """Per-noise-level denoising error E(sigma) on training and validation images, the relative
 generalization gap G(sigma) = (E_val - E_train) / E_train and the overfitting onset, for the
-snapshots of a run or for the optimal denoiser of a training subset (PAPER.md, "Formulas").
+snapshots of a run or for the optimal denoiser of a training subset (docs/method.md, "Formulas").
 
   python eval_gap.py runs/RUN                          # all snapshots of a run -> runs/RUN/gap.npz
   python eval_gap.py runs/RUN --optimal                # ... with the optimal denoiser's curves beside them
@@ -115,7 +115,7 @@ def parse_args(argv=None):
 
 
 # ---------------------------------------------------------------------------
-# The gap, the onset and the peak (PAPER.md, "Formulas")
+# The gap, the onset and the peak (docs/method.md, "Formulas")
 # ---------------------------------------------------------------------------
 
 def relative_gap(e_train, e_val):
@@ -333,7 +333,7 @@ def gather_rows(tensor, world, device):
 
 
 def split_errors(denoise, neg, split, sigmas, weights, batch, world=1, device="cpu", bar=None):
-    """E(sigma) of PAPER.md on one split for each guidance weight, averaged over the images of
+    """E(sigma) of docs/method.md on one split for each guidance weight, averaged over the images of
     every process: float64 (G, S)."""
     totals = torch.stack([
         common.denoising_errors(counted(common.guided_denoiser(denoise, neg, w), bar), split.y, split.noise,

@@ -1,4 +1,4 @@
-"""The 2D toy study (PAPER.md, "The 2D toy study", panels (a)-(h)).
+"""The 2D toy study (docs/method.md, "2D toy", panels (a)-(h)).
 
 Points on a circle, half of them training points; the model is the optimal
 denoiser of the training points, made error-prone by smearing the data with
@@ -102,7 +102,7 @@ def toy_error(denoise, points, noise, sigmas):
 
 
 def delta_model(train, delta):
-    """The error-prone toy model y_delta of the training points (PAPER.md)."""
+    """The error-prone toy model y_delta of the training points (docs/method.md)."""
     return lambda x, sigma: common.error_prone_denoiser(x, sigma, train, delta)
 
 

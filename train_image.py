@@ -1,5 +1,5 @@
 """Train an EDM denoiser (U-Net or DiT) on a seeded subset of n training images, keeping
-snapshots along the way and a log of E_train and E_val at a few noise levels (PAPER.md,
+snapshots along the way and a log of E_train and E_val at a few noise levels (docs/method.md,
 the image studies).
 
   python train_image.py --model unet --n 1000 --steps 200000              # paper scale, GPU

@@ -1,4 +1,4 @@
-"""Throughput and memory of common.nearest_neighbours (the memorization test of PAPER.md).
+"""Throughput and memory of common.nearest_neighbours (the memorization test of docs/method.md).
 
 N = 60000 training vectors of d = 784 (Fashion-MNIST size), 10000 queries, k = 2, float32 data.
 GFLOP/s counts the search matmul (2 M N d flops) and is set against torch's own float32 matmul

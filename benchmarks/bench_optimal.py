@@ -1,6 +1,6 @@
 """Throughput of common.optimal_denoiser against a straightforward NumPy version.
 
-(a) the toy delta sweep (PAPER.md (b)): 11 deltas x 120 sigmas x (10 train + 10 val points)
+(a) the toy delta sweep (docs/method.md, toy panel (b)): 11 deltas x 120 sigmas x (10 train + 10 val points)
     x 50 noise draws, 10 training points in 2D, float64, one call per delta;
 (b) an image-sized case: N = 60000 training vectors of d = 784, 512 queries, float32.
 The NumPy version builds the (queries x N x d) difference array; in (b) it runs on a few

@@ -1,4 +1,4 @@
-"""The paper's EDM formulas and the optimal / error-prone denoisers (PAPER.md, "Formulas"); file and
+"""The paper's EDM formulas and the optimal / error-prone denoisers (docs/method.md, "Formulas"); file and
 command-line helpers."""
 import math
 import os

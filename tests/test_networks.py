@@ -1,4 +1,4 @@
-"""The networks: DDPM++ U-Net and DiT presets wrapped in EDM preconditioning (PAPER.md, "Formulas"
+"""The networks: DDPM++ U-Net and DiT presets wrapped in EDM preconditioning (docs/method.md, "Formulas"
 and "The image studies")."""
 import pytest
 import torch

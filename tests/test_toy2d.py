@@ -1,4 +1,4 @@
-"""The 2D toy study (PAPER.md, "The 2D toy study"): data, error, gap and each experiment's outputs."""
+"""The 2D toy study (docs/method.md, "2D toy"): data, error, gap and each experiment's outputs."""
 import subprocess
 import sys
 
