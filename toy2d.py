@@ -29,7 +29,7 @@ DEFAULTS = {
     "delta": dict(n_points=[20], deltas=list(np.round(np.linspace(2.2, 1.2, 11), 2))),
     "density": dict(n_points=list(range(16, 31, 2)), deltas=[1.6]),
     "field": dict(n_points=[20], sigmas=[1.1], deltas=[2.2, 1.8, 1.4, 1.0]),
-    "manifold": dict(n_points=[20], sigmas=[1.2], deltas=[2.0, 1.6, 1.2]),
+    "manifold": dict(n_points=[20], sigmas=[1.0], deltas=[2.0, 1.6, 1.2], draws=500),
     "guidance": dict(n_points=[20], deltas=[1.8, 2.2], weights=[0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0]),
     "trajectories": dict(n_points=[20], radius=1.0, deltas=[0.2, 0.1, 0.05]),
     "fd": dict(n_points=[1000], random=True, deltas=list(np.round(np.geomspace(0.05, 3.0, 10), 3))),
@@ -50,14 +50,15 @@ def parse_args(argv=None):
                    "(default: the 120-step EDM schedule), or the sigmas of flow, field and manifold")
     p.add_argument("--radius", type=float, help="circle radius (default 10; trajectories: 1)")
     p.add_argument("--random", action="store_true", help="random instead of equally spaced angles (fd: always)")
-    p.add_argument("--samples-per-point", type=int, default=50, help="fixed noise draws per point")
+    p.add_argument("--samples-per-point", type=int, help="fixed noise draws per point (default 50; manifold: "
+                   "500, the paper's)")
     p.add_argument("--num-samples", type=int, default=1000, help="ODE samples for trajectories and fd")
     p.add_argument("--steps", type=int, default=120, help="EDM schedule steps (sigma grid and sampler)")
     p.add_argument("--seed", type=int, default=0, help="seed of noise draws, random angles and samples")
     p.add_argument("--device", default="auto", help="auto (cuda, then cpu: the toy needs float64, which mps "
                    "lacks), cpu, cuda, cuda:N")
     args = p.parse_args(argv)
-    check(args.samples_per_point >= 1, "--samples-per-point must be at least 1")
+    check(args.samples_per_point is None or args.samples_per_point >= 1, "--samples-per-point must be at least 1")
     check(args.num_samples >= 2, "--num-samples must be at least 2")
     check(args.steps >= 2, "--steps must be at least 2")
     for name in ("deltas", "sigmas", "n_points", "weights"):
@@ -126,8 +127,9 @@ class Toy:
         n = n_points if n_points is not None else self.n_points[0]
         self.train, self.val, self.angles = circle_data(n, self.radius, self.random, args.seed)
         self.train, self.val = self.train.to(args.device), self.val.to(args.device)
-        self.noise_train = fixed_noise(len(self.train), args.samples_per_point, args.seed + 1).to(args.device)
-        self.noise_val = fixed_noise(len(self.val), args.samples_per_point, args.seed + 2).to(args.device)
+        self.draws = args.samples_per_point if args.samples_per_point is not None else d.get("draws", 50)
+        self.noise_train = fixed_noise(len(self.train), self.draws, args.seed + 1).to(args.device)
+        self.noise_val = fixed_noise(len(self.val), self.draws, args.seed + 2).to(args.device)
         if args.sigmas is not None and name not in ("flow", "field", "manifold"):
             grid = torch.tensor(sorted(args.sigmas), dtype=torch.float64)
         else:
@@ -243,28 +245,60 @@ def exp_field(args):
     return out, fig
 
 
+def on_circle(angles, radius, noise):
+    """Points at `angles` on the circle and the draws noise (J, 2), read in each point's own
+    (radial, tangential) frame: (A, 2) points and (A, J, 2) noise. Isotropic noise so rotated is
+    still N(0, I) at every point, and points that the layout's symmetry maps onto one another get
+    exactly the same error."""
+    radial = torch.stack([angles.cos(), angles.sin()], 1)                        # (A, 2)
+    tangential = torch.stack([-angles.sin(), angles.cos()], 1)
+    return radius * radial, noise[None, :, :1] * radial[:, None] + noise[None, :, 1:] * tangential[:, None]
+
+
 def exp_manifold(args):
-    """(e) Error along the circle, between training points, for several delta."""
+    """(e) Relative gap (E(theta) - mean E_train) / mean E_train along a half circle from a training
+    point, at one sigma (paper: 1.0, 500 draws, N = 10 training points), for several delta; the
+    draws are the same at every angle, in the point's own frame (on_circle)."""
     toy = Toy(args, "manifold")
-    sigma = toy.nearest_grid_sigma(toy.sigmas[0])
-    angles = torch.linspace(0, 2 * np.pi, 361, dtype=torch.float64, device=args.device)
-    ring = toy.radius * torch.stack([angles.cos(), angles.sin()], 1)
-    noise = toy.noise_train[:1].expand(len(ring), -1, -1)
-    sig = torch.tensor([sigma], dtype=torch.float64, device=args.device)
-    errors = torch.stack([toy_error(delta_model(toy.train, d), ring, noise, sig)[0] for d in toy.deltas])
-    out = dict(sigma=sigma, deltas=np.array(toy.deltas), angles=angles.cpu().numpy(), error=errors.cpu().numpy(),
-               train_angles=toy.angles[0::2].numpy() % (2 * np.pi), val_angles=toy.angles[1::2].numpy() % (2 * np.pi),
-               **toy.common_keys())
-    fig, ax = plt.subplots(figsize=(7, 3.6), layout="constrained")
-    for delta, err in zip(toy.deltas, out["error"]):
-        ax.plot(np.degrees(out["angles"]), err, label=f"delta = {delta:g}")
-    for a in out["train_angles"]:
-        ax.axvline(np.degrees(a), color="k", lw=0.6, ls="-")
-    for a in out["val_angles"]:
-        ax.axvline(np.degrees(a), color="tab:green", lw=0.6, ls="--")
-    ax.set(xlabel="angle on the circle (degrees); black: train, green dashed: validation",
-           ylabel="toy error ||D(y + sigma n) - y||", title=f"(e) error along the circle, sigma = {sigma:.2f}")
-    ax.legend(fontsize=8)
+    sigma = toy.sigmas[0]                                                        # the first of --sigmas
+    dev = args.device
+    draws = fixed_noise(1, toy.draws, args.seed + 1)[0].to(dev)                  # (J, 2), radial and tangential
+    start = float(toy.angles[0])
+    angles = start + torch.linspace(0, np.pi, 181, dtype=torch.float64, device=dev)
+    train_angles, val_angles = toy.angles[0::2].to(dev), toy.angles[1::2].to(dev)
+    sig = torch.tensor([sigma], dtype=torch.float64, device=dev)
+    error, e_train, e_at_train, e_at_val = [], [], [], []
+    for delta in tqdm(toy.deltas, desc="manifold", leave=False):
+        model = delta_model(toy.train, delta)
+        error.append(toy_error(model, *on_circle(angles, toy.radius, draws), sig)[0])
+        e_at_train.append(toy_error(model, *on_circle(train_angles, toy.radius, draws), sig)[0])
+        e_at_val.append(toy_error(model, *on_circle(val_angles, toy.radius, draws), sig)[0])
+        e_train.append(e_at_train[-1].mean())
+    error, e_train = torch.stack(error).cpu().numpy(), torch.stack(e_train).cpu().numpy()
+    relative = lambda e: (e - e_train[:, None]) / e_train[:, None]  # noqa: E731
+    out = dict(sigma=sigma, draws=toy.draws, deltas=np.array(toy.deltas), angles=angles.cpu().numpy(),
+               error=error, e_train=e_train, rel_gap=relative(error),
+               rel_gap_train=relative(torch.stack(e_at_train).cpu().numpy()),
+               rel_gap_val=relative(torch.stack(e_at_val).cpu().numpy()),
+               train_angles=train_angles.cpu().numpy(), val_angles=val_angles.cpu().numpy(), **toy.common_keys())
+
+    degrees = np.degrees(out["angles"])
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8.5, 5.6), sharex=True, layout="constrained")
+    for delta, gap, err, e_mean in zip(toy.deltas, out["rel_gap"], error, e_train):
+        line, = top.plot(degrees, gap, label=f"delta = {delta:g}")
+        bottom.plot(degrees, err, color=line.get_color())
+        bottom.axhline(e_mean, color=line.get_color(), lw=0.8, ls=":")
+    for kind, marks, style in (("train", out["train_angles"], dict(color="k", lw=0.7)),
+                               ("validation", out["val_angles"], dict(color="tab:green", lw=0.7, ls="--"))):
+        inside = np.degrees(start + (marks - start) % (2 * np.pi))
+        for ax in (top, bottom):
+            for i, a in enumerate(inside[inside <= degrees[-1] + 1e-9]):
+                ax.axvline(a, **style, label=f"{kind} point" if ax is top and i == 0 else None)
+    top.axhline(0, color="gray", lw=0.5)
+    top.set(ylabel="relative gap\n(E(theta) - Ē_train) / Ē_train")
+    fig.legend(*top.get_legend_handles_labels(), loc="outside right upper", fontsize=8)
+    top.set_title(f"(e) along a half circle: sigma = {sigma:g}, {toy.draws} draws, {len(toy.train)} training points")
+    bottom.set(xlabel="angle on the circle (degrees)", ylabel="error E(theta)\n(dotted: Ē_train)")
     return out, fig
 
 

@@ -100,10 +100,27 @@ def test_other_experiments_write_their_arrays(tmp_path, experiment):
         assert (out["gap"] <= 0.5).mean() > (out["gap"] <= 0.5).mean(axis=(1, 2)).min() - 1  # finite field
         assert (out["gap"][0] <= 0.5).sum() > (out["gap"][1] <= 0.5).sum()   # region shrinks as delta falls
     if experiment == "manifold":
-        assert out["error"].shape == (2, 361)
+        assert out["error"].shape == out["rel_gap"].shape == (2, 181) and out["rel_gap_val"].shape == (2, 10)
     if experiment == "fd":
         assert out["fd_train"].shape == out["fd_val"].shape == out["gap"].shape == (2,)
         assert (out["fd_train"] >= 0).all()
+
+
+def test_manifold_relative_gap_vanishes_at_training_points_and_peaks_between_them(tmp_path):
+    toy2d.main(["manifold", "--out", str(tmp_path), "--samples-per-point", "200"])
+    out = common.load_npz(tmp_path / "manifold.npz")
+    assert out["sigma"] == 1.0 and list(out["deltas"]) == [2.0, 1.6, 1.2] and out["angles"].shape == (181,)
+    np.testing.assert_allclose(out["rel_gap"], (out["error"] - out["e_train"][:, None]) / out["e_train"][:, None])
+    # symmetric layout: the half circle runs from training point 0 in 1-degree steps; points every 18 degrees
+    on_train, on_val = np.arange(0, 181, 36), np.arange(18, 181, 36)
+    np.testing.assert_allclose(np.degrees(out["angles"][on_train] - out["train_angles"][:6]), 0, atol=1e-9)
+    np.testing.assert_allclose(np.degrees(out["angles"][on_val] - out["val_angles"][:5]), 0, atol=1e-9)
+    assert np.abs(out["rel_gap"][:, on_train]).max() < 1e-6 and np.abs(out["rel_gap_train"]).max() < 1e-6
+    between = np.setdiff1d(np.arange(181), on_train)
+    assert (out["rel_gap"][:, between] > 0).all()
+    np.testing.assert_allclose(out["rel_gap"][:, on_val], out["rel_gap_val"][:, :5])
+    at_val = out["rel_gap_val"].mean(1)
+    assert at_val[2] > 2 * at_val[1] > 4 * at_val[0] > 0.2              # smaller delta, larger gap off the data
 
 
 def test_same_seed_gives_same_npz_bytes_and_another_seed_does_not(tmp_path):
