@@ -89,7 +89,7 @@ def test_trajectory_endpoints_approach_training_points_as_delta_falls(tmp_path):
     assert out["mean_nn_dist"][1] < 0.5 * out["mean_nn_dist"][0]
 
 
-@pytest.mark.parametrize("experiment", ["flow", "field", "manifold", "fd"])
+@pytest.mark.parametrize("experiment", ["flow", "field", "manifold", "samples"])
 def test_other_experiments_write_their_arrays(tmp_path, experiment):
     out = run(tmp_path, experiment, *(["--deltas", "1.6", "1.2"] if experiment != "flow" else []))
     assert (tmp_path / f"{experiment}.png").exists()
@@ -101,9 +101,36 @@ def test_other_experiments_write_their_arrays(tmp_path, experiment):
         assert (out["gap"][0] <= 0.5).sum() > (out["gap"][1] <= 0.5).sum()   # region shrinks as delta falls
     if experiment == "manifold":
         assert out["error"].shape == out["rel_gap"].shape == (2, 181) and out["rel_gap_val"].shape == (2, 10)
-    if experiment == "fd":
-        assert out["fd_train"].shape == out["fd_val"].shape == out["gap"].shape == (2,)
-        assert (out["fd_train"] >= 0).all()
+    if experiment == "samples":
+        assert out["ratio"].shape == out["ratio_on_circle"].shape == out["train_over_val"].shape == (4, 2)
+        np.testing.assert_allclose(out["ratio_mean"], out["ratio"].mean(0))
+        np.testing.assert_allclose(out["ratio_std"], out["ratio"].std(0, ddof=1))
+        np.testing.assert_allclose(out["ratio"], out["d_train"] / out["d_ref"][:, None])
+        assert list(out["seeds"]) == [0, 1, 2, 3] and len(set(out["d_ref"])) == 4   # a new circle per seed
+
+
+def test_sample_distances_tell_copies_from_fresh_data():
+    train, val, _ = toy2d.circle_data(2000, 10.0, random=True, seed=0)
+    fresh = toy2d.circle_data(2000, 10.0, random=True, seed=1)[0]           # unseen points from the same circle
+    copies = train[torch.arange(0, 1000, 2)]
+    measures = {name: toy2d.sample_distances(x, train, val, 10.0) for name, x in (("fresh", fresh), ("copies", copies))}
+    assert measures["copies"]["ratio"] == measures["copies"]["train_over_val"] == 0
+    assert measures["copies"]["ratio_on_circle"] < 1e-12                        # rounding of the move onto the circle
+    for key in ("ratio", "ratio_on_circle", "train_over_val"):
+        assert 0.85 < measures["fresh"][key] < 1.15, (key, measures["fresh"][key])
+    pushed_out = toy2d.sample_distances(fresh * 1.05, train, val, 10.0)   # off the circle, same angles
+    assert pushed_out["ratio"] > 3 and pushed_out["ratio_on_circle"] == pytest.approx(measures["fresh"]["ratio_on_circle"])
+
+
+def test_samples_of_the_optimal_denoiser_copy_and_of_a_large_delta_do_not(tmp_path):
+    toy2d.main(["samples", "--out", str(tmp_path), "--deltas", "0", "0.02", "1.0", "--n-points", "200",
+                "--num-samples", "200", "--steps", "32", "--num-seeds", "2"])
+    out = common.load_npz(tmp_path / "samples.npz")
+    assert out["ratio"].shape == (2, 3) and out["train"].shape == (100, 2)
+    copies, small, large = out["ratio_mean"]
+    assert copies < 0.01 and out["ratio_on_circle_mean"][0] < 0.01 and out["train_over_val_mean"][0] < 0.01
+    assert copies < small < 0.5 < 1 < large                                # delta = 1: far off the training points
+    assert 0.8 < out["ratio_on_circle_mean"][2] < 1.25 and 0.8 < out["train_over_val_mean"][2] < 1.25
 
 
 def test_manifold_relative_gap_vanishes_at_training_points_and_peaks_between_them(tmp_path):
@@ -134,6 +161,8 @@ def test_same_seed_gives_same_npz_bytes_and_another_seed_does_not(tmp_path):
 
 @pytest.mark.parametrize("argv, message", [
     (["nonsense"], "invalid choice"),
+    (["fd"], "experiment 'fd' is now 'samples'"),
+    (["samples", "--num-seeds", "0"], "--num-seeds must be at least 1"),
     (["delta", "--deltas", "-1"], "--deltas must be >= 0"),
     (["delta", "--sigmas", "0"], "--sigmas must be positive"),
     (["density", "--n-points", "1"], "--n-points must be at least 2"),
