@@ -2,10 +2,29 @@
 
 Points on a circle, half of them training points; the model is the optimal
 denoiser of the training points, made error-prone by smearing the data with
-N(0, delta^2). Each experiment writes DIR/EXPERIMENT.npz and DIR/EXPERIMENT.png.
+N(0, delta^2). Each experiment writes DIR/EXPERIMENT.npz and DIR/EXPERIMENT.png (and .pdf).
 
-    python toy2d.py all                      # every panel, paper settings, < 2 min on a CPU
+    python toy2d.py all                      # every panel, paper settings, about 30 s on a CPU
     python toy2d.py delta --deltas 2 1.5 1   # one panel, other settings
+
+Keys (K deltas, S sigmas, T samples, A angles, R seeds; every file has args, all but density.npz
+train, val and radius):
+  flow (a)      sigmas, delta, axis (G,), field (3, G, G, 2), noisy, pred (3, P, J, 2)
+  delta (b)     sigmas (S,), deltas (K,), e_train, e_val, gap (K, S)
+  density (c)   sigmas, n_points, n_train (K,), delta, e_train, e_val, gap (K, S)
+  field (d)     sigma, deltas, axis (G,), gap (K, G, G): relative gap of each point of the plane
+  manifold (e)  sigma, draws, deltas, angles (A,) along a half circle from training point 0,
+                error (K, A) = E(theta), e_train (K,) = mean E_train, rel_gap (K, A) =
+                (E(theta) - mean E_train) / mean E_train, rel_gap_train, rel_gap_val (K, N/2) at
+                the data points, train_angles, val_angles
+  guidance (f)  sigmas, weights (K,), delta_pos, delta_neg, e_train, e_val, gap (K, S)
+  trajectories (g)  deltas, endpoints (K, T, 2), nn_dist (K, T), mean_nn_dist (K,), paths
+  samples (h)   deltas (K,), seeds (R,), num_samples, d_ref (R,) = mean distance of a validation
+                point to its nearest training point, d_train, d_val (R, K) = mean distance of a
+                sample to its nearest training / validation point, ratio = d_train / d_ref,
+                ratio_on_circle (samples moved onto the circle first), train_over_val =
+                d_train / d_val (R, K), each with _mean and _std (K,) over the seeds;
+                train and val of the first seed
 """
 import argparse
 import os
@@ -38,7 +57,7 @@ DEFAULTS = {
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
     p.add_argument("experiment", metavar="EXPERIMENT", help="one of " + ", ".join(EXPERIMENTS + ["all"]))
     p.add_argument("--out", default="results/toy2d", help="output folder")
     p.add_argument("--deltas", type=float, nargs="+", help="model errors delta (guidance: delta_pos delta_neg); "
