@@ -78,6 +78,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed of noise draws, random angles and samples")
     p.add_argument("--device", default="auto", help="auto (cuda, then cpu: the toy needs float64, which mps "
                    "lacks), cpu, cuda, cuda:N")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads of torch while it runs (0: torch's own "
+                   "choice); the toy's operations are too small to gain from more, and on cores shared with "
+                   "other jobs two threads made the samples panel 10x slower than one")
     args = p.parse_args(argv)
     check(args.experiment not in RENAMED, f"experiment {args.experiment!r} is now "
           f"{RENAMED.get(args.experiment)!r} (a Fréchet distance of 2D samples could not tell memorizing "
@@ -85,6 +88,7 @@ def parse_args(argv=None):
     check(args.experiment in EXPERIMENTS + ["all"], f"invalid choice: {args.experiment!r} (choose from "
           f"{', '.join(EXPERIMENTS + ['all'])})")
     check(args.num_seeds >= 1, "--num-seeds must be at least 1")
+    check(args.threads >= 0, "--threads must be >= 0")
     check(args.samples_per_point is None or args.samples_per_point >= 1, "--samples-per-point must be at least 1")
     check(args.num_samples >= 2, "--num-samples must be at least 2")
     check(args.steps >= 2, "--steps must be at least 2")
@@ -467,22 +471,33 @@ def main(argv=None):
     device = common.pick_device(args.device)
     args.device = "cpu" if device.type == "mps" else str(device)
     names = EXPERIMENTS if args.experiment == "all" else [args.experiment]
-    for name in tqdm(names, desc="toy2d", disable=len(names) == 1):
-        start = time.time()
-        out, fig = RUNNERS[name](args)
-        npz = common.save_npz(os.path.join(args.out, f"{name}.npz"), args=vars(args) | {"experiment": name}, **out)
-        png = common.save_figure(fig, os.path.join(args.out, f"{name}.png"))
-        summary = ""
-        if "gap" in out and np.ndim(out["gap"]) == 2:
-            g = out["gap"]
-            i, j = np.unravel_index(np.argmax(g), g.shape)
-            summary = f"; largest gap {g[i, j]:.2f} at sigma = {out['sigmas'][j]:.2f}"
-        if "ratio_mean" in out:
-            summary = "; ratio " + ", ".join(f"{r:.2f} (delta {d:g})" for d, r in zip(out["deltas"], out["ratio_mean"]))
-        if "rel_gap_val" in out:
-            summary = "; relative gap at validation points " + ", ".join(
-                f"{g:.2f} (delta {d:g})" for d, g in zip(out["deltas"], out["rel_gap_val"].mean(1)))
-        tqdm.write(f"{name}: wrote {npz} and {png} ({time.time() - start:.1f} s{summary})")
+    threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        for name in tqdm(names, desc="toy2d", disable=len(names) == 1):
+            run_experiment(name, args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run_experiment(name, args):
+    """Run one experiment, write its .npz and figure, print what it wrote and its headline numbers."""
+    start = time.time()
+    out, fig = RUNNERS[name](args)
+    npz = common.save_npz(os.path.join(args.out, f"{name}.npz"), args=vars(args) | {"experiment": name}, **out)
+    png = common.save_figure(fig, os.path.join(args.out, f"{name}.png"))
+    summary = ""
+    if "gap" in out and np.ndim(out["gap"]) == 2:
+        g = out["gap"]
+        i, j = np.unravel_index(np.argmax(g), g.shape)
+        summary = f"; largest gap {g[i, j]:.2f} at sigma = {out['sigmas'][j]:.2f}"
+    if "ratio_mean" in out:
+        summary = "; ratio " + ", ".join(f"{r:.2f} (delta {d:g})" for d, r in zip(out["deltas"], out["ratio_mean"]))
+    if "rel_gap_val" in out:
+        summary = "; relative gap at validation points " + ", ".join(
+            f"{g:.2f} (delta {d:g})" for d, g in zip(out["deltas"], out["rel_gap_val"].mean(1)))
+    tqdm.write(f"{name}: wrote {npz} and {png} ({time.time() - start:.1f} s{summary})")
 
 
 if __name__ == "__main__":

@@ -119,7 +119,8 @@ def test_sample_distances_tell_copies_from_fresh_data():
     for key in ("ratio", "ratio_on_circle", "train_over_val"):
         assert 0.85 < measures["fresh"][key] < 1.15, (key, measures["fresh"][key])
     pushed_out = toy2d.sample_distances(fresh * 1.05, train, val, 10.0)   # off the circle, same angles
-    assert pushed_out["ratio"] > 3 and pushed_out["ratio_on_circle"] == pytest.approx(measures["fresh"]["ratio_on_circle"])
+    assert pushed_out["ratio"] > 3
+    assert pushed_out["ratio_on_circle"] == pytest.approx(measures["fresh"]["ratio_on_circle"])
 
 
 def test_samples_of_the_optimal_denoiser_copy_and_of_a_large_delta_do_not(tmp_path):
@@ -150,6 +151,17 @@ def test_manifold_relative_gap_vanishes_at_training_points_and_peaks_between_the
     assert at_val[2] > 2 * at_val[1] > 4 * at_val[0] > 0.2              # smaller delta, larger gap off the data
 
 
+def test_threads_are_set_for_the_run_and_restored_after(tmp_path):
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        toy2d.main(["manifold", "--out", str(tmp_path), "--threads", "1", *FAST])
+        assert torch.get_num_threads() == 2
+        assert common.load_npz(tmp_path / "manifold.npz")["args"]["threads"] == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_same_seed_gives_same_npz_bytes_and_another_seed_does_not(tmp_path):
     def npz_bytes(seed):
         toy2d.main(["delta", "--out", str(tmp_path), "--seed", str(seed), *FAST])
@@ -163,6 +175,7 @@ def test_same_seed_gives_same_npz_bytes_and_another_seed_does_not(tmp_path):
     (["nonsense"], "invalid choice"),
     (["fd"], "experiment 'fd' is now 'samples'"),
     (["samples", "--num-seeds", "0"], "--num-seeds must be at least 1"),
+    (["delta", "--threads", "-1"], "--threads must be >= 0"),
     (["delta", "--deltas", "-1"], "--deltas must be >= 0"),
     (["delta", "--sigmas", "0"], "--sigmas must be positive"),
     (["density", "--n-points", "1"], "--n-points must be at least 2"),
