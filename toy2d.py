@@ -2,10 +2,29 @@
 
 Points on a circle, half of them training points; the model is the optimal
 denoiser of the training points, made error-prone by smearing the data with
-N(0, delta^2). Each experiment writes DIR/EXPERIMENT.npz and DIR/EXPERIMENT.png.
+N(0, delta^2). Each experiment writes DIR/EXPERIMENT.npz and DIR/EXPERIMENT.png (and .pdf).
 
-    python toy2d.py all                      # every panel, paper settings, < 2 min on a CPU
+    python toy2d.py all                      # every panel, paper settings, about 30 s on a CPU
     python toy2d.py delta --deltas 2 1.5 1   # one panel, other settings
+
+Keys (K deltas, S sigmas, T samples, A angles, R seeds; every file has args, all but density.npz
+train, val and radius):
+  flow (a)      sigmas, delta, axis (G,), field (3, G, G, 2), noisy, pred (3, P, J, 2)
+  delta (b)     sigmas (S,), deltas (K,), e_train, e_val, gap (K, S)
+  density (c)   sigmas, n_points, n_train (K,), delta, e_train, e_val, gap (K, S)
+  field (d)     sigma, deltas, axis (G,), gap (K, G, G): relative gap of each point of the plane
+  manifold (e)  sigma, draws, deltas, angles (A,) along a half circle from training point 0,
+                error (K, A) = E(theta), e_train (K,) = mean E_train, rel_gap (K, A) =
+                (E(theta) - mean E_train) / mean E_train, rel_gap_train, rel_gap_val (K, N/2) at
+                the data points, train_angles, val_angles
+  guidance (f)  sigmas, weights (K,), delta_pos, delta_neg, e_train, e_val, gap (K, S)
+  trajectories (g)  deltas, endpoints (K, T, 2), nn_dist (K, T), mean_nn_dist (K,), paths
+  samples (h)   deltas (K,), seeds (R,), num_samples, d_ref (R,) = mean distance of a validation
+                point to its nearest training point, d_train, d_val (R, K) = mean distance of a
+                sample to its nearest training / validation point, ratio = d_train / d_ref,
+                ratio_on_circle (samples moved onto the circle first), train_over_val =
+                d_train / d_val (R, K), each with _mean and _std (K,) over the seeds;
+                train and val of the first seed
 """
 import argparse
 import os
@@ -21,7 +40,8 @@ from tqdm import tqdm  # noqa: E402
 import common  # noqa: E402
 from common import check  # noqa: E402
 
-EXPERIMENTS = ["flow", "delta", "density", "field", "manifold", "guidance", "trajectories", "fd"]
+EXPERIMENTS = ["flow", "delta", "density", "field", "manifold", "guidance", "trajectories", "samples"]
+RENAMED = {"fd": "samples"}  # old experiment names: stopped with a message that names the new one
 
 # Paper settings per experiment; command-line flags override them.
 DEFAULTS = {
@@ -29,17 +49,16 @@ DEFAULTS = {
     "delta": dict(n_points=[20], deltas=list(np.round(np.linspace(2.2, 1.2, 11), 2))),
     "density": dict(n_points=list(range(16, 31, 2)), deltas=[1.6]),
     "field": dict(n_points=[20], sigmas=[1.1], deltas=[2.2, 1.8, 1.4, 1.0]),
-    "manifold": dict(n_points=[20], sigmas=[1.2], deltas=[2.0, 1.6, 1.2]),
+    "manifold": dict(n_points=[20], sigmas=[1.0], deltas=[2.0, 1.6, 1.2], draws=500),
     "guidance": dict(n_points=[20], deltas=[1.8, 2.2], weights=[0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0]),
     "trajectories": dict(n_points=[20], radius=1.0, deltas=[0.2, 0.1, 0.05]),
-    "fd": dict(n_points=[1000], random=True, deltas=list(np.round(np.geomspace(0.05, 3.0, 10), 3))),
+    "samples": dict(n_points=[1000], random=True, deltas=[0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 3.0]),
 }
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("experiment", choices=EXPERIMENTS + ["all"], metavar="EXPERIMENT",
-                   help="one of " + ", ".join(EXPERIMENTS + ["all"]))
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
+    p.add_argument("experiment", metavar="EXPERIMENT", help="one of " + ", ".join(EXPERIMENTS + ["all"]))
     p.add_argument("--out", default="results/toy2d", help="output folder")
     p.add_argument("--deltas", type=float, nargs="+", help="model errors delta (guidance: delta_pos delta_neg); "
                    "default: the paper's per experiment")
@@ -49,15 +68,28 @@ def parse_args(argv=None):
     p.add_argument("--sigmas", type=float, nargs="+", help="noise levels: the sigma grid of the gap curves "
                    "(default: the 120-step EDM schedule), or the sigmas of flow, field and manifold")
     p.add_argument("--radius", type=float, help="circle radius (default 10; trajectories: 1)")
-    p.add_argument("--random", action="store_true", help="random instead of equally spaced angles (fd: always)")
-    p.add_argument("--samples-per-point", type=int, default=50, help="fixed noise draws per point")
-    p.add_argument("--num-samples", type=int, default=1000, help="ODE samples for trajectories and fd")
+    p.add_argument("--random", action="store_true", help="random instead of equally spaced angles (samples: always)")
+    p.add_argument("--samples-per-point", type=int, help="fixed noise draws per point (default 50; manifold: "
+                   "500, the paper's)")
+    p.add_argument("--num-samples", type=int, default=1000, help="ODE samples for trajectories and samples")
+    p.add_argument("--num-seeds", type=int, default=4, help="samples: seeds SEED, SEED+1, ... (each a new random "
+                   "circle and new samples); the panel shows their mean and standard deviation")
     p.add_argument("--steps", type=int, default=120, help="EDM schedule steps (sigma grid and sampler)")
     p.add_argument("--seed", type=common.non_negative_int, default=0, help="seed of noise draws, random angles and samples")
     p.add_argument("--device", default="auto", help="auto (cuda, then cpu: the toy needs float64, which mps "
                    "lacks), cpu, cuda, cuda:N")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads of torch while it runs (0: torch's own "
+                   "choice); the toy's operations are too small to gain from more, and on cores shared with "
+                   "other jobs two threads made the samples panel 10x slower than one")
     args = p.parse_args(argv)
-    check(args.samples_per_point >= 1, "--samples-per-point must be at least 1")
+    check(args.experiment not in RENAMED, f"experiment {args.experiment!r} is now "
+          f"{RENAMED.get(args.experiment)!r} (a Fréchet distance of 2D samples could not tell memorizing "
+          f"from generalizing samplers)")
+    check(args.experiment in EXPERIMENTS + ["all"], f"invalid choice: {args.experiment!r} (choose from "
+          f"{', '.join(EXPERIMENTS + ['all'])})")
+    check(args.num_seeds >= 1, "--num-seeds must be at least 1")
+    check(args.threads >= 0, "--threads must be >= 0")
+    check(args.samples_per_point is None or args.samples_per_point >= 1, "--samples-per-point must be at least 1")
     check(args.num_samples >= 2, "--num-samples must be at least 2")
     check(args.steps >= 2, "--steps must be at least 2")
     for name in ("deltas", "sigmas", "n_points", "weights"):
@@ -116,18 +148,20 @@ def gap_curves(denoise, train, val, noise_train, noise_val, sigmas):
 class Toy:
     """The settings of one experiment: circle data, fixed noise and sigma grid."""
 
-    def __init__(self, args, name, n_points=None):
+    def __init__(self, args, name, n_points=None, seed=None):
         d = DEFAULTS[name]
+        seed = args.seed if seed is None else seed
         self.args = args
         self.deltas = args.deltas if args.deltas is not None else d.get("deltas", [0.0])
         self.n_points = args.n_points if args.n_points is not None else d["n_points"]
         self.radius = args.radius if args.radius is not None else d.get("radius", 10.0)
         self.random = args.random or d.get("random", False)
         n = n_points if n_points is not None else self.n_points[0]
-        self.train, self.val, self.angles = circle_data(n, self.radius, self.random, args.seed)
+        self.train, self.val, self.angles = circle_data(n, self.radius, self.random, seed)
         self.train, self.val = self.train.to(args.device), self.val.to(args.device)
-        self.noise_train = fixed_noise(len(self.train), args.samples_per_point, args.seed + 1).to(args.device)
-        self.noise_val = fixed_noise(len(self.val), args.samples_per_point, args.seed + 2).to(args.device)
+        self.draws = args.samples_per_point if args.samples_per_point is not None else d.get("draws", 50)
+        self.noise_train = fixed_noise(len(self.train), self.draws, seed + 1).to(args.device)
+        self.noise_val = fixed_noise(len(self.val), self.draws, seed + 2).to(args.device)
         if args.sigmas is not None and name not in ("flow", "field", "manifold"):
             grid = torch.tensor(sorted(args.sigmas), dtype=torch.float64)
         else:
@@ -243,28 +277,60 @@ def exp_field(args):
     return out, fig
 
 
+def on_circle(angles, radius, noise):
+    """Points at `angles` on the circle and the draws noise (J, 2), read in each point's own
+    (radial, tangential) frame: (A, 2) points and (A, J, 2) noise. Isotropic noise so rotated is
+    still N(0, I) at every point, and points that the layout's symmetry maps onto one another get
+    exactly the same error."""
+    radial = torch.stack([angles.cos(), angles.sin()], 1)                        # (A, 2)
+    tangential = torch.stack([-angles.sin(), angles.cos()], 1)
+    return radius * radial, noise[None, :, :1] * radial[:, None] + noise[None, :, 1:] * tangential[:, None]
+
+
 def exp_manifold(args):
-    """(e) Error along the circle, between training points, for several delta."""
+    """(e) Relative gap (E(theta) - mean E_train) / mean E_train along a half circle from a training
+    point, at one sigma (paper: 1.0, 500 draws, N = 10 training points), for several delta; the
+    draws are the same at every angle, in the point's own frame (on_circle)."""
     toy = Toy(args, "manifold")
-    sigma = toy.nearest_grid_sigma(toy.sigmas[0])
-    angles = torch.linspace(0, 2 * np.pi, 361, dtype=torch.float64, device=args.device)
-    ring = toy.radius * torch.stack([angles.cos(), angles.sin()], 1)
-    noise = toy.noise_train[:1].expand(len(ring), -1, -1)
-    sig = torch.tensor([sigma], dtype=torch.float64, device=args.device)
-    errors = torch.stack([toy_error(delta_model(toy.train, d), ring, noise, sig)[0] for d in toy.deltas])
-    out = dict(sigma=sigma, deltas=np.array(toy.deltas), angles=angles.cpu().numpy(), error=errors.cpu().numpy(),
-               train_angles=toy.angles[0::2].numpy() % (2 * np.pi), val_angles=toy.angles[1::2].numpy() % (2 * np.pi),
-               **toy.common_keys())
-    fig, ax = plt.subplots(figsize=(7, 3.6), layout="constrained")
-    for delta, err in zip(toy.deltas, out["error"]):
-        ax.plot(np.degrees(out["angles"]), err, label=f"delta = {delta:g}")
-    for a in out["train_angles"]:
-        ax.axvline(np.degrees(a), color="k", lw=0.6, ls="-")
-    for a in out["val_angles"]:
-        ax.axvline(np.degrees(a), color="tab:green", lw=0.6, ls="--")
-    ax.set(xlabel="angle on the circle (degrees); black: train, green dashed: validation",
-           ylabel="toy error ||D(y + sigma n) - y||", title=f"(e) error along the circle, sigma = {sigma:.2f}")
-    ax.legend(fontsize=8)
+    sigma = toy.sigmas[0]                                                        # the first of --sigmas
+    dev = args.device
+    draws = fixed_noise(1, toy.draws, args.seed + 1)[0].to(dev)                  # (J, 2), radial and tangential
+    start = float(toy.angles[0])
+    angles = start + torch.linspace(0, np.pi, 181, dtype=torch.float64, device=dev)
+    train_angles, val_angles = toy.angles[0::2].to(dev), toy.angles[1::2].to(dev)
+    sig = torch.tensor([sigma], dtype=torch.float64, device=dev)
+    error, e_train, e_at_train, e_at_val = [], [], [], []
+    for delta in tqdm(toy.deltas, desc="manifold", leave=False):
+        model = delta_model(toy.train, delta)
+        error.append(toy_error(model, *on_circle(angles, toy.radius, draws), sig)[0])
+        e_at_train.append(toy_error(model, *on_circle(train_angles, toy.radius, draws), sig)[0])
+        e_at_val.append(toy_error(model, *on_circle(val_angles, toy.radius, draws), sig)[0])
+        e_train.append(e_at_train[-1].mean())
+    error, e_train = torch.stack(error).cpu().numpy(), torch.stack(e_train).cpu().numpy()
+    relative = lambda e: (e - e_train[:, None]) / e_train[:, None]  # noqa: E731
+    out = dict(sigma=sigma, draws=toy.draws, deltas=np.array(toy.deltas), angles=angles.cpu().numpy(),
+               error=error, e_train=e_train, rel_gap=relative(error),
+               rel_gap_train=relative(torch.stack(e_at_train).cpu().numpy()),
+               rel_gap_val=relative(torch.stack(e_at_val).cpu().numpy()),
+               train_angles=train_angles.cpu().numpy(), val_angles=val_angles.cpu().numpy(), **toy.common_keys())
+
+    degrees = np.degrees(out["angles"])
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8.5, 5.6), sharex=True, layout="constrained")
+    for delta, gap, err, e_mean in zip(toy.deltas, out["rel_gap"], error, e_train):
+        line, = top.plot(degrees, gap, label=f"delta = {delta:g}")
+        bottom.plot(degrees, err, color=line.get_color())
+        bottom.axhline(e_mean, color=line.get_color(), lw=0.8, ls=":")
+    for kind, marks, style in (("train", out["train_angles"], dict(color="k", lw=0.7)),
+                               ("validation", out["val_angles"], dict(color="tab:green", lw=0.7, ls="--"))):
+        inside = np.degrees(start + (marks - start) % (2 * np.pi))
+        for ax in (top, bottom):
+            for i, a in enumerate(inside[inside <= degrees[-1] + 1e-9]):
+                ax.axvline(a, **style, label=f"{kind} point" if ax is top and i == 0 else None)
+    top.axhline(0, color="gray", lw=0.5)
+    top.set(ylabel="relative gap\n(E(theta) - Ē_train) / Ē_train")
+    fig.legend(*top.get_legend_handles_labels(), loc="outside right upper", fontsize=8)
+    top.set_title(f"(e) along a half circle: sigma = {sigma:g}, {toy.draws} draws, {len(toy.train)} training points")
+    bottom.set(xlabel="angle on the circle (degrees)", ylabel="error E(theta)\n(dotted: Ē_train)")
     return out, fig
 
 
@@ -292,7 +358,7 @@ def sample_toy(model, num, steps, seed, device, record=False):
 
 def nearest_distance(points, data):
     """Distance of each point to its nearest data point."""
-    return torch.cdist(points, data).amin(1)
+    return common.nearest_neighbours(points, data, k=1)[0][:, 0]
 
 
 def exp_trajectories(args):
@@ -328,28 +394,71 @@ def exp_trajectories(args):
     return out, fig
 
 
-def exp_fd(args):
-    """(h) Fréchet distance of toy samples to the training and validation points as delta varies."""
-    toy = Toy(args, "fd")
-    fd_train, fd_val, dists = [], [], []
-    for delta in tqdm(toy.deltas, desc="fd", leave=False):
-        samples = sample_toy(delta_model(toy.train, delta), args.num_samples, args.steps, args.seed, args.device)
-        fd_train.append(common.frechet_distance(samples, toy.train))
-        fd_val.append(common.frechet_distance(samples, toy.val))
-        dists.append(nearest_distance(samples, toy.train).mean().item())
-    fd_train, fd_val = np.array(fd_train), np.array(fd_val)
-    out = dict(deltas=np.array(toy.deltas), fd_train=fd_train, fd_val=fd_val, gap=(fd_val - fd_train) / fd_train,
-               mean_nn_dist=np.array(dists), fd_train_val=common.frechet_distance(toy.train, toy.val),
-               **toy.common_keys())
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), layout="constrained")
-    axes[0].plot(out["deltas"], fd_train, "o-", label="to training points")
-    axes[0].plot(out["deltas"], fd_val, "s-", label="to validation points")
-    axes[0].axhline(out["fd_train_val"], color="gray", ls=":", label="train vs validation")
-    axes[0].set(xscale="log", yscale="log", xlabel="model error delta", ylabel="Fréchet distance (squared units)")
-    axes[0].legend(fontsize=8)
-    axes[1].plot(out["deltas"], out["gap"], "o-")
-    axes[1].set(xscale="log", xlabel="model error delta", ylabel="(FD_val - FD_train) / FD_train")
-    fig.suptitle(f"(h) Fréchet distance of {args.num_samples} samples, {len(toy.train)} training points")
+def sample_distances(samples, train, val, radius):
+    """How far samples lie from the training points, against how far unseen data lies (toy (h)).
+
+    d_ref = mean distance of a validation point to its nearest training point; ratio = mean distance
+    of a sample to its nearest training point / d_ref (-> 0: copies of training points; about 1: as
+    far from them as unseen data; > 1: off the data); ratio_on_circle: the same with the samples
+    first moved radially onto the circle, so that only their placement along it counts (-> 1 for
+    any sampler that spreads them like the data); train_over_val = mean distance to the nearest
+    training point / mean distance to the nearest validation point (-> 0: copies; 1: no preference)."""
+    d_train = nearest_distance(samples, train).mean()
+    d_ref = nearest_distance(val, train).mean()
+    on_circle = radius * samples / samples.norm(dim=1, keepdim=True).clamp_min(torch.finfo(samples.dtype).tiny)
+    d_val = nearest_distance(samples, val).mean()
+    return {"d_train": float(d_train), "d_val": float(d_val), "d_ref": float(d_ref),
+            "ratio": float(d_train / d_ref),
+            "ratio_on_circle": float(nearest_distance(on_circle, train).mean() / d_ref),
+            "train_over_val": float(d_train / d_val)}
+
+
+def exp_samples(args):
+    """(h) Samples vs training and validation points as delta varies (1000 random points on the
+    circle, half train): sample_distances of ODE samples of y_delta, for --num-seeds seeds."""
+    toy = Toy(args, "samples")
+    seeds = list(range(args.seed, args.seed + args.num_seeds))
+    rows = []
+    for seed in tqdm(seeds, desc="samples", leave=False):
+        t = toy if seed == args.seed else Toy(args, "samples", seed=seed)
+        for delta in toy.deltas:
+            samples = sample_toy(delta_model(t.train, delta), args.num_samples, args.steps, seed, args.device)
+            rows.append(sample_distances(samples, t.train, t.val, t.radius))
+    R, K = len(seeds), len(toy.deltas)
+    out = dict(deltas=np.array(toy.deltas), seeds=np.array(seeds), num_samples=args.num_samples,
+               d_ref=np.array([rows[r * K]["d_ref"] for r in range(R)]), **toy.common_keys())
+    for key in ("d_train", "d_val", "ratio", "ratio_on_circle", "train_over_val"):
+        per_seed = np.array([row[key] for row in rows]).reshape(R, K)
+        out[key] = per_seed
+        if key not in ("d_train", "d_val"):
+            out[f"{key}_mean"] = per_seed.mean(0)
+            out[f"{key}_std"] = per_seed.std(0, ddof=1) if R > 1 else np.zeros(K)
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
+    xscale = dict(value="log") if min(toy.deltas) > 0 else dict(value="symlog", linthresh=min(
+        [d for d in toy.deltas if d > 0] or [1.0]))
+    spread = f"mean and standard deviation over {R} seeds" if R > 1 else "one seed"
+    ax = axes[0]
+    for per_seed in out["ratio"]:
+        ax.plot(out["deltas"], per_seed, ".", color="tab:blue", alpha=0.3, ms=4)
+    ax.errorbar(out["deltas"], out["ratio_mean"], yerr=out["ratio_std"], fmt="o-", color="tab:blue", capsize=3,
+                label="ratio")
+    ax.axhline(1, color="gray", ls=":", label="as far as validation points")
+    ax.set_xscale(**xscale)
+    ax.set(yscale="log", xlabel="model error delta", ylabel="ratio = mean d_nn(sample, train)\n"
+           "/ mean d_nn(validation point, train)", title="distance to the nearest training point")
+    ax.legend(fontsize=8)
+    ax = axes[1]
+    for key, label, marker in (("ratio_on_circle", "ratio, samples moved onto the circle", "o-"),
+                               ("train_over_val", "to nearest training / nearest validation point", "s-")):
+        ax.errorbar(out["deltas"], out[f"{key}_mean"], yerr=out[f"{key}_std"], fmt=marker, capsize=3, label=label)
+    ax.axhline(1, color="gray", ls=":")
+    ax.set_xscale(**xscale)
+    ax.set(ylim=(0, 1.2), xlabel="model error delta", ylabel="ratio (0: copies, 1: like unseen data)",
+           title="placement along the data")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.suptitle(f"(h) {args.num_samples} ODE samples vs {len(toy.train)} training and {len(toy.val)} validation "
+                 f"points ({spread})")
     return out, fig
 
 
@@ -361,9 +470,6 @@ def check_experiments(args, names):
     shared = " (all: every experiment gets the same flags)" if len(names) > 1 else ""
     check("guidance" not in names or args.deltas is None or len(args.deltas) == 2,
           f"guidance needs --deltas DELTA_POS DELTA_NEG (two values), got {len(args.deltas or ())}{shared}")
-    check("fd" not in names or args.n_points is None or args.n_points[0] >= 4,
-          f"fd needs --n-points of at least 4 (two training and two validation points for the Fréchet "
-          f"distances){shared}")
 
 
 def main(argv=None):
@@ -373,17 +479,33 @@ def main(argv=None):
     args.device = "cpu" if device.type == "mps" else str(device)
     names = EXPERIMENTS if args.experiment == "all" else [args.experiment]
     check_experiments(args, names)
-    for name in tqdm(names, desc="toy2d", disable=len(names) == 1):
-        start = time.time()
-        out, fig = RUNNERS[name](args)
-        npz = common.save_npz(os.path.join(args.out, f"{name}.npz"), args=vars(args) | {"experiment": name}, **out)
-        png = common.save_figure(fig, os.path.join(args.out, f"{name}.png"))
-        summary = ""
-        if "gap" in out and np.ndim(out["gap"]) == 2:
-            g = out["gap"]
-            i, j = np.unravel_index(np.argmax(g), g.shape)
-            summary = f"; largest gap {g[i, j]:.2f} at sigma = {out['sigmas'][j]:.2f}"
-        tqdm.write(f"{name}: wrote {npz} and {png} ({time.time() - start:.1f} s{summary})")
+    threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        for name in tqdm(names, desc="toy2d", disable=len(names) == 1):
+            run_experiment(name, args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run_experiment(name, args):
+    """Run one experiment, write its .npz and figure, print what it wrote and its headline numbers."""
+    start = time.time()
+    out, fig = RUNNERS[name](args)
+    npz = common.save_npz(os.path.join(args.out, f"{name}.npz"), args=vars(args) | {"experiment": name}, **out)
+    png = common.save_figure(fig, os.path.join(args.out, f"{name}.png"))
+    summary = ""
+    if "gap" in out and np.ndim(out["gap"]) == 2:
+        g = out["gap"]
+        i, j = np.unravel_index(np.argmax(g), g.shape)
+        summary = f"; largest gap {g[i, j]:.2f} at sigma = {out['sigmas'][j]:.2f}"
+    if "ratio_mean" in out:
+        summary = "; ratio " + ", ".join(f"{r:.2f} (delta {d:g})" for d, r in zip(out["deltas"], out["ratio_mean"]))
+    if "rel_gap_val" in out:
+        summary = "; relative gap at validation points " + ", ".join(
+            f"{g:.2f} (delta {d:g})" for d, g in zip(out["deltas"], out["rel_gap_val"].mean(1)))
+    tqdm.write(f"{name}: wrote {npz} and {png} ({time.time() - start:.1f} s{summary})")
 
 
 if __name__ == "__main__":

@@ -89,7 +89,7 @@ def test_trajectory_endpoints_approach_training_points_as_delta_falls(tmp_path):
     assert out["mean_nn_dist"][1] < 0.5 * out["mean_nn_dist"][0]
 
 
-@pytest.mark.parametrize("experiment", ["flow", "field", "manifold", "fd"])
+@pytest.mark.parametrize("experiment", ["flow", "field", "manifold", "samples"])
 def test_other_experiments_write_their_arrays(tmp_path, experiment):
     out = run(tmp_path, experiment, *(["--deltas", "1.6", "1.2"] if experiment != "flow" else []))
     assert (tmp_path / f"{experiment}.png").exists()
@@ -100,10 +100,66 @@ def test_other_experiments_write_their_arrays(tmp_path, experiment):
         assert (out["gap"] <= 0.5).mean() > (out["gap"] <= 0.5).mean(axis=(1, 2)).min() - 1  # finite field
         assert (out["gap"][0] <= 0.5).sum() > (out["gap"][1] <= 0.5).sum()   # region shrinks as delta falls
     if experiment == "manifold":
-        assert out["error"].shape == (2, 361)
-    if experiment == "fd":
-        assert out["fd_train"].shape == out["fd_val"].shape == out["gap"].shape == (2,)
-        assert (out["fd_train"] >= 0).all()
+        assert out["error"].shape == out["rel_gap"].shape == (2, 181) and out["rel_gap_val"].shape == (2, 10)
+    if experiment == "samples":
+        assert out["ratio"].shape == out["ratio_on_circle"].shape == out["train_over_val"].shape == (4, 2)
+        np.testing.assert_allclose(out["ratio_mean"], out["ratio"].mean(0))
+        np.testing.assert_allclose(out["ratio_std"], out["ratio"].std(0, ddof=1))
+        np.testing.assert_allclose(out["ratio"], out["d_train"] / out["d_ref"][:, None])
+        assert list(out["seeds"]) == [0, 1, 2, 3] and len(set(out["d_ref"])) == 4   # a new circle per seed
+
+
+def test_sample_distances_tell_copies_from_fresh_data():
+    train, val, _ = toy2d.circle_data(2000, 10.0, random=True, seed=0)
+    fresh = toy2d.circle_data(2000, 10.0, random=True, seed=1)[0]           # unseen points from the same circle
+    copies = train[torch.arange(0, 1000, 2)]
+    measures = {name: toy2d.sample_distances(x, train, val, 10.0) for name, x in (("fresh", fresh), ("copies", copies))}
+    assert measures["copies"]["ratio"] == measures["copies"]["train_over_val"] == 0
+    assert measures["copies"]["ratio_on_circle"] < 1e-12                        # rounding of the move onto the circle
+    for key in ("ratio", "ratio_on_circle", "train_over_val"):
+        assert 0.85 < measures["fresh"][key] < 1.15, (key, measures["fresh"][key])
+    pushed_out = toy2d.sample_distances(fresh * 1.05, train, val, 10.0)   # off the circle, same angles
+    assert pushed_out["ratio"] > 3
+    assert pushed_out["ratio_on_circle"] == pytest.approx(measures["fresh"]["ratio_on_circle"])
+
+
+def test_samples_of_the_optimal_denoiser_copy_and_of_a_large_delta_do_not(tmp_path):
+    toy2d.main(["samples", "--out", str(tmp_path), "--deltas", "0", "0.02", "1.0", "--n-points", "200",
+                "--num-samples", "200", "--steps", "32", "--num-seeds", "2"])
+    out = common.load_npz(tmp_path / "samples.npz")
+    assert out["ratio"].shape == (2, 3) and out["train"].shape == (100, 2)
+    copies, small, large = out["ratio_mean"]
+    assert copies < 0.01 and out["ratio_on_circle_mean"][0] < 0.01 and out["train_over_val_mean"][0] < 0.01
+    assert copies < small < 0.5 < 1 < large                                # delta = 1: far off the training points
+    assert 0.8 < out["ratio_on_circle_mean"][2] < 1.25 and 0.8 < out["train_over_val_mean"][2] < 1.25
+
+
+def test_manifold_relative_gap_vanishes_at_training_points_and_peaks_between_them(tmp_path):
+    toy2d.main(["manifold", "--out", str(tmp_path), "--samples-per-point", "200"])
+    out = common.load_npz(tmp_path / "manifold.npz")
+    assert out["sigma"] == 1.0 and list(out["deltas"]) == [2.0, 1.6, 1.2] and out["angles"].shape == (181,)
+    np.testing.assert_allclose(out["rel_gap"], (out["error"] - out["e_train"][:, None]) / out["e_train"][:, None])
+    # symmetric layout: the half circle runs from training point 0 in 1-degree steps; points every 18 degrees
+    on_train, on_val = np.arange(0, 181, 36), np.arange(18, 181, 36)
+    np.testing.assert_allclose(np.degrees(out["angles"][on_train] - out["train_angles"][:6]), 0, atol=1e-9)
+    np.testing.assert_allclose(np.degrees(out["angles"][on_val] - out["val_angles"][:5]), 0, atol=1e-9)
+    assert np.abs(out["rel_gap"][:, on_train]).max() < 1e-6 and np.abs(out["rel_gap_train"]).max() < 1e-6
+    between = np.setdiff1d(np.arange(181), on_train)
+    assert (out["rel_gap"][:, between] > 0).all()
+    np.testing.assert_allclose(out["rel_gap"][:, on_val], out["rel_gap_val"][:, :5])
+    at_val = out["rel_gap_val"].mean(1)
+    assert at_val[2] > 2 * at_val[1] > 4 * at_val[0] > 0.2              # smaller delta, larger gap off the data
+
+
+def test_threads_are_set_for_the_run_and_restored_after(tmp_path):
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        toy2d.main(["manifold", "--out", str(tmp_path), "--threads", "1", *FAST])
+        assert torch.get_num_threads() == 2
+        assert common.load_npz(tmp_path / "manifold.npz")["args"]["threads"] == 1
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_same_seed_gives_same_npz_bytes_and_another_seed_does_not(tmp_path):
@@ -117,6 +173,9 @@ def test_same_seed_gives_same_npz_bytes_and_another_seed_does_not(tmp_path):
 
 @pytest.mark.parametrize("argv, message", [
     (["nonsense"], "invalid choice"),
+    (["fd"], "experiment 'fd' is now 'samples'"),
+    (["samples", "--num-seeds", "0"], "--num-seeds must be at least 1"),
+    (["delta", "--threads", "-1"], "--threads must be >= 0"),
     (["delta", "--deltas", "-1"], "--deltas must be >= 0"),
     (["delta", "--sigmas", "0"], "--sigmas must be positive"),
     (["density", "--n-points", "1"], "--n-points must be at least 2"),
@@ -141,7 +200,7 @@ def test_out_that_is_an_existing_file_stops_before_any_experiment(tmp_path, caps
 
 @pytest.mark.parametrize("argv, message", [
     (["all", "--deltas", "2", "1.5", "1"], "guidance needs --deltas DELTA_POS DELTA_NEG (two values), got 3 (all:"),
-    (["all", "--n-points", "2"], "fd needs --n-points of at least 4"),
+    (["all", "--n-points", "1"], "--n-points must be at least 2"),
 ])
 def test_all_checks_every_experiments_arguments_before_the_first_runs(tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit) as exit_info:
