@@ -220,6 +220,8 @@ def fig_memorization_over_training(mem_results):
         if "traj_train_overlap" in data:
             axes[2].plot(seen, data["traj_train_overlap"][idx, middle_probe(data)], "o-", color=line.get_color(),
                          label=f"{name} (sigma {data['probe_sigmas'][middle_probe(data)]:.2f})")
+        if "heldout_train_overlap" in data:
+            axes[2].plot(seen, data["heldout_train_overlap"][idx, middle_probe(data)], "--", color=line.get_color())
         drawn = True
     if not drawn:
         plt.close(fig)
@@ -230,7 +232,10 @@ def fig_memorization_over_training(mem_results):
                 title="Frechet gap of samples (dotted: held-out validation images)")
     axes[2].set(xscale="log", xlabel="training images seen", ylim=(-0.02, 1.02),
                 ylabel="share of trajectory states with LLR >= 10th pct. of noisy training images",
-                title="where trajectories live (dotted: reference samplers)")
+                title="where trajectories live (dashed: fresh data; dotted: reference samplers)")
+    axes[2].axhline(0.9, color="black", lw=0.8, ls="-.")
+    axes[2].annotate("noisy training images", (0.02, 0.9), xycoords=("axes fraction", "data"), fontsize=6,
+                     va="bottom")
     for ax in axes:
         ax.legend(fontsize=7)
     return fig
@@ -255,6 +260,8 @@ def fig_trajectory_llr(data, config):
     for p, ax in enumerate(axes[0]):
         sets = [("trajectory states", data["llr_traj"]), ("noisy training images", data["llr_train"]),
                 ("noisy validation images", data["llr_val"])]
+        if "llr_heldout" in data:
+            sets.append(("noisy held-out images (fresh data)", data["llr_heldout"]))
         values = [s[config, p] for _, s in sets]
         bins = np.histogram_bin_edges(np.concatenate(values), bins=30)
         for (label, _), v in zip(sets, values):
@@ -321,7 +328,8 @@ def fig_toy(data):
 
 def summary_rows(gap_results, mem_results):
     """Per run (last snapshot): parameters, n, images seen, peak gap and its sigma, memorized fraction with
-    its interval, traj_train_overlap at the middle probe sigma, Frechet gap of samples and of held-out
+    its interval, traj_train_overlap at the middle probe sigma with the level of fresh data
+    (heldout_train_overlap; noisy training images give 0.9), Frechet gap of samples and of held-out
     validation images (its noise level); then the reference samplers (optimal, Gaussian) of the sample files."""
     memo = {}  # last snapshot path -> statistics of its unguided samples
     refs = []
@@ -329,9 +337,10 @@ def summary_rows(gap_results, mem_results):
         for i, (path, seen, w) in enumerate(zip(data["checkpoints"], data["images_seen"], data["guidance_weights"])):
             if w != 0:
                 continue
+            at = lambda key: float(data[key][i, middle_probe(data)]) if key in data else None  # noqa: E731
             stats = dict(memorized=float(data["memorized_fraction"][i]), ci=data["memorized_ci"][i],
-                         overlap=float(data["traj_train_overlap"][i, middle_probe(data)]) if "traj_train_overlap"
-                         in data else None, fd_gap=float(data["fd_gap"][i]),
+                         overlap=at("traj_train_overlap"), fresh=at("heldout_train_overlap"),
+                         fd_gap=float(data["fd_gap"][i]),
                          fd_heldout=float(data["fd_gap_heldout"][i]) if "fd_gap_heldout" in data else None)
             if seen >= 0:
                 memo[os.path.normpath(str(path))] = stats
@@ -348,13 +357,14 @@ def summary_rows(gap_results, mem_results):
         last = os.path.normpath(str(data["checkpoints"][-1])) if "checkpoints" in data else ""
         rows.append(dict(run=name, params=f.get("params"), n=f.get("n"), images_seen=int(data["images_seen"][-1]),
                          peak_gap=float(gap[j]), peak_sigma=float(data["sigmas"][j]),
-                         **memo.get(last, dict(memorized=None, ci=None, overlap=None, fd_gap=None, fd_heldout=None))))
+                         **memo.get(last, dict(memorized=None, ci=None, overlap=None, fresh=None, fd_gap=None,
+                                               fd_heldout=None))))
     return rows + refs
 
 
 def format_summary(rows):
     head = (f"{'run':34s} {'params':>9s} {'n':>5s} {'images':>8s} {'peak G':>7s} {'at sigma':>8s} "
-            f"{'copies [95% CI]':>16s} {'LLR overlap':>11s} {'FD gap':>7s} {'held-out':>8s}")
+            f"{'copies [95% CI]':>16s} {'overlap':>7s} {'fresh':>5s} {'FD gap':>7s} {'held-out':>8s}")
     lines = [head, "-" * len(head)]
     for r in rows:
         fmt = lambda v, spec: format(v, spec) if v is not None and np.isfinite(v) else "-"  # noqa: E731
@@ -362,7 +372,8 @@ def format_summary(rows):
             f"{r['memorized']:.0%} [{r['ci'][0]:.0%}, {r['ci'][1]:.0%}]")
         lines.append(f"{r['run'][:34]:34s} {fmt(r['params'], ',d'):>9s} {fmt(r['n'], 'd'):>5s} "
                      f"{fmt(r['images_seen'], ',d'):>8s} {fmt(r['peak_gap'], '.2f'):>7s} "
-                     f"{fmt(r['peak_sigma'], '.3f'):>8s} {copies:>16s} {fmt(r.get('overlap'), '.2f'):>11s} "
+                     f"{fmt(r['peak_sigma'], '.3f'):>8s} {copies:>16s} {fmt(r.get('overlap'), '.2f'):>7s} "
+                     f"{fmt(r.get('fresh'), '.2f'):>5s} "
                      f"{fmt(r.get('fd_gap'), '+.2f'):>7s} {fmt(r.get('fd_heldout'), '+.2f'):>8s}")
     return "\n".join(lines)
 

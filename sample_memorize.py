@@ -31,10 +31,14 @@ Writes --out (.npz; C configurations, M samples, P probe sigmas, T stop sigmas):
   states x_k), train and val (noisy training and validation images y + sigma n, drawn from the
   references): llr_SET (C, P, M), the log-likelihood ratio log p_train(x | sigma) - log p_val(x | sigma)
   of the noisy reference images (R training and R validation images, per label when conditional:
-  llr_conditional (C,)); traj_train_overlap (C, P), the share of trajectory states whose LLR reaches
-  the 10th percentile of the noisy training images' (near 1: trajectories pass where noisy training
-  images lie; near 0: they do not), traj_train_score (C, P) = (median llr_traj - median llr_val) /
-  (median llr_train - median llr_val);
+  llr_conditional (C,)), and llr_heldout (C, P, M) of noisy held-out validation images (in neither
+  reference: fresh data, where the states of a sampler that generalizes perfectly lie);
+  traj_train_overlap (C, P), the share of trajectory states whose LLR reaches the 10th percentile of
+  the noisy training images' (0.9 where trajectories pass where noisy training images lie),
+  heldout_train_overlap (C, P), the same share of the noisy held-out images (the level of fresh data),
+  traj_train_score (C, P) = (median llr_traj - median llr_val) / (median llr_train - median llr_val),
+  traj_heldout_score (C, P) = (median llr_traj - median llr_heldout) / (median llr_train - median
+  llr_heldout) (0: like fresh data, 1: like noisy training images);
   the authors' feature-space measure: 1-NN cosine similarity in --features space to the training
   reference (_train) and to the validation reference (_val) of D(x) for SET: fcos_SET_train,
   fcos_SET_val (C, P, M), of the final samples fcos_samples_train, fcos_samples_val (C, M) and of the
@@ -398,6 +402,13 @@ def run_configuration(model, denoise, refs, shard, args, sigmas, stops, probes, 
     p_sigmas = sigmas[probes].tolist()
     sets = dict(traj=(cat("traj_x", 1), cat("traj_d", 1), labels),
                 **probe_sets(model, refs, args, shard, p_sigmas, denoise, device))
+    # fresh data: noisy held-out validation images, where a perfectly generalizing sampler's states lie
+    held, draws = (a[shard] for a in probe_images(args.num_samples, refs.heldout_pos, args.seed))
+    at = torch.as_tensor(held, device=device)
+    held_labels = sets["val"][2] if sets["val"][2] is None else (
+        sets["val"][2] if args.label == "null" else model.train.val_labels[at])
+    res["llr_heldout"] = torch.stack([refs.llr(noisy(model.train.val_x[at], held, draws, s), s, held_labels,
+                                               args.batch) for s in p_sigmas])
     for name, (x, d, lab) in sets.items():
         stats = [overlap_stats(model.train, x[p], d[p], s, lab, args.batch) for p, s in enumerate(p_sigmas)]
         for i, kind in enumerate(("nn", "cos", "dis")):
@@ -420,7 +431,7 @@ class References:
     train: TrainingSet
     train_pos: np.ndarray         # (n,) positions in train.x: all of them
     val_pos: np.ndarray           # (R,) positions in train.val_x
-    heldout_pos: np.ndarray       # validation images outside the reference (Frechet baselines)
+    heldout_pos: np.ndarray       # validation images outside the reference: fresh data for the baselines
     conditional: bool             # LLR per label (the query's label only)
     features: dict = dataclasses.field(default_factory=dict)  # 'train', 'val': (R, F) reference features
 
@@ -450,7 +461,8 @@ def reference_pair(train, seed):
         counts = {c: min(int((t_lab == c).sum()), int((v_lab == c).sum()) // 2) for c in np.unique(t_lab)}
         if min(counts.values()) > 0:
             v_pos = np.sort(np.concatenate([pick(v_all[v_lab == c], r, int(c)) for c, r in counts.items()]))
-            return References(train, t_all, v_pos, np.setdiff1d(v_all, v_pos), True)
+            held = np.setdiff1d(v_all[np.isin(v_lab, list(counts))], v_pos)  # labels of the subset only
+            return References(train, t_all, v_pos, held, True)
     check(len(v_all) >= 2, f"the validation split has {len(v_all)} images: at least 2 are needed for a reference")
     v_pos = pick(v_all, min(len(t_all), len(v_all) // 2), 0)
     return References(train, t_all, v_pos, np.setdiff1d(v_all, v_pos), False)
@@ -496,18 +508,24 @@ def frechet_gap(sample_feats, fd_refs):
     return fd_train, fd_val, (fd_val - fd_train) / fd_train if fd_train > 0 else math.nan
 
 
-def trajectory_overlap(llr_traj, llr_train, llr_val):
-    """Where trajectory states live at each probe sigma, from the LLR of (P, M) trajectory states and
-    noisy training and validation images: traj_train_overlap (P,), the share of trajectory states whose
-    LLR reaches the 10th percentile of the noisy training images' (near 1: trajectories pass where noisy
-    training images lie; near 0: they do not), and traj_train_score (P,) = (median LLR_traj - median
-    LLR_val) / (median LLR_train - median LLR_val) (1: like noisy training images, 0: like validation)."""
-    llr_traj, llr_train, llr_val = (torch.as_tensor(a, dtype=torch.float64) for a in (llr_traj, llr_train, llr_val))
-    threshold = torch.quantile(llr_train, 0.1, dim=1, keepdim=True)
-    overlap = (llr_traj >= threshold).double().mean(1)
+def trajectory_overlap(llr_traj, llr_train, llr_val, llr_heldout):
+    """Where trajectory states live at each probe sigma, from the LLR (P, M) of trajectory states and of
+    noisy training, validation (reference) and held-out validation images, as (P,) arrays:
+    traj_train_overlap, the share of trajectory states whose LLR reaches the 10th percentile of the
+    noisy training images' (0.9 for a sampler whose states are noisy training images);
+    heldout_train_overlap, the same share of noisy held-out images (what a sampler that generalizes
+    perfectly reaches: its states are noisy fresh images); traj_train_score = (median LLR_traj - median
+    LLR_val) / (median LLR_train - median LLR_val) (1: like noisy training images; about 0.5 for fresh
+    data, which no reference holds); traj_heldout_score = (median LLR_traj - median LLR_heldout) /
+    (median LLR_train - median LLR_heldout) (0: like fresh data, 1: like noisy training images)."""
+    traj, train, val, held = (torch.as_tensor(a, dtype=torch.float64) for a in (llr_traj, llr_train, llr_val,
+                                                                                llr_heldout))
+    threshold = torch.quantile(train, 0.1, dim=1, keepdim=True)
     med = lambda a: a.median(1).values  # noqa: E731
-    score = (med(llr_traj) - med(llr_val)) / (med(llr_train) - med(llr_val))
-    return overlap.numpy(), score.numpy()
+    return dict(traj_train_overlap=(traj >= threshold).double().mean(1).numpy(),
+                heldout_train_overlap=(held >= threshold).double().mean(1).numpy(),
+                traj_train_score=((med(traj) - med(val)) / (med(train) - med(val))).numpy(),
+                traj_heldout_score=((med(traj) - med(held)) / (med(train) - med(held))).numpy())
 
 
 def summarize(res, fd_refs, n_boot, seed):
@@ -516,11 +534,10 @@ def summarize(res, fd_refs, n_boot, seed):
     copies = (res["nn_ratio"] < common.COPY_RATIO).double().numpy()
     low, high = common.bootstrap_ci(copies, n_boot=n_boot, seed=seed)
     fd_stop = [frechet_gap(f, fd_refs) for f in res["stop_features"]]
-    overlap, score = trajectory_overlap(res["llr_traj"], res["llr_train"], res["llr_val"])
     return dict(memorized_fraction=float(copies.mean()), memorized_ci=(low, high),
                 fd=frechet_gap(res["features"], fd_refs), fd_stop=np.array(fd_stop, np.float64).reshape(-1, 3),
                 fd_baselines=(fd_refs["fd_noise"], fd_refs["fd_shift"], fd_refs["fd_gap_heldout"]),
-                traj_train_overlap=overlap, traj_train_score=score)
+                **trajectory_overlap(res["llr_traj"], res["llr_train"], res["llr_val"], res["llr_heldout"]))
 
 
 # ---------------------------------------------------------------------------
@@ -578,7 +595,7 @@ def save_figures(out, name, res, train, count=12):
 
 PROBE_SETS = ("traj", "train", "val")
 # per-sample results whose sample axis is the second (after probe sigmas or stop sigmas)
-SAMPLE_AXIS_1 = ({"stop_features", "fcos_stop_train", "fcos_stop_val"}
+SAMPLE_AXIS_1 = ({"stop_features", "fcos_stop_train", "fcos_stop_val", "llr_heldout"}
                  | {f"{a}_{b}" for a in ("nn", "cos", "dis", "llr") for b in PROBE_SETS}
                  | {f"fcos_{b}_{r}" for b in PROBE_SETS for r in ("train", "val")})
 
@@ -651,8 +668,9 @@ def summary_line(res, sigmas, probes, seconds):
             f"{res['d_train'].median():.3f} d_val {res['d_val'].median():.3f}; FD train {fd[0]:.4g} val {fd[1]:.4g} "
             f"gap {fd[2]:+.3f} (held-out images: {res['fd_baselines'][2]:+.3f}); at sigma "
             f"{float(sigmas[probes[mid]]):.3g} median LLR traj {res['llr_traj'][mid].median():.2f} train "
-            f"{res['llr_train'][mid].median():.2f} val {res['llr_val'][mid].median():.2f}, traj_train_overlap "
-            f"{res['traj_train_overlap'][mid]:.2f} ({seconds:.1f} s)")
+            f"{res['llr_train'][mid].median():.2f} val {res['llr_val'][mid].median():.2f} held-out "
+            f"{res['llr_heldout'][mid].median():.2f}; traj_train_overlap {res['traj_train_overlap'][mid]:.2f} "
+            f"(noisy training images 0.9, held-out {res['heldout_train_overlap'][mid]:.2f}) ({seconds:.1f} s)")
 
 
 def write_results(args, results, sigmas, stops, probes):
@@ -671,7 +689,8 @@ def write_results(args, results, sigmas, stops, probes):
         fd_stop_train=fd_stop[..., 0], fd_stop_val=fd_stop[..., 1], fd_stop_gap=fd_stop[..., 2],
         fd_noise=stack("fd_baselines")[:, 0], fd_shift=stack("fd_baselines")[:, 1],
         fd_gap_heldout=stack("fd_baselines")[:, 2], probe_sigmas=sigmas[probes].numpy(),
-        traj_train_overlap=stack("traj_train_overlap"), traj_train_score=stack("traj_train_score"),
+        **{key: stack(key) for key in ("traj_train_overlap", "heldout_train_overlap", "traj_train_score",
+                                       "traj_heldout_score")},
         llr_conditional=stack("conditional_llr", np.bool_),
         **{key: stack(key) for key in sorted(SAMPLE_AXIS_1 - {"stop_features"}) + ["fcos_samples_train",
                                                                                   "fcos_samples_val"]})

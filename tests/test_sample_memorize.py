@@ -267,13 +267,17 @@ def test_samples_of_a_sampler_that_ignores_the_training_set_do_not_score_like_no
         x_init, _ = sample_memorize.initial_state(np.arange(12), (1, R, R), None, torch.float64, "cpu")
         _, traj = sample_memorize.sample(denoise, x_init, None, sigmas)
         llr[name] = refs.llr(traj["states"][probe], float(sigmas[probe]), None, 12)
-    sets = sample_memorize.probe_sets(model, refs, args, np.arange(12), [float(sigmas[probe])], model.denoise, "cpu")
-    llr_train, llr_val = (refs.llr(sets[s][0][0], float(sigmas[probe]), None, 12) for s in ("train", "val"))
-    overlap, score = {}, {}
-    for k, v in llr.items():
-        (overlap[k],), (score[k],) = sample_memorize.trajectory_overlap(v[None], llr_train[None], llr_val[None])
-    assert overlap["memorizing"] >= 0.9 and score["memorizing"] > 0.8
-    assert overlap["other"] <= 0.1 and 0.2 < score["other"] < 0.8  # in between: near neither split
+    s = float(sigmas[probe])
+    sets = sample_memorize.probe_sets(model, refs, args, np.arange(12), [s], model.denoise, "cpu")
+    llr_train, llr_val = (refs.llr(sets[k][0][0], s, None, 12) for k in ("train", "val"))
+    fresh = refs.llr(sample_memorize.noisy(held.float(), refs.heldout_pos, np.zeros(6, np.int64), s), s, None, 6)
+    stats = {k: sample_memorize.trajectory_overlap(v[None], llr_train[None], llr_val[None], fresh[None])
+             for k, v in llr.items()}
+    assert stats["memorizing"]["traj_train_overlap"] >= 0.9 and stats["memorizing"]["traj_heldout_score"] > 0.8
+    assert stats["memorizing"]["traj_train_score"] > 0.8
+    # in between the splits, at the level of noisy fresh images: where a sampler that generalizes lies
+    assert stats["other"]["traj_train_overlap"] <= 0.1 and 0.2 < stats["other"]["traj_train_score"] < 0.8
+    assert stats["other"]["heldout_train_overlap"] <= 0.2 and abs(stats["other"]["traj_heldout_score"]) < 0.3
 
 
 # ---------------------------------------------------------------------------
@@ -297,6 +301,8 @@ def test_optimal_denoiser_samples_are_copies_and_results_have_documented_shapes(
     for key in ("llr_traj", "llr_train", "llr_val", "fcos_traj_train", "fcos_val_val"):
         assert res[key].shape == (C, P, M) and np.isfinite(res[key]).all(), key
     assert res["traj_train_overlap"].shape == (C, P) and (res["traj_train_overlap"] >= 0.85).all()
+    assert res["llr_heldout"].shape == (C, P, M) and (res["traj_heldout_score"][:, 1:] > 0.7).all()
+    assert (res["heldout_train_overlap"][:, 1:] < 0.5).all()
     assert (res["traj_train_score"] > 0.7).all()
     assert (res["llr_val"][:, 1:].max(2) < res["llr_train"][:, 1:].min(2)).all()  # sigma 0.97 and 0.085, not 5.8
     assert res["llr_conditional"].tolist() == [True] and res["fcos_samples_train"].min() > 0.999
