@@ -1563,12 +1563,15 @@ def atomic_write(path, write):
     return path
 
 
-def save_npz(path, args=None, **arrays):
+def save_npz(path, args=None, script=None, **arrays):
     """Write an .npz atomically and byte-reproducibly (fixed zip timestamps); `args` (a dict or
-    argparse.Namespace) is stored as a JSON string under 'args'."""
+    argparse.Namespace) is stored as a JSON string under 'args', `script` (the file name of the
+    script that writes it, by which result_script recognises the file) under 'script'."""
     if args is not None:
         arrays["args"] = np.array(json.dumps(vars(args) if hasattr(args, "__dict__") else args,
                                              sort_keys=True, default=str))
+    if script is not None:
+        arrays["script"] = np.array(script)
 
     def write(f):
         with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as zf:
@@ -1580,7 +1583,7 @@ def save_npz(path, args=None, **arrays):
 
 
 def load_npz(path):
-    """Read an .npz written by save_npz into a dict; 'args' comes back as a dict."""
+    """Read an .npz written by save_npz into a dict; 'args' comes back as a dict, 'script' as a str."""
     check(os.path.isfile(path), f"{path} does not exist")
     try:
         with np.load(path, allow_pickle=False) as f:
@@ -1588,5 +1591,48 @@ def load_npz(path):
     except Exception as err:
         raise _read_error(path, err, "not a readable .npz file; rerun the script that writes it") from None
     if "args" in out:
-        out["args"] = json.loads(str(out["args"]))
+        try:
+            out["args"] = json.loads(str(out["args"]))
+        except ValueError:
+            out["args"] = None
+        check(isinstance(out["args"], dict), f"{path} has an 'args' entry that is not the JSON of a script's "
+                                             "arguments: it was not written by this repository's scripts")
+    if "script" in out:
+        out["script"] = str(out["script"])
     return out
+
+
+# Result files written before the 'script' entry existed: recognised by keys that only their script writes.
+_RESULT_KEYS = {"eval_gap.py": {"eval_settings", "digests", "e_train", "e_val", "gap"},
+                "sample_memorize.py": {"configs", "nn_ratio", "memorized_fraction"},
+                "train_image.py": {"loss", "eval_images", "E_train", "E_val", "snapshot_images"}}
+
+
+def result_script(data):
+    """The script that wrote a result file (a dict from load_npz): its 'script' entry; for a file written
+    before that entry, the script whose keys it has (toy2d.py: an 'experiment' argument); else None."""
+    if "script" in data:
+        return data["script"]
+    if not isinstance(data.get("args"), dict):
+        return None
+    if "experiment" in data["args"]:
+        return "toy2d.py"
+    return next((script for script, keys in _RESULT_KEYS.items() if keys <= set(data)), None)
+
+
+def earlier_result(path, script, force=False, option="--out"):
+    """The result file that `script` is about to replace, as load_npz reads it, so that its finished parts
+    can be reused; None when there is none, or with force. A file that `script` did not write (another
+    script's result, a foreign or unreadable file) is a UserError unless force: never replaced unasked."""
+    if force or not os.path.exists(path):
+        return None
+    try:
+        data = load_npz(path)
+        writer = result_script(data)
+    except UserError:
+        data = writer = None
+    what = ("is not a result file it can read" if data is None else
+            f"holds results of {writer}" if writer else "was not written by it")
+    check(writer == script, f"{option} {path} exists and {what}, so {script} would replace it: give another "
+          f"{option}, or --force to replace it")
+    return data

@@ -44,6 +44,7 @@ from tqdm import tqdm
 import common
 from common import check
 
+SCRIPT = os.path.basename(__file__)  # stored in the result file (common.save_npz)
 # train_image.py arguments that a resumed run may change: they do not tell two runs apart.
 RUN_ARGS_IGNORED = {"steps", "snapshots", "eval_every", "device", "compile", "out", "data_dir", "no_resume"}
 # Arguments that change the numbers of a row; a cached row is reused only when they all match.
@@ -552,7 +553,7 @@ def evaluate(args, rank, world, device):
     if opt_source is not None:
         result.update({k + "_optimal": v for k, v in curves([rows[models[-1][0]]], guided).items()})
         result["optimal_digest"] = np.array([models[-1][0]])
-    common.save_npz(out_path, args=vars(args), **result)
+    common.save_npz(out_path, args=vars(args), script=SCRIPT, **result)
     summarize(result, weights if guided else None, snapshots, opt_source is not None, say)
     shape = "x".join(str(d) for d in result["e_train"].shape)
     say(f"wrote {out_path}: e_train, e_val, gap ({shape}), onset_images_seen, peak_sigma"

@@ -66,6 +66,7 @@ from tqdm import tqdm  # noqa: E402
 import common  # noqa: E402
 from common import check  # noqa: E402
 
+SCRIPT = os.path.basename(__file__)  # stored in the result file (common.save_npz)
 PROBE_NEAR = 1.2  # the paper's intermediate noise level for the trajectory overlap
 
 
@@ -675,7 +676,7 @@ def write_results(args, results, sigmas, stops, probes):
         llr_conditional=stack("conditional_llr", np.bool_),
         **{key: stack(key) for key in sorted(SAMPLE_AXIS_1 - {"stop_features"}) + ["fcos_samples_train",
                                                                                   "fcos_samples_val"]})
-    path = common.save_npz(args.out, args=args, **arrays)
+    path = common.save_npz(args.out, args=args, script=SCRIPT, **arrays)
     print(f"wrote {path}: {len(results)} configuration(s) x {args.num_samples} samples, keys "
           f"{', '.join(sorted(arrays))}")
 

@@ -21,6 +21,7 @@ from tqdm import tqdm  # noqa: E402
 import common  # noqa: E402
 from common import check  # noqa: E402
 
+SCRIPT = os.path.basename(__file__)  # stored in every result file (common.save_npz)
 EXPERIMENTS = ["flow", "delta", "density", "field", "manifold", "guidance", "trajectories", "fd"]
 
 # Paper settings per experiment; command-line flags override them.
@@ -376,7 +377,8 @@ def main(argv=None):
     for name in tqdm(names, desc="toy2d", disable=len(names) == 1):
         start = time.time()
         out, fig = RUNNERS[name](args)
-        npz = common.save_npz(os.path.join(args.out, f"{name}.npz"), args=vars(args) | {"experiment": name}, **out)
+        npz = common.save_npz(os.path.join(args.out, f"{name}.npz"), args=vars(args) | {"experiment": name},
+                              script=SCRIPT, **out)
         png = common.save_figure(fig, os.path.join(args.out, f"{name}.png"))
         summary = ""
         if "gap" in out and np.ndim(out["gap"]) == 2:

@@ -30,6 +30,7 @@ from tqdm import tqdm
 import common
 
 # Arguments a resumed run may change: they touch neither the weights nor the log's layout.
+SCRIPT = os.path.basename(__file__)  # stored in train_log.npz (common.save_npz)
 RESUMABLE_CHANGES = {"steps", "snapshots", "eval_every", "device", "compile", "out", "data_dir", "no_resume"}
 FLUSH_EVERY = 20  # steps between loss read-outs; each one waits for the device
 EVAL_BATCH = 64  # (image, sigma) pairs per forward pass of the evaluations: small, so their progress bar moves
@@ -338,7 +339,7 @@ def train(args, rank, world, device):
 
     def write_log():
         m = len(args.eval_sigmas)
-        common.save_npz(log_path, args=vars(args), images_seen=np.array(log["images_seen"], np.int64),
+        common.save_npz(log_path, args=vars(args), script=SCRIPT, images_seen=np.array(log["images_seen"], np.int64),
                         loss=np.array(log["loss"], np.float64), eval_images=np.array(log["eval_images"], np.int64),
                         eval_sigmas=np.array(args.eval_sigmas, np.float64),
                         E_train=np.array(log["E_train"], np.float64).reshape(-1, m),
