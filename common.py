@@ -1536,6 +1536,19 @@ def check_writable(path, folder=False, option="--out"):
                                                 f"in {parent}")
 
 
+def default_result_path(inputs, name, tags=""):
+    """Default --out of a script run on snapshots: RUN_DIR/NAME[TAGS].npz for one run folder and
+    RUN_DIR/NAME-SNAPSHOT[TAGS].npz for one snapshot file (SNAPSHOT: its name without .pt), so that a
+    single snapshot's result never replaces the run's; several inputs need --out (UserError)."""
+    check(len(inputs) == 1, f"{len(inputs)} run folders or snapshot files: give --out (a default is chosen "
+                            "for one run folder or one snapshot file)")
+    path = os.path.normpath(inputs[0])
+    if os.path.isdir(path):
+        return os.path.join(path, f"{name}{tags}.npz")
+    folder, file = os.path.split(path)
+    return os.path.join(folder, f"{name}-{os.path.splitext(file)[0]}{tags}.npz")
+
+
 def atomic_write(path, write):
     """Write a file atomically: write(f) into a temp file beside it, fsync, then rename, so that a
     kill at any moment leaves either the old file or the new one. The temp file is named after the

@@ -27,7 +27,8 @@ fd_train, fd_val, feature_gap (C, K) (and *_optimal); both splits' Frechet dista
 many images (the first min(n, --num-images) of each), since the distance's bias grows as 1/count;
 reconstructions and clean images are quantized to 8 bits before the features (as FID tools do).
 With --guidance-weights every per-model array gains a leading axis (G, ...) and guidance_weights
-(G,) is stored. Rows of --out already computed with the same settings are reused unless --force.
+(G,) is stored. Rows of --out already computed with the same settings are reused unless --force; an
+--out that eval_gap.py did not write (another script's result, a foreign file) is not replaced unless --force.
 """
 import argparse
 import collections
@@ -87,12 +88,15 @@ def parse_args(argv=None):
                    help="noise levels of the feature-space reconstruction gap, or 'all' (every evaluated sigma)")
     p.add_argument("--batch", type=int, default=512, help="(image, sigma) pairs per forward pass")
     p.add_argument("--allow-mixed", action="store_true", help="accept snapshots of different runs")
-    p.add_argument("--force", action="store_true", help="recompute rows already in --out")
+    p.add_argument("--force", action="store_true", help="recompute rows already in --out, and replace an --out "
+                   "that eval_gap.py did not write (refused otherwise)")
     p.add_argument("--seed", type=int, default=0, help="seed of the fixed noise, of the image samples and "
                    "(--optimal without snapshots) of the subset")
     p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N, mps")
-    p.add_argument("--out", default=None, help="output .npz (default: RUN_DIR/gap[-raw][-guided].npz, or "
-                   "results/gap-optimal-<data>-r<R>-n<n>-<cond>-seed<seed>.npz)")
+    p.add_argument("--out", default=None, help="output .npz (default: RUN_DIR/gap[-raw][-guided].npz for a run "
+                   "folder, RUN_DIR/gap-snapshot-<images seen>[-raw][-guided].npz for one snapshot file, so that it "
+                   "leaves the run's file alone, results/gap-optimal-<data>-r<R>-n<n>-<cond>-seed<seed>.npz for "
+                   "--optimal alone; several run folders or snapshot files need --out)")
     args = p.parse_args(argv)
     check(args.snapshots or args.optimal, "nothing to evaluate: give run folders or snapshot files, "
                                           "and/or --optimal (see --help)")
@@ -412,14 +416,9 @@ def eval_settings(args, sigmas, neg_digest):
     return json.loads(json.dumps(settings))
 
 
-def cached_rows(path, settings, guided, say):
-    """Rows of an earlier output with the same settings, by model digest ({} if none)."""
-    if not os.path.isfile(path):
-        return {}
-    try:
-        old = common.load_npz(path)
-    except common.UserError:
-        say(f"note: {path} is unreadable; recomputing it")
+def cached_rows(old, path, settings, guided, say):
+    """Rows of an earlier output `old` (common.earlier_result) with the same settings, by model digest."""
+    if old is None:
         return {}
     if "digests" not in old or "eval_settings" not in old or json.loads(str(old["eval_settings"])) != settings:
         say(f"note: {path} was made with other evaluation settings; recomputing every row")
@@ -436,12 +435,13 @@ def cached_rows(path, settings, guided, say):
 # Main
 # ---------------------------------------------------------------------------
 
-def default_out(args, snapshots):
-    if not snapshots:
+def default_out(args):
+    """--out when not given (see its --help)."""
+    if not args.snapshots:
         return os.path.join("results", f"gap-optimal-{args.data}-r{args.resolution}-n{args.n}-{args.cond}"
                                        f"-seed{args.seed}.npz")
     tags = ("-raw" if args.weights == "raw" else "") + ("-guided" if args.guidance_weights else "")
-    return os.path.join(os.path.dirname(snapshots[0]["path"]) or ".", f"gap{tags}.npz")
+    return common.default_result_path(args.snapshots, "gap", tags)
 
 
 def negative_model(args, snapshots, device):
@@ -474,6 +474,7 @@ def curves(rows, guided, sigmas=None, images_seen=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    args.out = args.out or default_out(args)
     common.check_writable(args.out)
     common.run_distributed(evaluate, args)
 
@@ -481,6 +482,7 @@ def main(argv=None):
 @torch.inference_mode()
 def evaluate(args, rank, world, device):
     say = print if rank == 0 else (lambda *a, **k: None)
+    old = common.earlier_result(args.out, SCRIPT, args.force)
     snapshots = [read_snapshot(path, args) for path in common.find_snapshots(args.snapshots)]
     if snapshots:
         check_same_run(snapshots, args.allow_mixed)
@@ -501,9 +503,9 @@ def evaluate(args, rank, world, device):
     weights = args.guidance_weights if guided else [0.0]
     neg, neg_digest = negative_model(args, snapshots, device) if guided else (None, "uncond")
     extractor = common.load_feature_extractor(args.features, device) if args.features else None
-    out_path = args.out or default_out(args, snapshots)
+    out_path = args.out
     settings = eval_settings(args, sigmas, neg_digest)
-    cache = {} if args.force else cached_rows(out_path, settings, guided, say)
+    cache = cached_rows(old, out_path, settings, guided, say)
 
     models = [(s["digest"], s["source"], s["path"]) for s in snapshots]
     if opt_source is not None:

@@ -1,6 +1,7 @@
 """eval_gap.py: E(sigma), the gap and the onset of snapshots and of the optimal denoiser; fixed
 noise, guidance, reuse of earlier results, torchrun sharding and bad input."""
 import os
+import shutil
 import subprocess
 import sys
 
@@ -205,6 +206,37 @@ def test_earlier_rows_are_reused_per_snapshot_and_force_recomputes(data_dir, run
     loaded.clear()
     evaluate(data_dir, out, run_dir, "--sigmas", "0.5", "1")
     assert len(loaded) == 3, "other evaluation settings recompute every row"
+
+
+def test_one_snapshot_gets_its_own_default_out_beside_the_runs_file(data_dir, run_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    small = ["--num-images", "20", "--sigmas", *SIGMAS, "--device", "cpu"]
+    eval_gap.main([str(run), *small])
+    eval_gap.main([str(run / "snapshot-000000160.pt"), *small])
+    capsys.readouterr()
+    whole, one = common.load_npz(str(run / "gap.npz")), common.load_npz(str(run / "gap-snapshot-000000160.npz"))
+    assert list(whole["images_seen"]) == [80, 160, 240] and list(one["images_seen"]) == [160]
+    np.testing.assert_array_equal(one["e_val"][0], whole["e_val"][1])
+    status, err = run_cli([str(run / "snapshot-000000080.pt"), str(run / "snapshot-000000160.pt"), *small], capsys)
+    assert status == 2 and err.startswith("error: 2 run folders or snapshot files: give --out"), err
+
+
+@pytest.mark.parametrize("foreign", ["npz", "sample_memorize", "text"])
+def test_out_that_another_program_wrote_is_not_replaced_unless_force(data_dir, run_dir, tmp_path, capsys, foreign):
+    out = tmp_path / "x.npz"
+    if foreign == "npz":
+        np.savez(out, e_train=np.ones(3), digests=np.array(["a"]))
+    elif foreign == "sample_memorize":
+        common.save_npz(str(out), args={}, script="sample_memorize.py", nn_ratio=np.ones(2))
+    else:
+        out.write_text("notes")
+    before = out.read_bytes()
+    status, err = run_cli([snap(run_dir, 80), "--data-dir", data_dir, "--num-images", "20", "--sigmas", *SIGMAS,
+                           "--device", "cpu", "--out", str(out)], capsys)
+    assert status == 2 and err.startswith(f"error: --out {out} exists and ") and "--force" in err, err
+    assert err.count("\n") == 1 and out.read_bytes() == before
+    assert list(evaluate(data_dir, out, snap(run_dir, 80), "--force")["images_seen"]) == [80]
 
 
 def test_feature_space_reconstruction_gap_of_the_optimal_denoiser(data_dir, tmp_path):
