@@ -27,7 +27,8 @@ fd_train, fd_val, feature_gap (C, K) (and *_optimal); both splits' Frechet dista
 many images (the first min(n, --num-images) of each), since the distance's bias grows as 1/count;
 reconstructions and clean images are quantized to 8 bits before the features (as FID tools do).
 With --guidance-weights every per-model array gains a leading axis (G, ...) and guidance_weights
-(G,) is stored. Rows of --out already computed with the same settings are reused unless --force; an
+(G,) is stored. --out is rewritten after every evaluated model, and rows already in it computed with the
+same settings (of an earlier or a killed run) are reused unless --force; an
 --out that eval_gap.py did not write (another script's result, a foreign file) is not replaced unless --force.
 """
 import argparse
@@ -520,7 +521,17 @@ def evaluate(args, rank, world, device):
     say(f"{len(snapshots)} snapshot(s){' + the optimal denoiser' if opt_source is not None else ''}: "
         f"{len(models) - len(todo)} reused from {out_path}, {len(todo)} to evaluate on {device}"
         f"{f' ({world} processes)' if world > 1 else ''}")
-    rows = dict(cache)
+    rows, opt_key = dict(cache), models[-1][0] if opt_source is not None else None
+    progress = dict(done=0)
+    common.on_interrupt(lambda: f"after {progress['done']} of {len(todo)} evaluations: {out_path} keeps the "
+                                "finished rows, which rerunning the same command reuses")
+
+    def write():
+        result = result_arrays(args, settings, sigmas, snapshots, opt_key, rows)
+        if rank == 0 and result is not None:
+            common.save_npz(out_path, args=vars(args), script=SCRIPT, **result)
+        return result
+
     with tqdm(total=total, unit="eval", unit_scale=True, disable=rank != 0 or not todo, dynamic_ncols=True) as bar:
         evaluator = Evaluator(args, sigmas, weights, neg, extractor, rank, world, device, bar)
         for i, (key, (source, path)) in enumerate(todo.items()):
@@ -530,36 +541,47 @@ def evaluate(args, rank, world, device):
             else:
                 model = network_model(common.load_denoiser(path, WEIGHTS_KEY[args.weights], device)[0], device)
             rows[key] = evaluator.rows(model, source)
+            result = write()  # after every model, so that a rerun after a kill reuses the finished rows
+            progress["done"] += 1
     if rank != 0:
         return
-
-    sig = sigmas.numpy()
-    result = dict(sigmas=sig, weights=np.array(args.weights), eval_settings=np.array(json.dumps(settings)))
-    if guided:
-        result["guidance_weights"] = np.array(weights, np.float64)
-    if K:
-        result["feature_sigmas"] = np.array(args.feature_sigmas, np.float64)
-    if snapshots:
-        result.update(images_seen=np.array([s["images_seen"] for s in snapshots], np.int64),
-                      checkpoints=np.array([s["path"] for s in snapshots]),
-                      digests=np.array([s["digest"] for s in snapshots]),
-                      run_args=np.array(json.dumps(snapshots[0]["run"], sort_keys=True, default=str)),
-                      network=np.array(json.dumps(snapshots[0]["network"], sort_keys=True)),
-                      params=np.int64(snapshots[0]["params"]))
-        main_rows = [rows[s["digest"]] for s in snapshots]
-    else:
-        result.update(images_seen=np.zeros(1, np.int64), checkpoints=np.array(["optimal"]),
-                      digests=np.array([models[-1][0]]))
-        main_rows = [rows[models[-1][0]]]
-    result.update(curves(main_rows, guided, sig, result["images_seen"]))
-    if opt_source is not None:
-        result.update({k + "_optimal": v for k, v in curves([rows[models[-1][0]]], guided).items()})
-        result["optimal_digest"] = np.array([models[-1][0]])
-    common.save_npz(out_path, args=vars(args), script=SCRIPT, **result)
+    if not todo:
+        result = write()
     summarize(result, weights if guided else None, snapshots, opt_source is not None, say)
     shape = "x".join(str(d) for d in result["e_train"].shape)
     say(f"wrote {out_path}: e_train, e_val, gap ({shape}), onset_images_seen, peak_sigma"
         + (", *_optimal" if opt_source is not None else "") + (", fd_train, fd_val, feature_gap" if K else ""))
+
+
+def result_arrays(args, settings, sigmas, snapshots, opt_key, rows):
+    """The arrays of --out from the rows at hand: the snapshots that have one, in order, and the optimal
+    denoiser (key opt_key) once it has one, as its only row without snapshots; None before any row."""
+    guided, sig = args.guidance_weights is not None, sigmas.numpy()
+    result = dict(sigmas=sig, weights=np.array(args.weights), eval_settings=np.array(json.dumps(settings)))
+    if guided:
+        result["guidance_weights"] = np.array(args.guidance_weights, np.float64)
+    if args.features:
+        result["feature_sigmas"] = np.array(args.feature_sigmas, np.float64)
+    done, optimal = [s for s in snapshots if s["digest"] in rows], rows.get(opt_key)
+    if done:
+        result.update(images_seen=np.array([s["images_seen"] for s in done], np.int64),
+                      checkpoints=np.array([s["path"] for s in done]),
+                      digests=np.array([s["digest"] for s in done]),
+                      run_args=np.array(json.dumps(snapshots[0]["run"], sort_keys=True, default=str)),
+                      network=np.array(json.dumps(snapshots[0]["network"], sort_keys=True)),
+                      params=np.int64(snapshots[0]["params"]))
+        main_rows = [rows[s["digest"]] for s in done]
+    elif snapshots or optimal is None:
+        return None
+    else:
+        result.update(images_seen=np.zeros(1, np.int64), checkpoints=np.array(["optimal"]),
+                      digests=np.array([opt_key]))
+        main_rows = [optimal]
+    result.update(curves(main_rows, guided, sig, result["images_seen"]))
+    if optimal is not None:
+        result.update({k + "_optimal": v for k, v in curves([optimal], guided).items()})
+        result["optimal_digest"] = np.array([opt_key])
+    return result
 
 
 def summarize(result, weights, snapshots, optimal, say):

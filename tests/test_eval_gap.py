@@ -208,6 +208,32 @@ def test_earlier_rows_are_reused_per_snapshot_and_force_recomputes(data_dir, run
     assert len(loaded) == 3, "other evaluation settings recompute every row"
 
 
+def test_killed_run_keeps_its_finished_rows_and_the_rerun_ends_byte_identical(data_dir, run_dir, tmp_path, capsys,
+                                                                              monkeypatch):
+    out = tmp_path / "gap.npz"
+    evaluate(data_dir, out, run_dir, "--optimal")
+    uninterrupted = out.read_bytes()
+    out.unlink()
+    loaded, real = [], common.load_denoiser
+
+    def load(path, *a, **k):
+        loaded.append(os.path.basename(path))
+        if loaded == ["snapshot-000000080.pt", "snapshot-000000160.pt", "snapshot-000000240.pt"] and kill:
+            raise KeyboardInterrupt
+        return real(path, *a, **k)
+    monkeypatch.setattr(common, "load_denoiser", load)
+    kill = True
+    status, err = run_cli(["--data-dir", data_dir, "--num-images", "20", "--sigmas", *SIGMAS, "--batch", "200",
+                           "--device", "cpu", "--out", str(out), run_dir, "--optimal"], capsys)
+    assert status == 130 and err.endswith(f"interrupted after 2 of 4 evaluations: {out} keeps the finished rows, "
+                                          "which rerunning the same command reuses\n"), err
+    assert list(common.load_npz(str(out))["images_seen"]) == [80, 160]
+    loaded.clear()
+    kill = False
+    evaluate(data_dir, out, run_dir, "--optimal")
+    assert loaded == ["snapshot-000000240.pt"] and out.read_bytes() == uninterrupted
+
+
 def test_one_snapshot_gets_its_own_default_out_beside_the_runs_file(data_dir, run_dir, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(run_dir, run)
