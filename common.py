@@ -168,6 +168,13 @@ def guided_denoiser(denoise_pos, denoise_neg, w):
     return lambda *args: guided(denoise_pos(*args), denoise_neg(*args), w)
 
 
+def check_classifier_free(conditional, name):
+    """UserError unless the denoiser `name` is conditional, so that it can be guided by itself with the null
+    label (--neg uncond): without labels D_neg = D, and every guidance weight gives the unguided result."""
+    check(conditional, f"--neg uncond needs a class-conditional denoiser, but {name} is unconditional: "
+          "give --neg SNAPSHOT (autoguidance) or --guidance-weights 0")
+
+
 # ---------------------------------------------------------------------------
 # Optimal and error-prone denoisers
 # ---------------------------------------------------------------------------

@@ -27,9 +27,10 @@ fd_train, fd_val, feature_gap (C, K) (and *_optimal); both splits' Frechet dista
 many images (the first min(n, --num-images) of each), since the distance's bias grows as 1/count;
 reconstructions and clean images are quantized to 8 bits before the features (as FID tools do).
 With --guidance-weights every per-model array gains a leading axis (G, ...) and guidance_weights
-(G,) is stored. --out is rewritten after every evaluated model, and rows already in it computed with the
-same settings (of an earlier or a killed run) are reused unless --force; an
---out that eval_gap.py did not write (another script's result, a foreign file) is not replaced unless --force.
+(G,) is stored; --neg uncond needs class-conditional models. --out is rewritten after every evaluated
+model, and rows already in it computed with the same settings (of an earlier or a killed run) are
+reused unless --force; an --out that eval_gap.py did not write (another script's result, a foreign
+file) is not replaced unless --force.
 """
 import argparse
 import collections
@@ -445,9 +446,15 @@ def default_out(args):
     return common.default_result_path(args.snapshots, "gap", tags)
 
 
-def negative_model(args, snapshots, device):
-    """The guidance negative: None for 'uncond' (the model with the null label), else a network."""
+def negative_model(args, snapshots, opt_source, device):
+    """The guidance negative: None for 'uncond' (the model with the null label; refused for an
+    unconditional model, for which D_neg = D), else a network."""
     if args.neg == "uncond":
+        if any(args.guidance_weights):
+            for s in snapshots:
+                common.check_classifier_free(s["network"]["num_classes"] > 0, s["path"])
+            if opt_source is not None:
+                common.check_classifier_free(opt_source["labels"] is not None, "the optimal denoiser of --cond none")
         return None, "uncond"
     info = read_snapshot(args.neg, args)
     net, _ = common.load_denoiser(args.neg, WEIGHTS_KEY[args.weights], device)
@@ -502,7 +509,7 @@ def evaluate(args, rank, world, device):
         args.feature_sigmas = sigmas.tolist()
     guided = args.guidance_weights is not None
     weights = args.guidance_weights if guided else [0.0]
-    neg, neg_digest = negative_model(args, snapshots, device) if guided else (None, "uncond")
+    neg, neg_digest = negative_model(args, snapshots, opt_source, device) if guided else (None, "uncond")
     extractor = common.load_feature_extractor(args.features, device) if args.features else None
     out_path = args.out
     settings = eval_settings(args, sigmas, neg_digest)

@@ -241,8 +241,7 @@ def negative_denoiser(pos, neg):
     """D_neg of guidance for model pos: with neg 'uncond', D_pos with the null label (classifier-free
     guidance); with neg a Model, that model's denoiser (autoguidance)."""
     if neg == "uncond":
-        check(pos.num_classes > 0, f"--neg uncond needs a class-conditional denoiser, but {pos.name} is "
-              "unconditional: give --neg SNAPSHOT (autoguidance) or --guidance-weights 0")
+        common.check_classifier_free(pos.num_classes > 0, pos.name)
         return lambda x, s, c: pos.denoise(x, s, torch.full_like(c, pos.num_classes))
     check(neg.num_classes in (0, pos.num_classes), f"the --neg snapshot has {neg.num_classes} classes but "
           f"{pos.name} has {pos.num_classes}: it must be unconditional or use the same labels")

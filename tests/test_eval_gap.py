@@ -24,13 +24,13 @@ def data_dir(tmp_path_factory):
     return write_fashion_mnist(tmp_path_factory.mktemp("data"), N_TRAIN, N_VAL)
 
 
-def make_snapshot(path, data_dir, images_seen, net_seed, run_seed=0):
-    """A class-conditional tiny U-Net snapshot with random (not zero-initialised) weights, in the
-    layout train_image.py writes, on the subset train_image.py would choose."""
+def make_snapshot(path, data_dir, images_seen, net_seed, run_seed=0, num_classes=10):
+    """A class-conditional (num_classes 0: unconditional) tiny U-Net snapshot with random (not
+    zero-initialised) weights, in the layout train_image.py writes, on the subset train_image.py would choose."""
     images, classes = common.load_images("fashion-mnist", "train", data_dir)
     subset = common.choose_subset(len(images), N_SUBSET, run_seed)
     torch.manual_seed(net_seed)
-    net = common.build_network("unet", "tiny", RES, 1, num_classes=10, channels=8)
+    net = common.build_network("unet", "tiny", RES, 1, num_classes=num_classes, channels=8)
     states = []
     for _ in range(2):  # raw and EMA weights differ
         with torch.no_grad():
@@ -38,10 +38,12 @@ def make_snapshot(path, data_dir, images_seen, net_seed, run_seed=0):
                 p.add_(0.1 * torch.randn_like(p))
         states.append({k: v.clone() for k, v in net.state_dict().items()})
     args = dict(data="fashion-mnist", data_dir=data_dir, resolution=RES, n=N_SUBSET, model="unet", size="tiny",
-                channels=8, cond="class", seed=run_seed, steps=100, out=os.path.dirname(path))
+                channels=8, cond="class" if num_classes else "none", seed=run_seed, steps=100,
+                out=os.path.dirname(path))
     common.save_checkpoint(dict(kind=common.CHECKPOINT_KIND, net=states[0], ema=states[1], opt={},
                                 step=images_seen // 8, images_seen=images_seen, args=args, network=net.config,
-                                subset=subset, labels=classes[subset], dataset="fashion-mnist", resolution=RES,
+                                subset=subset, labels=classes[subset] if num_classes else None,
+                                dataset="fashion-mnist", resolution=RES,
                                 kmeans_centroids=None, rng=[]), path)
     return str(path)
 
@@ -181,6 +183,21 @@ def test_guidance_with_zero_weight_equals_unguided_and_adds_a_leading_axis(data_
         np.testing.assert_array_equal(r["e_val"][0], plain["e_val"])
         assert not np.allclose(r["e_val"][1], plain["e_val"])
     assert np.array_equal(auto["e_val"][1][0], plain["e_val"][0]), "guiding a model by itself changes nothing"
+
+
+@pytest.mark.parametrize("model", ["snapshot", "optimal"])
+def test_classifier_free_guidance_of_an_unconditional_model_is_refused(data_dir, tmp_path, capsys, model):
+    if model == "snapshot":
+        models = [make_snapshot(tmp_path / "snapshot-000000008.pt", data_dir, 8, net_seed=0, num_classes=0)]
+        name = models[0]
+    else:
+        models, name = ["--optimal", "--n", str(N_SUBSET), "--resolution", str(RES)], "the optimal denoiser"
+    small = ["--data-dir", data_dir, "--num-images", "20", "--sigmas", *SIGMAS, "--device", "cpu"]
+    status, err = run_cli([*models, *small, "--guidance-weights", "0", "1", "--out", str(tmp_path / "g.npz")], capsys)
+    assert status == 2 and err.startswith(f"error: --neg uncond needs a class-conditional denoiser, but {name}")
+    assert err.count("\n") == 1 and not os.path.exists(tmp_path / "g.npz")
+    r = evaluate(data_dir, tmp_path / "g.npz", *models, "--guidance-weights", "0")  # unguided: nothing to refuse
+    assert r["e_val"].shape[0] == 1
 
 
 def test_earlier_rows_are_reused_per_snapshot_and_force_recomputes(data_dir, run_dir, tmp_path, monkeypatch):
