@@ -1104,6 +1104,37 @@ def load_denoiser(checkpoint_or_path, weights="ema", device="cpu"):
     return denoiser.to(device).eval().requires_grad_(False), ckpt
 
 
+def digest(*parts):
+    """Short content hash of arrays, tensors, dicts of tensors and plain values."""
+    h = hashlib.blake2b(digest_size=12)
+    for part in parts:
+        if isinstance(part, dict):
+            for key, value in part.items():
+                h.update(key.encode())
+                h.update(digest(value).encode())
+        elif isinstance(part, torch.Tensor):
+            h.update(str((part.dtype, tuple(part.shape))).encode())
+            h.update(part.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(part, np.ndarray):
+            h.update(str((part.dtype.str, part.shape)).encode())
+            h.update(np.ascontiguousarray(part).tobytes())
+        else:
+            h.update(json.dumps(part, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def source_digest(dataset, resolution, subset, labels=None, centroids=None):
+    """Digest of what a denoiser learned from: dataset, resolution, subset indices, labels, k-means centroids."""
+    as_array = lambda a: None if a is None else np.asarray(a)  # noqa: E731
+    return digest(dataset, int(resolution), np.asarray(subset), as_array(labels), as_array(centroids))
+
+
+def snapshot_digest(ckpt, weights="ema"):
+    """Digest of everything a snapshot's outputs depend on: network config, its 'ema' or 'net' weights, source."""
+    return digest(ckpt["network"], ckpt[weights], source_digest(ckpt["dataset"], ckpt["resolution"], ckpt["subset"],
+                                                                ckpt["labels"], ckpt["kmeans_centroids"]))
+
+
 def rng_state(**generators):
     """All random-number-generator states of this process (python, numpy, torch, the current
     CUDA device once initialised) and of the named torch.Generators, as a plain dict."""

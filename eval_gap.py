@@ -35,7 +35,6 @@ file) is not replaced unless --force.
 import argparse
 import collections
 import contextlib
-import hashlib
 import json
 import os
 
@@ -155,25 +154,6 @@ def peak_sigma(sigmas, gap):
 # Snapshots, sources (what a model was trained on) and evaluation images
 # ---------------------------------------------------------------------------
 
-def digest(*parts):
-    """Short content hash of arrays, tensors, dicts of tensors and plain values."""
-    h = hashlib.blake2b(digest_size=12)
-    for part in parts:
-        if isinstance(part, dict):
-            for key, value in part.items():
-                h.update(key.encode())
-                h.update(digest(value).encode())
-        elif isinstance(part, torch.Tensor):
-            h.update(str((part.dtype, tuple(part.shape))).encode())
-            h.update(part.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-        elif isinstance(part, np.ndarray):
-            h.update(str((part.dtype.str, part.shape)).encode())
-            h.update(np.ascontiguousarray(part).tobytes())
-        else:
-            h.update(json.dumps(part, sort_keys=True, default=str).encode())
-    return h.hexdigest()
-
-
 def snapshot_source(ckpt, data_dir):
     """What the snapshot's network was trained on: dataset, resolution, subset, labels, centroids."""
     as_array = lambda a: None if a is None else np.asarray(a)  # noqa: E731
@@ -192,7 +172,8 @@ def subset_source(args):
 
 
 def source_digest(source):
-    return digest(source["dataset"], source["resolution"], source["subset"], source["labels"], source["centroids"])
+    return common.source_digest(source["dataset"], source["resolution"], source["subset"], source["labels"],
+                                source["centroids"])
 
 
 def read_snapshot(path, args):
@@ -204,7 +185,7 @@ def read_snapshot(path, args):
     run = {k: v for k, v in ckpt["args"].items() if k not in RUN_ARGS_IGNORED}
     return dict(path=path, images_seen=int(ckpt["images_seen"]), run=run, network=ckpt["network"], source=source,
                 params=sum(int(t.numel()) for t in weights.values()),
-                digest=digest(ckpt["network"], weights, source_digest(source)))
+                digest=common.snapshot_digest(ckpt, WEIGHTS_KEY[args.weights]))
 
 
 def check_same_run(snapshots, allow_mixed):
