@@ -1532,6 +1532,7 @@ positive_float = _number_type(float, lambda v: v > 0, "a positive number")
 non_negative_float = _number_type(float, lambda v: v >= 0, "a non-negative number")
 positive_int = _number_type(int, lambda v: v > 0, "a positive integer")
 non_negative_int = _number_type(int, lambda v: v >= 0, "a non-negative integer")
+at_least_two_int = _number_type(int, lambda v: v >= 2, "an integer of at least 2")
 
 
 _ON_INTERRUPT = []  # the describe() of on_interrupt, if a script registered one

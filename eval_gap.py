@@ -67,19 +67,19 @@ def parse_args(argv=None):
                    "optimal denoiser of the snapshots' training subset, or of the subset --data/--n/--seed")
     p.add_argument("--data", default="fashion-mnist", help="--optimal without snapshots: dataset: "
                    + ", ".join(common.DATASETS))
-    p.add_argument("--n", type=int, default=1000, help="--optimal without snapshots: subset size, drawn with "
+    p.add_argument("--n", type=common.at_least_two_int, default=1000, help="--optimal without snapshots: subset size, drawn with "
                    "--seed as train_image.py draws it")
-    p.add_argument("--resolution", type=int, default=32, help="--optimal without snapshots: image size")
+    p.add_argument("--resolution", type=common.positive_int, default=32, help="--optimal without snapshots: image size")
     p.add_argument("--cond", default="none", choices=["none", "class", "kmeans"],
                    help="--optimal without snapshots: conditioning of the optimal denoiser")
-    p.add_argument("--k", type=int, default=10, help="--optimal without snapshots: clusters of --cond kmeans")
+    p.add_argument("--k", type=common.positive_int, default=10, help="--optimal without snapshots: clusters of --cond kmeans")
     p.add_argument("--data-dir", default=None, help="folder with the dataset files (default: the run's, "
                    "then the system folder, the user cache, or a download)")
-    p.add_argument("--num-images", type=int, default=8192, help="images per split (or all available)")
-    p.add_argument("--sigmas", type=float, nargs="+", default=None, help="noise levels (default: "
+    p.add_argument("--num-images", type=common.at_least_two_int, default=8192, help="images per split (or all available)")
+    p.add_argument("--sigmas", type=common.positive_float, nargs="+", default=None, help="noise levels (default: "
                    "--num-sigmas log-spaced in [2e-3, 80])")
-    p.add_argument("--num-sigmas", type=int, default=64, help="number of log-spaced noise levels")
-    p.add_argument("--guidance-weights", type=float, nargs="+", default=None,
+    p.add_argument("--num-sigmas", type=common.positive_int, default=64, help="number of log-spaced noise levels")
+    p.add_argument("--guidance-weights", type=common.finite_float, nargs="+", default=None,
                    help="guidance weights w: D_w = D + w (D - D_neg); adds a leading axis to the outputs")
     p.add_argument("--neg", default="uncond", help="guidance negative: 'uncond' (the same model with the null "
                    "label: classifier-free guidance) or a snapshot file (autoguidance)")
@@ -87,11 +87,11 @@ def parse_args(argv=None):
                    "'builtin' or an Inception TorchScript file (common.load_feature_extractor)")
     p.add_argument("--feature-sigmas", nargs="+", default=["0.25", "0.5", "1", "2", "4"],
                    help="noise levels of the feature-space reconstruction gap, or 'all' (every evaluated sigma)")
-    p.add_argument("--batch", type=int, default=512, help="(image, sigma) pairs per forward pass")
+    p.add_argument("--batch", type=common.positive_int, default=512, help="(image, sigma) pairs per forward pass")
     p.add_argument("--allow-mixed", action="store_true", help="accept snapshots of different runs")
     p.add_argument("--force", action="store_true", help="recompute rows already in --out, and replace an --out "
                    "that eval_gap.py did not write (refused otherwise)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the fixed noise, of the image samples and "
+    p.add_argument("--seed", type=common.non_negative_int, default=0, help="seed of the fixed noise, of the image samples and "
                    "(--optimal without snapshots) of the subset")
     p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N, mps")
     p.add_argument("--out", default=None, help="output .npz (default: RUN_DIR/gap[-raw][-guided].npz for a run "
@@ -101,8 +101,6 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     check(args.snapshots or args.optimal, "nothing to evaluate: give run folders or snapshot files, "
                                           "and/or --optimal (see --help)")
-    check(args.num_images >= 2 and args.batch >= 1, "--num-images must be at least 2 and --batch positive")
-    check(args.num_sigmas >= 1, f"--num-sigmas must be positive, got {args.num_sigmas}")
     if args.feature_sigmas == ["all"]:
         args.feature_sigmas = "all"
     else:
@@ -110,13 +108,8 @@ def parse_args(argv=None):
             args.feature_sigmas = [float(s) for s in args.feature_sigmas]
         except ValueError:
             raise common.UserError(f"--feature-sigmas takes positive numbers or 'all', got {args.feature_sigmas}")
-    for name in ("sigmas",) + (("feature_sigmas",) if args.feature_sigmas != "all" else ()):
-        values = getattr(args, name)
-        check(values is None or all(np.isfinite(values)) and min(values) > 0,
-              f"--{name.replace('_', '-')} must be positive numbers, got {values}")
-    check(args.guidance_weights is None or all(np.isfinite(args.guidance_weights)),
-          "--guidance-weights must be finite numbers")
-    check(args.seed >= 0, f"--seed must not be negative, got {args.seed}")
+    check(args.feature_sigmas == "all" or all(np.isfinite(args.feature_sigmas)) and min(args.feature_sigmas) > 0,
+          f"--feature-sigmas must be positive numbers or 'all', got {args.feature_sigmas}")
     return args
 
 

@@ -92,34 +92,35 @@ def parse_args(argv=None):
     p.add_argument("--data", default="fashion-mnist", help="--optimal: dataset, one of " + ", ".join(common.DATASETS))
     p.add_argument("--data-dir", default=None, help="folder with the dataset files (default: the snapshot's, "
                    "else the system folder or the user cache)")
-    p.add_argument("--n", type=int, default=64, help="--optimal: training subset size")
-    p.add_argument("--resolution", type=int, default=32, help="--optimal: image size R x R (R divides 32)")
+    p.add_argument("--n", type=common.at_least_two_int, default=64, help="--optimal: training subset size")
+    p.add_argument("--resolution", type=common.positive_int, default=32, help="--optimal: image size R x R (R divides 32)")
     p.add_argument("--cond", default="none", choices=["none", "class", "kmeans"],
                    help="--optimal: class-conditional on dataset classes or k-means clusters, or not")
-    p.add_argument("--k", type=int, default=10, help="--optimal: clusters for --cond kmeans")
-    p.add_argument("--subset-seed", type=int, default=0, help="--optimal: seed of the subset and k-means, "
+    p.add_argument("--k", type=common.positive_int, default=10, help="--optimal: clusters for --cond kmeans")
+    p.add_argument("--subset-seed", type=common.non_negative_int, default=0, help="--optimal: seed of the subset and k-means, "
                    "as train_image.py --seed")
     p.add_argument("--weights", default="ema", choices=["ema", "net"], help="snapshot weights to sample")
-    p.add_argument("--num-samples", type=int, default=1024, help="samples per configuration")
-    p.add_argument("--steps", type=int, default=18, help="Heun sampler steps (EDM grid; 2 steps - 1 evaluations)")
+    p.add_argument("--num-samples", type=common.at_least_two_int, default=1024,
+                   help="samples per configuration (at least 2, for the Frechet distances)")
+    p.add_argument("--steps", type=common.at_least_two_int, default=18, help="Heun sampler steps (EDM grid; 2 steps - 1 evaluations)")
     p.add_argument("--label", default="random", help="conditioning of the samples: random (uniform over the "
                    "labels of the training subset, per seed), null (unconditional), or a label number")
-    p.add_argument("--guidance-weights", type=float, nargs="+", default=[0.0],
+    p.add_argument("--guidance-weights", type=common.finite_float, nargs="+", default=[0.0],
                    help="guidance weights w: D_w = D + w (D - D_neg); 0 is unguided")
     p.add_argument("--neg", default="uncond", help="D_neg: uncond (the same network with the null label: "
                    "classifier-free guidance) or a snapshot file (autoguidance)")
-    p.add_argument("--stop-sigma", type=float, nargs="*", default=[5.0, 2.0, 1.0, 0.5, 0.2],
+    p.add_argument("--stop-sigma", type=common.positive_float, nargs="*", default=[5.0, 2.0, 1.0, 0.5, 0.2],
                    help="early stopping: FD of D(x_k; sigma_k) at the first grid sigma_k <= each value")
-    p.add_argument("--probe-sigmas", type=float, nargs="+", default=None,
+    p.add_argument("--probe-sigmas", type=common.positive_float, nargs="+", default=None,
                    help="sigmas of the trajectory overlap, snapped to the sampler grid "
                    f"(default: the grid sigma nearest {PROBE_NEAR} and its two neighbours)")
     p.add_argument("--features", default="builtin", help="feature space of the Frechet distances: builtin "
                    "(no download) or the path of a TorchScript Inception-v3 (see common.FEATURE_HELP)")
-    p.add_argument("--batch", type=int, default=256, help="samples per batch (per process)")
-    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of the memorized fraction")
-    p.add_argument("--fd-subsets", type=int, default=10, help="training subsets of the validation reference's "
+    p.add_argument("--batch", type=common.positive_int, default=256, help="samples per batch (per process)")
+    p.add_argument("--bootstrap", type=common.positive_int, default=1000, help="bootstrap resamples of the memorized fraction")
+    p.add_argument("--fd-subsets", type=common.positive_int, default=10, help="training subsets of the validation reference's "
                    "size that fd_train averages over")
-    p.add_argument("--seed", type=int, default=0, help="sample i uses seed --seed + i; also the seed of the "
+    p.add_argument("--seed", type=common.non_negative_int, default=0, help="sample i uses seed --seed + i; also the seed of the "
                    "probe and reference images and of the bootstrap")
     p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N, mps")
     p.add_argument("--force", action="store_true", help="recompute configurations already in --out, and replace "
@@ -133,14 +134,6 @@ def parse_args(argv=None):
     check(args.optimal + args.gaussian + bool(args.inputs) == 1,
           "give run folders or snapshot files, or --optimal, or --gaussian (one of them)")
     check(not args.gaussian or args.cond == "none", "--gaussian fits one Gaussian to the whole subset: use --cond none")
-    check(args.num_samples >= 2, f"--num-samples must be at least 2 (Frechet distances), got {args.num_samples}")
-    check(args.batch >= 1 and args.bootstrap >= 1 and args.fd_subsets >= 1,
-          "--batch, --bootstrap and --fd-subsets must be positive")
-    check(args.steps >= 2, f"--steps must be at least 2, got {args.steps}")
-    check(args.seed >= 0 and args.subset_seed >= 0, "--seed and --subset-seed must not be negative")
-    check(all(map(math.isfinite, args.guidance_weights)), "--guidance-weights must be finite")
-    check(all(s > 0 for s in args.stop_sigma + (args.probe_sigmas or [])),
-          "--stop-sigma and --probe-sigmas must be positive")
     check(args.label in ("random", "null") or args.label.isdigit(),
           f"--label must be random, null or a label number, got {args.label!r}")
     check(args.out is None or args.out.endswith(".npz"), f"--out must end with .npz, got {args.out}")
@@ -270,6 +263,8 @@ def negative_denoiser(pos, neg):
 def label_choices(model, label):
     """Labels a sample may get: those of the training subset (random), [null], [L]; None if unconditional."""
     if model.num_classes == 0:
+        check(label == "random", f"--label {label} needs a class-conditional denoiser, but {model.name} is "
+              "unconditional")
         return None
     if label == "null":
         return [model.num_classes]
@@ -686,6 +681,7 @@ def evaluate(args, rank, world, device):
         if len(model.train.distinct) < 2:
             say(f"note: the training set of {model.name} has one distinct image, so d2 = inf and every sample "
                 "counts as a copy of it (common.memorization_ratio)")
+        label_choices(model, args.label)  # a --label the model cannot take stops before any sampling
         d_neg = negative_denoiser(model, neg) if any(args.guidance_weights) else None
         for w, key in zip(args.guidance_weights, path_keys):
             if key in rows:

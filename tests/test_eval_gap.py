@@ -396,3 +396,15 @@ def test_out_that_is_a_folder_stops_before_any_evaluation(run_dir, tmp_path, cap
     monkeypatch.setattr(eval_gap, "evaluate", None)  # reached only after the check
     status, err = run_cli([run_dir, "--out", str(tmp_path)], capsys)
     assert status == 2 and err == f"error: --out {tmp_path} is a folder, not a file name\n"
+
+
+@pytest.mark.parametrize("change, message", [
+    (["--n", "1"], "argument --n: must be an integer of at least 2, got '1'"),
+    (["--num-images", "1"], "argument --num-images: must be an integer of at least 2, got '1'"),
+    (["--sigmas", "0.5", "nan"], "argument --sigmas: must be a positive number, got 'nan'"),
+    (["--seed", "-1"], "argument --seed: must be a non-negative integer, got '-1'"),
+    (["--resolution", "0"], "argument --resolution: must be a positive integer, got '0'"),
+])
+def test_bad_numbers_are_refused_by_the_parser_naming_the_option(tmp_path, capsys, change, message):
+    status, err = run_cli(["--optimal", "--out", str(tmp_path / "g.npz"), *change], capsys)
+    assert status == 2 and err.endswith(f"error: {message}\n") and "Traceback" not in err, err

@@ -325,6 +325,9 @@ def test_run_folder_gives_one_configuration_per_snapshot_and_weight(snapshot, tm
     ("too_many", "larger than the 24 images"),
     ("features", "feature network 'dinov2' not found"),
     ("unconditional_cfg", "--neg uncond needs a class-conditional denoiser"),
+    ("unconditional_label", "--label 1 needs a class-conditional denoiser, but optimal-fashion-mnist-r16-n4 is "
+                            "unconditional"),
+    ("unconditional_null", "--label null needs a class-conditional denoiser"),
 ])
 def test_bad_input_exits_2_with_one_clear_message(case, expected, data_dir, tmp_path, capsys):
     (tmp_path / "bad.pt").write_bytes(b"\x00garbage")
@@ -332,7 +335,9 @@ def test_bad_input_exits_2_with_one_clear_message(case, expected, data_dir, tmp_
                "--device", "cpu", "--out", str(tmp_path / "m.npz")]
     argv = {"missing": [str(tmp_path / "nope.pt")], "corrupted": [str(tmp_path / "bad.pt")],
             "too_many": optimal + ["--n", "25"], "features": optimal + ["--n", "4", "--features", "dinov2"],
-            "unconditional_cfg": optimal + ["--n", "4", "--guidance-weights", "1"]}[case]
+            "unconditional_cfg": optimal + ["--n", "4", "--guidance-weights", "1"],
+            "unconditional_label": optimal + ["--n", "4", "--label", "1"],
+            "unconditional_null": optimal + ["--n", "4", "--label", "null"]}[case]
     code, err = exit_message(argv, capsys)
     assert code == 2 and err.startswith("error: ") and expected in err and err.count("\n") == 1
 
@@ -412,3 +417,15 @@ def test_out_that_another_program_wrote_is_not_replaced_unless_force(snapshot, t
     assert err.count("\n") == 1 and out.read_bytes() == before
     sample_memorize.main([*SMALL, snapshot, "--out", str(out), "--force"])
     assert common.load_npz(str(out))["script"] == "sample_memorize.py"
+
+
+@pytest.mark.parametrize("change, message", [
+    (["--n", "1"], "argument --n: must be an integer of at least 2, got '1'"),
+    (["--num-samples", "1"], "argument --num-samples: must be an integer of at least 2, got '1'"),
+    (["--stop-sigma", "1", "-2"], "argument --stop-sigma: must be a positive number, got '-2'"),
+    (["--guidance-weights", "inf"], "argument --guidance-weights: must be a finite number, got 'inf'"),
+    (["--subset-seed", "-1"], "argument --subset-seed: must be a non-negative integer, got '-1'"),
+])
+def test_bad_numbers_are_refused_by_the_parser_naming_the_option(tmp_path, capsys, change, message):
+    code, err = exit_message(["--optimal", "--out", str(tmp_path / "m.npz"), *change], capsys)
+    assert code == 2 and err.endswith(f"error: {message}\n") and "Traceback" not in err, err
