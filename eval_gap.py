@@ -432,11 +432,17 @@ def negative_model(args, snapshots, opt_source, device):
         return None, "uncond"
     info = read_snapshot(args.neg, args)
     net, _ = common.load_denoiser(args.neg, WEIGHTS_KEY[args.weights], device)
-    for s in snapshots:
-        same = all(s["network"][k] == info["network"][k] for k in ("img_resolution", "img_channels"))
-        check(same and info["network"]["num_classes"] in (0, s["network"]["num_classes"]),
-              f"--neg {args.neg} does not fit {s['path']}: it needs the same image size and channels, and "
-              "no labels or the same labels")
+    models = [(s["path"], s["network"]["img_resolution"], s["network"]["img_channels"], s["network"]["num_classes"])
+              for s in snapshots]
+    if opt_source is not None and not snapshots:
+        models.append((f"the optimal denoiser of --data {args.data} --resolution {args.resolution} --cond {args.cond}",
+                       args.resolution, common.DATASETS[args.data]["shape"][2],
+                       common.num_condition_classes(args.data, args.cond, args.k)))
+    neg = info["network"]
+    for name, resolution, channels, classes in models:
+        check(neg["img_resolution"] == resolution and neg["img_channels"] == channels
+              and neg["num_classes"] in (0, classes), f"--neg {args.neg} does not fit {name}: it needs the same "
+              "image size and channels, and no labels or the same labels")
     return network_model(net, device), info["digest"]
 
 

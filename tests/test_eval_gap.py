@@ -200,6 +200,14 @@ def test_classifier_free_guidance_of_an_unconditional_model_is_refused(data_dir,
     assert r["e_val"].shape[0] == 1
 
 
+def test_neg_snapshot_that_does_not_fit_the_optimal_denoiser_is_refused(data_dir, run_dir, tmp_path, capsys):
+    status, err = run_cli(["--optimal", "--n", str(N_SUBSET), "--resolution", str(2 * RES), "--cond", "class",
+                           "--data-dir", data_dir, "--guidance-weights", "1", "--neg", snap(run_dir, 80),
+                           "--device", "cpu", "--out", str(tmp_path / "g.npz")], capsys)
+    assert status == 2 and err.startswith(f"error: --neg {snap(run_dir, 80)} does not fit the optimal denoiser of "
+                                          f"--data fashion-mnist --resolution {2 * RES} --cond class"), err
+
+
 def test_earlier_rows_are_reused_per_snapshot_and_force_recomputes(data_dir, run_dir, tmp_path, monkeypatch):
     out = tmp_path / "gap.npz"
     evaluate(data_dir, out, snap(run_dir, 80), snap(run_dir, 160))
