@@ -951,6 +951,12 @@ def training_subset(name, n, seed, cond="none", k=10, resolution=32, root=None):
     return subset, None, None
 
 
+def subset_name(name, n, seed, cond="none", k=10, resolution=32):
+    """<name>-r<resolution>-n<n>-<cond>-seed<seed> (cond: none, class or kmeans<k>): a file-name part
+    for the subset (and labels) that training_subset chooses for these arguments."""
+    return f"{name}-r{resolution}-n{n}-{f'kmeans{k}' if cond == 'kmeans' else cond}-seed{seed}"
+
+
 def num_condition_classes(name, cond, k=10):
     """Number of conditioning classes of a network for --cond: 0 (none), the dataset's classes, or k clusters."""
     return {"none": 0, "class": DATASETS[name]["num_classes"], "kmeans": k}[cond]

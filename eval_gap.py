@@ -96,11 +96,12 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N, mps")
     p.add_argument("--out", default=None, help="output .npz (default: RUN_DIR/gap[-raw][-guided].npz for a run "
                    "folder, RUN_DIR/gap-snapshot-<images seen>[-raw][-guided].npz for one snapshot file, so that it "
-                   "leaves the run's file alone, results/gap-optimal-<data>-r<R>-n<n>-<cond>-seed<seed>.npz for "
-                   "--optimal alone; several run folders or snapshot files need --out)")
+                   "leaves the run's file alone, results/gap-optimal-<data>-r<R>-n<n>-<none|class|kmeans<k>>-seed<seed>"
+                   "[-guided].npz for --optimal alone; several run folders or snapshot files need --out)")
     args = p.parse_args(argv)
     check(args.snapshots or args.optimal, "nothing to evaluate: give run folders or snapshot files, "
                                           "and/or --optimal (see --help)")
+    check(args.out is None or args.out.endswith(".npz"), f"--out must end with .npz, got {args.out}")
     if args.feature_sigmas == ["all"]:
         args.feature_sigmas = "all"
     else:
@@ -413,11 +414,11 @@ def cached_rows(old, path, settings, guided, say):
 
 def default_out(args):
     """--out when not given (see its --help)."""
+    guided = "-guided" if args.guidance_weights else ""
     if not args.snapshots:
-        return os.path.join("results", f"gap-optimal-{args.data}-r{args.resolution}-n{args.n}-{args.cond}"
-                                       f"-seed{args.seed}.npz")
-    tags = ("-raw" if args.weights == "raw" else "") + ("-guided" if args.guidance_weights else "")
-    return common.default_result_path(args.snapshots, "gap", tags)
+        subset = common.subset_name(args.data, args.n, args.seed, args.cond, args.k, args.resolution)
+        return os.path.join("results", f"gap-optimal-{subset}{guided}.npz")
+    return common.default_result_path(args.snapshots, "gap", ("-raw" if args.weights == "raw" else "") + guided)
 
 
 def negative_model(args, snapshots, opt_source, device):
@@ -499,6 +500,10 @@ def evaluate(args, rank, world, device):
     if opt_source is not None:
         models.append(("optimal-" + source_digest(opt_source), opt_source, None))
     todo = {key: (source, path) for key, source, path in models if key not in cache}
+    dropped = len(set(cache) - {key for key, _, _ in models})
+    if dropped:
+        say(f"note: {out_path} also holds {dropped} row(s) of models not given here (other snapshots or another "
+            "optimal denoiser); the rewritten file leaves them out")
     K = len(args.feature_sigmas) if extractor is not None else 0
     total = 0
     for source, _ in todo.values():

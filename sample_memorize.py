@@ -127,9 +127,9 @@ def parse_args(argv=None):
                    "an --out that sample_memorize.py did not write (refused otherwise)")
     p.add_argument("--out", default=None, help="result file (default: RUN_DIR/memorize[-raw][-guided].npz for a "
                    "run folder, RUN_DIR/memorize-snapshot-<images seen>[-raw][-guided].npz for one snapshot file, so "
-                   "that it leaves the run's file alone, results/memorize-<optimal|gaussian>-<data>-r<R>-n<n>-<cond>"
-                   "-seed<subset seed>[-guided].npz for --optimal or --gaussian; several run folders or snapshot "
-                   "files need --out); figures go to the folder of the same name without .npz")
+                   "that it leaves the run's file alone, results/memorize-<optimal|gaussian>-<data>-r<R>-n<n>-"
+                   "<none|class|kmeans<k>>-seed<subset seed>[-guided].npz for --optimal or --gaussian; several run "
+                   "folders or snapshot files need --out); figures go to the folder of the same name without .npz")
     args = p.parse_args(argv)
     check(args.optimal + args.gaussian + bool(args.inputs) == 1,
           "give run folders or snapshot files, or --optimal, or --gaussian (one of them)")
@@ -604,12 +604,11 @@ def gather(local, world):
 
 def default_out(args):
     """--out when not given (see its --help)."""
-    tags = ("-raw" if args.weights == "net" else "") + ("-guided" if any(args.guidance_weights) else "")
+    guided = "-guided" if any(args.guidance_weights) else ""
     if args.inputs:
-        return common.default_result_path(args.inputs, "memorize", tags)
-    kind = "gaussian" if args.gaussian else "optimal"
-    return os.path.join("results", f"memorize-{kind}-{args.data}-r{args.resolution}-n{args.n}-{args.cond}"
-                                   f"-seed{args.subset_seed}{tags}.npz")
+        return common.default_result_path(args.inputs, "memorize", ("-raw" if args.weights == "net" else "") + guided)
+    subset = common.subset_name(args.data, args.n, args.subset_seed, args.cond, args.k, args.resolution)
+    return os.path.join("results", f"memorize-{'gaussian' if args.gaussian else 'optimal'}-{subset}{guided}.npz")
 
 
 def model_key(path, args):
@@ -636,6 +635,7 @@ def main(argv=None):
     args = parse_args(argv)
     args.out = args.out or default_out(args)
     common.check_writable(args.out)
+    common.check_writable(os.path.splitext(args.out)[0], folder=True, option="the figure folder of --out")
     common.run_distributed(evaluate, args)
 
 
@@ -655,7 +655,10 @@ def evaluate(args, rank, world, device):
     rows = cached_configs(old, settings, args.out, say)
     keys = [[common.digest(key, float(w)) for w in args.guidance_weights] for key in (model_key(p, args) for p in paths)]
     order = [key for path_keys in keys for key in path_keys]
-    todo = len(set(order) - set(rows))
+    todo, dropped = len(set(order) - set(rows)), len(set(rows) - set(order))
+    if dropped:
+        say(f"note: {args.out} also holds {dropped} configuration(s) not asked for here (other snapshots or "
+            "guidance weights); the rewritten file leaves them out")
     say(f"{args.num_samples} samples per configuration from seed {args.seed}, {args.steps} Heun steps, {world} "
         f"process(es) on {device}; stop sigmas {np.round(sigmas[stops].numpy(), 3).tolist()}, probe sigmas "
         f"{np.round(sigmas[probes].numpy(), 3).tolist()}, features {args.features}; {len(order) - todo} of "

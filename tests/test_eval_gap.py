@@ -208,7 +208,7 @@ def test_neg_snapshot_that_does_not_fit_the_optimal_denoiser_is_refused(data_dir
                                           f"--data fashion-mnist --resolution {2 * RES} --cond class"), err
 
 
-def test_earlier_rows_are_reused_per_snapshot_and_force_recomputes(data_dir, run_dir, tmp_path, monkeypatch):
+def test_earlier_rows_are_reused_per_snapshot_and_force_recomputes(data_dir, run_dir, tmp_path, monkeypatch, capsys):
     out = tmp_path / "gap.npz"
     evaluate(data_dir, out, snap(run_dir, 80), snap(run_dir, 160))
     fresh = common.load_npz(str(out))
@@ -228,6 +228,9 @@ def test_earlier_rows_are_reused_per_snapshot_and_force_recomputes(data_dir, run
     loaded.clear()
     r = evaluate(data_dir, out, run_dir, "--force")
     assert len(loaded) == 3 and r["e_train"][0, 0] == fresh["e_train"][0, 0]
+    capsys.readouterr()
+    evaluate(data_dir, out, snap(run_dir, 240))
+    assert f"note: {out} also holds 2 row(s) of models not given here" in capsys.readouterr().out
     loaded.clear()
     evaluate(data_dir, out, run_dir, "--sigmas", "0.5", "1")
     assert len(loaded) == 3, "other evaluation settings recompute every row"
@@ -416,3 +419,12 @@ def test_out_that_is_a_folder_stops_before_any_evaluation(run_dir, tmp_path, cap
 def test_bad_numbers_are_refused_by_the_parser_naming_the_option(tmp_path, capsys, change, message):
     status, err = run_cli(["--optimal", "--out", str(tmp_path / "g.npz"), *change], capsys)
     assert status == 2 and err.endswith(f"error: {message}\n") and "Traceback" not in err, err
+
+
+def test_default_out_names_the_subset_of_the_optimal_denoiser_and_guidance_and_out_must_be_npz(tmp_path, capsys):
+    args = eval_gap.parse_args(["--optimal", "--cond", "kmeans", "--k", "5", "--guidance-weights", "0", "1", "--neg",
+                                "x.pt"])
+    assert eval_gap.default_out(args) == os.path.join("results", "gap-optimal-fashion-mnist-r32-n1000-kmeans5-seed0"
+                                                                 "-guided.npz")
+    status, err = run_cli(["--optimal", "--out", str(tmp_path / "gap")], capsys)
+    assert status == 2 and err == f"error: --out must end with .npz, got {tmp_path / 'gap'}\n"

@@ -394,8 +394,10 @@ def test_killed_run_keeps_finished_configurations_and_the_rerun_ends_byte_identi
     sample_memorize.main(argv)
     assert ran == ["w1", "w2"] and out.read_bytes() == uninterrupted
     ran.clear()
+    capsys.readouterr()
     sample_memorize.main([*base, "--guidance-weights", "2", "0"])
     assert ran == [] and common.load_npz(str(out))["guidance_weights"].tolist() == [2, 0]
+    assert f"note: {out} also holds 1 configuration(s) not asked for here" in capsys.readouterr().out
     sample_memorize.main([*base, "--guidance-weights", "0", "--num-samples", "6"])
     assert ran == ["w0"], "other settings recompute every configuration"
     sample_memorize.main([*base, "--guidance-weights", "0", "--num-samples", "6", "--force"])
@@ -429,3 +431,16 @@ def test_out_that_another_program_wrote_is_not_replaced_unless_force(snapshot, t
 def test_bad_numbers_are_refused_by_the_parser_naming_the_option(tmp_path, capsys, change, message):
     code, err = exit_message(["--optimal", "--out", str(tmp_path / "m.npz"), *change], capsys)
     assert code == 2 and err.endswith(f"error: {message}\n") and "Traceback" not in err, err
+
+
+def test_figure_folder_that_is_a_file_stops_before_sampling_and_default_names_the_subset(tmp_path, capsys,
+                                                                                        monkeypatch):
+    monkeypatch.setattr(sample_memorize, "evaluate", None)  # reached only after the checks
+    (tmp_path / "m").write_text("a file where the figures would go")
+    code, err = exit_message(["--optimal", "--out", str(tmp_path / "m.npz")], capsys)
+    assert code == 2 and err == f"error: the figure folder of --out {tmp_path / 'm'} is an existing file, not a folder\n"
+    args = sample_memorize.parse_args(["--gaussian", "--cond", "none", "--n", "8", "--subset-seed", "3"])
+    assert sample_memorize.default_out(args) == os.path.join("results", "memorize-gaussian-fashion-mnist-r32-n8-none-"
+                                                                        "seed3.npz")
+    args = sample_memorize.parse_args(["--optimal", "--cond", "kmeans", "--k", "4", "--guidance-weights", "1"])
+    assert sample_memorize.default_out(args).endswith("memorize-optimal-fashion-mnist-r32-n64-kmeans4-seed0-guided.npz")
