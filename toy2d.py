@@ -54,6 +54,8 @@ def parse_args(argv=None):
     p.add_argument("--samples-per-point", type=int, default=50, help="fixed noise draws per point")
     p.add_argument("--num-samples", type=int, default=1000, help="ODE samples for trajectories and fd")
     p.add_argument("--steps", type=int, default=120, help="EDM schedule steps (sigma grid and sampler)")
+    p.add_argument("--force", action="store_true", help="replace EXPERIMENT.npz files in --out that toy2d.py did "
+                   "not write (refused otherwise)")
     p.add_argument("--seed", type=common.non_negative_int, default=0, help="seed of noise draws, random angles and samples")
     p.add_argument("--device", default="auto", help="auto (cuda, then cpu: the toy needs float64, which mps "
                    "lacks), cpu, cuda, cuda:N")
@@ -374,6 +376,8 @@ def main(argv=None):
     args.device = "cpu" if device.type == "mps" else str(device)
     names = EXPERIMENTS if args.experiment == "all" else [args.experiment]
     check_experiments(args, names)
+    for name in names:  # each run replaces its own EXPERIMENT.npz, but no other program's file unasked
+        common.earlier_result(os.path.join(args.out, f"{name}.npz"), SCRIPT, args.force)
     for name in tqdm(names, desc="toy2d", disable=len(names) == 1):
         start = time.time()
         out, fig = RUNNERS[name](args)
