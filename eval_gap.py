@@ -101,7 +101,6 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     check(args.snapshots or args.optimal, "nothing to evaluate: give run folders or snapshot files, "
                                           "and/or --optimal (see --help)")
-    check(args.out is None or args.out.endswith(".npz"), f"--out must end with .npz, got {args.out}")
     if args.feature_sigmas == ["all"]:
         args.feature_sigmas = "all"
     else:
@@ -465,6 +464,7 @@ def main(argv=None):
     args = parse_args(argv)
     args.out = args.out or default_out(args)
     common.check_writable(args.out)
+    check(args.out.endswith(".npz"), f"--out must end with .npz, got {args.out}")
     common.run_distributed(evaluate, args)
 
 
