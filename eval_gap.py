@@ -67,15 +67,18 @@ def parse_args(argv=None):
                    "optimal denoiser of the snapshots' training subset, or of the subset --data/--n/--seed")
     p.add_argument("--data", default="fashion-mnist", help="--optimal without snapshots: dataset: "
                    + ", ".join(common.DATASETS))
-    p.add_argument("--n", type=common.at_least_two_int, default=1000, help="--optimal without snapshots: subset size, drawn with "
+    p.add_argument("--n", type=common.at_least_two_int, default=1000,
+                   help="--optimal without snapshots: subset size, drawn with "
                    "--seed as train_image.py draws it")
     p.add_argument("--resolution", type=common.positive_int, default=32, help="--optimal without snapshots: image size")
     p.add_argument("--cond", default="none", choices=["none", "class", "kmeans"],
                    help="--optimal without snapshots: conditioning of the optimal denoiser")
-    p.add_argument("--k", type=common.positive_int, default=10, help="--optimal without snapshots: clusters of --cond kmeans")
+    p.add_argument("--k", type=common.positive_int, default=10,
+                   help="--optimal without snapshots: clusters of --cond kmeans")
     p.add_argument("--data-dir", default=None, help="folder with the dataset files (default: the run's, "
                    "then the system folder, the user cache, or a download)")
-    p.add_argument("--num-images", type=common.at_least_two_int, default=8192, help="images per split (or all available)")
+    p.add_argument("--num-images", type=common.at_least_two_int, default=8192,
+                   help="images per split (or all available)")
     p.add_argument("--sigmas", type=common.positive_float, nargs="+", default=None, help="noise levels (default: "
                    "--num-sigmas log-spaced in [2e-3, 80])")
     p.add_argument("--num-sigmas", type=common.positive_int, default=64, help="number of log-spaced noise levels")
@@ -91,7 +94,8 @@ def parse_args(argv=None):
     p.add_argument("--allow-mixed", action="store_true", help="accept snapshots of different runs")
     p.add_argument("--force", action="store_true", help="recompute rows already in --out, and replace an --out "
                    "that eval_gap.py did not write (refused otherwise)")
-    p.add_argument("--seed", type=common.non_negative_int, default=0, help="seed of the fixed noise, of the image samples and "
+    p.add_argument("--seed", type=common.non_negative_int, default=0,
+                   help="seed of the fixed noise, of the image samples and "
                    "(--optimal without snapshots) of the subset")
     p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N, mps")
     p.add_argument("--out", default=None, help="output .npz (default: RUN_DIR/gap[-raw][-guided].npz for a run "

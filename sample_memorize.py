@@ -93,16 +93,19 @@ def parse_args(argv=None):
     p.add_argument("--data-dir", default=None, help="folder with the dataset files (default: the snapshot's, "
                    "else the system folder or the user cache)")
     p.add_argument("--n", type=common.at_least_two_int, default=64, help="--optimal: training subset size")
-    p.add_argument("--resolution", type=common.positive_int, default=32, help="--optimal: image size R x R (R divides 32)")
+    p.add_argument("--resolution", type=common.positive_int, default=32,
+                   help="--optimal: image size R x R (R divides 32)")
     p.add_argument("--cond", default="none", choices=["none", "class", "kmeans"],
                    help="--optimal: class-conditional on dataset classes or k-means clusters, or not")
     p.add_argument("--k", type=common.positive_int, default=10, help="--optimal: clusters for --cond kmeans")
-    p.add_argument("--subset-seed", type=common.non_negative_int, default=0, help="--optimal: seed of the subset and k-means, "
+    p.add_argument("--subset-seed", type=common.non_negative_int, default=0,
+                   help="--optimal: seed of the subset and k-means, "
                    "as train_image.py --seed")
     p.add_argument("--weights", default="ema", choices=["ema", "net"], help="snapshot weights to sample")
     p.add_argument("--num-samples", type=common.at_least_two_int, default=1024,
                    help="samples per configuration (at least 2, for the Frechet distances)")
-    p.add_argument("--steps", type=common.at_least_two_int, default=18, help="Heun sampler steps (EDM grid; 2 steps - 1 evaluations)")
+    p.add_argument("--steps", type=common.at_least_two_int, default=18,
+                   help="Heun sampler steps (EDM grid; 2 steps - 1 evaluations)")
     p.add_argument("--label", default="random", help="conditioning of the samples: random (uniform over the "
                    "labels of the training subset, per seed), null (unconditional), or a label number")
     p.add_argument("--guidance-weights", type=common.finite_float, nargs="+", default=[0.0],
@@ -117,10 +120,13 @@ def parse_args(argv=None):
     p.add_argument("--features", default="builtin", help="feature space of the Frechet distances: builtin "
                    "(no download) or the path of a TorchScript Inception-v3 (see common.FEATURE_HELP)")
     p.add_argument("--batch", type=common.positive_int, default=256, help="samples per batch (per process)")
-    p.add_argument("--bootstrap", type=common.positive_int, default=1000, help="bootstrap resamples of the memorized fraction")
-    p.add_argument("--fd-subsets", type=common.positive_int, default=10, help="training subsets of the validation reference's "
+    p.add_argument("--bootstrap", type=common.positive_int, default=1000,
+                   help="bootstrap resamples of the memorized fraction")
+    p.add_argument("--fd-subsets", type=common.positive_int, default=10,
+                   help="training subsets of the validation reference's "
                    "size that fd_train averages over")
-    p.add_argument("--seed", type=common.non_negative_int, default=0, help="sample i uses seed --seed + i; also the seed of the "
+    p.add_argument("--seed", type=common.non_negative_int, default=0,
+                   help="sample i uses seed --seed + i; also the seed of the "
                    "probe and reference images and of the bootstrap")
     p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N, mps")
     p.add_argument("--force", action="store_true", help="recompute configurations already in --out, and replace "
@@ -653,7 +659,8 @@ def evaluate(args, rank, world, device):
     settings = json.loads(json.dumps({key: getattr(args, key) for key in SETTINGS}))
     settings["neg"] = "uncond" if neg == "uncond" else model_key(args.neg, args)
     rows = cached_configs(old, settings, args.out, say)
-    keys = [[common.digest(key, float(w)) for w in args.guidance_weights] for key in (model_key(p, args) for p in paths)]
+    keys = [[common.digest(model, float(w)) for w in args.guidance_weights]  # one per configuration
+            for model in (model_key(path, args) for path in paths)]
     order = [key for path_keys in keys for key in path_keys]
     todo, dropped = len(set(order) - set(rows)), len(set(rows) - set(order))
     if dropped:
@@ -666,7 +673,6 @@ def evaluate(args, rank, world, device):
     progress = dict(done=0)
     common.on_interrupt(lambda: f"after {progress['done']} of {todo} configurations: {args.out} keeps the finished "
                                 "ones, which rerunning the same command reuses")
-
     arrays = None
 
     def write():
@@ -699,7 +705,6 @@ def evaluate(args, rank, world, device):
             res = gather(run_configuration(dataclasses.replace(model, name=name), denoise, refs, shard, args,
                                            sigmas, stops, probes, features, device, rank == 0), world)
             rows[key] = None  # on every process, so that all of them skip the same configurations
-            progress["done"] += 1
             if rank != 0:
                 continue
             res.update(summarize(res, fd_refs, args.bootstrap, args.seed), name=name, path=model.path,
@@ -708,6 +713,7 @@ def evaluate(args, rank, world, device):
             figs = save_figures(args.out, name, res, model.train)
             rows[key] = result_row(res, key)
             arrays = write()  # after every configuration, so that a rerun after a kill reuses the finished ones
+            progress["done"] += 1
             say(summary_line(res, sigmas, probes, time.perf_counter() - start) + f"; figures {', '.join(figs)}")
     if rank == 0:
         arrays = arrays if todo else write()

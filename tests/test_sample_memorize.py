@@ -438,7 +438,8 @@ def test_figure_folder_that_is_a_file_stops_before_sampling_and_default_names_th
     monkeypatch.setattr(sample_memorize, "evaluate", None)  # reached only after the checks
     (tmp_path / "m").write_text("a file where the figures would go")
     code, err = exit_message(["--optimal", "--out", str(tmp_path / "m.npz")], capsys)
-    assert code == 2 and err == f"error: the figure folder of --out {tmp_path / 'm'} is an existing file, not a folder\n"
+    assert code == 2 and err == (f"error: the figure folder of --out {tmp_path / 'm'} is an existing file, "
+                                 "not a folder\n")
     args = sample_memorize.parse_args(["--gaussian", "--cond", "none", "--n", "8", "--subset-seed", "3"])
     assert sample_memorize.default_out(args) == os.path.join("results", "memorize-gaussian-fashion-mnist-r32-n8-none-"
                                                                         "seed3.npz")
