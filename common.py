@@ -168,6 +168,13 @@ def guided_denoiser(denoise_pos, denoise_neg, w):
     return lambda *args: guided(denoise_pos(*args), denoise_neg(*args), w)
 
 
+def check_classifier_free(conditional, name):
+    """UserError unless the denoiser `name` is conditional, so that it can be guided by itself with the null
+    label (--neg uncond): without labels D_neg = D, and every guidance weight gives the unguided result."""
+    check(conditional, f"--neg uncond needs a class-conditional denoiser, but {name} is unconditional: "
+          "give --neg SNAPSHOT (autoguidance) or --guidance-weights 0")
+
+
 # ---------------------------------------------------------------------------
 # Optimal and error-prone denoisers
 # ---------------------------------------------------------------------------
@@ -944,6 +951,12 @@ def training_subset(name, n, seed, cond="none", k=10, resolution=32, root=None):
     return subset, None, None
 
 
+def subset_name(name, n, seed, cond="none", k=10, resolution=32):
+    """<name>-r<resolution>-n<n>-<cond>-seed<seed> (cond: none, class or kmeans<k>): a file-name part
+    for the subset (and labels) that training_subset chooses for these arguments."""
+    return f"{name}-r{resolution}-n{n}-{f'kmeans{k}' if cond == 'kmeans' else cond}-seed{seed}"
+
+
 def num_condition_classes(name, cond, k=10):
     """Number of conditioning classes of a network for --cond: 0 (none), the dataset's classes, or k clusters."""
     return {"none": 0, "class": DATASETS[name]["num_classes"], "kmeans": k}[cond]
@@ -1095,6 +1108,37 @@ def load_denoiser(checkpoint_or_path, weights="ema", device="cpu"):
     denoiser = build_network(**ckpt["network"])
     denoiser.load_state_dict(ckpt[weights])
     return denoiser.to(device).eval().requires_grad_(False), ckpt
+
+
+def digest(*parts):
+    """Short content hash of arrays, tensors, dicts of tensors and plain values."""
+    h = hashlib.blake2b(digest_size=12)
+    for part in parts:
+        if isinstance(part, dict):
+            for key, value in part.items():
+                h.update(key.encode())
+                h.update(digest(value).encode())
+        elif isinstance(part, torch.Tensor):
+            h.update(str((part.dtype, tuple(part.shape))).encode())
+            h.update(part.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(part, np.ndarray):
+            h.update(str((part.dtype.str, part.shape)).encode())
+            h.update(np.ascontiguousarray(part).tobytes())
+        else:
+            h.update(json.dumps(part, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def source_digest(dataset, resolution, subset, labels=None, centroids=None):
+    """Digest of what a denoiser learned from: dataset, resolution, subset indices, labels, k-means centroids."""
+    as_array = lambda a: None if a is None else np.asarray(a)  # noqa: E731
+    return digest(dataset, int(resolution), np.asarray(subset), as_array(labels), as_array(centroids))
+
+
+def snapshot_digest(ckpt, weights="ema"):
+    """Digest of everything a snapshot's outputs depend on: network config, its 'ema' or 'net' weights, source."""
+    return digest(ckpt["network"], ckpt[weights], source_digest(ckpt["dataset"], ckpt["resolution"], ckpt["subset"],
+                                                                ckpt["labels"], ckpt["kmeans_centroids"]))
 
 
 def rng_state(**generators):
@@ -1494,6 +1538,7 @@ positive_float = _number_type(float, lambda v: v > 0, "a positive number")
 non_negative_float = _number_type(float, lambda v: v >= 0, "a non-negative number")
 positive_int = _number_type(int, lambda v: v > 0, "a positive integer")
 non_negative_int = _number_type(int, lambda v: v >= 0, "a non-negative integer")
+at_least_two_int = _number_type(int, lambda v: v >= 2, "an integer of at least 2")
 
 
 _ON_INTERRUPT = []  # the describe() of on_interrupt, if a script registered one
@@ -1536,6 +1581,19 @@ def check_writable(path, folder=False, option="--out"):
                                                 f"in {parent}")
 
 
+def default_result_path(inputs, name, tags=""):
+    """Default --out of a script run on snapshots: RUN_DIR/NAME[TAGS].npz for one run folder and
+    RUN_DIR/NAME-SNAPSHOT[TAGS].npz for one snapshot file (SNAPSHOT: its name without .pt), so that a
+    single snapshot's result never replaces the run's; several inputs need --out (UserError)."""
+    check(len(inputs) == 1, f"{len(inputs)} run folders or snapshot files: give --out (a default is chosen "
+                            "for one run folder or one snapshot file)")
+    path = os.path.normpath(inputs[0])
+    if os.path.isdir(path):
+        return os.path.join(path, f"{name}{tags}.npz")
+    folder, file = os.path.split(path)
+    return os.path.join(folder, f"{name}-{os.path.splitext(file)[0]}{tags}.npz")
+
+
 def atomic_write(path, write):
     """Write a file atomically: write(f) into a temp file beside it, fsync, then rename, so that a
     kill at any moment leaves either the old file or the new one. The temp file is named after the
@@ -1563,12 +1621,15 @@ def atomic_write(path, write):
     return path
 
 
-def save_npz(path, args=None, **arrays):
+def save_npz(path, args=None, script=None, **arrays):
     """Write an .npz atomically and byte-reproducibly (fixed zip timestamps); `args` (a dict or
-    argparse.Namespace) is stored as a JSON string under 'args'."""
+    argparse.Namespace) is stored as a JSON string under 'args', `script` (the file name of the
+    script that writes it, by which result_script recognises the file) under 'script'."""
     if args is not None:
         arrays["args"] = np.array(json.dumps(vars(args) if hasattr(args, "__dict__") else args,
                                              sort_keys=True, default=str))
+    if script is not None:
+        arrays["script"] = np.array(script)
 
     def write(f):
         with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as zf:
@@ -1580,7 +1641,7 @@ def save_npz(path, args=None, **arrays):
 
 
 def load_npz(path):
-    """Read an .npz written by save_npz into a dict; 'args' comes back as a dict."""
+    """Read an .npz written by save_npz into a dict; 'args' comes back as a dict, 'script' as a str."""
     check(os.path.isfile(path), f"{path} does not exist")
     try:
         with np.load(path, allow_pickle=False) as f:
@@ -1588,5 +1649,48 @@ def load_npz(path):
     except Exception as err:
         raise _read_error(path, err, "not a readable .npz file; rerun the script that writes it") from None
     if "args" in out:
-        out["args"] = json.loads(str(out["args"]))
+        try:
+            out["args"] = json.loads(str(out["args"]))
+        except ValueError:
+            out["args"] = None
+        check(isinstance(out["args"], dict), f"{path} has an 'args' entry that is not the JSON of a script's "
+                                             "arguments: it was not written by this repository's scripts")
+    if "script" in out:
+        out["script"] = str(out["script"])
     return out
+
+
+# Result files written before the 'script' entry existed: recognised by keys that only their script writes.
+_RESULT_KEYS = {"eval_gap.py": {"eval_settings", "digests", "e_train", "e_val", "gap"},
+                "sample_memorize.py": {"configs", "nn_ratio", "memorized_fraction"},
+                "train_image.py": {"loss", "eval_images", "E_train", "E_val", "snapshot_images"}}
+
+
+def result_script(data):
+    """The script that wrote a result file (a dict from load_npz): its 'script' entry; for a file written
+    before that entry, the script whose keys it has (toy2d.py: an 'experiment' argument); else None."""
+    if "script" in data:
+        return data["script"]
+    if not isinstance(data.get("args"), dict):
+        return None
+    if "experiment" in data["args"]:
+        return "toy2d.py"
+    return next((script for script, keys in _RESULT_KEYS.items() if keys <= set(data)), None)
+
+
+def earlier_result(path, script, force=False, option="--out"):
+    """The result file that `script` is about to replace, as load_npz reads it, so that its finished parts
+    can be reused; None when there is none, or with force. A file that `script` did not write (another
+    script's result, a foreign or unreadable file) is a UserError unless force: never replaced unasked."""
+    if force or not os.path.exists(path):
+        return None
+    try:
+        data = load_npz(path)
+        writer = result_script(data)
+    except UserError:
+        data = writer = None
+    what = ("is not a result file it can read" if data is None else
+            f"holds results of {writer}" if writer else "was not written by it")
+    check(writer == script, f"{option} {path} exists and {what}, so {script} would replace it: give another "
+          f"{option}, or --force to replace it")
+    return data

@@ -27,12 +27,14 @@ fd_train, fd_val, feature_gap (C, K) (and *_optimal); both splits' Frechet dista
 many images (the first min(n, --num-images) of each), since the distance's bias grows as 1/count;
 reconstructions and clean images are quantized to 8 bits before the features (as FID tools do).
 With --guidance-weights every per-model array gains a leading axis (G, ...) and guidance_weights
-(G,) is stored. Rows of --out already computed with the same settings are reused unless --force.
+(G,) is stored; --neg uncond needs class-conditional models. --out is rewritten after every evaluated
+model, and rows already in it computed with the same settings (of an earlier or a killed run) are
+reused unless --force; an --out that eval_gap.py did not write (another script's result, a foreign
+file) is not replaced unless --force.
 """
 import argparse
 import collections
 import contextlib
-import hashlib
 import json
 import os
 
@@ -44,6 +46,7 @@ from tqdm import tqdm
 import common
 from common import check
 
+SCRIPT = os.path.basename(__file__)  # stored in the result file (common.save_npz)
 # train_image.py arguments that a resumed run may change: they do not tell two runs apart.
 RUN_ARGS_IGNORED = {"steps", "snapshots", "eval_every", "device", "compile", "out", "data_dir", "no_resume"}
 # Arguments that change the numbers of a row; a cached row is reused only when they all match.
@@ -64,19 +67,22 @@ def parse_args(argv=None):
                    "optimal denoiser of the snapshots' training subset, or of the subset --data/--n/--seed")
     p.add_argument("--data", default="fashion-mnist", help="--optimal without snapshots: dataset: "
                    + ", ".join(common.DATASETS))
-    p.add_argument("--n", type=int, default=1000, help="--optimal without snapshots: subset size, drawn with "
+    p.add_argument("--n", type=common.at_least_two_int, default=1000,
+                   help="--optimal without snapshots: subset size, drawn with "
                    "--seed as train_image.py draws it")
-    p.add_argument("--resolution", type=int, default=32, help="--optimal without snapshots: image size")
+    p.add_argument("--resolution", type=common.positive_int, default=32, help="--optimal without snapshots: image size")
     p.add_argument("--cond", default="none", choices=["none", "class", "kmeans"],
                    help="--optimal without snapshots: conditioning of the optimal denoiser")
-    p.add_argument("--k", type=int, default=10, help="--optimal without snapshots: clusters of --cond kmeans")
+    p.add_argument("--k", type=common.positive_int, default=10,
+                   help="--optimal without snapshots: clusters of --cond kmeans")
     p.add_argument("--data-dir", default=None, help="folder with the dataset files (default: the run's, "
                    "then the system folder, the user cache, or a download)")
-    p.add_argument("--num-images", type=int, default=8192, help="images per split (or all available)")
-    p.add_argument("--sigmas", type=float, nargs="+", default=None, help="noise levels (default: "
+    p.add_argument("--num-images", type=common.at_least_two_int, default=8192,
+                   help="images per split (or all available)")
+    p.add_argument("--sigmas", type=common.positive_float, nargs="+", default=None, help="noise levels (default: "
                    "--num-sigmas log-spaced in [2e-3, 80])")
-    p.add_argument("--num-sigmas", type=int, default=64, help="number of log-spaced noise levels")
-    p.add_argument("--guidance-weights", type=float, nargs="+", default=None,
+    p.add_argument("--num-sigmas", type=common.positive_int, default=64, help="number of log-spaced noise levels")
+    p.add_argument("--guidance-weights", type=common.finite_float, nargs="+", default=None,
                    help="guidance weights w: D_w = D + w (D - D_neg); adds a leading axis to the outputs")
     p.add_argument("--neg", default="uncond", help="guidance negative: 'uncond' (the same model with the null "
                    "label: classifier-free guidance) or a snapshot file (autoguidance)")
@@ -84,19 +90,21 @@ def parse_args(argv=None):
                    "'builtin' or an Inception TorchScript file (common.load_feature_extractor)")
     p.add_argument("--feature-sigmas", nargs="+", default=["0.25", "0.5", "1", "2", "4"],
                    help="noise levels of the feature-space reconstruction gap, or 'all' (every evaluated sigma)")
-    p.add_argument("--batch", type=int, default=512, help="(image, sigma) pairs per forward pass")
+    p.add_argument("--batch", type=common.positive_int, default=512, help="(image, sigma) pairs per forward pass")
     p.add_argument("--allow-mixed", action="store_true", help="accept snapshots of different runs")
-    p.add_argument("--force", action="store_true", help="recompute rows already in --out")
-    p.add_argument("--seed", type=int, default=0, help="seed of the fixed noise, of the image samples and "
+    p.add_argument("--force", action="store_true", help="recompute rows already in --out, and replace an --out "
+                   "that eval_gap.py did not write (refused otherwise)")
+    p.add_argument("--seed", type=common.non_negative_int, default=0,
+                   help="seed of the fixed noise, of the image samples and "
                    "(--optimal without snapshots) of the subset")
     p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N, mps")
-    p.add_argument("--out", default=None, help="output .npz (default: RUN_DIR/gap[-raw][-guided].npz, or "
-                   "results/gap-optimal-<data>-r<R>-n<n>-<cond>-seed<seed>.npz)")
+    p.add_argument("--out", default=None, help="output .npz (default: RUN_DIR/gap[-raw][-guided].npz for a run "
+                   "folder, RUN_DIR/gap-snapshot-<images seen>[-raw][-guided].npz for one snapshot file, so that it "
+                   "leaves the run's file alone, results/gap-optimal-<data>-r<R>-n<n>-<none|class|kmeans<k>>-seed<seed>"
+                   "[-guided].npz for --optimal alone; several run folders or snapshot files need --out)")
     args = p.parse_args(argv)
     check(args.snapshots or args.optimal, "nothing to evaluate: give run folders or snapshot files, "
                                           "and/or --optimal (see --help)")
-    check(args.num_images >= 2 and args.batch >= 1, "--num-images must be at least 2 and --batch positive")
-    check(args.num_sigmas >= 1, f"--num-sigmas must be positive, got {args.num_sigmas}")
     if args.feature_sigmas == ["all"]:
         args.feature_sigmas = "all"
     else:
@@ -104,13 +112,8 @@ def parse_args(argv=None):
             args.feature_sigmas = [float(s) for s in args.feature_sigmas]
         except ValueError:
             raise common.UserError(f"--feature-sigmas takes positive numbers or 'all', got {args.feature_sigmas}")
-    for name in ("sigmas",) + (("feature_sigmas",) if args.feature_sigmas != "all" else ()):
-        values = getattr(args, name)
-        check(values is None or all(np.isfinite(values)) and min(values) > 0,
-              f"--{name.replace('_', '-')} must be positive numbers, got {values}")
-    check(args.guidance_weights is None or all(np.isfinite(args.guidance_weights)),
-          "--guidance-weights must be finite numbers")
-    check(args.seed >= 0, f"--seed must not be negative, got {args.seed}")
+    check(args.feature_sigmas == "all" or all(np.isfinite(args.feature_sigmas)) and min(args.feature_sigmas) > 0,
+          f"--feature-sigmas must be positive numbers or 'all', got {args.feature_sigmas}")
     return args
 
 
@@ -148,25 +151,6 @@ def peak_sigma(sigmas, gap):
 # Snapshots, sources (what a model was trained on) and evaluation images
 # ---------------------------------------------------------------------------
 
-def digest(*parts):
-    """Short content hash of arrays, tensors, dicts of tensors and plain values."""
-    h = hashlib.blake2b(digest_size=12)
-    for part in parts:
-        if isinstance(part, dict):
-            for key, value in part.items():
-                h.update(key.encode())
-                h.update(digest(value).encode())
-        elif isinstance(part, torch.Tensor):
-            h.update(str((part.dtype, tuple(part.shape))).encode())
-            h.update(part.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-        elif isinstance(part, np.ndarray):
-            h.update(str((part.dtype.str, part.shape)).encode())
-            h.update(np.ascontiguousarray(part).tobytes())
-        else:
-            h.update(json.dumps(part, sort_keys=True, default=str).encode())
-    return h.hexdigest()
-
-
 def snapshot_source(ckpt, data_dir):
     """What the snapshot's network was trained on: dataset, resolution, subset, labels, centroids."""
     as_array = lambda a: None if a is None else np.asarray(a)  # noqa: E731
@@ -185,7 +169,8 @@ def subset_source(args):
 
 
 def source_digest(source):
-    return digest(source["dataset"], source["resolution"], source["subset"], source["labels"], source["centroids"])
+    return common.source_digest(source["dataset"], source["resolution"], source["subset"], source["labels"],
+                                source["centroids"])
 
 
 def read_snapshot(path, args):
@@ -197,7 +182,7 @@ def read_snapshot(path, args):
     run = {k: v for k, v in ckpt["args"].items() if k not in RUN_ARGS_IGNORED}
     return dict(path=path, images_seen=int(ckpt["images_seen"]), run=run, network=ckpt["network"], source=source,
                 params=sum(int(t.numel()) for t in weights.values()),
-                digest=digest(ckpt["network"], weights, source_digest(source)))
+                digest=common.snapshot_digest(ckpt, WEIGHTS_KEY[args.weights]))
 
 
 def check_same_run(snapshots, allow_mixed):
@@ -411,14 +396,9 @@ def eval_settings(args, sigmas, neg_digest):
     return json.loads(json.dumps(settings))
 
 
-def cached_rows(path, settings, guided, say):
-    """Rows of an earlier output with the same settings, by model digest ({} if none)."""
-    if not os.path.isfile(path):
-        return {}
-    try:
-        old = common.load_npz(path)
-    except common.UserError:
-        say(f"note: {path} is unreadable; recomputing it")
+def cached_rows(old, path, settings, guided, say):
+    """Rows of an earlier output `old` (common.earlier_result) with the same settings, by model digest."""
+    if old is None:
         return {}
     if "digests" not in old or "eval_settings" not in old or json.loads(str(old["eval_settings"])) != settings:
         say(f"note: {path} was made with other evaluation settings; recomputing every row")
@@ -435,25 +415,38 @@ def cached_rows(path, settings, guided, say):
 # Main
 # ---------------------------------------------------------------------------
 
-def default_out(args, snapshots):
-    if not snapshots:
-        return os.path.join("results", f"gap-optimal-{args.data}-r{args.resolution}-n{args.n}-{args.cond}"
-                                       f"-seed{args.seed}.npz")
-    tags = ("-raw" if args.weights == "raw" else "") + ("-guided" if args.guidance_weights else "")
-    return os.path.join(os.path.dirname(snapshots[0]["path"]) or ".", f"gap{tags}.npz")
+def default_out(args):
+    """--out when not given (see its --help)."""
+    guided = "-guided" if args.guidance_weights else ""
+    if not args.snapshots:
+        subset = common.subset_name(args.data, args.n, args.seed, args.cond, args.k, args.resolution)
+        return os.path.join("results", f"gap-optimal-{subset}{guided}.npz")
+    return common.default_result_path(args.snapshots, "gap", ("-raw" if args.weights == "raw" else "") + guided)
 
 
-def negative_model(args, snapshots, device):
-    """The guidance negative: None for 'uncond' (the model with the null label), else a network."""
+def negative_model(args, snapshots, opt_source, device):
+    """The guidance negative: None for 'uncond' (the model with the null label; refused for an
+    unconditional model, for which D_neg = D), else a network."""
     if args.neg == "uncond":
+        if any(args.guidance_weights):
+            for s in snapshots:
+                common.check_classifier_free(s["network"]["num_classes"] > 0, s["path"])
+            if opt_source is not None:
+                common.check_classifier_free(opt_source["labels"] is not None, "the optimal denoiser of --cond none")
         return None, "uncond"
     info = read_snapshot(args.neg, args)
     net, _ = common.load_denoiser(args.neg, WEIGHTS_KEY[args.weights], device)
-    for s in snapshots:
-        same = all(s["network"][k] == info["network"][k] for k in ("img_resolution", "img_channels"))
-        check(same and info["network"]["num_classes"] in (0, s["network"]["num_classes"]),
-              f"--neg {args.neg} does not fit {s['path']}: it needs the same image size and channels, and "
-              "no labels or the same labels")
+    models = [(s["path"], s["network"]["img_resolution"], s["network"]["img_channels"], s["network"]["num_classes"])
+              for s in snapshots]
+    if opt_source is not None and not snapshots:
+        models.append((f"the optimal denoiser of --data {args.data} --resolution {args.resolution} --cond {args.cond}",
+                       args.resolution, common.DATASETS[args.data]["shape"][2],
+                       common.num_condition_classes(args.data, args.cond, args.k)))
+    neg = info["network"]
+    for name, resolution, channels, classes in models:
+        check(neg["img_resolution"] == resolution and neg["img_channels"] == channels
+              and neg["num_classes"] in (0, classes), f"--neg {args.neg} does not fit {name}: it needs the same "
+              "image size and channels, and no labels or the same labels")
     return network_model(net, device), info["digest"]
 
 
@@ -473,13 +466,16 @@ def curves(rows, guided, sigmas=None, images_seen=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    args.out = args.out or default_out(args)
     common.check_writable(args.out)
+    check(args.out.endswith(".npz"), f"--out must end with .npz, got {args.out}")
     common.run_distributed(evaluate, args)
 
 
 @torch.inference_mode()
 def evaluate(args, rank, world, device):
     say = print if rank == 0 else (lambda *a, **k: None)
+    old = common.earlier_result(args.out, SCRIPT, args.force)
     snapshots = [read_snapshot(path, args) for path in common.find_snapshots(args.snapshots)]
     if snapshots:
         check_same_run(snapshots, args.allow_mixed)
@@ -498,16 +494,20 @@ def evaluate(args, rank, world, device):
         args.feature_sigmas = sigmas.tolist()
     guided = args.guidance_weights is not None
     weights = args.guidance_weights if guided else [0.0]
-    neg, neg_digest = negative_model(args, snapshots, device) if guided else (None, "uncond")
+    neg, neg_digest = negative_model(args, snapshots, opt_source, device) if guided else (None, "uncond")
     extractor = common.load_feature_extractor(args.features, device) if args.features else None
-    out_path = args.out or default_out(args, snapshots)
+    out_path = args.out
     settings = eval_settings(args, sigmas, neg_digest)
-    cache = {} if args.force else cached_rows(out_path, settings, guided, say)
+    cache = cached_rows(old, out_path, settings, guided, say)
 
     models = [(s["digest"], s["source"], s["path"]) for s in snapshots]
     if opt_source is not None:
         models.append(("optimal-" + source_digest(opt_source), opt_source, None))
     todo = {key: (source, path) for key, source, path in models if key not in cache}
+    dropped = len(set(cache) - {key for key, _, _ in models})
+    if dropped:
+        say(f"note: {out_path} also holds {dropped} row(s) of models not given here (other snapshots or another "
+            "optimal denoiser); the rewritten file leaves them out")
     K = len(args.feature_sigmas) if extractor is not None else 0
     total = 0
     for source, _ in todo.values():
@@ -517,7 +517,17 @@ def evaluate(args, rank, world, device):
     say(f"{len(snapshots)} snapshot(s){' + the optimal denoiser' if opt_source is not None else ''}: "
         f"{len(models) - len(todo)} reused from {out_path}, {len(todo)} to evaluate on {device}"
         f"{f' ({world} processes)' if world > 1 else ''}")
-    rows = dict(cache)
+    rows, opt_key = dict(cache), models[-1][0] if opt_source is not None else None
+    progress = dict(done=0)
+    common.on_interrupt(lambda: f"after {progress['done']} of {len(todo)} evaluations: {out_path} keeps the "
+                                "finished rows, which rerunning the same command reuses")
+
+    def write():
+        result = result_arrays(args, settings, sigmas, snapshots, opt_key, rows)
+        if rank == 0 and result is not None:
+            common.save_npz(out_path, args=vars(args), script=SCRIPT, **result)
+        return result
+
     with tqdm(total=total, unit="eval", unit_scale=True, disable=rank != 0 or not todo, dynamic_ncols=True) as bar:
         evaluator = Evaluator(args, sigmas, weights, neg, extractor, rank, world, device, bar)
         for i, (key, (source, path)) in enumerate(todo.items()):
@@ -527,36 +537,47 @@ def evaluate(args, rank, world, device):
             else:
                 model = network_model(common.load_denoiser(path, WEIGHTS_KEY[args.weights], device)[0], device)
             rows[key] = evaluator.rows(model, source)
+            result = write()  # after every model, so that a rerun after a kill reuses the finished rows
+            progress["done"] += 1
     if rank != 0:
         return
-
-    sig = sigmas.numpy()
-    result = dict(sigmas=sig, weights=np.array(args.weights), eval_settings=np.array(json.dumps(settings)))
-    if guided:
-        result["guidance_weights"] = np.array(weights, np.float64)
-    if K:
-        result["feature_sigmas"] = np.array(args.feature_sigmas, np.float64)
-    if snapshots:
-        result.update(images_seen=np.array([s["images_seen"] for s in snapshots], np.int64),
-                      checkpoints=np.array([s["path"] for s in snapshots]),
-                      digests=np.array([s["digest"] for s in snapshots]),
-                      run_args=np.array(json.dumps(snapshots[0]["run"], sort_keys=True, default=str)),
-                      network=np.array(json.dumps(snapshots[0]["network"], sort_keys=True)),
-                      params=np.int64(snapshots[0]["params"]))
-        main_rows = [rows[s["digest"]] for s in snapshots]
-    else:
-        result.update(images_seen=np.zeros(1, np.int64), checkpoints=np.array(["optimal"]),
-                      digests=np.array([models[-1][0]]))
-        main_rows = [rows[models[-1][0]]]
-    result.update(curves(main_rows, guided, sig, result["images_seen"]))
-    if opt_source is not None:
-        result.update({k + "_optimal": v for k, v in curves([rows[models[-1][0]]], guided).items()})
-        result["optimal_digest"] = np.array([models[-1][0]])
-    common.save_npz(out_path, args=vars(args), **result)
+    if not todo:
+        result = write()
     summarize(result, weights if guided else None, snapshots, opt_source is not None, say)
     shape = "x".join(str(d) for d in result["e_train"].shape)
     say(f"wrote {out_path}: e_train, e_val, gap ({shape}), onset_images_seen, peak_sigma"
         + (", *_optimal" if opt_source is not None else "") + (", fd_train, fd_val, feature_gap" if K else ""))
+
+
+def result_arrays(args, settings, sigmas, snapshots, opt_key, rows):
+    """The arrays of --out from the rows at hand: the snapshots that have one, in order, and the optimal
+    denoiser (key opt_key) once it has one, as its only row without snapshots; None before any row."""
+    guided, sig = args.guidance_weights is not None, sigmas.numpy()
+    result = dict(sigmas=sig, weights=np.array(args.weights), eval_settings=np.array(json.dumps(settings)))
+    if guided:
+        result["guidance_weights"] = np.array(args.guidance_weights, np.float64)
+    if args.features:
+        result["feature_sigmas"] = np.array(args.feature_sigmas, np.float64)
+    done, optimal = [s for s in snapshots if s["digest"] in rows], rows.get(opt_key)
+    if done:
+        result.update(images_seen=np.array([s["images_seen"] for s in done], np.int64),
+                      checkpoints=np.array([s["path"] for s in done]),
+                      digests=np.array([s["digest"] for s in done]),
+                      run_args=np.array(json.dumps(snapshots[0]["run"], sort_keys=True, default=str)),
+                      network=np.array(json.dumps(snapshots[0]["network"], sort_keys=True)),
+                      params=np.int64(snapshots[0]["params"]))
+        main_rows = [rows[s["digest"]] for s in done]
+    elif snapshots or optimal is None:
+        return None
+    else:
+        result.update(images_seen=np.zeros(1, np.int64), checkpoints=np.array(["optimal"]),
+                      digests=np.array([opt_key]))
+        main_rows = [optimal]
+    result.update(curves(main_rows, guided, sig, result["images_seen"]))
+    if optimal is not None:
+        result.update({k + "_optimal": v for k, v in curves([optimal], guided).items()})
+        result["optimal_digest"] = np.array([opt_key])
+    return result
 
 
 def summarize(result, weights, snapshots, optimal, say):

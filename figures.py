@@ -3,7 +3,8 @@
     python figures.py results/quick                  # every figure it has data for -> results/quick/figures
     python figures.py results/quick --out figs
 
-It reads every .npz below RESULTS_DIR and recognises it by its keys:
+It reads every .npz below RESULTS_DIR and recognises it by the script that wrote it (its 'script'
+entry; files written before that entry by their keys):
   eval_gap.py      (e_train, e_val, gap, images_seen): E over training time with the overfitting onset
                    (paper Fig. 1), G(sigma) coloured by images seen with the onset curve (Fig. 2), the
                    optimal denoiser beside the network, and G(sigma) across runs coloured by model size,
@@ -14,7 +15,8 @@ It reads every .npz below RESULTS_DIR and recognises it by its keys:
                    training and validation images per probe sigma, sample grids;
   train_image.py   (train_log.npz): loss and probe E_train / E_val over images seen;
   toy2d.py         (delta, density, guidance): G(sigma) sweeps (toy2d.py draws every toy panel itself).
-Each figure is written as PNG and PDF, named after what it shows; inputs it lacks are skipped with a note.
+Each figure is written as PNG and PDF, named after what it shows; a figure whose inputs are missing or
+unexpected is skipped with a note saying why.
 """
 import argparse
 import json
@@ -44,18 +46,17 @@ def parse_args(argv=None):
 # Reading results
 # ---------------------------------------------------------------------------
 
+KINDS = {"eval_gap.py": "gap", "sample_memorize.py": "memorization", "train_image.py": "train_log",
+         "toy2d.py": "toy"}  # the script that wrote a result file -> what figures.py draws from it
+
+
 def kind_of(data):
-    """Which script wrote an .npz, from its keys."""
-    keys = set(data)
-    if {"e_train", "e_val", "gap", "images_seen", "sigmas"} <= keys:
-        return "gap"
-    if {"nn_ratio", "memorized_fraction"} <= keys:
-        return "memorization"
-    if {"loss", "eval_images", "E_train", "E_val"} <= keys:
-        return "train_log"
-    if isinstance(data.get("args"), dict) and data["args"].get("experiment") in ("delta", "density", "guidance"):
-        return "toy"
-    return None
+    """Which figures a result file feeds, from the script that wrote it (common.result_script); None for
+    files of other programs and for toy2d.py experiments other than the G(sigma) sweeps."""
+    kind = KINDS.get(common.result_script(data))
+    if kind == "toy" and (data.get("args") or {}).get("experiment") not in ("delta", "density", "guidance"):
+        return None
+    return kind
 
 
 def find_results(root):
@@ -72,6 +73,8 @@ def find_results(root):
                 print(f"note: skipping {path}: {err}")
                 continue
             kind = kind_of(data)
+            if kind is None and common.result_script(data) is None:
+                print(f"note: skipping {path}: not a result of {', '.join(KINDS)}")
             if kind is not None:
                 name = os.path.splitext(os.path.relpath(path, root))[0].replace(os.sep, "_")
                 found.setdefault(kind, []).append((name, data))
@@ -154,12 +157,13 @@ def fig_optimal_vs_network(data):
     return fig
 
 
-def figs_by_factor(gap_results):
-    """G(sigma) of each run's last snapshot, coloured by one factor, for runs equal in the others."""
+def factor_groups(gap_results):
+    """{figure name: (label, [(value, data)])}: for each factor (model size, n, k), the runs equal in the
+    others that differ in it, by value, for G(sigma) of each run's last snapshot coloured by the factor."""
     runs = [(name, data, run_factors(data)) for name, data in gap_results
             if "run_args" in data and "guidance_weights" not in data]
     labels = {"params": "model parameters", "n": "training set size n", "k": "conditioning granularity k"}
-    figures = {}
+    found = {}
     for factor, label in labels.items():
         groups = {}
         for name, data, f in runs:
@@ -168,12 +172,15 @@ def figs_by_factor(gap_results):
             rest = tuple((key, f[key]) for key in ("params", "n", "k", "data", "resolution") if key != factor)
             groups.setdefault(rest, []).append((f[factor], data))
         for i, members in enumerate(g for g in groups.values() if len({v for v, _ in g}) > 1):
-            members.sort(key=lambda m: m[0])
-            values = [v for v, _ in members]
-            fig = common.plot_sweep(members[0][1]["sigmas"], [d["gap"][-1] for _, d in members], values, label,
-                                    f"G(sigma) by {label}", ylabel=GAP_LABEL, log_values=min(values) > 0)
-            figures[f"gap_by_{factor}" + (f"_{i + 1}" if i else "")] = fig
-    return figures
+            found[f"gap_by_{factor}" + (f"_{i + 1}" if i else "")] = (label, sorted(members, key=lambda m: m[0]))
+    return found
+
+
+def fig_gap_by_factor(label, members):
+    """G(sigma) of the last snapshot of runs that differ in one factor, coloured by it."""
+    values = [v for v, _ in members]
+    return common.plot_sweep(members[0][1]["sigmas"], [d["gap"][-1] for _, d in members], values, label,
+                             f"G(sigma) by {label}", ylabel=GAP_LABEL, log_values=min(values) > 0)
 
 
 def fig_gap_by_guidance(data):
@@ -326,111 +333,140 @@ def fig_toy(data):
 # Summary
 # ---------------------------------------------------------------------------
 
+def sample_stats(data):
+    """Statistics of the unguided configurations of a sample_memorize.py result: ({last snapshot path:
+    stats}, [summary rows of the reference samplers: optimal, Gaussian])."""
+    memo, refs = {}, []
+    for i, (path, seen, w) in enumerate(zip(data["checkpoints"], data["images_seen"], data["guidance_weights"])):
+        if w != 0:
+            continue
+        at = lambda key: float(data[key][i, middle_probe(data)]) if key in data else None  # noqa: E731
+        stats = dict(memorized=float(data["memorized_fraction"][i]), ci=data["memorized_ci"][i],
+                     overlap=at("traj_train_overlap"), fresh=at("heldout_train_overlap"),
+                     fd_gap=float(data["fd_gap"][i]),
+                     fd_heldout=float(data["fd_gap_heldout"][i]) if "fd_gap_heldout" in data else None)
+        if seen >= 0:
+            memo[os.path.normpath(str(path))] = stats
+        else:
+            refs.append(dict(run=str(data["configs"][i]), params=None, n=(data.get("args") or {}).get("n"),
+                             images_seen=None, peak_gap=None, peak_sigma=None, **stats))
+    return memo, refs
+
+
+def gap_row(name, data, memo):
+    """The summary row of an eval_gap.py result (its last snapshot), with the sample statistics of that
+    snapshot from `memo` (sample_stats)."""
+    gap = first_weight(data["gap"], data)[-1]
+    finite = np.where(np.isfinite(gap), gap, -np.inf)
+    j = int(np.argmax(finite))
+    f = run_factors(data) if "run_args" in data else {}
+    last = os.path.normpath(str(data["checkpoints"][-1])) if "checkpoints" in data else ""
+    return dict(run=name, params=f.get("params"), n=f.get("n"), images_seen=int(data["images_seen"][-1]),
+                peak_gap=float(gap[j]), peak_sigma=float(data["sigmas"][j]),
+                **memo.get(last, dict(memorized=None, ci=None, overlap=None, fresh=None, fd_gap=None,
+                                      fd_heldout=None)))
+
+
 def summary_rows(gap_results, mem_results):
     """Per run (last snapshot): parameters, n, images seen, peak gap and its sigma, memorized fraction with
     its interval, traj_train_overlap at the middle probe sigma with the level of fresh data
     (heldout_train_overlap; noisy training images give 0.9), Frechet gap of samples and of held-out
-    validation images (its noise level); then the reference samplers (optimal, Gaussian) of the sample files."""
-    memo = {}  # last snapshot path -> statistics of its unguided samples
-    refs = []
+    validation images (its noise level); then the reference samplers (optimal, Gaussian) of the sample files.
+    A file whose row cannot be made is left out with a note."""
+    memo, refs = {}, []
     for name, data in mem_results:
-        for i, (path, seen, w) in enumerate(zip(data["checkpoints"], data["images_seen"], data["guidance_weights"])):
-            if w != 0:
-                continue
-            at = lambda key: float(data[key][i, middle_probe(data)]) if key in data else None  # noqa: E731
-            stats = dict(memorized=float(data["memorized_fraction"][i]), ci=data["memorized_ci"][i],
-                         overlap=at("traj_train_overlap"), fresh=at("heldout_train_overlap"),
-                         fd_gap=float(data["fd_gap"][i]),
-                         fd_heldout=float(data["fd_gap_heldout"][i]) if "fd_gap_heldout" in data else None)
-            if seen >= 0:
-                memo[os.path.normpath(str(path))] = stats
-            else:
-                refs.append(dict(run=str(data["configs"][i]), params=None, n=(data.get("args") or {}).get("n"),
-                                 images_seen=None,
-                                 peak_gap=None, peak_sigma=None, **stats))
-    rows = []
-    for name, data in gap_results:
-        gap = first_weight(data["gap"], data)[-1]
-        finite = np.where(np.isfinite(gap), gap, -np.inf)
-        j = int(np.argmax(finite))
-        f = run_factors(data) if "run_args" in data else {}
-        last = os.path.normpath(str(data["checkpoints"][-1])) if "checkpoints" in data else ""
-        rows.append(dict(run=name, params=f.get("params"), n=f.get("n"), images_seen=int(data["images_seen"][-1]),
-                         peak_gap=float(gap[j]), peak_sigma=float(data["sigmas"][j]),
-                         **memo.get(last, dict(memorized=None, ci=None, overlap=None, fresh=None, fd_gap=None,
-                                               fd_heldout=None))))
-    return rows + refs
+        memo_refs = attempt(f"summary of {name}", sample_stats, data)
+        if memo_refs is not None:
+            memo.update(memo_refs[0])
+            refs += memo_refs[1]
+    rows = [attempt(f"summary row of {name}", gap_row, name, data, memo) for name, data in gap_results]
+    return [row for row in rows if row is not None] + refs
+
+
+def format_row(r):
+    fmt = lambda v, spec: format(v, spec) if v is not None and np.isfinite(v) else "-"  # noqa: E731
+    copies = "-" if r.get("memorized") is None else f"{r['memorized']:.0%} [{r['ci'][0]:.0%}, {r['ci'][1]:.0%}]"
+    return (f"{r['run'][:34]:34s} {fmt(r['params'], ',d'):>9s} {fmt(r['n'], 'd'):>5s} "
+            f"{fmt(r['images_seen'], ',d'):>8s} {fmt(r['peak_gap'], '.2f'):>7s} "
+            f"{fmt(r['peak_sigma'], '.3f'):>8s} {copies:>16s} {fmt(r.get('overlap'), '.2f'):>7s} "
+            f"{fmt(r.get('fresh'), '.2f'):>5s} "
+            f"{fmt(r.get('fd_gap'), '+.2f'):>7s} {fmt(r.get('fd_heldout'), '+.2f'):>8s}")
 
 
 def format_summary(rows):
     head = (f"{'run':34s} {'params':>9s} {'n':>5s} {'images':>8s} {'peak G':>7s} {'at sigma':>8s} "
             f"{'copies [95% CI]':>16s} {'overlap':>7s} {'fresh':>5s} {'FD gap':>7s} {'held-out':>8s}")
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        fmt = lambda v, spec: format(v, spec) if v is not None and np.isfinite(v) else "-"  # noqa: E731
-        copies = "-" if r.get("memorized") is None else (
-            f"{r['memorized']:.0%} [{r['ci'][0]:.0%}, {r['ci'][1]:.0%}]")
-        lines.append(f"{r['run'][:34]:34s} {fmt(r['params'], ',d'):>9s} {fmt(r['n'], 'd'):>5s} "
-                     f"{fmt(r['images_seen'], ',d'):>8s} {fmt(r['peak_gap'], '.2f'):>7s} "
-                     f"{fmt(r['peak_sigma'], '.3f'):>8s} {copies:>16s} {fmt(r.get('overlap'), '.2f'):>7s} "
-                     f"{fmt(r.get('fresh'), '.2f'):>5s} "
-                     f"{fmt(r.get('fd_gap'), '+.2f'):>7s} {fmt(r.get('fd_heldout'), '+.2f'):>8s}")
-    return "\n".join(lines)
+    lines = [attempt(f"summary row of {r['run']}", format_row, r) for r in rows]
+    return "\n".join([head, "-" * len(head)] + [line for line in lines if line is not None])
+
+
+def attempt(what, make, *inputs):
+    """make(*inputs); when it fails (a result file with unexpected contents), None and one line
+    'note: WHAT skipped: why' instead of a traceback, with the figures it opened closed."""
+    before = set(plt.get_fignums())
+    try:
+        return make(*inputs)
+    except Exception as err:  # any failure of one figure or row must not stop the others
+        for number in set(plt.get_fignums()) - before:
+            plt.close(number)
+        reason = (f"its input lacks {err}" if isinstance(err, KeyError)
+                  else f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:160]}")
+        print(f"note: {what} skipped: {reason}")
+        return None
 
 
 def main(argv=None):
     args = parse_args(argv)
     check(os.path.isdir(args.results), f"{args.results} is not a folder; give the folder the scripts wrote to")
     out = args.out or os.path.join(args.results, "figures")
+    common.check_writable(out, folder=True)
     found = find_results(args.results)
     check(found, f"no results (.npz from toy2d.py, eval_gap.py, sample_memorize.py or train_image.py) "
                  f"below {args.results}")
     gap_results, mem_results = found.get("gap", []), found.get("memorization", [])
-    figures = {}
+    written = []
 
-    def add(name, make, *inputs):
-        try:
+    def draw(name, make, *inputs):
+        def make_and_save():
             fig = make(*inputs)
-        except KeyError as err:
-            print(f"note: {name} skipped: its input lacks {err}")
-            return
-        if fig is not None:
-            figures[name] = fig
+            return None if fig is None else common.save_figure(fig, os.path.join(out, name + ".png"))
+        path = attempt(name, make_and_save)
+        if path is not None:
+            written.append(path)
+            print(f"wrote {path} (and .pdf)")
 
     for name, data in gap_results:
-        if len(data["images_seen"]) > 1:
-            add(f"errors_over_training_{name}", fig_errors_over_training, data)
-            add(f"gap_over_training_{name}", fig_gap_over_training, data)
+        if np.size(data.get("images_seen")) > 1:
+            draw(f"errors_over_training_{name}", fig_errors_over_training, data)
+            draw(f"gap_over_training_{name}", fig_gap_over_training, data)
         if "e_train_optimal" in data:
-            add(f"optimal_vs_network_{name}", fig_optimal_vs_network, data)
+            draw(f"optimal_vs_network_{name}", fig_optimal_vs_network, data)
         if "guidance_weights" in data:
-            add(f"gap_by_guidance_{name}", fig_gap_by_guidance, data)
-    figures.update(figs_by_factor(gap_results))
-    add("memorization_over_training", fig_memorization_over_training, mem_results)
+            draw(f"gap_by_guidance_{name}", fig_gap_by_guidance, data)
+    for name, (label, members) in (attempt("G(sigma) by factor", factor_groups, gap_results) or {}).items():
+        draw(name, fig_gap_by_factor, label, members)
+    draw("memorization_over_training", fig_memorization_over_training, mem_results)
     for name, data in mem_results:
         if "fd_stop_gap" in data and data["fd_stop_gap"].size:
-            add(f"fd_vs_stop_sigma_{name}", fig_fd_vs_stop_sigma, data)
-        last = len(data["configs"]) - 1
+            draw(f"fd_vs_stop_sigma_{name}", fig_fd_vs_stop_sigma, data)
         if "llr_traj" in data and data["llr_traj"].size:
-            add(f"trajectory_llr_{name}", fig_trajectory_llr, data, last)
+            draw(f"trajectory_llr_{name}", fig_trajectory_llr, data, -1)  # the last configuration
         if "samples" in data:
-            add(f"samples_{name}", fig_samples, data, last)
+            draw(f"samples_{name}", fig_samples, data, -1)
     for name, data in found.get("train_log", []):
-        add(f"training_{name}", fig_train_log, data)
+        draw(f"training_{name}", fig_train_log, data)
     for name, data in found.get("toy", []):
-        add(f"toy_{name}", fig_toy, data)
+        draw(f"toy_{name}", fig_toy, data)
     for missing, what in (("gap", "eval_gap.py"), ("memorization", "sample_memorize.py")):
         if missing not in found:
             print(f"note: no {what} results below {args.results}: their figures are skipped")
 
-    for name, fig in figures.items():
-        print(f"wrote {common.save_figure(fig, os.path.join(out, name + '.png'))} (and .pdf)")
     if gap_results:
         table = format_summary(summary_rows(gap_results, mem_results))
-        with open(os.path.join(out, "summary.txt"), "w") as f:
-            f.write(table + "\n")
+        path = common.atomic_write(os.path.join(out, "summary.txt"), lambda f: f.write((table + "\n").encode()))
         print(table)
-    print(f"{len(figures)} figures in {out}")
+        print(f"wrote {path}")
+    print(f"{len(written)} figures in {out}")
 
 
 if __name__ == "__main__":

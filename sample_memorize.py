@@ -13,7 +13,8 @@ as train_image.py chooses it) and a guidance weight w. Sample i starts from its 
 processes, and is integrated by the deterministic Heun sampler of common.py.
 
 Writes --out (.npz; C configurations, M samples, P probe sigmas, T stop sigmas):
-  args, configs (C,) names, checkpoints (C,), images_seen (C,) (-1: optimal), guidance_weights (C,),
+  args, script, settings (JSON of the arguments that change the numbers), configs (C,) names,
+  config_keys (C,) (digests of model and w), checkpoints (C,), images_seen (C,) (-1: optimal), guidance_weights (C,),
   seeds (M,), labels (C, M) (-1: unconditional), samples (C, M, ch, R, R) float16, sampler_sigmas;
   memorization of the samples: nn_ratio = d1/d2 (common.memorization_ratio), d_train = d1 (nearest
   training image), d_val (nearest validation image), nn_train_index (C, M) (its index in the
@@ -48,11 +49,15 @@ Writes --out (.npz; C configurations, M samples, P probe sigmas, T stop sigmas):
   denoiser of the training set at the same x dis_SET (C, P, M).
 and, in the folder named like --out without .npz, samples-CONFIG.png (a grid of the first samples)
 and nn-CONFIG.png (samples above their nearest training images, with their ratio).
+--out is rewritten after every configuration, and configurations already in it made with the same
+settings (by an earlier or a killed run) are reused unless --force; an --out that sample_memorize.py
+did not write (another script's result, a foreign file) is not replaced unless --force.
 """
 import argparse
 import contextlib
 import dataclasses
 import functools
+import json
 import math
 import os
 import time
@@ -70,7 +75,13 @@ from tqdm import tqdm  # noqa: E402
 import common  # noqa: E402
 from common import check  # noqa: E402
 
+SCRIPT = os.path.basename(__file__)  # stored in the result file (common.save_npz)
 PROBE_NEAR = 1.2  # the paper's intermediate noise level for the trajectory overlap
+# Arguments besides the model and w that change a configuration's numbers; cached configurations are
+# reused only when they all match (with the --neg model's digest).
+SETTINGS = ("num_samples", "steps", "label", "stop_sigma", "probe_sigmas", "features", "bootstrap", "fd_subsets",
+            "seed", "data_dir")
+SHARED_KEYS = ("seeds", "sampler_sigmas", "stop_sigmas", "probe_sigmas", "settings")  # the rest: one row per config
 
 
 def parse_args(argv=None):
@@ -85,53 +96,57 @@ def parse_args(argv=None):
     p.add_argument("--data", default="fashion-mnist", help="--optimal: dataset, one of " + ", ".join(common.DATASETS))
     p.add_argument("--data-dir", default=None, help="folder with the dataset files (default: the snapshot's, "
                    "else the system folder or the user cache)")
-    p.add_argument("--n", type=int, default=64, help="--optimal: training subset size")
-    p.add_argument("--resolution", type=int, default=32, help="--optimal: image size R x R (R divides 32)")
+    p.add_argument("--n", type=common.at_least_two_int, default=64, help="--optimal: training subset size")
+    p.add_argument("--resolution", type=common.positive_int, default=32,
+                   help="--optimal: image size R x R (R divides 32)")
     p.add_argument("--cond", default="none", choices=["none", "class", "kmeans"],
                    help="--optimal: class-conditional on dataset classes or k-means clusters, or not")
-    p.add_argument("--k", type=int, default=10, help="--optimal: clusters for --cond kmeans")
-    p.add_argument("--subset-seed", type=int, default=0, help="--optimal: seed of the subset and k-means, "
+    p.add_argument("--k", type=common.positive_int, default=10, help="--optimal: clusters for --cond kmeans")
+    p.add_argument("--subset-seed", type=common.non_negative_int, default=0,
+                   help="--optimal: seed of the subset and k-means, "
                    "as train_image.py --seed")
     p.add_argument("--weights", default="ema", choices=["ema", "net"], help="snapshot weights to sample")
-    p.add_argument("--num-samples", type=int, default=1024, help="samples per configuration")
-    p.add_argument("--steps", type=int, default=18, help="Heun sampler steps (EDM grid; 2 steps - 1 evaluations)")
+    p.add_argument("--num-samples", type=common.at_least_two_int, default=1024,
+                   help="samples per configuration (at least 2, for the Frechet distances)")
+    p.add_argument("--steps", type=common.at_least_two_int, default=18,
+                   help="Heun sampler steps (EDM grid; 2 steps - 1 evaluations)")
     p.add_argument("--label", default="random", help="conditioning of the samples: random (uniform over the "
                    "labels of the training subset, per seed), null (unconditional), or a label number")
-    p.add_argument("--guidance-weights", type=float, nargs="+", default=[0.0],
+    p.add_argument("--guidance-weights", type=common.finite_float, nargs="+", default=[0.0],
                    help="guidance weights w: D_w = D + w (D - D_neg); 0 is unguided")
     p.add_argument("--neg", default="uncond", help="D_neg: uncond (the same network with the null label: "
                    "classifier-free guidance) or a snapshot file (autoguidance)")
-    p.add_argument("--stop-sigma", type=float, nargs="*", default=[5.0, 2.0, 1.0, 0.5, 0.2],
+    p.add_argument("--stop-sigma", type=common.positive_float, nargs="*", default=[5.0, 2.0, 1.0, 0.5, 0.2],
                    help="early stopping: FD of D(x_k; sigma_k) at the first grid sigma_k <= each value")
-    p.add_argument("--probe-sigmas", type=float, nargs="+", default=None,
+    p.add_argument("--probe-sigmas", type=common.positive_float, nargs="+", default=None,
                    help="sigmas of the trajectory overlap, snapped to the sampler grid "
                    f"(default: the grid sigma nearest {PROBE_NEAR} and its two neighbours)")
     p.add_argument("--features", default="builtin", help="feature space of the Frechet distances: builtin "
                    "(no download) or the path of a TorchScript Inception-v3 (see common.FEATURE_HELP)")
-    p.add_argument("--batch", type=int, default=256, help="samples per batch (per process)")
-    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of the memorized fraction")
-    p.add_argument("--fd-subsets", type=int, default=10, help="training subsets of the validation reference's "
+    p.add_argument("--batch", type=common.positive_int, default=256, help="samples per batch (per process)")
+    p.add_argument("--bootstrap", type=common.positive_int, default=1000,
+                   help="bootstrap resamples of the memorized fraction")
+    p.add_argument("--fd-subsets", type=common.positive_int, default=10,
+                   help="training subsets of the validation reference's "
                    "size that fd_train averages over")
-    p.add_argument("--seed", type=int, default=0, help="sample i uses seed --seed + i; also the seed of the "
+    p.add_argument("--seed", type=common.non_negative_int, default=0,
+                   help="sample i uses seed --seed + i; also the seed of the "
                    "probe and reference images and of the bootstrap")
     p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N, mps")
-    p.add_argument("--out", default="results/memorize.npz", help="result file; figures go to the folder "
-                   "of the same name without .npz")
+    p.add_argument("--force", action="store_true", help="recompute configurations already in --out, and replace "
+                   "an --out that sample_memorize.py did not write (refused otherwise)")
+    p.add_argument("--out", default=None, help="result file (default: RUN_DIR/memorize[-raw][-guided].npz for a "
+                   "run folder, RUN_DIR/memorize-snapshot-<images seen>[-raw][-guided].npz for one snapshot file, so "
+                   "that it leaves the run's file alone, results/memorize-<optimal|gaussian>-<data>-r<R>-n<n>-"
+                   "<none|class|kmeans<k>>-seed<subset seed>[-guided].npz for --optimal or --gaussian; several run "
+                   "folders or snapshot files need --out); figures go to the folder of the same name without .npz")
     args = p.parse_args(argv)
     check(args.optimal + args.gaussian + bool(args.inputs) == 1,
           "give run folders or snapshot files, or --optimal, or --gaussian (one of them)")
     check(not args.gaussian or args.cond == "none", "--gaussian fits one Gaussian to the whole subset: use --cond none")
-    check(args.num_samples >= 2, f"--num-samples must be at least 2 (Frechet distances), got {args.num_samples}")
-    check(args.batch >= 1 and args.bootstrap >= 1 and args.fd_subsets >= 1,
-          "--batch, --bootstrap and --fd-subsets must be positive")
-    check(args.steps >= 2, f"--steps must be at least 2, got {args.steps}")
-    check(args.seed >= 0 and args.subset_seed >= 0, "--seed and --subset-seed must not be negative")
-    check(all(map(math.isfinite, args.guidance_weights)), "--guidance-weights must be finite")
-    check(all(s > 0 for s in args.stop_sigma + (args.probe_sigmas or [])),
-          "--stop-sigma and --probe-sigmas must be positive")
     check(args.label in ("random", "null") or args.label.isdigit(),
           f"--label must be random, null or a label number, got {args.label!r}")
-    check(args.out.endswith(".npz"), f"--out must end with .npz, got {args.out}")
+    check(args.out is None or args.out.endswith(".npz"), f"--out must end with .npz, got {args.out}")
     check(args.neg == "uncond" or os.path.isfile(args.neg), f"--neg must be uncond or a snapshot file; "
           f"{args.neg} does not exist")
     return args
@@ -244,8 +259,7 @@ def negative_denoiser(pos, neg):
     """D_neg of guidance for model pos: with neg 'uncond', D_pos with the null label (classifier-free
     guidance); with neg a Model, that model's denoiser (autoguidance)."""
     if neg == "uncond":
-        check(pos.num_classes > 0, f"--neg uncond needs a class-conditional denoiser, but {pos.name} is "
-              "unconditional: give --neg SNAPSHOT (autoguidance) or --guidance-weights 0")
+        common.check_classifier_free(pos.num_classes > 0, pos.name)
         return lambda x, s, c: pos.denoise(x, s, torch.full_like(c, pos.num_classes))
     check(neg.num_classes in (0, pos.num_classes), f"the --neg snapshot has {neg.num_classes} classes but "
           f"{pos.name} has {pos.num_classes}: it must be unconditional or use the same labels")
@@ -259,6 +273,8 @@ def negative_denoiser(pos, neg):
 def label_choices(model, label):
     """Labels a sample may get: those of the training subset (random), [null], [L]; None if unconditional."""
     if model.num_classes == 0:
+        check(label == "random", f"--label {label} needs a class-conditional denoiser, but {model.name} is "
+              "unconditional")
         return None
     if label == "null":
         return [model.num_classes]
@@ -609,26 +625,79 @@ def gather(local, world):
     return None if parts is None else {k: torch.cat([p[k] for p in parts], int(k in SAMPLE_AXIS_1)) for k in local}
 
 
+def default_out(args):
+    """--out when not given (see its --help)."""
+    guided = "-guided" if any(args.guidance_weights) else ""
+    if args.inputs:
+        return common.default_result_path(args.inputs, "memorize", ("-raw" if args.weights == "net" else "") + guided)
+    subset = common.subset_name(args.data, args.n, args.subset_seed, args.cond, args.k, args.resolution)
+    return os.path.join("results", f"memorize-{'gaussian' if args.gaussian else 'optimal'}-{subset}{guided}.npz")
+
+
+def model_key(path, args):
+    """Digest of what a model's samples depend on besides the settings: a snapshot's network, weights and
+    training subset (common.snapshot_digest), or the subset of the optimal or Gaussian denoiser (path None)."""
+    if path is None:
+        return common.digest("gaussian" if args.gaussian else "optimal", args.data, args.resolution, args.n,
+                             args.cond, args.k, args.subset_seed)
+    return common.snapshot_digest(common.load_checkpoint(path), args.weights)
+
+
+def cached_configs(old, settings, path, say):
+    """Rows of an earlier --out `old` (common.earlier_result) made with the same settings, by configuration key."""
+    if old is None:
+        return {}
+    if "config_keys" not in old or "settings" not in old or json.loads(str(old["settings"])) != settings:
+        say(f"note: {path} was made with other settings; recomputing every configuration")
+        return {}
+    per_config = [key for key in old if key not in SHARED_KEYS + ("args", "script")]
+    return {str(key): {k: old[k][c] for k in per_config} for c, key in enumerate(old["config_keys"])}
+
+
 def main(argv=None):
     args = parse_args(argv)
+    args.out = args.out or default_out(args)
     common.check_writable(args.out)
+    common.check_writable(os.path.splitext(args.out)[0], folder=True, option="the figure folder of --out")
     common.run_distributed(evaluate, args)
 
 
 def evaluate(args, rank, world, device):
     check(args.num_samples >= world, f"--num-samples {args.num_samples} is fewer than the {world} processes")
     say = print if rank == 0 else (lambda *a, **k: None)
+    old = common.earlier_result(args.out, SCRIPT, args.force)
     features = common.load_feature_extractor(args.features, device)
-    paths = common.find_snapshots(args.inputs) if args.inputs else []
+    paths = common.find_snapshots(args.inputs) if args.inputs else [None]
     sigmas = common.edm_sigmas(args.steps)
     stops, probes = stop_steps(sigmas, args.stop_sigma), probe_steps(sigmas, args.probe_sigmas)
     shard = np.array_split(np.arange(args.num_samples), world)[rank]
-    train_cache, ref_cache, results, shape = {}, {}, [], None
+    train_cache, ref_cache, shape = {}, {}, None
     neg = "uncond" if args.neg == "uncond" else network_model(args.neg, args, device, train_cache)
+    settings = json.loads(json.dumps({key: getattr(args, key) for key in SETTINGS}))
+    settings["neg"] = "uncond" if neg == "uncond" else model_key(args.neg, args)
+    rows = cached_configs(old, settings, args.out, say)
+    keys = [[common.digest(model, float(w)) for w in args.guidance_weights]  # one per configuration
+            for model in (model_key(path, args) for path in paths)]
+    order = [key for path_keys in keys for key in path_keys]
+    todo, dropped = len(set(order) - set(rows)), len(set(rows) - set(order))
+    if dropped:
+        say(f"note: {args.out} also holds {dropped} configuration(s) not asked for here (other snapshots or "
+            "guidance weights); the rewritten file leaves them out")
     say(f"{args.num_samples} samples per configuration from seed {args.seed}, {args.steps} Heun steps, {world} "
         f"process(es) on {device}; stop sigmas {np.round(sigmas[stops].numpy(), 3).tolist()}, probe sigmas "
-        f"{np.round(sigmas[probes].numpy(), 3).tolist()}, features {args.features}")
-    for path in paths or [None]:
+        f"{np.round(sigmas[probes].numpy(), 3).tolist()}, features {args.features}; {len(order) - todo} of "
+        f"{len(order)} configuration(s) reused from {args.out}")
+    progress = dict(done=0)
+    common.on_interrupt(lambda: f"after {progress['done']} of {todo} configurations: {args.out} keeps the finished "
+                                "ones, which rerunning the same command reuses")
+    arrays = None
+
+    def write():
+        return write_results(args, [rows[key] for key in order if key in rows], sigmas, stops, probes, settings)
+
+    for path, path_keys in zip(paths, keys):
+        if all(key in rows for key in path_keys):
+            continue
         model = optimal_model(args, device) if path is None else network_model(path, args, device, train_cache)
         shape = shape or model.train.x.shape[1:]
         check(model.train.x.shape[1:] == shape, f"{model.name} makes images of shape "
@@ -638,8 +707,11 @@ def evaluate(args, rank, world, device):
         if len(model.train.distinct) < 2:
             say(f"note: the training set of {model.name} has one distinct image, so d2 = inf and every sample "
                 "counts as a copy of it (common.memorization_ratio)")
+        label_choices(model, args.label)  # a --label the model cannot take stops before any sampling
         d_neg = negative_denoiser(model, neg) if any(args.guidance_weights) else None
-        for w in args.guidance_weights:
+        for w, key in zip(args.guidance_weights, path_keys):
+            if key in rows:
+                continue
             name, start = f"{model.name}-w{w:g}", time.perf_counter()
             denoise = common.guided_denoiser(model.denoise, d_neg, w)
             if id(model.train) not in ref_cache:  # the same on every process
@@ -649,16 +721,21 @@ def evaluate(args, rank, world, device):
             refs, fd_refs = ref_cache[id(model.train)]
             res = gather(run_configuration(dataclasses.replace(model, name=name), denoise, refs, shard, args,
                                            sigmas, stops, probes, features, device, rank == 0), world)
+            rows[key] = None  # on every process, so that all of them skip the same configurations
             if rank != 0:
                 continue
             res.update(summarize(res, fd_refs, args.bootstrap, args.seed), name=name, path=model.path,
                        images_seen=model.images_seen, w=w, fd_size=len(refs.val_pos),
                        conditional_llr=refs.conditional)
             figs = save_figures(args.out, name, res, model.train)
-            results.append(res)
+            rows[key] = result_row(res, key)
+            arrays = write()  # after every configuration, so that a rerun after a kill reuses the finished ones
+            progress["done"] += 1
             say(summary_line(res, sigmas, probes, time.perf_counter() - start) + f"; figures {', '.join(figs)}")
     if rank == 0:
-        write_results(args, results, sigmas, stops, probes)
+        arrays = arrays if todo else write()
+        say(f"wrote {args.out}: {len(order)} configuration(s) x {args.num_samples} samples, keys "
+            f"{', '.join(sorted(arrays))}")
 
 
 def summary_line(res, sigmas, probes, seconds):
@@ -673,30 +750,35 @@ def summary_line(res, sigmas, probes, seconds):
             f"(noisy training images 0.9, held-out {res['heldout_train_overlap'][mid]:.2f}) ({seconds:.1f} s)")
 
 
-def write_results(args, results, sigmas, stops, probes):
-    """The .npz of all configurations (keys in the module docstring)."""
-    stack = lambda key, dtype=np.float64: np.stack([np.asarray(r[key], dtype) for r in results])  # noqa: E731
-    fd, fd_stop = stack("fd"), stack("fd_stop")
-    arrays = dict(
-        configs=np.array([r["name"] for r in results]), checkpoints=np.array([r["path"] for r in results]),
-        images_seen=stack("images_seen", np.int64), guidance_weights=stack("w"),
-        seeds=np.arange(args.seed, args.seed + args.num_samples, dtype=np.int64), labels=stack("labels", np.int64),
-        samples=stack("samples", np.float16), sampler_sigmas=sigmas.numpy(),
-        nn_ratio=stack("nn_ratio"), d_train=stack("d_train"), d_val=stack("d_val"),
-        nn_train_index=stack("nn_train_index", np.int64), memorized_fraction=stack("memorized_fraction"),
-        memorized_ci=stack("memorized_ci"), fd_train=fd[:, 0], fd_val=fd[:, 1], fd_gap=fd[:, 2],
-        fd_reference_size=stack("fd_size", np.int64), stop_sigmas=sigmas[stops].numpy(),
-        fd_stop_train=fd_stop[..., 0], fd_stop_val=fd_stop[..., 1], fd_stop_gap=fd_stop[..., 2],
-        fd_noise=stack("fd_baselines")[:, 0], fd_shift=stack("fd_baselines")[:, 1],
-        fd_gap_heldout=stack("fd_baselines")[:, 2], probe_sigmas=sigmas[probes].numpy(),
-        **{key: stack(key) for key in ("traj_train_overlap", "heldout_train_overlap", "traj_train_score",
-                                       "traj_heldout_score")},
-        llr_conditional=stack("conditional_llr", np.bool_),
-        **{key: stack(key) for key in sorted(SAMPLE_AXIS_1 - {"stop_features"}) + ["fcos_samples_train",
-                                                                                  "fcos_samples_val"]})
-    path = common.save_npz(args.out, args=args, **arrays)
-    print(f"wrote {path}: {len(results)} configuration(s) x {args.num_samples} samples, keys "
-          f"{', '.join(sorted(arrays))}")
+def result_row(res, key):
+    """One configuration's entries of --out: row c of each (C, ...) array (keys in the module docstring)."""
+    f64 = lambda value: np.asarray(value, np.float64)  # noqa: E731
+    fd, fd_stop, base = f64(res["fd"]), f64(res["fd_stop"]), f64(res["fd_baselines"])
+    return dict(
+        config_keys=np.array(key), configs=np.array(res["name"]), checkpoints=np.array(res["path"]),
+        images_seen=np.int64(res["images_seen"]), guidance_weights=np.float64(res["w"]),
+        labels=np.asarray(res["labels"], np.int64), samples=np.asarray(res["samples"], np.float16),
+        nn_ratio=f64(res["nn_ratio"]), d_train=f64(res["d_train"]), d_val=f64(res["d_val"]),
+        nn_train_index=np.asarray(res["nn_train_index"], np.int64),
+        memorized_fraction=f64(res["memorized_fraction"]), memorized_ci=f64(res["memorized_ci"]),
+        fd_train=fd[0], fd_val=fd[1], fd_gap=fd[2], fd_reference_size=np.int64(res["fd_size"]),
+        fd_stop_train=fd_stop[:, 0], fd_stop_val=fd_stop[:, 1], fd_stop_gap=fd_stop[:, 2],
+        fd_noise=base[0], fd_shift=base[1], fd_gap_heldout=base[2],
+        **{k: f64(res[k]) for k in ("traj_train_overlap", "heldout_train_overlap", "traj_train_score",
+                                    "traj_heldout_score")},
+        llr_conditional=np.bool_(res["conditional_llr"]),
+        **{k: f64(res[k]) for k in sorted(SAMPLE_AXIS_1 - {"stop_features"}) + ["fcos_samples_train",
+                                                                                "fcos_samples_val"]})
+
+
+def write_results(args, rows, sigmas, stops, probes, settings):
+    """Write --out from the rows of the configurations at hand (result_row); returns its arrays."""
+    arrays = {key: np.stack([row[key] for row in rows]) for key in sorted(rows[0])}
+    arrays.update(seeds=np.arange(args.seed, args.seed + args.num_samples, dtype=np.int64),
+                  sampler_sigmas=sigmas.numpy(), stop_sigmas=sigmas[stops].numpy(),
+                  probe_sigmas=sigmas[probes].numpy(), settings=np.array(json.dumps(settings)))
+    common.save_npz(args.out, args=args, script=SCRIPT, **arrays)
+    return arrays
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ from tqdm import tqdm  # noqa: E402
 import common  # noqa: E402
 from common import check  # noqa: E402
 
+SCRIPT = os.path.basename(__file__)  # stored in every result file (common.save_npz)
 EXPERIMENTS = ["flow", "delta", "density", "field", "manifold", "guidance", "trajectories", "samples"]
 RENAMED = {"fd": "samples"}  # old experiment names: stopped with a message that names the new one
 
@@ -75,6 +76,8 @@ def parse_args(argv=None):
     p.add_argument("--num-seeds", type=int, default=4, help="samples: seeds SEED, SEED+1, ... (each a new random "
                    "circle and new samples); the panel shows their mean and standard deviation")
     p.add_argument("--steps", type=int, default=120, help="EDM schedule steps (sigma grid and sampler)")
+    p.add_argument("--force", action="store_true", help="replace EXPERIMENT.npz files in --out that toy2d.py did "
+                   "not write (refused otherwise)")
     p.add_argument("--seed", type=common.non_negative_int, default=0, help="seed of noise draws, random angles and samples")
     p.add_argument("--device", default="auto", help="auto (cuda, then cpu: the toy needs float64, which mps "
                    "lacks), cpu, cuda, cuda:N")
@@ -479,6 +482,8 @@ def main(argv=None):
     args.device = "cpu" if device.type == "mps" else str(device)
     names = EXPERIMENTS if args.experiment == "all" else [args.experiment]
     check_experiments(args, names)
+    for name in names:  # each run replaces its own EXPERIMENT.npz, but no other program's file unasked
+        common.earlier_result(os.path.join(args.out, f"{name}.npz"), SCRIPT, args.force)
     threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -493,7 +498,8 @@ def run_experiment(name, args):
     """Run one experiment, write its .npz and figure, print what it wrote and its headline numbers."""
     start = time.time()
     out, fig = RUNNERS[name](args)
-    npz = common.save_npz(os.path.join(args.out, f"{name}.npz"), args=vars(args) | {"experiment": name}, **out)
+    npz = common.save_npz(os.path.join(args.out, f"{name}.npz"), args=vars(args) | {"experiment": name},
+                          script=SCRIPT, **out)
     png = common.save_figure(fig, os.path.join(args.out, f"{name}.png"))
     summary = ""
     if "gap" in out and np.ndim(out["gap"]) == 2:

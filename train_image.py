@@ -30,6 +30,7 @@ from tqdm import tqdm
 import common
 
 # Arguments a resumed run may change: they touch neither the weights nor the log's layout.
+SCRIPT = os.path.basename(__file__)  # stored in train_log.npz (common.save_npz)
 RESUMABLE_CHANGES = {"steps", "snapshots", "eval_every", "device", "compile", "out", "data_dir", "no_resume"}
 FLUSH_EVERY = 20  # steps between loss read-outs; each one waits for the device
 EVAL_BATCH = 64  # (image, sigma) pairs per forward pass of the evaluations: small, so their progress bar moves
@@ -44,7 +45,7 @@ def parse_args(argv=None):
     p.add_argument("--data-dir", default=None, help="folder with the dataset files, the only "
                    "place looked in when given (else the system folder, the user cache, or a download)")
     p.add_argument("--resolution", type=common.positive_int, default=32, help="image size R x R (R divides 32)")
-    p.add_argument("--n", type=common.positive_int, default=1000,
+    p.add_argument("--n", type=common.at_least_two_int, default=1000,
                    help="training subset size, drawn with --seed")
     p.add_argument("--model", default="unet", help="unet or dit")
     p.add_argument("--size", default="m", help="preset: tiny, xs, s, m, l (l = the paper's CIFAR U-Net)")
@@ -101,7 +102,6 @@ def check_args(args):
     """UserError for arguments that cannot make a run (parse_args' types check each number alone)."""
     check = common.check
     check(args.data in common.DATASETS, f"unknown dataset {args.data!r}: choose one of {', '.join(common.DATASETS)}")
-    check(args.n >= 2, f"--n must be at least 2, got {args.n}")
     check(args.label_dropout < 1, f"--label-dropout must lie in [0, 1), got {args.label_dropout}")
     check(args.cond != "none" or args.label_dropout == 0, "--label-dropout needs a conditional run (--cond "
           "class or kmeans): an unconditional network has no labels to drop")
@@ -338,7 +338,7 @@ def train(args, rank, world, device):
 
     def write_log():
         m = len(args.eval_sigmas)
-        common.save_npz(log_path, args=vars(args), images_seen=np.array(log["images_seen"], np.int64),
+        common.save_npz(log_path, args=vars(args), script=SCRIPT, images_seen=np.array(log["images_seen"], np.int64),
                         loss=np.array(log["loss"], np.float64), eval_images=np.array(log["eval_images"], np.int64),
                         eval_sigmas=np.array(args.eval_sigmas, np.float64),
                         E_train=np.array(log["E_train"], np.float64).reshape(-1, m),

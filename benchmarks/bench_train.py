@@ -10,6 +10,8 @@ CUDA runs in bf16 autocast with channels-last tensors; CPU runs in float32.
     python benchmarks/bench_train.py                          # unet tiny..m at batch 128
     python benchmarks/bench_train.py --model dit --sizes s,l --device cuda
 """
+import os
+
 import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -102,7 +104,8 @@ def main():
           f"matmul TFLOP/s is the rate measured around each preset")
     if args.out and rows:
         columns = {key: np.array([row[key] for row in rows]) for key in rows[0]}
-        path = common.save_npz(args.out, **columns, peak_matmul_flops_per_s=peak, device=name, args=args)
+        path = common.save_npz(args.out, **columns, peak_matmul_flops_per_s=peak, device=name, args=args,
+                               script=os.path.basename(__file__))
         print(f"wrote the table to {path}")
 
 

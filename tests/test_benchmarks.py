@@ -26,7 +26,9 @@ def test_bench_optimal_reports_speed_up_and_agreement_with_numpy():
     out = run_bench("bench_optimal", "--n", "300", "--d", "16", "--queries", "8", "--repeats", "1")
     assert "(a) toy delta sweep" in out and "(b) images: 8 queries x N=300 x d=16" in out
     assert float(re.search(r"max \|difference\| (\S+)", out).group(1)) < 1e-10
-    assert float(re.search(r"at sigma 20: (\S+)", out).group(1)) < 1e-5
+    cases = re.findall(r"noise (\S+), sigma +(\S+): .*= +(\S+)% of matmul .*max \|float32 - float64\| (\S+)", out)
+    assert [(noise, sigma) for noise, sigma, _, _ in cases] == [("0.5", "1"), ("1", "1"), ("0.5", "20")]
+    assert all(float(share) > 0 and float(err) < 1e-5 for _, _, share, err in cases)
     assert "peak working memory beyond the data" in out
 
 

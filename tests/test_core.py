@@ -526,3 +526,25 @@ def test_ctrl_c_prints_one_line_with_the_registered_progress_and_exits_130(capsy
         with pytest.raises(SystemExit) as exit_info:
             common.run_cli(lambda: main(progress))
         assert exit_info.value.code == 130 and capsys.readouterr().err == line
+
+
+def test_result_files_name_their_script_and_other_programs_files_are_not_replaced_unasked(tmp_path):
+    path = str(tmp_path / "gap.npz")
+    common.save_npz(path, args={"n": 2}, script="eval_gap.py", x=np.zeros(3))
+    data = common.load_npz(path)
+    assert data["script"] == "eval_gap.py" and common.result_script(data) == "eval_gap.py"
+    assert common.earlier_result(path, "eval_gap.py")["args"] == {"n": 2}
+    assert common.earlier_result(path, "sample_memorize.py", force=True) is None
+    assert common.earlier_result(str(tmp_path / "new.npz"), "eval_gap.py") is None
+    with pytest.raises(common.UserError, match="holds results of eval_gap.py, so sample_memorize.py would replace "
+                                               "it: give another --out, or --force to replace it"):
+        common.earlier_result(path, "sample_memorize.py")
+    np.savez(tmp_path / "foreign.npz", e_train=np.zeros(2))
+    with pytest.raises(common.UserError, match="foreign.npz exists and was not written by it"):
+        common.earlier_result(str(tmp_path / "foreign.npz"), "eval_gap.py")
+    (tmp_path / "notes.npz").write_text("not an npz")
+    with pytest.raises(common.UserError, match="is not a result file it can read"):
+        common.earlier_result(str(tmp_path / "notes.npz"), "eval_gap.py")
+    np.savez(tmp_path / "args.npz", args=np.array("not json"))
+    with pytest.raises(common.UserError, match="'args' entry that is not the JSON"):
+        common.load_npz(str(tmp_path / "args.npz"))

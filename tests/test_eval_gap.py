@@ -1,6 +1,7 @@
 """eval_gap.py: E(sigma), the gap and the onset of snapshots and of the optimal denoiser; fixed
 noise, guidance, reuse of earlier results, torchrun sharding and bad input."""
 import os
+import shutil
 import subprocess
 import sys
 
@@ -23,13 +24,13 @@ def data_dir(tmp_path_factory):
     return write_fashion_mnist(tmp_path_factory.mktemp("data"), N_TRAIN, N_VAL)
 
 
-def make_snapshot(path, data_dir, images_seen, net_seed, run_seed=0):
-    """A class-conditional tiny U-Net snapshot with random (not zero-initialised) weights, in the
-    layout train_image.py writes, on the subset train_image.py would choose."""
+def make_snapshot(path, data_dir, images_seen, net_seed, run_seed=0, num_classes=10):
+    """A class-conditional (num_classes 0: unconditional) tiny U-Net snapshot with random (not
+    zero-initialised) weights, in the layout train_image.py writes, on the subset train_image.py would choose."""
     images, classes = common.load_images("fashion-mnist", "train", data_dir)
     subset = common.choose_subset(len(images), N_SUBSET, run_seed)
     torch.manual_seed(net_seed)
-    net = common.build_network("unet", "tiny", RES, 1, num_classes=10, channels=8)
+    net = common.build_network("unet", "tiny", RES, 1, num_classes=num_classes, channels=8)
     states = []
     for _ in range(2):  # raw and EMA weights differ
         with torch.no_grad():
@@ -37,10 +38,12 @@ def make_snapshot(path, data_dir, images_seen, net_seed, run_seed=0):
                 p.add_(0.1 * torch.randn_like(p))
         states.append({k: v.clone() for k, v in net.state_dict().items()})
     args = dict(data="fashion-mnist", data_dir=data_dir, resolution=RES, n=N_SUBSET, model="unet", size="tiny",
-                channels=8, cond="class", seed=run_seed, steps=100, out=os.path.dirname(path))
+                channels=8, cond="class" if num_classes else "none", seed=run_seed, steps=100,
+                out=os.path.dirname(path))
     common.save_checkpoint(dict(kind=common.CHECKPOINT_KIND, net=states[0], ema=states[1], opt={},
                                 step=images_seen // 8, images_seen=images_seen, args=args, network=net.config,
-                                subset=subset, labels=classes[subset], dataset="fashion-mnist", resolution=RES,
+                                subset=subset, labels=classes[subset] if num_classes else None,
+                                dataset="fashion-mnist", resolution=RES,
                                 kmeans_centroids=None, rng=[]), path)
     return str(path)
 
@@ -182,7 +185,30 @@ def test_guidance_with_zero_weight_equals_unguided_and_adds_a_leading_axis(data_
     assert np.array_equal(auto["e_val"][1][0], plain["e_val"][0]), "guiding a model by itself changes nothing"
 
 
-def test_earlier_rows_are_reused_per_snapshot_and_force_recomputes(data_dir, run_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("model", ["snapshot", "optimal"])
+def test_classifier_free_guidance_of_an_unconditional_model_is_refused(data_dir, tmp_path, capsys, model):
+    if model == "snapshot":
+        models = [make_snapshot(tmp_path / "snapshot-000000008.pt", data_dir, 8, net_seed=0, num_classes=0)]
+        name = models[0]
+    else:
+        models, name = ["--optimal", "--n", str(N_SUBSET), "--resolution", str(RES)], "the optimal denoiser"
+    small = ["--data-dir", data_dir, "--num-images", "20", "--sigmas", *SIGMAS, "--device", "cpu"]
+    status, err = run_cli([*models, *small, "--guidance-weights", "0", "1", "--out", str(tmp_path / "g.npz")], capsys)
+    assert status == 2 and err.startswith(f"error: --neg uncond needs a class-conditional denoiser, but {name}")
+    assert err.count("\n") == 1 and not os.path.exists(tmp_path / "g.npz")
+    r = evaluate(data_dir, tmp_path / "g.npz", *models, "--guidance-weights", "0")  # unguided: nothing to refuse
+    assert r["e_val"].shape[0] == 1
+
+
+def test_neg_snapshot_that_does_not_fit_the_optimal_denoiser_is_refused(data_dir, run_dir, tmp_path, capsys):
+    status, err = run_cli(["--optimal", "--n", str(N_SUBSET), "--resolution", str(2 * RES), "--cond", "class",
+                           "--data-dir", data_dir, "--guidance-weights", "1", "--neg", snap(run_dir, 80),
+                           "--device", "cpu", "--out", str(tmp_path / "g.npz")], capsys)
+    assert status == 2 and err.startswith(f"error: --neg {snap(run_dir, 80)} does not fit the optimal denoiser of "
+                                          f"--data fashion-mnist --resolution {2 * RES} --cond class"), err
+
+
+def test_earlier_rows_are_reused_per_snapshot_and_force_recomputes(data_dir, run_dir, tmp_path, monkeypatch, capsys):
     out = tmp_path / "gap.npz"
     evaluate(data_dir, out, snap(run_dir, 80), snap(run_dir, 160))
     fresh = common.load_npz(str(out))
@@ -202,9 +228,69 @@ def test_earlier_rows_are_reused_per_snapshot_and_force_recomputes(data_dir, run
     loaded.clear()
     r = evaluate(data_dir, out, run_dir, "--force")
     assert len(loaded) == 3 and r["e_train"][0, 0] == fresh["e_train"][0, 0]
+    capsys.readouterr()
+    evaluate(data_dir, out, snap(run_dir, 240))
+    assert f"note: {out} also holds 2 row(s) of models not given here" in capsys.readouterr().out
     loaded.clear()
     evaluate(data_dir, out, run_dir, "--sigmas", "0.5", "1")
     assert len(loaded) == 3, "other evaluation settings recompute every row"
+
+
+def test_killed_run_keeps_its_finished_rows_and_the_rerun_ends_byte_identical(data_dir, run_dir, tmp_path, capsys,
+                                                                              monkeypatch):
+    out = tmp_path / "gap.npz"
+    evaluate(data_dir, out, run_dir, "--optimal")
+    uninterrupted = out.read_bytes()
+    out.unlink()
+    loaded, real = [], common.load_denoiser
+
+    def load(path, *a, **k):
+        loaded.append(os.path.basename(path))
+        if loaded == ["snapshot-000000080.pt", "snapshot-000000160.pt", "snapshot-000000240.pt"] and kill:
+            raise KeyboardInterrupt
+        return real(path, *a, **k)
+    monkeypatch.setattr(common, "load_denoiser", load)
+    kill = True
+    status, err = run_cli(["--data-dir", data_dir, "--num-images", "20", "--sigmas", *SIGMAS, "--batch", "200",
+                           "--device", "cpu", "--out", str(out), run_dir, "--optimal"], capsys)
+    assert status == 130 and err.endswith(f"interrupted after 2 of 4 evaluations: {out} keeps the finished rows, "
+                                          "which rerunning the same command reuses\n"), err
+    assert list(common.load_npz(str(out))["images_seen"]) == [80, 160]
+    loaded.clear()
+    kill = False
+    evaluate(data_dir, out, run_dir, "--optimal")
+    assert loaded == ["snapshot-000000240.pt"] and out.read_bytes() == uninterrupted
+
+
+def test_one_snapshot_gets_its_own_default_out_beside_the_runs_file(data_dir, run_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    small = ["--num-images", "20", "--sigmas", *SIGMAS, "--device", "cpu"]
+    eval_gap.main([str(run), *small])
+    eval_gap.main([str(run / "snapshot-000000160.pt"), *small])
+    capsys.readouterr()
+    whole, one = common.load_npz(str(run / "gap.npz")), common.load_npz(str(run / "gap-snapshot-000000160.npz"))
+    assert list(whole["images_seen"]) == [80, 160, 240] and list(one["images_seen"]) == [160]
+    np.testing.assert_array_equal(one["e_val"][0], whole["e_val"][1])
+    status, err = run_cli([str(run / "snapshot-000000080.pt"), str(run / "snapshot-000000160.pt"), *small], capsys)
+    assert status == 2 and err.startswith("error: 2 run folders or snapshot files: give --out"), err
+
+
+@pytest.mark.parametrize("foreign", ["npz", "sample_memorize", "text"])
+def test_out_that_another_program_wrote_is_not_replaced_unless_force(data_dir, run_dir, tmp_path, capsys, foreign):
+    out = tmp_path / "x.npz"
+    if foreign == "npz":
+        np.savez(out, e_train=np.ones(3), digests=np.array(["a"]))
+    elif foreign == "sample_memorize":
+        common.save_npz(str(out), args={}, script="sample_memorize.py", nn_ratio=np.ones(2))
+    else:
+        out.write_text("notes")
+    before = out.read_bytes()
+    status, err = run_cli([snap(run_dir, 80), "--data-dir", data_dir, "--num-images", "20", "--sigmas", *SIGMAS,
+                           "--device", "cpu", "--out", str(out)], capsys)
+    assert status == 2 and err.startswith(f"error: --out {out} exists and ") and "--force" in err, err
+    assert err.count("\n") == 1 and out.read_bytes() == before
+    assert list(evaluate(data_dir, out, snap(run_dir, 80), "--force")["images_seen"]) == [80]
 
 
 def test_feature_space_reconstruction_gap_of_the_optimal_denoiser(data_dir, tmp_path):
@@ -321,3 +407,24 @@ def test_out_that_is_a_folder_stops_before_any_evaluation(run_dir, tmp_path, cap
     monkeypatch.setattr(eval_gap, "evaluate", None)  # reached only after the check
     status, err = run_cli([run_dir, "--out", str(tmp_path)], capsys)
     assert status == 2 and err == f"error: --out {tmp_path} is a folder, not a file name\n"
+
+
+@pytest.mark.parametrize("change, message", [
+    (["--n", "1"], "argument --n: must be an integer of at least 2, got '1'"),
+    (["--num-images", "1"], "argument --num-images: must be an integer of at least 2, got '1'"),
+    (["--sigmas", "0.5", "nan"], "argument --sigmas: must be a positive number, got 'nan'"),
+    (["--seed", "-1"], "argument --seed: must be a non-negative integer, got '-1'"),
+    (["--resolution", "0"], "argument --resolution: must be a positive integer, got '0'"),
+])
+def test_bad_numbers_are_refused_by_the_parser_naming_the_option(tmp_path, capsys, change, message):
+    status, err = run_cli(["--optimal", "--out", str(tmp_path / "g.npz"), *change], capsys)
+    assert status == 2 and err.endswith(f"error: {message}\n") and "Traceback" not in err, err
+
+
+def test_default_out_names_the_subset_of_the_optimal_denoiser_and_guidance_and_out_must_be_npz(tmp_path, capsys):
+    args = eval_gap.parse_args(["--optimal", "--cond", "kmeans", "--k", "5", "--guidance-weights", "0", "1", "--neg",
+                                "x.pt"])
+    assert eval_gap.default_out(args) == os.path.join("results", "gap-optimal-fashion-mnist-r32-n1000-kmeans5-seed0"
+                                                                 "-guided.npz")
+    status, err = run_cli(["--optimal", "--out", str(tmp_path / "gap")], capsys)
+    assert status == 2 and err == f"error: --out must end with .npz, got {tmp_path / 'gap'}\n"

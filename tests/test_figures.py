@@ -12,7 +12,7 @@ import figures
 S, C = 12, 4
 
 
-def write_gap(path, params=1000, n=32, k=None, guidance=False):
+def write_gap(path, params=1000, n=32, k=None, guidance=False, script="eval_gap.py"):
     sigmas = np.geomspace(2e-3, 80, S)
     seen = np.array([100, 1000, 10000, 100000])
     bump = np.exp(-np.log(sigmas) ** 2)                           # a gap peaking at sigma = 1
@@ -28,14 +28,16 @@ def write_gap(path, params=1000, n=32, k=None, guidance=False):
         arrays = {key: np.stack([v, 2 * v]) if key.startswith(("e_train", "e_val", "gap")) else v
                   for key, v in arrays.items()}
         arrays["guidance_weights"] = np.array([0.0, 1.0])
-    common.save_npz(path, args={"x": 1}, **arrays)
+    if script is None:  # as eval_gap.py wrote it before result files named their script
+        arrays.update(eval_settings=np.array("{}"), digests=np.array(["d"] * len(seen)))
+    common.save_npz(path, args={"x": 1}, script=script, **arrays)
 
 
 def write_memorization(path, params=1000, n=32):
     M, P = 8, 3
     seen = np.array([100, 1000, 10000, 100000])
     rng = np.random.default_rng(0)
-    common.save_npz(path, args={"n": n}, configs=np.array([f"c{i}" for i in range(C)]),
+    common.save_npz(path, args={"n": n}, script="sample_memorize.py", configs=np.array([f"c{i}" for i in range(C)]),
                     checkpoints=np.array([f"runs/r{params}-{n}/snapshot-{s:09d}.pt" for s in seen]),
                     images_seen=seen, guidance_weights=np.zeros(C), nn_ratio=rng.random((C, M)),
                     memorized_fraction=np.array([0.0, 0.1, 0.2, 0.5]), memorized_ci=np.array([[0, .1]] * C),
@@ -93,3 +95,37 @@ def test_missing_inputs_are_skipped_with_a_note_and_an_empty_folder_is_a_clear_e
     empty.mkdir()
     proc = subprocess.run([sys.executable, figures.__file__, str(empty)], capture_output=True, text=True)
     assert proc.returncode == 2 and "no results" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_gap_file_with_one_snapshot_gives_the_summary_without_any_figure(tmp_path, capsys):
+    sigmas = np.geomspace(0.01, 10, 5)
+    common.save_npz(tmp_path / "gap.npz", args={}, script="eval_gap.py", sigmas=sigmas, images_seen=np.array([64]),
+                    e_train=np.ones((1, 5)), e_val=np.full((1, 5), 2.0), gap=np.ones((1, 5)),
+                    onset_images_seen=np.full(5, 64), peak_sigma=sigmas[:1], checkpoints=np.array(["r/s.pt"]))
+    figures.main([str(tmp_path)])
+    summary = (tmp_path / "figures" / "summary.txt").read_text()
+    assert summary.splitlines()[2].startswith("gap ") and "0 figures in" in capsys.readouterr().out
+
+
+def test_files_are_recognised_by_the_script_that_wrote_them_and_a_failing_figure_is_a_note(tmp_path, capsys):
+    write_gap(tmp_path / "good.npz")
+    write_gap(tmp_path / "old.npz", script=None)
+    # another program's file whose key names match eval_gap.py's, with arrays of other shapes
+    common.save_npz(tmp_path / "foreign.npz", args={"lr": 1}, e_train=np.ones(3), e_val=np.ones(3), gap=np.ones(7),
+                    images_seen=np.ones((2, 2)), sigmas=np.ones(1), onset_images_seen=np.ones(1))
+    np.savez(tmp_path / "plain.npz", e_train=np.ones(3), e_val=np.ones(3), gap=np.ones(3), images_seen=np.ones(3),
+             sigmas=np.ones(1), args=np.array("not json"))
+    common.save_npz(tmp_path / "bench.npz", args={}, script="bench_train.py", gap=np.ones(3))
+    # written by eval_gap.py, yet missing the onset and with a gap of the wrong shape
+    common.save_npz(tmp_path / "broken.npz", args={}, script="eval_gap.py", sigmas=np.ones(4),
+                    images_seen=np.array([1, 2]), e_train=np.ones((2, 4)), e_val=np.ones((2, 4)), gap=np.ones(3))
+    figures.main([str(tmp_path)])
+    out = capsys.readouterr().out
+    names = {p.stem for p in (tmp_path / "figures").glob("*.png")}
+    assert {"errors_over_training_good", "gap_over_training_good", "errors_over_training_old"} <= names
+    assert not any("foreign" in n or "plain" in n or "bench" in n for n in names)
+    assert "note: skipping" in out and "foreign.npz: not a result of" in out and "plain.npz" in out
+    assert "note: errors_over_training_broken skipped: its input lacks 'onset_images_seen'" in out
+    assert "note: summary row of broken skipped: IndexError" in out
+    summary = (tmp_path / "figures" / "summary.txt").read_text()
+    assert "good" in summary and "broken" not in summary

@@ -1,6 +1,7 @@
 """sample_memorize.py and its common.py helpers: exact nearest neighbours, the memorization ratio,
 bootstrap intervals, feature spaces, per-seed sampling, early stopping, guidance, bad input."""
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -38,11 +39,14 @@ def snapshot(data_dir, tmp_path_factory):
     return str(path)
 
 
+SMALL = ["--num-samples", "8", "--steps", "6", "--batch", "4", "--stop-sigma", "80", "1", "--bootstrap", "50",
+         "--device", "cpu"]
+
+
 def run(argv, tmp_path):
     """sample_memorize.main on small settings; returns the .npz as a dict."""
     out = str(tmp_path / "mem.npz")
-    sample_memorize.main(["--num-samples", "8", "--steps", "6", "--batch", "4", "--stop-sigma", "80", "1",
-                          "--bootstrap", "50", "--device", "cpu", "--out", out, *argv])
+    sample_memorize.main([*SMALL, "--out", out, *argv])
     return common.load_npz(out)
 
 
@@ -327,6 +331,9 @@ def test_run_folder_gives_one_configuration_per_snapshot_and_weight(snapshot, tm
     ("too_many", "larger than the 24 images"),
     ("features", "feature network 'dinov2' not found"),
     ("unconditional_cfg", "--neg uncond needs a class-conditional denoiser"),
+    ("unconditional_label", "--label 1 needs a class-conditional denoiser, but optimal-fashion-mnist-r16-n4 is "
+                            "unconditional"),
+    ("unconditional_null", "--label null needs a class-conditional denoiser"),
 ])
 def test_bad_input_exits_2_with_one_clear_message(case, expected, data_dir, tmp_path, capsys):
     (tmp_path / "bad.pt").write_bytes(b"\x00garbage")
@@ -334,7 +341,9 @@ def test_bad_input_exits_2_with_one_clear_message(case, expected, data_dir, tmp_
                "--device", "cpu", "--out", str(tmp_path / "m.npz")]
     argv = {"missing": [str(tmp_path / "nope.pt")], "corrupted": [str(tmp_path / "bad.pt")],
             "too_many": optimal + ["--n", "25"], "features": optimal + ["--n", "4", "--features", "dinov2"],
-            "unconditional_cfg": optimal + ["--n", "4", "--guidance-weights", "1"]}[case]
+            "unconditional_cfg": optimal + ["--n", "4", "--guidance-weights", "1"],
+            "unconditional_label": optimal + ["--n", "4", "--label", "1"],
+            "unconditional_null": optimal + ["--n", "4", "--label", "null"]}[case]
     code, err = exit_message(argv, capsys)
     assert code == 2 and err.startswith("error: ") and expected in err and err.count("\n") == 1
 
@@ -344,3 +353,101 @@ def test_out_that_is_a_folder_stops_before_sampling(snapshot, tmp_path, capsys, 
     (tmp_path / "m.npz").mkdir()
     code, err = exit_message([snapshot, "--out", str(tmp_path / "m.npz")], capsys)
     assert code == 2 and err == f"error: --out {tmp_path / 'm.npz'} is a folder, not a file name\n"
+
+
+def test_default_out_is_per_run_folder_snapshot_or_reference_sampler(snapshot, data_dir, tmp_path, capsys,
+                                                                    monkeypatch):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    shutil.copy(snapshot, run_dir)
+    monkeypatch.chdir(tmp_path)
+    sample_memorize.main([*SMALL, str(run_dir)])
+    sample_memorize.main([*SMALL, str(run_dir / "snapshot-000000064.pt"), "--guidance-weights", "0", "1"])
+    sample_memorize.main([*SMALL, "--optimal", "--data-dir", data_dir, "--n", "6", "--resolution", str(R)])
+    folder = common.load_npz(str(run_dir / "memorize.npz"))
+    one = common.load_npz(str(run_dir / "memorize-snapshot-000000064-guided.npz"))
+    optimal = common.load_npz("results/memorize-optimal-fashion-mnist-r16-n6-none-seed0.npz")
+    assert folder["guidance_weights"].tolist() == [0] and one["guidance_weights"].tolist() == [0, 1]
+    assert optimal["images_seen"].tolist() == [-1] and folder["script"] == "sample_memorize.py"
+    capsys.readouterr()
+    code, err = exit_message([*SMALL, str(run_dir), str(run_dir / "snapshot-000000064.pt")], capsys)
+    assert code == 2 and err.startswith("error: 2 run folders or snapshot files: give --out"), err
+
+
+def test_killed_run_keeps_finished_configurations_and_the_rerun_ends_byte_identical(snapshot, tmp_path, capsys,
+                                                                                   monkeypatch):
+    out = tmp_path / "mem.npz"
+    base = [*SMALL, snapshot, "--out", str(out)]
+    argv = [*base, "--guidance-weights", "0", "1", "2"]
+    sample_memorize.main(argv)
+    uninterrupted = out.read_bytes()
+    out.unlink()
+    ran, real = [], sample_memorize.run_configuration
+
+    def run_configuration(model, *a, **k):
+        ran.append(model.name.rsplit("-", 1)[1])
+        if ran == ["w0", "w1"] and kill:
+            raise KeyboardInterrupt
+        return real(model, *a, **k)
+    monkeypatch.setattr(sample_memorize, "run_configuration", run_configuration)
+    kill = True
+    code, err = exit_message(argv, capsys)
+    assert code == 130 and err.endswith(f"interrupted after 1 of 3 configurations: {out} keeps the finished ones, "
+                                        "which rerunning the same command reuses\n"), err
+    assert common.load_npz(str(out))["guidance_weights"].tolist() == [0]
+    ran.clear()
+    kill = False
+    sample_memorize.main(argv)
+    assert ran == ["w1", "w2"] and out.read_bytes() == uninterrupted
+    ran.clear()
+    capsys.readouterr()
+    sample_memorize.main([*base, "--guidance-weights", "2", "0"])
+    assert ran == [] and common.load_npz(str(out))["guidance_weights"].tolist() == [2, 0]
+    assert f"note: {out} also holds 1 configuration(s) not asked for here" in capsys.readouterr().out
+    sample_memorize.main([*base, "--guidance-weights", "0", "--num-samples", "6"])
+    assert ran == ["w0"], "other settings recompute every configuration"
+    sample_memorize.main([*base, "--guidance-weights", "0", "--num-samples", "6", "--force"])
+    assert ran == ["w0", "w0"], "--force recomputes"
+
+
+@pytest.mark.parametrize("foreign", ["npz", "eval_gap", "text"])
+def test_out_that_another_program_wrote_is_not_replaced_unless_force(snapshot, tmp_path, capsys, foreign):
+    out = tmp_path / "x.npz"
+    if foreign == "npz":
+        np.savez(out, nn_ratio=np.ones(3))
+    elif foreign == "eval_gap":
+        common.save_npz(str(out), args={}, script="eval_gap.py", gap=np.ones(2))
+    else:
+        out.write_text("notes")
+    before = out.read_bytes()
+    code, err = exit_message([*SMALL, snapshot, "--out", str(out)], capsys)
+    assert code == 2 and err.startswith(f"error: --out {out} exists and ") and "--force" in err, err
+    assert err.count("\n") == 1 and out.read_bytes() == before
+    sample_memorize.main([*SMALL, snapshot, "--out", str(out), "--force"])
+    assert common.load_npz(str(out))["script"] == "sample_memorize.py"
+
+
+@pytest.mark.parametrize("change, message", [
+    (["--n", "1"], "argument --n: must be an integer of at least 2, got '1'"),
+    (["--num-samples", "1"], "argument --num-samples: must be an integer of at least 2, got '1'"),
+    (["--stop-sigma", "1", "-2"], "argument --stop-sigma: must be a positive number, got '-2'"),
+    (["--guidance-weights", "inf"], "argument --guidance-weights: must be a finite number, got 'inf'"),
+    (["--subset-seed", "-1"], "argument --subset-seed: must be a non-negative integer, got '-1'"),
+])
+def test_bad_numbers_are_refused_by_the_parser_naming_the_option(tmp_path, capsys, change, message):
+    code, err = exit_message(["--optimal", "--out", str(tmp_path / "m.npz"), *change], capsys)
+    assert code == 2 and err.endswith(f"error: {message}\n") and "Traceback" not in err, err
+
+
+def test_figure_folder_that_is_a_file_stops_before_sampling_and_default_names_the_subset(tmp_path, capsys,
+                                                                                        monkeypatch):
+    monkeypatch.setattr(sample_memorize, "evaluate", None)  # reached only after the checks
+    (tmp_path / "m").write_text("a file where the figures would go")
+    code, err = exit_message(["--optimal", "--out", str(tmp_path / "m.npz")], capsys)
+    assert code == 2 and err == (f"error: the figure folder of --out {tmp_path / 'm'} is an existing file, "
+                                 "not a folder\n")
+    args = sample_memorize.parse_args(["--gaussian", "--cond", "none", "--n", "8", "--subset-seed", "3"])
+    assert sample_memorize.default_out(args) == os.path.join("results", "memorize-gaussian-fashion-mnist-r32-n8-none-"
+                                                                        "seed3.npz")
+    args = sample_memorize.parse_args(["--optimal", "--cond", "kmeans", "--k", "4", "--guidance-weights", "1"])
+    assert sample_memorize.default_out(args).endswith("memorize-optimal-fashion-mnist-r32-n64-kmeans4-seed0-guided.npz")

@@ -75,9 +75,9 @@ def test_snapshot_is_a_plain_dict_with_the_documented_keys(baseline):
 
 def test_train_log_has_the_documented_keys_and_one_loss_per_step(baseline):
     log = common.load_npz(os.path.join(baseline, "train_log.npz"))
-    assert set(log) == {"args", "images_seen", "loss", "eval_images", "eval_sigmas", "E_train", "E_val",
+    assert set(log) == {"args", "script", "images_seen", "loss", "eval_images", "eval_sigmas", "E_train", "E_val",
                         "snapshot_images", "subset", "probe_train", "probe_val"}
-    assert log["args"]["steps"] == 40
+    assert log["args"]["steps"] == 40 and log["script"] == "train_image.py"
     np.testing.assert_array_equal(log["images_seen"], BATCH * np.arange(1, 41))
     assert np.isfinite(log["loss"]).all()
     np.testing.assert_array_equal(log["eval_images"], [0, 20 * BATCH, 40 * BATCH])
@@ -139,7 +139,6 @@ def assert_one_line_error(status, err, *words):
 
 @pytest.mark.parametrize("change, words", [
     (["--n", "41"], ["41", "40 images"]),
-    (["--n", "1"], ["--n", "at least 2"]),
     (["--model", "vit"], ["unknown model", "unet", "dit"]),
     (["--size", "huge"], ["unknown size", "tiny"]),
     (["--data", "imagenet"], ["unknown dataset", "fashion-mnist"]),
@@ -157,7 +156,8 @@ def test_bad_arguments_exit_2_with_one_line_message(data_dir, tmp_path, capsys, 
     (["--p-mean", "nan"], "argument --p-mean: must be a finite number, got 'nan'"),
     (["--resolution", "0"], "argument --resolution: must be a positive integer, got '0'"),
     (["--seed", "-1"], "argument --seed: must be a non-negative integer, got '-1'"),
-    (["--n", "1e3"], "argument --n: must be a positive integer, got '1e3'"),
+    (["--n", "1e3"], "argument --n: must be an integer of at least 2, got '1e3'"),
+    (["--n", "1"], "argument --n: must be an integer of at least 2, got '1'"),
 ])
 def test_bad_numbers_are_refused_by_the_parser_naming_the_option(data_dir, tmp_path, capsys, change, message):
     status, err = run_cli(argv(data_dir, tmp_path, 40, *change), capsys)
