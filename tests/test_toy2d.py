@@ -210,15 +210,15 @@ def test_all_checks_every_experiments_arguments_before_the_first_runs(tmp_path, 
 
 
 def test_a_file_another_program_wrote_in_out_is_not_replaced_unless_force(tmp_path, capsys):
-    common.save_npz(tmp_path / "fd.npz", args={}, script="eval_gap.py", gap=np.ones(2))
-    before = (tmp_path / "fd.npz").read_bytes()
+    common.save_npz(tmp_path / "samples.npz", args={}, script="eval_gap.py", gap=np.ones(2))
+    before = (tmp_path / "samples.npz").read_bytes()
     with pytest.raises(SystemExit) as exit_info:
         common.run_cli(lambda: toy2d.main(["all", "--out", str(tmp_path), *FAST]))
     assert exit_info.value.code == 2 and capsys.readouterr().err == (
-        f"error: --out {tmp_path / 'fd.npz'} exists and holds results of eval_gap.py, so toy2d.py would replace it: "
+        f"error: --out {tmp_path / 'samples.npz'} exists and holds results of eval_gap.py, so toy2d.py would replace it: "
         "give another --out, or --force to replace it\n")
-    assert (tmp_path / "fd.npz").read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["fd.npz"]
+    assert (tmp_path / "samples.npz").read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["samples.npz"]
     run(tmp_path, "delta")
     run(tmp_path, "delta")  # its own file: replaced
-    run(tmp_path, "fd", "--force")
-    assert common.load_npz(str(tmp_path / "fd.npz"))["script"] == "toy2d.py"
+    run(tmp_path, "samples", "--force", "--num-seeds", "1")
+    assert common.load_npz(str(tmp_path / "samples.npz"))["script"] == "toy2d.py"
