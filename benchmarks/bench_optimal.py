@@ -54,13 +54,13 @@ def bench_images(n, d, queries, numpy_queries, repeats):
     data = torch.rand(n, d, generator=g) * 2 - 1
     noise = torch.randn(queries, d, generator=g)
     flops = 4 * queries * n * d
-    peak = matmul_gflops(2048, 2048, 2048, torch.float32)
     print(f"(b) images: {queries} queries x N={n:,} x d={d}, float32 (NumPy on {numpy_queries} queries, scaled); "
-          f"torch matmul {peak:6.1f} GFLOP/s (2048^3)")
+          f"each case against torch's 2048^3 matmul rate measured right before it")
     # queries at noise 0.5 and 1 around data points with sigma 1: weights nearly one-hot (most far below
     # rounding); sigma 20: many points share the weight
     for scale, sigma in ((0.5, 1.0), (1.0, 1.0), (0.5, 20.0)):
         x = data[:queries] + scale * noise
+        peak = matmul_gflops(2048, 2048, 2048, torch.float32)  # beside each case: robust to a busy machine
         t_torch = best_time(lambda: common.optimal_denoiser(x, sigma, data), repeats)
         t_numpy = best_time(lambda: numpy_optimal(x[:numpy_queries].numpy(), sigma, data.numpy()), 1)
         t_numpy *= queries / numpy_queries
@@ -68,7 +68,7 @@ def bench_images(n, d, queries, numpy_queries, repeats):
         err = (common.optimal_denoiser(x[:4], sigma, data).double() - ref).abs().max().item()
         rate = flops / t_torch / 1e9
         print(f"    noise {scale:g}, sigma {sigma:4g}: optimal_denoiser {t_torch * 1e3:8.1f} ms = {rate:6.1f} GFLOP/s "
-              f"= {rate / peak:5.1%} of matmul   NumPy {t_numpy:7.2f} s ({t_numpy / t_torch:5.1f}x)   "
+              f"= {rate / peak:5.1%} of matmul ({peak:.0f})   NumPy {t_numpy:7.2f} s ({t_numpy / t_torch:5.1f}x)   "
               f"max |float32 - float64| {err:.1e}")
     x = data[:queries] + 0.5 * noise
     fixed = fix_mmap_threshold()  # last, since it slows later allocations: count live memory only
