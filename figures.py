@@ -202,18 +202,18 @@ def middle_probe(data):
 
 def fig_memorization_over_training(mem_results):
     """Over images seen: memorized fraction (with its bootstrap interval), Frechet gap of samples (with
-    the gap of held-out validation images as its noise level), and where trajectories live
-    (traj_train_overlap at the middle probe sigma; references such as the optimal denoiser as lines)."""
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4), layout="constrained")
+    the gap of held-out validation images as its noise level), and where trajectories live:
+    traj_heldout_score at the middle probe sigma (0: like noisy fresh images, 1: like noisy training
+    images), with the reference samplers (optimal, Gaussian denoiser) as dotted lines."""
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), layout="constrained")
     drawn = False
     for name, data in mem_results:
         idx = network_configs(data)
-        refs = [i for i in range(len(data["configs"])) if i not in idx]
-        for i in refs:
-            if "traj_train_overlap" in data:
-                axes[2].axhline(data["traj_train_overlap"][i, middle_probe(data)], ls=":", color="gray")
-                axes[2].annotate(str(data["configs"][i]), (0.02, data["traj_train_overlap"][i, middle_probe(data)]),
-                                 xycoords=("axes fraction", "data"), fontsize=6, va="bottom")
+        if "traj_heldout_score" in data:
+            for i in (i for i in range(len(data["configs"])) if i not in idx):
+                axes[2].axhline(data["traj_heldout_score"][i, middle_probe(data)], ls=":", color="gray", lw=1)
+                axes[2].annotate(str(data["configs"][i]), (0.02, data["traj_heldout_score"][i, middle_probe(data)]),
+                                 xycoords=("axes fraction", "data"), fontsize=6, va="bottom", color="gray")
         if not idx:
             continue
         seen = np.maximum(data["images_seen"][idx], 1)
@@ -224,25 +224,22 @@ def fig_memorization_over_training(mem_results):
             axes[1].plot(seen, data["fd_gap"][idx], "o-", color=line.get_color(), label=name)
         if "fd_gap_heldout" in data and np.isfinite(data["fd_gap_heldout"][idx]).any():
             axes[1].plot(seen, data["fd_gap_heldout"][idx], ":", color=line.get_color())
-        if "traj_train_overlap" in data:
-            axes[2].plot(seen, data["traj_train_overlap"][idx, middle_probe(data)], "o-", color=line.get_color(),
+        if "traj_heldout_score" in data:
+            axes[2].plot(seen, data["traj_heldout_score"][idx, middle_probe(data)], "o-", color=line.get_color(),
                          label=f"{name} (sigma {data['probe_sigmas'][middle_probe(data)]:.2f})")
-        if "heldout_train_overlap" in data:
-            axes[2].plot(seen, data["heldout_train_overlap"][idx, middle_probe(data)], "--", color=line.get_color())
         drawn = True
     if not drawn:
         plt.close(fig)
         return None
     axes[0].set(xscale="log", xlabel="training images seen", ylabel="memorized fraction (d1/d2 < 1/3)",
-                ylim=(-0.02, 1.02), title="copies among samples (95% bootstrap interval)")
+                ylim=(-0.02, 1.02), title="copies among samples (95% interval)")
     axes[1].set(xscale="log", xlabel="training images seen", ylabel="(FD_val - FD_train) / FD_train",
-                title="Frechet gap of samples (dotted: held-out validation images)")
-    axes[2].set(xscale="log", xlabel="training images seen", ylim=(-0.02, 1.02),
-                ylabel="share of trajectory states with LLR >= 10th pct. of noisy training images",
-                title="where trajectories live (dashed: fresh data; dotted: reference samplers)")
-    axes[2].axhline(0.9, color="black", lw=0.8, ls="-.")
-    axes[2].annotate("noisy training images", (0.02, 0.9), xycoords=("axes fraction", "data"), fontsize=6,
-                     va="bottom")
+                title="Frechet gap of samples (dotted: held-out images)")
+    axes[2].set(xscale="log", xlabel="training images seen",
+                ylabel="LLR score of trajectory states\n(0: noisy fresh images, 1: noisy training images)",
+                title="where trajectories live (dotted: reference samplers)")
+    for level in (0, 1):
+        axes[2].axhline(level, color="black", lw=0.6)
     for ax in axes:
         ax.legend(fontsize=7)
     return fig
@@ -343,6 +340,7 @@ def sample_stats(data):
         at = lambda key: float(data[key][i, middle_probe(data)]) if key in data else None  # noqa: E731
         stats = dict(memorized=float(data["memorized_fraction"][i]), ci=data["memorized_ci"][i],
                      overlap=at("traj_train_overlap"), fresh=at("heldout_train_overlap"),
+                     score=at("traj_heldout_score"),
                      fd_gap=float(data["fd_gap"][i]),
                      fd_heldout=float(data["fd_gap_heldout"][i]) if "fd_gap_heldout" in data else None)
         if seen >= 0:
@@ -363,14 +361,14 @@ def gap_row(name, data, memo):
     last = os.path.normpath(str(data["checkpoints"][-1])) if "checkpoints" in data else ""
     return dict(run=name, params=f.get("params"), n=f.get("n"), images_seen=int(data["images_seen"][-1]),
                 peak_gap=float(gap[j]), peak_sigma=float(data["sigmas"][j]),
-                **memo.get(last, dict(memorized=None, ci=None, overlap=None, fresh=None, fd_gap=None,
+                **memo.get(last, dict(memorized=None, ci=None, overlap=None, fresh=None, score=None, fd_gap=None,
                                       fd_heldout=None)))
 
 
 def summary_rows(gap_results, mem_results):
     """Per run (last snapshot): parameters, n, images seen, peak gap and its sigma, memorized fraction with
     its interval, traj_train_overlap at the middle probe sigma with the level of fresh data
-    (heldout_train_overlap; noisy training images give 0.9), Frechet gap of samples and of held-out
+    (heldout_train_overlap; noisy training images give 0.9) and traj_heldout_score, Frechet gap of samples and of held-out
     validation images (its noise level); then the reference samplers (optimal, Gaussian) of the sample files.
     A file whose row cannot be made is left out with a note."""
     memo, refs = {}, []
@@ -389,13 +387,13 @@ def format_row(r):
     return (f"{r['run'][:34]:34s} {fmt(r['params'], ',d'):>9s} {fmt(r['n'], 'd'):>5s} "
             f"{fmt(r['images_seen'], ',d'):>8s} {fmt(r['peak_gap'], '.2f'):>7s} "
             f"{fmt(r['peak_sigma'], '.3f'):>8s} {copies:>16s} {fmt(r.get('overlap'), '.2f'):>7s} "
-            f"{fmt(r.get('fresh'), '.2f'):>5s} "
+            f"{fmt(r.get('fresh'), '.2f'):>5s} {fmt(r.get('score'), '.2f'):>5s} "
             f"{fmt(r.get('fd_gap'), '+.2f'):>7s} {fmt(r.get('fd_heldout'), '+.2f'):>8s}")
 
 
 def format_summary(rows):
     head = (f"{'run':34s} {'params':>9s} {'n':>5s} {'images':>8s} {'peak G':>7s} {'at sigma':>8s} "
-            f"{'copies [95% CI]':>16s} {'overlap':>7s} {'fresh':>5s} {'FD gap':>7s} {'held-out':>8s}")
+            f"{'copies [95% CI]':>16s} {'overlap':>7s} {'fresh':>5s} {'score':>5s} {'FD gap':>7s} {'held-out':>8s}")
     lines = [attempt(f"summary row of {r['run']}", format_row, r) for r in rows]
     return "\n".join([head, "-" * len(head)] + [line for line in lines if line is not None])
 

@@ -47,6 +47,7 @@ def write_memorization(path, params=1000, n=32):
                     llr_traj=rng.normal(0, 1, (C, P, M)), llr_train=rng.normal(5, 1, (C, P, M)),
                     llr_val=rng.normal(-5, 1, (C, P, M)), traj_train_overlap=np.tile([0.9, 0.3, 0.1], (C, 1)),
                     llr_heldout=rng.normal(0, 1, (C, P, M)), heldout_train_overlap=np.tile([0.5, 0.2, 0.1], (C, 1)),
+                    traj_heldout_score=np.tile([0.7, 0.15, 0.1], (C, 1)),
                     fd_gap_heldout=np.full(C, 0.05), samples=rng.uniform(-1, 1, (C, M, 1, 8, 8)).astype(np.float16))
 
 
@@ -67,7 +68,7 @@ def test_every_figure_is_drawn_from_matching_results(tmp_path, capsys):
     summary = (out / "summary.txt").read_text()
     row = next(line for line in summary.splitlines() if line.startswith("gap_small "))
     assert "1,000" in row and "100,000" in row and "50% [0%, 10%]" in row   # params, images seen, copies
-    assert " 0.30  0.20 " in row and "+1.00" in row and "+0.05" in row  # LLR overlap and fresh level, FD gaps
+    assert " 0.30  0.20  0.15 " in row and "+1.00" in row and "+0.05" in row  # LLR overlap and fresh level, FD gaps
     assert "figures in" in capsys.readouterr().out
 
 
