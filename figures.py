@@ -202,17 +202,18 @@ def middle_probe(data):
 
 def fig_memorization_over_training(mem_results):
     """Over images seen: memorized fraction (with its bootstrap interval), Frechet gap of samples (with
-    the gap of held-out validation images as its noise level), and where trajectories live:
-    traj_heldout_score at the middle probe sigma (0: like noisy fresh images, 1: like noisy training
-    images), with the reference samplers (optimal, Gaussian denoiser) as dotted lines."""
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), layout="constrained")
+    the gap of held-out validation images as its noise level), and where trajectories live at the middle
+    probe sigma: traj_train_overlap beside the level of fresh data (heldout_train_overlap), and
+    traj_heldout_score (0: like noisy fresh images, 1: like noisy training images) with the reference
+    samplers (optimal, Gaussian denoiser) as dotted lines."""
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4.2), layout="constrained")
     drawn = False
     for name, data in mem_results:
         idx = network_configs(data)
         if "traj_heldout_score" in data:
             for i in (i for i in range(len(data["configs"])) if i not in idx):
-                axes[2].axhline(data["traj_heldout_score"][i, middle_probe(data)], ls=":", color="gray", lw=1)
-                axes[2].annotate(str(data["configs"][i]), (0.02, data["traj_heldout_score"][i, middle_probe(data)]),
+                axes[3].axhline(data["traj_heldout_score"][i, middle_probe(data)], ls=":", color="gray", lw=1)
+                axes[3].annotate(str(data["configs"][i]), (0.02, data["traj_heldout_score"][i, middle_probe(data)]),
                                  xycoords=("axes fraction", "data"), fontsize=6, va="bottom", color="gray")
         if not idx:
             continue
@@ -224,9 +225,15 @@ def fig_memorization_over_training(mem_results):
             axes[1].plot(seen, data["fd_gap"][idx], "o-", color=line.get_color(), label=name)
         if "fd_gap_heldout" in data and np.isfinite(data["fd_gap_heldout"][idx]).any():
             axes[1].plot(seen, data["fd_gap_heldout"][idx], ":", color=line.get_color())
+        probe = f"sigma {data['probe_sigmas'][middle_probe(data)]:.2f}" if "probe_sigmas" in data else ""
+        if "traj_train_overlap" in data:
+            axes[2].plot(seen, data["traj_train_overlap"][idx, middle_probe(data)], "o-", color=line.get_color(),
+                         label=f"{name} ({probe})")
+        if "heldout_train_overlap" in data:
+            axes[2].plot(seen, data["heldout_train_overlap"][idx, middle_probe(data)], "--", color=line.get_color())
         if "traj_heldout_score" in data:
-            axes[2].plot(seen, data["traj_heldout_score"][idx, middle_probe(data)], "o-", color=line.get_color(),
-                         label=f"{name} (sigma {data['probe_sigmas'][middle_probe(data)]:.2f})")
+            axes[3].plot(seen, data["traj_heldout_score"][idx, middle_probe(data)], "o-", color=line.get_color(),
+                         label=f"{name} ({probe})")
         drawn = True
     if not drawn:
         plt.close(fig)
@@ -235,11 +242,15 @@ def fig_memorization_over_training(mem_results):
                 ylim=(-0.02, 1.02), title="copies among samples (95% interval)")
     axes[1].set(xscale="log", xlabel="training images seen", ylabel="(FD_val - FD_train) / FD_train",
                 title="Frechet gap of samples (dotted: held-out images)")
-    axes[2].set(xscale="log", xlabel="training images seen",
+    axes[2].set(xscale="log", xlabel="training images seen", ylim=(-0.02, 1.02),
+                ylabel="share of states with LLR >= 10th pct.\nof noisy training images' (0.9: like them)",
+                title="LLR overlap of trajectory states (dashed: fresh data)")
+    axes[2].axhline(0.9, color="black", lw=0.6)
+    axes[3].set(xscale="log", xlabel="training images seen",
                 ylabel="LLR score of trajectory states\n(0: noisy fresh images, 1: noisy training images)",
                 title="where trajectories live (dotted: reference samplers)")
     for level in (0, 1):
-        axes[2].axhline(level, color="black", lw=0.6)
+        axes[3].axhline(level, color="black", lw=0.6)
     for ax in axes:
         ax.legend(fontsize=7)
     return fig
