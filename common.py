@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
+from tqdm import tqdm
 
 SIGMA_DATA = 0.5
 P_MEAN, P_STD = -1.2, 1.2
@@ -898,8 +899,8 @@ def load_images(name="fashion-mnist", split="train", root=None):
 
 def _report_source(name, info, path):
     """Print, once per dataset and folder (and on the first process only), the files of both splits there."""
-    folder, dist = os.path.dirname(path), torch.distributed
-    if (name, folder) in _REPORTED or (dist.is_available() and dist.is_initialized() and dist.get_rank() > 0):
+    folder = os.path.dirname(path)
+    if (name, folder) in _REPORTED or not is_main_process():
         return
     _REPORTED.add((name, folder))
     files = [os.path.basename(p) for split in ("train", "val") for p in _find_source(info, split, folder) or ()]
@@ -1503,6 +1504,39 @@ def init_distributed(device_name="auto"):
         torch.cuda.set_device(device)
     torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return torch.distributed.get_rank(), world, device
+
+
+def is_main_process():
+    """Whether this process prints and writes files: rank 0 under torchrun, or the process itself."""
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def say(*parts, sep=" "):
+    """print(*parts) on the main process only (is_main_process), through tqdm.write, so that an open
+    progress bar is redrawn below the line instead of being broken by it."""
+    if is_main_process():
+        tqdm.write(sep.join(str(part) for part in parts))
+
+
+def gather_rows(tensor, world, device, dim=0):
+    """Every process's tensor concatenated along `dim` in rank order, on every process and on the CPU
+    (the shards may differ in size along dim; the other sizes and the dtype must agree); the tensor itself
+    with one process. The shards travel through `device` (NCCL needs CUDA tensors)."""
+    if world == 1:
+        return tensor
+    rows = tensor.movedim(dim, 0)
+    size = torch.tensor([len(rows)], device=device)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    torch.distributed.all_gather(sizes, size)
+    sizes = [int(s) for s in sizes]
+    if math.prod(rows.shape[1:]) == 0:  # rows without values: nothing to send
+        return rows.new_zeros(sum(sizes), *rows.shape[1:]).movedim(0, dim).cpu()
+    padded = rows.new_zeros(max(sizes), *rows.shape[1:]).to(device)
+    padded[:len(rows)] = rows.to(device)
+    parts = [torch.zeros_like(padded) for _ in range(world)]
+    torch.distributed.all_gather(parts, padded)
+    return torch.cat([part[:s] for part, s in zip(parts, sizes)]).movedim(0, dim).cpu()
 
 
 def run_distributed(job, args):

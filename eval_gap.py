@@ -302,21 +302,6 @@ def all_sum(tensor, world, device):
     return total.cpu()
 
 
-def gather_rows(tensor, world, device):
-    """Rows of every process's tensor, concatenated (shards may differ by a few rows)."""
-    if world == 1:
-        return tensor
-    size = torch.tensor([len(tensor)], device=device)
-    sizes = [torch.zeros_like(size) for _ in range(world)]
-    dist.all_gather(sizes, size)
-    sizes = [int(s) for s in sizes]
-    padded = tensor.new_zeros(max(sizes), *tensor.shape[1:]).to(device)
-    padded[:len(tensor)] = tensor.to(device)
-    parts = [torch.zeros_like(padded) for _ in range(world)]
-    dist.all_gather(parts, padded)
-    return torch.cat([part[:s] for part, s in zip(parts, sizes)]).cpu()
-
-
 def split_errors(denoise, neg, split, sigmas, weights, batch, world=1, device="cpu", bar=None):
     """E(sigma) of docs/method.md on one split for each guidance weight, averaged over the images of
     every process: float64 (G, S)."""
@@ -330,7 +315,7 @@ def split_errors(denoise, neg, split, sigmas, weights, batch, world=1, device="c
 def features_of(images, extractor, batch, world, device):
     """Features of a stack of images, in batches, gathered over processes: float64 (N, F)."""
     feats = [extractor(images[i:i + batch]).double().cpu() for i in range(0, len(images), batch)]
-    return gather_rows(torch.cat(feats), world, device)
+    return common.gather_rows(torch.cat(feats), world, device)
 
 
 def feature_distances(denoise, neg, split, clean, extractor, feature_sigmas, weights, batch, world=1,
@@ -348,7 +333,7 @@ def feature_distances(denoise, neg, split, clean, extractor, feature_sigmas, wei
                 return den
             common.denoising_errors(capture, split.y[split.fd], split.noise[split.fd], [sigma],
                                     None if split.labels is None else split.labels[split.fd], batch)
-            out[g, k] = common.frechet_distance(gather_rows(torch.cat(feats), world, device), clean)
+            out[g, k] = common.frechet_distance(common.gather_rows(torch.cat(feats), world, device), clean)
     return out
 
 
@@ -474,7 +459,7 @@ def main(argv=None):
 
 @torch.inference_mode()
 def evaluate(args, rank, world, device):
-    say = print if rank == 0 else (lambda *a, **k: None)
+    say = common.say
     old = common.earlier_result(args.out, SCRIPT, args.force)
     snapshots = [read_snapshot(path, args) for path in common.find_snapshots(args.snapshots)]
     if snapshots:
@@ -533,7 +518,7 @@ def evaluate(args, rank, world, device):
         for i, (key, (source, path)) in enumerate(todo.items()):
             bar.set_description(f"{i + 1}/{len(todo)} {os.path.basename(path) if path else 'optimal'}")
             if path is None:
-                model = optimal_model(source, device, tqdm.write if rank == 0 else lambda *a: None)
+                model = optimal_model(source, device, common.say)
             else:
                 model = network_model(common.load_denoiser(path, WEIGHTS_KEY[args.weights], device)[0], device)
             rows[key] = evaluator.rows(model, source)

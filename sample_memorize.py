@@ -68,7 +68,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
@@ -616,13 +615,9 @@ SAMPLE_AXIS_1 = ({"stop_features", "fcos_stop_train", "fcos_stop_val", "llr_held
                  | {f"fcos_{b}_{r}" for b in PROBE_SETS for r in ("train", "val")})
 
 
-def gather(local, world):
-    """Per-sample results of all processes on rank 0 in seed order (None on the other ranks)."""
-    if world == 1:
-        return local
-    parts = [None] * world if dist.get_rank() == 0 else None
-    dist.gather_object(local, parts, dst=0)
-    return None if parts is None else {k: torch.cat([p[k] for p in parts], int(k in SAMPLE_AXIS_1)) for k in local}
+def gather(local, world, device):
+    """Per-sample results of all processes in seed order (on every process)."""
+    return {key: common.gather_rows(value, world, device, int(key in SAMPLE_AXIS_1)) for key, value in local.items()}
 
 
 def default_out(args):
@@ -664,7 +659,7 @@ def main(argv=None):
 
 def evaluate(args, rank, world, device):
     check(args.num_samples >= world, f"--num-samples {args.num_samples} is fewer than the {world} processes")
-    say = print if rank == 0 else (lambda *a, **k: None)
+    say = common.say
     old = common.earlier_result(args.out, SCRIPT, args.force)
     features = common.load_feature_extractor(args.features, device)
     paths = common.find_snapshots(args.inputs) if args.inputs else [None]
@@ -720,7 +715,7 @@ def evaluate(args, rank, world, device):
                                                                       args.fd_subsets, args.seed)
             refs, fd_refs = ref_cache[id(model.train)]
             res = gather(run_configuration(dataclasses.replace(model, name=name), denoise, refs, shard, args,
-                                           sigmas, stops, probes, features, device, rank == 0), world)
+                                           sigmas, stops, probes, features, device, rank == 0), world, device)
             rows[key] = None  # on every process, so that all of them skip the same configurations
             if rank != 0:
                 continue

@@ -238,7 +238,7 @@ def main(argv=None):
 def train(args, rank, world, device):
     """EDM training loop with EMA, snapshots and E_train/E_val evaluations; this process is `rank` of `world`."""
     common.check(args.batch % world == 0, f"--batch {args.batch} must be divisible by the {world} processes")
-    say = print if rank == 0 else (lambda *a, **k: None)
+    say = common.say
     cuda, local, B = device.type == "cuda", args.batch // world, args.batch
     sizes = list(common.NETWORK_PRESETS.get(args.model, ()))
     if device.type == "cpu" and args.size in sizes and sizes.index(args.size) >= sizes.index("m"):

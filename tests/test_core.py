@@ -397,6 +397,27 @@ def test_pick_device_auto_and_unknown():
         common.pick_device("abacus")
 
 
+def _gather_in_gloo_group(rank, world, init):
+    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        cpu, n = torch.device("cpu"), 2 + rank  # shards of different sizes
+        shard = torch.arange(3 * n * 2, dtype=F64).view(3, n, 2) + 100 * rank
+        rows = common.gather_rows(shard, world, cpu, dim=1)
+        assert rows.shape == (3, 5, 2) and torch.equal(rows[:, :2], torch.arange(12, dtype=F64).view(3, 2, 2))
+        assert torch.equal(rows[:, 2:], torch.arange(18, dtype=F64).view(3, 3, 2) + 100)
+        assert common.gather_rows(torch.full((n,), rank), world, cpu).tolist() == [0, 0, 1, 1, 1]
+        assert common.gather_rows(torch.zeros(0, n, 0), world, cpu, dim=1).shape == (0, 5, 0)
+        assert common.is_main_process() == (rank == 0)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_gather_rows_concatenates_uneven_shards_of_two_gloo_processes_in_rank_order(tmp_path):
+    torch.multiprocessing.spawn(_gather_in_gloo_group, args=(2, f"file://{tmp_path / 'init'}"), nprocs=2)
+    shard = torch.ones(2, 3)
+    assert common.gather_rows(shard, 1, torch.device("cpu"), dim=1) is shard
+
+
 # --- per-noise-level error ---------------------------------------------------
 
 def test_image_noise_is_fixed_per_dataset_index_whatever_the_order():
