@@ -7,6 +7,7 @@ Read top to bottom like the paper's method section.
 """
 import argparse
 import contextlib
+import dataclasses
 import gzip
 import hashlib
 import http.client
@@ -167,6 +168,30 @@ def guided_denoiser(denoise_pos, denoise_neg, w):
     if w == 0:
         return denoise_pos
     return lambda *args: guided(denoise_pos(*args), denoise_neg(*args), w)
+
+
+def negative_denoiser(denoise, neg=None):
+    """D_neg of guidance for denoise(x, sigma, labels): another denoiser `neg` (autoguidance: a network that
+    reads the labels only when it is conditional), or with neg None D itself without labels (classifier-free
+    guidance: the networks read no labels as the null label, the optimal denoiser as unconditional).
+    check_guidance says whether the pair fits."""
+    if neg is not None:
+        return neg
+    return lambda x, sigma, labels=None: denoise(x, sigma, None)
+
+
+def check_guidance(name, shape, num_classes, neg=None):
+    """UserError unless the denoiser `name` (making images of `shape`, with num_classes labels, 0: unconditional)
+    can be guided by neg: None, itself with the null label (--neg uncond: it must be conditional), or
+    (name, shape, num_classes) of another network (autoguidance: the same images; no labels or the same)."""
+    if neg is None:
+        check_classifier_free(num_classes > 0, name)
+        return
+    neg_name, neg_shape, neg_classes = neg
+    check(tuple(neg_shape) == tuple(shape) and neg_classes in (0, num_classes),
+          f"--neg {neg_name} does not fit {name}: it needs the same image size and channels "
+          f"({'x'.join(map(str, neg_shape))} vs {'x'.join(map(str, shape))}), and no labels or the same labels "
+          f"({neg_classes} vs {num_classes} classes)")
 
 
 def check_classifier_free(conditional, name):
@@ -641,6 +666,19 @@ def count_parameters(module):
     return sum(p.numel() for p in module.parameters())
 
 
+def network_denoiser(denoiser, device):
+    """A Denoiser as denoise(x, sigma, labels=None) for inference: bf16 autocast and channels-last weights on
+    CUDA, full precision elsewhere. D comes back in x's dtype (float64 inputs keep a float64 skip path)."""
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        denoiser.to(memory_format=torch.channels_last)
+
+    def denoise(x, sigma, labels=None):
+        with torch.autocast("cuda", torch.bfloat16) if cuda else contextlib.nullcontext():
+            return denoiser(x, sigma, labels)
+    return denoise
+
+
 # ---------------------------------------------------------------------------
 # Data: dataset readers, subsets, conditioning labels
 # ---------------------------------------------------------------------------
@@ -1035,6 +1073,78 @@ def assign_clusters(x, centroids):
     check(centroids.ndim == 2 and centroids.shape[1] == x.shape[1],
           f"centroids {tuple(centroids.shape)} do not match points of dimension {x.shape[1]}")
     return _nearest(x, centroids)[0].numpy().astype(np.int64)
+
+
+def validation_labels(train_labels, centroids, classes, images):
+    """Conditioning labels of other images (validation images) as a denoiser trained with train_labels reads
+    them: None when it is unconditional (train_labels None), the cluster of the nearest k-means centroid when
+    its labels are clusters (centroids given; images (N, C, R, R) at the training resolution), else the
+    images' dataset classes `classes`; int64 (N,)."""
+    if train_labels is None:
+        return None
+    if centroids is None:
+        return np.asarray(classes, np.int64)
+    return assign_clusters(images, centroids)
+
+
+def _as_array(value, dtype):
+    return None if value is None else np.asarray(value, dtype)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TrainingSource:
+    """What a denoiser learned from: the training split of `dataset` at `resolution`, the subset of it (indices,
+    int64 (n,)), their conditioning labels (int64 (n,); None: unconditional) and, for k-means labels, the
+    centroids (float32 (k, d)); data_dir: where the dataset files are (None: where load_images looks).
+    Read from a snapshot (of_checkpoint) or drawn as train_image.py draws it (drawn)."""
+    dataset: str
+    resolution: int
+    subset: np.ndarray
+    labels: np.ndarray | None = None
+    centroids: np.ndarray | None = None
+    data_dir: str | None = None
+
+    @classmethod
+    def of_checkpoint(cls, ckpt, data_dir=None):
+        """The source of a snapshot (a load_checkpoint dict); data_dir None: the run's own --data-dir."""
+        run = ckpt["args"] if isinstance(ckpt["args"], dict) else {}
+        return cls(ckpt["dataset"], int(ckpt["resolution"]), np.asarray(ckpt["subset"], np.int64),
+                   _as_array(ckpt["labels"], np.int64), _as_array(ckpt["kmeans_centroids"], np.float32),
+                   data_dir or run.get("data_dir"))
+
+    @classmethod
+    def drawn(cls, dataset, n, seed, cond="none", k=10, resolution=32, data_dir=None):
+        """The subset and labels that train_image.py trains on for these arguments (training_subset)."""
+        subset, labels, centroids = training_subset(dataset, n, seed, cond, k, resolution, data_dir)
+        return cls(dataset, int(resolution), subset, labels, _as_array(centroids, np.float32), data_dir)
+
+    @property
+    def cond(self):
+        """The conditioning, as train_image.py --cond names it: none, class or kmeans."""
+        return "none" if self.labels is None else "class" if self.centroids is None else "kmeans"
+
+    @property
+    def num_classes(self):
+        """Labels of a network trained on this source: 0 (unconditional), the k clusters or the dataset's classes."""
+        if self.labels is None:
+            return 0
+        return len(self.centroids) if self.centroids is not None else DATASETS[self.dataset]["num_classes"]
+
+    def digest(self):
+        """Digest of what was learned (not of where the files are): source_digest."""
+        return source_digest(self.dataset, self.resolution, self.subset, self.labels, self.centroids)
+
+    def images(self):
+        """The subset's images, float32 (n, C, R, R) in [-1, 1]."""
+        images, _ = load_images(self.dataset, "train", self.data_dir)
+        check(len(self.subset) >= 1 and int(self.subset.max()) < len(images),
+              f"the subset indices do not fit the {len(images)} training images of {self.dataset}")
+        return images_to_tensor(images[self.subset], self.resolution)
+
+    def validation_labels(self, classes, images):
+        """Labels of validation images (their dataset classes, and the images at this resolution) as a
+        network trained on this source reads them (common.validation_labels)."""
+        return validation_labels(self.labels, self.centroids, classes, images)
 
 
 # ---------------------------------------------------------------------------

@@ -151,38 +151,15 @@ def peak_sigma(sigmas, gap):
 # Snapshots, sources (what a model was trained on) and evaluation images
 # ---------------------------------------------------------------------------
 
-def snapshot_source(ckpt, data_dir):
-    """What the snapshot's network was trained on: dataset, resolution, subset, labels, centroids."""
-    as_array = lambda a: None if a is None else np.asarray(a)  # noqa: E731
-    return dict(dataset=ckpt["dataset"], resolution=int(ckpt["resolution"]), subset=np.asarray(ckpt["subset"]),
-                labels=as_array(ckpt["labels"]), centroids=as_array(ckpt["kmeans_centroids"]),
-                data_dir=data_dir or ckpt["args"].get("data_dir"))
-
-
-def subset_source(args):
-    """The subset train_image.py trains on for --data/--n/--seed/--cond/--k, for --optimal alone."""
-    subset, labels, centroids = common.training_subset(args.data, args.n, args.seed, args.cond, args.k,
-                                                       args.resolution, args.data_dir)
-    centroids = None if centroids is None else centroids.numpy()
-    return dict(dataset=args.data, resolution=args.resolution, subset=subset, labels=labels,
-                centroids=centroids, data_dir=args.data_dir)
-
-
-def source_digest(source):
-    return common.source_digest(source["dataset"], source["resolution"], source["subset"], source["labels"],
-                                source["centroids"])
-
-
-def read_snapshot(path, args):
-    """Metadata of a snapshot: path, images seen, run identity, network config, source and a digest
-    of everything its rows depend on (the evaluated weights and the source)."""
+def read_snapshot(path, weights="ema", data_dir=None):
+    """Metadata of a snapshot: path, images seen, run identity, network config, source (common.TrainingSource;
+    data_dir None: the run's) and a digest of everything its rows depend on (the `weights` and the source)."""
     ckpt = common.load_checkpoint(path)
-    weights = ckpt[WEIGHTS_KEY[args.weights]]
-    source = snapshot_source(ckpt, args.data_dir)
     run = {k: v for k, v in ckpt["args"].items() if k not in RUN_ARGS_IGNORED}
-    return dict(path=path, images_seen=int(ckpt["images_seen"]), run=run, network=ckpt["network"], source=source,
-                params=sum(int(t.numel()) for t in weights.values()),
-                digest=common.snapshot_digest(ckpt, WEIGHTS_KEY[args.weights]))
+    return dict(path=path, images_seen=int(ckpt["images_seen"]), run=run, network=ckpt["network"],
+                source=common.TrainingSource.of_checkpoint(ckpt, data_dir),
+                params=sum(int(t.numel()) for t in ckpt[WEIGHTS_KEY[weights]].values()),
+                digest=common.snapshot_digest(ckpt, WEIGHTS_KEY[weights]))
 
 
 def check_same_run(snapshots, allow_mixed):
@@ -198,33 +175,30 @@ def check_same_run(snapshots, allow_mixed):
 
 def split_counts(source, num_images):
     """Number of training and validation evaluation images of a source."""
-    val_images, _ = common.load_images(source["dataset"], "val", source["data_dir"])
-    return min(num_images, len(source["subset"])), min(num_images, len(val_images))
+    val_images, _ = common.load_images(source.dataset, "val", source.data_dir)
+    return min(num_images, len(source.subset)), min(num_images, len(val_images))
 
 
-def eval_splits(source, args, rank, world, device):
-    """This process's shard of the training and validation evaluation images: images, their fixed
-    noise (seeded by dataset index; validation image j is index len(training split) + j), labels."""
-    train_images, _ = common.load_images(source["dataset"], "train", source["data_dir"])
-    val_images, val_classes = common.load_images(source["dataset"], "val", source["data_dir"])
-    subset, labels, R = source["subset"], source["labels"], source["resolution"]
-    n_train, n_val = split_counts(source, args.num_images)
-    pos = common.choose_subset(len(subset), n_train, args.seed)[rank::world]
-    val_index = common.choose_subset(len(val_images), n_val, args.seed)[rank::world]
+def eval_splits(source, num_images, seed, rank=0, world=1, device="cpu"):
+    """This process's shard of the training and validation evaluation images of a source (num_images of each,
+    or all; a seeded sample when there are more): images, their fixed noise (seeded by dataset index and
+    `seed`; validation image j is index len(training split) + j), labels."""
+    train_images, _ = common.load_images(source.dataset, "train", source.data_dir)
+    val_images, val_classes = common.load_images(source.dataset, "val", source.data_dir)
+    subset, labels, R = source.subset, source.labels, source.resolution
+    n_train, n_val = split_counts(source, num_images)
+    pos = common.choose_subset(len(subset), n_train, seed)[rank::world]
+    val_index = common.choose_subset(len(val_images), n_val, seed)[rank::world]
     y_train = common.images_to_tensor(train_images[subset[pos]], R)
     y_val = common.images_to_tensor(val_images[val_index], R)
-    if labels is None:
-        train_labels = val_labels = None
-    else:
-        train_labels = labels[pos]
-        val_labels = (val_classes[val_index] if source["centroids"] is None
-                      else common.assign_clusters(y_val, source["centroids"]))
+    train_labels = None if labels is None else labels[pos]
+    val_labels = source.validation_labels(val_classes[val_index], y_val)
     shape = y_train.shape[1:]
 
     fd_count = min(n_train, n_val)  # equally many images in both splits' Frechet distances
 
     def split(y, indices, c, count):
-        noise = common.image_noise(indices, shape, args.seed)
+        noise = common.image_noise(indices, shape, seed)
         c = None if c is None else torch.as_tensor(np.asarray(c), dtype=torch.long).to(device)
         fd = torch.as_tensor(np.flatnonzero(rank + world * np.arange(len(y)) < fd_count), device=device)
         return Split(y.to(device), noise.to(device), c, count, fd)
@@ -253,9 +227,8 @@ def optimal_model(source, device, say=print):
     With labels it is class/cluster-conditional; images whose label no subset image carries get the
     unconditional one (the conditional is undefined there), with a note."""
     dtype = torch.float32 if device.type == "mps" else torch.float64
-    images, _ = common.load_images(source["dataset"], "train", source["data_dir"])
-    data = common.images_to_tensor(images[source["subset"]], source["resolution"]).to(device, dtype)
-    data_labels = None if source["labels"] is None else torch.as_tensor(source["labels"]).to(device)
+    data = source.images().to(device, dtype)
+    data_labels = None if source.labels is None else torch.as_tensor(source.labels).to(device)
     noted = set()
 
     def denoise(x, sigma, labels):
@@ -341,31 +314,34 @@ class Evaluator:
     """Rows (e_train, e_val (G, S), fd_train, fd_val (G, K)) of models on the evaluation images of
     their source; the images (and clean features) of the last source are kept for the next model."""
 
-    def __init__(self, args, sigmas, weights, neg, extractor, rank, world, device, bar):
-        self.args, self.sigmas, self.weights, self.neg = args, sigmas, weights, neg
-        self.extractor, self.rank, self.world, self.device, self.bar = extractor, rank, world, device, bar
+    def __init__(self, sigmas, weights, neg, num_images, seed, batch, extractor=None, feature_sigmas=(), rank=0,
+                 world=1, device="cpu", bar=None):
+        self.sigmas, self.weights, self.neg, self.num_images, self.seed, self.batch = (sigmas, weights, neg,
+                                                                                       num_images, seed, batch)
+        self.extractor, self.feature_sigmas = extractor, feature_sigmas
+        self.rank, self.world, self.device, self.bar = rank, world, device, bar
         self.source_key, self.splits, self.clean = None, None, None
 
     def load(self, source):
-        key = source_digest(source) + str(source["data_dir"])
+        key = source.digest() + str(source.data_dir)
         if key != self.source_key:
-            self.splits = eval_splits(source, self.args, self.rank, self.world, self.device)
+            self.splits = eval_splits(source, self.num_images, self.seed, self.rank, self.world, self.device)
             if self.extractor is not None:
-                self.clean = [features_of(s.y[s.fd], self.extractor, self.args.batch, self.world, self.device)
+                self.clean = [features_of(s.y[s.fd], self.extractor, self.batch, self.world, self.device)
                               for s in self.splits]
             self.source_key = key
         return self.splits
 
     def rows(self, denoise, source):
-        splits, a, neg = self.load(source), self.args, self.neg or (lambda x, s, c: denoise(x, s, None))
+        splits, neg = self.load(source), self.neg or (lambda x, s, c: denoise(x, s, None))
         out = {}
         for name, split in zip(("train", "val"), splits):
-            out[f"e_{name}"] = split_errors(denoise, neg, split, self.sigmas, self.weights, a.batch,
+            out[f"e_{name}"] = split_errors(denoise, neg, split, self.sigmas, self.weights, self.batch,
                                             self.world, self.device, self.bar)
         if self.extractor is not None:
             for name, split, clean in zip(("train", "val"), splits, self.clean):
                 out[f"fd_{name}"] = feature_distances(denoise, neg, split, clean, self.extractor,
-                                                      a.feature_sigmas, self.weights, a.batch, self.world,
+                                                      self.feature_sigmas, self.weights, self.batch, self.world,
                                                       self.device, self.bar)
         return out
 
@@ -417,9 +393,9 @@ def negative_model(args, snapshots, opt_source, device):
             for s in snapshots:
                 common.check_classifier_free(s["network"]["num_classes"] > 0, s["path"])
             if opt_source is not None:
-                common.check_classifier_free(opt_source["labels"] is not None, "the optimal denoiser of --cond none")
+                common.check_classifier_free(opt_source.labels is not None, "the optimal denoiser of --cond none")
         return None, "uncond"
-    info = read_snapshot(args.neg, args)
+    info = read_snapshot(args.neg, args.weights)
     net, _ = common.load_denoiser(args.neg, WEIGHTS_KEY[args.weights], device)
     models = [(s["path"], s["network"]["img_resolution"], s["network"]["img_channels"], s["network"]["num_classes"])
               for s in snapshots]
@@ -461,18 +437,19 @@ def main(argv=None):
 def evaluate(args, rank, world, device):
     say = common.say
     old = common.earlier_result(args.out, SCRIPT, args.force)
-    snapshots = [read_snapshot(path, args) for path in common.find_snapshots(args.snapshots)]
+    snapshots = [read_snapshot(path, args.weights, args.data_dir) for path in common.find_snapshots(args.snapshots)]
     if snapshots:
         check_same_run(snapshots, args.allow_mixed)
     opt_source = None
     if args.optimal:
         if snapshots:
-            keys = {source_digest(s["source"]) for s in snapshots}
+            keys = {s["source"].digest() for s in snapshots}
             check(len(keys) == 1, "--optimal with snapshots of different training subsets or labels: "
                                   "evaluate the optimal denoiser of each run on its own")
             opt_source = snapshots[0]["source"]
         else:
-            opt_source = subset_source(args)
+            opt_source = common.TrainingSource.drawn(args.data, args.n, args.seed, args.cond, args.k, args.resolution,
+                                                     args.data_dir)
     sigmas = (torch.tensor(sorted(args.sigmas), dtype=torch.float64) if args.sigmas
               else common.log_sigmas(args.num_sigmas))
     if args.feature_sigmas == "all":
@@ -487,7 +464,7 @@ def evaluate(args, rank, world, device):
 
     models = [(s["digest"], s["source"], s["path"]) for s in snapshots]
     if opt_source is not None:
-        models.append(("optimal-" + source_digest(opt_source), opt_source, None))
+        models.append(("optimal-" + opt_source.digest(), opt_source, None))
     todo = {key: (source, path) for key, source, path in models if key not in cache}
     dropped = len(set(cache) - {key for key, _, _ in models})
     if dropped:
@@ -514,7 +491,8 @@ def evaluate(args, rank, world, device):
         return result
 
     with tqdm(total=total, unit="eval", unit_scale=True, disable=rank != 0 or not todo, dynamic_ncols=True) as bar:
-        evaluator = Evaluator(args, sigmas, weights, neg, extractor, rank, world, device, bar)
+        evaluator = Evaluator(sigmas, weights, neg, args.num_images, args.seed, args.batch, extractor,
+                              args.feature_sigmas, rank, world, device, bar)
         for i, (key, (source, path)) in enumerate(todo.items()):
             bar.set_description(f"{i + 1}/{len(todo)} {os.path.basename(path) if path else 'optimal'}")
             if path is None:

@@ -157,14 +157,18 @@ def parse_args(argv=None):
 
 @dataclasses.dataclass(eq=False)
 class TrainingSet:
-    """A training subset (what a denoiser learned from) and the validation split, at one resolution."""
-    index: np.ndarray            # (N,) indices into the training split
+    """A training subset (what a denoiser learned from) and the validation split, loaded at its resolution."""
+    source: common.TrainingSource  # dataset, resolution, subset indices, labels, centroids
     x: torch.Tensor              # (N, C, R, R) float32 on the device
     labels: torch.Tensor | None  # (N,) conditioning labels as trained, or None
-    num_classes: int             # labels are 0..num_classes-1; num_classes is the null label
     val_x: torch.Tensor          # (V, C, R, R) the whole validation split
     val_labels: torch.Tensor | None
     distinct: torch.Tensor       # (U,) positions of the first copy of each distinct training image
+
+    @property
+    def num_classes(self):
+        """Labels are 0..num_classes-1; num_classes is the null label."""
+        return self.source.num_classes
 
     @functools.cached_property
     def x64(self):
@@ -186,23 +190,18 @@ class TrainingSet:
         return out.to(x.dtype)
 
 
-def load_training_set(dataset, data_dir, resolution, index, labels, num_classes, cond, centroids, device):
-    """The subset `index` of a dataset's training split with its labels, and the validation split
-    labelled the way the denoiser sees it (classes, or the nearest k-means centroid)."""
-    images, _ = common.load_images(dataset, "train", data_dir)
-    val_images, val_classes = common.load_images(dataset, "val", data_dir)
-    index = np.asarray(index, np.int64)
-    check(len(index) >= 1 and int(index.max()) < len(images),
-          f"the subset indices do not fit the {len(images)} training images of {dataset}")
-    x = common.images_to_tensor(images[index], resolution)
-    val_x = common.images_to_tensor(val_images, resolution)
-    val_labels = {"class": val_classes, "kmeans": None, "none": None}[cond]
-    if cond == "kmeans":
-        val_labels = common.assign_clusters(val_x, centroids)
+def load_training_set(source, device):
+    """The training images of a source (common.TrainingSource) with their labels, and the validation split
+    labelled the way a denoiser trained on it reads it (classes, or the nearest k-means centroid)."""
+    x = source.images()
+    val_images, val_classes = common.load_images(source.dataset, "val", source.data_dir)
+    val_x = common.images_to_tensor(val_images, source.resolution)
+    val_labels = source.validation_labels(val_classes, val_x)
     _, inverse = torch.unique(x.flatten(1), dim=0, return_inverse=True)
     first = torch.full((int(inverse.max()) + 1,), len(x)).scatter_reduce(0, inverse, torch.arange(len(x)), "amin")
     as_labels = lambda a: None if a is None else torch.tensor(np.asarray(a), dtype=torch.long, device=device)  # noqa: E731
-    return TrainingSet(index, x.to(device), as_labels(labels), int(num_classes), val_x.to(device), as_labels(val_labels), first.sort().values.to(device))
+    return TrainingSet(source, x.to(device), as_labels(source.labels), val_x.to(device), as_labels(val_labels),
+                       first.sort().values.to(device))
 
 
 @dataclasses.dataclass
@@ -217,33 +216,28 @@ class Model:
     images_seen: int = -1
 
 
-def optimal_model(args, device):
-    """The optimal denoiser (or with --gaussian the Gaussian one) of the --n images that
-    train_image.py --seed SUBSET_SEED trains on."""
-    index, labels, centroids = common.training_subset(args.data, args.n, args.subset_seed, args.cond, args.k,
-                                                      args.resolution, args.data_dir)
-    num_classes = common.num_condition_classes(args.data, args.cond, args.k)
-    train = load_training_set(args.data, args.data_dir, args.resolution, index, labels, num_classes, args.cond,
-                              centroids, device)
-    kind = "gaussian" if args.gaussian else "optimal"
-    name = f"{kind}-{args.data}-r{args.resolution}-n{args.n}" + ("" if args.cond == "none" else f"-{args.cond}")
+def optimal_model(source, device, gaussian=False):
+    """The optimal denoiser (gaussian: the Gaussian one) of a training subset (common.TrainingSource)."""
+    train = load_training_set(source, device)
+    kind = "gaussian" if gaussian else "optimal"
+    name = (f"{kind}-{source.dataset}-r{source.resolution}-n{len(source.subset)}"
+            + ("" if source.cond == "none" else f"-{source.cond}"))
     denoise = train.optimal
-    if args.gaussian:
+    if gaussian:
         gauss = common.gaussian_denoiser(train.x)
         denoise = lambda x, sigma, labels=None: gauss(x, sigma)  # noqa: E731
-    return Model(name, denoise, train, num_classes, torch.float64, path=kind)
+    return Model(name, denoise, train, source.num_classes, torch.float64, path=kind)
 
 
-def network_model(path, args, device, train_cache):
-    """A snapshot's network (bf16 autocast on CUDA) and its training set (shared between snapshots)."""
-    net, ckpt = common.load_denoiser(path, args.weights, device)
+def network_model(path, weights, data_dir, device, train_cache):
+    """A snapshot's network (bf16 autocast on CUDA) with its `weights` (ema or net) and its training set
+    (data_dir None: the run's; shared between snapshots of the same source through train_cache)."""
+    net, ckpt = common.load_denoiser(path, weights, device)
     num_classes = ckpt["network"]["num_classes"]
-    run_args = ckpt["args"] if isinstance(ckpt["args"], dict) else {}
-    key = (ckpt["dataset"], ckpt["resolution"], np.asarray(ckpt["subset"]).tobytes(), num_classes)
+    source = common.TrainingSource.of_checkpoint(ckpt, data_dir)
+    key = source.digest() + str(source.data_dir)
     if key not in train_cache:
-        train_cache[key] = load_training_set(
-            ckpt["dataset"], args.data_dir or run_args.get("data_dir"), ckpt["resolution"], ckpt["subset"],
-            ckpt["labels"], num_classes, run_args.get("cond", "none"), ckpt["kmeans_centroids"], device)
+        train_cache[key] = load_training_set(source, device)
     autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
     def denoise(x, sigma, labels=None):
@@ -355,7 +349,7 @@ def memorization(samples, train):
     d2 = dist[:, 1] if dist.shape[1] > 1 else torch.full_like(dist[:, 0], math.inf)
     position = train.distinct[idx[:, 0]]
     return dict(d_train=dist[:, 0], d2=d2, nn_ratio=common.memorization_ratio(dist[:, 0], d2),
-                nn_position=position, nn_train_index=torch.as_tensor(train.index)[position.cpu()])
+                nn_position=position, nn_train_index=torch.as_tensor(train.source.subset)[position.cpu()])
 
 
 def overlap_stats(train, x, d, sigma, labels, batch):
@@ -374,7 +368,7 @@ def probe_sets(model, refs, args, shard, p_sigmas, denoise, device):
     D(x) (P, B, ...), labels), 'val': ...}."""
     train, sets = model.train, {}
     for name, images, labels, split_index, pool in (
-            ("train", train.x, train.labels, train.index, refs.train_pos),
+            ("train", train.x, train.labels, train.source.subset, refs.train_pos),
             ("val", train.val_x, train.val_labels, np.arange(len(train.val_x)), refs.val_pos)):
         pos, draws = (a[shard] for a in probe_images(args.num_samples, pool, args.seed))
         at = torch.as_tensor(pos, device=device)
@@ -667,7 +661,7 @@ def evaluate(args, rank, world, device):
     stops, probes = stop_steps(sigmas, args.stop_sigma), probe_steps(sigmas, args.probe_sigmas)
     shard = np.array_split(np.arange(args.num_samples), world)[rank]
     train_cache, ref_cache, shape = {}, {}, None
-    neg = "uncond" if args.neg == "uncond" else network_model(args.neg, args, device, train_cache)
+    neg = "uncond" if args.neg == "uncond" else network_model(args.neg, args.weights, args.data_dir, device, train_cache)
     settings = json.loads(json.dumps({key: getattr(args, key) for key in SETTINGS}))
     settings["neg"] = "uncond" if neg == "uncond" else model_key(args.neg, args)
     rows = cached_configs(old, settings, args.out, say)
@@ -693,7 +687,12 @@ def evaluate(args, rank, world, device):
     for path, path_keys in zip(paths, keys):
         if all(key in rows for key in path_keys):
             continue
-        model = optimal_model(args, device) if path is None else network_model(path, args, device, train_cache)
+        if path is None:
+            source = common.TrainingSource.drawn(args.data, args.n, args.subset_seed, args.cond, args.k,
+                                                 args.resolution, args.data_dir)
+            model = optimal_model(source, device, args.gaussian)
+        else:
+            model = network_model(path, args.weights, args.data_dir, device, train_cache)
         shape = shape or model.train.x.shape[1:]
         check(model.train.x.shape[1:] == shape, f"{model.name} makes images of shape "
               f"{tuple(model.train.x.shape[1:])}, unlike the first configuration's {tuple(shape)}")

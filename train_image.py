@@ -276,10 +276,8 @@ def train(args, rank, world, device):
     val_images, val_class_labels = common.load_images(args.data, "val", args.data_dir)
     probe_train = common.choose_subset(args.n, min(args.probe_images, args.n), args.seed)
     probe_val = common.choose_subset(len(val_images), min(args.probe_images, len(val_images)), args.seed)
-    val_labels = val_class_labels[probe_val] if args.cond == "class" else None
-    if args.cond == "kmeans":
-        val_labels = common.assign_clusters(common.images_to_tensor(val_images[probe_val], args.resolution),
-                                            centroids)
+    val_labels = common.validation_labels(labels, centroids, val_class_labels[probe_val],
+                                          common.images_to_tensor(val_images[probe_val], args.resolution))
     probes = [probe_set(images, None if labels is None else labels[probe_train], subset[probe_train],
                         subset[probe_train], args.resolution, args.seed, device),
               probe_set(val_images, val_labels, probe_val, len(images) + probe_val, args.resolution, args.seed,

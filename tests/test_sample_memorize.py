@@ -50,6 +50,11 @@ def run(argv, tmp_path):
     return common.load_npz(out)
 
 
+def source(data_dir, subset, labels=None):
+    """The training subset `subset` of the synthetic data at resolution R (common.TrainingSource)."""
+    return common.TrainingSource("fashion-mnist", R, np.asarray(subset), labels, data_dir=data_dir)
+
+
 def exit_message(argv, capsys):
     """Run the command line; return (exit code, stderr) of run_cli."""
     with pytest.raises(SystemExit) as exc:
@@ -93,7 +98,7 @@ def test_memorization_ratio_rules_for_copies_duplicates_and_a_single_image():
 
 
 def test_exact_copies_have_ratio_zero_and_duplicates_count_once(data_dir):
-    train = sample_memorize.load_training_set("fashion-mnist", data_dir, R, np.arange(6), None, 0, "none", None, "cpu")
+    train = sample_memorize.load_training_set(source(data_dir, np.arange(6)), "cpu")
     train.x[4] = train.x[1]  # a duplicated training image
     train.distinct = torch.tensor([0, 1, 2, 3, 5])
     samples = torch.cat([train.x[:3], train.x[1:2] + 0.01 * torch.randn(1, 1, R, R)])
@@ -103,14 +108,13 @@ def test_exact_copies_have_ratio_zero_and_duplicates_count_once(data_dir):
 
 
 def test_training_set_with_one_image_counts_every_sample_as_its_copy(data_dir):
-    train = sample_memorize.load_training_set("fashion-mnist", data_dir, R, [3], None, 0, "none", None, "cpu")
+    train = sample_memorize.load_training_set(source(data_dir, [3]), "cpu")
     res = sample_memorize.memorization(torch.randn(5, 1, R, R), train)
     assert torch.isinf(res["d2"]).all() and res["nn_ratio"].tolist() == [0.0] * 5
 
 
 def test_distinct_training_images_are_found_by_content(data_dir):
-    train = sample_memorize.load_training_set("fashion-mnist", data_dir, R, [2, 7, 2, 5, 7], None, 0, "none", None,
-                                              "cpu")
+    train = sample_memorize.load_training_set(source(data_dir, [2, 7, 2, 5, 7]), "cpu")
     assert train.distinct.tolist() == [0, 1, 3]
 
 
@@ -197,8 +201,7 @@ def test_missing_or_foreign_feature_files_say_how_to_get_inception(tmp_path):
 # ---------------------------------------------------------------------------
 
 def net_model(snapshot):
-    return sample_memorize.network_model(snapshot, sample_memorize.parse_args([snapshot, "--device", "cpu"]),
-                                         torch.device("cpu"), {})
+    return sample_memorize.network_model(snapshot, "ema", None, torch.device("cpu"), {})
 
 
 def test_each_seed_gives_the_same_sample_whatever_the_batch_size(snapshot):
@@ -246,9 +249,8 @@ def test_guidance_weight_zero_is_the_unguided_sampler_and_nonzero_weights_change
 # ---------------------------------------------------------------------------
 
 def test_references_are_the_training_subset_and_as_many_validation_images_per_label_as_half_the_split_has(data_dir):
-    args = sample_memorize.parse_args(["--optimal", "--data-dir", data_dir, "--n", "12", "--resolution", str(R),
-                                       "--cond", "class"])
-    model = sample_memorize.optimal_model(args, torch.device("cpu"))
+    subset = common.choose_subset(24, 12, 0)
+    model = sample_memorize.optimal_model(source(data_dir, subset, subset % 3), torch.device("cpu"))
     refs = sample_memorize.reference_pair(model.train, seed=0)
     t_lab, v_lab = model.train.labels[refs.train_pos], model.train.val_labels[refs.val_pos]
     assert refs.conditional and refs.train_pos.tolist() == list(range(12))
@@ -260,7 +262,7 @@ def test_samples_of_a_sampler_that_ignores_the_training_set_do_not_score_like_no
     # the optimal denoiser of held-out validation images: its samples copy images the model never trained on
     args = sample_memorize.parse_args(["--optimal", "--data-dir", data_dir, "--n", "6", "--resolution", str(R),
                                        "--num-samples", "12", "--batch", "12"])
-    model = sample_memorize.optimal_model(args, torch.device("cpu"))
+    model = sample_memorize.optimal_model(source(data_dir, common.choose_subset(24, 6, 0)), torch.device("cpu"))
     refs = sample_memorize.reference_pair(model.train, seed=0)
     held = model.train.val_x[refs.heldout_pos].double()
     other = lambda x, s, labels: common.optimal_denoiser(x.double(), s.double(), held).to(x.dtype)  # noqa: E731
