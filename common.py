@@ -228,6 +228,44 @@ def optimal_denoiser(x, sigma, data, x_labels=None, data_labels=None, chunk_size
     return _softmax_stream(x, sig.square(), data, x_labels, data_labels, chunk_size)[0]
 
 
+def exact_dtype(device):
+    """float64, the dtype of exact optimal denoisers and densities; float32 on MPS, which has no float64."""
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
+
+
+def labelled_optimal_denoiser(data, data_labels=None, null_label=None, note=None):
+    """The optimal denoiser of data (N, ...) as denoise(x, sigma, labels=None) -> y*, in data's dtype (x and
+    sigma are converted to it; give data in exact_dtype). With data_labels it is conditional on each query's
+    label; a query without a label (labels None), with the null label, or with a label that no data point
+    carries gets the unconditional y* (the conditional one is undefined there). note(text) (default: say)
+    is told once per such label other than the null label."""
+    if data_labels is not None:
+        data_labels = torch.as_tensor(data_labels, device=data.device).flatten()
+    noted = {null_label}
+
+    @torch.no_grad()
+    def denoise(x, sigma, labels=None):
+        x = x.to(data.dtype)
+        sigma = _per_query(sigma, x, "sigma").expand(len(x))
+        if labels is None or data_labels is None:
+            return optimal_denoiser(x, sigma, data)
+        labels = torch.as_tensor(labels, device=x.device).flatten()
+        known = torch.isin(labels, data_labels)
+        if bool(known.all()):
+            return optimal_denoiser(x, sigma, data, labels, data_labels)
+        missing = set(labels[~known].tolist()) - noted
+        if missing:
+            (note or say)(f"note: no training image has label {', '.join(map(str, sorted(missing)))}: the "
+                          "optimal denoiser is unconditional for queries with that label")
+            noted.update(missing)
+        out = torch.empty_like(x)
+        out[~known] = optimal_denoiser(x[~known], sigma[~known], data)
+        if bool(known.any()):
+            out[known] = optimal_denoiser(x[known], sigma[known], data, labels[known], data_labels)
+        return out
+    return denoise
+
+
 def error_prone_denoiser(x, sigma, data, delta, x_labels=None, data_labels=None, chunk_size=None):
     """Error-prone model (toy): optimal denoiser of data smeared by N(0, delta^2),
     y_delta(x, sigma) = (delta^2 x + sigma^2 y*(x, s~)) / (sigma^2 + delta^2), s~^2 = sigma^2 + delta^2.

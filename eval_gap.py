@@ -222,32 +222,11 @@ def network_model(denoiser, device):
     return denoise
 
 
-def optimal_model(source, device, say=print):
-    """The optimal denoiser of the source's subset, in float64 (float32 on MPS, which lacks float64).
-    With labels it is class/cluster-conditional; images whose label no subset image carries get the
-    unconditional one (the conditional is undefined there), with a note."""
-    dtype = torch.float32 if device.type == "mps" else torch.float64
-    data = source.images().to(device, dtype)
-    data_labels = None if source.labels is None else torch.as_tensor(source.labels).to(device)
-    noted = set()
-
-    def denoise(x, sigma, labels):
-        x, sigma = x.to(dtype), sigma.to(dtype)
-        if labels is None or data_labels is None:
-            return common.optimal_denoiser(x, sigma, data)
-        known = torch.isin(labels, data_labels)
-        if bool(known.all()):
-            return common.optimal_denoiser(x, sigma, data, labels, data_labels)
-        missing = set(labels[~known].tolist()) - noted
-        if missing:
-            say(f"note: no training image has label {', '.join(map(str, sorted(missing)))}: the optimal "
-                "denoiser is unconditional for images with that label")
-            noted.update(missing)
-        out = common.optimal_denoiser(x, sigma, data)
-        if bool(known.any()):
-            out[known] = common.optimal_denoiser(x[known], sigma[known], data, labels[known], data_labels)
-        return out
-    return denoise
+def optimal_model(source, device):
+    """The optimal denoiser of the source's subset, exact (common.exact_dtype), conditional on its labels when
+    it has them; images whose label no subset image carries get the unconditional one, with a note
+    (common.labelled_optimal_denoiser)."""
+    return common.labelled_optimal_denoiser(source.images().to(device, common.exact_dtype(device)), source.labels)
 
 
 def counted(denoise, bar):
@@ -496,7 +475,7 @@ def evaluate(args, rank, world, device):
         for i, (key, (source, path)) in enumerate(todo.items()):
             bar.set_description(f"{i + 1}/{len(todo)} {os.path.basename(path) if path else 'optimal'}")
             if path is None:
-                model = optimal_model(source, device, common.say)
+                model = optimal_model(source, device)
             else:
                 model = network_model(common.load_denoiser(path, WEIGHTS_KEY[args.weights], device)[0], device)
             rows[key] = evaluator.rows(model, source)

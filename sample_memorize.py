@@ -56,7 +56,6 @@ did not write (another script's result, a foreign file) is not replaced unless -
 import argparse
 import contextlib
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -164,30 +163,12 @@ class TrainingSet:
     val_x: torch.Tensor          # (V, C, R, R) the whole validation split
     val_labels: torch.Tensor | None
     distinct: torch.Tensor       # (U,) positions of the first copy of each distinct training image
+    optimal: Callable            # its optimal denoiser (x, sigma, labels=None), exact (float64; float32 on MPS)
 
     @property
     def num_classes(self):
         """Labels are 0..num_classes-1; num_classes is the null label."""
         return self.source.num_classes
-
-    @functools.cached_property
-    def x64(self):
-        return self.x.double()
-
-    @torch.no_grad()
-    def optimal(self, x, sigma, labels=None):
-        """Optimal denoiser y*(x, sigma) of this set, in float64, conditional on each query's label;
-        the null label (or no labels) sums over the whole set."""
-        x64, sigma = x.double(), sigma.double().expand(len(x))
-        null = torch.ones(len(x), dtype=torch.bool, device=x.device)
-        if labels is not None and self.labels is not None:
-            null = labels == self.num_classes
-        out = torch.empty_like(x64)
-        if null.any():
-            out[null] = common.optimal_denoiser(x64[null], sigma[null], self.x64)
-        if not null.all():
-            out[~null] = common.optimal_denoiser(x64[~null], sigma[~null], self.x64, labels[~null], self.labels)
-        return out.to(x.dtype)
 
 
 def load_training_set(source, device):
@@ -200,8 +181,11 @@ def load_training_set(source, device):
     _, inverse = torch.unique(x.flatten(1), dim=0, return_inverse=True)
     first = torch.full((int(inverse.max()) + 1,), len(x)).scatter_reduce(0, inverse, torch.arange(len(x)), "amin")
     as_labels = lambda a: None if a is None else torch.tensor(np.asarray(a), dtype=torch.long, device=device)  # noqa: E731
-    return TrainingSet(source, x.to(device), as_labels(source.labels), val_x.to(device), as_labels(val_labels),
-                       first.sort().values.to(device))
+    labels = as_labels(source.labels)
+    optimal = common.labelled_optimal_denoiser(x.to(device, common.exact_dtype(device)), labels,
+                                               null_label=source.num_classes)
+    return TrainingSet(source, x.to(device), labels, val_x.to(device), as_labels(val_labels),
+                       first.sort().values.to(device), optimal)
 
 
 @dataclasses.dataclass
@@ -226,7 +210,7 @@ def optimal_model(source, device, gaussian=False):
     if gaussian:
         gauss = common.gaussian_denoiser(train.x)
         denoise = lambda x, sigma, labels=None: gauss(x, sigma)  # noqa: E731
-    return Model(name, denoise, train, source.num_classes, torch.float64, path=kind)
+    return Model(name, denoise, train, source.num_classes, common.exact_dtype(device), path=kind)
 
 
 def network_model(path, weights, data_dir, device, train_cache):
@@ -447,7 +431,7 @@ class References:
     def llr(self, x, sigma, labels, batch):
         """LLR(x) = log p_train(x | sigma) - log p_val(x | sigma) of the noisy reference images, (B,) float64
         (float32 on MPS). Conditional when the references are and the query has a label (not null)."""
-        t, dtype = self.train, torch.float32 if x.device.type == "mps" else torch.float64
+        t, dtype = self.train, common.exact_dtype(x.device)
         ref_t, ref_v = t.x[self.train_pos].to(dtype), t.val_x[self.val_pos].to(dtype)
         lab_t = lab_v = None
         if self.conditional and labels is not None and bool((labels < t.num_classes).all()):

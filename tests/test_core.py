@@ -178,6 +178,25 @@ def test_class_conditional_optimal_denoiser_streams_past_chunks_without_the_quer
                                        rtol=0, atol=1e-12)
 
 
+def test_labelled_optimal_denoiser_is_unconditional_for_no_label_the_null_label_and_a_label_the_data_lacks():
+    g = torch.Generator().manual_seed(6)
+    data, data_labels = torch.randn(12, 3, generator=g, dtype=F64), torch.arange(12) % 2   # labels 0 and 1 only
+    x, sigma = torch.randn(5, 3, generator=g, dtype=F64), torch.full((5,), 0.7, dtype=F64)
+    notes = []
+    denoise = common.labelled_optimal_denoiser(data, data_labels, null_label=3, note=notes.append)
+    labels = torch.tensor([0, 1, 3, 2, 2])  # known, known, null, missing, missing
+    got = denoise(x.float(), sigma, labels)
+    assert got.dtype == F64, "computed and returned in the data's dtype"
+    unconditional = common.optimal_denoiser(x, sigma, data)
+    conditional = common.optimal_denoiser(x[:2], sigma[:2], data, labels[:2], data_labels)
+    torch.testing.assert_close(got[:2], conditional, rtol=0, atol=1e-6)   # x was rounded to float32
+    torch.testing.assert_close(got[2:], unconditional[2:], rtol=0, atol=1e-6)
+    torch.testing.assert_close(denoise(x, 0.7), unconditional, rtol=0, atol=0)
+    denoise(x, 0.7, torch.tensor([2, 3, 0, 0, 0]))
+    assert notes == ["note: no training image has label 2: the optimal denoiser is unconditional for queries "
+                     "with that label"], "one note per missing label, none for the null label"
+
+
 def test_float32_optimal_denoiser_matches_float64_where_most_weights_underflow():
     # At sigma 0.3 in d = 64 nearly all weights exp(logit - max) lie below float32's range.
     g = torch.Generator().manual_seed(12)
