@@ -1162,6 +1162,11 @@ class TrainingSource:
         return "none" if self.labels is None else "class" if self.centroids is None else "kmeans"
 
     @property
+    def image_shape(self):
+        """(channels, resolution, resolution) of its images."""
+        return DATASETS[self.dataset]["shape"][2], self.resolution, self.resolution
+
+    @property
     def num_classes(self):
         """Labels of a network trained on this source: 0 (unconditional), the k clusters or the dataset's classes."""
         if self.labels is None:

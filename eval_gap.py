@@ -34,7 +34,6 @@ file) is not replaced unless --force.
 """
 import argparse
 import collections
-import contextlib
 import json
 import os
 
@@ -210,18 +209,6 @@ def eval_splits(source, num_images, seed, rank=0, world=1, device="cpu"):
 # Models: denoise(x, sigma (B,), labels (B,) or None = unconditional)
 # ---------------------------------------------------------------------------
 
-def network_model(denoiser, device):
-    """A snapshot's network in inference mode, bf16 autocast on CUDA."""
-    cuda = device.type == "cuda"
-    if cuda:
-        denoiser.to(memory_format=torch.channels_last)
-
-    def denoise(x, sigma, labels):
-        with torch.autocast("cuda", torch.bfloat16) if cuda else contextlib.nullcontext():
-            return denoiser(x, sigma, labels)
-    return denoise
-
-
 def optimal_model(source, device):
     """The optimal denoiser of the source's subset, exact (common.exact_dtype), conditional on its labels when
     it has them; images whose label no subset image carries get the unconditional one, with a note
@@ -312,7 +299,7 @@ class Evaluator:
         return self.splits
 
     def rows(self, denoise, source):
-        splits, neg = self.load(source), self.neg or (lambda x, s, c: denoise(x, s, None))
+        splits, neg = self.load(source), common.negative_denoiser(denoise, self.neg)
         out = {}
         for name, split in zip(("train", "val"), splits):
             out[f"e_{name}"] = split_errors(denoise, neg, split, self.sigmas, self.weights, self.batch,
@@ -364,30 +351,23 @@ def default_out(args):
     return common.default_result_path(args.snapshots, "gap", ("-raw" if args.weights == "raw" else "") + guided)
 
 
-def negative_model(args, snapshots, opt_source, device):
-    """The guidance negative: None for 'uncond' (the model with the null label; refused for an
-    unconditional model, for which D_neg = D), else a network."""
-    if args.neg == "uncond":
-        if any(args.guidance_weights):
-            for s in snapshots:
-                common.check_classifier_free(s["network"]["num_classes"] > 0, s["path"])
-            if opt_source is not None:
-                common.check_classifier_free(opt_source.labels is not None, "the optimal denoiser of --cond none")
+def image_shape(network):
+    """(channels, resolution, resolution) of the images of a network config."""
+    return network["img_channels"], network["img_resolution"], network["img_resolution"]
+
+
+def negative_model(neg, weights, guidance_weights, models, device):
+    """The guidance negative of --neg and its digest: None for 'uncond' (each model with the null label,
+    common.negative_denoiser) or a snapshot's network; UserError unless it fits each of the models, given as
+    (name, image shape, number of classes) (common.check_guidance)."""
+    info = None if neg == "uncond" else read_snapshot(neg, weights)
+    fits = None if info is None else (neg, image_shape(info["network"]), info["network"]["num_classes"])
+    if fits is not None or any(guidance_weights):
+        for name, shape, num_classes in models:
+            common.check_guidance(name, shape, num_classes, fits)
+    if info is None:
         return None, "uncond"
-    info = read_snapshot(args.neg, args.weights)
-    net, _ = common.load_denoiser(args.neg, WEIGHTS_KEY[args.weights], device)
-    models = [(s["path"], s["network"]["img_resolution"], s["network"]["img_channels"], s["network"]["num_classes"])
-              for s in snapshots]
-    if opt_source is not None and not snapshots:
-        models.append((f"the optimal denoiser of --data {args.data} --resolution {args.resolution} --cond {args.cond}",
-                       args.resolution, common.DATASETS[args.data]["shape"][2],
-                       common.num_condition_classes(args.data, args.cond, args.k)))
-    neg = info["network"]
-    for name, resolution, channels, classes in models:
-        check(neg["img_resolution"] == resolution and neg["img_channels"] == channels
-              and neg["num_classes"] in (0, classes), f"--neg {args.neg} does not fit {name}: it needs the same "
-              "image size and channels, and no labels or the same labels")
-    return network_model(net, device), info["digest"]
+    return common.network_denoiser(common.load_denoiser(neg, WEIGHTS_KEY[weights], device)[0], device), info["digest"]
 
 
 def curves(rows, guided, sigmas=None, images_seen=None):
@@ -435,7 +415,13 @@ def evaluate(args, rank, world, device):
         args.feature_sigmas = sigmas.tolist()
     guided = args.guidance_weights is not None
     weights = args.guidance_weights if guided else [0.0]
-    neg, neg_digest = negative_model(args, snapshots, opt_source, device) if guided else (None, "uncond")
+    neg, neg_digest = None, "uncond"
+    if guided:
+        made = [(s["path"], image_shape(s["network"]), s["network"]["num_classes"]) for s in snapshots]
+        if opt_source is not None:
+            made.append((f"the optimal denoiser of --data {opt_source.dataset} --resolution {opt_source.resolution} "
+                         f"--cond {opt_source.cond}", opt_source.image_shape, opt_source.num_classes))
+        neg, neg_digest = negative_model(args.neg, args.weights, args.guidance_weights, made, device)
     extractor = common.load_feature_extractor(args.features, device) if args.features else None
     out_path = args.out
     settings = eval_settings(args, sigmas, neg_digest)
@@ -477,7 +463,7 @@ def evaluate(args, rank, world, device):
             if path is None:
                 model = optimal_model(source, device)
             else:
-                model = network_model(common.load_denoiser(path, WEIGHTS_KEY[args.weights], device)[0], device)
+                model = common.network_denoiser(common.load_denoiser(path, WEIGHTS_KEY[args.weights], device)[0], device)
             rows[key] = evaluator.rows(model, source)
             result = write()  # after every model, so that a rerun after a kill reuses the finished rows
             progress["done"] += 1

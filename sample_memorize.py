@@ -54,7 +54,6 @@ settings (by an earlier or a killed run) are reused unless --force; an --out tha
 did not write (another script's result, a foreign file) is not replaced unless --force.
 """
 import argparse
-import contextlib
 import dataclasses
 import json
 import math
@@ -222,25 +221,9 @@ def network_model(path, weights, data_dir, device, train_cache):
     key = source.digest() + str(source.data_dir)
     if key not in train_cache:
         train_cache[key] = load_training_set(source, device)
-    autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-
-    def denoise(x, sigma, labels=None):
-        with autocast:
-            return net(x.float(), sigma.float(), labels).to(x.dtype)
     run = os.path.basename(os.path.dirname(os.path.abspath(path)))
-    return Model(f"{run}-{os.path.basename(path).removesuffix('.pt')}", denoise, train_cache[key], num_classes,
-                 torch.float32, os.fspath(path), int(ckpt["images_seen"]))
-
-
-def negative_denoiser(pos, neg):
-    """D_neg of guidance for model pos: with neg 'uncond', D_pos with the null label (classifier-free
-    guidance); with neg a Model, that model's denoiser (autoguidance)."""
-    if neg == "uncond":
-        common.check_classifier_free(pos.num_classes > 0, pos.name)
-        return lambda x, s, c: pos.denoise(x, s, torch.full_like(c, pos.num_classes))
-    check(neg.num_classes in (0, pos.num_classes), f"the --neg snapshot has {neg.num_classes} classes but "
-          f"{pos.name} has {pos.num_classes}: it must be unconditional or use the same labels")
-    return lambda x, s, c: neg.denoise(x, s, c if neg.num_classes else None)
+    return Model(f"{run}-{os.path.basename(path).removesuffix('.pt')}", common.network_denoiser(net, device),
+                 train_cache[key], num_classes, torch.float32, os.fspath(path), int(ckpt["images_seen"]))
 
 
 # ---------------------------------------------------------------------------
@@ -680,13 +663,14 @@ def evaluate(args, rank, world, device):
         shape = shape or model.train.x.shape[1:]
         check(model.train.x.shape[1:] == shape, f"{model.name} makes images of shape "
               f"{tuple(model.train.x.shape[1:])}, unlike the first configuration's {tuple(shape)}")
-        check(neg == "uncond" or neg.train.x.shape[1:] == shape, f"--neg {args.neg} makes images of shape "
-              f"{tuple(neg.train.x.shape[1:]) if neg != 'uncond' else ''}, but {model.name} makes {tuple(shape)}")
+        neg_fits = None if neg == "uncond" else (args.neg, neg.train.x.shape[1:], neg.num_classes)
+        if neg_fits is not None or any(args.guidance_weights):
+            common.check_guidance(model.name, shape, model.num_classes, neg_fits)
         if len(model.train.distinct) < 2:
             say(f"note: the training set of {model.name} has one distinct image, so d2 = inf and every sample "
                 "counts as a copy of it (common.memorization_ratio)")
         label_choices(model, args.label)  # a --label the model cannot take stops before any sampling
-        d_neg = negative_denoiser(model, neg) if any(args.guidance_weights) else None
+        d_neg = common.negative_denoiser(model.denoise, None if neg == "uncond" else neg.denoise)
         for w, key in zip(args.guidance_weights, path_keys):
             if key in rows:
                 continue

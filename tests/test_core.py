@@ -332,6 +332,22 @@ def test_guided_denoiser_passes_every_argument_and_skips_the_negative_at_zero_we
     assert all(c is labels for c in calls)
 
 
+def test_negative_of_classifier_free_guidance_drops_the_labels_and_autoguidance_must_fit():
+    seen = []
+    d_neg = common.negative_denoiser(lambda x, sigma, labels: seen.append(labels) or x)
+    d_neg(torch.zeros(2), 1.0, torch.tensor([0, 1]))
+    assert seen == [None]
+    other = lambda x, sigma, labels=None: x  # noqa: E731
+    assert common.negative_denoiser(None, other) is other
+    common.check_guidance("m", (1, 8, 8), 3)
+    common.check_guidance("m", (1, 8, 8), 3, ("small.pt", (1, 8, 8), 0))
+    with pytest.raises(common.UserError, match="--neg uncond needs a class-conditional denoiser, but m"):
+        common.check_guidance("m", (1, 8, 8), 0)
+    for neg in (("small.pt", (1, 16, 16), 0), ("small.pt", (3, 8, 8), 3), ("small.pt", (1, 8, 8), 10)):
+        with pytest.raises(common.UserError, match="--neg small.pt does not fit m: it needs the same image size"):
+            common.check_guidance("m", (1, 8, 8), 3, neg)
+
+
 # --- sampler ---------------------------------------------------------------
 
 def test_heun_sampler_on_optimal_denoiser_of_one_point_returns_that_point():
