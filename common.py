@@ -1206,6 +1206,16 @@ def save_checkpoint(state, path):
 
 
 SNAPSHOT_NAME = re.compile(r"snapshot-(\d{9})\.pt")  # snapshot-<images seen, 9 digits>.pt
+# train_image.py arguments that a resumed run may change: they touch neither the weights nor the log's layout,
+# so they do not tell two runs apart either (eval_gap.py).
+RESUMABLE_ARGS = frozenset({"steps", "snapshots", "eval_every", "device", "compile", "out", "data_dir", "no_resume"})
+
+
+def snapshot_files(folder):
+    """The snapshot-*.pt files of a run folder in order of images seen (none when it is not a folder)."""
+    if not os.path.isdir(folder):
+        return []
+    return [os.path.join(folder, name) for name in sorted(os.listdir(folder)) if SNAPSHOT_NAME.fullmatch(name)]
 
 
 def find_snapshots(paths):
@@ -1213,10 +1223,10 @@ def find_snapshots(paths):
     found = []
     for path in paths:
         if os.path.isdir(path):
-            names = sorted(name for name in os.listdir(path) if SNAPSHOT_NAME.fullmatch(name))
-            check(names, f"no snapshot-*.pt in {path}: train one with train_image.py --out {path}, "
+            files = snapshot_files(path)
+            check(files, f"no snapshot-*.pt in {path}: train one with train_image.py --out {path}, "
                          "or point to snapshot files")
-            found += [os.path.join(path, name) for name in names]
+            found += files
         else:
             check(os.path.isfile(path), f"{path} does not exist: it is neither a run folder nor a snapshot file")
             found.append(path)

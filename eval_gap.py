@@ -46,8 +46,6 @@ import common
 from common import check
 
 SCRIPT = os.path.basename(__file__)  # stored in the result file (common.save_npz)
-# train_image.py arguments that a resumed run may change: they do not tell two runs apart.
-RUN_ARGS_IGNORED = {"steps", "snapshots", "eval_every", "device", "compile", "out", "data_dir", "no_resume"}
 # Arguments that change the numbers of a row; a cached row is reused only when they all match.
 SETTINGS = ("num_images", "seed", "guidance_weights", "neg", "features", "feature_sigmas", "data_dir")
 ROW_KEYS = ("e_train", "e_val", "fd_train", "fd_val")
@@ -154,7 +152,7 @@ def read_snapshot(path, weights="ema", data_dir=None):
     """Metadata of a snapshot: path, images seen, run identity, network config, source (common.TrainingSource;
     data_dir None: the run's) and a digest of everything its rows depend on (the `weights` and the source)."""
     ckpt = common.load_checkpoint(path)
-    run = {k: v for k, v in ckpt["args"].items() if k not in RUN_ARGS_IGNORED}
+    run = {k: v for k, v in ckpt["args"].items() if k not in common.RESUMABLE_ARGS}
     return dict(path=path, images_seen=int(ckpt["images_seen"]), run=run, network=ckpt["network"],
                 source=common.TrainingSource.of_checkpoint(ckpt, data_dir),
                 params=sum(int(t.numel()) for t in ckpt[WEIGHTS_KEY[weights]].values()),
@@ -463,7 +461,8 @@ def evaluate(args, rank, world, device):
             if path is None:
                 model = optimal_model(source, device)
             else:
-                model = common.network_denoiser(common.load_denoiser(path, WEIGHTS_KEY[args.weights], device)[0], device)
+                net = common.load_denoiser(path, WEIGHTS_KEY[args.weights], device)[0]
+                model = common.network_denoiser(net, device)
             rows[key] = evaluator.rows(model, source)
             result = write()  # after every model, so that a rerun after a kill reuses the finished rows
             progress["done"] += 1

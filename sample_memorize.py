@@ -628,7 +628,9 @@ def evaluate(args, rank, world, device):
     stops, probes = stop_steps(sigmas, args.stop_sigma), probe_steps(sigmas, args.probe_sigmas)
     shard = np.array_split(np.arange(args.num_samples), world)[rank]
     train_cache, ref_cache, shape = {}, {}, None
-    neg = "uncond" if args.neg == "uncond" else network_model(args.neg, args.weights, args.data_dir, device, train_cache)
+    neg = "uncond"
+    if args.neg != "uncond":
+        neg = network_model(args.neg, args.weights, args.data_dir, device, train_cache)
     settings = json.loads(json.dumps({key: getattr(args, key) for key in SETTINGS}))
     settings["neg"] = "uncond" if neg == "uncond" else model_key(args.neg, args)
     rows = cached_configs(old, settings, args.out, say)

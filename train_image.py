@@ -29,9 +29,7 @@ from tqdm import tqdm
 
 import common
 
-# Arguments a resumed run may change: they touch neither the weights nor the log's layout.
 SCRIPT = os.path.basename(__file__)  # stored in train_log.npz (common.save_npz)
-RESUMABLE_CHANGES = {"steps", "snapshots", "eval_every", "device", "compile", "out", "data_dir", "no_resume"}
 FLUSH_EVERY = 20  # steps between loss read-outs; each one waits for the device
 EVAL_BATCH = 64  # (image, sigma) pairs per forward pass of the evaluations: small, so their progress bar moves
 PLAN_AFTER = 10  # seconds of training (or FLUSH_EVERY steps) after which the time and disk estimate is printed
@@ -170,15 +168,12 @@ def probe_set(images, labels, index, noise_index, resolution, seed, device):
 
 def latest_snapshot(out):
     """The snapshot in out with the most images seen, or None."""
-    if not os.path.isdir(out):
-        return None
-    found = [(int(m.group(1)), m.group(0)) for m in map(common.SNAPSHOT_NAME.fullmatch, os.listdir(out)) if m]
-    return os.path.join(out, max(found)[1]) if found else None
+    return (common.snapshot_files(out) or [None])[-1]
 
 
 def check_same_run(saved, current, path):
     """UserError naming the arguments that differ from those that made the snapshot."""
-    keys = sorted((set(saved) | set(current)) - RESUMABLE_CHANGES)
+    keys = sorted((set(saved) | set(current)) - common.RESUMABLE_ARGS)
     diff = [f"--{k.replace('_', '-')} {saved.get(k)} (snapshot) vs {current.get(k)} (now)"
             for k in keys if saved.get(k) != current.get(k)]
     common.check(not diff, f"{path} was made with different arguments: {'; '.join(diff)}. Rerun with the "
@@ -247,8 +242,7 @@ def train(args, rank, world, device):
 
     ckpt, last_path, old_run = None, latest_snapshot(args.out), []
     if last_path is not None and args.no_resume:  # removed once this run has a snapshot of its own
-        old_run = [os.path.join(args.out, name) for name in sorted(os.listdir(args.out))
-                   if common.SNAPSHOT_NAME.fullmatch(name)]
+        old_run = common.snapshot_files(args.out)
         say(f"--no-resume: the {len(old_run)} snapshot(s) of the earlier run in {args.out} are removed once this "
             "run writes its first snapshot")
         last_path = None
