@@ -1372,6 +1372,14 @@ def denoising_errors(denoise, images, noise, sigmas, labels=None, batch_size=256
     return out.view(S, N)
 
 
+def peak_index(gap):
+    """Index of the largest finite value of a gap curve G(sigma) along the last axis (first one on ties; NaN
+    and inf ignored: G is inf where E_train = 0, as for the optimal denoiser at small sigma; 0 when none is
+    finite)."""
+    gap = np.asarray(gap, np.float64)
+    return np.where(np.isfinite(gap), gap, -np.inf).argmax(axis=-1)
+
+
 # ---------------------------------------------------------------------------
 # Fréchet distance and nearest neighbours
 # ---------------------------------------------------------------------------
@@ -1624,6 +1632,21 @@ def plot_sweep(sigmas, curves, values, label, title, ylabel="relative gap G(sigm
     ax.set(xscale="log", xlabel="noise level sigma", ylabel=ylabel, title=title)
     ax.figure.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label=label)
     return fig if fig is not None else ax.figure
+
+
+def image_grid(images, cols, gap=0, scale=1):
+    """Images (K, C, H, W) in [-1, 1] (tensor or array) as one picture for imshow or imsave, in [0, 1]: rows of
+    `cols` images with `gap` pixels of white between and around them, each pixel repeated scale x scale times;
+    (height, width) for one channel, (height, width, 3) for three."""
+    images = np.asarray(torch.as_tensor(images).float().clamp(-1, 1))
+    images = images.repeat(scale, axis=2).repeat(scale, axis=3)
+    k, c, h, w = images.shape
+    rows = math.ceil(k / cols)
+    grid = np.ones((rows * (h + gap) + gap, cols * (w + gap) + gap, c), np.float32)
+    for i, img in enumerate(images):
+        top, left = gap + (i // cols) * (h + gap), gap + (i % cols) * (w + gap)
+        grid[top:top + h, left:left + w] = (img.transpose(1, 2, 0) + 1) / 2
+    return grid[..., 0] if c == 1 else grid
 
 
 def save_figure(fig, path):

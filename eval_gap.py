@@ -133,15 +133,9 @@ def overfitting_onset(images_seen, e_val):
     return np.asarray(images_seen)[best]
 
 
-def peak_index(gap):
-    """Index of the largest gap along the last axis (first one on ties; NaN ignored)."""
-    gap = np.asarray(gap, np.float64)
-    return np.where(np.isnan(gap), -np.inf, gap).argmax(axis=-1)
-
-
 def peak_sigma(sigmas, gap):
-    """The sigma where the gap G(sigma) is largest. gap (..., S) -> (...)."""
-    return np.asarray(sigmas)[peak_index(gap)]
+    """The sigma where the gap G(sigma) is largest (common.peak_index: finite values only). gap (..., S) -> (...)."""
+    return np.asarray(sigmas)[common.peak_index(gap)]
 
 
 # ---------------------------------------------------------------------------
@@ -516,14 +510,15 @@ def summarize(result, weights, snapshots, optimal, say):
         parts = [] if w is None else [f"w = {w:g}"]
         if snapshots:
             seen, gap = result["images_seen"], pick("gap")
-            j = peak_index(gap)
+            j = common.peak_index(gap)
             onset = (result["onset_images_seen"] if w is None else result["onset_images_seen"][g])[j]
             parts.append(f"last snapshot ({seen[-1]:,} images seen): peak gap {gap[j]:.3g} at sigma {sigmas[j]:.3g}, "
                          f"where E_val is smallest at {onset:,} images seen"
                          + (" (no onset yet)" if len(seen) > 1 and onset == seen[-1] else ""))
         if optimal:
             gap, e_train = pick("gap_optimal"), pick("e_train_optimal")
-            text = f"optimal denoiser: peak gap {gap[peak_index(gap)]:.3g} at sigma {sigmas[peak_index(gap)]:.3g}"
+            j = common.peak_index(gap)
+            text = f"optimal denoiser: peak gap {gap[j]:.3g} at sigma {sigmas[j]:.3g}"
             memorized = np.flatnonzero(np.cumprod(e_train < 1e-3))  # from the smallest sigma up
             if len(memorized):
                 text += f", E_train < 1e-3 up to sigma {sigmas[memorized[-1]]:.3g}"

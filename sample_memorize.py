@@ -520,22 +520,10 @@ def summarize(res, fd_refs, n_boot, seed):
 # Figures
 # ---------------------------------------------------------------------------
 
-def to_image(x):
-    """(C, R, R) in [-1, 1] -> (R, R) or (R, R, 3) in [0, 1] for matplotlib."""
-    img = ((x.float().clamp(-1, 1) + 1) / 2).permute(1, 2, 0).numpy()
-    return img[..., 0] if img.shape[2] == 1 else img
-
-
 def save_grid(path, samples, cols=8):
     """The first cols^2 samples as one PNG grid with 1-pixel gaps, pixels enlarged to >= 64 per image."""
-    scale = max(1, 64 // samples.shape[-1])
-    x = samples[:cols * cols].float().repeat_interleave(scale, 2).repeat_interleave(scale, 3)
-    rows, (c, r, _) = math.ceil(len(x) / cols), x.shape[1:]
-    grid = torch.ones(c, rows * (r + 1) + 1, cols * (r + 1) + 1)
-    for i, img in enumerate(x):
-        top, left = 1 + (i // cols) * (r + 1), 1 + (i % cols) * (r + 1)
-        grid[:, top:top + r, left:left + r] = img
-    plt.imsave(path, to_image(grid), cmap="gray", vmin=0, vmax=1)
+    grid = common.image_grid(samples[:cols * cols], cols, gap=1, scale=max(1, 64 // samples.shape[-1]))
+    plt.imsave(path, grid, cmap="gray", vmin=0, vmax=1)
 
 
 def save_neighbours(path, samples, nearest, ratio, title):
@@ -544,7 +532,7 @@ def save_neighbours(path, samples, nearest, ratio, title):
     fig, axes = plt.subplots(2, count, figsize=(1.1 * count, 2.6), squeeze=False)
     for i in range(count):
         for row, img in enumerate((samples[i], nearest[i])):
-            axes[row, i].imshow(to_image(img), cmap="gray", vmin=0, vmax=1)
+            axes[row, i].imshow(common.image_grid(img[None], 1), cmap="gray", vmin=0, vmax=1)
             axes[row, i].set_xticks([])
             axes[row, i].set_yticks([])
         axes[0, i].set_title(f"{ratio[i]:.2f}" + (" copy" if ratio[i] < common.COPY_RATIO else ""), fontsize=7)

@@ -163,6 +163,9 @@ def test_peak_sigma_is_where_the_relative_gap_is_largest():
     assert np.all(np.abs(np.log(peaks / [1.2, 0.1])) < np.log(sigmas[1] / sigmas[0]))
     gap[0, 20] = np.nan
     assert np.array_equal(eval_gap.peak_sigma(sigmas, gap), peaks), "NaN entries are skipped"
+    gap[1, 0] = np.inf  # E_train = 0, as for the optimal denoiser at small sigma
+    assert np.array_equal(eval_gap.peak_sigma(sigmas, gap), peaks), "inf entries are skipped"
+    assert common.peak_index([np.nan, np.inf]) == 0
     assert np.isinf(eval_gap.relative_gap([0.0, 1.0], [0.5, 1.0])[0])
 
 
