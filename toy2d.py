@@ -187,6 +187,15 @@ class Toy:
 # Experiments: each returns the arrays of its .npz and draws its figure
 # ---------------------------------------------------------------------------
 
+def mark_data(ax, out, legend=False, train_color="k", val_color="tab:green"):
+    """The experiment's training points (dots) and validation points (crosses) on a panel of the plane, with
+    the legend of everything drawn on it so far when `legend` (the first panel)."""
+    ax.scatter(*out["train"].T, s=20, c=train_color, edgecolors="k", label="train")
+    ax.scatter(*out["val"].T, s=20, c=val_color, marker="x", label="validation")
+    if legend:
+        ax.legend(loc="lower left", fontsize=7)
+
+
 def exp_flow(args):
     """(a) Flow field y* - x with predictions of noisy training points at three sigmas."""
     toy = Toy(args, "flow")
@@ -211,12 +220,10 @@ def exp_flow(args):
         stream = ax.streamplot(out["axis"], out["axis"], field[..., 0], field[..., 1], color=speed,
                                cmap="viridis", density=1.1, linewidth=0.8, arrowsize=0.7)
         ax.scatter(*pred.reshape(-1, 2).T, s=2, c="tab:orange", alpha=0.4, label="D(noisy train)")
-        ax.scatter(*out["train"].T, s=25, c="k", marker="o", label="train")
-        ax.scatter(*out["val"].T, s=25, c="tab:red", marker="x", label="validation")
+        mark_data(ax, out, legend=ax is axes[0, 0], val_color="tab:red")  # red stands out on the streamlines
         ax.set(title=f"sigma = {sigma:g}", xlabel="x1", ylabel="x2", aspect="equal", xlim=(-lim, lim),
                ylim=(-lim, lim))
         fig.colorbar(stream.lines, ax=ax, label="|D(x) - x|")
-    axes[0, 0].legend(loc="lower left", fontsize=7)
     fig.suptitle(f"(a) flow field of the {'optimal' if delta == 0 else f'delta={delta:g}'} denoiser")
     return out, fig
 
@@ -271,11 +278,9 @@ def exp_field(args):
     for ax, delta, field in zip(axes[0], toy.deltas, out["gap"]):
         mesh = ax.pcolormesh(out["axis"], out["axis"], field, cmap="magma", vmin=-0.5, vmax=3, shading="auto")
         ax.contour(out["axis"], out["axis"], field, levels=[0.5], colors="cyan", linewidths=1.2)
-        ax.scatter(*out["train"].T, s=16, c="w", edgecolors="k", label="train")
-        ax.scatter(*out["val"].T, s=20, c="tab:green", marker="x", label="validation")
+        mark_data(ax, out, legend=ax is axes[0, 0], train_color="w")  # white stands out on the dark map
         ax.set(title=f"delta = {delta:g}", xlabel="x1", ylabel="x2", aspect="equal")
         fig.colorbar(mesh, ax=ax, label="relative gap to training points")
-    axes[0, 0].legend(loc="lower left", fontsize=7)
     fig.suptitle(f"(d) gap field at sigma = {sigma:.2f}; cyan: gap = 0.5")
     return out, fig
 
@@ -385,11 +390,9 @@ def exp_trajectories(args):
         for p in path:
             ax.plot(*p.T, lw=0.5, color="tab:blue", alpha=0.5)
         ax.scatter(*end.T, s=2, c="tab:orange", label="endpoints")
-        ax.scatter(*out["train"].T, s=20, c="k", label="train")
-        ax.scatter(*out["val"].T, s=20, c="tab:green", marker="x", label="validation")
+        mark_data(ax, out, legend=ax is axes[0, 0])
         ax.set(title=f"delta = {delta:g}", xlim=(-lim, lim), ylim=(-lim, lim), aspect="equal", xlabel="x1",
                ylabel="x2")
-    axes[0, 0].legend(loc="lower left", fontsize=7)
     axes[0, -1].plot(out["deltas"], out["mean_nn_dist"], "o-")
     axes[0, -1].set(xscale="log", yscale="log", xlabel="model error delta",
                     ylabel="mean endpoint distance\nto nearest training point", title="memorization")
