@@ -1263,14 +1263,14 @@ def _is_npz(path):
 
 
 def load_denoiser(checkpoint_or_path, weights="ema", device="cpu"):
-    """The snapshot's Denoiser, rebuilt by build_network(**ckpt['network']) with its 'ema' or
-    'net' weights, in eval mode without gradients; returns (denoiser, checkpoint dict)."""
-    check(weights in ("ema", "net"), f"weights must be 'ema' or 'net', got {weights!r}")
+    """The snapshot's Denoiser, rebuilt by build_network(**ckpt['network']) with its 'ema' or 'raw' weights
+    (WEIGHTS), in eval mode without gradients; returns (denoiser, checkpoint dict)."""
+    check(weights in WEIGHTS, f"weights must be 'ema' or 'raw', got {weights!r}")
     ckpt = checkpoint_or_path
     if not isinstance(ckpt, dict):
         ckpt = load_checkpoint(ckpt)
     denoiser = build_network(**ckpt["network"])
-    denoiser.load_state_dict(ckpt[weights])
+    denoiser.load_state_dict(ckpt[WEIGHTS[weights]])
     return denoiser.to(device).eval().requires_grad_(False), ckpt
 
 
@@ -1300,8 +1300,8 @@ def source_digest(dataset, resolution, subset, labels=None, centroids=None):
 
 
 def snapshot_digest(ckpt, weights="ema"):
-    """Digest of everything a snapshot's outputs depend on: network config, its 'ema' or 'net' weights, source."""
-    return digest(ckpt["network"], ckpt[weights], source_digest(ckpt["dataset"], ckpt["resolution"], ckpt["subset"],
+    """Digest of everything a snapshot's outputs depend on: network config, its 'ema' or 'raw' weights, source."""
+    return digest(ckpt["network"], ckpt[WEIGHTS[weights]], source_digest(ckpt["dataset"], ckpt["resolution"], ckpt["subset"],
                                                                 ckpt["labels"], ckpt["kmeans_centroids"]))
 
 
@@ -1736,7 +1736,13 @@ def run_distributed(job, args):
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """--help that shows every default and keeps the layout of the script's docstring."""
+    """--help that shows every default once and keeps the layout of the script's docstring. A default of None
+    is not shown (the help says what happens then), nor one that the help names itself."""
+
+    def _get_help_string(self, action):
+        if action.default is None or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def _number_type(kind, accept, wanted):
@@ -1759,6 +1765,47 @@ non_negative_float = _number_type(float, lambda v: v >= 0, "a non-negative numbe
 positive_int = _number_type(int, lambda v: v > 0, "a positive integer")
 non_negative_int = _number_type(int, lambda v: v >= 0, "a non-negative integer")
 at_least_two_int = _number_type(int, lambda v: v >= 2, "an integer of at least 2")
+
+
+DEVICE_HELP = "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps"
+WEIGHTS = {"ema": "ema", "raw": "net"}  # --weights -> the snapshot's key: the EMA or the raw (optimizer's) weights
+
+
+def add_run_args(parser, seed, out, out_default=None, batch=None, device=DEVICE_HELP):
+    """The flags every script has, defined once: --seed (a non-negative integer, default 0), --device (default
+    auto) and --out, each helped by what it means in the script (seed, out, device), and --batch (a positive
+    integer) where batch = (default, help) is given."""
+    parser.add_argument("--seed", type=non_negative_int, default=0, help=seed)
+    parser.add_argument("--device", default="auto", help=device)
+    parser.add_argument("--out", default=out_default, help=out)
+    if batch is not None:
+        parser.add_argument("--batch", type=positive_int, default=batch[0], help=batch[1])
+
+
+def add_data_args(parser, applies="", seed_flag="--subset-seed"):
+    """The flags that name a training subset as train_image.py draws it, defined once: --data, --data-dir,
+    --resolution, --n, --cond and --k, and --subset-seed unless seed_flag names another flag for its seed.
+    `applies` starts the help of those that only one mode of the script reads (e.g. '--optimal: ')."""
+    parser.add_argument("--data", default="fashion-mnist", help=f"{applies}dataset: " + ", ".join(DATASETS))
+    parser.add_argument("--data-dir", default=None, help="folder with the dataset files, the only one looked in "
+                        "when given (default: for a snapshot the one its run read, else the system folder, the "
+                        "user cache or a download)")
+    parser.add_argument("--resolution", type=positive_int, default=32,
+                        help=f"{applies}image size R x R (R divides 32)")
+    parser.add_argument("--n", type=at_least_two_int, default=1000,
+                        help=f"{applies}training subset size, drawn with {seed_flag}")
+    parser.add_argument("--cond", default="none", choices=["none", "class", "kmeans"],
+                        help=f"{applies}conditioning: none, the dataset's classes or k-means clusters of the subset")
+    parser.add_argument("--k", type=positive_int, default=10, help=f"{applies}number of clusters of --cond kmeans")
+    if seed_flag == "--subset-seed":
+        parser.add_argument("--subset-seed", type=non_negative_int, default=0,
+                            help=f"{applies}seed of the subset and its k-means clusters, as train_image.py --seed")
+
+
+def add_weights_arg(parser):
+    """--weights: which weights of a snapshot (WEIGHTS)."""
+    parser.add_argument("--weights", default="ema", choices=list(WEIGHTS),
+                        help="snapshot weights: ema (the moving average) or raw (the optimizer's last step)")
 
 
 _ON_INTERRUPT = []  # the describe() of on_interrupt, if a script registered one

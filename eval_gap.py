@@ -49,7 +49,6 @@ SCRIPT = os.path.basename(__file__)  # stored in the result file (common.save_np
 # Arguments that change the numbers of a row; a cached row is reused only when they all match.
 SETTINGS = ("num_images", "seed", "guidance_weights", "neg", "features", "feature_sigmas", "data_dir")
 ROW_KEYS = ("e_train", "e_val", "fd_train", "fd_val")
-WEIGHTS_KEY = {"ema": "ema", "raw": "net"}  # --weights -> checkpoint key
 
 # this process's shard; count: images of all processes; fd: the shard's images in the Frechet subset
 Split = collections.namedtuple("Split", "y noise labels count fd")
@@ -59,21 +58,10 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
     p.add_argument("snapshots", nargs="*", metavar="RUN_DIR_OR_CHECKPOINT",
                    help="run folders (all their snapshot-*.pt, by images seen) or snapshot files")
-    p.add_argument("--weights", default="ema", choices=["ema", "raw"], help="snapshot weights to evaluate")
+    common.add_weights_arg(p)
     p.add_argument("--optimal", action="store_true", help="also (or, without snapshots, only) evaluate the "
-                   "optimal denoiser of the snapshots' training subset, or of the subset --data/--n/--seed")
-    p.add_argument("--data", default="fashion-mnist", help="--optimal without snapshots: dataset: "
-                   + ", ".join(common.DATASETS))
-    p.add_argument("--n", type=common.at_least_two_int, default=1000,
-                   help="--optimal without snapshots: subset size, drawn with "
-                   "--seed as train_image.py draws it")
-    p.add_argument("--resolution", type=common.positive_int, default=32, help="--optimal without snapshots: image size")
-    p.add_argument("--cond", default="none", choices=["none", "class", "kmeans"],
-                   help="--optimal without snapshots: conditioning of the optimal denoiser")
-    p.add_argument("--k", type=common.positive_int, default=10,
-                   help="--optimal without snapshots: clusters of --cond kmeans")
-    p.add_argument("--data-dir", default=None, help="folder with the dataset files (default: the run's, "
-                   "then the system folder, the user cache, or a download)")
+                   "optimal denoiser of the snapshots' training subset, or of the subset --data/--n/--subset-seed")
+    common.add_data_args(p, applies="--optimal without snapshots: ")
     p.add_argument("--num-images", type=common.at_least_two_int, default=8192,
                    help="images per split (or all available)")
     p.add_argument("--sigmas", type=common.positive_float, nargs="+", default=None, help="noise levels (default: "
@@ -87,18 +75,16 @@ def parse_args(argv=None):
                    "'builtin' or an Inception TorchScript file (common.load_feature_extractor)")
     p.add_argument("--feature-sigmas", nargs="+", default=["0.25", "0.5", "1", "2", "4"],
                    help="noise levels of the feature-space reconstruction gap, or 'all' (every evaluated sigma)")
-    p.add_argument("--batch", type=common.positive_int, default=512, help="(image, sigma) pairs per forward pass")
     p.add_argument("--allow-mixed", action="store_true", help="accept snapshots of different runs")
     p.add_argument("--force", action="store_true", help="recompute rows already in --out, and replace an --out "
                    "that eval_gap.py did not write (refused otherwise)")
-    p.add_argument("--seed", type=common.non_negative_int, default=0,
-                   help="seed of the fixed noise, of the image samples and "
-                   "(--optimal without snapshots) of the subset")
-    p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N, mps")
-    p.add_argument("--out", default=None, help="output .npz (default: RUN_DIR/gap[-raw][-guided].npz for a run "
-                   "folder, RUN_DIR/gap-snapshot-<images seen>[-raw][-guided].npz for one snapshot file, so that it "
-                   "leaves the run's file alone, results/gap-optimal-<data>-r<R>-n<n>-<none|class|kmeans<k>>-seed<seed>"
-                   "[-guided].npz for --optimal alone; several run folders or snapshot files need --out)")
+    common.add_run_args(
+        p, seed="seed of the fixed noise of the images and of the samples of the splits",
+        batch=(512, "(image, sigma) pairs per forward pass"),
+        out="output .npz (default: RUN_DIR/gap[-raw][-guided].npz for a run folder, "
+            "RUN_DIR/gap-snapshot-<images seen>[-raw][-guided].npz for one snapshot file, so that it leaves the "
+            "run's file alone, results/gap-optimal-<data>-r<R>-n<n>-<none|class|kmeans<k>>-seed<subset seed>"
+            "[-guided].npz for --optimal alone; several run folders or snapshot files need --out)")
     args = p.parse_args(argv)
     check(args.snapshots or args.optimal, "nothing to evaluate: give run folders or snapshot files, "
                                           "and/or --optimal (see --help)")
@@ -149,8 +135,8 @@ def read_snapshot(path, weights="ema", data_dir=None):
     run = {k: v for k, v in ckpt["args"].items() if k not in common.RESUMABLE_ARGS}
     return dict(path=path, images_seen=int(ckpt["images_seen"]), run=run, network=ckpt["network"],
                 source=common.TrainingSource.of_checkpoint(ckpt, data_dir),
-                params=sum(int(t.numel()) for t in ckpt[WEIGHTS_KEY[weights]].values()),
-                digest=common.snapshot_digest(ckpt, WEIGHTS_KEY[weights]))
+                params=sum(int(t.numel()) for t in ckpt[common.WEIGHTS[weights]].values()),
+                digest=common.snapshot_digest(ckpt, weights))
 
 
 def check_same_run(snapshots, allow_mixed):
@@ -338,7 +324,7 @@ def default_out(args):
     """--out when not given (see its --help)."""
     guided = "-guided" if args.guidance_weights else ""
     if not args.snapshots:
-        subset = common.subset_name(args.data, args.n, args.seed, args.cond, args.k, args.resolution)
+        subset = common.subset_name(args.data, args.n, args.subset_seed, args.cond, args.k, args.resolution)
         return os.path.join("results", f"gap-optimal-{subset}{guided}.npz")
     return common.default_result_path(args.snapshots, "gap", ("-raw" if args.weights == "raw" else "") + guided)
 
@@ -359,7 +345,7 @@ def negative_model(neg, weights, guidance_weights, models, device):
             common.check_guidance(name, shape, num_classes, fits)
     if info is None:
         return None, "uncond"
-    return common.network_denoiser(common.load_denoiser(neg, WEIGHTS_KEY[weights], device)[0], device), info["digest"]
+    return common.network_denoiser(common.load_denoiser(neg, weights, device)[0], device), info["digest"]
 
 
 def curves(rows, guided, sigmas=None, images_seen=None):
@@ -399,8 +385,8 @@ def evaluate(args, rank, world, device):
                                   "evaluate the optimal denoiser of each run on its own")
             opt_source = snapshots[0]["source"]
         else:
-            opt_source = common.TrainingSource.drawn(args.data, args.n, args.seed, args.cond, args.k, args.resolution,
-                                                     args.data_dir)
+            opt_source = common.TrainingSource.drawn(args.data, args.n, args.subset_seed, args.cond, args.k,
+                                                     args.resolution, args.data_dir)
     sigmas = (torch.tensor(sorted(args.sigmas), dtype=torch.float64) if args.sigmas
               else common.log_sigmas(args.num_sigmas))
     if args.feature_sigmas == "all":
@@ -455,7 +441,7 @@ def evaluate(args, rank, world, device):
             if path is None:
                 model = optimal_model(source, device)
             else:
-                net = common.load_denoiser(path, WEIGHTS_KEY[args.weights], device)[0]
+                net = common.load_denoiser(path, args.weights, device)[0]
                 model = common.network_denoiser(net, device)
             rows[key] = evaluator.rows(model, source)
             result = write()  # after every model, so that a rerun after a kill reuses the finished rows

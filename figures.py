@@ -36,9 +36,9 @@ GAP_LABEL = "relative gap G(sigma)"
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
     p.add_argument("results", metavar="RESULTS_DIR", help="folder searched (recursively) for .npz files")
-    p.add_argument("--out", help="figure folder (default: RESULTS_DIR/figures)")
-    p.add_argument("--seed", type=int, default=0, help="unused: figures are deterministic (kept for a uniform CLI)")
-    p.add_argument("--device", default="cpu", help="unused: figures need no device (kept for a uniform CLI)")
+    common.add_run_args(p, seed="unused: figures are deterministic (kept for a uniform command line)",
+                        device="unused: figures need no device (kept for a uniform command line)",
+                        out="figure folder (default: RESULTS_DIR/figures)")
     return p.parse_args(argv)
 
 

@@ -90,19 +90,8 @@ def parse_args(argv=None):
     p.add_argument("--gaussian", action="store_true", help="sample the denoiser of a Gaussian fitted to the "
                    "training subset (common.gaussian_denoiser): a sampler that generalizes, the reference a "
                    "memorization measure must tell apart from --optimal (unconditional)")
-    p.add_argument("--data", default="fashion-mnist", help="--optimal: dataset, one of " + ", ".join(common.DATASETS))
-    p.add_argument("--data-dir", default=None, help="folder with the dataset files (default: the snapshot's, "
-                   "else the system folder or the user cache)")
-    p.add_argument("--n", type=common.at_least_two_int, default=64, help="--optimal: training subset size")
-    p.add_argument("--resolution", type=common.positive_int, default=32,
-                   help="--optimal: image size R x R (R divides 32)")
-    p.add_argument("--cond", default="none", choices=["none", "class", "kmeans"],
-                   help="--optimal: class-conditional on dataset classes or k-means clusters, or not")
-    p.add_argument("--k", type=common.positive_int, default=10, help="--optimal: clusters for --cond kmeans")
-    p.add_argument("--subset-seed", type=common.non_negative_int, default=0,
-                   help="--optimal: seed of the subset and k-means, "
-                   "as train_image.py --seed")
-    p.add_argument("--weights", default="ema", choices=["ema", "net"], help="snapshot weights to sample")
+    common.add_data_args(p, applies="--optimal, --gaussian: ")
+    common.add_weights_arg(p)
     p.add_argument("--num-samples", type=common.at_least_two_int, default=1024,
                    help="samples per configuration (at least 2, for the Frechet distances)")
     p.add_argument("--steps", type=common.at_least_two_int, default=18,
@@ -120,23 +109,21 @@ def parse_args(argv=None):
                    f"(default: the grid sigma nearest {PROBE_NEAR} and its two neighbours)")
     p.add_argument("--features", default="builtin", help="feature space of the Frechet distances: builtin "
                    "(no download) or the path of a TorchScript Inception-v3 (see common.FEATURE_HELP)")
-    p.add_argument("--batch", type=common.positive_int, default=256, help="samples per batch (per process)")
     p.add_argument("--bootstrap", type=common.positive_int, default=1000,
                    help="bootstrap resamples of the memorized fraction")
     p.add_argument("--fd-subsets", type=common.positive_int, default=10,
                    help="training subsets of the validation reference's "
                    "size that fd_train averages over")
-    p.add_argument("--seed", type=common.non_negative_int, default=0,
-                   help="sample i uses seed --seed + i; also the seed of the "
-                   "probe and reference images and of the bootstrap")
-    p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N, mps")
     p.add_argument("--force", action="store_true", help="recompute configurations already in --out, and replace "
                    "an --out that sample_memorize.py did not write (refused otherwise)")
-    p.add_argument("--out", default=None, help="result file (default: RUN_DIR/memorize[-raw][-guided].npz for a "
-                   "run folder, RUN_DIR/memorize-snapshot-<images seen>[-raw][-guided].npz for one snapshot file, so "
-                   "that it leaves the run's file alone, results/memorize-<optimal|gaussian>-<data>-r<R>-n<n>-"
-                   "<none|class|kmeans<k>>-seed<subset seed>[-guided].npz for --optimal or --gaussian; several run "
-                   "folders or snapshot files need --out); figures go to the folder of the same name without .npz")
+    common.add_run_args(
+        p, seed="sample i uses seed --seed + i; also the seed of the probe and reference images and of the bootstrap",
+        batch=(256, "samples per batch (per process)"),
+        out="result file (default: RUN_DIR/memorize[-raw][-guided].npz for a run folder, "
+            "RUN_DIR/memorize-snapshot-<images seen>[-raw][-guided].npz for one snapshot file, so that it leaves the "
+            "run's file alone, results/memorize-<optimal|gaussian>-<data>-r<R>-n<n>-<none|class|kmeans<k>>-seed"
+            "<subset seed>[-guided].npz for --optimal or --gaussian; several run folders or snapshot files need "
+            "--out); figures go to the folder of the same name without .npz")
     args = p.parse_args(argv)
     check(args.optimal + args.gaussian + bool(args.inputs) == 1,
           "give run folders or snapshot files, or --optimal, or --gaussian (one of them)")
@@ -573,7 +560,7 @@ def default_out(args):
     """--out when not given (see its --help)."""
     guided = "-guided" if any(args.guidance_weights) else ""
     if args.inputs:
-        return common.default_result_path(args.inputs, "memorize", ("-raw" if args.weights == "net" else "") + guided)
+        return common.default_result_path(args.inputs, "memorize", ("-raw" if args.weights == "raw" else "") + guided)
     subset = common.subset_name(args.data, args.n, args.subset_seed, args.cond, args.k, args.resolution)
     return os.path.join("results", f"memorize-{'gaussian' if args.gaussian else 'optimal'}-{subset}{guided}.npz")
 

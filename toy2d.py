@@ -60,12 +60,11 @@ DEFAULTS = {
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
     p.add_argument("experiment", metavar="EXPERIMENT", help="one of " + ", ".join(EXPERIMENTS + ["all"]))
-    p.add_argument("--out", default="results/toy2d", help="output folder")
     p.add_argument("--deltas", type=float, nargs="+", help="model errors delta (guidance: delta_pos delta_neg); "
                    "default: the paper's per experiment")
     p.add_argument("--n-points", type=int, nargs="+", help="points on the circle, half of them training points "
                    "(density sweeps the list); default: the paper's per experiment")
-    p.add_argument("--weights", type=float, nargs="+", help="guidance weights w (default 0, 0.25, ..., 2)")
+    p.add_argument("--guidance-weights", type=float, nargs="+", help="guidance weights w (default 0, 0.25, ..., 2)")
     p.add_argument("--sigmas", type=float, nargs="+", help="noise levels: the sigma grid of the gap curves "
                    "(default: the 120-step EDM schedule), or the sigmas of flow, field and manifold")
     p.add_argument("--radius", type=float, help="circle radius (default 10; trajectories: 1)")
@@ -78,9 +77,9 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=120, help="EDM schedule steps (sigma grid and sampler)")
     p.add_argument("--force", action="store_true", help="replace EXPERIMENT.npz files in --out that toy2d.py did "
                    "not write (refused otherwise)")
-    p.add_argument("--seed", type=common.non_negative_int, default=0, help="seed of noise draws, random angles and samples")
-    p.add_argument("--device", default="auto", help="auto (cuda, then cpu: the toy needs float64, which mps "
-                   "lacks), cpu, cuda, cuda:N")
+    common.add_run_args(p, seed="seed of noise draws, random angles and samples", out="output folder",
+                        out_default="results/toy2d", device="auto (cuda, then cpu: the toy needs float64, which mps "
+                        "lacks), cpu, cuda, cuda:N")
     p.add_argument("--threads", type=int, default=1, help="CPU threads of torch while it runs (0: torch's own "
                    "choice); the toy's operations are too small to gain from more, and on cores shared with "
                    "other jobs two threads made the samples panel 10x slower than one")
@@ -95,7 +94,7 @@ def parse_args(argv=None):
     check(args.samples_per_point is None or args.samples_per_point >= 1, "--samples-per-point must be at least 1")
     check(args.num_samples >= 2, "--num-samples must be at least 2")
     check(args.steps >= 2, "--steps must be at least 2")
-    for name in ("deltas", "sigmas", "n_points", "weights"):
+    for name in ("deltas", "sigmas", "n_points", "guidance_weights"):
         values = getattr(args, name)
         if values is not None:
             check(all(np.isfinite(values)), f"--{name.replace('_', '-')} must be finite numbers")
@@ -345,7 +344,7 @@ def exp_manifold(args):
 def exp_guidance(args):
     """(f) Autoguidance: D_w = D_pos + w (D_pos - D_neg) with delta_pos < delta_neg."""
     toy = Toy(args, "guidance")
-    weights = args.weights if args.weights is not None else DEFAULTS["guidance"]["weights"]
+    weights = args.guidance_weights if args.guidance_weights is not None else DEFAULTS["guidance"]["weights"]
     pos, neg = (delta_model(toy.train, d) for d in toy.deltas)
     curves = [toy.gap(common.guided_denoiser(pos, neg, w))
               for w in tqdm(weights, desc="guidance", leave=False)]

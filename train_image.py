@@ -39,12 +39,7 @@ CPU_SCALE = "--size tiny --resolution 16 --n 256 --batch 32 --steps 600"  # as q
 def parse_args(argv=None):
     """The command line; every default shows in --help."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
-    p.add_argument("--data", default="fashion-mnist", help="dataset: " + ", ".join(common.DATASETS))
-    p.add_argument("--data-dir", default=None, help="folder with the dataset files, the only "
-                   "place looked in when given (else the system folder, the user cache, or a download)")
-    p.add_argument("--resolution", type=common.positive_int, default=32, help="image size R x R (R divides 32)")
-    p.add_argument("--n", type=common.at_least_two_int, default=1000,
-                   help="training subset size, drawn with --seed")
+    common.add_data_args(p, seed_flag="--seed")
     p.add_argument("--model", default="unet", help="unet or dit")
     p.add_argument("--size", default="m", help="preset: tiny, xs, s, m, l (l = the paper's CIFAR U-Net)")
     p.add_argument("--channels", type=common.positive_int, default=None,
@@ -55,16 +50,10 @@ def parse_args(argv=None):
                    help="override the preset's dropout")
     p.add_argument("--patch", type=common.positive_int, default=None,
                    help="DiT patch size (overrides the preset)")
-    p.add_argument("--cond", default="none", choices=["none", "class", "kmeans"],
-                   help="conditioning: none, dataset classes, or k-means clusters of the subset")
-    p.add_argument("--k", type=common.positive_int, default=10,
-                   help="number of k-means clusters for --cond kmeans")
     p.add_argument("--label-dropout", type=common.non_negative_float, default=0.0,
                    help="probability of replacing a label by the null label (for guidance)")
     p.add_argument("--steps", type=common.positive_int, default=200000,
                    help="training steps (optimizer updates)")
-    p.add_argument("--batch", type=common.positive_int, default=512,
-                   help="global batch size (split across processes)")
     p.add_argument("--lr", type=common.non_negative_float, default=1e-3, help="Adam learning rate")
     p.add_argument("--lr-rampup", type=common.non_negative_int, default=10_000_000,
                    help="linear lr ramp-up, in images (0: none)")
@@ -84,11 +73,9 @@ def parse_args(argv=None):
                    help="noise levels of the E_train/E_val evaluations")
     p.add_argument("--probe-images", type=common.positive_int, default=256,
                    help="images per split in the fixed probe set of the evaluations")
-    p.add_argument("--seed", type=common.non_negative_int, default=0,
-                   help="seed of the subset, initialisation and noise")
-    p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N, mps")
-    p.add_argument("--out", default=None, help="run folder (default: runs/<data>-r<R>-n<n>-<model>-<size>-"
-                   "<cond>-seed<seed>)")
+    common.add_run_args(p, seed="seed of the subset, initialisation and noise",
+                        batch=(512, "global batch size (split across processes)"),
+                        out="run folder (default: runs/<data>-r<R>-n<n>-<model>-<size>-<cond>-seed<seed>)")
     p.add_argument("--compile", action="store_true", help="torch.compile the network")
     p.add_argument("--no-resume", action="store_true",
                    help="start from step 0; the snapshots and train_log.npz already in --out are replaced when "

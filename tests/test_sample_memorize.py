@@ -452,4 +452,4 @@ def test_figure_folder_that_is_a_file_stops_before_sampling_and_default_names_th
     assert sample_memorize.default_out(args) == os.path.join("results", "memorize-gaussian-fashion-mnist-r32-n8-none-"
                                                                         "seed3.npz")
     args = sample_memorize.parse_args(["--optimal", "--cond", "kmeans", "--k", "4", "--guidance-weights", "1"])
-    assert sample_memorize.default_out(args).endswith("memorize-optimal-fashion-mnist-r32-n64-kmeans4-seed0-guided.npz")
+    assert sample_memorize.default_out(args).endswith("memorize-optimal-fashion-mnist-r32-n1000-kmeans4-seed0-guided.npz")

@@ -76,7 +76,7 @@ def test_denser_support_gives_smaller_gap(tmp_path):
 
 
 def test_guidance_with_zero_weight_equals_unguided_positive_model(tmp_path):
-    guid = run(tmp_path, "guidance", "--weights", "0", "2")
+    guid = run(tmp_path, "guidance", "--guidance-weights", "0", "2")
     delta = run(tmp_path, "delta", "--deltas", "1.8")
     np.testing.assert_allclose(guid["gap"][0], delta["gap"][0], rtol=1e-12)
     assert guid["gap"][1].max() > guid["gap"][0].max()       # guidance sharpens the model: larger gap
