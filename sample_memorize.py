@@ -316,37 +316,40 @@ def overlap_stats(train, x, d, sigma, labels, batch):
     return dist[:, 0], cos, (d.double() - opt.double()).square().flatten(1).mean(1)
 
 
-def probe_sets(model, refs, args, shard, p_sigmas, denoise, device):
-    """This process's share `shard` of --num-samples noisy training and validation images at every
-    probe sigma, drawn from the reference images `refs` (reference_pair): {'train': (x (P, B, ...),
-    D(x) (P, B, ...), labels), 'val': ...}."""
+def probe_sets(model, refs, shard, p_sigmas, denoise, num_samples, seed, null_label=False, batch=256, device="cpu"):
+    """This process's share `shard` of num_samples noisy training and validation images (seeded choice and
+    draws) at every probe sigma, drawn from the reference images `refs` (reference_pair), with their labels
+    (the null label when null_label) and D(x) computed in batches: {'train': (x (P, B, ...), D(x) (P, B, ...),
+    labels), 'val': ...}."""
     train, sets = model.train, {}
     for name, images, labels, split_index, pool in (
             ("train", train.x, train.labels, train.source.subset, refs.train_pos),
             ("val", train.val_x, train.val_labels, np.arange(len(train.val_x)), refs.val_pos)):
-        pos, draws = (a[shard] for a in probe_images(args.num_samples, pool, args.seed))
+        pos, draws = (a[shard] for a in probe_images(num_samples, pool, seed))
         at = torch.as_tensor(pos, device=device)
         lab = None
         if model.num_classes:
-            lab = torch.full((len(pos),), model.num_classes, device=device) if args.label == "null" else labels[at]
+            lab = torch.full((len(pos),), model.num_classes, device=device) if null_label else labels[at]
         xs, ds = [], []
         for s in p_sigmas:
             x = noisy(images[at], split_index[pos], draws, s).to(model.dtype)
             sig = torch.full((len(x),), s, dtype=x.dtype, device=device)
             xs.append(x)
             ds.append(torch.cat([denoise(x[b], sig[b], None if lab is None else lab[b])
-                                 for b in batches(len(x), args.batch)]).float())
+                                 for b in batches(len(x), batch)]).float())
         sets[name] = (torch.stack(xs), torch.stack(ds), lab)
     return sets
 
 
 @torch.no_grad()
-def run_configuration(model, denoise, refs, shard, args, sigmas, stops, probes, features, device, show):
-    """Everything per sample for this process's seeds --seed + shard: samples, memorization, features,
-    features of the early-stopped samples, and where the trajectories live at the probe sigmas."""
-    choices, shape, parts = label_choices(model, args.label), model.train.x.shape[1:], []
-    for b in tqdm(batches(len(shard), args.batch), desc=model.name, unit="batch", disable=not show, leave=False):
-        x_init, labels = initial_state(args.seed + shard[b], shape, choices, model.dtype, device)
+def run_configuration(model, denoise, refs, shard, sigmas, stops, probes, features, *, label, seed, num_samples,
+                      batch, device, show=False):
+    """Everything per sample for this process's seeds seed + shard (of num_samples) with --label `label`, in
+    batches: samples, memorization, features, features of the early-stopped samples, and where the
+    trajectories live at the probe sigmas (probe images: probe_sets)."""
+    choices, shape, parts = label_choices(model, label), model.train.x.shape[1:], []
+    for b in tqdm(batches(len(shard), batch), desc=model.name, unit="batch", disable=not show, leave=False):
+        x_init, labels = initial_state(seed + shard[b], shape, choices, model.dtype, device)
         final, traj = sample(denoise, x_init, labels, sigmas)
         stopped = [features(traj["denoised"][k].float()) for k in stops]
         parts.append(dict(samples=final.float(), labels=labels, traj_x=traj["states"][probes],
@@ -364,19 +367,19 @@ def run_configuration(model, denoise, refs, shard, args, sigmas, stops, probes, 
                                               ) if len(stops) else torch.zeros(0, len(shard))
     p_sigmas = sigmas[probes].tolist()
     sets = dict(traj=(cat("traj_x", 1), cat("traj_d", 1), labels),
-                **probe_sets(model, refs, args, shard, p_sigmas, denoise, device))
+                **probe_sets(model, refs, shard, p_sigmas, denoise, num_samples, seed, label == "null", batch, device))
     # fresh data: noisy held-out validation images, where a perfectly generalizing sampler's states lie
-    held, draws = (a[shard] for a in probe_images(args.num_samples, refs.heldout_pos, args.seed))
+    held, draws = (a[shard] for a in probe_images(num_samples, refs.heldout_pos, seed))
     at = torch.as_tensor(held, device=device)
     held_labels = sets["val"][2] if sets["val"][2] is None else (
-        sets["val"][2] if args.label == "null" else model.train.val_labels[at])
+        sets["val"][2] if label == "null" else model.train.val_labels[at])
     res["llr_heldout"] = torch.stack([refs.llr(noisy(model.train.val_x[at], held, draws, s), s, held_labels,
-                                               args.batch) for s in p_sigmas])
+                                               batch) for s in p_sigmas])
     for name, (x, d, lab) in sets.items():
-        stats = [overlap_stats(model.train, x[p], d[p], s, lab, args.batch) for p, s in enumerate(p_sigmas)]
+        stats = [overlap_stats(model.train, x[p], d[p], s, lab, batch) for p, s in enumerate(p_sigmas)]
         for i, kind in enumerate(("nn", "cos", "dis")):
             res[f"{kind}_{name}"] = torch.stack([st[i] for st in stats])
-        res[f"llr_{name}"] = torch.stack([refs.llr(x[p], s, lab, args.batch) for p, s in enumerate(p_sigmas)])
+        res[f"llr_{name}"] = torch.stack([refs.llr(x[p], s, lab, batch) for p, s in enumerate(p_sigmas)])
         feats = [features(d[p]) for p in range(len(p_sigmas))]
         for ref in ("train", "val"):
             res[f"fcos_{name}_{ref}"] = torch.stack([nearest_cosine(f, refs.features[ref]) for f in feats])
@@ -658,8 +661,10 @@ def evaluate(args, rank, world, device):
                 ref_cache[id(model.train)] = refs, frechet_references(refs, features, args.num_samples,
                                                                       args.fd_subsets, args.seed)
             refs, fd_refs = ref_cache[id(model.train)]
-            res = gather(run_configuration(dataclasses.replace(model, name=name), denoise, refs, shard, args,
-                                           sigmas, stops, probes, features, device, rank == 0), world, device)
+            res = gather(run_configuration(dataclasses.replace(model, name=name), denoise, refs, shard, sigmas,
+                                           stops, probes, features, label=args.label, seed=args.seed,
+                                           num_samples=args.num_samples, batch=args.batch, device=device,
+                                           show=rank == 0), world, device)
             rows[key] = None  # on every process, so that all of them skip the same configurations
             if rank != 0:
                 continue

@@ -260,8 +260,6 @@ def test_references_are_the_training_subset_and_as_many_validation_images_per_la
 
 def test_samples_of_a_sampler_that_ignores_the_training_set_do_not_score_like_noisy_training_images(data_dir):
     # the optimal denoiser of held-out validation images: its samples copy images the model never trained on
-    args = sample_memorize.parse_args(["--optimal", "--data-dir", data_dir, "--n", "6", "--resolution", str(R),
-                                       "--num-samples", "12", "--batch", "12"])
     model = sample_memorize.optimal_model(source(data_dir, common.choose_subset(24, 6, 0)), torch.device("cpu"))
     refs = sample_memorize.reference_pair(model.train, seed=0)
     held = model.train.val_x[refs.heldout_pos].double()
@@ -274,7 +272,8 @@ def test_samples_of_a_sampler_that_ignores_the_training_set_do_not_score_like_no
         _, traj = sample_memorize.sample(denoise, x_init, None, sigmas)
         llr[name] = refs.llr(traj["states"][probe], float(sigmas[probe]), None, 12)
     s = float(sigmas[probe])
-    sets = sample_memorize.probe_sets(model, refs, args, np.arange(12), [s], model.denoise, "cpu")
+    sets = sample_memorize.probe_sets(model, refs, np.arange(12), [s], model.denoise, num_samples=12, seed=0,
+                                      batch=12)
     llr_train, llr_val = (refs.llr(sets[k][0][0], s, None, 12) for k in ("train", "val"))
     fresh = refs.llr(sample_memorize.noisy(held.float(), refs.heldout_pos, np.zeros(6, np.int64), s), s, None, 6)
     stats = {k: sample_memorize.trajectory_overlap(v[None], llr_train[None], llr_val[None], fresh[None])
