@@ -1200,8 +1200,13 @@ CHECKPOINT_KEYS = ("kind", "net", "ema", "opt", "step", "images_seen", "args", "
                    "labels", "dataset", "resolution", "kmeans_centroids", "rng")
 
 
+SNAPSHOT_ARRAYS = ("subset", "labels", "kmeans_centroids")  # tensors on disk, numpy arrays after load_checkpoint
+
+
 def save_checkpoint(state, path):
-    """Write a snapshot dict atomically (see atomic_write)."""
+    """Write a snapshot dict atomically (see atomic_write). It must hold tensors and plain Python values only
+    (SNAPSHOT_ARRAYS and rng_state's numpy state as tensors), which torch.load(weights_only=True) reads
+    without running any code from the file; the same contents give the same bytes."""
     return atomic_write(path, lambda f: torch.save(state, f))
 
 
@@ -1238,10 +1243,15 @@ def load_checkpoint(path, map_location="cpu"):
     path = os.fspath(path)
     check(os.path.isfile(path), f"checkpoint {path} does not exist")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+        ckpt = _load_tensors_and_values(path, map_location)
     except Exception as err:  # an OS error, or contents that torch cannot unpickle
         check(not _is_npz(path), f"{path} is an .npz file (results or a training log), not a torch "
                                  "checkpoint: point to a snapshot-*.pt written by train_image.py")
+        reason = _weights_only_reason(err)
+        check(reason is None or not reason.startswith(("Unsupported global", "Can only build")),
+              f"{path} holds objects other than tensors, numpy arrays and plain values, which are not loaded "
+              f"(torch.load(weights_only=True)): it is not a snapshot written by train_image.py")
+        err = err if reason is None else pickle.UnpicklingError(reason)
         raise _read_error(path, err, "the file is corrupted (truncated?) or not a torch checkpoint: point to "
                          "a snapshot-*.pt written by train_image.py, or delete it if it is a damaged one") from None
     check(isinstance(ckpt, dict) and ckpt.get("kind") == CHECKPOINT_KIND,
@@ -1249,7 +1259,43 @@ def load_checkpoint(path, map_location="cpu"):
           "point to a snapshot-*.pt written by train_image.py")
     missing = [key for key in CHECKPOINT_KEYS if key not in ckpt]
     check(not missing, f"snapshot {path} lacks the keys {', '.join(missing)}; it is incomplete or foreign")
+    for key in SNAPSHOT_ARRAYS:
+        if isinstance(ckpt[key], torch.Tensor):
+            ckpt[key] = ckpt[key].cpu().numpy()
     return ckpt
+
+
+def _load_tensors_and_values(path, map_location):
+    """torch.load(weights_only=True): tensors and plain values, no code from the file. Snapshots written
+    before they held tensors only stored SNAPSHOT_ARRAYS and numpy's random state as numpy arrays: those
+    load with numpy's array and dtype classes allowed as well."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        with torch.serialization.safe_globals(_numpy_array_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def _weights_only_reason(err):
+    """The reason given in torch's many-line 'Weights only load failed' message; None for other errors."""
+    text = str(err)
+    if "Weights only load failed" not in text:
+        return None
+    lines = text.split("WeightsUnpickler error:", 1)[-1].splitlines()
+    return next((line.strip() for line in lines if line.strip()), "")
+
+
+def _numpy_array_globals():
+    """What unpickling a numpy array needs: its class, dtype classes and the rebuild function (named by numpy
+    1.x and 2.x)."""
+    try:
+        multiarray = importlib.import_module("numpy._core.multiarray")
+    except ImportError:  # numpy 1.x
+        multiarray = importlib.import_module("numpy.core.multiarray")
+    dtypes = getattr(np, "dtypes", None)  # numpy >= 1.25 pickles a dtype with its class
+    classes = [getattr(dtypes, name) for name in dir(dtypes) if name.endswith("DType")] if dtypes else []
+    return [np.ndarray, np.dtype, *classes, (multiarray._reconstruct, "numpy.core.multiarray._reconstruct"),
+            (multiarray._reconstruct, "numpy._core.multiarray._reconstruct")]
 
 
 def _is_npz(path):
@@ -1307,16 +1353,25 @@ def snapshot_digest(ckpt, weights="ema"):
 
 def rng_state(**generators):
     """All random-number-generator states of this process (python, numpy, torch, the current
-    CUDA device once initialised) and of the named torch.Generators, as a plain dict."""
+    CUDA device once initialised) and of the named torch.Generators, as a dict of tensors and plain
+    values (numpy's Mersenne Twister key as an int64 tensor), which torch.load(weights_only=True) reads."""
     cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+    _, key, pos, has_gauss, cached_gaussian = np.random.get_state()
+    numpy_state = dict(key=torch.from_numpy(key.astype(np.int64)), pos=int(pos), has_gauss=int(has_gauss),
+                       cached_gaussian=float(cached_gaussian))
+    return {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state(),
             "cuda": cuda, "generators": {name: g.get_state() for name, g in generators.items()}}
 
 
 def set_rng_state(state, **generators):
-    """Restore the states saved by rng_state, including those of the named torch.Generators."""
+    """Restore the states saved by rng_state, including those of the named torch.Generators (also those
+    of older snapshots, which stored numpy's state as numpy.random.get_state returns it)."""
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    numpy_state = state["numpy"]
+    if isinstance(numpy_state, dict):
+        numpy_state = ("MT19937", numpy_state["key"].numpy().astype(np.uint32), numpy_state["pos"],
+                       numpy_state["has_gauss"], numpy_state["cached_gaussian"])
+    np.random.set_state(numpy_state)
     torch.set_rng_state(state["torch"])
     if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -1650,11 +1705,12 @@ def image_grid(images, cols, gap=0, scale=1):
 
 
 def save_figure(fig, path):
-    """Save a figure as PNG (at path) and PDF beside it, close it, return the PNG path."""
+    """Save a figure as PNG (at path) and PDF beside it (without a creation date, so that the same figure gives
+    the same bytes), close it, return the PNG path."""
     import matplotlib.pyplot as plt
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=120)
-    fig.savefig(os.path.splitext(path)[0] + ".pdf")
+    fig.savefig(os.path.splitext(path)[0] + ".pdf", metadata={"CreationDate": None})  # same figure, same bytes
     plt.close(fig)
     return path
 

@@ -18,6 +18,7 @@ import contextlib
 import copy
 import math
 import os
+import random
 import shutil
 import time
 
@@ -277,6 +278,8 @@ def train(args, rank, world, device):
     opt = torch.optim.Adam(net.parameters(), lr=args.lr, fused=True if cuda else None)
     gen = torch.Generator(device).manual_seed(derived_seed(args.seed, 0, rank))
     torch.manual_seed(derived_seed(args.seed, 1, rank))  # dropout
+    random.seed(derived_seed(args.seed, 3, rank))  # python's and numpy's: unused, but saved in every snapshot
+    np.random.seed(derived_seed(args.seed, 4, rank))
     log = dict(images_seen=[], loss=[], eval_images=[], E_train=[], E_val=[], snapshot_images=[])
     start = 0
     say(f"{args.model} {args.size}: {common.count_parameters(net):,} parameters; {args.n} {args.data} images "
@@ -325,6 +328,8 @@ def train(args, rank, world, device):
                         snapshot_images=np.array(log["snapshot_images"], np.int64), subset=subset,
                         probe_train=subset[probe_train], probe_val=probe_val)
 
+    as_tensor = lambda a: None if a is None else torch.tensor(np.asarray(a))  # noqa: E731  (see save_checkpoint)
+
     def snapshot(step):
         states = [common.rng_state(noise=gen)] * world
         if world > 1:
@@ -334,9 +339,9 @@ def train(args, rank, world, device):
             log["snapshot_images"].append(step * B)
             common.save_checkpoint(dict(
                 kind=common.CHECKPOINT_KIND, net=net.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
-                step=step, images_seen=step * B, args=vars(args), network=net.config, subset=subset,
-                labels=labels, dataset=args.data, resolution=args.resolution,
-                kmeans_centroids=None if centroids is None else np.asarray(centroids), rng=states, log=log), path)
+                step=step, images_seen=step * B, args=vars(args), network=net.config, subset=as_tensor(subset),
+                labels=as_tensor(labels), dataset=args.data, resolution=args.resolution,
+                kmeans_centroids=as_tensor(centroids), rng=states, log=log), path)
             for old in old_run:
                 if old != path:
                     os.remove(old)

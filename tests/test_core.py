@@ -2,6 +2,7 @@
 command-line helpers."""
 import math
 import os
+import random
 
 import numpy as np
 import pytest
@@ -548,6 +549,32 @@ def test_garbage_checkpoint_is_called_corrupted_or_foreign(tmp_path):
     path.write_bytes(b"not a torch file")
     with pytest.raises(common.UserError, match="corrupted .*or not a torch checkpoint"):
         common.load_checkpoint(path)
+
+
+class Pickled:
+    """An object that only unpickling with code from the file could rebuild."""
+
+
+def test_checkpoint_with_pickled_objects_is_refused_without_running_them(tmp_path):
+    path = common.save_checkpoint({"kind": common.CHECKPOINT_KIND, "net": Pickled()}, tmp_path / "snap.pt")
+    with pytest.raises(common.UserError, match="holds objects other than tensors, numpy arrays and plain") as err:
+        common.load_checkpoint(path)
+    assert "\n" not in str(err.value)
+
+
+def test_rng_state_is_tensors_and_plain_values_and_restores_every_generator(tmp_path):
+    g = torch.Generator().manual_seed(3)
+    state = common.rng_state(noise=g)
+    torch.save(state, tmp_path / "rng.pt")
+    loaded = torch.load(tmp_path / "rng.pt", weights_only=True)
+    draws = lambda: (random.random(), np.random.rand(), torch.rand(1).item(), torch.rand(1, generator=g).item())  # noqa: E731
+    first = draws()
+    common.set_rng_state(loaded, noise=g)
+    assert draws() == first
+    older = {**loaded, "numpy": np.random.get_state()}  # numpy's own tuple, as older snapshots stored it
+    after = np.random.rand()
+    common.set_rng_state(older, noise=g)
+    assert np.random.rand() == after
 
 
 # --- command line ----------------------------------------------------------------

@@ -42,7 +42,8 @@ def make_snapshot(path, data_dir, images_seen, net_seed, run_seed=0, num_classes
                 out=os.path.dirname(path))
     common.save_checkpoint(dict(kind=common.CHECKPOINT_KIND, net=states[0], ema=states[1], opt={},
                                 step=images_seen // 8, images_seen=images_seen, args=args, network=net.config,
-                                subset=subset, labels=classes[subset] if num_classes else None,
+                                subset=torch.tensor(subset),
+                                labels=torch.tensor(classes[subset]) if num_classes else None,
                                 dataset="fashion-mnist", resolution=RES,
                                 kmeans_centroids=None, rng=[]), path)
     return str(path)
@@ -315,8 +316,9 @@ def test_feature_gap_compares_equally_many_images_of_both_splits_and_is_near_zer
                 cond="none", seed=0, steps=1, out=str(tmp_path))
     common.save_checkpoint(dict(kind=common.CHECKPOINT_KIND, net=net.state_dict(), ema=net.state_dict(), opt={},
                                 step=1, images_seen=8, args=args, network=net.config,
-                                subset=common.choose_subset(len(images), 48, 0), labels=None, dataset="fashion-mnist",
-                                resolution=RES, kmeans_centroids=None, rng=[]), tmp_path / "snapshot-000000008.pt")
+                                subset=torch.tensor(common.choose_subset(len(images), 48, 0)), labels=None,
+                                dataset="fashion-mnist", resolution=RES, kmeans_centroids=None, rng=[]),
+                           tmp_path / "snapshot-000000008.pt")
     sizes, frechet = [], common.frechet_distance
     monkeypatch.setattr(common, "frechet_distance", lambda a, b: sizes.append((len(a), len(b))) or frechet(a, b))
     r = evaluate(data, tmp_path / "gap.npz", str(tmp_path), "--num-images", "512", "--features", "builtin",

@@ -34,7 +34,8 @@ def snapshot(data_dir, tmp_path_factory):
     common.save_checkpoint(dict(
         kind=common.CHECKPOINT_KIND, net=net.state_dict(), ema=net.state_dict(), opt={}, step=8, images_seen=64,
         args=dict(data="fashion-mnist", data_dir=data_dir, cond="class", seed=0), network=net.config,
-        subset=subset, labels=subset % 3, dataset="fashion-mnist", resolution=R, kmeans_centroids=None, rng=[]),
+        subset=torch.tensor(subset), labels=torch.tensor(subset % 3), dataset="fashion-mnist", resolution=R,
+        kmeans_centroids=None, rng=[]),
         path)
     return str(path)
 

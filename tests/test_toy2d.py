@@ -162,13 +162,13 @@ def test_threads_are_set_for_the_run_and_restored_after(tmp_path):
         torch.set_num_threads(before)
 
 
-def test_same_seed_gives_same_npz_bytes_and_another_seed_does_not(tmp_path):
-    def npz_bytes(seed):
+def test_same_seed_gives_same_npz_and_figure_bytes_and_another_seed_does_not(tmp_path):
+    def output_bytes(seed):
         toy2d.main(["delta", "--out", str(tmp_path), "--seed", str(seed), *FAST])
-        return (tmp_path / "delta.npz").read_bytes()
-    first = npz_bytes(0)
-    assert npz_bytes(0) == first
-    assert npz_bytes(1) != first
+        return [(tmp_path / f"delta.{ext}").read_bytes() for ext in ("npz", "png", "pdf")]
+    first = output_bytes(0)
+    assert output_bytes(0) == first, "the PDF has no creation date"
+    assert output_bytes(1)[0] != first[0]
 
 
 @pytest.mark.parametrize("argv, message", [

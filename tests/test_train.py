@@ -60,8 +60,11 @@ def interrupt(loss):
 
 def test_snapshot_is_a_plain_dict_with_the_documented_keys(baseline):
     path = snapshot(baseline, 40)
-    ckpt = torch.load(path, weights_only=False)
+    ckpt = torch.load(path, weights_only=True)  # tensors and plain values only: no code from the file runs
     assert set(common.CHECKPOINT_KEYS) <= set(ckpt)
+    assert all(isinstance(ckpt[key], torch.Tensor) for key in common.SNAPSHOT_ARRAYS if key != "kmeans_centroids")
+    loaded = common.load_checkpoint(path)
+    assert isinstance(loaded["subset"], np.ndarray) and np.array_equal(loaded["subset"], ckpt["subset"].numpy())
     assert ckpt["kind"] == common.CHECKPOINT_KIND
     assert (ckpt["step"], ckpt["images_seen"], ckpt["dataset"], ckpt["resolution"]) == \
         (40, 40 * BATCH, "fashion-mnist", 16)
@@ -102,6 +105,36 @@ def test_killed_and_resumed_run_ends_bit_identical_to_uninterrupted(baseline, da
     log_a, log_b = (common.load_npz(os.path.join(d, "train_log.npz")) for d in (baseline, tmp_path))
     for key in ("loss", "E_train", "E_val", "snapshot_images"):
         np.testing.assert_array_equal(log_a[key], log_b[key])
+
+
+def test_same_seed_gives_the_same_snapshot_and_log_bytes_and_another_seed_does_not(data_dir, tmp_path):
+    def run_bytes(*extra):
+        out = tmp_path / "run"  # the same --out each time: it is stored in the files
+        train_image.main(argv(data_dir, out, 20, *extra))
+        files = {name: (out / name).read_bytes() for name in sorted(os.listdir(out))}
+        shutil.rmtree(out)
+        return files
+    first = run_bytes()
+    assert sorted(first) == [os.path.basename(snapshot(tmp_path, 20)), "train_log.npz"]
+    assert run_bytes() == first
+    other = run_bytes("--seed", "1")
+    assert all(other[name] != first[name] for name in first)
+
+
+def test_a_snapshot_written_with_numpy_arrays_still_loads_and_resumes_exactly(baseline, data_dir, tmp_path):
+    # snapshots used to hold the subset, labels and numpy's random state as numpy arrays
+    old = common.load_checkpoint(snapshot(baseline, 20))
+    rng = old["rng"][0]["numpy"]
+    old["rng"][0]["numpy"] = ("MT19937", rng["key"].numpy().astype(np.uint32), rng["pos"], rng["has_gauss"],
+                              rng["cached_gaussian"])
+    assert isinstance(old["subset"], np.ndarray) and isinstance(old["labels"], np.ndarray)
+    torch.save(old, snapshot(tmp_path, 20))
+    with pytest.raises(Exception, match="Weights only load failed"):
+        torch.load(snapshot(tmp_path, 20), weights_only=True)
+    np.testing.assert_array_equal(common.load_checkpoint(snapshot(tmp_path, 20))["labels"], old["labels"])
+    train_image.main(argv(data_dir, tmp_path))
+    a, b = (common.load_checkpoint(snapshot(out, 40)) for out in (baseline, tmp_path))
+    assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
 
 
 def test_ctrl_c_prints_one_line_with_the_step_the_last_snapshot_and_how_to_resume(data_dir, tmp_path, capsys,
