@@ -413,6 +413,22 @@ def test_frechet_distance_of_a_set_with_itself_is_zero_and_grows_with_a_shift():
     assert common.frechet_distance(a, a + 2) > common.frechet_distance(a, a + 1)
 
 
+def test_frechet_distance_matches_an_independent_computation_for_non_commuting_covariances():
+    # tr (C_a C_b)^1/2 = sum of the square roots of the eigenvalues of the product C_a C_b (real and
+    # non-negative: it is similar to C_a^1/2 C_b C_a^1/2), where frechet_distance takes eigenvalues of
+    # C_a^1/2 C_b C_a^1/2 built from C_a's eigendecomposition
+    g = torch.Generator().manual_seed(10)
+    mix_a, mix_b = torch.randn(4, 4, generator=g, dtype=F64), torch.randn(4, 4, generator=g, dtype=F64)
+    a = torch.randn(300, 4, generator=g, dtype=F64) @ mix_a
+    b = torch.randn(200, 4, generator=g, dtype=F64) @ mix_b + torch.tensor([1.0, -2.0, 0.5, 0.0], dtype=F64)
+    ca, cb = torch.cov(a.T), torch.cov(b.T)
+    assert (ca @ cb - cb @ ca).abs().max() > 1, "the covariances do not commute"
+    cross = torch.linalg.eigvals(ca @ cb).real.clamp(min=0).sqrt().sum()
+    expected = (a.mean(0) - b.mean(0)).square().sum() + ca.trace() + cb.trace() - 2 * cross
+    assert common.frechet_distance(a, b) == pytest.approx(expected.item(), rel=1e-9)
+    assert common.frechet_distance(b, a) == pytest.approx(expected.item(), rel=1e-9)
+
+
 def test_frechet_distance_matches_closed_form_for_diagonal_gaussians():
     g = torch.Generator().manual_seed(9)
     a = torch.randn(4000, 2, generator=g, dtype=F64)
@@ -426,11 +442,20 @@ def test_frechet_distance_matches_closed_form_for_diagonal_gaussians():
 
 # --- device --------------------------------------------------------------
 
-def test_pick_device_auto_and_unknown():
-    assert common.pick_device("cpu").type == "cpu"
-    assert common.pick_device("auto").type in ("cpu", "cuda", "mps")
-    with pytest.raises(common.UserError):
+@pytest.mark.parametrize("cuda, mps, expected", [(True, True, "cuda"), (False, True, "mps"), (False, False, "cpu")])
+def test_pick_device_auto_prefers_cuda_then_mps_then_cpu(monkeypatch, cuda, mps, expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+    assert common.pick_device("auto") == torch.device(expected)
+
+
+def test_pick_device_refuses_unknown_names_and_absent_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert common.pick_device("cpu") == torch.device("cpu")
+    with pytest.raises(common.UserError, match="unknown device 'abacus'"):
         common.pick_device("abacus")
+    with pytest.raises(common.UserError, match="--device cuda: CUDA is not available here"):
+        common.pick_device("cuda")
 
 
 def _gather_in_gloo_group(rank, world, init):

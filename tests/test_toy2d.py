@@ -96,9 +96,13 @@ def test_other_experiments_write_their_arrays(tmp_path, experiment):
     if experiment == "flow":
         assert out["field"].shape == (3, 41, 41, 2) and out["pred"].shape == (3, 10, 8, 2)
     if experiment == "field":
-        assert out["gap"].shape == (2, 71, 71)
-        assert (out["gap"] <= 0.5).mean() > (out["gap"] <= 0.5).mean(axis=(1, 2)).min() - 1  # finite field
+        assert out["gap"].shape == (2, 71, 71) and np.isfinite(out["gap"]).all()
         assert (out["gap"][0] <= 0.5).sum() > (out["gap"][1] <= 0.5).sum()   # region shrinks as delta falls
+        pixel = lambda x, y: (np.abs(out["axis"] - y).argmin(), np.abs(out["axis"] - x).argmin())  # noqa: E731
+        at_train, at_val = ([[field[pixel(*p)] for p in out[s]] for field in out["gap"]] for s in ("train", "val"))
+        at_train, at_val = np.mean(at_train, 1), np.mean(at_val, 1)
+        assert (at_train < at_val).all() and at_val[1] > at_val[0]   # off the training points, and more so as delta falls
+        assert (out["gap"][:, 35, 35] > at_val).all()                 # the centre is farther from the data still
     if experiment == "manifold":
         assert out["error"].shape == out["rel_gap"].shape == (2, 181) and out["rel_gap_val"].shape == (2, 10)
     if experiment == "samples":
