@@ -200,7 +200,7 @@ def optimal_model(source, device, gaussian=False):
 
 
 def network_model(path, weights, data_dir, device, train_cache):
-    """A snapshot's network (bf16 autocast on CUDA) with its `weights` (ema or net) and its training set
+    """A snapshot's network (bf16 autocast on CUDA) with its `weights` (ema or raw) and its training set
     (data_dir None: the run's; shared between snapshots of the same source through train_cache)."""
     net, ckpt = common.load_denoiser(path, weights, device)
     num_classes = ckpt["network"]["num_classes"]
