@@ -7,6 +7,7 @@ Read top to bottom like the paper's method section.
 """
 import argparse
 import contextlib
+import dataclasses
 import gzip
 import hashlib
 import http.client
@@ -30,6 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
+from tqdm import tqdm
 
 SIGMA_DATA = 0.5
 P_MEAN, P_STD = -1.2, 1.2
@@ -168,6 +170,30 @@ def guided_denoiser(denoise_pos, denoise_neg, w):
     return lambda *args: guided(denoise_pos(*args), denoise_neg(*args), w)
 
 
+def negative_denoiser(denoise, neg=None):
+    """D_neg of guidance for denoise(x, sigma, labels): another denoiser `neg` (autoguidance: a network that
+    reads the labels only when it is conditional), or with neg None D itself without labels (classifier-free
+    guidance: the networks read no labels as the null label, the optimal denoiser as unconditional).
+    check_guidance says whether the pair fits."""
+    if neg is not None:
+        return neg
+    return lambda x, sigma, labels=None: denoise(x, sigma, None)
+
+
+def check_guidance(name, shape, num_classes, neg=None):
+    """UserError unless the denoiser `name` (making images of `shape`, with num_classes labels, 0: unconditional)
+    can be guided by neg: None, itself with the null label (--neg uncond: it must be conditional), or
+    (name, shape, num_classes) of another network (autoguidance: the same images; no labels or the same)."""
+    if neg is None:
+        check_classifier_free(num_classes > 0, name)
+        return
+    neg_name, neg_shape, neg_classes = neg
+    check(tuple(neg_shape) == tuple(shape) and neg_classes in (0, num_classes),
+          f"--neg {neg_name} does not fit {name}: it needs the same image size and channels "
+          f"({'x'.join(map(str, neg_shape))} vs {'x'.join(map(str, shape))}), and no labels or the same labels "
+          f"({neg_classes} vs {num_classes} classes)")
+
+
 def check_classifier_free(conditional, name):
     """UserError unless the denoiser `name` is conditional, so that it can be guided by itself with the null
     label (--neg uncond): without labels D_neg = D, and every guidance weight gives the unguided result."""
@@ -200,6 +226,44 @@ def optimal_denoiser(x, sigma, data, x_labels=None, data_labels=None, chunk_size
     sig = _per_query(sigma, x, "sigma")
     check(bool((sig > 0).all()), "sigma must be positive")
     return _softmax_stream(x, sig.square(), data, x_labels, data_labels, chunk_size)[0]
+
+
+def exact_dtype(device):
+    """float64, the dtype of exact optimal denoisers and densities; float32 on MPS, which has no float64."""
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
+
+
+def labelled_optimal_denoiser(data, data_labels=None, null_label=None, note=None):
+    """The optimal denoiser of data (N, ...) as denoise(x, sigma, labels=None) -> y*, in data's dtype (x and
+    sigma are converted to it; give data in exact_dtype). With data_labels it is conditional on each query's
+    label; a query without a label (labels None), with the null label, or with a label that no data point
+    carries gets the unconditional y* (the conditional one is undefined there). note(text) (default: say)
+    is told once per such label other than the null label."""
+    if data_labels is not None:
+        data_labels = torch.as_tensor(data_labels, device=data.device).flatten()
+    noted = {null_label}
+
+    @torch.no_grad()
+    def denoise(x, sigma, labels=None):
+        x = x.to(data.dtype)
+        sigma = _per_query(sigma, x, "sigma").expand(len(x))
+        if labels is None or data_labels is None:
+            return optimal_denoiser(x, sigma, data)
+        labels = torch.as_tensor(labels, device=x.device).flatten()
+        known = torch.isin(labels, data_labels)
+        if bool(known.all()):
+            return optimal_denoiser(x, sigma, data, labels, data_labels)
+        missing = set(labels[~known].tolist()) - noted
+        if missing:
+            (note or say)(f"note: no training image has label {', '.join(map(str, sorted(missing)))}: the "
+                          "optimal denoiser is unconditional for queries with that label")
+            noted.update(missing)
+        out = torch.empty_like(x)
+        out[~known] = optimal_denoiser(x[~known], sigma[~known], data)
+        if bool(known.any()):
+            out[known] = optimal_denoiser(x[known], sigma[known], data, labels[known], data_labels)
+        return out
+    return denoise
 
 
 def error_prone_denoiser(x, sigma, data, delta, x_labels=None, data_labels=None, chunk_size=None):
@@ -640,6 +704,19 @@ def count_parameters(module):
     return sum(p.numel() for p in module.parameters())
 
 
+def network_denoiser(denoiser, device):
+    """A Denoiser as denoise(x, sigma, labels=None) for inference: bf16 autocast and channels-last weights on
+    CUDA, full precision elsewhere. D comes back in x's dtype (float64 inputs keep a float64 skip path)."""
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        denoiser.to(memory_format=torch.channels_last)
+
+    def denoise(x, sigma, labels=None):
+        with torch.autocast("cuda", torch.bfloat16) if cuda else contextlib.nullcontext():
+            return denoiser(x, sigma, labels)
+    return denoise
+
+
 # ---------------------------------------------------------------------------
 # Data: dataset readers, subsets, conditioning labels
 # ---------------------------------------------------------------------------
@@ -898,8 +975,8 @@ def load_images(name="fashion-mnist", split="train", root=None):
 
 def _report_source(name, info, path):
     """Print, once per dataset and folder (and on the first process only), the files of both splits there."""
-    folder, dist = os.path.dirname(path), torch.distributed
-    if (name, folder) in _REPORTED or (dist.is_available() and dist.is_initialized() and dist.get_rank() > 0):
+    folder = os.path.dirname(path)
+    if (name, folder) in _REPORTED or not is_main_process():
         return
     _REPORTED.add((name, folder))
     files = [os.path.basename(p) for split in ("train", "val") for p in _find_source(info, split, folder) or ()]
@@ -1036,6 +1113,83 @@ def assign_clusters(x, centroids):
     return _nearest(x, centroids)[0].numpy().astype(np.int64)
 
 
+def validation_labels(train_labels, centroids, classes, images):
+    """Conditioning labels of other images (validation images) as a denoiser trained with train_labels reads
+    them: None when it is unconditional (train_labels None), the cluster of the nearest k-means centroid when
+    its labels are clusters (centroids given; images (N, C, R, R) at the training resolution), else the
+    images' dataset classes `classes`; int64 (N,)."""
+    if train_labels is None:
+        return None
+    if centroids is None:
+        return np.asarray(classes, np.int64)
+    return assign_clusters(images, centroids)
+
+
+def _as_array(value, dtype):
+    return None if value is None else np.asarray(value, dtype)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TrainingSource:
+    """What a denoiser learned from: the training split of `dataset` at `resolution`, the subset of it (indices,
+    int64 (n,)), their conditioning labels (int64 (n,); None: unconditional) and, for k-means labels, the
+    centroids (float32 (k, d)); data_dir: where the dataset files are (None: where load_images looks).
+    Read from a snapshot (of_checkpoint) or drawn as train_image.py draws it (drawn)."""
+    dataset: str
+    resolution: int
+    subset: np.ndarray
+    labels: np.ndarray | None = None
+    centroids: np.ndarray | None = None
+    data_dir: str | None = None
+
+    @classmethod
+    def of_checkpoint(cls, ckpt, data_dir=None):
+        """The source of a snapshot (a load_checkpoint dict); data_dir None: the run's own --data-dir."""
+        run = ckpt["args"] if isinstance(ckpt["args"], dict) else {}
+        return cls(ckpt["dataset"], int(ckpt["resolution"]), np.asarray(ckpt["subset"], np.int64),
+                   _as_array(ckpt["labels"], np.int64), _as_array(ckpt["kmeans_centroids"], np.float32),
+                   data_dir or run.get("data_dir"))
+
+    @classmethod
+    def drawn(cls, dataset, n, seed, cond="none", k=10, resolution=32, data_dir=None):
+        """The subset and labels that train_image.py trains on for these arguments (training_subset)."""
+        subset, labels, centroids = training_subset(dataset, n, seed, cond, k, resolution, data_dir)
+        return cls(dataset, int(resolution), subset, labels, _as_array(centroids, np.float32), data_dir)
+
+    @property
+    def cond(self):
+        """The conditioning, as train_image.py --cond names it: none, class or kmeans."""
+        return "none" if self.labels is None else "class" if self.centroids is None else "kmeans"
+
+    @property
+    def image_shape(self):
+        """(channels, resolution, resolution) of its images."""
+        return DATASETS[self.dataset]["shape"][2], self.resolution, self.resolution
+
+    @property
+    def num_classes(self):
+        """Labels of a network trained on this source: 0 (unconditional), the k clusters or the dataset's classes."""
+        if self.labels is None:
+            return 0
+        return len(self.centroids) if self.centroids is not None else DATASETS[self.dataset]["num_classes"]
+
+    def digest(self):
+        """Digest of what was learned (not of where the files are): source_digest."""
+        return source_digest(self.dataset, self.resolution, self.subset, self.labels, self.centroids)
+
+    def images(self):
+        """The subset's images, float32 (n, C, R, R) in [-1, 1]."""
+        images, _ = load_images(self.dataset, "train", self.data_dir)
+        check(len(self.subset) >= 1 and int(self.subset.max()) < len(images),
+              f"the subset indices do not fit the {len(images)} training images of {self.dataset}")
+        return images_to_tensor(images[self.subset], self.resolution)
+
+    def validation_labels(self, classes, images):
+        """Labels of validation images (their dataset classes, and the images at this resolution) as a
+        network trained on this source reads them (common.validation_labels)."""
+        return validation_labels(self.labels, self.centroids, classes, images)
+
+
 # ---------------------------------------------------------------------------
 # Checkpoint I/O
 # ---------------------------------------------------------------------------
@@ -1046,12 +1200,27 @@ CHECKPOINT_KEYS = ("kind", "net", "ema", "opt", "step", "images_seen", "args", "
                    "labels", "dataset", "resolution", "kmeans_centroids", "rng")
 
 
+SNAPSHOT_ARRAYS = ("subset", "labels", "kmeans_centroids")  # tensors on disk, numpy arrays after load_checkpoint
+
+
 def save_checkpoint(state, path):
-    """Write a snapshot dict atomically (see atomic_write)."""
+    """Write a snapshot dict atomically (see atomic_write). It must hold tensors and plain Python values only
+    (SNAPSHOT_ARRAYS and rng_state's numpy state as tensors), which torch.load(weights_only=True) reads
+    without running any code from the file; the same contents give the same bytes."""
     return atomic_write(path, lambda f: torch.save(state, f))
 
 
 SNAPSHOT_NAME = re.compile(r"snapshot-(\d{9})\.pt")  # snapshot-<images seen, 9 digits>.pt
+# train_image.py arguments that a resumed run may change: they touch neither the weights nor the log's layout,
+# so they do not tell two runs apart either (eval_gap.py).
+RESUMABLE_ARGS = frozenset({"steps", "snapshots", "eval_every", "device", "compile", "out", "data_dir", "no_resume"})
+
+
+def snapshot_files(folder):
+    """The snapshot-*.pt files of a run folder in order of images seen (none when it is not a folder)."""
+    if not os.path.isdir(folder):
+        return []
+    return [os.path.join(folder, name) for name in sorted(os.listdir(folder)) if SNAPSHOT_NAME.fullmatch(name)]
 
 
 def find_snapshots(paths):
@@ -1059,10 +1228,10 @@ def find_snapshots(paths):
     found = []
     for path in paths:
         if os.path.isdir(path):
-            names = sorted(name for name in os.listdir(path) if SNAPSHOT_NAME.fullmatch(name))
-            check(names, f"no snapshot-*.pt in {path}: train one with train_image.py --out {path}, "
+            files = snapshot_files(path)
+            check(files, f"no snapshot-*.pt in {path}: train one with train_image.py --out {path}, "
                          "or point to snapshot files")
-            found += [os.path.join(path, name) for name in names]
+            found += files
         else:
             check(os.path.isfile(path), f"{path} does not exist: it is neither a run folder nor a snapshot file")
             found.append(path)
@@ -1074,10 +1243,15 @@ def load_checkpoint(path, map_location="cpu"):
     path = os.fspath(path)
     check(os.path.isfile(path), f"checkpoint {path} does not exist")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+        ckpt = _load_tensors_and_values(path, map_location)
     except Exception as err:  # an OS error, or contents that torch cannot unpickle
         check(not _is_npz(path), f"{path} is an .npz file (results or a training log), not a torch "
                                  "checkpoint: point to a snapshot-*.pt written by train_image.py")
+        reason = _weights_only_reason(err)
+        check(reason is None or not reason.startswith(("Unsupported global", "Can only build")),
+              f"{path} holds objects other than tensors, numpy arrays and plain values, which are not loaded "
+              f"(torch.load(weights_only=True)): it is not a snapshot written by train_image.py")
+        err = err if reason is None else pickle.UnpicklingError(reason)
         raise _read_error(path, err, "the file is corrupted (truncated?) or not a torch checkpoint: point to "
                          "a snapshot-*.pt written by train_image.py, or delete it if it is a damaged one") from None
     check(isinstance(ckpt, dict) and ckpt.get("kind") == CHECKPOINT_KIND,
@@ -1085,7 +1259,43 @@ def load_checkpoint(path, map_location="cpu"):
           "point to a snapshot-*.pt written by train_image.py")
     missing = [key for key in CHECKPOINT_KEYS if key not in ckpt]
     check(not missing, f"snapshot {path} lacks the keys {', '.join(missing)}; it is incomplete or foreign")
+    for key in SNAPSHOT_ARRAYS:
+        if isinstance(ckpt[key], torch.Tensor):
+            ckpt[key] = ckpt[key].cpu().numpy()
     return ckpt
+
+
+def _load_tensors_and_values(path, map_location):
+    """torch.load(weights_only=True): tensors and plain values, no code from the file. Snapshots written
+    before they held tensors only stored SNAPSHOT_ARRAYS and numpy's random state as numpy arrays: those
+    load with numpy's array and dtype classes allowed as well."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        with torch.serialization.safe_globals(_numpy_array_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def _weights_only_reason(err):
+    """The reason given in torch's many-line 'Weights only load failed' message; None for other errors."""
+    text = str(err)
+    if "Weights only load failed" not in text:
+        return None
+    lines = text.split("WeightsUnpickler error:", 1)[-1].splitlines()
+    return next((line.strip() for line in lines if line.strip()), "")
+
+
+def _numpy_array_globals():
+    """What unpickling a numpy array needs: its class, dtype classes and the rebuild function (named by numpy
+    1.x and 2.x)."""
+    try:
+        multiarray = importlib.import_module("numpy._core.multiarray")
+    except ImportError:  # numpy 1.x
+        multiarray = importlib.import_module("numpy.core.multiarray")
+    dtypes = getattr(np, "dtypes", None)  # numpy >= 1.25 pickles a dtype with its class
+    classes = [getattr(dtypes, name) for name in dir(dtypes) if name.endswith("DType")] if dtypes else []
+    return [np.ndarray, np.dtype, *classes, (multiarray._reconstruct, "numpy.core.multiarray._reconstruct"),
+            (multiarray._reconstruct, "numpy._core.multiarray._reconstruct")]
 
 
 def _is_npz(path):
@@ -1099,14 +1309,14 @@ def _is_npz(path):
 
 
 def load_denoiser(checkpoint_or_path, weights="ema", device="cpu"):
-    """The snapshot's Denoiser, rebuilt by build_network(**ckpt['network']) with its 'ema' or
-    'net' weights, in eval mode without gradients; returns (denoiser, checkpoint dict)."""
-    check(weights in ("ema", "net"), f"weights must be 'ema' or 'net', got {weights!r}")
+    """The snapshot's Denoiser, rebuilt by build_network(**ckpt['network']) with its 'ema' or 'raw' weights
+    (WEIGHTS), in eval mode without gradients; returns (denoiser, checkpoint dict)."""
+    check(weights in WEIGHTS, f"weights must be 'ema' or 'raw', got {weights!r}")
     ckpt = checkpoint_or_path
     if not isinstance(ckpt, dict):
         ckpt = load_checkpoint(ckpt)
     denoiser = build_network(**ckpt["network"])
-    denoiser.load_state_dict(ckpt[weights])
+    denoiser.load_state_dict(ckpt[WEIGHTS[weights]])
     return denoiser.to(device).eval().requires_grad_(False), ckpt
 
 
@@ -1136,23 +1346,32 @@ def source_digest(dataset, resolution, subset, labels=None, centroids=None):
 
 
 def snapshot_digest(ckpt, weights="ema"):
-    """Digest of everything a snapshot's outputs depend on: network config, its 'ema' or 'net' weights, source."""
-    return digest(ckpt["network"], ckpt[weights], source_digest(ckpt["dataset"], ckpt["resolution"], ckpt["subset"],
+    """Digest of everything a snapshot's outputs depend on: network config, its 'ema' or 'raw' weights, source."""
+    return digest(ckpt["network"], ckpt[WEIGHTS[weights]], source_digest(ckpt["dataset"], ckpt["resolution"], ckpt["subset"],
                                                                 ckpt["labels"], ckpt["kmeans_centroids"]))
 
 
 def rng_state(**generators):
     """All random-number-generator states of this process (python, numpy, torch, the current
-    CUDA device once initialised) and of the named torch.Generators, as a plain dict."""
+    CUDA device once initialised) and of the named torch.Generators, as a dict of tensors and plain
+    values (numpy's Mersenne Twister key as an int64 tensor), which torch.load(weights_only=True) reads."""
     cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+    _, key, pos, has_gauss, cached_gaussian = np.random.get_state()
+    numpy_state = dict(key=torch.from_numpy(key.astype(np.int64)), pos=int(pos), has_gauss=int(has_gauss),
+                       cached_gaussian=float(cached_gaussian))
+    return {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state(),
             "cuda": cuda, "generators": {name: g.get_state() for name, g in generators.items()}}
 
 
 def set_rng_state(state, **generators):
-    """Restore the states saved by rng_state, including those of the named torch.Generators."""
+    """Restore the states saved by rng_state, including those of the named torch.Generators (also those
+    of older snapshots, which stored numpy's state as numpy.random.get_state returns it)."""
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    numpy_state = state["numpy"]
+    if isinstance(numpy_state, dict):
+        numpy_state = ("MT19937", numpy_state["key"].numpy().astype(np.uint32), numpy_state["pos"],
+                       numpy_state["has_gauss"], numpy_state["cached_gaussian"])
+    np.random.set_state(numpy_state)
     torch.set_rng_state(state["torch"])
     if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -1206,6 +1425,14 @@ def denoising_errors(denoise, images, noise, sigmas, labels=None, batch_size=256
         if progress is not None:
             progress.update(len(pair))
     return out.view(S, N)
+
+
+def peak_index(gap):
+    """Index of the largest finite value of a gap curve G(sigma) along the last axis (first one on ties; NaN
+    and inf ignored: G is inf where E_train = 0, as for the optimal denoiser at small sigma; 0 when none is
+    finite)."""
+    gap = np.asarray(gap, np.float64)
+    return np.where(np.isfinite(gap), gap, -np.inf).argmax(axis=-1)
 
 
 # ---------------------------------------------------------------------------
@@ -1462,12 +1689,28 @@ def plot_sweep(sigmas, curves, values, label, title, ylabel="relative gap G(sigm
     return fig if fig is not None else ax.figure
 
 
+def image_grid(images, cols, gap=0, scale=1):
+    """Images (K, C, H, W) in [-1, 1] (tensor or array) as one picture for imshow or imsave, in [0, 1]: rows of
+    `cols` images with `gap` pixels of white between and around them, each pixel repeated scale x scale times;
+    (height, width) for one channel, (height, width, 3) for three."""
+    images = np.asarray(torch.as_tensor(images).float().clamp(-1, 1))
+    images = images.repeat(scale, axis=2).repeat(scale, axis=3)
+    k, c, h, w = images.shape
+    rows = math.ceil(k / cols)
+    grid = np.ones((rows * (h + gap) + gap, cols * (w + gap) + gap, c), np.float32)
+    for i, img in enumerate(images):
+        top, left = gap + (i // cols) * (h + gap), gap + (i % cols) * (w + gap)
+        grid[top:top + h, left:left + w] = (img.transpose(1, 2, 0) + 1) / 2
+    return grid[..., 0] if c == 1 else grid
+
+
 def save_figure(fig, path):
-    """Save a figure as PNG (at path) and PDF beside it, close it, return the PNG path."""
+    """Save a figure as PNG (at path) and PDF beside it (without a creation date, so that the same figure gives
+    the same bytes), close it, return the PNG path."""
     import matplotlib.pyplot as plt
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=120)
-    fig.savefig(os.path.splitext(path)[0] + ".pdf")
+    fig.savefig(os.path.splitext(path)[0] + ".pdf", metadata={"CreationDate": None})  # same figure, same bytes
     plt.close(fig)
     return path
 
@@ -1505,6 +1748,39 @@ def init_distributed(device_name="auto"):
     return torch.distributed.get_rank(), world, device
 
 
+def is_main_process():
+    """Whether this process prints and writes files: rank 0 under torchrun, or the process itself."""
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def say(*parts, sep=" "):
+    """print(*parts) on the main process only (is_main_process), through tqdm.write, so that an open
+    progress bar is redrawn below the line instead of being broken by it."""
+    if is_main_process():
+        tqdm.write(sep.join(str(part) for part in parts))
+
+
+def gather_rows(tensor, world, device, dim=0):
+    """Every process's tensor concatenated along `dim` in rank order, on every process and on the CPU
+    (the shards may differ in size along dim; the other sizes and the dtype must agree); the tensor itself
+    with one process. The shards travel through `device` (NCCL needs CUDA tensors)."""
+    if world == 1:
+        return tensor
+    rows = tensor.movedim(dim, 0)
+    size = torch.tensor([len(rows)], device=device)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    torch.distributed.all_gather(sizes, size)
+    sizes = [int(s) for s in sizes]
+    if math.prod(rows.shape[1:]) == 0:  # rows without values: nothing to send
+        return rows.new_zeros(sum(sizes), *rows.shape[1:]).movedim(0, dim).cpu()
+    padded = rows.new_zeros(max(sizes), *rows.shape[1:]).to(device)
+    padded[:len(rows)] = rows.to(device)
+    parts = [torch.zeros_like(padded) for _ in range(world)]
+    torch.distributed.all_gather(parts, padded)
+    return torch.cat([part[:s] for part, s in zip(parts, sizes)]).movedim(0, dim).cpu()
+
+
 def run_distributed(job, args):
     """job(args, rank, world, device) in this process: alone, or in torchrun's process group (see init_distributed)."""
     rank, world, device = init_distributed(args.device)
@@ -1516,7 +1792,13 @@ def run_distributed(job, args):
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """--help that shows every default and keeps the layout of the script's docstring."""
+    """--help that shows every default once and keeps the layout of the script's docstring. A default of None
+    is not shown (the help says what happens then), nor one that the help names itself."""
+
+    def _get_help_string(self, action):
+        if action.default is None or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def _number_type(kind, accept, wanted):
@@ -1539,6 +1821,47 @@ non_negative_float = _number_type(float, lambda v: v >= 0, "a non-negative numbe
 positive_int = _number_type(int, lambda v: v > 0, "a positive integer")
 non_negative_int = _number_type(int, lambda v: v >= 0, "a non-negative integer")
 at_least_two_int = _number_type(int, lambda v: v >= 2, "an integer of at least 2")
+
+
+DEVICE_HELP = "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps"
+WEIGHTS = {"ema": "ema", "raw": "net"}  # --weights -> the snapshot's key: the EMA or the raw (optimizer's) weights
+
+
+def add_run_args(parser, seed, out, out_default=None, batch=None, device=DEVICE_HELP):
+    """The flags every script has, defined once: --seed (a non-negative integer, default 0), --device (default
+    auto) and --out, each helped by what it means in the script (seed, out, device), and --batch (a positive
+    integer) where batch = (default, help) is given."""
+    parser.add_argument("--seed", type=non_negative_int, default=0, help=seed)
+    parser.add_argument("--device", default="auto", help=device)
+    parser.add_argument("--out", default=out_default, help=out)
+    if batch is not None:
+        parser.add_argument("--batch", type=positive_int, default=batch[0], help=batch[1])
+
+
+def add_data_args(parser, applies="", seed_flag="--subset-seed"):
+    """The flags that name a training subset as train_image.py draws it, defined once: --data, --data-dir,
+    --resolution, --n, --cond and --k, and --subset-seed unless seed_flag names another flag for its seed.
+    `applies` starts the help of those that only one mode of the script reads (e.g. '--optimal: ')."""
+    parser.add_argument("--data", default="fashion-mnist", help=f"{applies}dataset: " + ", ".join(DATASETS))
+    parser.add_argument("--data-dir", default=None, help="folder with the dataset files, the only one looked in "
+                        "when given (default: for a snapshot the one its run read, else the system folder, the "
+                        "user cache or a download)")
+    parser.add_argument("--resolution", type=positive_int, default=32,
+                        help=f"{applies}image size R x R (R divides 32)")
+    parser.add_argument("--n", type=at_least_two_int, default=1000,
+                        help=f"{applies}training subset size, drawn with {seed_flag}")
+    parser.add_argument("--cond", default="none", choices=["none", "class", "kmeans"],
+                        help=f"{applies}conditioning: none, the dataset's classes or k-means clusters of the subset")
+    parser.add_argument("--k", type=positive_int, default=10, help=f"{applies}number of clusters of --cond kmeans")
+    if seed_flag == "--subset-seed":
+        parser.add_argument("--subset-seed", type=non_negative_int, default=0,
+                            help=f"{applies}seed of the subset and its k-means clusters, as train_image.py --seed")
+
+
+def add_weights_arg(parser):
+    """--weights: which weights of a snapshot (WEIGHTS)."""
+    parser.add_argument("--weights", default="ema", choices=list(WEIGHTS),
+                        help="snapshot weights: ema (the moving average) or raw (the optimizer's last step)")
 
 
 _ON_INTERRUPT = []  # the describe() of on_interrupt, if a script registered one

@@ -34,7 +34,6 @@ file) is not replaced unless --force.
 """
 import argparse
 import collections
-import contextlib
 import json
 import os
 
@@ -47,12 +46,9 @@ import common
 from common import check
 
 SCRIPT = os.path.basename(__file__)  # stored in the result file (common.save_npz)
-# train_image.py arguments that a resumed run may change: they do not tell two runs apart.
-RUN_ARGS_IGNORED = {"steps", "snapshots", "eval_every", "device", "compile", "out", "data_dir", "no_resume"}
 # Arguments that change the numbers of a row; a cached row is reused only when they all match.
 SETTINGS = ("num_images", "seed", "guidance_weights", "neg", "features", "feature_sigmas", "data_dir")
 ROW_KEYS = ("e_train", "e_val", "fd_train", "fd_val")
-WEIGHTS_KEY = {"ema": "ema", "raw": "net"}  # --weights -> checkpoint key
 
 # this process's shard; count: images of all processes; fd: the shard's images in the Frechet subset
 Split = collections.namedtuple("Split", "y noise labels count fd")
@@ -62,21 +58,10 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
     p.add_argument("snapshots", nargs="*", metavar="RUN_DIR_OR_CHECKPOINT",
                    help="run folders (all their snapshot-*.pt, by images seen) or snapshot files")
-    p.add_argument("--weights", default="ema", choices=["ema", "raw"], help="snapshot weights to evaluate")
+    common.add_weights_arg(p)
     p.add_argument("--optimal", action="store_true", help="also (or, without snapshots, only) evaluate the "
-                   "optimal denoiser of the snapshots' training subset, or of the subset --data/--n/--seed")
-    p.add_argument("--data", default="fashion-mnist", help="--optimal without snapshots: dataset: "
-                   + ", ".join(common.DATASETS))
-    p.add_argument("--n", type=common.at_least_two_int, default=1000,
-                   help="--optimal without snapshots: subset size, drawn with "
-                   "--seed as train_image.py draws it")
-    p.add_argument("--resolution", type=common.positive_int, default=32, help="--optimal without snapshots: image size")
-    p.add_argument("--cond", default="none", choices=["none", "class", "kmeans"],
-                   help="--optimal without snapshots: conditioning of the optimal denoiser")
-    p.add_argument("--k", type=common.positive_int, default=10,
-                   help="--optimal without snapshots: clusters of --cond kmeans")
-    p.add_argument("--data-dir", default=None, help="folder with the dataset files (default: the run's, "
-                   "then the system folder, the user cache, or a download)")
+                   "optimal denoiser of the snapshots' training subset, or of the subset --data/--n/--subset-seed")
+    common.add_data_args(p, applies="--optimal without snapshots: ")
     p.add_argument("--num-images", type=common.at_least_two_int, default=8192,
                    help="images per split (or all available)")
     p.add_argument("--sigmas", type=common.positive_float, nargs="+", default=None, help="noise levels (default: "
@@ -90,18 +75,16 @@ def parse_args(argv=None):
                    "'builtin' or an Inception TorchScript file (common.load_feature_extractor)")
     p.add_argument("--feature-sigmas", nargs="+", default=["0.25", "0.5", "1", "2", "4"],
                    help="noise levels of the feature-space reconstruction gap, or 'all' (every evaluated sigma)")
-    p.add_argument("--batch", type=common.positive_int, default=512, help="(image, sigma) pairs per forward pass")
     p.add_argument("--allow-mixed", action="store_true", help="accept snapshots of different runs")
     p.add_argument("--force", action="store_true", help="recompute rows already in --out, and replace an --out "
                    "that eval_gap.py did not write (refused otherwise)")
-    p.add_argument("--seed", type=common.non_negative_int, default=0,
-                   help="seed of the fixed noise, of the image samples and "
-                   "(--optimal without snapshots) of the subset")
-    p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N, mps")
-    p.add_argument("--out", default=None, help="output .npz (default: RUN_DIR/gap[-raw][-guided].npz for a run "
-                   "folder, RUN_DIR/gap-snapshot-<images seen>[-raw][-guided].npz for one snapshot file, so that it "
-                   "leaves the run's file alone, results/gap-optimal-<data>-r<R>-n<n>-<none|class|kmeans<k>>-seed<seed>"
-                   "[-guided].npz for --optimal alone; several run folders or snapshot files need --out)")
+    common.add_run_args(
+        p, seed="seed of the fixed noise of the images and of the samples of the splits",
+        batch=(512, "(image, sigma) pairs per forward pass"),
+        out="output .npz (default: RUN_DIR/gap[-raw][-guided].npz for a run folder, "
+            "RUN_DIR/gap-snapshot-<images seen>[-raw][-guided].npz for one snapshot file, so that it leaves the "
+            "run's file alone, results/gap-optimal-<data>-r<R>-n<n>-<none|class|kmeans<k>>-seed<subset seed>"
+            "[-guided].npz for --optimal alone; several run folders or snapshot files need --out)")
     args = p.parse_args(argv)
     check(args.snapshots or args.optimal, "nothing to evaluate: give run folders or snapshot files, "
                                           "and/or --optimal (see --help)")
@@ -136,53 +119,24 @@ def overfitting_onset(images_seen, e_val):
     return np.asarray(images_seen)[best]
 
 
-def peak_index(gap):
-    """Index of the largest gap along the last axis (first one on ties; NaN ignored)."""
-    gap = np.asarray(gap, np.float64)
-    return np.where(np.isnan(gap), -np.inf, gap).argmax(axis=-1)
-
-
 def peak_sigma(sigmas, gap):
-    """The sigma where the gap G(sigma) is largest. gap (..., S) -> (...)."""
-    return np.asarray(sigmas)[peak_index(gap)]
+    """The sigma where the gap G(sigma) is largest (common.peak_index: finite values only). gap (..., S) -> (...)."""
+    return np.asarray(sigmas)[common.peak_index(gap)]
 
 
 # ---------------------------------------------------------------------------
 # Snapshots, sources (what a model was trained on) and evaluation images
 # ---------------------------------------------------------------------------
 
-def snapshot_source(ckpt, data_dir):
-    """What the snapshot's network was trained on: dataset, resolution, subset, labels, centroids."""
-    as_array = lambda a: None if a is None else np.asarray(a)  # noqa: E731
-    return dict(dataset=ckpt["dataset"], resolution=int(ckpt["resolution"]), subset=np.asarray(ckpt["subset"]),
-                labels=as_array(ckpt["labels"]), centroids=as_array(ckpt["kmeans_centroids"]),
-                data_dir=data_dir or ckpt["args"].get("data_dir"))
-
-
-def subset_source(args):
-    """The subset train_image.py trains on for --data/--n/--seed/--cond/--k, for --optimal alone."""
-    subset, labels, centroids = common.training_subset(args.data, args.n, args.seed, args.cond, args.k,
-                                                       args.resolution, args.data_dir)
-    centroids = None if centroids is None else centroids.numpy()
-    return dict(dataset=args.data, resolution=args.resolution, subset=subset, labels=labels,
-                centroids=centroids, data_dir=args.data_dir)
-
-
-def source_digest(source):
-    return common.source_digest(source["dataset"], source["resolution"], source["subset"], source["labels"],
-                                source["centroids"])
-
-
-def read_snapshot(path, args):
-    """Metadata of a snapshot: path, images seen, run identity, network config, source and a digest
-    of everything its rows depend on (the evaluated weights and the source)."""
+def read_snapshot(path, weights="ema", data_dir=None):
+    """Metadata of a snapshot: path, images seen, run identity, network config, source (common.TrainingSource;
+    data_dir None: the run's) and a digest of everything its rows depend on (the `weights` and the source)."""
     ckpt = common.load_checkpoint(path)
-    weights = ckpt[WEIGHTS_KEY[args.weights]]
-    source = snapshot_source(ckpt, args.data_dir)
-    run = {k: v for k, v in ckpt["args"].items() if k not in RUN_ARGS_IGNORED}
-    return dict(path=path, images_seen=int(ckpt["images_seen"]), run=run, network=ckpt["network"], source=source,
-                params=sum(int(t.numel()) for t in weights.values()),
-                digest=common.snapshot_digest(ckpt, WEIGHTS_KEY[args.weights]))
+    run = {k: v for k, v in ckpt["args"].items() if k not in common.RESUMABLE_ARGS}
+    return dict(path=path, images_seen=int(ckpt["images_seen"]), run=run, network=ckpt["network"],
+                source=common.TrainingSource.of_checkpoint(ckpt, data_dir),
+                params=sum(int(t.numel()) for t in ckpt[common.WEIGHTS[weights]].values()),
+                digest=common.snapshot_digest(ckpt, weights))
 
 
 def check_same_run(snapshots, allow_mixed):
@@ -198,33 +152,30 @@ def check_same_run(snapshots, allow_mixed):
 
 def split_counts(source, num_images):
     """Number of training and validation evaluation images of a source."""
-    val_images, _ = common.load_images(source["dataset"], "val", source["data_dir"])
-    return min(num_images, len(source["subset"])), min(num_images, len(val_images))
+    val_images, _ = common.load_images(source.dataset, "val", source.data_dir)
+    return min(num_images, len(source.subset)), min(num_images, len(val_images))
 
 
-def eval_splits(source, args, rank, world, device):
-    """This process's shard of the training and validation evaluation images: images, their fixed
-    noise (seeded by dataset index; validation image j is index len(training split) + j), labels."""
-    train_images, _ = common.load_images(source["dataset"], "train", source["data_dir"])
-    val_images, val_classes = common.load_images(source["dataset"], "val", source["data_dir"])
-    subset, labels, R = source["subset"], source["labels"], source["resolution"]
-    n_train, n_val = split_counts(source, args.num_images)
-    pos = common.choose_subset(len(subset), n_train, args.seed)[rank::world]
-    val_index = common.choose_subset(len(val_images), n_val, args.seed)[rank::world]
+def eval_splits(source, num_images, seed, rank=0, world=1, device="cpu"):
+    """This process's shard of the training and validation evaluation images of a source (num_images of each,
+    or all; a seeded sample when there are more): images, their fixed noise (seeded by dataset index and
+    `seed`; validation image j is index len(training split) + j), labels."""
+    train_images, _ = common.load_images(source.dataset, "train", source.data_dir)
+    val_images, val_classes = common.load_images(source.dataset, "val", source.data_dir)
+    subset, labels, R = source.subset, source.labels, source.resolution
+    n_train, n_val = split_counts(source, num_images)
+    pos = common.choose_subset(len(subset), n_train, seed)[rank::world]
+    val_index = common.choose_subset(len(val_images), n_val, seed)[rank::world]
     y_train = common.images_to_tensor(train_images[subset[pos]], R)
     y_val = common.images_to_tensor(val_images[val_index], R)
-    if labels is None:
-        train_labels = val_labels = None
-    else:
-        train_labels = labels[pos]
-        val_labels = (val_classes[val_index] if source["centroids"] is None
-                      else common.assign_clusters(y_val, source["centroids"]))
+    train_labels = None if labels is None else labels[pos]
+    val_labels = source.validation_labels(val_classes[val_index], y_val)
     shape = y_train.shape[1:]
 
     fd_count = min(n_train, n_val)  # equally many images in both splits' Frechet distances
 
     def split(y, indices, c, count):
-        noise = common.image_noise(indices, shape, args.seed)
+        noise = common.image_noise(indices, shape, seed)
         c = None if c is None else torch.as_tensor(np.asarray(c), dtype=torch.long).to(device)
         fd = torch.as_tensor(np.flatnonzero(rank + world * np.arange(len(y)) < fd_count), device=device)
         return Split(y.to(device), noise.to(device), c, count, fd)
@@ -236,45 +187,11 @@ def eval_splits(source, args, rank, world, device):
 # Models: denoise(x, sigma (B,), labels (B,) or None = unconditional)
 # ---------------------------------------------------------------------------
 
-def network_model(denoiser, device):
-    """A snapshot's network in inference mode, bf16 autocast on CUDA."""
-    cuda = device.type == "cuda"
-    if cuda:
-        denoiser.to(memory_format=torch.channels_last)
-
-    def denoise(x, sigma, labels):
-        with torch.autocast("cuda", torch.bfloat16) if cuda else contextlib.nullcontext():
-            return denoiser(x, sigma, labels)
-    return denoise
-
-
-def optimal_model(source, device, say=print):
-    """The optimal denoiser of the source's subset, in float64 (float32 on MPS, which lacks float64).
-    With labels it is class/cluster-conditional; images whose label no subset image carries get the
-    unconditional one (the conditional is undefined there), with a note."""
-    dtype = torch.float32 if device.type == "mps" else torch.float64
-    images, _ = common.load_images(source["dataset"], "train", source["data_dir"])
-    data = common.images_to_tensor(images[source["subset"]], source["resolution"]).to(device, dtype)
-    data_labels = None if source["labels"] is None else torch.as_tensor(source["labels"]).to(device)
-    noted = set()
-
-    def denoise(x, sigma, labels):
-        x, sigma = x.to(dtype), sigma.to(dtype)
-        if labels is None or data_labels is None:
-            return common.optimal_denoiser(x, sigma, data)
-        known = torch.isin(labels, data_labels)
-        if bool(known.all()):
-            return common.optimal_denoiser(x, sigma, data, labels, data_labels)
-        missing = set(labels[~known].tolist()) - noted
-        if missing:
-            say(f"note: no training image has label {', '.join(map(str, sorted(missing)))}: the optimal "
-                "denoiser is unconditional for images with that label")
-            noted.update(missing)
-        out = common.optimal_denoiser(x, sigma, data)
-        if bool(known.any()):
-            out[known] = common.optimal_denoiser(x[known], sigma[known], data, labels[known], data_labels)
-        return out
-    return denoise
+def optimal_model(source, device):
+    """The optimal denoiser of the source's subset, exact (common.exact_dtype), conditional on its labels when
+    it has them; images whose label no subset image carries get the unconditional one, with a note
+    (common.labelled_optimal_denoiser)."""
+    return common.labelled_optimal_denoiser(source.images().to(device, common.exact_dtype(device)), source.labels)
 
 
 def counted(denoise, bar):
@@ -302,21 +219,6 @@ def all_sum(tensor, world, device):
     return total.cpu()
 
 
-def gather_rows(tensor, world, device):
-    """Rows of every process's tensor, concatenated (shards may differ by a few rows)."""
-    if world == 1:
-        return tensor
-    size = torch.tensor([len(tensor)], device=device)
-    sizes = [torch.zeros_like(size) for _ in range(world)]
-    dist.all_gather(sizes, size)
-    sizes = [int(s) for s in sizes]
-    padded = tensor.new_zeros(max(sizes), *tensor.shape[1:]).to(device)
-    padded[:len(tensor)] = tensor.to(device)
-    parts = [torch.zeros_like(padded) for _ in range(world)]
-    dist.all_gather(parts, padded)
-    return torch.cat([part[:s] for part, s in zip(parts, sizes)]).cpu()
-
-
 def split_errors(denoise, neg, split, sigmas, weights, batch, world=1, device="cpu", bar=None):
     """E(sigma) of docs/method.md on one split for each guidance weight, averaged over the images of
     every process: float64 (G, S)."""
@@ -330,7 +232,7 @@ def split_errors(denoise, neg, split, sigmas, weights, batch, world=1, device="c
 def features_of(images, extractor, batch, world, device):
     """Features of a stack of images, in batches, gathered over processes: float64 (N, F)."""
     feats = [extractor(images[i:i + batch]).double().cpu() for i in range(0, len(images), batch)]
-    return gather_rows(torch.cat(feats), world, device)
+    return common.gather_rows(torch.cat(feats), world, device)
 
 
 def feature_distances(denoise, neg, split, clean, extractor, feature_sigmas, weights, batch, world=1,
@@ -348,7 +250,7 @@ def feature_distances(denoise, neg, split, clean, extractor, feature_sigmas, wei
                 return den
             common.denoising_errors(capture, split.y[split.fd], split.noise[split.fd], [sigma],
                                     None if split.labels is None else split.labels[split.fd], batch)
-            out[g, k] = common.frechet_distance(gather_rows(torch.cat(feats), world, device), clean)
+            out[g, k] = common.frechet_distance(common.gather_rows(torch.cat(feats), world, device), clean)
     return out
 
 
@@ -356,31 +258,34 @@ class Evaluator:
     """Rows (e_train, e_val (G, S), fd_train, fd_val (G, K)) of models on the evaluation images of
     their source; the images (and clean features) of the last source are kept for the next model."""
 
-    def __init__(self, args, sigmas, weights, neg, extractor, rank, world, device, bar):
-        self.args, self.sigmas, self.weights, self.neg = args, sigmas, weights, neg
-        self.extractor, self.rank, self.world, self.device, self.bar = extractor, rank, world, device, bar
+    def __init__(self, sigmas, weights, neg, num_images, seed, batch, extractor=None, feature_sigmas=(), rank=0,
+                 world=1, device="cpu", bar=None):
+        self.sigmas, self.weights, self.neg, self.num_images, self.seed, self.batch = (sigmas, weights, neg,
+                                                                                       num_images, seed, batch)
+        self.extractor, self.feature_sigmas = extractor, feature_sigmas
+        self.rank, self.world, self.device, self.bar = rank, world, device, bar
         self.source_key, self.splits, self.clean = None, None, None
 
     def load(self, source):
-        key = source_digest(source) + str(source["data_dir"])
+        key = source.digest() + str(source.data_dir)
         if key != self.source_key:
-            self.splits = eval_splits(source, self.args, self.rank, self.world, self.device)
+            self.splits = eval_splits(source, self.num_images, self.seed, self.rank, self.world, self.device)
             if self.extractor is not None:
-                self.clean = [features_of(s.y[s.fd], self.extractor, self.args.batch, self.world, self.device)
+                self.clean = [features_of(s.y[s.fd], self.extractor, self.batch, self.world, self.device)
                               for s in self.splits]
             self.source_key = key
         return self.splits
 
     def rows(self, denoise, source):
-        splits, a, neg = self.load(source), self.args, self.neg or (lambda x, s, c: denoise(x, s, None))
+        splits, neg = self.load(source), common.negative_denoiser(denoise, self.neg)
         out = {}
         for name, split in zip(("train", "val"), splits):
-            out[f"e_{name}"] = split_errors(denoise, neg, split, self.sigmas, self.weights, a.batch,
+            out[f"e_{name}"] = split_errors(denoise, neg, split, self.sigmas, self.weights, self.batch,
                                             self.world, self.device, self.bar)
         if self.extractor is not None:
             for name, split, clean in zip(("train", "val"), splits, self.clean):
                 out[f"fd_{name}"] = feature_distances(denoise, neg, split, clean, self.extractor,
-                                                      a.feature_sigmas, self.weights, a.batch, self.world,
+                                                      self.feature_sigmas, self.weights, self.batch, self.world,
                                                       self.device, self.bar)
         return out
 
@@ -419,35 +324,28 @@ def default_out(args):
     """--out when not given (see its --help)."""
     guided = "-guided" if args.guidance_weights else ""
     if not args.snapshots:
-        subset = common.subset_name(args.data, args.n, args.seed, args.cond, args.k, args.resolution)
+        subset = common.subset_name(args.data, args.n, args.subset_seed, args.cond, args.k, args.resolution)
         return os.path.join("results", f"gap-optimal-{subset}{guided}.npz")
     return common.default_result_path(args.snapshots, "gap", ("-raw" if args.weights == "raw" else "") + guided)
 
 
-def negative_model(args, snapshots, opt_source, device):
-    """The guidance negative: None for 'uncond' (the model with the null label; refused for an
-    unconditional model, for which D_neg = D), else a network."""
-    if args.neg == "uncond":
-        if any(args.guidance_weights):
-            for s in snapshots:
-                common.check_classifier_free(s["network"]["num_classes"] > 0, s["path"])
-            if opt_source is not None:
-                common.check_classifier_free(opt_source["labels"] is not None, "the optimal denoiser of --cond none")
+def image_shape(network):
+    """(channels, resolution, resolution) of the images of a network config."""
+    return network["img_channels"], network["img_resolution"], network["img_resolution"]
+
+
+def negative_model(neg, weights, guidance_weights, models, device):
+    """The guidance negative of --neg and its digest: None for 'uncond' (each model with the null label,
+    common.negative_denoiser) or a snapshot's network; UserError unless it fits each of the models, given as
+    (name, image shape, number of classes) (common.check_guidance)."""
+    info = None if neg == "uncond" else read_snapshot(neg, weights)
+    fits = None if info is None else (neg, image_shape(info["network"]), info["network"]["num_classes"])
+    if fits is not None or any(guidance_weights):
+        for name, shape, num_classes in models:
+            common.check_guidance(name, shape, num_classes, fits)
+    if info is None:
         return None, "uncond"
-    info = read_snapshot(args.neg, args)
-    net, _ = common.load_denoiser(args.neg, WEIGHTS_KEY[args.weights], device)
-    models = [(s["path"], s["network"]["img_resolution"], s["network"]["img_channels"], s["network"]["num_classes"])
-              for s in snapshots]
-    if opt_source is not None and not snapshots:
-        models.append((f"the optimal denoiser of --data {args.data} --resolution {args.resolution} --cond {args.cond}",
-                       args.resolution, common.DATASETS[args.data]["shape"][2],
-                       common.num_condition_classes(args.data, args.cond, args.k)))
-    neg = info["network"]
-    for name, resolution, channels, classes in models:
-        check(neg["img_resolution"] == resolution and neg["img_channels"] == channels
-              and neg["num_classes"] in (0, classes), f"--neg {args.neg} does not fit {name}: it needs the same "
-              "image size and channels, and no labels or the same labels")
-    return network_model(net, device), info["digest"]
+    return common.network_denoiser(common.load_denoiser(neg, weights, device)[0], device), info["digest"]
 
 
 def curves(rows, guided, sigmas=None, images_seen=None):
@@ -474,27 +372,34 @@ def main(argv=None):
 
 @torch.inference_mode()
 def evaluate(args, rank, world, device):
-    say = print if rank == 0 else (lambda *a, **k: None)
+    say = common.say
     old = common.earlier_result(args.out, SCRIPT, args.force)
-    snapshots = [read_snapshot(path, args) for path in common.find_snapshots(args.snapshots)]
+    snapshots = [read_snapshot(path, args.weights, args.data_dir) for path in common.find_snapshots(args.snapshots)]
     if snapshots:
         check_same_run(snapshots, args.allow_mixed)
     opt_source = None
     if args.optimal:
         if snapshots:
-            keys = {source_digest(s["source"]) for s in snapshots}
+            keys = {s["source"].digest() for s in snapshots}
             check(len(keys) == 1, "--optimal with snapshots of different training subsets or labels: "
                                   "evaluate the optimal denoiser of each run on its own")
             opt_source = snapshots[0]["source"]
         else:
-            opt_source = subset_source(args)
+            opt_source = common.TrainingSource.drawn(args.data, args.n, args.subset_seed, args.cond, args.k,
+                                                     args.resolution, args.data_dir)
     sigmas = (torch.tensor(sorted(args.sigmas), dtype=torch.float64) if args.sigmas
               else common.log_sigmas(args.num_sigmas))
     if args.feature_sigmas == "all":
         args.feature_sigmas = sigmas.tolist()
     guided = args.guidance_weights is not None
     weights = args.guidance_weights if guided else [0.0]
-    neg, neg_digest = negative_model(args, snapshots, opt_source, device) if guided else (None, "uncond")
+    neg, neg_digest = None, "uncond"
+    if guided:
+        made = [(s["path"], image_shape(s["network"]), s["network"]["num_classes"]) for s in snapshots]
+        if opt_source is not None:
+            made.append((f"the optimal denoiser of --data {opt_source.dataset} --resolution {opt_source.resolution} "
+                         f"--cond {opt_source.cond}", opt_source.image_shape, opt_source.num_classes))
+        neg, neg_digest = negative_model(args.neg, args.weights, args.guidance_weights, made, device)
     extractor = common.load_feature_extractor(args.features, device) if args.features else None
     out_path = args.out
     settings = eval_settings(args, sigmas, neg_digest)
@@ -502,7 +407,7 @@ def evaluate(args, rank, world, device):
 
     models = [(s["digest"], s["source"], s["path"]) for s in snapshots]
     if opt_source is not None:
-        models.append(("optimal-" + source_digest(opt_source), opt_source, None))
+        models.append(("optimal-" + opt_source.digest(), opt_source, None))
     todo = {key: (source, path) for key, source, path in models if key not in cache}
     dropped = len(set(cache) - {key for key, _, _ in models})
     if dropped:
@@ -529,13 +434,15 @@ def evaluate(args, rank, world, device):
         return result
 
     with tqdm(total=total, unit="eval", unit_scale=True, disable=rank != 0 or not todo, dynamic_ncols=True) as bar:
-        evaluator = Evaluator(args, sigmas, weights, neg, extractor, rank, world, device, bar)
+        evaluator = Evaluator(sigmas, weights, neg, args.num_images, args.seed, args.batch, extractor,
+                              args.feature_sigmas, rank, world, device, bar)
         for i, (key, (source, path)) in enumerate(todo.items()):
             bar.set_description(f"{i + 1}/{len(todo)} {os.path.basename(path) if path else 'optimal'}")
             if path is None:
-                model = optimal_model(source, device, tqdm.write if rank == 0 else lambda *a: None)
+                model = optimal_model(source, device)
             else:
-                model = network_model(common.load_denoiser(path, WEIGHTS_KEY[args.weights], device)[0], device)
+                net = common.load_denoiser(path, args.weights, device)[0]
+                model = common.network_denoiser(net, device)
             rows[key] = evaluator.rows(model, source)
             result = write()  # after every model, so that a rerun after a kill reuses the finished rows
             progress["done"] += 1
@@ -589,14 +496,15 @@ def summarize(result, weights, snapshots, optimal, say):
         parts = [] if w is None else [f"w = {w:g}"]
         if snapshots:
             seen, gap = result["images_seen"], pick("gap")
-            j = peak_index(gap)
+            j = common.peak_index(gap)
             onset = (result["onset_images_seen"] if w is None else result["onset_images_seen"][g])[j]
             parts.append(f"last snapshot ({seen[-1]:,} images seen): peak gap {gap[j]:.3g} at sigma {sigmas[j]:.3g}, "
                          f"where E_val is smallest at {onset:,} images seen"
                          + (" (no onset yet)" if len(seen) > 1 and onset == seen[-1] else ""))
         if optimal:
             gap, e_train = pick("gap_optimal"), pick("e_train_optimal")
-            text = f"optimal denoiser: peak gap {gap[peak_index(gap)]:.3g} at sigma {sigmas[peak_index(gap)]:.3g}"
+            j = common.peak_index(gap)
+            text = f"optimal denoiser: peak gap {gap[j]:.3g} at sigma {sigmas[j]:.3g}"
             memorized = np.flatnonzero(np.cumprod(e_train < 1e-3))  # from the smallest sigma up
             if len(memorized):
                 text += f", E_train < 1e-3 up to sigma {sigmas[memorized[-1]]:.3g}"

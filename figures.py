@@ -36,9 +36,9 @@ GAP_LABEL = "relative gap G(sigma)"
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
     p.add_argument("results", metavar="RESULTS_DIR", help="folder searched (recursively) for .npz files")
-    p.add_argument("--out", help="figure folder (default: RESULTS_DIR/figures)")
-    p.add_argument("--seed", type=int, default=0, help="unused: figures are deterministic (kept for a uniform CLI)")
-    p.add_argument("--device", default="cpu", help="unused: figures need no device (kept for a uniform CLI)")
+    common.add_run_args(p, seed="unused: figures are deterministic (kept for a uniform command line)",
+                        device="unused: figures need no device (kept for a uniform command line)",
+                        out="figure folder (default: RESULTS_DIR/figures)")
     return p.parse_args(argv)
 
 
@@ -107,7 +107,7 @@ def run_factors(data):
 def fig_errors_over_training(data):
     """Paper Fig. 1: E_train and E_val at the final gap's peak sigma over images seen, onset marked."""
     seen, gap = data["images_seen"], first_weight(data["gap"], data)
-    j = int(np.nanargmax(np.where(np.isfinite(gap[-1]), gap[-1], -np.inf)))
+    j = int(common.peak_index(gap[-1]))
     sigma = data["sigmas"][j]
     e_train, e_val = first_weight(data["e_train"], data)[:, j], first_weight(data["e_val"], data)[:, j]
     onset = first_weight(data["onset_images_seen"], data)[j]
@@ -288,22 +288,11 @@ def fig_trajectory_llr(data, config):
     return fig
 
 
-def image_grid(images, rows):
-    """(K, C, H, W) in [-1, 1] -> one (rows*H, cols*W, C) array in [0, 1] for imshow."""
-    k, c, h, w = images.shape
-    cols = int(np.ceil(k / rows))
-    grid = np.ones((rows * h, cols * w, c), np.float32)
-    for i, img in enumerate(images):
-        r, col = divmod(i, cols)
-        grid[r * h:(r + 1) * h, col * w:(col + 1) * w] = (np.transpose(img, (1, 2, 0)) + 1) / 2
-    return np.clip(grid.squeeze(-1) if c == 1 else grid, 0, 1)
-
-
 def fig_samples(data, config, count=16):
     """The first samples of a configuration, titled with their d1/d2 (a copy when < 1/3)."""
     samples = data["samples"][config, :count].astype(np.float32)
     fig, ax = plt.subplots(figsize=(0.8 * len(samples), 1.6), layout="constrained")
-    ax.imshow(image_grid(samples, 1), cmap="gray", vmin=0, vmax=1)
+    ax.imshow(common.image_grid(samples, cols=len(samples)), cmap="gray", vmin=0, vmax=1)
     ax.set(xticks=[], yticks=[], ylabel="samples")
     ratio = data["nn_ratio"][config, :count]
     ax.set_title(f"{data['configs'][config]}: d1/d2 = " + " ".join(f"{r:.2f}" for r in ratio), fontsize=7)
@@ -366,8 +355,7 @@ def gap_row(name, data, memo):
     """The summary row of an eval_gap.py result (its last snapshot), with the sample statistics of that
     snapshot from `memo` (sample_stats)."""
     gap = first_weight(data["gap"], data)[-1]
-    finite = np.where(np.isfinite(gap), gap, -np.inf)
-    j = int(np.argmax(finite))
+    j = int(common.peak_index(gap))
     f = run_factors(data) if "run_args" in data else {}
     last = os.path.normpath(str(data["checkpoints"][-1])) if "checkpoints" in data else ""
     return dict(run=name, params=f.get("params"), n=f.get("n"), images_seen=int(data["images_seen"][-1]),

@@ -54,9 +54,7 @@ settings (by an earlier or a killed run) are reused unless --force; an --out tha
 did not write (another script's result, a foreign file) is not replaced unless --force.
 """
 import argparse
-import contextlib
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -68,7 +66,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
@@ -93,19 +90,8 @@ def parse_args(argv=None):
     p.add_argument("--gaussian", action="store_true", help="sample the denoiser of a Gaussian fitted to the "
                    "training subset (common.gaussian_denoiser): a sampler that generalizes, the reference a "
                    "memorization measure must tell apart from --optimal (unconditional)")
-    p.add_argument("--data", default="fashion-mnist", help="--optimal: dataset, one of " + ", ".join(common.DATASETS))
-    p.add_argument("--data-dir", default=None, help="folder with the dataset files (default: the snapshot's, "
-                   "else the system folder or the user cache)")
-    p.add_argument("--n", type=common.at_least_two_int, default=64, help="--optimal: training subset size")
-    p.add_argument("--resolution", type=common.positive_int, default=32,
-                   help="--optimal: image size R x R (R divides 32)")
-    p.add_argument("--cond", default="none", choices=["none", "class", "kmeans"],
-                   help="--optimal: class-conditional on dataset classes or k-means clusters, or not")
-    p.add_argument("--k", type=common.positive_int, default=10, help="--optimal: clusters for --cond kmeans")
-    p.add_argument("--subset-seed", type=common.non_negative_int, default=0,
-                   help="--optimal: seed of the subset and k-means, "
-                   "as train_image.py --seed")
-    p.add_argument("--weights", default="ema", choices=["ema", "net"], help="snapshot weights to sample")
+    common.add_data_args(p, applies="--optimal, --gaussian: ")
+    common.add_weights_arg(p)
     p.add_argument("--num-samples", type=common.at_least_two_int, default=1024,
                    help="samples per configuration (at least 2, for the Frechet distances)")
     p.add_argument("--steps", type=common.at_least_two_int, default=18,
@@ -123,23 +109,21 @@ def parse_args(argv=None):
                    f"(default: the grid sigma nearest {PROBE_NEAR} and its two neighbours)")
     p.add_argument("--features", default="builtin", help="feature space of the Frechet distances: builtin "
                    "(no download) or the path of a TorchScript Inception-v3 (see common.FEATURE_HELP)")
-    p.add_argument("--batch", type=common.positive_int, default=256, help="samples per batch (per process)")
     p.add_argument("--bootstrap", type=common.positive_int, default=1000,
                    help="bootstrap resamples of the memorized fraction")
     p.add_argument("--fd-subsets", type=common.positive_int, default=10,
                    help="training subsets of the validation reference's "
                    "size that fd_train averages over")
-    p.add_argument("--seed", type=common.non_negative_int, default=0,
-                   help="sample i uses seed --seed + i; also the seed of the "
-                   "probe and reference images and of the bootstrap")
-    p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N, mps")
     p.add_argument("--force", action="store_true", help="recompute configurations already in --out, and replace "
                    "an --out that sample_memorize.py did not write (refused otherwise)")
-    p.add_argument("--out", default=None, help="result file (default: RUN_DIR/memorize[-raw][-guided].npz for a "
-                   "run folder, RUN_DIR/memorize-snapshot-<images seen>[-raw][-guided].npz for one snapshot file, so "
-                   "that it leaves the run's file alone, results/memorize-<optimal|gaussian>-<data>-r<R>-n<n>-"
-                   "<none|class|kmeans<k>>-seed<subset seed>[-guided].npz for --optimal or --gaussian; several run "
-                   "folders or snapshot files need --out); figures go to the folder of the same name without .npz")
+    common.add_run_args(
+        p, seed="sample i uses seed --seed + i; also the seed of the probe and reference images and of the bootstrap",
+        batch=(256, "samples per batch (per process)"),
+        out="result file (default: RUN_DIR/memorize[-raw][-guided].npz for a run folder, "
+            "RUN_DIR/memorize-snapshot-<images seen>[-raw][-guided].npz for one snapshot file, so that it leaves the "
+            "run's file alone, results/memorize-<optimal|gaussian>-<data>-r<R>-n<n>-<none|class|kmeans<k>>-seed"
+            "<subset seed>[-guided].npz for --optimal or --gaussian; several run folders or snapshot files need "
+            "--out); figures go to the folder of the same name without .npz")
     args = p.parse_args(argv)
     check(args.optimal + args.gaussian + bool(args.inputs) == 1,
           "give run folders or snapshot files, or --optimal, or --gaussian (one of them)")
@@ -158,52 +142,36 @@ def parse_args(argv=None):
 
 @dataclasses.dataclass(eq=False)
 class TrainingSet:
-    """A training subset (what a denoiser learned from) and the validation split, at one resolution."""
-    index: np.ndarray            # (N,) indices into the training split
+    """A training subset (what a denoiser learned from) and the validation split, loaded at its resolution."""
+    source: common.TrainingSource  # dataset, resolution, subset indices, labels, centroids
     x: torch.Tensor              # (N, C, R, R) float32 on the device
     labels: torch.Tensor | None  # (N,) conditioning labels as trained, or None
-    num_classes: int             # labels are 0..num_classes-1; num_classes is the null label
     val_x: torch.Tensor          # (V, C, R, R) the whole validation split
     val_labels: torch.Tensor | None
     distinct: torch.Tensor       # (U,) positions of the first copy of each distinct training image
+    optimal: Callable            # its optimal denoiser (x, sigma, labels=None), exact (float64; float32 on MPS)
 
-    @functools.cached_property
-    def x64(self):
-        return self.x.double()
-
-    @torch.no_grad()
-    def optimal(self, x, sigma, labels=None):
-        """Optimal denoiser y*(x, sigma) of this set, in float64, conditional on each query's label;
-        the null label (or no labels) sums over the whole set."""
-        x64, sigma = x.double(), sigma.double().expand(len(x))
-        null = torch.ones(len(x), dtype=torch.bool, device=x.device)
-        if labels is not None and self.labels is not None:
-            null = labels == self.num_classes
-        out = torch.empty_like(x64)
-        if null.any():
-            out[null] = common.optimal_denoiser(x64[null], sigma[null], self.x64)
-        if not null.all():
-            out[~null] = common.optimal_denoiser(x64[~null], sigma[~null], self.x64, labels[~null], self.labels)
-        return out.to(x.dtype)
+    @property
+    def num_classes(self):
+        """Labels are 0..num_classes-1; num_classes is the null label."""
+        return self.source.num_classes
 
 
-def load_training_set(dataset, data_dir, resolution, index, labels, num_classes, cond, centroids, device):
-    """The subset `index` of a dataset's training split with its labels, and the validation split
-    labelled the way the denoiser sees it (classes, or the nearest k-means centroid)."""
-    images, _ = common.load_images(dataset, "train", data_dir)
-    val_images, val_classes = common.load_images(dataset, "val", data_dir)
-    index = np.asarray(index, np.int64)
-    check(len(index) >= 1 and int(index.max()) < len(images),
-          f"the subset indices do not fit the {len(images)} training images of {dataset}")
-    x = common.images_to_tensor(images[index], resolution)
-    val_x = common.images_to_tensor(val_images, resolution)
-    val_labels = {"class": val_classes, "kmeans": None, "none": None}[cond]
-    if cond == "kmeans":
-        val_labels = common.assign_clusters(val_x, centroids)
+def load_training_set(source, device):
+    """The training images of a source (common.TrainingSource) with their labels, and the validation split
+    labelled the way a denoiser trained on it reads it (classes, or the nearest k-means centroid)."""
+    x = source.images()
+    val_images, val_classes = common.load_images(source.dataset, "val", source.data_dir)
+    val_x = common.images_to_tensor(val_images, source.resolution)
+    val_labels = source.validation_labels(val_classes, val_x)
     _, inverse = torch.unique(x.flatten(1), dim=0, return_inverse=True)
     first = torch.full((int(inverse.max()) + 1,), len(x)).scatter_reduce(0, inverse, torch.arange(len(x)), "amin")
     as_labels = lambda a: None if a is None else torch.tensor(np.asarray(a), dtype=torch.long, device=device)  # noqa: E731
-    return TrainingSet(index, x.to(device), as_labels(labels), int(num_classes), val_x.to(device), as_labels(val_labels), first.sort().values.to(device))
+    labels = as_labels(source.labels)
+    optimal = common.labelled_optimal_denoiser(x.to(device, common.exact_dtype(device)), labels,
+                                               null_label=source.num_classes)
+    return TrainingSet(source, x.to(device), labels, val_x.to(device), as_labels(val_labels),
+                       first.sort().values.to(device), optimal)
 
 
 @dataclasses.dataclass
@@ -218,52 +186,31 @@ class Model:
     images_seen: int = -1
 
 
-def optimal_model(args, device):
-    """The optimal denoiser (or with --gaussian the Gaussian one) of the --n images that
-    train_image.py --seed SUBSET_SEED trains on."""
-    index, labels, centroids = common.training_subset(args.data, args.n, args.subset_seed, args.cond, args.k,
-                                                      args.resolution, args.data_dir)
-    num_classes = common.num_condition_classes(args.data, args.cond, args.k)
-    train = load_training_set(args.data, args.data_dir, args.resolution, index, labels, num_classes, args.cond,
-                              centroids, device)
-    kind = "gaussian" if args.gaussian else "optimal"
-    name = f"{kind}-{args.data}-r{args.resolution}-n{args.n}" + ("" if args.cond == "none" else f"-{args.cond}")
+def optimal_model(source, device, gaussian=False):
+    """The optimal denoiser (gaussian: the Gaussian one) of a training subset (common.TrainingSource)."""
+    train = load_training_set(source, device)
+    kind = "gaussian" if gaussian else "optimal"
+    name = (f"{kind}-{source.dataset}-r{source.resolution}-n{len(source.subset)}"
+            + ("" if source.cond == "none" else f"-{source.cond}"))
     denoise = train.optimal
-    if args.gaussian:
+    if gaussian:
         gauss = common.gaussian_denoiser(train.x)
         denoise = lambda x, sigma, labels=None: gauss(x, sigma)  # noqa: E731
-    return Model(name, denoise, train, num_classes, torch.float64, path=kind)
+    return Model(name, denoise, train, source.num_classes, common.exact_dtype(device), path=kind)
 
 
-def network_model(path, args, device, train_cache):
-    """A snapshot's network (bf16 autocast on CUDA) and its training set (shared between snapshots)."""
-    net, ckpt = common.load_denoiser(path, args.weights, device)
+def network_model(path, weights, data_dir, device, train_cache):
+    """A snapshot's network (bf16 autocast on CUDA) with its `weights` (ema or raw) and its training set
+    (data_dir None: the run's; shared between snapshots of the same source through train_cache)."""
+    net, ckpt = common.load_denoiser(path, weights, device)
     num_classes = ckpt["network"]["num_classes"]
-    run_args = ckpt["args"] if isinstance(ckpt["args"], dict) else {}
-    key = (ckpt["dataset"], ckpt["resolution"], np.asarray(ckpt["subset"]).tobytes(), num_classes)
+    source = common.TrainingSource.of_checkpoint(ckpt, data_dir)
+    key = source.digest() + str(source.data_dir)
     if key not in train_cache:
-        train_cache[key] = load_training_set(
-            ckpt["dataset"], args.data_dir or run_args.get("data_dir"), ckpt["resolution"], ckpt["subset"],
-            ckpt["labels"], num_classes, run_args.get("cond", "none"), ckpt["kmeans_centroids"], device)
-    autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-
-    def denoise(x, sigma, labels=None):
-        with autocast:
-            return net(x.float(), sigma.float(), labels).to(x.dtype)
+        train_cache[key] = load_training_set(source, device)
     run = os.path.basename(os.path.dirname(os.path.abspath(path)))
-    return Model(f"{run}-{os.path.basename(path).removesuffix('.pt')}", denoise, train_cache[key], num_classes,
-                 torch.float32, os.fspath(path), int(ckpt["images_seen"]))
-
-
-def negative_denoiser(pos, neg):
-    """D_neg of guidance for model pos: with neg 'uncond', D_pos with the null label (classifier-free
-    guidance); with neg a Model, that model's denoiser (autoguidance)."""
-    if neg == "uncond":
-        common.check_classifier_free(pos.num_classes > 0, pos.name)
-        return lambda x, s, c: pos.denoise(x, s, torch.full_like(c, pos.num_classes))
-    check(neg.num_classes in (0, pos.num_classes), f"the --neg snapshot has {neg.num_classes} classes but "
-          f"{pos.name} has {pos.num_classes}: it must be unconditional or use the same labels")
-    return lambda x, s, c: neg.denoise(x, s, c if neg.num_classes else None)
+    return Model(f"{run}-{os.path.basename(path).removesuffix('.pt')}", common.network_denoiser(net, device),
+                 train_cache[key], num_classes, torch.float32, os.fspath(path), int(ckpt["images_seen"]))
 
 
 # ---------------------------------------------------------------------------
@@ -356,7 +303,7 @@ def memorization(samples, train):
     d2 = dist[:, 1] if dist.shape[1] > 1 else torch.full_like(dist[:, 0], math.inf)
     position = train.distinct[idx[:, 0]]
     return dict(d_train=dist[:, 0], d2=d2, nn_ratio=common.memorization_ratio(dist[:, 0], d2),
-                nn_position=position, nn_train_index=torch.as_tensor(train.index)[position.cpu()])
+                nn_position=position, nn_train_index=torch.as_tensor(train.source.subset)[position.cpu()])
 
 
 def overlap_stats(train, x, d, sigma, labels, batch):
@@ -369,37 +316,40 @@ def overlap_stats(train, x, d, sigma, labels, batch):
     return dist[:, 0], cos, (d.double() - opt.double()).square().flatten(1).mean(1)
 
 
-def probe_sets(model, refs, args, shard, p_sigmas, denoise, device):
-    """This process's share `shard` of --num-samples noisy training and validation images at every
-    probe sigma, drawn from the reference images `refs` (reference_pair): {'train': (x (P, B, ...),
-    D(x) (P, B, ...), labels), 'val': ...}."""
+def probe_sets(model, refs, shard, p_sigmas, denoise, num_samples, seed, null_label=False, batch=256, device="cpu"):
+    """This process's share `shard` of num_samples noisy training and validation images (seeded choice and
+    draws) at every probe sigma, drawn from the reference images `refs` (reference_pair), with their labels
+    (the null label when null_label) and D(x) computed in batches: {'train': (x (P, B, ...), D(x) (P, B, ...),
+    labels), 'val': ...}."""
     train, sets = model.train, {}
     for name, images, labels, split_index, pool in (
-            ("train", train.x, train.labels, train.index, refs.train_pos),
+            ("train", train.x, train.labels, train.source.subset, refs.train_pos),
             ("val", train.val_x, train.val_labels, np.arange(len(train.val_x)), refs.val_pos)):
-        pos, draws = (a[shard] for a in probe_images(args.num_samples, pool, args.seed))
+        pos, draws = (a[shard] for a in probe_images(num_samples, pool, seed))
         at = torch.as_tensor(pos, device=device)
         lab = None
         if model.num_classes:
-            lab = torch.full((len(pos),), model.num_classes, device=device) if args.label == "null" else labels[at]
+            lab = torch.full((len(pos),), model.num_classes, device=device) if null_label else labels[at]
         xs, ds = [], []
         for s in p_sigmas:
             x = noisy(images[at], split_index[pos], draws, s).to(model.dtype)
             sig = torch.full((len(x),), s, dtype=x.dtype, device=device)
             xs.append(x)
             ds.append(torch.cat([denoise(x[b], sig[b], None if lab is None else lab[b])
-                                 for b in batches(len(x), args.batch)]).float())
+                                 for b in batches(len(x), batch)]).float())
         sets[name] = (torch.stack(xs), torch.stack(ds), lab)
     return sets
 
 
 @torch.no_grad()
-def run_configuration(model, denoise, refs, shard, args, sigmas, stops, probes, features, device, show):
-    """Everything per sample for this process's seeds --seed + shard: samples, memorization, features,
-    features of the early-stopped samples, and where the trajectories live at the probe sigmas."""
-    choices, shape, parts = label_choices(model, args.label), model.train.x.shape[1:], []
-    for b in tqdm(batches(len(shard), args.batch), desc=model.name, unit="batch", disable=not show, leave=False):
-        x_init, labels = initial_state(args.seed + shard[b], shape, choices, model.dtype, device)
+def run_configuration(model, denoise, refs, shard, sigmas, stops, probes, features, *, label, seed, num_samples,
+                      batch, device, show=False):
+    """Everything per sample for this process's seeds seed + shard (of num_samples) with --label `label`, in
+    batches: samples, memorization, features, features of the early-stopped samples, and where the
+    trajectories live at the probe sigmas (probe images: probe_sets)."""
+    choices, shape, parts = label_choices(model, label), model.train.x.shape[1:], []
+    for b in tqdm(batches(len(shard), batch), desc=model.name, unit="batch", disable=not show, leave=False):
+        x_init, labels = initial_state(seed + shard[b], shape, choices, model.dtype, device)
         final, traj = sample(denoise, x_init, labels, sigmas)
         stopped = [features(traj["denoised"][k].float()) for k in stops]
         parts.append(dict(samples=final.float(), labels=labels, traj_x=traj["states"][probes],
@@ -417,19 +367,19 @@ def run_configuration(model, denoise, refs, shard, args, sigmas, stops, probes, 
                                               ) if len(stops) else torch.zeros(0, len(shard))
     p_sigmas = sigmas[probes].tolist()
     sets = dict(traj=(cat("traj_x", 1), cat("traj_d", 1), labels),
-                **probe_sets(model, refs, args, shard, p_sigmas, denoise, device))
+                **probe_sets(model, refs, shard, p_sigmas, denoise, num_samples, seed, label == "null", batch, device))
     # fresh data: noisy held-out validation images, where a perfectly generalizing sampler's states lie
-    held, draws = (a[shard] for a in probe_images(args.num_samples, refs.heldout_pos, args.seed))
+    held, draws = (a[shard] for a in probe_images(num_samples, refs.heldout_pos, seed))
     at = torch.as_tensor(held, device=device)
     held_labels = sets["val"][2] if sets["val"][2] is None else (
-        sets["val"][2] if args.label == "null" else model.train.val_labels[at])
+        sets["val"][2] if label == "null" else model.train.val_labels[at])
     res["llr_heldout"] = torch.stack([refs.llr(noisy(model.train.val_x[at], held, draws, s), s, held_labels,
-                                               args.batch) for s in p_sigmas])
+                                               batch) for s in p_sigmas])
     for name, (x, d, lab) in sets.items():
-        stats = [overlap_stats(model.train, x[p], d[p], s, lab, args.batch) for p, s in enumerate(p_sigmas)]
+        stats = [overlap_stats(model.train, x[p], d[p], s, lab, batch) for p, s in enumerate(p_sigmas)]
         for i, kind in enumerate(("nn", "cos", "dis")):
             res[f"{kind}_{name}"] = torch.stack([st[i] for st in stats])
-        res[f"llr_{name}"] = torch.stack([refs.llr(x[p], s, lab, args.batch) for p, s in enumerate(p_sigmas)])
+        res[f"llr_{name}"] = torch.stack([refs.llr(x[p], s, lab, batch) for p, s in enumerate(p_sigmas)])
         feats = [features(d[p]) for p in range(len(p_sigmas))]
         for ref in ("train", "val"):
             res[f"fcos_{name}_{ref}"] = torch.stack([nearest_cosine(f, refs.features[ref]) for f in feats])
@@ -454,7 +404,7 @@ class References:
     def llr(self, x, sigma, labels, batch):
         """LLR(x) = log p_train(x | sigma) - log p_val(x | sigma) of the noisy reference images, (B,) float64
         (float32 on MPS). Conditional when the references are and the query has a label (not null)."""
-        t, dtype = self.train, torch.float32 if x.device.type == "mps" else torch.float64
+        t, dtype = self.train, common.exact_dtype(x.device)
         ref_t, ref_v = t.x[self.train_pos].to(dtype), t.val_x[self.val_pos].to(dtype)
         lab_t = lab_v = None
         if self.conditional and labels is not None and bool((labels < t.num_classes).all()):
@@ -560,22 +510,10 @@ def summarize(res, fd_refs, n_boot, seed):
 # Figures
 # ---------------------------------------------------------------------------
 
-def to_image(x):
-    """(C, R, R) in [-1, 1] -> (R, R) or (R, R, 3) in [0, 1] for matplotlib."""
-    img = ((x.float().clamp(-1, 1) + 1) / 2).permute(1, 2, 0).numpy()
-    return img[..., 0] if img.shape[2] == 1 else img
-
-
 def save_grid(path, samples, cols=8):
     """The first cols^2 samples as one PNG grid with 1-pixel gaps, pixels enlarged to >= 64 per image."""
-    scale = max(1, 64 // samples.shape[-1])
-    x = samples[:cols * cols].float().repeat_interleave(scale, 2).repeat_interleave(scale, 3)
-    rows, (c, r, _) = math.ceil(len(x) / cols), x.shape[1:]
-    grid = torch.ones(c, rows * (r + 1) + 1, cols * (r + 1) + 1)
-    for i, img in enumerate(x):
-        top, left = 1 + (i // cols) * (r + 1), 1 + (i % cols) * (r + 1)
-        grid[:, top:top + r, left:left + r] = img
-    plt.imsave(path, to_image(grid), cmap="gray", vmin=0, vmax=1)
+    grid = common.image_grid(samples[:cols * cols], cols, gap=1, scale=max(1, 64 // samples.shape[-1]))
+    plt.imsave(path, grid, cmap="gray", vmin=0, vmax=1)
 
 
 def save_neighbours(path, samples, nearest, ratio, title):
@@ -584,7 +522,7 @@ def save_neighbours(path, samples, nearest, ratio, title):
     fig, axes = plt.subplots(2, count, figsize=(1.1 * count, 2.6), squeeze=False)
     for i in range(count):
         for row, img in enumerate((samples[i], nearest[i])):
-            axes[row, i].imshow(to_image(img), cmap="gray", vmin=0, vmax=1)
+            axes[row, i].imshow(common.image_grid(img[None], 1), cmap="gray", vmin=0, vmax=1)
             axes[row, i].set_xticks([])
             axes[row, i].set_yticks([])
         axes[0, i].set_title(f"{ratio[i]:.2f}" + (" copy" if ratio[i] < common.COPY_RATIO else ""), fontsize=7)
@@ -616,20 +554,16 @@ SAMPLE_AXIS_1 = ({"stop_features", "fcos_stop_train", "fcos_stop_val", "llr_held
                  | {f"fcos_{b}_{r}" for b in PROBE_SETS for r in ("train", "val")})
 
 
-def gather(local, world):
-    """Per-sample results of all processes on rank 0 in seed order (None on the other ranks)."""
-    if world == 1:
-        return local
-    parts = [None] * world if dist.get_rank() == 0 else None
-    dist.gather_object(local, parts, dst=0)
-    return None if parts is None else {k: torch.cat([p[k] for p in parts], int(k in SAMPLE_AXIS_1)) for k in local}
+def gather(local, world, device):
+    """Per-sample results of all processes in seed order (on every process)."""
+    return {key: common.gather_rows(value, world, device, int(key in SAMPLE_AXIS_1)) for key, value in local.items()}
 
 
 def default_out(args):
     """--out when not given (see its --help)."""
     guided = "-guided" if any(args.guidance_weights) else ""
     if args.inputs:
-        return common.default_result_path(args.inputs, "memorize", ("-raw" if args.weights == "net" else "") + guided)
+        return common.default_result_path(args.inputs, "memorize", ("-raw" if args.weights == "raw" else "") + guided)
     subset = common.subset_name(args.data, args.n, args.subset_seed, args.cond, args.k, args.resolution)
     return os.path.join("results", f"memorize-{'gaussian' if args.gaussian else 'optimal'}-{subset}{guided}.npz")
 
@@ -664,7 +598,7 @@ def main(argv=None):
 
 def evaluate(args, rank, world, device):
     check(args.num_samples >= world, f"--num-samples {args.num_samples} is fewer than the {world} processes")
-    say = print if rank == 0 else (lambda *a, **k: None)
+    say = common.say
     old = common.earlier_result(args.out, SCRIPT, args.force)
     features = common.load_feature_extractor(args.features, device)
     paths = common.find_snapshots(args.inputs) if args.inputs else [None]
@@ -672,7 +606,9 @@ def evaluate(args, rank, world, device):
     stops, probes = stop_steps(sigmas, args.stop_sigma), probe_steps(sigmas, args.probe_sigmas)
     shard = np.array_split(np.arange(args.num_samples), world)[rank]
     train_cache, ref_cache, shape = {}, {}, None
-    neg = "uncond" if args.neg == "uncond" else network_model(args.neg, args, device, train_cache)
+    neg = "uncond"
+    if args.neg != "uncond":
+        neg = network_model(args.neg, args.weights, args.data_dir, device, train_cache)
     settings = json.loads(json.dumps({key: getattr(args, key) for key in SETTINGS}))
     settings["neg"] = "uncond" if neg == "uncond" else model_key(args.neg, args)
     rows = cached_configs(old, settings, args.out, say)
@@ -698,17 +634,23 @@ def evaluate(args, rank, world, device):
     for path, path_keys in zip(paths, keys):
         if all(key in rows for key in path_keys):
             continue
-        model = optimal_model(args, device) if path is None else network_model(path, args, device, train_cache)
+        if path is None:
+            source = common.TrainingSource.drawn(args.data, args.n, args.subset_seed, args.cond, args.k,
+                                                 args.resolution, args.data_dir)
+            model = optimal_model(source, device, args.gaussian)
+        else:
+            model = network_model(path, args.weights, args.data_dir, device, train_cache)
         shape = shape or model.train.x.shape[1:]
         check(model.train.x.shape[1:] == shape, f"{model.name} makes images of shape "
               f"{tuple(model.train.x.shape[1:])}, unlike the first configuration's {tuple(shape)}")
-        check(neg == "uncond" or neg.train.x.shape[1:] == shape, f"--neg {args.neg} makes images of shape "
-              f"{tuple(neg.train.x.shape[1:]) if neg != 'uncond' else ''}, but {model.name} makes {tuple(shape)}")
+        neg_fits = None if neg == "uncond" else (args.neg, neg.train.x.shape[1:], neg.num_classes)
+        if neg_fits is not None or any(args.guidance_weights):
+            common.check_guidance(model.name, shape, model.num_classes, neg_fits)
         if len(model.train.distinct) < 2:
             say(f"note: the training set of {model.name} has one distinct image, so d2 = inf and every sample "
                 "counts as a copy of it (common.memorization_ratio)")
         label_choices(model, args.label)  # a --label the model cannot take stops before any sampling
-        d_neg = negative_denoiser(model, neg) if any(args.guidance_weights) else None
+        d_neg = common.negative_denoiser(model.denoise, None if neg == "uncond" else neg.denoise)
         for w, key in zip(args.guidance_weights, path_keys):
             if key in rows:
                 continue
@@ -719,8 +661,10 @@ def evaluate(args, rank, world, device):
                 ref_cache[id(model.train)] = refs, frechet_references(refs, features, args.num_samples,
                                                                       args.fd_subsets, args.seed)
             refs, fd_refs = ref_cache[id(model.train)]
-            res = gather(run_configuration(dataclasses.replace(model, name=name), denoise, refs, shard, args,
-                                           sigmas, stops, probes, features, device, rank == 0), world)
+            res = gather(run_configuration(dataclasses.replace(model, name=name), denoise, refs, shard, sigmas,
+                                           stops, probes, features, label=args.label, seed=args.seed,
+                                           num_samples=args.num_samples, batch=args.batch, device=device,
+                                           show=rank == 0), world, device)
             rows[key] = None  # on every process, so that all of them skip the same configurations
             if rank != 0:
                 continue

@@ -60,12 +60,11 @@ DEFAULTS = {
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
     p.add_argument("experiment", metavar="EXPERIMENT", help="one of " + ", ".join(EXPERIMENTS + ["all"]))
-    p.add_argument("--out", default="results/toy2d", help="output folder")
     p.add_argument("--deltas", type=float, nargs="+", help="model errors delta (guidance: delta_pos delta_neg); "
                    "default: the paper's per experiment")
     p.add_argument("--n-points", type=int, nargs="+", help="points on the circle, half of them training points "
                    "(density sweeps the list); default: the paper's per experiment")
-    p.add_argument("--weights", type=float, nargs="+", help="guidance weights w (default 0, 0.25, ..., 2)")
+    p.add_argument("--guidance-weights", type=float, nargs="+", help="guidance weights w (default 0, 0.25, ..., 2)")
     p.add_argument("--sigmas", type=float, nargs="+", help="noise levels: the sigma grid of the gap curves "
                    "(default: the 120-step EDM schedule), or the sigmas of flow, field and manifold")
     p.add_argument("--radius", type=float, help="circle radius (default 10; trajectories: 1)")
@@ -78,9 +77,9 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=120, help="EDM schedule steps (sigma grid and sampler)")
     p.add_argument("--force", action="store_true", help="replace EXPERIMENT.npz files in --out that toy2d.py did "
                    "not write (refused otherwise)")
-    p.add_argument("--seed", type=common.non_negative_int, default=0, help="seed of noise draws, random angles and samples")
-    p.add_argument("--device", default="auto", help="auto (cuda, then cpu: the toy needs float64, which mps "
-                   "lacks), cpu, cuda, cuda:N")
+    common.add_run_args(p, seed="seed of noise draws, random angles and samples", out="output folder",
+                        out_default="results/toy2d", device="auto (cuda, then cpu: the toy needs float64, which mps "
+                        "lacks), cpu, cuda, cuda:N")
     p.add_argument("--threads", type=int, default=1, help="CPU threads of torch while it runs (0: torch's own "
                    "choice); the toy's operations are too small to gain from more, and on cores shared with "
                    "other jobs two threads made the samples panel 10x slower than one")
@@ -95,7 +94,7 @@ def parse_args(argv=None):
     check(args.samples_per_point is None or args.samples_per_point >= 1, "--samples-per-point must be at least 1")
     check(args.num_samples >= 2, "--num-samples must be at least 2")
     check(args.steps >= 2, "--steps must be at least 2")
-    for name in ("deltas", "sigmas", "n_points", "weights"):
+    for name in ("deltas", "sigmas", "n_points", "guidance_weights"):
         values = getattr(args, name)
         if values is not None:
             check(all(np.isfinite(values)), f"--{name.replace('_', '-')} must be finite numbers")
@@ -187,6 +186,15 @@ class Toy:
 # Experiments: each returns the arrays of its .npz and draws its figure
 # ---------------------------------------------------------------------------
 
+def mark_data(ax, out, legend=False, train_color="k", val_color="tab:green"):
+    """The experiment's training points (dots) and validation points (crosses) on a panel of the plane, with
+    the legend of everything drawn on it so far when `legend` (the first panel)."""
+    ax.scatter(*out["train"].T, s=20, c=train_color, edgecolors="k", label="train")
+    ax.scatter(*out["val"].T, s=20, c=val_color, marker="x", label="validation")
+    if legend:
+        ax.legend(loc="lower left", fontsize=7)
+
+
 def exp_flow(args):
     """(a) Flow field y* - x with predictions of noisy training points at three sigmas."""
     toy = Toy(args, "flow")
@@ -211,12 +219,10 @@ def exp_flow(args):
         stream = ax.streamplot(out["axis"], out["axis"], field[..., 0], field[..., 1], color=speed,
                                cmap="viridis", density=1.1, linewidth=0.8, arrowsize=0.7)
         ax.scatter(*pred.reshape(-1, 2).T, s=2, c="tab:orange", alpha=0.4, label="D(noisy train)")
-        ax.scatter(*out["train"].T, s=25, c="k", marker="o", label="train")
-        ax.scatter(*out["val"].T, s=25, c="tab:red", marker="x", label="validation")
+        mark_data(ax, out, legend=ax is axes[0, 0], val_color="tab:red")  # red stands out on the streamlines
         ax.set(title=f"sigma = {sigma:g}", xlabel="x1", ylabel="x2", aspect="equal", xlim=(-lim, lim),
                ylim=(-lim, lim))
         fig.colorbar(stream.lines, ax=ax, label="|D(x) - x|")
-    axes[0, 0].legend(loc="lower left", fontsize=7)
     fig.suptitle(f"(a) flow field of the {'optimal' if delta == 0 else f'delta={delta:g}'} denoiser")
     return out, fig
 
@@ -271,11 +277,9 @@ def exp_field(args):
     for ax, delta, field in zip(axes[0], toy.deltas, out["gap"]):
         mesh = ax.pcolormesh(out["axis"], out["axis"], field, cmap="magma", vmin=-0.5, vmax=3, shading="auto")
         ax.contour(out["axis"], out["axis"], field, levels=[0.5], colors="cyan", linewidths=1.2)
-        ax.scatter(*out["train"].T, s=16, c="w", edgecolors="k", label="train")
-        ax.scatter(*out["val"].T, s=20, c="tab:green", marker="x", label="validation")
+        mark_data(ax, out, legend=ax is axes[0, 0], train_color="w")  # white stands out on the dark map
         ax.set(title=f"delta = {delta:g}", xlabel="x1", ylabel="x2", aspect="equal")
         fig.colorbar(mesh, ax=ax, label="relative gap to training points")
-    axes[0, 0].legend(loc="lower left", fontsize=7)
     fig.suptitle(f"(d) gap field at sigma = {sigma:.2f}; cyan: gap = 0.5")
     return out, fig
 
@@ -340,7 +344,7 @@ def exp_manifold(args):
 def exp_guidance(args):
     """(f) Autoguidance: D_w = D_pos + w (D_pos - D_neg) with delta_pos < delta_neg."""
     toy = Toy(args, "guidance")
-    weights = args.weights if args.weights is not None else DEFAULTS["guidance"]["weights"]
+    weights = args.guidance_weights if args.guidance_weights is not None else DEFAULTS["guidance"]["weights"]
     pos, neg = (delta_model(toy.train, d) for d in toy.deltas)
     curves = [toy.gap(common.guided_denoiser(pos, neg, w))
               for w in tqdm(weights, desc="guidance", leave=False)]
@@ -385,11 +389,9 @@ def exp_trajectories(args):
         for p in path:
             ax.plot(*p.T, lw=0.5, color="tab:blue", alpha=0.5)
         ax.scatter(*end.T, s=2, c="tab:orange", label="endpoints")
-        ax.scatter(*out["train"].T, s=20, c="k", label="train")
-        ax.scatter(*out["val"].T, s=20, c="tab:green", marker="x", label="validation")
+        mark_data(ax, out, legend=ax is axes[0, 0])
         ax.set(title=f"delta = {delta:g}", xlim=(-lim, lim), ylim=(-lim, lim), aspect="equal", xlabel="x1",
                ylabel="x2")
-    axes[0, 0].legend(loc="lower left", fontsize=7)
     axes[0, -1].plot(out["deltas"], out["mean_nn_dist"], "o-")
     axes[0, -1].set(xscale="log", yscale="log", xlabel="model error delta",
                     ylabel="mean endpoint distance\nto nearest training point", title="memorization")

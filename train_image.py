@@ -18,6 +18,7 @@ import contextlib
 import copy
 import math
 import os
+import random
 import shutil
 import time
 
@@ -29,9 +30,7 @@ from tqdm import tqdm
 
 import common
 
-# Arguments a resumed run may change: they touch neither the weights nor the log's layout.
 SCRIPT = os.path.basename(__file__)  # stored in train_log.npz (common.save_npz)
-RESUMABLE_CHANGES = {"steps", "snapshots", "eval_every", "device", "compile", "out", "data_dir", "no_resume"}
 FLUSH_EVERY = 20  # steps between loss read-outs; each one waits for the device
 EVAL_BATCH = 64  # (image, sigma) pairs per forward pass of the evaluations: small, so their progress bar moves
 PLAN_AFTER = 10  # seconds of training (or FLUSH_EVERY steps) after which the time and disk estimate is printed
@@ -41,12 +40,7 @@ CPU_SCALE = "--size tiny --resolution 16 --n 256 --batch 32 --steps 600"  # as q
 def parse_args(argv=None):
     """The command line; every default shows in --help."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
-    p.add_argument("--data", default="fashion-mnist", help="dataset: " + ", ".join(common.DATASETS))
-    p.add_argument("--data-dir", default=None, help="folder with the dataset files, the only "
-                   "place looked in when given (else the system folder, the user cache, or a download)")
-    p.add_argument("--resolution", type=common.positive_int, default=32, help="image size R x R (R divides 32)")
-    p.add_argument("--n", type=common.at_least_two_int, default=1000,
-                   help="training subset size, drawn with --seed")
+    common.add_data_args(p, seed_flag="--seed")
     p.add_argument("--model", default="unet", help="unet or dit")
     p.add_argument("--size", default="m", help="preset: tiny, xs, s, m, l (l = the paper's CIFAR U-Net)")
     p.add_argument("--channels", type=common.positive_int, default=None,
@@ -57,16 +51,10 @@ def parse_args(argv=None):
                    help="override the preset's dropout")
     p.add_argument("--patch", type=common.positive_int, default=None,
                    help="DiT patch size (overrides the preset)")
-    p.add_argument("--cond", default="none", choices=["none", "class", "kmeans"],
-                   help="conditioning: none, dataset classes, or k-means clusters of the subset")
-    p.add_argument("--k", type=common.positive_int, default=10,
-                   help="number of k-means clusters for --cond kmeans")
     p.add_argument("--label-dropout", type=common.non_negative_float, default=0.0,
                    help="probability of replacing a label by the null label (for guidance)")
     p.add_argument("--steps", type=common.positive_int, default=200000,
                    help="training steps (optimizer updates)")
-    p.add_argument("--batch", type=common.positive_int, default=512,
-                   help="global batch size (split across processes)")
     p.add_argument("--lr", type=common.non_negative_float, default=1e-3, help="Adam learning rate")
     p.add_argument("--lr-rampup", type=common.non_negative_int, default=10_000_000,
                    help="linear lr ramp-up, in images (0: none)")
@@ -86,11 +74,9 @@ def parse_args(argv=None):
                    help="noise levels of the E_train/E_val evaluations")
     p.add_argument("--probe-images", type=common.positive_int, default=256,
                    help="images per split in the fixed probe set of the evaluations")
-    p.add_argument("--seed", type=common.non_negative_int, default=0,
-                   help="seed of the subset, initialisation and noise")
-    p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N, mps")
-    p.add_argument("--out", default=None, help="run folder (default: runs/<data>-r<R>-n<n>-<model>-<size>-"
-                   "<cond>-seed<seed>)")
+    common.add_run_args(p, seed="seed of the subset, initialisation and noise",
+                        batch=(512, "global batch size (split across processes)"),
+                        out="run folder (default: runs/<data>-r<R>-n<n>-<model>-<size>-<cond>-seed<seed>)")
     p.add_argument("--compile", action="store_true", help="torch.compile the network")
     p.add_argument("--no-resume", action="store_true",
                    help="start from step 0; the snapshots and train_log.npz already in --out are replaced when "
@@ -170,15 +156,12 @@ def probe_set(images, labels, index, noise_index, resolution, seed, device):
 
 def latest_snapshot(out):
     """The snapshot in out with the most images seen, or None."""
-    if not os.path.isdir(out):
-        return None
-    found = [(int(m.group(1)), m.group(0)) for m in map(common.SNAPSHOT_NAME.fullmatch, os.listdir(out)) if m]
-    return os.path.join(out, max(found)[1]) if found else None
+    return (common.snapshot_files(out) or [None])[-1]
 
 
 def check_same_run(saved, current, path):
     """UserError naming the arguments that differ from those that made the snapshot."""
-    keys = sorted((set(saved) | set(current)) - RESUMABLE_CHANGES)
+    keys = sorted((set(saved) | set(current)) - common.RESUMABLE_ARGS)
     diff = [f"--{k.replace('_', '-')} {saved.get(k)} (snapshot) vs {current.get(k)} (now)"
             for k in keys if saved.get(k) != current.get(k)]
     common.check(not diff, f"{path} was made with different arguments: {'; '.join(diff)}. Rerun with the "
@@ -238,7 +221,7 @@ def main(argv=None):
 def train(args, rank, world, device):
     """EDM training loop with EMA, snapshots and E_train/E_val evaluations; this process is `rank` of `world`."""
     common.check(args.batch % world == 0, f"--batch {args.batch} must be divisible by the {world} processes")
-    say = print if rank == 0 else (lambda *a, **k: None)
+    say = common.say
     cuda, local, B = device.type == "cuda", args.batch // world, args.batch
     sizes = list(common.NETWORK_PRESETS.get(args.model, ()))
     if device.type == "cpu" and args.size in sizes and sizes.index(args.size) >= sizes.index("m"):
@@ -247,8 +230,7 @@ def train(args, rank, world, device):
 
     ckpt, last_path, old_run = None, latest_snapshot(args.out), []
     if last_path is not None and args.no_resume:  # removed once this run has a snapshot of its own
-        old_run = [os.path.join(args.out, name) for name in sorted(os.listdir(args.out))
-                   if common.SNAPSHOT_NAME.fullmatch(name)]
+        old_run = common.snapshot_files(args.out)
         say(f"--no-resume: the {len(old_run)} snapshot(s) of the earlier run in {args.out} are removed once this "
             "run writes its first snapshot")
         last_path = None
@@ -276,10 +258,8 @@ def train(args, rank, world, device):
     val_images, val_class_labels = common.load_images(args.data, "val", args.data_dir)
     probe_train = common.choose_subset(args.n, min(args.probe_images, args.n), args.seed)
     probe_val = common.choose_subset(len(val_images), min(args.probe_images, len(val_images)), args.seed)
-    val_labels = val_class_labels[probe_val] if args.cond == "class" else None
-    if args.cond == "kmeans":
-        val_labels = common.assign_clusters(common.images_to_tensor(val_images[probe_val], args.resolution),
-                                            centroids)
+    val_labels = common.validation_labels(labels, centroids, val_class_labels[probe_val],
+                                          common.images_to_tensor(val_images[probe_val], args.resolution))
     probes = [probe_set(images, None if labels is None else labels[probe_train], subset[probe_train],
                         subset[probe_train], args.resolution, args.seed, device),
               probe_set(val_images, val_labels, probe_val, len(images) + probe_val, args.resolution, args.seed,
@@ -298,6 +278,8 @@ def train(args, rank, world, device):
     opt = torch.optim.Adam(net.parameters(), lr=args.lr, fused=True if cuda else None)
     gen = torch.Generator(device).manual_seed(derived_seed(args.seed, 0, rank))
     torch.manual_seed(derived_seed(args.seed, 1, rank))  # dropout
+    random.seed(derived_seed(args.seed, 3, rank))  # python's and numpy's: unused, but saved in every snapshot
+    np.random.seed(derived_seed(args.seed, 4, rank))
     log = dict(images_seen=[], loss=[], eval_images=[], E_train=[], E_val=[], snapshot_images=[])
     start = 0
     say(f"{args.model} {args.size}: {common.count_parameters(net):,} parameters; {args.n} {args.data} images "
@@ -346,6 +328,8 @@ def train(args, rank, world, device):
                         snapshot_images=np.array(log["snapshot_images"], np.int64), subset=subset,
                         probe_train=subset[probe_train], probe_val=probe_val)
 
+    as_tensor = lambda a: None if a is None else torch.tensor(np.asarray(a))  # noqa: E731  (see save_checkpoint)
+
     def snapshot(step):
         states = [common.rng_state(noise=gen)] * world
         if world > 1:
@@ -355,9 +339,9 @@ def train(args, rank, world, device):
             log["snapshot_images"].append(step * B)
             common.save_checkpoint(dict(
                 kind=common.CHECKPOINT_KIND, net=net.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
-                step=step, images_seen=step * B, args=vars(args), network=net.config, subset=subset,
-                labels=labels, dataset=args.data, resolution=args.resolution,
-                kmeans_centroids=None if centroids is None else np.asarray(centroids), rng=states, log=log), path)
+                step=step, images_seen=step * B, args=vars(args), network=net.config, subset=as_tensor(subset),
+                labels=as_tensor(labels), dataset=args.data, resolution=args.resolution,
+                kmeans_centroids=as_tensor(centroids), rng=states, log=log), path)
             for old in old_run:
                 if old != path:
                     os.remove(old)

@@ -33,7 +33,7 @@ def main():
         for p_ in net.parameters():
             p_.add_(0.02 * torch.randn_like(p_))
     net = net.to(device).eval().requires_grad_(False)
-    model = eval_gap.network_model(net, device)
+    model = common.network_denoiser(net, device)
 
     shape = (args.channels, args.resolution, args.resolution)
     y = (torch.rand(args.images, *shape) * 2 - 1).to(device)

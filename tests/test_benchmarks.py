@@ -5,6 +5,7 @@ import re
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import common
@@ -40,7 +41,15 @@ def test_bench_nn_finds_the_exact_neighbours():
 def test_bench_eval_compares_the_loop_with_the_bare_forward_pass():
     out = run_bench("bench_eval", "--images", "8", "--sigmas", "2", "--batch", "8", "--repeats", "1",
                     "--device", "cpu")
-    assert "eval_gap loop" in out and "bare forward" in out and "loop / bare" in out
+    assert "8 images x 2 sigmas = 16 pairs, batch 8" in out
+    rates = {name: (float(rate), float(seconds)) for name, rate, seconds in
+             re.findall(r"^  (eval_gap loop|bare forward) +(\S+) images\*sigmas/s +\((\S+) s\)$", out, re.M)}
+    assert sorted(rates) == ["bare forward", "eval_gap loop"], out
+    for rate, seconds in rates.values():  # each rate is the 16 pairs over the time shown (to the ms)
+        assert rate > 0 and 16 / rate == pytest.approx(seconds, abs=6e-4)
+    share, verdict = re.search(r"loop / bare +(\S+)% +\((within|NOT within) 15%", out).groups()
+    assert float(share) == pytest.approx(100 * rates["eval_gap loop"][0] / rates["bare forward"][0], abs=0.1)
+    assert (verdict == "within") == (float(share) >= 85)
 
 
 def test_bench_train_counts_flops_and_times_the_compiled_step(monkeypatch, capsys, tmp_path):

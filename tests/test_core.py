@@ -2,6 +2,7 @@
 command-line helpers."""
 import math
 import os
+import random
 
 import numpy as np
 import pytest
@@ -178,6 +179,25 @@ def test_class_conditional_optimal_denoiser_streams_past_chunks_without_the_quer
                                        rtol=0, atol=1e-12)
 
 
+def test_labelled_optimal_denoiser_is_unconditional_for_no_label_the_null_label_and_a_label_the_data_lacks():
+    g = torch.Generator().manual_seed(6)
+    data, data_labels = torch.randn(12, 3, generator=g, dtype=F64), torch.arange(12) % 2   # labels 0 and 1 only
+    x, sigma = torch.randn(5, 3, generator=g, dtype=F64), torch.full((5,), 0.7, dtype=F64)
+    notes = []
+    denoise = common.labelled_optimal_denoiser(data, data_labels, null_label=3, note=notes.append)
+    labels = torch.tensor([0, 1, 3, 2, 2])  # known, known, null, missing, missing
+    got = denoise(x.float(), sigma, labels)
+    assert got.dtype == F64, "computed and returned in the data's dtype"
+    unconditional = common.optimal_denoiser(x, sigma, data)
+    conditional = common.optimal_denoiser(x[:2], sigma[:2], data, labels[:2], data_labels)
+    torch.testing.assert_close(got[:2], conditional, rtol=0, atol=1e-6)   # x was rounded to float32
+    torch.testing.assert_close(got[2:], unconditional[2:], rtol=0, atol=1e-6)
+    torch.testing.assert_close(denoise(x, 0.7), unconditional, rtol=0, atol=0)
+    denoise(x, 0.7, torch.tensor([2, 3, 0, 0, 0]))
+    assert notes == ["note: no training image has label 2: the optimal denoiser is unconditional for queries "
+                     "with that label"], "one note per missing label, none for the null label"
+
+
 def test_float32_optimal_denoiser_matches_float64_where_most_weights_underflow():
     # At sigma 0.3 in d = 64 nearly all weights exp(logit - max) lie below float32's range.
     g = torch.Generator().manual_seed(12)
@@ -313,6 +333,22 @@ def test_guided_denoiser_passes_every_argument_and_skips_the_negative_at_zero_we
     assert all(c is labels for c in calls)
 
 
+def test_negative_of_classifier_free_guidance_drops_the_labels_and_autoguidance_must_fit():
+    seen = []
+    d_neg = common.negative_denoiser(lambda x, sigma, labels: seen.append(labels) or x)
+    d_neg(torch.zeros(2), 1.0, torch.tensor([0, 1]))
+    assert seen == [None]
+    other = lambda x, sigma, labels=None: x  # noqa: E731
+    assert common.negative_denoiser(None, other) is other
+    common.check_guidance("m", (1, 8, 8), 3)
+    common.check_guidance("m", (1, 8, 8), 3, ("small.pt", (1, 8, 8), 0))
+    with pytest.raises(common.UserError, match="--neg uncond needs a class-conditional denoiser, but m"):
+        common.check_guidance("m", (1, 8, 8), 0)
+    for neg in (("small.pt", (1, 16, 16), 0), ("small.pt", (3, 8, 8), 3), ("small.pt", (1, 8, 8), 10)):
+        with pytest.raises(common.UserError, match="--neg small.pt does not fit m: it needs the same image size"):
+            common.check_guidance("m", (1, 8, 8), 3, neg)
+
+
 # --- sampler ---------------------------------------------------------------
 
 def test_heun_sampler_on_optimal_denoiser_of_one_point_returns_that_point():
@@ -377,6 +413,22 @@ def test_frechet_distance_of_a_set_with_itself_is_zero_and_grows_with_a_shift():
     assert common.frechet_distance(a, a + 2) > common.frechet_distance(a, a + 1)
 
 
+def test_frechet_distance_matches_an_independent_computation_for_non_commuting_covariances():
+    # tr (C_a C_b)^1/2 = sum of the square roots of the eigenvalues of the product C_a C_b (real and
+    # non-negative: it is similar to C_a^1/2 C_b C_a^1/2), where frechet_distance takes eigenvalues of
+    # C_a^1/2 C_b C_a^1/2 built from C_a's eigendecomposition
+    g = torch.Generator().manual_seed(10)
+    mix_a, mix_b = torch.randn(4, 4, generator=g, dtype=F64), torch.randn(4, 4, generator=g, dtype=F64)
+    a = torch.randn(300, 4, generator=g, dtype=F64) @ mix_a
+    b = torch.randn(200, 4, generator=g, dtype=F64) @ mix_b + torch.tensor([1.0, -2.0, 0.5, 0.0], dtype=F64)
+    ca, cb = torch.cov(a.T), torch.cov(b.T)
+    assert (ca @ cb - cb @ ca).abs().max() > 1, "the covariances do not commute"
+    cross = torch.linalg.eigvals(ca @ cb).real.clamp(min=0).sqrt().sum()
+    expected = (a.mean(0) - b.mean(0)).square().sum() + ca.trace() + cb.trace() - 2 * cross
+    assert common.frechet_distance(a, b) == pytest.approx(expected.item(), rel=1e-9)
+    assert common.frechet_distance(b, a) == pytest.approx(expected.item(), rel=1e-9)
+
+
 def test_frechet_distance_matches_closed_form_for_diagonal_gaussians():
     g = torch.Generator().manual_seed(9)
     a = torch.randn(4000, 2, generator=g, dtype=F64)
@@ -390,11 +442,41 @@ def test_frechet_distance_matches_closed_form_for_diagonal_gaussians():
 
 # --- device --------------------------------------------------------------
 
-def test_pick_device_auto_and_unknown():
-    assert common.pick_device("cpu").type == "cpu"
-    assert common.pick_device("auto").type in ("cpu", "cuda", "mps")
-    with pytest.raises(common.UserError):
+@pytest.mark.parametrize("cuda, mps, expected", [(True, True, "cuda"), (False, True, "mps"), (False, False, "cpu")])
+def test_pick_device_auto_prefers_cuda_then_mps_then_cpu(monkeypatch, cuda, mps, expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+    assert common.pick_device("auto") == torch.device(expected)
+
+
+def test_pick_device_refuses_unknown_names_and_absent_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert common.pick_device("cpu") == torch.device("cpu")
+    with pytest.raises(common.UserError, match="unknown device 'abacus'"):
         common.pick_device("abacus")
+    with pytest.raises(common.UserError, match="--device cuda: CUDA is not available here"):
+        common.pick_device("cuda")
+
+
+def _gather_in_gloo_group(rank, world, init):
+    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        cpu, n = torch.device("cpu"), 2 + rank  # shards of different sizes
+        shard = torch.arange(3 * n * 2, dtype=F64).view(3, n, 2) + 100 * rank
+        rows = common.gather_rows(shard, world, cpu, dim=1)
+        assert rows.shape == (3, 5, 2) and torch.equal(rows[:, :2], torch.arange(12, dtype=F64).view(3, 2, 2))
+        assert torch.equal(rows[:, 2:], torch.arange(18, dtype=F64).view(3, 3, 2) + 100)
+        assert common.gather_rows(torch.full((n,), rank), world, cpu).tolist() == [0, 0, 1, 1, 1]
+        assert common.gather_rows(torch.zeros(0, n, 0), world, cpu, dim=1).shape == (0, 5, 0)
+        assert common.is_main_process() == (rank == 0)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_gather_rows_concatenates_uneven_shards_of_two_gloo_processes_in_rank_order(tmp_path):
+    torch.multiprocessing.spawn(_gather_in_gloo_group, args=(2, f"file://{tmp_path / 'init'}"), nprocs=2)
+    shard = torch.ones(2, 3)
+    assert common.gather_rows(shard, 1, torch.device("cpu"), dim=1) is shard
 
 
 # --- per-noise-level error ---------------------------------------------------
@@ -492,6 +574,32 @@ def test_garbage_checkpoint_is_called_corrupted_or_foreign(tmp_path):
     path.write_bytes(b"not a torch file")
     with pytest.raises(common.UserError, match="corrupted .*or not a torch checkpoint"):
         common.load_checkpoint(path)
+
+
+class Pickled:
+    """An object that only unpickling with code from the file could rebuild."""
+
+
+def test_checkpoint_with_pickled_objects_is_refused_without_running_them(tmp_path):
+    path = common.save_checkpoint({"kind": common.CHECKPOINT_KIND, "net": Pickled()}, tmp_path / "snap.pt")
+    with pytest.raises(common.UserError, match="holds objects other than tensors, numpy arrays and plain") as err:
+        common.load_checkpoint(path)
+    assert "\n" not in str(err.value)
+
+
+def test_rng_state_is_tensors_and_plain_values_and_restores_every_generator(tmp_path):
+    g = torch.Generator().manual_seed(3)
+    state = common.rng_state(noise=g)
+    torch.save(state, tmp_path / "rng.pt")
+    loaded = torch.load(tmp_path / "rng.pt", weights_only=True)
+    draws = lambda: (random.random(), np.random.rand(), torch.rand(1).item(), torch.rand(1, generator=g).item())  # noqa: E731
+    first = draws()
+    common.set_rng_state(loaded, noise=g)
+    assert draws() == first
+    older = {**loaded, "numpy": np.random.get_state()}  # numpy's own tuple, as older snapshots stored it
+    after = np.random.rand()
+    common.set_rng_state(older, noise=g)
+    assert np.random.rand() == after
 
 
 # --- command line ----------------------------------------------------------------

@@ -42,7 +42,8 @@ def make_snapshot(path, data_dir, images_seen, net_seed, run_seed=0, num_classes
                 out=os.path.dirname(path))
     common.save_checkpoint(dict(kind=common.CHECKPOINT_KIND, net=states[0], ema=states[1], opt={},
                                 step=images_seen // 8, images_seen=images_seen, args=args, network=net.config,
-                                subset=subset, labels=classes[subset] if num_classes else None,
+                                subset=torch.tensor(subset),
+                                labels=torch.tensor(classes[subset]) if num_classes else None,
                                 dataset="fashion-mnist", resolution=RES,
                                 kmeans_centroids=None, rng=[]), path)
     return str(path)
@@ -69,10 +70,8 @@ def evaluate(data_dir, out, *extra):
 
 
 def test_identity_error_is_sigma_squared_noise_power_and_oracle_error_is_zero(data_dir):
-    source = dict(dataset="fashion-mnist", resolution=RES, subset=np.arange(8), labels=None, centroids=None,
-                  data_dir=data_dir)
-    args = eval_gap.parse_args(["--optimal", "--num-images", "20"])
-    train, val = eval_gap.eval_splits(source, args, 0, 1, torch.device("cpu"))
+    source = common.TrainingSource("fashion-mnist", RES, np.arange(8), data_dir=data_dir)
+    train, val = eval_gap.eval_splits(source, num_images=20, seed=0)
     sigmas = torch.tensor([0.01, 1.0, 30.0], dtype=torch.float64)
     for split in (train, val):
         oracle_split = split._replace(labels=torch.arange(len(split.y)))  # the "label" names the image
@@ -85,11 +84,9 @@ def test_identity_error_is_sigma_squared_noise_power_and_oracle_error_is_zero(da
 
 
 def test_fixed_noise_is_seeded_by_dataset_index_and_validation_draws_differ_from_training(data_dir):
-    source = dict(dataset="fashion-mnist", resolution=RES, subset=np.array([3, 5, 7, 11]), labels=None,
-                  centroids=None, data_dir=data_dir)
-    args = eval_gap.parse_args(["--optimal", "--num-images", "20"])
-    train, val = eval_gap.eval_splits(source, args, 0, 1, torch.device("cpu"))
-    again, _ = eval_gap.eval_splits(source, args, 0, 1, torch.device("cpu"))
+    source = common.TrainingSource("fashion-mnist", RES, np.array([3, 5, 7, 11]), data_dir=data_dir)
+    train, val = eval_gap.eval_splits(source, num_images=20, seed=0)
+    again, _ = eval_gap.eval_splits(source, num_images=20, seed=0)
     assert torch.equal(train.noise, again.noise)
     torch.testing.assert_close(train.noise, common.image_noise([3, 5, 7, 11], (1, RES, RES)), rtol=0, atol=0)
     torch.testing.assert_close(val.noise, common.image_noise(N_TRAIN + np.arange(N_VAL), (1, RES, RES)), rtol=0, atol=0)
@@ -167,6 +164,9 @@ def test_peak_sigma_is_where_the_relative_gap_is_largest():
     assert np.all(np.abs(np.log(peaks / [1.2, 0.1])) < np.log(sigmas[1] / sigmas[0]))
     gap[0, 20] = np.nan
     assert np.array_equal(eval_gap.peak_sigma(sigmas, gap), peaks), "NaN entries are skipped"
+    gap[1, 0] = np.inf  # E_train = 0, as for the optimal denoiser at small sigma
+    assert np.array_equal(eval_gap.peak_sigma(sigmas, gap), peaks), "inf entries are skipped"
+    assert common.peak_index([np.nan, np.inf]) == 0
     assert np.isinf(eval_gap.relative_gap([0.0, 1.0], [0.5, 1.0])[0])
 
 
@@ -316,8 +316,9 @@ def test_feature_gap_compares_equally_many_images_of_both_splits_and_is_near_zer
                 cond="none", seed=0, steps=1, out=str(tmp_path))
     common.save_checkpoint(dict(kind=common.CHECKPOINT_KIND, net=net.state_dict(), ema=net.state_dict(), opt={},
                                 step=1, images_seen=8, args=args, network=net.config,
-                                subset=common.choose_subset(len(images), 48, 0), labels=None, dataset="fashion-mnist",
-                                resolution=RES, kmeans_centroids=None, rng=[]), tmp_path / "snapshot-000000008.pt")
+                                subset=torch.tensor(common.choose_subset(len(images), 48, 0)), labels=None,
+                                dataset="fashion-mnist", resolution=RES, kmeans_centroids=None, rng=[]),
+                           tmp_path / "snapshot-000000008.pt")
     sizes, frechet = [], common.frechet_distance
     monkeypatch.setattr(common, "frechet_distance", lambda a, b: sizes.append((len(a), len(b))) or frechet(a, b))
     r = evaluate(data, tmp_path / "gap.npz", str(tmp_path), "--num-images", "512", "--features", "builtin",
@@ -346,13 +347,12 @@ def test_train_image_run_with_kmeans_labels_matches_optimal_on_the_same_subset(d
     assert list(r["images_seen"]) == [16, 32] and np.isfinite(r["gap"]).all()
     np.testing.assert_array_equal(r["e_val_optimal"], alone["e_val_optimal"])
 
-    info = eval_gap.read_snapshot(os.path.join(run, "snapshot-000000032.pt"), eval_gap.parse_args(["x"]))
-    args = eval_gap.parse_args(["--optimal", "--num-images", "20"])
-    train, val = eval_gap.eval_splits(info["source"], args, 0, 1, torch.device("cpu"))
-    centroids = torch.as_tensor(info["source"]["centroids"])
-    nearest = torch.cdist(val.y.flatten(1), centroids).argmin(1)
+    source = eval_gap.read_snapshot(os.path.join(run, "snapshot-000000032.pt"))["source"]
+    train, val = eval_gap.eval_splits(source, num_images=20, seed=0)
+    nearest = torch.cdist(val.y.flatten(1), torch.as_tensor(source.centroids)).argmin(1)
     assert torch.equal(val.labels, nearest), "validation images get the label of the nearest stored centroid"
-    np.testing.assert_array_equal(train.labels.numpy(), info["source"]["labels"])
+    np.testing.assert_array_equal(train.labels.numpy(), source.labels)
+    assert source.cond == "kmeans" and source.num_classes == 3
 
 
 def test_two_gloo_processes_give_the_same_curves_as_one(data_dir, run_dir, tmp_path):

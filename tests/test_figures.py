@@ -130,3 +130,13 @@ def test_files_are_recognised_by_the_script_that_wrote_them_and_a_failing_figure
     assert "note: summary row of broken skipped: IndexError" in out
     summary = (tmp_path / "figures" / "summary.txt").read_text()
     assert "good" in summary and "broken" not in summary
+
+
+def test_image_grid_places_images_in_rows_with_white_gaps_and_enlarged_pixels():
+    images = np.stack([np.full((1, 2, 2), v, np.float32) for v in (-1.0, 0.0, 1.0)])
+    grid = common.image_grid(images, cols=2, gap=1, scale=2)
+    assert grid.shape == (2 * (4 + 1) + 1, 2 * (4 + 1) + 1)
+    assert (grid[1:5, 1:5] == 0).all() and (grid[1:5, 6:10] == 0.5).all() and (grid[6:10, 1:5] == 1).all()
+    assert (grid[0] == 1).all() and (grid[:, 5] == 1).all() and (grid[6:10, 6:10] == 1).all()  # gaps, empty cell
+    color = common.image_grid(np.full((2, 3, 2, 2), 5.0), cols=2)  # clipped to [-1, 1], no gaps
+    assert color.shape == (2, 4, 3) and (color == 1).all()

@@ -34,7 +34,8 @@ def snapshot(data_dir, tmp_path_factory):
     common.save_checkpoint(dict(
         kind=common.CHECKPOINT_KIND, net=net.state_dict(), ema=net.state_dict(), opt={}, step=8, images_seen=64,
         args=dict(data="fashion-mnist", data_dir=data_dir, cond="class", seed=0), network=net.config,
-        subset=subset, labels=subset % 3, dataset="fashion-mnist", resolution=R, kmeans_centroids=None, rng=[]),
+        subset=torch.tensor(subset), labels=torch.tensor(subset % 3), dataset="fashion-mnist", resolution=R,
+        kmeans_centroids=None, rng=[]),
         path)
     return str(path)
 
@@ -48,6 +49,11 @@ def run(argv, tmp_path):
     out = str(tmp_path / "mem.npz")
     sample_memorize.main([*SMALL, "--out", out, *argv])
     return common.load_npz(out)
+
+
+def source(data_dir, subset, labels=None):
+    """The training subset `subset` of the synthetic data at resolution R (common.TrainingSource)."""
+    return common.TrainingSource("fashion-mnist", R, np.asarray(subset), labels, data_dir=data_dir)
 
 
 def exit_message(argv, capsys):
@@ -93,7 +99,7 @@ def test_memorization_ratio_rules_for_copies_duplicates_and_a_single_image():
 
 
 def test_exact_copies_have_ratio_zero_and_duplicates_count_once(data_dir):
-    train = sample_memorize.load_training_set("fashion-mnist", data_dir, R, np.arange(6), None, 0, "none", None, "cpu")
+    train = sample_memorize.load_training_set(source(data_dir, np.arange(6)), "cpu")
     train.x[4] = train.x[1]  # a duplicated training image
     train.distinct = torch.tensor([0, 1, 2, 3, 5])
     samples = torch.cat([train.x[:3], train.x[1:2] + 0.01 * torch.randn(1, 1, R, R)])
@@ -103,14 +109,13 @@ def test_exact_copies_have_ratio_zero_and_duplicates_count_once(data_dir):
 
 
 def test_training_set_with_one_image_counts_every_sample_as_its_copy(data_dir):
-    train = sample_memorize.load_training_set("fashion-mnist", data_dir, R, [3], None, 0, "none", None, "cpu")
+    train = sample_memorize.load_training_set(source(data_dir, [3]), "cpu")
     res = sample_memorize.memorization(torch.randn(5, 1, R, R), train)
     assert torch.isinf(res["d2"]).all() and res["nn_ratio"].tolist() == [0.0] * 5
 
 
 def test_distinct_training_images_are_found_by_content(data_dir):
-    train = sample_memorize.load_training_set("fashion-mnist", data_dir, R, [2, 7, 2, 5, 7], None, 0, "none", None,
-                                              "cpu")
+    train = sample_memorize.load_training_set(source(data_dir, [2, 7, 2, 5, 7]), "cpu")
     assert train.distinct.tolist() == [0, 1, 3]
 
 
@@ -197,8 +202,7 @@ def test_missing_or_foreign_feature_files_say_how_to_get_inception(tmp_path):
 # ---------------------------------------------------------------------------
 
 def net_model(snapshot):
-    return sample_memorize.network_model(snapshot, sample_memorize.parse_args([snapshot, "--device", "cpu"]),
-                                         torch.device("cpu"), {})
+    return sample_memorize.network_model(snapshot, "ema", None, torch.device("cpu"), {})
 
 
 def test_each_seed_gives_the_same_sample_whatever_the_batch_size(snapshot):
@@ -246,9 +250,8 @@ def test_guidance_weight_zero_is_the_unguided_sampler_and_nonzero_weights_change
 # ---------------------------------------------------------------------------
 
 def test_references_are_the_training_subset_and_as_many_validation_images_per_label_as_half_the_split_has(data_dir):
-    args = sample_memorize.parse_args(["--optimal", "--data-dir", data_dir, "--n", "12", "--resolution", str(R),
-                                       "--cond", "class"])
-    model = sample_memorize.optimal_model(args, torch.device("cpu"))
+    subset = common.choose_subset(24, 12, 0)
+    model = sample_memorize.optimal_model(source(data_dir, subset, subset % 3), torch.device("cpu"))
     refs = sample_memorize.reference_pair(model.train, seed=0)
     t_lab, v_lab = model.train.labels[refs.train_pos], model.train.val_labels[refs.val_pos]
     assert refs.conditional and refs.train_pos.tolist() == list(range(12))
@@ -258,9 +261,7 @@ def test_references_are_the_training_subset_and_as_many_validation_images_per_la
 
 def test_samples_of_a_sampler_that_ignores_the_training_set_do_not_score_like_noisy_training_images(data_dir):
     # the optimal denoiser of held-out validation images: its samples copy images the model never trained on
-    args = sample_memorize.parse_args(["--optimal", "--data-dir", data_dir, "--n", "6", "--resolution", str(R),
-                                       "--num-samples", "12", "--batch", "12"])
-    model = sample_memorize.optimal_model(args, torch.device("cpu"))
+    model = sample_memorize.optimal_model(source(data_dir, common.choose_subset(24, 6, 0)), torch.device("cpu"))
     refs = sample_memorize.reference_pair(model.train, seed=0)
     held = model.train.val_x[refs.heldout_pos].double()
     other = lambda x, s, labels: common.optimal_denoiser(x.double(), s.double(), held).to(x.dtype)  # noqa: E731
@@ -272,7 +273,8 @@ def test_samples_of_a_sampler_that_ignores_the_training_set_do_not_score_like_no
         _, traj = sample_memorize.sample(denoise, x_init, None, sigmas)
         llr[name] = refs.llr(traj["states"][probe], float(sigmas[probe]), None, 12)
     s = float(sigmas[probe])
-    sets = sample_memorize.probe_sets(model, refs, args, np.arange(12), [s], model.denoise, "cpu")
+    sets = sample_memorize.probe_sets(model, refs, np.arange(12), [s], model.denoise, num_samples=12, seed=0,
+                                      batch=12)
     llr_train, llr_val = (refs.llr(sets[k][0][0], s, None, 12) for k in ("train", "val"))
     fresh = refs.llr(sample_memorize.noisy(held.float(), refs.heldout_pos, np.zeros(6, np.int64), s), s, None, 6)
     stats = {k: sample_memorize.trajectory_overlap(v[None], llr_train[None], llr_val[None], fresh[None])
@@ -450,4 +452,4 @@ def test_figure_folder_that_is_a_file_stops_before_sampling_and_default_names_th
     assert sample_memorize.default_out(args) == os.path.join("results", "memorize-gaussian-fashion-mnist-r32-n8-none-"
                                                                         "seed3.npz")
     args = sample_memorize.parse_args(["--optimal", "--cond", "kmeans", "--k", "4", "--guidance-weights", "1"])
-    assert sample_memorize.default_out(args).endswith("memorize-optimal-fashion-mnist-r32-n64-kmeans4-seed0-guided.npz")
+    assert sample_memorize.default_out(args).endswith("memorize-optimal-fashion-mnist-r32-n1000-kmeans4-seed0-guided.npz")

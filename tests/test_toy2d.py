@@ -76,7 +76,7 @@ def test_denser_support_gives_smaller_gap(tmp_path):
 
 
 def test_guidance_with_zero_weight_equals_unguided_positive_model(tmp_path):
-    guid = run(tmp_path, "guidance", "--weights", "0", "2")
+    guid = run(tmp_path, "guidance", "--guidance-weights", "0", "2")
     delta = run(tmp_path, "delta", "--deltas", "1.8")
     np.testing.assert_allclose(guid["gap"][0], delta["gap"][0], rtol=1e-12)
     assert guid["gap"][1].max() > guid["gap"][0].max()       # guidance sharpens the model: larger gap
@@ -96,9 +96,13 @@ def test_other_experiments_write_their_arrays(tmp_path, experiment):
     if experiment == "flow":
         assert out["field"].shape == (3, 41, 41, 2) and out["pred"].shape == (3, 10, 8, 2)
     if experiment == "field":
-        assert out["gap"].shape == (2, 71, 71)
-        assert (out["gap"] <= 0.5).mean() > (out["gap"] <= 0.5).mean(axis=(1, 2)).min() - 1  # finite field
+        assert out["gap"].shape == (2, 71, 71) and np.isfinite(out["gap"]).all()
         assert (out["gap"][0] <= 0.5).sum() > (out["gap"][1] <= 0.5).sum()   # region shrinks as delta falls
+        pixel = lambda x, y: (np.abs(out["axis"] - y).argmin(), np.abs(out["axis"] - x).argmin())  # noqa: E731
+        at_train, at_val = ([[field[pixel(*p)] for p in out[s]] for field in out["gap"]] for s in ("train", "val"))
+        at_train, at_val = np.mean(at_train, 1), np.mean(at_val, 1)
+        assert (at_train < at_val).all() and at_val[1] > at_val[0]   # off the training points, and more so as delta falls
+        assert (out["gap"][:, 35, 35] > at_val).all()                 # the centre is farther from the data still
     if experiment == "manifold":
         assert out["error"].shape == out["rel_gap"].shape == (2, 181) and out["rel_gap_val"].shape == (2, 10)
     if experiment == "samples":
@@ -162,13 +166,13 @@ def test_threads_are_set_for_the_run_and_restored_after(tmp_path):
         torch.set_num_threads(before)
 
 
-def test_same_seed_gives_same_npz_bytes_and_another_seed_does_not(tmp_path):
-    def npz_bytes(seed):
+def test_same_seed_gives_same_npz_and_figure_bytes_and_another_seed_does_not(tmp_path):
+    def output_bytes(seed):
         toy2d.main(["delta", "--out", str(tmp_path), "--seed", str(seed), *FAST])
-        return (tmp_path / "delta.npz").read_bytes()
-    first = npz_bytes(0)
-    assert npz_bytes(0) == first
-    assert npz_bytes(1) != first
+        return [(tmp_path / f"delta.{ext}").read_bytes() for ext in ("npz", "png", "pdf")]
+    first = output_bytes(0)
+    assert output_bytes(0) == first, "the PDF has no creation date"
+    assert output_bytes(1)[0] != first[0]
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -1,0 +1,53 @@
+"""The command lines of the scripts: shared flags are defined once and mean the same everywhere, and
+--help shows each default once."""
+import re
+
+import pytest
+
+import eval_gap
+import figures
+import sample_memorize
+import toy2d
+import train_image
+
+SCRIPTS = {"eval_gap": eval_gap, "sample_memorize": sample_memorize, "train_image": train_image, "toy2d": toy2d,
+           "figures": figures}
+MINIMAL = {"eval_gap": ["--optimal"], "sample_memorize": ["--optimal"], "train_image": [], "toy2d": ["delta"],
+           "figures": ["results"]}
+
+
+def help_text(name, capsys):
+    with pytest.raises(SystemExit):
+        SCRIPTS[name].parse_args(["--help"])
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", sorted(SCRIPTS))
+def test_help_shows_each_default_once_and_never_none(name, capsys):
+    text = help_text(name, capsys)
+    assert "(default: None)" not in text
+    options = re.split(r"\n  (?=-)", text.split("options:")[1])
+    for option in options:
+        assert len(re.findall(r"\(default", option)) <= 1, option
+    for flag in ("--seed", "--device", "--out"):
+        assert f"\n  {flag} " in text, f"{name} lacks {flag}"
+
+
+@pytest.mark.parametrize("name", ["eval_gap", "sample_memorize", "train_image"])
+def test_shared_data_flags_have_the_same_defaults_and_types(name):
+    args = SCRIPTS[name].parse_args(MINIMAL[name])
+    assert (args.data, args.data_dir, args.resolution, args.n, args.cond, args.k, args.seed, args.device) == (
+        "fashion-mnist", None, 32, 1000, "none", 10, 0, "auto")
+    with pytest.raises(SystemExit):
+        SCRIPTS[name].parse_args([*MINIMAL[name], "--n", "1"])
+
+
+def test_subset_seed_weights_and_guidance_weights_mean_the_same_in_every_script():
+    for script in (eval_gap, sample_memorize):
+        args = script.parse_args(["--optimal", "--subset-seed", "3", "--seed", "5", "--weights", "raw"])
+        assert (args.subset_seed, args.seed, args.weights) == (3, 5, "raw")
+        with pytest.raises(SystemExit):
+            script.parse_args(["--optimal", "--weights", "net"])
+    assert eval_gap.default_out(eval_gap.parse_args(["--optimal", "--subset-seed", "3", "--seed", "5"])).endswith(
+        "-seed3.npz"), "the result file names the subset's seed, not the noise seed"
+    assert toy2d.parse_args(["guidance", "--guidance-weights", "0", "1"]).guidance_weights == [0, 1]
