@@ -75,10 +75,13 @@ def sample_training_sigma(n, p_mean=P_MEAN, p_std=P_STD, generator=None, device=
 
 
 def edm_loss(denoiser, y, labels=None, p_mean=P_MEAN, p_std=P_STD, sigma_data=SIGMA_DATA,
-             generator=None):
-    """EDM loss per image: lambda(sigma) * mean over pixels of (D(y + sigma n; sigma) - y)^2."""
-    sigma = sample_training_sigma(y.shape[0], p_mean, p_std, generator, y.device)
-    noise = torch.randn(y.shape, generator=generator, device=y.device)
+             generator=None, sigma=None, noise=None):
+    """EDM loss per image: lambda(sigma) * mean over pixels of (D(y + sigma n; sigma) - y)^2.
+    sigma (N,) and the noise n (like y) are drawn from `generator` in that order unless given."""
+    if sigma is None:
+        sigma = sample_training_sigma(y.shape[0], p_mean, p_std, generator, y.device)
+    if noise is None:
+        noise = torch.randn(y.shape, generator=generator, device=y.device)
     s = sigma.view(-1, *[1] * (y.ndim - 1))
     denoised = denoiser(y + s * noise, sigma, labels)
     err = (denoised.float() - y).square().flatten(1).mean(1)
