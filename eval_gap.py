@@ -44,7 +44,8 @@ import common
 from common import check
 
 # train_image.py arguments that a resumed run may change: they do not tell two runs apart.
-RUN_ARGS_IGNORED = {"steps", "snapshots", "eval_every", "device", "compile", "out", "data_dir", "no_resume"}
+RUN_ARGS_IGNORED = {"steps", "snapshots", "eval_every", "device", "step_mode", "compile", "out", "data_dir",
+                    "no_resume"}
 # Arguments that change the numbers of a row; a cached row is reused only when they all match.
 SETTINGS = ("num_images", "seed", "guidance_weights", "neg", "features", "feature_sigmas", "data_dir")
 ROW_KEYS = ("e_train", "e_val", "fd_train", "fd_val")

@@ -14,7 +14,6 @@ and train_log.npz (args, images_seen, loss, eval_images, eval_sigmas, E_train, E
 snapshot_images, subset, probe_train, probe_val).
 """
 import argparse
-import contextlib
 import copy
 import math
 import os
@@ -29,8 +28,10 @@ from tqdm import tqdm
 import common
 
 # Arguments a resumed run may change: they touch neither the weights nor the log's layout.
-RESUMABLE_CHANGES = {"steps", "snapshots", "eval_every", "device", "compile", "out", "data_dir", "no_resume"}
+RESUMABLE_CHANGES = {"steps", "snapshots", "eval_every", "device", "step_mode", "compile", "out", "data_dir",
+                     "no_resume"}
 FLUSH_EVERY = 20  # steps between loss read-outs; each one waits for the device
+WARM_UP_STEPS = 2  # steps left out of the images/s figure: compilation, then CUDA graph recording
 
 
 def parse_args(argv=None):
@@ -75,7 +76,12 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N, mps")
     p.add_argument("--out", default=None, help="run folder (default: runs/<data>-r<R>-n<n>-<model>-<size>-"
                    "<cond>-seed<seed>)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the network")
+    p.add_argument("--step-mode", default="auto", choices=["auto", "eager", "compile"],
+                   help="the training step's forward pass, loss and backward pass: eager, or compile "
+                   "(torch.compile; on CUDA with one process, mode reduce-overhead: CUDA graphs); auto: "
+                   "compile on CUDA with one process, eager otherwise")
+    p.add_argument("--compile", dest="step_mode", action="store_const", const="compile",
+                   help="same as --step-mode compile")
     p.add_argument("--no-resume", action="store_true",
                    help="start from step 0, deleting the snapshots and train_log.npz already in --out")
     return p.parse_args(argv)
@@ -175,6 +181,48 @@ def check_same_run(saved, current, path):
                            "snapshot's arguments, choose another --out, or pass --no-resume to start over")
 
 
+def step_mode(requested, cuda, world):
+    """(eager or compile, whether with CUDA graphs) for --step-mode: auto compiles on CUDA with one
+    process; CUDA graphs (torch.compile's mode reduce-overhead) only there."""
+    mode = requested if requested != "auto" else "compile" if cuda and world == 1 else "eager"
+    return mode, mode == "compile" and cuda and world == 1
+
+
+def loss_function(model, compiled=False, cuda=False, cuda_graphs=False):
+    """The batch's mean EDM loss, loss(y, labels, sigma, noise), through `model`; bf16 autocast on CUDA.
+    compiled: torch.compile'd (the forward pass and, through autograd, the backward pass), with CUDA
+    graphs (mode reduce-overhead) if cuda_graphs."""
+    def loss(y, labels, sigma, noise):
+        with torch.autocast("cuda", torch.bfloat16, enabled=cuda):
+            return common.edm_loss(model, y, labels, sigma=sigma, noise=noise).mean()
+    if not compiled:
+        return loss
+    fast_loss = torch.compile(loss, **({"mode": "reduce-overhead"} if cuda_graphs else {}))
+    if not cuda_graphs:
+        return fast_loss
+
+    def graphed_loss(*args):
+        torch.compiler.cudagraph_mark_step_begin()  # a new step: the last step's graph outputs may be reused
+        return fast_loss(*args)
+    return graphed_loss
+
+
+def train_step(loss_fn, net, ema, opt, y, labels, lr, ema_beta, p_mean, p_std, gen):
+    """One training step: draw sigma and the noise from `gen`, the mean EDM loss through loss_fn
+    (see loss_function), its backward pass, an Adam step at learning rate lr and the EMA update with
+    decay ema_beta. Returns the loss, detached (a copy: CUDA graphs reuse their outputs)."""
+    sigma = common.sample_training_sigma(y.shape[0], p_mean, p_std, gen, y.device)
+    noise = torch.randn(y.shape, generator=gen, device=y.device)
+    for group in opt.param_groups:
+        group["lr"] = lr
+    loss = loss_fn(y, labels, sigma, noise)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    common.update_ema(ema, net, ema_beta)
+    return loss.detach().clone()
+
+
 def main(argv=None):
     """Train (or resume) one run as the command line says."""
     args = parse_args(argv)
@@ -265,8 +313,9 @@ def train(args, rank, world, device):
             f"so the learning rate stays below {args.lr * min(1, args.steps * B / args.lr_rampup):.3g}")
 
     model = DistributedDataParallel(net, device_ids=[device.index] if cuda else None) if world > 1 else net
-    forward = torch.compile(model) if args.compile else model
-    autocast = torch.autocast("cuda", torch.bfloat16) if cuda else contextlib.nullcontext()
+    mode, graphs = step_mode(args.step_mode, cuda, world)
+    loss_fn = loss_function(model, mode == "compile", cuda, graphs)
+    say(f"training step: {mode}{' with CUDA graphs' if graphs else ''}")
     snapshots, order = snapshot_steps(args.snapshots, args.steps, B), EpochOrder(args.n, args.seed, device)
     log_path, last_snapshot = os.path.join(args.out, "train_log.npz"), last_path
 
@@ -304,6 +353,7 @@ def train(args, rank, world, device):
     if start == 0:
         evaluate(0)
     pending, tick, tick_images = [], time.perf_counter(), start * B
+    timed_seconds, timed_images = 0.0, 0  # training steps after the warm-up, without evaluations and snapshots
     with tqdm(total=args.steps, initial=start, unit="step", disable=rank != 0, dynamic_ncols=True) as bar:
         for step in range(start + 1, args.steps + 1):
             seen = (step - 1) * B
@@ -316,22 +366,16 @@ def train(args, rank, world, device):
                 c = c.masked_fill(torch.rand(local, generator=gen, device=device) < args.label_dropout, num_classes)
             if cuda:
                 y = y.contiguous(memory_format=torch.channels_last)
-            for group in opt.param_groups:
-                group["lr"] = args.lr * min(1.0, (seen + B) / args.lr_rampup) if args.lr_rampup else args.lr
-            with autocast:
-                loss = common.edm_loss(forward, y, c, args.p_mean, args.p_std, generator=gen).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            lr = args.lr * min(1.0, (seen + B) / args.lr_rampup) if args.lr_rampup else args.lr
             seen += B
             half_life = min(args.ema_half_life, args.ema_rampup * seen) if args.ema_rampup else args.ema_half_life
-            common.update_ema(ema, net, common.ema_beta(B, half_life))
-            pending.append(loss.detach())
+            pending.append(train_step(loss_fn, net, ema, opt, y, c, lr, common.ema_beta(B, half_life),
+                                      args.p_mean, args.p_std, gen))
             bar.update()
 
             is_snapshot = step in snapshots
             is_eval = step == args.steps or seen // args.eval_every > (seen - B) // args.eval_every
-            if not (is_snapshot or is_eval or step % FLUSH_EVERY == 0):
+            if not (is_snapshot or is_eval or step % FLUSH_EVERY == 0 or step == start + WARM_UP_STEPS):
                 continue
             values = torch.stack(pending).float()
             if world > 1:
@@ -348,16 +392,20 @@ def train(args, rank, world, device):
             log["loss"] += values
             now = time.perf_counter()
             bar.set_postfix(loss=f"{np.mean(values):.4f}", img_s=f"{(seen - tick_images) / (now - tick):.0f}")
-            tick, tick_images = now, seen
+            if step > start + WARM_UP_STEPS:
+                timed_seconds, timed_images = timed_seconds + now - tick, timed_images + seen - tick_images
             if is_eval:
                 evaluate(seen)
             if is_snapshot:
                 last_snapshot = snapshot(step)
+            tick, tick_images = time.perf_counter(), seen
 
     if rank == 0:
         write_log()
         tail = log["loss"][-100:]
-        say(f"done: {args.steps:,} steps, {args.steps * B:,} images seen, final loss {np.mean(tail):.4g} "
+        rate = f"{timed_images / timed_seconds:,.1f} images/s" if timed_seconds > 0 else "images/s not timed"
+        say(f"done: {args.steps:,} steps, {args.steps * B:,} images seen, {rate} (after {WARM_UP_STEPS} warm-up "
+            f"steps, without evaluations and snapshots), final loss {np.mean(tail):.4g} "
             f"(mean of the last {len(tail)} steps)")
         for s, e_train, e_val in zip(args.eval_sigmas, log["E_train"][-1], log["E_val"][-1]):
             say(f"  sigma {s:g}: E_train {e_train:.4g}, E_val {e_val:.4g}, gap {(e_val - e_train) / e_train:+.3f}")
