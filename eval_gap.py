@@ -35,17 +35,17 @@ import hashlib
 import json
 import os
 
+import common  # first: it sets OpenMP's wait policy, which torch reads when it loads
 import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-import common
 from common import check
 
 # train_image.py arguments that a resumed run may change: they do not tell two runs apart.
-RUN_ARGS_IGNORED = {"steps", "snapshots", "eval_every", "device", "step_mode", "compile", "out", "data_dir",
-                    "no_resume"}
+RUN_ARGS_IGNORED = {"steps", "snapshots", "eval_every", "device", "step_mode", "compile", "threads", "out",
+                    "data_dir", "no_resume"}
 # Arguments that change the numbers of a row; a cached row is reused only when they all match.
 SETTINGS = ("num_images", "seed", "guidance_weights", "neg", "features", "feature_sigmas", "data_dir")
 ROW_KEYS = ("e_train", "e_val", "fd_train", "fd_val")
@@ -89,6 +89,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed of the fixed noise, of the image samples and "
                    "(--optimal without snapshots) of the subset")
     p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N, mps")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: automatic, common.choose_threads)")
     p.add_argument("--out", default=None, help="output .npz (default: RUN_DIR/gap[-raw][-guided].npz, or "
                    "results/gap-optimal-<data>-r<R>-n<n>-<cond>-seed<seed>.npz)")
     args = p.parse_args(argv)
@@ -461,6 +462,7 @@ def curves(rows, guided, sigmas=None, images_seen=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    common.choose_threads(None, args.threads)
     common.run_distributed(evaluate, args)
 
 

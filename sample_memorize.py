@@ -42,6 +42,7 @@ from typing import Callable
 
 import matplotlib
 matplotlib.use("Agg")
+import common  # noqa: E402  (before torch: it sets OpenMP's wait policy, which torch reads when it loads)
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -49,7 +50,6 @@ import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-import common  # noqa: E402
 from common import check  # noqa: E402
 
 PROBE_NEAR = 1.2  # the paper's intermediate noise level for the trajectory overlap
@@ -92,6 +92,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="sample i uses seed --seed + i; also the seed of the "
                    "probe and reference images and of the bootstrap")
     p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N, mps")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: automatic, common.choose_threads)")
     p.add_argument("--out", default="results/memorize.npz", help="result file; figures go to the folder "
                    "of the same name without .npz")
     args = p.parse_args(argv)
@@ -471,6 +472,7 @@ def gather(local, world):
 
 def main(argv=None):
     args = parse_args(argv)
+    common.choose_threads(None, args.threads)
     common.run_distributed(evaluate, args)
 
 

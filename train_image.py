@@ -19,17 +19,18 @@ import math
 import os
 import time
 
+import common  # first: it sets OpenMP's wait policy, which torch reads when it loads
+
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
-import common
-
 # Arguments a resumed run may change: they touch neither the weights nor the log's layout.
-RESUMABLE_CHANGES = {"steps", "snapshots", "eval_every", "device", "step_mode", "compile", "out", "data_dir",
-                     "no_resume"}
+RESUMABLE_CHANGES = {"steps", "snapshots", "eval_every", "device", "step_mode", "compile", "threads", "out",
+                     "data_dir", "no_resume"}
 FLUSH_EVERY = 20  # steps between loss read-outs; each one waits for the device
 WARM_UP_STEPS = 2  # steps left out of the images/s figure: compilation, then CUDA graph recording
 
@@ -82,6 +83,8 @@ def parse_args(argv=None):
                    "compile on CUDA with one process, eager otherwise")
     p.add_argument("--compile", dest="step_mode", action="store_const", const="compile",
                    help="same as --step-mode compile")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: automatic, common.choose_threads: "
+                   "one for training steps below common.ONE_THREAD_BELOW_FLOPS)")
     p.add_argument("--no-resume", action="store_true",
                    help="start from step 0, deleting the snapshots and train_log.npz already in --out")
     return p.parse_args(argv)
@@ -101,6 +104,7 @@ def check_args(args):
     check(args.eval_every >= 1 and args.probe_images >= 1, "--eval-every and --probe-images must be positive")
     check(all(s > 0 for s in args.eval_sigmas), f"--eval-sigmas must be positive, got {args.eval_sigmas}")
     check(args.seed >= 0, f"--seed must not be negative, got {args.seed}")
+    check(args.threads >= 0, f"--threads must not be negative, got {args.threads}")
     snapshot_steps(args.snapshots, args.steps, args.batch)
 
 
@@ -181,6 +185,18 @@ def check_same_run(saved, current, path):
                            "snapshot's arguments, choose another --out, or pass --no-resume to start over")
 
 
+def step_flops(denoiser, batch):
+    """FLOPs of a training step of `batch` images: 3x the forward pass (the backward pass costs about
+    twice the forward), counted on one image."""
+    cfg = denoiser.config
+    x = torch.zeros(1, cfg["img_channels"], cfg["img_resolution"], cfg["img_resolution"])
+    training = denoiser.training
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        denoiser.eval()(x, torch.ones(1))
+    denoiser.train(training)
+    return 3 * batch * counter.get_total_flops()
+
+
 def step_mode(requested, cuda, world):
     """(eager or compile, whether with CUDA graphs) for --step-mode: auto compiles on CUDA with one
     process; CUDA graphs (torch.compile's mode reduce-overhead) only there."""
@@ -256,6 +272,7 @@ def train(args, rank, world, device):
     torch.manual_seed(args.seed)
     net = common.build_network(args.model, args.size, args.resolution, info["shape"][-1], num_classes,
                                args.channels, args.blocks, args.dropout, args.patch)
+    threads = common.choose_threads(step_flops(net, local), args.threads)
 
     # Data: the subset, its conditioning labels, and the fixed probe sets.
     images, _ = common.load_images(args.data, "train", args.data_dir)
@@ -294,7 +311,7 @@ def train(args, rank, world, device):
     start = 0
     say(f"{args.model} {args.size}: {common.count_parameters(net):,} parameters; {args.n} {args.data} images "
         f"at {args.resolution}x{args.resolution}, cond {args.cond} ({num_classes} classes); "
-        f"{world} process(es) on {device}; run folder {args.out}")
+        f"{world} process(es) on {device}, {threads} CPU thread(s) each; run folder {args.out}")
     if ckpt:
         net.load_state_dict(ckpt["net"])
         ema.load_state_dict(ckpt["ema"])
