@@ -5,9 +5,11 @@ import re
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import common
+from conftest import write_fashion_mnist
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "benchmarks")
@@ -90,3 +92,20 @@ def test_bench_train_background_load_runs_one_busy_process_and_stops_it(monkeypa
     assert "one busy process alongside" in out and "tiny: " in out, out
     assert re.search(r"tiny: \S+ s per step, 1 CPU thread\(s\)", out), "automatic: one thread for a tiny step"
     assert len(started) == 1 and started[0].poll() is not None, "the busy process ran and was stopped"
+
+
+@pytest.mark.slow
+def test_gpu_check_tiny_runs_every_stage_on_cpu_and_logs_it(tmp_path):
+    (tmp_path / "data").mkdir()
+    data_dir = write_fashion_mnist(tmp_path / "data", 40, 20)
+    out = tmp_path / "check"
+    env = dict(os.environ, OMP_NUM_THREADS="1", DATA_DIR=data_dir)
+    done = subprocess.run(["bash", os.path.join(BENCH, "gpu_check.sh"), "--device", "cpu", "--tiny", "--out", str(out)],
+                          env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    log = (out / "gpu_check.log").read_text()
+    for stage in ("bench unet eager", "bench unet auto", "bench dit eager", "bench dit auto", "train", "eval_gap",
+                  "sample_memorize"):
+        assert re.search(rf"^=== {stage}: \d+ s$", log, re.M), stage
+    assert re.search(r"images seen, [\d,.]+ images/s", log) and "gpu_check done" in log
+    assert {"gap.npz", "memorize.npz", "bench-unet-auto.npz", "run"} <= set(os.listdir(out))
