@@ -3,7 +3,7 @@ training step (train_image.train_step: noise draws, EDM loss, backward, Adam, EM
 matmul rate measured in the same run.
 
 FLOPs are counted by torch.utils.flop_counter.FlopCounterMode over the first (warm-up) step, run
-eagerly; the step time is the fastest of --repeats timed steps, in the step mode and with the CPU
+eagerly; the step time is the fastest (and the median) of --repeats timed steps, in the step mode and with the CPU
 threads that train_image.py would use (--step-mode, --threads). The matmul rate is the fastest of a
 few square matmuls in the same dtype, measured before and after each preset; the fraction is taken
 against the fastest matmul of the whole run, so that a busy machine cannot inflate it.
@@ -66,7 +66,7 @@ def background_load(enabled):
 
 
 def bench_preset(args, size, device):
-    """(parameters, FLOPs per step, CPU threads, fastest step time in s) of one preset's training step."""
+    """(parameters, FLOPs per step, CPU threads, step times in s) of one preset's training step."""
     cuda = device.type == "cuda"
     net = common.build_network(args.model, size, args.resolution, args.channels, channels=args.net_channels)
     threads = common.choose_threads(train_image.step_flops(net, args.batch), args.threads)
@@ -89,8 +89,8 @@ def bench_preset(args, size, device):
     for _ in range(train_image.WARM_UP_STEPS if mode == "compile" else 1):
         step(loss_fn)  # compilation, CUDA graph recording
     with background_load(args.background_load):
-        best = min(wall_time(lambda: step(loss_fn), device) for _ in range(args.repeats))
-    return common.count_parameters(net), counter.get_total_flops(), threads, best
+        times = [wall_time(lambda: step(loss_fn), device) for _ in range(args.repeats)]
+    return common.count_parameters(net), counter.get_total_flops(), threads, times
 
 
 def main():
@@ -114,17 +114,18 @@ def main():
     rates, rows = [matmul_gflops(n, n, n, dtype, device) * 1e9], []
     for size in sizes:
         try:
-            params, flops, threads, seconds = bench_preset(args, size, device)
+            params, flops, threads, times = bench_preset(args, size, device)
         except torch.cuda.OutOfMemoryError:
             print(f"{size}: does not fit in GPU memory at batch {args.batch}")
             torch.cuda.empty_cache()
             continue
         common.choose_threads(None, args.threads)  # the matmul rate with all the threads
         rates.append(matmul_gflops(n, n, n, dtype, device) * 1e9)
+        seconds, median = min(times), float(np.median(times))
         rows.append(dict(size=size, params=params, flops_per_image=flops / args.batch, threads=threads,
-                         seconds_per_step=seconds, images_per_s=args.batch / seconds, flops_per_s=flops / seconds,
-                         matmul_flops_per_s=max(rates[-2:])))
-        print(f"{size}: {seconds:.3f} s per step, {threads} CPU thread(s)", flush=True)
+                         seconds_per_step=seconds, median_seconds_per_step=median, images_per_s=args.batch / seconds,
+                         flops_per_s=flops / seconds, matmul_flops_per_s=max(rates[-2:])))
+        print(f"{size}: {seconds:.3f} s per step (median {median:.3f} s), {threads} CPU thread(s)", flush=True)
     peak = max(rates)
     header = ("size", "params", "GFLOP/img", "img/s", "TFLOP/s", "matmul TFLOP/s", "of peak matmul")
     print("{:>5} {:>9} {:>10} {:>9} {:>8} {:>15} {:>15}".format(*header))
