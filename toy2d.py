@@ -56,6 +56,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed of noise draws, random angles and samples")
     p.add_argument("--device", default="auto", help="auto (cuda, then cpu: the toy needs float64, which mps "
                    "lacks), cpu, cuda, cuda:N")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: automatic, common.choose_threads)")
     args = p.parse_args(argv)
     check(args.samples_per_point >= 1, "--samples-per-point must be at least 1")
     check(args.num_samples >= 2, "--num-samples must be at least 2")
@@ -359,6 +360,7 @@ RUNNERS = {name: globals()[f"exp_{name}"] for name in EXPERIMENTS}
 
 def main(argv=None):
     args = parse_args(argv)
+    common.choose_threads(None, args.threads)
     device = common.pick_device(args.device)
     args.device = "cpu" if device.type == "mps" else str(device)
     names = EXPERIMENTS if args.experiment == "all" else [args.experiment]
