@@ -26,12 +26,20 @@ import urllib.request
 import warnings
 import zipfile
 
-import numpy as np
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
-from einops import rearrange
-from tqdm import tqdm
+# OpenMP worker threads wait for work by spinning by default, each holding a core; when another process
+# takes one of the cores, every parallel region waits for a descheduled thread (a tiny network's training
+# step: 0.12 s -> 7 s with 2 threads on 2 cores and one other busy process). Sleeping instead costs a
+# wake-up per parallel region, which matters only for small work, and choose_threads gives small work one
+# thread. torch's OpenMP runtime reads this once, when torch is first imported: the scripts import common
+# before torch. An OMP_WAIT_POLICY already set wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from einops import rearrange  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 SIGMA_DATA = 0.5
 P_MEAN, P_STD = -1.2, 1.2
@@ -86,10 +94,13 @@ def sample_training_sigma(n, p_mean=P_MEAN, p_std=P_STD, generator=None, device=
 
 
 def edm_loss(denoiser, y, labels=None, p_mean=P_MEAN, p_std=P_STD, sigma_data=SIGMA_DATA,
-             generator=None):
-    """EDM loss per image: lambda(sigma) * mean over pixels of (D(y + sigma n; sigma) - y)^2."""
-    sigma = sample_training_sigma(y.shape[0], p_mean, p_std, generator, y.device)
-    noise = torch.randn(y.shape, generator=generator, device=y.device)
+             generator=None, sigma=None, noise=None):
+    """EDM loss per image: lambda(sigma) * mean over pixels of (D(y + sigma n; sigma) - y)^2.
+    sigma (N,) and the noise n (like y) are drawn from `generator` in that order unless given."""
+    if sigma is None:
+        sigma = sample_training_sigma(y.shape[0], p_mean, p_std, generator, y.device)
+    if noise is None:
+        noise = torch.randn(y.shape, generator=generator, device=y.device)
     s = sigma.view(-1, *[1] * (y.ndim - 1))
     denoised = denoiser(y + s * noise, sigma, labels)
     err = (denoised.float() - y).square().flatten(1).mean(1)
@@ -1213,7 +1224,8 @@ def save_checkpoint(state, path):
 SNAPSHOT_NAME = re.compile(r"snapshot-(\d{9})\.pt")  # snapshot-<images seen, 9 digits>.pt
 # train_image.py arguments that a resumed run may change: they touch neither the weights nor the log's layout,
 # so they do not tell two runs apart either (eval_gap.py).
-RESUMABLE_ARGS = frozenset({"steps", "snapshots", "eval_every", "device", "compile", "out", "data_dir", "no_resume"})
+RESUMABLE_ARGS = frozenset({"steps", "snapshots", "eval_every", "device", "step_mode", "compile", "threads", "out",
+                            "data_dir", "no_resume"})
 
 
 def snapshot_files(folder):
@@ -1789,6 +1801,28 @@ def run_distributed(job, args):
     finally:
         if world > 1:
             torch.distributed.destroy_process_group()
+
+
+# Fewer FLOPs than this per call (a training step, a batch of forward passes): one CPU thread. Such calls
+# run many small operations, where a second thread gains at most 1.4x on a quiet machine and loses up to
+# 50x on a busy one (see the README's benchmarks).
+ONE_THREAD_BELOW_FLOPS = 50e9
+_DEFAULT_THREADS = torch.get_num_threads()  # torch's choice at start-up: OMP_NUM_THREADS, else the cores
+
+
+def choose_threads(flops_per_call=None, requested=0):
+    """Set torch's intra-op CPU threads and return how many: `requested` if positive; otherwise one
+    for calls of fewer than ONE_THREAD_BELOW_FLOPS, and torch's default (OMP_NUM_THREADS, else the
+    cores) for larger calls or unknown work (None)."""
+    check(requested >= 0, f"--threads must not be negative, got {requested}")
+    if requested:
+        threads = requested
+    elif flops_per_call is not None and flops_per_call < ONE_THREAD_BELOW_FLOPS:
+        threads = 1
+    else:
+        threads = _DEFAULT_THREADS
+    torch.set_num_threads(threads)
+    return threads
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):

@@ -37,12 +37,12 @@ import collections
 import json
 import os
 
+import common  # first: it sets OpenMP's wait policy, which torch reads when it loads
 import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-import common
 from common import check
 
 SCRIPT = os.path.basename(__file__)  # stored in the result file (common.save_npz)
@@ -85,6 +85,7 @@ def parse_args(argv=None):
             "RUN_DIR/gap-snapshot-<images seen>[-raw][-guided].npz for one snapshot file, so that it leaves the "
             "run's file alone, results/gap-optimal-<data>-r<R>-n<n>-<none|class|kmeans<k>>-seed<subset seed>"
             "[-guided].npz for --optimal alone; several run folders or snapshot files need --out)")
+    p.add_argument("--threads", type=common.non_negative_int, default=0, help="CPU threads (0: automatic, common.choose_threads)")
     args = p.parse_args(argv)
     check(args.snapshots or args.optimal, "nothing to evaluate: give run folders or snapshot files, "
                                           "and/or --optimal (see --help)")
@@ -367,6 +368,7 @@ def main(argv=None):
     args.out = args.out or default_out(args)
     common.check_writable(args.out)
     check(args.out.endswith(".npz"), f"--out must end with .npz, got {args.out}")
+    common.choose_threads(None, args.threads)
     common.run_distributed(evaluate, args)
 
 

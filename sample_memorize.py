@@ -63,13 +63,13 @@ from typing import Callable
 
 import matplotlib
 matplotlib.use("Agg")
+import common  # noqa: E402  (before torch: it sets OpenMP's wait policy, which torch reads when it loads)
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-import common  # noqa: E402
 from common import check  # noqa: E402
 
 SCRIPT = os.path.basename(__file__)  # stored in the result file (common.save_npz)
@@ -124,6 +124,7 @@ def parse_args(argv=None):
             "run's file alone, results/memorize-<optimal|gaussian>-<data>-r<R>-n<n>-<none|class|kmeans<k>>-seed"
             "<subset seed>[-guided].npz for --optimal or --gaussian; several run folders or snapshot files need "
             "--out); figures go to the folder of the same name without .npz")
+    p.add_argument("--threads", type=common.non_negative_int, default=0, help="CPU threads (0: automatic, common.choose_threads)")
     args = p.parse_args(argv)
     check(args.optimal + args.gaussian + bool(args.inputs) == 1,
           "give run folders or snapshot files, or --optimal, or --gaussian (one of them)")
@@ -593,6 +594,7 @@ def main(argv=None):
     args.out = args.out or default_out(args)
     common.check_writable(args.out)
     common.check_writable(os.path.splitext(args.out)[0], folder=True, option="the figure folder of --out")
+    common.choose_threads(None, args.threads)
     common.run_distributed(evaluate, args)
 
 

@@ -32,12 +32,12 @@ import time
 
 import matplotlib
 matplotlib.use("Agg")
+import common  # noqa: E402  (before torch: it sets OpenMP's wait policy, which torch reads when it loads)
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-import common  # noqa: E402
 from common import check  # noqa: E402
 
 SCRIPT = os.path.basename(__file__)  # stored in every result file (common.save_npz)

@@ -14,7 +14,6 @@ and train_log.npz (args, images_seen, loss, eval_images, eval_sigmas, E_train, E
 snapshot_images, subset, probe_train, probe_val).
 """
 import argparse
-import contextlib
 import copy
 import math
 import os
@@ -22,10 +21,13 @@ import random
 import shutil
 import time
 
+import common  # first: it sets OpenMP's wait policy, which torch reads when it loads
+
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 import common
@@ -35,6 +37,7 @@ FLUSH_EVERY = 20  # steps between loss read-outs; each one waits for the device
 EVAL_BATCH = 64  # (image, sigma) pairs per forward pass of the evaluations: small, so their progress bar moves
 PLAN_AFTER = 10  # seconds of training (or FLUSH_EVERY steps) after which the time and disk estimate is printed
 CPU_SCALE = "--size tiny --resolution 16 --n 256 --batch 32 --steps 600"  # as quick.sh
+WARM_UP_STEPS = 2  # steps left out of the images/s figure: compilation, then CUDA graph recording
 
 
 def parse_args(argv=None):
@@ -77,7 +80,14 @@ def parse_args(argv=None):
     common.add_run_args(p, seed="seed of the subset, initialisation and noise",
                         batch=(512, "global batch size (split across processes)"),
                         out="run folder (default: runs/<data>-r<R>-n<n>-<model>-<size>-<cond>-seed<seed>)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the network")
+    p.add_argument("--step-mode", default="auto", choices=["auto", "eager", "compile"],
+                   help="the training step's forward pass, loss and backward pass: eager, or compile "
+                   "(torch.compile; on CUDA with one process, mode reduce-overhead: CUDA graphs); auto: "
+                   "compile on CUDA with one process, eager otherwise")
+    p.add_argument("--compile", dest="step_mode", action="store_const", const="compile",
+                   help="same as --step-mode compile")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: automatic, common.choose_threads: "
+                   "one for training steps below common.ONE_THREAD_BELOW_FLOPS)")
     p.add_argument("--no-resume", action="store_true",
                    help="start from step 0; the snapshots and train_log.npz already in --out are replaced when "
                    "the new run writes its first snapshot")
@@ -91,6 +101,7 @@ def check_args(args):
     check(args.label_dropout < 1, f"--label-dropout must lie in [0, 1), got {args.label_dropout}")
     check(args.cond != "none" or args.label_dropout == 0, "--label-dropout needs a conditional run (--cond "
           "class or kmeans): an unconditional network has no labels to drop")
+    check(args.threads >= 0, f"--threads must not be negative, got {args.threads}")
     snapshot_steps(args.snapshots, args.steps, args.batch)
 
 
@@ -207,6 +218,58 @@ def interrupted_note(args, steps_done, last_snapshot):
         return f"{where}, before the first snapshot of this run: rerun the same command to start again"
     again = "the command without --no-resume" if args.no_resume else "the same command"
     return f"{where}; last snapshot {last_snapshot}: rerun {again} to resume from it"
+def step_flops(denoiser, batch):
+    """FLOPs of a training step of `batch` images: 3x the forward pass (the backward pass costs about
+    twice the forward), counted on one image."""
+    cfg = denoiser.config
+    x = torch.zeros(1, cfg["img_channels"], cfg["img_resolution"], cfg["img_resolution"])
+    training = denoiser.training
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        denoiser.eval()(x, torch.ones(1))
+    denoiser.train(training)
+    return 3 * batch * counter.get_total_flops()
+
+
+def step_mode(requested, cuda, world):
+    """(eager or compile, whether with CUDA graphs) for --step-mode: auto compiles on CUDA with one
+    process; CUDA graphs (torch.compile's mode reduce-overhead) only there."""
+    mode = requested if requested != "auto" else "compile" if cuda and world == 1 else "eager"
+    return mode, mode == "compile" and cuda and world == 1
+
+
+def loss_function(model, compiled=False, cuda=False, cuda_graphs=False):
+    """The batch's mean EDM loss, loss(y, labels, sigma, noise), through `model`; bf16 autocast on CUDA.
+    compiled: torch.compile'd (the forward pass and, through autograd, the backward pass), with CUDA
+    graphs (mode reduce-overhead) if cuda_graphs."""
+    def loss(y, labels, sigma, noise):
+        with torch.autocast("cuda", torch.bfloat16, enabled=cuda):
+            return common.edm_loss(model, y, labels, sigma=sigma, noise=noise).mean()
+    if not compiled:
+        return loss
+    fast_loss = torch.compile(loss, **({"mode": "reduce-overhead"} if cuda_graphs else {}))
+    if not cuda_graphs:
+        return fast_loss
+
+    def graphed_loss(*args):
+        torch.compiler.cudagraph_mark_step_begin()  # a new step: the last step's graph outputs may be reused
+        return fast_loss(*args)
+    return graphed_loss
+
+
+def train_step(loss_fn, net, ema, opt, y, labels, lr, ema_beta, p_mean, p_std, gen):
+    """One training step: draw sigma and the noise from `gen`, the mean EDM loss through loss_fn
+    (see loss_function), its backward pass, an Adam step at learning rate lr and the EMA update with
+    decay ema_beta. Returns the loss, detached (a copy: CUDA graphs reuse their outputs)."""
+    sigma = common.sample_training_sigma(y.shape[0], p_mean, p_std, gen, y.device)
+    noise = torch.randn(y.shape, generator=gen, device=y.device)
+    for group in opt.param_groups:
+        group["lr"] = lr
+    loss = loss_fn(y, labels, sigma, noise)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    common.update_ema(ema, net, ema_beta)
+    return loss.detach().clone()
 
 
 def main(argv=None):
@@ -246,6 +309,7 @@ def train(args, rank, world, device):
     torch.manual_seed(args.seed)
     net = common.build_network(args.model, args.size, args.resolution, info["shape"][-1], num_classes,
                                args.channels, args.blocks, args.dropout, args.patch)
+    threads = common.choose_threads(step_flops(net, local), args.threads)
 
     # Data: the subset, its conditioning labels, and the fixed probe sets.
     images, _ = common.load_images(args.data, "train", args.data_dir)
@@ -284,7 +348,7 @@ def train(args, rank, world, device):
     start = 0
     say(f"{args.model} {args.size}: {common.count_parameters(net):,} parameters; {args.n} {args.data} images "
         f"at {args.resolution}x{args.resolution}, cond {args.cond} ({num_classes} classes); "
-        f"{world} process(es) on {device}; run folder {args.out}")
+        f"{world} process(es) on {device}, {threads} CPU thread(s) each; run folder {args.out}")
     if ckpt:
         net.load_state_dict(ckpt["net"])
         ema.load_state_dict(ckpt["ema"])
@@ -303,8 +367,9 @@ def train(args, rank, world, device):
             f"so the learning rate stays below {args.lr * min(1, args.steps * B / args.lr_rampup):.3g}")
 
     model = DistributedDataParallel(net, device_ids=[device.index] if cuda else None) if world > 1 else net
-    forward = torch.compile(model) if args.compile else model
-    autocast = torch.autocast("cuda", torch.bfloat16) if cuda else contextlib.nullcontext()
+    mode, graphs = step_mode(args.step_mode, cuda, world)
+    loss_fn = loss_function(model, mode == "compile", cuda, graphs)
+    say(f"training step: {mode}{' with CUDA graphs' if graphs else ''}")
     snapshots, order = snapshot_steps(args.snapshots, args.steps, B), EpochOrder(args.n, args.seed, device)
     log_path, last_snapshot = os.path.join(args.out, "train_log.npz"), last_path
 
@@ -357,6 +422,7 @@ def train(args, rank, world, device):
         eval_seconds = time.perf_counter() - tick
     pending, tick, tick_images = [], time.perf_counter(), start * B
     loop_start, planned = tick, rank != 0
+    timed_seconds, timed_images = 0.0, 0  # training steps after the warm-up, without evaluations and snapshots
     with tqdm(total=args.steps, initial=start, unit="step", disable=rank != 0, dynamic_ncols=True) as bar:
         for step in range(start + 1, args.steps + 1):
             seen = (step - 1) * B
@@ -369,17 +435,11 @@ def train(args, rank, world, device):
                 c = c.masked_fill(torch.rand(local, generator=gen, device=device) < args.label_dropout, num_classes)
             if cuda:
                 y = y.contiguous(memory_format=torch.channels_last)
-            for group in opt.param_groups:
-                group["lr"] = args.lr * min(1.0, (seen + B) / args.lr_rampup) if args.lr_rampup else args.lr
-            with autocast:
-                loss = common.edm_loss(forward, y, c, args.p_mean, args.p_std, generator=gen).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            lr = args.lr * min(1.0, (seen + B) / args.lr_rampup) if args.lr_rampup else args.lr
             seen += B
             half_life = min(args.ema_half_life, args.ema_rampup * seen) if args.ema_rampup else args.ema_half_life
-            common.update_ema(ema, net, common.ema_beta(B, half_life))
-            pending.append(loss.detach())
+            pending.append(train_step(loss_fn, net, ema, opt, y, c, lr, common.ema_beta(B, half_life),
+                                      args.p_mean, args.p_std, gen))
             bar.update()
             done = step
             if not planned and (step - start >= FLUSH_EVERY or time.perf_counter() - loop_start >= PLAN_AFTER):
@@ -391,7 +451,7 @@ def train(args, rank, world, device):
 
             is_snapshot = step in snapshots
             is_eval = step == args.steps or seen // args.eval_every > (seen - B) // args.eval_every
-            if not (is_snapshot or is_eval or step % FLUSH_EVERY == 0):
+            if not (is_snapshot or is_eval or step % FLUSH_EVERY == 0 or step == start + WARM_UP_STEPS):
                 continue
             values = torch.stack(pending).float()
             if world > 1:
@@ -408,16 +468,20 @@ def train(args, rank, world, device):
             log["loss"] += values
             now = time.perf_counter()
             bar.set_postfix(loss=f"{np.mean(values):.4f}", img_s=f"{(seen - tick_images) / (now - tick):.0f}")
-            tick, tick_images = now, seen
+            if step > start + WARM_UP_STEPS:
+                timed_seconds, timed_images = timed_seconds + now - tick, timed_images + seen - tick_images
             if is_eval:
                 evaluate(seen)
             if is_snapshot:
                 last_snapshot = snapshot(step)
+            tick, tick_images = time.perf_counter(), seen
 
     if rank == 0:
         write_log()
         tail = log["loss"][-100:]
-        say(f"done: {args.steps:,} steps, {args.steps * B:,} images seen, final loss {np.mean(tail):.4g} "
+        rate = f"{timed_images / timed_seconds:,.1f} images/s" if timed_seconds > 0 else "images/s not timed"
+        say(f"done: {args.steps:,} steps, {args.steps * B:,} images seen, {rate} (after {WARM_UP_STEPS} warm-up "
+            f"steps, without evaluations and snapshots), final loss {np.mean(tail):.4g} "
             f"(mean of the last {len(tail)} steps)")
         for s, e_train, e_val in zip(args.eval_sigmas, log["E_train"][-1], log["E_val"][-1]):
             say(f"  sigma {s:g}: E_train {e_train:.4g}, E_val {e_val:.4g}, gap {(e_val - e_train) / e_train:+.3f}")

@@ -6,11 +6,11 @@ import platform
 import sys
 import time
 
-import numpy as np
-import torch
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import common  # noqa: E402
+import common  # noqa: E402  (before torch: it sets OpenMP's wait policy, which torch reads when it loads)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 
 def sync(device="cpu"):
@@ -85,15 +85,15 @@ def machine(device="cpu"):
     """One line naming the software and hardware a benchmark ran on."""
     device = torch.device(device)
     gpu = f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
-    return (f"torch {torch.__version__}, numpy {np.__version__}, {cpu_name()}, "
-            f"{os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads{gpu}")
+    return (f"torch {torch.__version__}, numpy {np.__version__}, {cpu_name()}, {os.cpu_count()} CPUs "
+            f"(load average {os.getloadavg()[0]:.1f}), {torch.get_num_threads()} torch threads{gpu}")
 
 
 def parser(doc, repeats, device=False):
     """The benchmark's argument parser with the shared --repeats, --threads (and --device) flags."""
     p = argparse.ArgumentParser(description=doc, formatter_class=common.HelpFormatter)
     p.add_argument("--repeats", type=int, default=repeats, help="timed repeats (the best is reported)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's choice)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: automatic, common.choose_threads)")
     if device:
         p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N, mps")
     return p
@@ -102,8 +102,7 @@ def parser(doc, repeats, device=False):
 def start(args):
     """Apply --threads, pick --device (when the benchmark has one), print the machine line; -> device."""
     common.check(args.repeats >= 1, "--repeats must be at least 1")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    common.choose_threads(None, args.threads)
     device = common.pick_device(getattr(args, "device", "cpu"))
     print(machine(device))
     return device

@@ -10,6 +10,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: runs a whole pipeline (-m 'not slow' leaves it out; CI runs it)")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def one_thread():
     """One intra-op thread: the tests use tiny tensors, for which a second (spinning) thread only

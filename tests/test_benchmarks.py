@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import common
+from conftest import write_fashion_mnist
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "benchmarks")
@@ -52,18 +53,69 @@ def test_bench_eval_compares_the_loop_with_the_bare_forward_pass():
     assert (verdict == "within") == (float(share) >= 85)
 
 
-def test_bench_train_counts_flops_and_times_the_compiled_step(monkeypatch, capsys, tmp_path):
-    # In-process, with torch.compile's graph capture on the aot_eager backend (no C++ build).
+def run_bench_train(monkeypatch, *argv):
+    """bench_train.main() in this process on a tiny U-Net (batch 4, 16x16x1); -> (stdout, number of
+    train_image.train_step calls). Restores the test's one CPU thread afterwards."""
     monkeypatch.syspath_prepend(BENCH)
     import bench_train
+    import train_image
+    calls, real = [0], train_image.train_step
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return real(*args, **kwargs)
+    monkeypatch.setattr(train_image, "train_step", counted)
+    monkeypatch.setattr(sys, "argv", ["bench_train.py", "--sizes", "tiny", "--batch", "4", "--resolution", "16",
+                                      "--channels", "1", "--matmul-size", "128", "--device", "cpu", *argv])
+    try:
+        bench_train.main()
+    finally:
+        torch.set_num_threads(1)
+    return calls[0]
+
+
+def test_bench_train_times_train_images_compiled_step(monkeypatch, capsys, tmp_path):
+    # In-process, with torch.compile's graph capture on the aot_eager backend (no C++ build).
+    import train_image
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
     out_file = tmp_path / "train.npz"
-    monkeypatch.setattr(sys, "argv", ["bench_train.py", "--sizes", "tiny", "--batch", "4", "--resolution", "16",
-                                      "--channels", "1", "--matmul-size", "128", "--device", "cpu", "--compile",
-                                      "--out", str(out_file)])
-    bench_train.main()
+    calls = run_bench_train(monkeypatch, "--compile", "--repeats", "2", "--threads", "1", "--out", str(out_file))
     out = capsys.readouterr().out
-    assert "(compiled)" in out and re.search(r"^\s+tiny\s+0\.\d+M", out, re.M), out
+    assert "training step (compile)" in out and re.search(r"^\s+tiny\s+0\.\d+M", out, re.M), out
+    assert calls == 1 + train_image.WARM_UP_STEPS + 2, "FLOP count, warm-up, timed steps: all train_image's step"
     table = common.load_npz(str(out_file))
-    assert table["args"]["compile"] and list(table["size"]) == ["tiny"]
-    assert table["images_per_s"][0] > 0 and table["flops_per_image"][0] > 1e6
+    assert table["args"]["step_mode"] == "compile" and list(table["size"]) == ["tiny"]
+    assert table["images_per_s"][0] > 0 and table["flops_per_image"][0] > 1e6 and table["threads"][0] == 1
+
+
+def test_bench_train_background_load_runs_one_busy_process_and_stops_it(monkeypatch, capsys):
+    monkeypatch.syspath_prepend(BENCH)
+    import bench_train
+    started, real_popen = [], subprocess.Popen
+
+    def popen(*args, **kwargs):
+        started.append(real_popen(*args, **kwargs))
+        return started[-1]
+    monkeypatch.setattr(bench_train.subprocess, "Popen", popen)
+    run_bench_train(monkeypatch, "--background-load", "--repeats", "2", "--step-mode", "eager")
+    out = capsys.readouterr().out
+    assert "one busy process alongside" in out and "tiny: " in out, out
+    assert re.search(r"tiny: \S+ s per step \(median \S+ s\), 1 CPU thread\(s\)", out), "automatic: one thread"
+    assert len(started) == 1 and started[0].poll() is not None, "the busy process ran and was stopped"
+
+
+@pytest.mark.slow
+def test_gpu_check_tiny_runs_every_stage_on_cpu_and_logs_it(tmp_path):
+    (tmp_path / "data").mkdir()
+    data_dir = write_fashion_mnist(tmp_path / "data", 40, 20)
+    out = tmp_path / "check"
+    env = dict(os.environ, OMP_NUM_THREADS="1", DATA_DIR=data_dir)
+    done = subprocess.run(["bash", os.path.join(BENCH, "gpu_check.sh"), "--device", "cpu", "--tiny", "--out", str(out)],
+                          env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    log = (out / "gpu_check.log").read_text()
+    for stage in ("bench unet eager", "bench unet auto", "bench dit eager", "bench dit auto", "train", "eval_gap",
+                  "sample_memorize"):
+        assert re.search(rf"^=== {stage}: \d+ s$", log, re.M), stage
+    assert re.search(r"images seen, [\d,.]+ images/s", log) and "gpu_check done" in log
+    assert {"gap.npz", "memorize.npz", "bench-unet-auto.npz", "run"} <= set(os.listdir(out))

@@ -1,4 +1,4 @@
-"""train_image.py: snapshots and logs, exact resume, data parallel, compile, NaN stop, bad input."""
+"""train_image.py: snapshots and logs, exact resume, data parallel, compiled step, threads, NaN stop, bad input."""
 import os
 import shutil
 import subprocess
@@ -256,50 +256,71 @@ def test_two_gloo_processes_train_like_one_process_with_the_same_global_batch(ba
     np.testing.assert_allclose(two["E_train"][-1], one["E_train"][1], rtol=0.15)
 
 
-def test_compiled_network_trains_like_the_eager_one(data_dir, tmp_path, monkeypatch):
-    # torch.compile's graph capture (dynamo + autograd) with the aot_eager backend: the same graph
-    # inductor would generate code for, without minutes of C++ compilation in the test suite. A one-block
-    # DiT keeps the graph small (capturing it is most of the time); the U-Net's graph is captured by
-    # tests/test_benchmarks.py (bench_train --compile).
-    small = ["--model", "dit", "--blocks", "1"]
-    train_image.main(argv(data_dir, tmp_path / "eager", 20, *small))
-    compiled_models, compile = [], torch.compile
-    monkeypatch.setattr(torch, "compile", lambda model, **kw: compiled_models.append(model) or compile(
-        model, backend="aot_eager"))
-    train_image.main(argv(data_dir, tmp_path / "compiled", 20, *small, "--compile"))
-    assert len(compiled_models) == 1
-    one, compiled = (common.load_npz(tmp_path / d / "train_log.npz") for d in ("eager", "compiled"))
-    np.testing.assert_allclose(compiled["loss"], one["loss"], rtol=1e-5)
-    for key in ("net", "ema"):
-        a, b = (common.load_checkpoint(snapshot(tmp_path / d, 20))[key] for d in ("eager", "compiled"))
-        assert a.keys() == b.keys()
-        for name in a:
-            torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-6)
+def test_compile_mode_compiles_train_steps_loss_and_trains_like_eager(baseline, data_dir, tmp_path, monkeypatch):
+    # The step torch.compile captures on CUDA (there with CUDA graphs), run here with the aot_eager backend.
+    compiled, real = [], torch.compile
+
+    def compile_(fn, **kwargs):
+        compiled.append((fn.__qualname__, kwargs))
+        return real(fn, backend="aot_eager")
+    monkeypatch.setattr(torch, "compile", compile_)
+    train_image.main(argv(data_dir, tmp_path, 20, "--step-mode", "compile"))
+    assert compiled == [("loss_function.<locals>.loss", {})]
+    assert train_image.parse_args(["--compile"]).step_mode == "compile"
+    one, two = (common.load_npz(os.path.join(d, "train_log.npz")) for d in (baseline, tmp_path))
+    np.testing.assert_allclose(two["loss"], one["loss"][:20], rtol=1e-5)
 
 
-def test_out_that_is_an_existing_file_stops_before_training(data_dir, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(common, "load_images", None)  # reached only after the check
-    (tmp_path / "run").write_text("not a folder")
-    status, err = run_cli(argv(data_dir, tmp_path / "run"), capsys)
-    assert_one_line_error(status, err, f"--out {tmp_path / 'run'} is an existing file, not a folder")
+def test_cuda_graph_loss_is_the_compiled_loss_behind_a_step_marker(monkeypatch):
+    # loss_function(cuda_graphs=True) on CPU: torch.compile asked for mode reduce-overhead (here aot_eager,
+    # which ignores it), each call starting a new CUDA graph step; train_step returns a copy of the loss.
+    modes, marks, real = [], [], torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, mode=None: modes.append(mode) or real(fn, backend="aot_eager"))
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    torch.manual_seed(0)
+    nets = [common.build_network("unet", "tiny", 16, 1, channels=8) for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    y, losses = torch.rand(4, 1, 16, 16) * 2 - 1, []
+    for net, fn in zip(nets, (train_image.loss_function(nets[0]),
+                              train_image.loss_function(nets[1], compiled=True, cuda_graphs=True))):
+        ema = common.build_network("unet", "tiny", 16, 1, channels=8).requires_grad_(False)
+        opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+        gen = torch.Generator().manual_seed(1)
+        losses.append([train_image.train_step(fn, net, ema, opt, y, None, 1e-3, 0.9, common.P_MEAN, common.P_STD,
+                                              gen) for _ in range(3)])
+    assert modes == ["reduce-overhead"] and len(marks) == 3
+    torch.testing.assert_close(torch.stack(losses[1]), torch.stack(losses[0]), rtol=1e-5, atol=0)
+    for a, b in zip(nets[0].parameters(), nets[1].parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
 
 
-def test_progress_shows_the_evaluations_and_one_estimate_of_time_and_disk(data_dir, tmp_path, capsys):
-    train_image.main(argv(data_dir, tmp_path, 40))
-    out, err = capsys.readouterr()
-    assert "E_train, E_val at 0 images" in err and "E_train, E_val at 160 images" in err
-    plan = [line for line in out.splitlines() if " per step: about " in line]
-    assert len(plan) == 1, out
-    assert "left for 20 steps and 1 evaluation(s) of" in plan[0] and "2 snapshots of about" in plan[0]
-    assert f"in {tmp_path} (" in plan[0] and "free)" in plan[0]
+def test_step_mode_auto_compiles_with_cuda_graphs_on_one_cuda_device_only():
+    assert train_image.step_mode("auto", cuda=False, world=1) == ("eager", False)
+    assert train_image.step_mode("auto", cuda=True, world=1) == ("compile", True)
+    assert train_image.step_mode("auto", cuda=True, world=2) == ("eager", False)
+    assert train_image.step_mode("compile", cuda=True, world=2) == ("compile", False)
+    assert train_image.step_mode("eager", cuda=True, world=1) == ("eager", False)
 
 
-def test_paper_scale_command_is_valid_and_on_a_cpu_warns_with_cpu_scale_settings(data_dir, tmp_path, capsys):
-    for command in ("--model unet --n 1000 --steps 200000", train_image.CPU_SCALE):
-        train_image.check_args(train_image.parse_args(command.split()))
-    with pytest.raises(SystemExit):  # --n 41 stops it after the warning
-        common.run_cli(lambda: train_image.main(argv(data_dir, tmp_path, 40, "--size", "m", "--n", "41")))
-    out, err = capsys.readouterr()
-    assert err.startswith("error: n = 41")
-    warnings = [line for line in out.splitlines() if line.startswith("warning:")]
-    assert len(warnings) == 1 and "m preset" in warnings[0] and train_image.CPU_SCALE in warnings[0]
+def test_threads_automatic_one_for_small_steps_and_override(data_dir, tmp_path, capsys):
+    try:
+        train_image.main(argv(data_dir, tmp_path / "auto", 2))
+        assert "1 CPU thread(s) each" in capsys.readouterr().out
+        train_image.main(argv(data_dir, tmp_path / "two", 2, "--threads", "2"))
+        assert "2 CPU thread(s) each" in capsys.readouterr().out and torch.get_num_threads() == 2
+        assert common.choose_threads(common.ONE_THREAD_BELOW_FLOPS / 2) == 1
+        assert common.choose_threads(common.ONE_THREAD_BELOW_FLOPS * 2) == common.choose_threads(None) >= 1
+        assert common.choose_threads(1e15, requested=3) == 3 == torch.get_num_threads()
+    finally:
+        torch.set_num_threads(1)
+    with pytest.raises(common.UserError, match="--threads"):
+        common.choose_threads(None, -1)
+
+
+def test_step_flops_is_three_forward_passes_per_image():
+    from torch.utils.flop_counter import FlopCounterMode
+    net = common.build_network("unet", "tiny", 16, 1, channels=8)
+    with FlopCounterMode(display=False) as counter:
+        common.edm_loss(net, torch.rand(4, 1, 16, 16)).mean().backward()
+    assert train_image.step_flops(net, 4) == pytest.approx(counter.get_total_flops(), rel=0.05)
+    assert net.training
