@@ -36,6 +36,8 @@ def parse_args(argv=None):
     p.add_argument("--out", help="figure folder (default: RESULTS_DIR/figures)")
     p.add_argument("--seed", type=int, default=0, help="unused: figures are deterministic (kept for a uniform CLI)")
     p.add_argument("--device", default="cpu", help="unused: figures need no device (kept for a uniform CLI)")
+    p.add_argument("--threads", type=int, default=0, help="unused: figures need no torch threads (kept for a "
+                   "uniform CLI)")
     return p.parse_args(argv)
 
 
