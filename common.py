@@ -27,10 +27,10 @@ import warnings
 import zipfile
 
 # OpenMP worker threads wait for work by spinning by default, each holding a core; when another process
-# takes one of the cores, every parallel region waits for a descheduled thread (a tiny network's training
-# step: 0.12 s -> 7 s with 2 threads on 2 cores and one other busy process). Sleeping instead costs a
-# wake-up per parallel region, which matters only for small work, and choose_threads gives small work one
-# thread. torch's OpenMP runtime reads this once, when torch is first imported: the scripts import common
+# takes one of the cores, every parallel region waits for a descheduled thread (the quick reproduction's
+# training step: about 0.09 s -> 0.6-7 s with 2 threads on 2 cores and one other busy process). Sleeping
+# instead costs a wake-up per parallel region, which matters only for small work, and choose_threads gives
+# small work one thread. torch's OpenMP runtime reads this once, when torch is first imported: the scripts import common
 # before torch. An OMP_WAIT_POLICY already set wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
@@ -1804,23 +1804,23 @@ def run_distributed(job, args):
 
 
 # Fewer FLOPs than this per call (a training step, a batch of forward passes): one CPU thread. Such calls
-# run many small operations, where a second thread gains at most 1.4x on a quiet machine and loses up to
-# 50x on a busy one (see the README's benchmarks).
+# run many small operations, where a second thread gained 1.4-1.5x on a quiet 2-core machine and lost 5-50x
+# with one other busy process (the README's benchmarks, "CPU threads").
 ONE_THREAD_BELOW_FLOPS = 50e9
-_DEFAULT_THREADS = torch.get_num_threads()  # torch's choice at start-up: OMP_NUM_THREADS, else the cores
+DEFAULT_THREADS = torch.get_num_threads()  # torch's choice at start-up: OMP_NUM_THREADS, else the cores
 
 
 def choose_threads(flops_per_call=None, requested=0):
     """Set torch's intra-op CPU threads and return how many: `requested` if positive; otherwise one
-    for calls of fewer than ONE_THREAD_BELOW_FLOPS, and torch's default (OMP_NUM_THREADS, else the
-    cores) for larger calls or unknown work (None)."""
+    for calls of fewer than ONE_THREAD_BELOW_FLOPS and DEFAULT_THREADS (OMP_NUM_THREADS, else the
+    cores) for larger ones. Unknown work (None) keeps the current number (at first DEFAULT_THREADS)."""
     check(requested >= 0, f"--threads must not be negative, got {requested}")
     if requested:
         threads = requested
-    elif flops_per_call is not None and flops_per_call < ONE_THREAD_BELOW_FLOPS:
-        threads = 1
+    elif flops_per_call is None:
+        threads = torch.get_num_threads()
     else:
-        threads = _DEFAULT_THREADS
+        threads = 1 if flops_per_call < ONE_THREAD_BELOW_FLOPS else DEFAULT_THREADS
     torch.set_num_threads(threads)
     return threads
 

@@ -39,6 +39,8 @@ def parse_args(argv=None):
     common.add_run_args(p, seed="unused: figures are deterministic (kept for a uniform command line)",
                         device="unused: figures need no device (kept for a uniform command line)",
                         out="figure folder (default: RESULTS_DIR/figures)")
+    p.add_argument("--threads", type=int, default=0, help="unused: figures need no torch threads (kept for a "
+                   "uniform command line)")
     return p.parse_args(argv)
 
 

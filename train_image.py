@@ -8,6 +8,8 @@ the image studies).
   torchrun --nproc_per_node=K -- train_image.py --n 1000 ...               # data parallel
                                   (the -- keeps torchrun from reading --n as its own option)
 
+One training step is train_step: on one CUDA device its loss and backward pass run compiled, with CUDA
+graphs (--step-mode); on a CPU, steps below common.ONE_THREAD_BELOW_FLOPS run on one thread (--threads).
 Rerunning a command with the same --out resumes from its last snapshot. Writes to --out:
 snapshot-<images seen, 9 digits>.pt (a plain dict with common.CHECKPOINT_KEYS and `log`)
 and train_log.npz (args, images_seen, loss, eval_images, eval_sigmas, E_train, E_val,

@@ -98,6 +98,7 @@ def main():
     args = parse_args()
     common.check_writable(args.out)
     device = start(args)
+    all_threads = torch.get_num_threads()
     torch.manual_seed(args.seed)
     cuda = device.type == "cuda"
     presets = list(common.NETWORK_PRESETS[args.model])
@@ -121,7 +122,7 @@ def main():
             print(f"{size}: does not fit in GPU memory at batch {args.batch}")
             torch.cuda.empty_cache()
             continue
-        common.choose_threads(None, args.threads)  # the matmul rate with all the threads
+        torch.set_num_threads(all_threads)  # the matmul rate with all the threads
         rates.append(matmul_gflops(n, n, n, dtype, device) * 1e9)
         seconds, median = min(times), float(np.median(times))
         rows.append(dict(size=size, params=params, flops_per_image=flops / args.batch, threads=threads,

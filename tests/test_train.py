@@ -308,9 +308,9 @@ def test_threads_automatic_one_for_small_steps_and_override(data_dir, tmp_path, 
         assert "1 CPU thread(s) each" in capsys.readouterr().out
         train_image.main(argv(data_dir, tmp_path / "two", 2, "--threads", "2"))
         assert "2 CPU thread(s) each" in capsys.readouterr().out and torch.get_num_threads() == 2
-        assert common.choose_threads(common.ONE_THREAD_BELOW_FLOPS / 2) == 1
-        assert common.choose_threads(common.ONE_THREAD_BELOW_FLOPS * 2) == common.choose_threads(None) >= 1
-        assert common.choose_threads(1e15, requested=3) == 3 == torch.get_num_threads()
+        assert common.choose_threads(common.ONE_THREAD_BELOW_FLOPS / 2) == 1 == common.choose_threads(None)
+        assert common.choose_threads(common.ONE_THREAD_BELOW_FLOPS * 2) == common.DEFAULT_THREADS >= 1
+        assert common.choose_threads(1e15, requested=3) == 3 == common.choose_threads(None) == torch.get_num_threads()
     finally:
         torch.set_num_threads(1)
     with pytest.raises(common.UserError, match="--threads"):
