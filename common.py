@@ -1861,15 +1861,20 @@ DEVICE_HELP = "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps"
 WEIGHTS = {"ema": "ema", "raw": "net"}  # --weights -> the snapshot's key: the EMA or the raw (optimizer's) weights
 
 
-def add_run_args(parser, seed, out, out_default=None, batch=None, device=DEVICE_HELP):
+THREADS_HELP = "CPU threads (0: automatic, common.choose_threads)"
+
+
+def add_run_args(parser, seed, out, out_default=None, batch=None, device=DEVICE_HELP, threads=False):
     """The flags every script has, defined once: --seed (a non-negative integer, default 0), --device (default
-    auto) and --out, each helped by what it means in the script (seed, out, device), and --batch (a positive
-    integer) where batch = (default, help) is given."""
+    auto) and --out, each helped by what it means in the script (seed, out, device), --batch (a positive
+    integer) where batch = (default, help) is given, and --threads (default 0: automatic) where threads."""
     parser.add_argument("--seed", type=non_negative_int, default=0, help=seed)
     parser.add_argument("--device", default="auto", help=device)
     parser.add_argument("--out", default=out_default, help=out)
     if batch is not None:
         parser.add_argument("--batch", type=positive_int, default=batch[0], help=batch[1])
+    if threads:
+        parser.add_argument("--threads", type=non_negative_int, default=0, help=THREADS_HELP)
 
 
 def add_data_args(parser, applies="", seed_flag="--subset-seed"):

@@ -80,12 +80,11 @@ def parse_args(argv=None):
                    "that eval_gap.py did not write (refused otherwise)")
     common.add_run_args(
         p, seed="seed of the fixed noise of the images and of the samples of the splits",
-        batch=(512, "(image, sigma) pairs per forward pass"),
+        batch=(512, "(image, sigma) pairs per forward pass"), threads=True,
         out="output .npz (default: RUN_DIR/gap[-raw][-guided].npz for a run folder, "
             "RUN_DIR/gap-snapshot-<images seen>[-raw][-guided].npz for one snapshot file, so that it leaves the "
             "run's file alone, results/gap-optimal-<data>-r<R>-n<n>-<none|class|kmeans<k>>-seed<subset seed>"
             "[-guided].npz for --optimal alone; several run folders or snapshot files need --out)")
-    p.add_argument("--threads", type=common.non_negative_int, default=0, help="CPU threads (0: automatic, common.choose_threads)")
     args = p.parse_args(argv)
     check(args.snapshots or args.optimal, "nothing to evaluate: give run folders or snapshot files, "
                                           "and/or --optimal (see --help)")

@@ -118,13 +118,12 @@ def parse_args(argv=None):
                    "an --out that sample_memorize.py did not write (refused otherwise)")
     common.add_run_args(
         p, seed="sample i uses seed --seed + i; also the seed of the probe and reference images and of the bootstrap",
-        batch=(256, "samples per batch (per process)"),
+        batch=(256, "samples per batch (per process)"), threads=True,
         out="result file (default: RUN_DIR/memorize[-raw][-guided].npz for a run folder, "
             "RUN_DIR/memorize-snapshot-<images seen>[-raw][-guided].npz for one snapshot file, so that it leaves the "
             "run's file alone, results/memorize-<optimal|gaussian>-<data>-r<R>-n<n>-<none|class|kmeans<k>>-seed"
             "<subset seed>[-guided].npz for --optimal or --gaussian; several run folders or snapshot files need "
             "--out); figures go to the folder of the same name without .npz")
-    p.add_argument("--threads", type=common.non_negative_int, default=0, help="CPU threads (0: automatic, common.choose_threads)")
     args = p.parse_args(argv)
     check(args.optimal + args.gaussian + bool(args.inputs) == 1,
           "give run folders or snapshot files, or --optimal, or --gaussian (one of them)")
