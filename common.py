@@ -1,9 +1,22 @@
-"""Shared code for the study: EDM schedule and preconditioning, loss, samplers,
-optimal and error-prone denoisers, networks, data, checkpoints and helpers.
+"""Shared code for the study, in the order of its method (docs/method.md).
 
 Formulas follow Karras et al. 2022 (EDM, variance exploding) as used by
 Kaiser & Kollmann 2026; each function names the formula it implements.
-Read top to bottom like the paper's method section.
+
+Contents
+  1. EDM schedule and preconditioning   precond_coeffs, edm_loss, edm_sigmas, log_sigmas
+  2. Sampler                            sample_ode, guided_denoiser, negative_denoiser
+  3. Optimal and error-prone denoisers  optimal_denoiser, error_prone_denoiser, gaussian_denoiser,
+                                        noisy_log_density, log_likelihood_ratio
+  4. Errors and gaps                    denoising_errors (E(sigma)), peak_index,
+                                        frechet_distance, nearest_neighbours, memorization_ratio
+  5. Networks                           UNet, DiT, Denoiser, build_network
+  then the infrastructure:
+  6. Data                               load_images, training_subset, kmeans_labels, TrainingSource
+  7. Checkpoints                        save_checkpoint, load_checkpoint, load_denoiser, update_ema
+  8. Feature spaces                     load_feature_extractor
+  9. Figures                            plot_sweep, image_grid, save_figure
+ 10. Devices, seeds and command line    pick_device, choose_threads, add_run_args, run_cli, save_npz
 """
 import argparse
 import contextlib
@@ -396,6 +409,198 @@ def _weight_cut(dtype):
     float32, 2^-511 in float64), far below rounding beside 1 even summed over 2^30 points, while its
     products with data values stay normal numbers."""
     return math.log2(torch.finfo(dtype).tiny) / 2
+
+
+# ---------------------------------------------------------------------------
+# Per-noise-level denoising error
+# ---------------------------------------------------------------------------
+
+def image_noise(indices, shape, seed=0):
+    """One fixed N(0, I) draw per image, seeded by the image's dataset index (and `seed`),
+    so the draw is the same whatever the batch, order or checkpoint: (len(indices), *shape)."""
+    draws = [torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed * 1_000_003 + int(i)))
+             for i in indices]
+    return torch.stack(draws) if draws else torch.zeros(0, *shape)
+
+
+@torch.no_grad()
+def denoising_errors(denoise, images, noise, sigmas, labels=None, batch_size=256, progress=None):
+    """Per-noise-level error E(sigma) of docs/method.md, per image: (1/d) ||y_i - D(y_i + sigma n_i; sigma, c_i)||^2,
+    unweighted, returned as float64 (S, N). Batches mix (image, sigma) pairs; `denoise(x, sigma, labels)`
+    gets sigma as a (B,) tensor and labels (B,) or None. A tqdm `progress` bar advances by the pairs done."""
+    sigmas = torch.as_tensor(sigmas, dtype=torch.float64).flatten()
+    check(bool((sigmas > 0).all()), "sigmas must be positive")
+    check(images.shape == noise.shape, f"images {tuple(images.shape)} and noise {tuple(noise.shape)} differ")
+    S, N = len(sigmas), images.shape[0]
+    out = torch.empty(S * N, dtype=torch.float64)
+    for start in range(0, S * N, batch_size):
+        pair = torch.arange(start, min(start + batch_size, S * N))
+        s_idx, i_idx = pair // N, pair % N
+        y = images[i_idx]
+        sigma = sigmas[s_idx].to(y.device, y.dtype)
+        x = y + sigma.view(-1, *[1] * (y.ndim - 1)) * noise[i_idx]
+        den = denoise(x, sigma, None if labels is None else labels[i_idx])
+        out[start:start + len(pair)] = (den.double() - y.double()).square().flatten(1).mean(1).cpu()
+        if progress is not None:
+            progress.update(len(pair))
+    return out.view(S, N)
+
+
+def peak_index(gap):
+    """Index of the largest finite value of a gap curve G(sigma) along the last axis (first one on ties; NaN
+    and inf ignored: G is inf where E_train = 0, as for the optimal denoiser at small sigma; 0 when none is
+    finite)."""
+    gap = np.asarray(gap, np.float64)
+    return np.where(np.isfinite(gap), gap, -np.inf).argmax(axis=-1)
+
+
+# ---------------------------------------------------------------------------
+# Fréchet distance and nearest neighbours
+# ---------------------------------------------------------------------------
+
+def frechet_distance(a, b):
+    """Fréchet distance between Gaussians fitted to feature sets a (M, d) and b (K, d):
+    ||mu_a - mu_b||^2 + tr(C_a + C_b - 2 (C_a^1/2 C_b C_a^1/2)^1/2), in float64."""
+    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+    check(a.ndim == 2 and b.ndim == 2 and a.shape[1] == b.shape[1], "features must be (M, d) and (K, d)")
+    check(a.shape[0] >= 2 and b.shape[0] >= 2, "need at least 2 samples per set")
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = torch.cov(a.T).reshape(a.shape[1], -1), torch.cov(b.T).reshape(b.shape[1], -1)
+    evals, evecs = torch.linalg.eigh(cov_a)
+    root_a = evecs @ torch.diag(evals.clamp(min=0).sqrt()) @ evecs.T
+    cross = torch.linalg.eigvalsh(root_a @ cov_b @ root_a).clamp(min=0).sqrt().sum()
+    return max(0.0, float((mu_a - mu_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * cross))
+
+
+COPY_RATIO = 1 / 3  # a generated sample is a copy when d1 / d2 < 1/3 (docs/method.md, "Formulas")
+NN_BLOCK_SCORES = 2 ** 22  # float32 scores (query block x data chunk) nearest_neighbours holds at once: 16 MB
+
+
+def nearest_neighbours(queries, data, k=2, chunk_size=None):
+    """Exact k nearest neighbours in L2 of flattened vectors: distances ||q - y_j|| (float64,
+    (M, k), ascending; ties go to the lower index) and indices j (int64, (M, k)).
+
+    A float32 matmul search ||y||^2 - 2 q.y keeps the k + 8 best candidates per query with a
+    running top-k over chunks of `data` rows (and blocks of queries), so no (M, N, d) tensor is
+    built; the candidates are then re-ranked by float64 ||q - y||^2 computed from differences
+    (exact copies get exactly 0). A query is accepted only when the worst-case float32 rounding
+    bound proves that no other point can come within its k-th distance; the rare rest (many
+    near-ties) is redone by float64 brute force.
+    """
+    M, N = queries.shape[0], data.shape[0]
+    q = queries.reshape(M, -1)
+    y = data.reshape(N, -1).to(q.device)
+    check(q.shape[1] == y.shape[1], f"queries have {q.shape[1]} values each but data points {y.shape[1]}")
+    check(isinstance(k, (int, np.integer)) and 1 <= k <= N, f"k must lie in 1..{N} (the data size), got {k}")
+    d, K = q.shape[1], min(N, k + 8)
+    chunk = int(chunk_size or min(N, 4096))
+    check(chunk >= 1, f"chunk_size must be positive, got {chunk_size}")
+    block = max(1, min(M, NN_BLOCK_SCORES // chunk))
+    wide = torch.promote_types(y.dtype, torch.float64)
+    dist = torch.empty(M, k, dtype=torch.float64, device=q.device)
+    index = torch.empty(M, k, dtype=torch.int64, device=q.device)
+    with _full_precision_matmul(q.device):
+        y32 = y.float()
+        y_sq = torch.linalg.vector_norm(y32, dim=1).square()
+        check(bool(torch.isfinite(y_sq).all()) and bool(torch.isfinite(torch.linalg.vector_norm(q, dim=1)).all()),
+              "queries and data must be finite")
+        y_max = math.sqrt(float(y_sq.max()) * (1 + d * 2.0 ** -23))  # covers float32 rounding of y_sq
+        for b0 in range(0, M, block):
+            rows = slice(b0, b0 + block)
+            score, cand = _best_scores(q[rows].float(), y32, y_sq, K, chunk)
+            exact = _distances_to(q[rows], y, cand, wide)
+            order = _sort_by_distance_then_index(exact, cand)[:, :k]
+            dist[rows], index[rows] = exact.gather(1, order), cand.gather(1, order)
+            if K < N:  # unseen points score >= the K-th best: prove that none beats the k-th distance
+                q_norm = torch.linalg.vector_norm(q[rows], dim=1, dtype=torch.float64)
+                bound = (2 * d + 16) * 2.0 ** -24 * (q_norm + y_max).square()
+                lower = q_norm.square() + score.amax(1).double() - bound
+                redo = b0 + (lower <= dist[rows, k - 1].square()).nonzero().flatten()
+                if len(redo):
+                    dist[redo], index[redo] = _brute_force_neighbours(q[redo].to(wide), y, k)
+    return dist, index
+
+
+@contextlib.contextmanager
+def _full_precision_matmul(device):
+    """Inside: float32 matmuls in full float32 (no TF32/bf16, no autocast), as the error bound assumes."""
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        with torch.autocast(device.type, enabled=False):
+            yield
+    finally:
+        torch.set_float32_matmul_precision(precision)
+
+
+def _best_scores(q32, y32, y_sq, K, chunk):
+    """The K smallest scores ||y_j||^2 - 2 q.y_j per query and their j, by a running top-k over chunks."""
+    best = q32.new_zeros(len(q32), 0)
+    best_idx = torch.zeros(len(q32), 0, dtype=torch.int64, device=q32.device)
+    for c0 in range(0, len(y32), chunk):
+        scores = torch.addmm(y_sq[c0:c0 + chunk], q32, y32[c0:c0 + chunk].T, alpha=-2)
+        val, idx = scores.topk(min(K, scores.shape[1]), dim=1, largest=False, sorted=False)
+        best, pick = torch.cat([best, val], 1).topk(min(K, best.shape[1] + val.shape[1]), dim=1,
+                                                    largest=False, sorted=False)
+        best_idx = torch.cat([best_idx, idx + c0], 1).gather(1, pick)
+    return best, best_idx
+
+
+def _distances_to(q, y, index, dtype):
+    """||q_i - y_index[i, j]|| from differences in `dtype`, (M, K), in blocks of <= 2^20 values."""
+    out = torch.empty(index.shape, dtype=dtype, device=q.device)
+    rows = max(1, 2 ** 20 // max(1, index.shape[1] * q.shape[1]))
+    for r0 in range(0, len(q), rows):
+        diff = q[r0:r0 + rows, None, :].to(dtype) - y[index[r0:r0 + rows]]
+        out[r0:r0 + rows] = torch.linalg.vector_norm(diff, dim=2)
+    return out
+
+
+def _sort_by_distance_then_index(dist, index):
+    """Column order that sorts each row by distance, ties by index."""
+    by_index = index.argsort(1)
+    return by_index.gather(1, dist.gather(1, by_index).argsort(dim=1, stable=True))
+
+
+def _brute_force_neighbours(q, y, k):
+    """Exact k nearest neighbours from all differences in q's dtype, a few queries and data rows at a time."""
+    rows, chunk = max(1, 2 ** 22 // len(y)), max(1, 2 ** 20 // y.shape[1])
+    dist, index = [], []
+    for r0 in range(0, len(q), rows):
+        full = torch.cat([torch.cdist(q[r0:r0 + rows], y[c0:c0 + chunk].to(q.dtype),
+                                      compute_mode="donot_use_mm_for_euclid_dist") for c0 in range(0, len(y), chunk)], 1)
+        order = full.argsort(dim=1, stable=True)[:, :k]
+        dist.append(full.gather(1, order))
+        index.append(order)
+    return torch.cat(dist), torch.cat(index)
+
+
+def memorization_ratio(d1, d2):
+    """Memorization ratio of generated samples: d1 / d2, the distances to the nearest and the
+    second-nearest DISTINCT training image (copy: ratio < COPY_RATIO = 1/3).
+
+    Rules: measure d2 after removing exact duplicates from the training set (a copy of a duplicated
+    image is still a copy, not d1 = d2 and ratio 1); 0 / 0 = 0 (an exact copy); with a single distinct
+    training image there is no second one, d2 = inf and the ratio is 0 (every sample is attributed
+    to that image). Returns float64 with d1's shape."""
+    d1, d2 = torch.as_tensor(d1, dtype=torch.float64), torch.as_tensor(d2, dtype=torch.float64)
+    check(d1.shape == d2.shape, f"d1 {tuple(d1.shape)} and d2 {tuple(d2.shape)} differ in shape")
+    check(bool((d1 >= 0).all()) and bool((d2 >= d1).all()), "need 0 <= d1 <= d2 (nearest, then second nearest)")
+    return torch.where(d2 > 0, d1 / d2, torch.zeros_like(d1))
+
+
+def bootstrap_ci(values, statistic=np.mean, n_boot=1000, seed=0, level=0.95):
+    """Percentile bootstrap interval (low, high) of statistic(values): n_boot resamples with
+    replacement, seeded; statistic(x, axis=-1) reduces the last axis, like np.mean or np.median."""
+    values = np.asarray(values, dtype=np.float64).ravel()
+    check(values.size >= 1, "bootstrap_ci needs at least one value")
+    check(n_boot >= 1 and 0 < level < 1, f"need n_boot >= 1 and 0 < level < 1, got {n_boot}, {level}")
+    rng, n = np.random.default_rng(seed), values.size
+    rows = max(1, 2 ** 22 // n)
+    stats = np.concatenate([statistic(values[rng.integers(0, n, (min(rows, n_boot - b), n))], axis=-1)
+                            for b in range(0, n_boot, rows)])
+    low, high = np.quantile(stats, [(1 - level) / 2, (1 + level) / 2])
+    return float(low), float(high)
 
 
 # ---------------------------------------------------------------------------
@@ -1402,198 +1607,6 @@ def update_ema(ema, net, beta):
     torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1 - beta)
     for b_ema, b in zip(ema.buffers(), net.buffers()):
         b_ema.copy_(b)
-
-
-# ---------------------------------------------------------------------------
-# Per-noise-level denoising error
-# ---------------------------------------------------------------------------
-
-def image_noise(indices, shape, seed=0):
-    """One fixed N(0, I) draw per image, seeded by the image's dataset index (and `seed`),
-    so the draw is the same whatever the batch, order or checkpoint: (len(indices), *shape)."""
-    draws = [torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed * 1_000_003 + int(i)))
-             for i in indices]
-    return torch.stack(draws) if draws else torch.zeros(0, *shape)
-
-
-@torch.no_grad()
-def denoising_errors(denoise, images, noise, sigmas, labels=None, batch_size=256, progress=None):
-    """Per-noise-level error E(sigma) of docs/method.md, per image: (1/d) ||y_i - D(y_i + sigma n_i; sigma, c_i)||^2,
-    unweighted, returned as float64 (S, N). Batches mix (image, sigma) pairs; `denoise(x, sigma, labels)`
-    gets sigma as a (B,) tensor and labels (B,) or None. A tqdm `progress` bar advances by the pairs done."""
-    sigmas = torch.as_tensor(sigmas, dtype=torch.float64).flatten()
-    check(bool((sigmas > 0).all()), "sigmas must be positive")
-    check(images.shape == noise.shape, f"images {tuple(images.shape)} and noise {tuple(noise.shape)} differ")
-    S, N = len(sigmas), images.shape[0]
-    out = torch.empty(S * N, dtype=torch.float64)
-    for start in range(0, S * N, batch_size):
-        pair = torch.arange(start, min(start + batch_size, S * N))
-        s_idx, i_idx = pair // N, pair % N
-        y = images[i_idx]
-        sigma = sigmas[s_idx].to(y.device, y.dtype)
-        x = y + sigma.view(-1, *[1] * (y.ndim - 1)) * noise[i_idx]
-        den = denoise(x, sigma, None if labels is None else labels[i_idx])
-        out[start:start + len(pair)] = (den.double() - y.double()).square().flatten(1).mean(1).cpu()
-        if progress is not None:
-            progress.update(len(pair))
-    return out.view(S, N)
-
-
-def peak_index(gap):
-    """Index of the largest finite value of a gap curve G(sigma) along the last axis (first one on ties; NaN
-    and inf ignored: G is inf where E_train = 0, as for the optimal denoiser at small sigma; 0 when none is
-    finite)."""
-    gap = np.asarray(gap, np.float64)
-    return np.where(np.isfinite(gap), gap, -np.inf).argmax(axis=-1)
-
-
-# ---------------------------------------------------------------------------
-# Fréchet distance and nearest neighbours
-# ---------------------------------------------------------------------------
-
-def frechet_distance(a, b):
-    """Fréchet distance between Gaussians fitted to feature sets a (M, d) and b (K, d):
-    ||mu_a - mu_b||^2 + tr(C_a + C_b - 2 (C_a^1/2 C_b C_a^1/2)^1/2), in float64."""
-    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
-    check(a.ndim == 2 and b.ndim == 2 and a.shape[1] == b.shape[1], "features must be (M, d) and (K, d)")
-    check(a.shape[0] >= 2 and b.shape[0] >= 2, "need at least 2 samples per set")
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    cov_a, cov_b = torch.cov(a.T).reshape(a.shape[1], -1), torch.cov(b.T).reshape(b.shape[1], -1)
-    evals, evecs = torch.linalg.eigh(cov_a)
-    root_a = evecs @ torch.diag(evals.clamp(min=0).sqrt()) @ evecs.T
-    cross = torch.linalg.eigvalsh(root_a @ cov_b @ root_a).clamp(min=0).sqrt().sum()
-    return max(0.0, float((mu_a - mu_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * cross))
-
-
-COPY_RATIO = 1 / 3  # a generated sample is a copy when d1 / d2 < 1/3 (docs/method.md, "Formulas")
-NN_BLOCK_SCORES = 2 ** 22  # float32 scores (query block x data chunk) nearest_neighbours holds at once: 16 MB
-
-
-def nearest_neighbours(queries, data, k=2, chunk_size=None):
-    """Exact k nearest neighbours in L2 of flattened vectors: distances ||q - y_j|| (float64,
-    (M, k), ascending; ties go to the lower index) and indices j (int64, (M, k)).
-
-    A float32 matmul search ||y||^2 - 2 q.y keeps the k + 8 best candidates per query with a
-    running top-k over chunks of `data` rows (and blocks of queries), so no (M, N, d) tensor is
-    built; the candidates are then re-ranked by float64 ||q - y||^2 computed from differences
-    (exact copies get exactly 0). A query is accepted only when the worst-case float32 rounding
-    bound proves that no other point can come within its k-th distance; the rare rest (many
-    near-ties) is redone by float64 brute force.
-    """
-    M, N = queries.shape[0], data.shape[0]
-    q = queries.reshape(M, -1)
-    y = data.reshape(N, -1).to(q.device)
-    check(q.shape[1] == y.shape[1], f"queries have {q.shape[1]} values each but data points {y.shape[1]}")
-    check(isinstance(k, (int, np.integer)) and 1 <= k <= N, f"k must lie in 1..{N} (the data size), got {k}")
-    d, K = q.shape[1], min(N, k + 8)
-    chunk = int(chunk_size or min(N, 4096))
-    check(chunk >= 1, f"chunk_size must be positive, got {chunk_size}")
-    block = max(1, min(M, NN_BLOCK_SCORES // chunk))
-    wide = torch.promote_types(y.dtype, torch.float64)
-    dist = torch.empty(M, k, dtype=torch.float64, device=q.device)
-    index = torch.empty(M, k, dtype=torch.int64, device=q.device)
-    with _full_precision_matmul(q.device):
-        y32 = y.float()
-        y_sq = torch.linalg.vector_norm(y32, dim=1).square()
-        check(bool(torch.isfinite(y_sq).all()) and bool(torch.isfinite(torch.linalg.vector_norm(q, dim=1)).all()),
-              "queries and data must be finite")
-        y_max = math.sqrt(float(y_sq.max()) * (1 + d * 2.0 ** -23))  # covers float32 rounding of y_sq
-        for b0 in range(0, M, block):
-            rows = slice(b0, b0 + block)
-            score, cand = _best_scores(q[rows].float(), y32, y_sq, K, chunk)
-            exact = _distances_to(q[rows], y, cand, wide)
-            order = _sort_by_distance_then_index(exact, cand)[:, :k]
-            dist[rows], index[rows] = exact.gather(1, order), cand.gather(1, order)
-            if K < N:  # unseen points score >= the K-th best: prove that none beats the k-th distance
-                q_norm = torch.linalg.vector_norm(q[rows], dim=1, dtype=torch.float64)
-                bound = (2 * d + 16) * 2.0 ** -24 * (q_norm + y_max).square()
-                lower = q_norm.square() + score.amax(1).double() - bound
-                redo = b0 + (lower <= dist[rows, k - 1].square()).nonzero().flatten()
-                if len(redo):
-                    dist[redo], index[redo] = _brute_force_neighbours(q[redo].to(wide), y, k)
-    return dist, index
-
-
-@contextlib.contextmanager
-def _full_precision_matmul(device):
-    """Inside: float32 matmuls in full float32 (no TF32/bf16, no autocast), as the error bound assumes."""
-    precision = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    try:
-        with torch.autocast(device.type, enabled=False):
-            yield
-    finally:
-        torch.set_float32_matmul_precision(precision)
-
-
-def _best_scores(q32, y32, y_sq, K, chunk):
-    """The K smallest scores ||y_j||^2 - 2 q.y_j per query and their j, by a running top-k over chunks."""
-    best = q32.new_zeros(len(q32), 0)
-    best_idx = torch.zeros(len(q32), 0, dtype=torch.int64, device=q32.device)
-    for c0 in range(0, len(y32), chunk):
-        scores = torch.addmm(y_sq[c0:c0 + chunk], q32, y32[c0:c0 + chunk].T, alpha=-2)
-        val, idx = scores.topk(min(K, scores.shape[1]), dim=1, largest=False, sorted=False)
-        best, pick = torch.cat([best, val], 1).topk(min(K, best.shape[1] + val.shape[1]), dim=1,
-                                                    largest=False, sorted=False)
-        best_idx = torch.cat([best_idx, idx + c0], 1).gather(1, pick)
-    return best, best_idx
-
-
-def _distances_to(q, y, index, dtype):
-    """||q_i - y_index[i, j]|| from differences in `dtype`, (M, K), in blocks of <= 2^20 values."""
-    out = torch.empty(index.shape, dtype=dtype, device=q.device)
-    rows = max(1, 2 ** 20 // max(1, index.shape[1] * q.shape[1]))
-    for r0 in range(0, len(q), rows):
-        diff = q[r0:r0 + rows, None, :].to(dtype) - y[index[r0:r0 + rows]]
-        out[r0:r0 + rows] = torch.linalg.vector_norm(diff, dim=2)
-    return out
-
-
-def _sort_by_distance_then_index(dist, index):
-    """Column order that sorts each row by distance, ties by index."""
-    by_index = index.argsort(1)
-    return by_index.gather(1, dist.gather(1, by_index).argsort(dim=1, stable=True))
-
-
-def _brute_force_neighbours(q, y, k):
-    """Exact k nearest neighbours from all differences in q's dtype, a few queries and data rows at a time."""
-    rows, chunk = max(1, 2 ** 22 // len(y)), max(1, 2 ** 20 // y.shape[1])
-    dist, index = [], []
-    for r0 in range(0, len(q), rows):
-        full = torch.cat([torch.cdist(q[r0:r0 + rows], y[c0:c0 + chunk].to(q.dtype),
-                                      compute_mode="donot_use_mm_for_euclid_dist") for c0 in range(0, len(y), chunk)], 1)
-        order = full.argsort(dim=1, stable=True)[:, :k]
-        dist.append(full.gather(1, order))
-        index.append(order)
-    return torch.cat(dist), torch.cat(index)
-
-
-def memorization_ratio(d1, d2):
-    """Memorization ratio of generated samples: d1 / d2, the distances to the nearest and the
-    second-nearest DISTINCT training image (copy: ratio < COPY_RATIO = 1/3).
-
-    Rules: measure d2 after removing exact duplicates from the training set (a copy of a duplicated
-    image is still a copy, not d1 = d2 and ratio 1); 0 / 0 = 0 (an exact copy); with a single distinct
-    training image there is no second one, d2 = inf and the ratio is 0 (every sample is attributed
-    to that image). Returns float64 with d1's shape."""
-    d1, d2 = torch.as_tensor(d1, dtype=torch.float64), torch.as_tensor(d2, dtype=torch.float64)
-    check(d1.shape == d2.shape, f"d1 {tuple(d1.shape)} and d2 {tuple(d2.shape)} differ in shape")
-    check(bool((d1 >= 0).all()) and bool((d2 >= d1).all()), "need 0 <= d1 <= d2 (nearest, then second nearest)")
-    return torch.where(d2 > 0, d1 / d2, torch.zeros_like(d1))
-
-
-def bootstrap_ci(values, statistic=np.mean, n_boot=1000, seed=0, level=0.95):
-    """Percentile bootstrap interval (low, high) of statistic(values): n_boot resamples with
-    replacement, seeded; statistic(x, axis=-1) reduces the last axis, like np.mean or np.median."""
-    values = np.asarray(values, dtype=np.float64).ravel()
-    check(values.size >= 1, "bootstrap_ci needs at least one value")
-    check(n_boot >= 1 and 0 < level < 1, f"need n_boot >= 1 and 0 < level < 1, got {n_boot}, {level}")
-    rng, n = np.random.default_rng(seed), values.size
-    rows = max(1, 2 ** 22 // n)
-    stats = np.concatenate([statistic(values[rng.integers(0, n, (min(rows, n_boot - b), n))], axis=-1)
-                            for b in range(0, n_boot, rows)])
-    low, high = np.quantile(stats, [(1 - level) / 2, (1 + level) / 2])
-    return float(low), float(high)
 
 
 # ---------------------------------------------------------------------------
