@@ -28,14 +28,10 @@ PY=${PYTHON:-python3}
 DEVICE=cuda TINY=0 OUT=results/gpu DATA_DIR=${DATA_DIR:-} JOBS="" SIZES="" NS="" IMAGES=""
 while [ $# -gt 0 ]; do
     case "$1" in
-        --device) DEVICE=$2; shift 2 ;;
         --tiny) TINY=1; shift ;;
-        --data-dir) DATA_DIR=$2; shift 2 ;;
-        --out) OUT=$2; shift 2 ;;
-        --jobs) JOBS=$2; shift 2 ;;
-        --sizes) SIZES=$2; shift 2 ;;
-        --ns) NS=$2; shift 2 ;;
-        --images) IMAGES=$2; shift 2 ;;
+        --device|--data-dir|--out|--jobs|--sizes|--ns|--images)  # --data-dir DIR sets DATA_DIR, and so on
+            [ $# -ge 2 ] || { echo "error: $1 needs a value (see --help)" >&2; exit 2; }
+            name=${1#--}; name=${name//-/_}; printf -v "${name^^}" %s "$2"; shift 2 ;;
         -h|--help) sed -n '2,24s/^# \{0,1\}//p' "$0"; exit 0 ;;
         *) echo "error: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
@@ -127,10 +123,6 @@ finish_all() { while [ ${#NAME[@]} -gt 0 ]; do finish_one; done; }
     $PY figures.py "$OUT" --out "$OUT/figures" || FAILED+=(figures)
     echo "=== 3. figures: $((SECONDS - start_stage)) s"
     echo
-    if [ ${#FAILED[@]} = 0 ]; then
-        echo "gpu.sh done in $SECONDS s: results in $OUT, figures in $OUT/figures, log $LOG"
-    else
-        echo "gpu.sh done in $SECONDS s; FAILED: ${FAILED[*]}; log $LOG"
-        exit 1
-    fi
+    echo "gpu.sh done in $SECONDS s$([ ${#FAILED[@]} = 0 ] || echo "; FAILED: ${FAILED[*]}"): results in $OUT, figures in $OUT/figures, log $LOG"
+    [ ${#FAILED[@]} = 0 ]
 } 2>&1 | tee "$LOG"
