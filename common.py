@@ -920,17 +920,55 @@ def count_parameters(module):
     return sum(p.numel() for p in module.parameters())
 
 
-def network_denoiser(denoiser, device):
+def compile_mode(requested, cuda, world):
+    """(eager or compile, whether with CUDA graphs) for --step-mode and --forward-mode (MODES): auto compiles
+    on CUDA with one process; CUDA graphs (torch.compile's mode reduce-overhead) only there."""
+    mode = requested if requested != "auto" else "compile" if cuda and world == 1 else "eager"
+    return mode, mode == "compile" and cuda and world == 1
+
+
+def network_denoiser(denoiser, device, mode="auto"):
     """A Denoiser as denoise(x, sigma, labels=None) for inference: bf16 autocast and channels-last weights on
-    CUDA, full precision elsewhere. D comes back in x's dtype (float64 inputs keep a float64 skip path)."""
+    CUDA, full precision elsewhere. D comes back in x's dtype (float64 inputs keep a float64 skip path).
+    mode: eager, compile or auto (compile_mode, counting this process group's processes). Compiled, sigma
+    and labels go in as (B,) tensors and each batch is padded to the largest one so far (pad_rows), so that
+    a smaller last batch needs no new compilation or CUDA graph; the output is sliced back (and copied out
+    of the CUDA graph's memory, which the next call reuses)."""
     cuda = torch.device(device).type == "cuda"
     if cuda:
         denoiser.to(memory_format=torch.channels_last)
+    dist = torch.distributed
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    mode, graphs = compile_mode(mode, cuda, world)
 
-    def denoise(x, sigma, labels=None):
+    def forward(x, sigma, labels=None):
         with torch.autocast("cuda", torch.bfloat16) if cuda else contextlib.nullcontext():
             return denoiser(x, sigma, labels)
+    if mode == "eager":
+        return forward
+    compiled = torch.compile(forward, dynamic=False, **({"mode": "reduce-overhead"} if graphs else {}))
+    size = [0]  # the batch size compiled for: the largest so far
+
+    def denoise(x, sigma, labels=None):  # x (B, C, R, R), sigma scalar or (B,), labels (B,) or None
+        B = len(x)
+        size[0] = max(size[0], B)
+        sigma = torch.as_tensor(sigma, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
+        if not denoiser.num_classes:
+            labels = None  # an unconditional network ignores them
+        elif labels is None:
+            labels = torch.full((B,), denoiser.num_classes, dtype=torch.long, device=x.device)  # the null label
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()  # a new graph step: the last call's output may be reused
+        out = compiled(pad_rows(x, size[0]), pad_rows(sigma.flatten().expand(B), size[0]),
+                       None if labels is None else pad_rows(labels, size[0]))[:B]
+        return out.clone() if graphs else out
     return denoise
+
+
+def pad_rows(t, rows):
+    """t (B, ...) with its last row repeated up to rows >= B rows: always a new tensor, made in the current
+    grad mode, so that a compiled function sees inputs of one kind (inference tensors or not) every call."""
+    return torch.cat([t, t[-1:].expand(rows - len(t), *t.shape[1:])])
 
 
 # ---------------------------------------------------------------------------
@@ -1875,6 +1913,14 @@ WEIGHTS = {"ema": "ema", "raw": "net"}  # --weights -> the snapshot's key: the E
 
 
 THREADS_HELP = "CPU threads (0: automatic, common.choose_threads)"
+MODES = ("auto", "eager", "compile")  # --step-mode, --forward-mode (compile_mode)
+
+
+def add_mode_arg(parser, flag, what):
+    """A MODES flag (compile_mode), defined once: how `what` runs."""
+    parser.add_argument(flag, default="auto", choices=MODES, help=f"{what}: eager, or compile (torch.compile; on "
+                        "CUDA with one process, mode reduce-overhead: CUDA graphs); auto: compile on CUDA with one "
+                        "process, eager otherwise")
 
 
 def add_run_args(parser, seed, out, out_default=None, batch=None, device=DEVICE_HELP, threads=False):

@@ -85,6 +85,7 @@ def parse_args(argv=None):
             "RUN_DIR/gap-snapshot-<images seen>[-raw][-guided].npz for one snapshot file, so that it leaves the "
             "run's file alone, results/gap-optimal-<data>-r<R>-n<n>-<none|class|kmeans<k>>-seed<subset seed>"
             "[-guided].npz for --optimal alone; several run folders or snapshot files need --out)")
+    common.add_mode_arg(p, "--forward-mode", "the networks' forward passes")
     args = p.parse_args(argv)
     check(args.snapshots or args.optimal, "nothing to evaluate: give run folders or snapshot files, "
                                           "and/or --optimal (see --help)")
@@ -334,10 +335,10 @@ def image_shape(network):
     return network["img_channels"], network["img_resolution"], network["img_resolution"]
 
 
-def negative_model(neg, weights, guidance_weights, models, device):
+def negative_model(neg, weights, guidance_weights, models, device, mode="auto"):
     """The guidance negative of --neg and its digest: None for 'uncond' (each model with the null label,
-    common.negative_denoiser) or a snapshot's network; UserError unless it fits each of the models, given as
-    (name, image shape, number of classes) (common.check_guidance)."""
+    common.negative_denoiser) or a snapshot's network (run in --forward-mode `mode`); UserError unless it fits
+    each of the models, given as (name, image shape, number of classes) (common.check_guidance)."""
     info = None if neg == "uncond" else read_snapshot(neg, weights)
     fits = None if info is None else (neg, image_shape(info["network"]), info["network"]["num_classes"])
     if fits is not None or any(guidance_weights):
@@ -345,7 +346,7 @@ def negative_model(neg, weights, guidance_weights, models, device):
             common.check_guidance(name, shape, num_classes, fits)
     if info is None:
         return None, "uncond"
-    return common.network_denoiser(common.load_denoiser(neg, weights, device)[0], device), info["digest"]
+    return common.network_denoiser(common.load_denoiser(neg, weights, device)[0], device, mode), info["digest"]
 
 
 def curves(rows, guided, sigmas=None, images_seen=None):
@@ -400,7 +401,8 @@ def evaluate(args, rank, world, device):
         if opt_source is not None:
             made.append((f"the optimal denoiser of --data {opt_source.dataset} --resolution {opt_source.resolution} "
                          f"--cond {opt_source.cond}", opt_source.image_shape, opt_source.num_classes))
-        neg, neg_digest = negative_model(args.neg, args.weights, args.guidance_weights, made, device)
+        neg, neg_digest = negative_model(args.neg, args.weights, args.guidance_weights, made, device,
+                                          args.forward_mode)
     extractor = common.load_feature_extractor(args.features, device) if args.features else None
     out_path = args.out
     settings = eval_settings(args, sigmas, neg_digest)
@@ -443,7 +445,7 @@ def evaluate(args, rank, world, device):
                 model = optimal_model(source, device)
             else:
                 net = common.load_denoiser(path, args.weights, device)[0]
-                model = common.network_denoiser(net, device)
+                model = common.network_denoiser(net, device, args.forward_mode)
             rows[key] = evaluator.rows(model, source)
             result = write()  # after every model, so that a rerun after a kill reuses the finished rows
             progress["done"] += 1

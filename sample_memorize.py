@@ -124,6 +124,7 @@ def parse_args(argv=None):
             "run's file alone, results/memorize-<optimal|gaussian>-<data>-r<R>-n<n>-<none|class|kmeans<k>>-seed"
             "<subset seed>[-guided].npz for --optimal or --gaussian; several run folders or snapshot files need "
             "--out); figures go to the folder of the same name without .npz")
+    common.add_mode_arg(p, "--forward-mode", "the networks' forward passes")
     args = p.parse_args(argv)
     check(args.optimal + args.gaussian + bool(args.inputs) == 1,
           "give run folders or snapshot files, or --optimal, or --gaussian (one of them)")
@@ -199,9 +200,9 @@ def optimal_model(source, device, gaussian=False):
     return Model(name, denoise, train, source.num_classes, common.exact_dtype(device), path=kind)
 
 
-def network_model(path, weights, data_dir, device, train_cache):
-    """A snapshot's network (bf16 autocast on CUDA) with its `weights` (ema or raw) and its training set
-    (data_dir None: the run's; shared between snapshots of the same source through train_cache)."""
+def network_model(path, weights, data_dir, device, train_cache, mode="auto"):
+    """A snapshot's network (bf16 autocast on CUDA; --forward-mode `mode`) with its `weights` (ema or raw) and
+    its training set (data_dir None: the run's; shared between snapshots of the same source through train_cache)."""
     net, ckpt = common.load_denoiser(path, weights, device)
     num_classes = ckpt["network"]["num_classes"]
     source = common.TrainingSource.of_checkpoint(ckpt, data_dir)
@@ -209,7 +210,7 @@ def network_model(path, weights, data_dir, device, train_cache):
     if key not in train_cache:
         train_cache[key] = load_training_set(source, device)
     run = os.path.basename(os.path.dirname(os.path.abspath(path)))
-    return Model(f"{run}-{os.path.basename(path).removesuffix('.pt')}", common.network_denoiser(net, device),
+    return Model(f"{run}-{os.path.basename(path).removesuffix('.pt')}", common.network_denoiser(net, device, mode),
                  train_cache[key], num_classes, torch.float32, os.fspath(path), int(ckpt["images_seen"]))
 
 
@@ -609,7 +610,7 @@ def evaluate(args, rank, world, device):
     train_cache, ref_cache, shape = {}, {}, None
     neg = "uncond"
     if args.neg != "uncond":
-        neg = network_model(args.neg, args.weights, args.data_dir, device, train_cache)
+        neg = network_model(args.neg, args.weights, args.data_dir, device, train_cache, args.forward_mode)
     settings = json.loads(json.dumps({key: getattr(args, key) for key in SETTINGS}))
     settings["neg"] = "uncond" if neg == "uncond" else model_key(args.neg, args)
     rows = cached_configs(old, settings, args.out, say)
@@ -640,7 +641,7 @@ def evaluate(args, rank, world, device):
                                                  args.resolution, args.data_dir)
             model = optimal_model(source, device, args.gaussian)
         else:
-            model = network_model(path, args.weights, args.data_dir, device, train_cache)
+            model = network_model(path, args.weights, args.data_dir, device, train_cache, args.forward_mode)
         shape = shape or model.train.x.shape[1:]
         check(model.train.x.shape[1:] == shape, f"{model.name} makes images of shape "
               f"{tuple(model.train.x.shape[1:])}, unlike the first configuration's {tuple(shape)}")

@@ -82,10 +82,7 @@ def parse_args(argv=None):
     common.add_run_args(p, seed="seed of the subset, initialisation and noise",
                         batch=(512, "global batch size (split across processes)"),
                         out="run folder (default: runs/<data>-r<R>-n<n>-<model>-<size>-<cond>-seed<seed>)")
-    p.add_argument("--step-mode", default="auto", choices=["auto", "eager", "compile"],
-                   help="the training step's forward pass, loss and backward pass: eager, or compile "
-                   "(torch.compile; on CUDA with one process, mode reduce-overhead: CUDA graphs); auto: "
-                   "compile on CUDA with one process, eager otherwise")
+    common.add_mode_arg(p, "--step-mode", "the training step's forward pass, loss and backward pass")
     p.add_argument("--compile", dest="step_mode", action="store_const", const="compile",
                    help="same as --step-mode compile")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: automatic, common.choose_threads: "
@@ -232,13 +229,6 @@ def step_flops(denoiser, batch):
     return 3 * batch * counter.get_total_flops()
 
 
-def step_mode(requested, cuda, world):
-    """(eager or compile, whether with CUDA graphs) for --step-mode: auto compiles on CUDA with one
-    process; CUDA graphs (torch.compile's mode reduce-overhead) only there."""
-    mode = requested if requested != "auto" else "compile" if cuda and world == 1 else "eager"
-    return mode, mode == "compile" and cuda and world == 1
-
-
 def loss_function(model, compiled=False, cuda=False, cuda_graphs=False):
     """The batch's mean EDM loss, loss(y, labels, sigma, noise), through `model`; bf16 autocast on CUDA.
     compiled: torch.compile'd (the forward pass and, through autograd, the backward pass), with CUDA
@@ -369,7 +359,7 @@ def train(args, rank, world, device):
             f"so the learning rate stays below {args.lr * min(1, args.steps * B / args.lr_rampup):.3g}")
 
     model = DistributedDataParallel(net, device_ids=[device.index] if cuda else None) if world > 1 else net
-    mode, graphs = step_mode(args.step_mode, cuda, world)
+    mode, graphs = common.compile_mode(args.step_mode, cuda, world)
     loss_fn = loss_function(model, mode == "compile", cuda, graphs)
     say(f"training step: {mode}{' with CUDA graphs' if graphs else ''}")
     snapshots, order = snapshot_steps(args.snapshots, args.steps, B), EpochOrder(args.n, args.seed, device)

@@ -39,8 +39,7 @@ def parse_args():
     p.add_argument("--channels", type=int, default=3, help="image channels")
     p.add_argument("--net-channels", type=int, default=None, help="override the presets' base channels "
                    "(train_image.py --channels)")
-    p.add_argument("--step-mode", default="auto", choices=["auto", "eager", "compile"],
-                   help="as train_image.py --step-mode: auto compiles on CUDA (with CUDA graphs), eager elsewhere")
+    common.add_mode_arg(p, "--step-mode", "as train_image.py --step-mode, the training step")
     p.add_argument("--compile", dest="step_mode", action="store_const", const="compile",
                    help="same as --step-mode compile")
     p.add_argument("--background-load", action="store_true", help="run one busy single-threaded process "
@@ -79,7 +78,7 @@ def bench_preset(args, size, device):
     gen = torch.Generator(device).manual_seed(args.seed)
     y = torch.rand(args.batch, args.channels, args.resolution, args.resolution, device=device) * 2 - 1
     y = y.contiguous(memory_format=torch.channels_last if cuda else torch.contiguous_format)
-    mode, graphs = train_image.step_mode(args.step_mode, cuda, 1)
+    mode, graphs = common.compile_mode(args.step_mode, cuda, 1)
 
     def step(loss_fn):
         train_image.train_step(loss_fn, net, ema, opt, y, None, 1e-4, 0.999, common.P_MEAN, common.P_STD, gen)
@@ -108,7 +107,7 @@ def main():
     common.check(args.batch >= 1, "--batch must be positive")
     dtype = torch.bfloat16 if cuda else torch.float32
     n = args.matmul_size or (8192 if cuda else 2048)
-    mode, graphs = train_image.step_mode(args.step_mode, cuda, 1)
+    mode, graphs = common.compile_mode(args.step_mode, cuda, 1)
     name = torch.cuda.get_device_name(device) if cuda else "CPU"
     net_channels = f", {args.net_channels} base channels" if args.net_channels else ""
     print(f"{args.model} training step ({mode}{' with CUDA graphs' if graphs else ''}), batch {args.batch}, "

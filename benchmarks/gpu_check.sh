@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # One prepared check for a GPU session, everything logged to OUT/gpu_check.log:
 #   1. bench_train: U-Net s, m, l and DiT l, eager and the default step (on CUDA: compiled, CUDA graphs);
-#   2. train_image.py for about --train-seconds (steps from the rate measured in 1), with its images/s;
-#   3. eval_gap.py and 4. sample_memorize.py on that run.
+#   2. bench_eval: eval_gap's loop and sample_memorize's sampler (U-Net s), eager and the default forward
+#      passes (on CUDA: compiled, CUDA graphs);
+#   3. train_image.py for about --train-seconds (steps from the rate measured in 1), with its images/s;
+#   4. eval_gap.py and 5. sample_memorize.py on that run, in the default --forward-mode and eager, and how far
+#      the two modes' results differ.
 #
 #   bash benchmarks/gpu_check.sh                                  # on the GPU (--device cuda)
-#   bash benchmarks/gpu_check.sh --device cpu --tiny              # the same stages on tiny cases, CPU, ~1 min
+#   bash benchmarks/gpu_check.sh --device cpu --tiny              # the same stages on tiny cases, CPU, ~2 min
 #
 # Options: --device DEV (cuda), --tiny, --data-dir DIR (or DATA_DIR; Fashion-MNIST, see README),
 # --out DIR (results/gpu_check), --train-seconds S (30; 3 with --tiny). A failed stage is logged and
@@ -21,7 +24,7 @@ while [ $# -gt 0 ]; do
         --data-dir) DATA_DIR=$2; shift 2 ;;
         --out) OUT=$2; shift 2 ;;
         --train-seconds) TRAIN_SECONDS=$2; shift 2 ;;
-        -h|--help) sed -n '2,12s/^# \{0,1\}//p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,15s/^# \{0,1\}//p' "$0"; exit 0 ;;
         *) echo "error: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -29,6 +32,7 @@ DATA=(--data fashion-mnist)
 [ -n "$DATA_DIR" ] && DATA+=(--data-dir "$DATA_DIR")
 if [ "$TINY" = 1 ]; then
     BENCH=(--batch 4 --resolution 16 --channels 1 --matmul-size 256 --repeats 2)
+    BENCH_EVAL=(--size tiny --resolution 16 --images 8 --sigmas 2 --batch 8 --steps 3 --repeats 1)
     UNET_SIZES=tiny DIT_SIZES=tiny
     TRAIN=(--model unet --size tiny --channels 8 --resolution 16 --n 16 --batch 8 --probe-images 8)
     BATCH=8 SIZE=tiny TRAIN_SECONDS=${TRAIN_SECONDS:-3}
@@ -36,6 +40,7 @@ if [ "$TINY" = 1 ]; then
     SAMPLE=(--num-samples 4 --steps 3 --batch 4)
 else
     BENCH=(--batch 512 --repeats 5)
+    BENCH_EVAL=(--size s --resolution 32 --images 2048 --sigmas 8 --batch 512 --steps 18 --repeats 3)
     UNET_SIZES=s,m,l DIT_SIZES=l
     TRAIN=(--model unet --size s --resolution 32 --n 1000 --batch 512)
     BATCH=512 SIZE=s TRAIN_SECONDS=${TRAIN_SECONDS:-30}
@@ -65,6 +70,10 @@ stage() {  # stage NAME COMMAND...: run it, with its wall time; a failure is not
         stage "bench dit $mode" $PY benchmarks/bench_train.py --device "$DEVICE" --model dit --sizes "$DIT_SIZES" \
             --step-mode "$mode" "${BENCH[@]}" --out "$OUT/bench-dit-$mode.npz" || true
     done
+    for mode in eager auto; do
+        stage "bench eval $mode" $PY benchmarks/bench_eval.py --device "$DEVICE" --forward-mode "$mode" \
+            "${BENCH_EVAL[@]}" || true
+    done
     # Training steps for about TRAIN_SECONDS at the rate bench_train measured for this preset's default step
     # (else its eager step; else 200 steps); at least 20.
     STEPS=$($PY -c "
@@ -85,6 +94,20 @@ else:
         stage "eval_gap" $PY eval_gap.py "$RUN" --device "$DEVICE" "${EVAL[@]}" --force --out "$OUT/gap.npz" || true
         stage "sample_memorize" $PY sample_memorize.py "$RUN" --device "$DEVICE" "${SAMPLE[@]}" \
             --out "$OUT/memorize.npz" || true
+        stage "eval_gap eager" $PY eval_gap.py "$RUN" --device "$DEVICE" "${EVAL[@]}" --forward-mode eager --force \
+            --out "$OUT/gap-eager.npz" || true
+        stage "sample_memorize eager" $PY sample_memorize.py "$RUN" --device "$DEVICE" "${SAMPLE[@]}" \
+            --forward-mode eager --force --out "$OUT/memorize-eager.npz" || true
+        stage "compare forward modes" $PY -c "
+import sys, numpy as np
+out = sys.argv[1]
+gap, eager = np.load(out + '/gap.npz'), np.load(out + '/gap-eager.npz')
+for key in ('e_train', 'e_val'):
+    print(f'{key}: largest relative difference default/eager {np.max(np.abs(gap[key] / eager[key] - 1)):.2e}')
+mem, eager = np.load(out + '/memorize.npz'), np.load(out + '/memorize-eager.npz')
+print('memorized_fraction default', mem['memorized_fraction'], 'eager', eager['memorized_fraction'])
+diff = np.abs(mem['samples'].astype(np.float32) - eager['samples'].astype(np.float32))
+print(f'samples: median |default - eager| {np.median(diff):.2e}, largest {diff.max():.2e}')" "$OUT" || true
     fi
     echo
     if [ ${#FAILED[@]} = 0 ]; then

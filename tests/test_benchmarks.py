@@ -39,10 +39,10 @@ def test_bench_nn_finds_the_exact_neighbours():
     assert "matches float64 cdist on 16 queries: True" in out
 
 
-def test_bench_eval_compares_the_loop_with_the_bare_forward_pass():
-    out = run_bench("bench_eval", "--images", "8", "--sigmas", "2", "--batch", "8", "--repeats", "1",
+def test_bench_eval_compares_the_loop_with_the_bare_forward_pass_and_times_the_sampler():
+    out = run_bench("bench_eval", "--images", "8", "--sigmas", "2", "--batch", "8", "--repeats", "1", "--steps", "3",
                     "--device", "cpu")
-    assert "8 images x 2 sigmas = 16 pairs, batch 8" in out
+    assert "8 images x 2 sigmas = 16 pairs, batch 8; forward passes eager" in out, "auto: eager on a CPU"
     rates = {name: (float(rate), float(seconds)) for name, rate, seconds in
              re.findall(r"^  (eval_gap loop|bare forward) +(\S+) images\*sigmas/s +\((\S+) s\)$", out, re.M)}
     assert sorted(rates) == ["bare forward", "eval_gap loop"], out
@@ -51,6 +51,9 @@ def test_bench_eval_compares_the_loop_with_the_bare_forward_pass():
     share, verdict = re.search(r"loop / bare +(\S+)% +\((within|NOT within) 15%", out).groups()
     assert float(share) == pytest.approx(100 * rates["eval_gap loop"][0] / rates["bare forward"][0], abs=0.1)
     assert (verdict == "within") == (float(share) >= 85)
+    rate, seconds = re.search(r"^  sampler +(\S+) images\*evaluations/s +\((\S+) s; 5 evaluations per sample\)$",
+                              out, re.M).groups()
+    assert 8 * 5 / float(rate) == pytest.approx(float(seconds), abs=6e-4)
 
 
 def run_bench_train(monkeypatch, *argv):
@@ -114,8 +117,13 @@ def test_gpu_check_tiny_runs_every_stage_on_cpu_and_logs_it(tmp_path):
                           env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     log = (out / "gpu_check.log").read_text()
-    for stage in ("bench unet eager", "bench unet auto", "bench dit eager", "bench dit auto", "train", "eval_gap",
-                  "sample_memorize"):
+    for stage in ("bench unet eager", "bench unet auto", "bench dit eager", "bench dit auto", "bench eval eager",
+                  "bench eval auto", "train", "eval_gap", "sample_memorize", "eval_gap eager", "sample_memorize eager",
+                  "compare forward modes"):
         assert re.search(rf"^=== {stage}: \d+ s$", log, re.M), stage
     assert re.search(r"images seen, [\d,.]+ images/s", log) and "gpu_check done" in log
-    assert {"gap.npz", "memorize.npz", "bench-unet-auto.npz", "run"} <= set(os.listdir(out))
+    assert len(re.findall(r"^  sampler +\S+ images\*evaluations/s", log, re.M)) == 2
+    for key in ("e_train", "e_val"):  # on a CPU the default forward passes are the eager ones
+        assert f"{key}: largest relative difference default/eager 0.00e+00" in log
+    assert {"gap.npz", "memorize.npz", "gap-eager.npz", "memorize-eager.npz", "bench-unet-auto.npz",
+            "run"} <= set(os.listdir(out))

@@ -51,3 +51,13 @@ def test_subset_seed_weights_and_guidance_weights_mean_the_same_in_every_script(
     assert eval_gap.default_out(eval_gap.parse_args(["--optimal", "--subset-seed", "3", "--seed", "5"])).endswith(
         "-seed3.npz"), "the result file names the subset's seed, not the noise seed"
     assert toy2d.parse_args(["guidance", "--guidance-weights", "0", "1"]).guidance_weights == [0, 1]
+
+
+def test_forward_mode_and_step_mode_are_one_flag_definition_with_auto_by_default():
+    for script in (eval_gap, sample_memorize):
+        assert script.parse_args(["--optimal"]).forward_mode == "auto"
+        assert script.parse_args(["--optimal", "--forward-mode", "compile"]).forward_mode == "compile"
+        with pytest.raises(SystemExit):
+            script.parse_args(["--optimal", "--forward-mode", "graphs"])
+    assert train_image.parse_args(["--step-mode", "eager"]).step_mode == "eager"
+    assert train_image.parse_args([]).step_mode == "auto"

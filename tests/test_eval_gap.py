@@ -236,6 +236,25 @@ def test_earlier_rows_are_reused_per_snapshot_and_force_recomputes(data_dir, run
     assert len(loaded) == 3, "other evaluation settings recompute every row"
 
 
+def test_forward_mode_compile_gives_the_eager_rows_and_either_reuses_the_others_rows(data_dir, run_dir, tmp_path,
+                                                                                    monkeypatch):
+    # The compiled path of common.network_denoiser (batches of 64 and 36 pairs, the last padded to 64), with
+    # torch.compile standing aside: test_networks checks the graph capture itself.
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append(kw) or fn)
+    snaps = snap(run_dir, 80), snap(run_dir, 240)
+    eager = evaluate(data_dir, tmp_path / "eager.npz", *snaps, "--batch", "64", "--forward-mode", "eager")
+    assert compiled == []
+    fast = evaluate(data_dir, tmp_path / "fast.npz", *snaps, "--batch", "64", "--forward-mode", "compile")
+    assert compiled == [dict(dynamic=False)] * 2, "one compiled network per snapshot"
+    for key in ("e_train", "e_val"):
+        np.testing.assert_allclose(fast[key], eager[key], rtol=1e-5, atol=0)
+    loaded = []
+    monkeypatch.setattr(common, "load_denoiser", lambda path, *a, **k: loaded.append(path))
+    evaluate(data_dir, tmp_path / "fast.npz", *snaps, "--forward-mode", "eager")
+    assert loaded == [], "the rows of --forward-mode compile are reused by eager"
+
+
 def test_killed_run_keeps_its_finished_rows_and_the_rerun_ends_byte_identical(data_dir, run_dir, tmp_path, capsys,
                                                                               monkeypatch):
     out = tmp_path / "gap.npz"

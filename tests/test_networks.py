@@ -180,3 +180,79 @@ def test_tiny_network_overfits_four_images(model, steps):
         loss.backward()
         opt.step()
     assert probe_loss() < before / 3
+
+
+# ---------------------------------------------------------------------------
+# Inference: common.network_denoiser, eager or compiled (--forward-mode)
+# ---------------------------------------------------------------------------
+
+def test_compile_mode_auto_compiles_with_cuda_graphs_on_one_cuda_device_only():
+    assert common.compile_mode("auto", cuda=False, world=1) == ("eager", False)
+    assert common.compile_mode("auto", cuda=True, world=1) == ("compile", True)
+    assert common.compile_mode("auto", cuda=True, world=2) == ("eager", False)
+    assert common.compile_mode("compile", cuda=True, world=2) == ("compile", False)
+    assert common.compile_mode("compile", cuda=False, world=1) == ("compile", False)
+    assert common.compile_mode("eager", cuda=True, world=1) == ("eager", False)
+
+
+def small_denoiser():
+    """A class-conditional (3 classes) 8x8 U-Net of 8 channels and one block per level with perturbed weights,
+    and a batch of 6 inputs: x, sigma (6,), labels (6,) (3: the null label)."""
+    torch.manual_seed(0)
+    denoiser = perturbed(common.build_network("unet", "tiny", 8, 1, num_classes=3, channels=8, blocks=1))
+    return denoiser, torch.randn(6, 1, 8, 8), torch.linspace(0.1, 5, 6), torch.tensor([0, 1, 2, 3, 0, 1])
+
+
+@pytest.mark.slow
+def test_compiled_network_denoiser_gives_the_eager_outputs_on_cpu():
+    # torch.compile's own backend (inductor: C++ on CPU); a minute or more while its compile cache is cold.
+    denoiser, x, sigma, labels = small_denoiser()
+    torch._dynamo.reset()
+    with torch.inference_mode():
+        eager, compiled = (common.network_denoiser(denoiser, "cpu", mode) for mode in ("eager", "compile"))
+        torch.testing.assert_close(compiled(x, sigma, labels), eager(x, sigma, labels), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(compiled(x[:4], 0.7), eager(x[:4], 0.7), rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_network_denoiser_pads_a_smaller_batch_and_gives_exactly_its_rows(monkeypatch):
+    # Graph capture as torch.compile does it, run by a backend that counts its compilations and runs the
+    # captured graph as it is: the smaller batches reuse the first batch's graph and shape (dynamic=False).
+    calls, compiles, real = [], [], torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: calls.append(kw) or real(
+        fn, dynamic=kw["dynamic"], backend=lambda gm, inputs: compiles.append(1) or gm.forward))
+    denoiser, x, sigma, labels = small_denoiser()
+    torch._dynamo.reset()
+    with torch.inference_mode():
+        denoise = common.network_denoiser(denoiser, "cpu", "compile")
+        full, part, null = denoise(x, sigma, labels), denoise(x[:4], sigma[:4], labels[:4]), denoise(x[:3], 0.3)
+        assert calls == [dict(dynamic=False)] and len(compiles) == 1, "no CUDA graphs on CPU; one shape, one graph"
+        torch.testing.assert_close(full, denoiser(x, sigma, labels), rtol=0, atol=0)
+        torch.testing.assert_close(part, denoiser(x[:4], sigma[:4], labels[:4]), rtol=0, atol=0)
+        torch.testing.assert_close(null, denoiser(x[:3], torch.full((3,), 0.3), torch.full((3,), 3)), rtol=0, atol=0)
+    assert part.shape == (4, 1, 8, 8) and null.shape == (3, 1, 8, 8)
+
+
+def test_cuda_graph_outputs_are_copied_out_behind_a_step_marker(monkeypatch):
+    # The CUDA-graph path on CPU: a stand-in for the graph that returns the same output memory on every call,
+    # as a CUDA graph replay does. What a caller keeps must survive the next call.
+    modes, marks = [], []
+    monkeypatch.setattr(common, "compile_mode", lambda requested, cuda, world: ("compile", True))
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+
+    def graph_compile(fn, dynamic, mode=None):
+        modes.append(mode)
+        memory = []
+
+        def replay(*inputs):
+            out = fn(*inputs)
+            memory[:] = memory or [torch.empty_like(out)]
+            return memory[0].copy_(out)
+        return replay
+    monkeypatch.setattr(torch, "compile", graph_compile)
+    denoiser, x, sigma, labels = small_denoiser()
+    with torch.no_grad():
+        denoise = common.network_denoiser(denoiser, "cpu", "auto")
+        first, second = denoise(x, sigma, labels), denoise(x.flip(0), sigma, labels)
+        torch.testing.assert_close(first, denoiser(x, sigma, labels), rtol=0, atol=0)
+        torch.testing.assert_close(second, denoiser(x.flip(0), sigma, labels), rtol=0, atol=0)
+    assert modes == ["reduce-overhead"] and len(marks) == 2

@@ -222,6 +222,20 @@ def test_each_seed_gives_the_same_sample_whatever_the_batch_size(snapshot):
     assert (one[0] - one[1]).abs().max() > 0.1
 
 
+def test_forward_mode_compile_samples_like_eager_with_a_smaller_last_batch(snapshot, monkeypatch):
+    # The compiled path of common.network_denoiser (batch 2 padded to the first batch's 5), with torch.compile
+    # standing aside: test_networks checks the graph capture itself.
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append(kw) or fn)
+    eager = net_model(snapshot)
+    fast = sample_memorize.network_model(snapshot, "ema", None, torch.device("cpu"), {}, "compile")
+    assert compiled == [dict(dynamic=False)]
+    for seeds in (np.arange(5), np.arange(5, 7)):
+        x, labels = sample_memorize.initial_state(seeds, (1, R, R), [0, 1, 2], torch.float32, "cpu")
+        samples = [sample_memorize.sample(m.denoise, x, labels, common.edm_sigmas(4))[0] for m in (fast, eager)]
+        torch.testing.assert_close(samples[0], samples[1], rtol=0, atol=1e-5)
+
+
 def test_early_stopping_at_sigma_max_returns_the_denoised_initial_noise(snapshot):
     model, sigmas = net_model(snapshot), common.edm_sigmas(6)
     x, labels = sample_memorize.initial_state(np.arange(4), (1, R, R), [0, 1, 2], torch.float32, "cpu")

@@ -294,14 +294,6 @@ def test_cuda_graph_loss_is_the_compiled_loss_behind_a_step_marker(monkeypatch):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
 
 
-def test_step_mode_auto_compiles_with_cuda_graphs_on_one_cuda_device_only():
-    assert train_image.step_mode("auto", cuda=False, world=1) == ("eager", False)
-    assert train_image.step_mode("auto", cuda=True, world=1) == ("compile", True)
-    assert train_image.step_mode("auto", cuda=True, world=2) == ("eager", False)
-    assert train_image.step_mode("compile", cuda=True, world=2) == ("compile", False)
-    assert train_image.step_mode("eager", cuda=True, world=1) == ("eager", False)
-
-
 def test_threads_automatic_one_for_small_steps_and_override(data_dir, tmp_path, capsys):
     try:
         train_image.main(argv(data_dir, tmp_path / "auto", 2))
