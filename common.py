@@ -4,7 +4,8 @@ Formulas follow Karras et al. 2022 (EDM, variance exploding) as used by
 Kaiser & Kollmann 2026; each function names the formula it implements.
 
 Contents
-  1. EDM schedule and preconditioning   precond_coeffs, edm_loss, edm_sigmas, log_sigmas
+  1. EDM schedule and preconditioning   precond_coeffs, edm_loss, edm_sigmas, log_sigmas;
+     non-leaking augmentation           augment (augment_parameters, apply_augmentation)
   2. Sampler                            sample_ode, guided_denoiser, negative_denoiser
   3. Optimal and error-prone denoisers  optimal_denoiser, error_prone_denoiser, gaussian_denoiser,
                                         noisy_log_density, log_likelihood_ratio
@@ -107,15 +108,18 @@ def sample_training_sigma(n, p_mean=P_MEAN, p_std=P_STD, generator=None, device=
 
 
 def edm_loss(denoiser, y, labels=None, p_mean=P_MEAN, p_std=P_STD, sigma_data=SIGMA_DATA,
-             generator=None, sigma=None, noise=None):
-    """EDM loss per image: lambda(sigma) * mean over pixels of (D(y + sigma n; sigma) - y)^2.
-    sigma (N,) and the noise n (like y) are drawn from `generator` in that order unless given."""
+             generator=None, sigma=None, noise=None, augment_labels=None):
+    """EDM loss per image: lambda(sigma) * mean over pixels of (D(y + sigma n; sigma, c, a) - y)^2.
+    sigma (N,) and the noise n (like y) are drawn from `generator` in that order unless given. For the
+    non-leaking augmentation, y are the augmented images and augment_labels a (N, AUGMENT_DIM) their
+    parameters (augment); None: not augmented."""
     if sigma is None:
         sigma = sample_training_sigma(y.shape[0], p_mean, p_std, generator, y.device)
     if noise is None:
         noise = torch.randn(y.shape, generator=generator, device=y.device)
     s = sigma.view(-1, *[1] * (y.ndim - 1))
-    denoised = denoiser(y + s * noise, sigma, labels)
+    x = y + s * noise
+    denoised = denoiser(x, sigma, labels) if augment_labels is None else denoiser(x, sigma, labels, augment_labels)
     err = (denoised.float() - y).square().flatten(1).mean(1)
     return loss_weight(sigma, sigma_data) * err
 
@@ -135,6 +139,79 @@ def log_sigmas(num=64, lo=2e-3, hi=80.0):
     """Evaluation grid: num sigmas log-spaced in [lo, hi] (paper: 64 in [2e-3, 80]), float64."""
     check(num >= 1 and 0 < lo <= hi, f"need num >= 1 and 0 < lo <= hi, got {num}, {lo}, {hi}")
     return torch.logspace(math.log10(lo), math.log10(hi), num, dtype=torch.float64)
+
+
+# Non-leaking augmentation (EDM, after Karras et al. 2020's ADA): each training image is transformed with
+# probability p per transform, and the network is told how through the parameter vector a (B, AUGMENT_DIM),
+# an extra conditioning input; a = 0 (no transform) at sampling and evaluation, so the transforms do not leak
+# into generated images. Layout of a, zero for a transform not applied, in the order they are applied:
+#   0     x-flip: 1 if flipped left-right
+#   1, 2  rotation by k quarter turns (torch.rot90 over (H, W)): cos(k pi/2) - 1, sin(k pi/2)
+#   3, 4  integer translation, the content moving tx pixels right and ty down, |t| <= max_shift: tx / max, ty / max
+#   5     isotropic scaling by s = 2^(AUGMENT_SCALE_STD z) about the centre: z
+AUGMENT_DIM = 6
+AUGMENT_SHIFT = 0.125  # largest translation, as a fraction of the image size (EDM's translate_int_max)
+AUGMENT_SCALE_STD = 0.2  # log2 standard deviation of the scale factor (EDM's scale_std)
+
+
+def max_shift(size):
+    """Largest integer translation in pixels of an image of `size` pixels: AUGMENT_SHIFT * size, at least 1."""
+    return max(1, round(AUGMENT_SHIFT * size))
+
+
+def augment_parameters(n, p, size, generator=None, device=None):
+    """Random augmentation parameters (n, AUGMENT_DIM), float32: each transform is chosen with probability p,
+    independently per image; a chosen flip flips, a chosen rotation turns 1-3 quarter turns, a chosen
+    translation shifts by a uniform integer in [-max, max] per axis (max_shift), a chosen scaling draws
+    z ~ N(0, 1). The same number of values is drawn from `generator` whatever p, in a fixed order."""
+    chosen = torch.rand(n, 4, generator=generator, device=device) < p
+    turns = torch.randint(1, 4, (n,), generator=generator, device=device) * chosen[:, 1]
+    m = max_shift(size)
+    shift = torch.randint(-m, m + 1, (n, 2), generator=generator, device=device) * chosen[:, 2:3]
+    z = torch.randn(n, generator=generator, device=device).where(chosen[:, 3], 0.0)
+    cos, sin = (torch.tensor(v, dtype=torch.float32, device=device)[turns] for v in ([1, 0, -1, 0], [0, 1, 0, -1]))
+    return torch.stack([chosen[:, 0].float(), cos - 1, sin, shift[:, 0] / m, shift[:, 1] / m, z], dim=1)
+
+
+def reflect_index(i, size):
+    """Indices i (any integers) reflected into [0, size), mirroring about the edge pixels (numpy's 'reflect')."""
+    period = 2 * size - 2
+    return (size - 1) - ((size - 1) - i.remainder(period)).abs() if size > 1 else torch.zeros_like(i)
+
+
+def apply_augmentation(images, params):
+    """Images (B, C, H, H) transformed as the parameters (B, AUGMENT_DIM) say (layout above): flip, rotation
+    and translation are exact index operations, the translation reflecting at the border (the pixels shifted
+    in mirror those next to the edge); the scaling resamples bilinearly (F.grid_sample), reflecting outside
+    the image. An image whose parameters are zero comes back unchanged, bit for bit."""
+    B, C, H, W = images.shape
+    check(H == W, f"augmentation needs square images (quarter turns), got {H}x{W}")
+    check(params.shape == (B, AUGMENT_DIM), f"need parameters of shape ({B}, {AUGMENT_DIM}), got {tuple(params.shape)}")
+    params = params.to(images.device)
+    x = torch.where(params[:, 0, None, None, None] > 0.5, images.flip(3), images)
+    turns = torch.atan2(params[:, 2], params[:, 1] + 1).div(math.pi / 2).round().long().remainder(4)
+    turned = x
+    for k in (1, 2, 3):
+        turned = torch.where((turns == k)[:, None, None, None], x.rot90(k, (2, 3)), turned)
+    m = max_shift(W)
+    shift = (params[:, 3:5] * m).round().long()  # (B, 2): tx, ty
+    pixels = torch.arange(W, device=images.device)
+    cols = reflect_index(pixels[None] - shift[:, :1], W)  # (B, W): output column j reads column j - tx
+    rows = reflect_index(pixels[None] - shift[:, 1:], H)  # (B, H): output row i reads row i - ty
+    x = turned.gather(2, rows[:, None, :, None].expand(B, C, H, W)).gather(3, cols[:, None, None, :].expand(B, C, H, W))
+    scale = torch.exp2(params[:, 5].float() * AUGMENT_SCALE_STD)
+    theta = torch.zeros(B, 2, 3, device=images.device)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1 / scale  # output coordinates -> input coordinates, about the centre
+    grid = F.affine_grid(theta, (B, C, H, W), align_corners=False)
+    scaled = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    return torch.where((params[:, 5] != 0)[:, None, None, None], scaled.to(x.dtype), x)
+
+
+def augment(images, p, generator=None):
+    """Non-leaking augmentation of a batch (B, C, H, H): (augmented images, parameters (B, AUGMENT_DIM)),
+    each transform applied with probability p (augment_parameters, apply_augmentation)."""
+    params = augment_parameters(images.shape[0], p, images.shape[-1], generator, images.device)
+    return apply_augmentation(images, params), params
 
 
 # ---------------------------------------------------------------------------
@@ -677,15 +754,17 @@ class ResBlock(nn.Module):
 
 
 class UNet(nn.Module):
-    """DDPM++ U-Net F(x; c_noise, label) (Song et al. 2021, as configured in EDM): per level
+    """DDPM++ U-Net F(x; c_noise, label, a) (Song et al. 2021, as configured in EDM): per level
     `blocks` residual blocks of channels * mult, attention at attn_resolutions, skip connections
-    from every encoder block to the decoder; noise embedding (+ label embedding) -> MLP."""
+    from every encoder block to the decoder; noise embedding (+ label embedding) (+ W a, the
+    augmentation parameters through a linear map without bias, augment_dim > 0) -> MLP."""
 
     def __init__(self, img_resolution, img_channels, num_classes=0, channels=128,
-                 channel_mult=(2, 2, 2), blocks=4, attn_resolutions=(16,), dropout=0.0, emb_mult=4):
+                 channel_mult=(2, 2, 2), blocks=4, attn_resolutions=(16,), dropout=0.0, emb_mult=4, augment_dim=0):
         super().__init__()
         emb_dim = channels * emb_mult
         self.label_embed = nn.Embedding(num_classes + 1, channels) if num_classes else None
+        self.augment_embed = nn.Linear(augment_dim, channels, bias=False) if augment_dim else None
         self.map_noise = nn.Sequential(nn.Linear(channels, emb_dim), nn.SiLU(),
                                        nn.Linear(emb_dim, emb_dim), nn.SiLU())
         block = lambda cin, cout, **kw: ResBlock(cin, cout, emb_dim, dropout=dropout, **kw)  # noqa: E731
@@ -724,7 +803,8 @@ class UNet(nn.Module):
         for m in self.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
         for m in self.modules():
             if isinstance(m, ResBlock):
                 nn.init.zeros_(m.conv1.weight)
@@ -734,11 +814,15 @@ class UNet(nn.Module):
         if self.label_embed is not None:
             nn.init.normal_(self.label_embed.weight)
 
-    def forward(self, x, c_noise, labels=None):
-        emb = noise_embedding(c_noise, self.conv_in.out_channels)
+    def forward(self, x, c_noise, labels=None, augment_labels=None):
+        """x (B, C, H, W), c_noise (B,), labels (B,) int64 or None, augment_labels (B, augment_dim) or None
+        (zeros) -> F (B, C, H, W)."""
+        emb = noise_embedding(c_noise, self.conv_in.out_channels)  # (B, channels)
         if self.label_embed is not None:
             emb = emb + self.label_embed(labels)
-        emb = self.map_noise(emb)
+        if self.augment_embed is not None and augment_labels is not None:
+            emb = emb + self.augment_embed(augment_labels.to(emb.dtype))
+        emb = self.map_noise(emb)  # (B, emb_dim)
         x = self.conv_in(x)
         skips = [x]
         for block in self.enc:
@@ -780,11 +864,13 @@ class DiTBlock(nn.Module):
 
 
 class DiT(nn.Module):
-    """Diffusion Transformer F(x; c_noise, label) (Peebles & Xie 2023): patch embedding with a
-    fixed 2D sin-cos position embedding, adaLN-Zero blocks, final adaLN layer, unpatchify."""
+    """Diffusion Transformer F(x; c_noise, label, a) (Peebles & Xie 2023): patch embedding with a
+    fixed 2D sin-cos position embedding, adaLN-Zero blocks, final adaLN layer, unpatchify; the
+    conditioning is the noise MLP (+ label embedding) (+ W a, the augmentation parameters through a
+    linear map without bias, augment_dim > 0)."""
 
     def __init__(self, img_resolution, img_channels, num_classes=0, channels=384, blocks=12,
-                 heads=6, patch=2, dropout=0.0, mlp_ratio=4, freq_dim=256):
+                 heads=6, patch=2, dropout=0.0, mlp_ratio=4, freq_dim=256, augment_dim=0):
         super().__init__()
         self.patch, self.freq_dim = patch, freq_dim
         self.patch_embed = nn.Conv2d(img_channels, channels, patch, stride=patch)
@@ -795,6 +881,7 @@ class DiT(nn.Module):
         self.register_buffer("pos_embed", pos[None], persistent=False)
         self.map_noise = nn.Sequential(nn.Linear(freq_dim, channels), nn.SiLU(), nn.Linear(channels, channels))
         self.label_embed = nn.Embedding(num_classes + 1, channels) if num_classes else None
+        self.augment_embed = nn.Linear(augment_dim, channels, bias=False) if augment_dim else None
         self.blocks = nn.ModuleList(DiTBlock(channels, heads, mlp_ratio, dropout) for _ in range(blocks))
         self.norm_out = nn.LayerNorm(channels, elementwise_affine=False, eps=1e-6)
         self.ada_out = nn.Sequential(nn.SiLU(), nn.Linear(channels, 2 * channels))
@@ -807,7 +894,8 @@ class DiT(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
         nn.init.xavier_uniform_(self.patch_embed.weight.view(self.patch_embed.out_channels, -1))
         nn.init.zeros_(self.patch_embed.bias)
         for layer in self.map_noise[0::2]:
@@ -820,12 +908,16 @@ class DiT(nn.Module):
         nn.init.zeros_(self.linear_out.weight)
         nn.init.zeros_(self.linear_out.bias)
 
-    def forward(self, x, c_noise, labels=None):
+    def forward(self, x, c_noise, labels=None, augment_labels=None):
+        """x (B, C, H, W), c_noise (B,), labels (B,) int64 or None, augment_labels (B, augment_dim) or None
+        (zeros) -> F (B, C, H, W)."""
         h = x.shape[2] // self.patch
         tokens = rearrange(self.patch_embed(x), "b c h w -> b (h w) c") + self.pos_embed
-        cond = self.map_noise(noise_embedding(c_noise, self.freq_dim))
+        cond = self.map_noise(noise_embedding(c_noise, self.freq_dim))  # (B, channels)
         if self.label_embed is not None:
             cond = cond + self.label_embed(labels)
+        if self.augment_embed is not None and augment_labels is not None:
+            cond = cond + self.augment_embed(augment_labels.to(cond.dtype))
         for block in self.blocks:
             tokens = block(tokens, cond)
         shift, scale = self.ada_out(cond).chunk(2, dim=1)
@@ -855,19 +947,22 @@ NETWORK_PRESETS = {
 
 
 class Denoiser(nn.Module):
-    """EDM preconditioning: D(x; sigma, c) = c_skip x + c_out F(c_in x; c_noise, c).
+    """EDM preconditioning: D(x; sigma, c, a) = c_skip x + c_out F(c_in x; c_noise, c, a).
 
     labels: int64 (B,) in [0, num_classes], where num_classes is the null (unconditional)
-    label; None means all null. Ignored when num_classes == 0. Returns D in x's dtype;
-    the skip connection is computed in float32 (float64 inputs stay float64).
+    label; None means all null. Ignored when num_classes == 0. augment_labels a: (B, augment_dim),
+    the parameters of the non-leaking augmentation (augment); None means zeros, no augmentation,
+    as at sampling and evaluation. Returns D in x's dtype; the skip connection is computed in
+    float32 (float64 inputs stay float64).
     """
 
     def __init__(self, net, config):
         super().__init__()
         self.net, self.config = net, dict(config)
         self.num_classes, self.sigma_data = config["num_classes"], config["sigma_data"]
+        self.augment_dim = config.get("augment_dim", 0)
 
-    def forward(self, x, sigma, labels=None):
+    def forward(self, x, sigma, labels=None, augment_labels=None):
         xf = x.to(torch.promote_types(x.dtype, torch.float32))
         sigma = torch.as_tensor(sigma, dtype=xf.dtype, device=x.device).flatten().expand(x.shape[0])
         c_skip, c_out, c_in, c_noise = (c.view(-1, 1, 1, 1) for c in precond_coeffs(sigma, self.sigma_data))
@@ -875,13 +970,17 @@ class Denoiser(nn.Module):
             labels = None
         elif labels is None:
             labels = torch.full((x.shape[0],), self.num_classes, dtype=torch.long, device=x.device)
-        f = self.net((c_in * xf).to(next(self.net.parameters()).dtype), c_noise.flatten(), labels)
+        if augment_labels is not None and tuple(augment_labels.shape) != (x.shape[0], self.augment_dim):
+            raise ValueError(f"augment_labels of shape {tuple(augment_labels.shape)} for a batch of {x.shape[0]} "
+                             f"and a network with augment_dim {self.augment_dim}")
+        f = self.net((c_in * xf).to(next(self.net.parameters()).dtype), c_noise.flatten(), labels, augment_labels)
         return (c_skip * xf + c_out * f.to(xf.dtype)).to(x.dtype)
 
 
 def build_network(model, size="tiny", img_resolution=32, img_channels=1, num_classes=0, channels=None,
-                  blocks=None, dropout=None, patch=None, sigma_data=SIGMA_DATA):
-    """EDM-preconditioned U-Net or DiT from a named preset with optional overrides;
+                  blocks=None, dropout=None, patch=None, sigma_data=SIGMA_DATA, augment_dim=0):
+    """EDM-preconditioned U-Net or DiT from a named preset with optional overrides; augment_dim > 0 adds the
+    conditioning on augmentation parameters (AUGMENT_DIM; 0 in snapshots written before it existed).
     build_network(**denoiser.config) rebuilds the same architecture."""
     check(model in NETWORK_PRESETS, f"unknown model {model!r}: choose one of {', '.join(NETWORK_PRESETS)}")
     check(size in NETWORK_PRESETS[model],
@@ -890,8 +989,8 @@ def build_network(model, size="tiny", img_resolution=32, img_channels=1, num_cla
     kwargs = dict(NETWORK_PRESETS[model][size])
     overrides = dict(channels=channels, blocks=blocks, dropout=dropout, patch=patch)
     kwargs.update({k: v for k, v in overrides.items() if v is not None})
-    check(img_channels >= 1 and num_classes >= 0, f"need img_channels >= 1 and num_classes >= 0, "
-          f"got {img_channels}, {num_classes}")
+    check(img_channels >= 1 and num_classes >= 0 and augment_dim >= 0, f"need img_channels >= 1, num_classes >= 0 "
+          f"and augment_dim >= 0, got {img_channels}, {num_classes}, {augment_dim}")
     check(kwargs["channels"] >= 1 and kwargs["blocks"] >= 1, f"channels and blocks must be positive, "
           f"got {kwargs['channels']}, {kwargs['blocks']}")
     check(0 <= kwargs["dropout"] < 1, f"dropout must lie in [0, 1), got {kwargs['dropout']}")
@@ -907,11 +1006,11 @@ def build_network(model, size="tiny", img_resolution=32, img_channels=1, num_cla
         check(c % heads == 0 and c % 4 == 0, f"DiT channels ({c}) must be divisible by 4 and by "
               f"the {heads} heads of size {size}")
     net = {"unet": UNet, "dit": DiT}[model](img_resolution=img_resolution, img_channels=img_channels,
-                          num_classes=num_classes, **kwargs)
+                          num_classes=num_classes, augment_dim=augment_dim, **kwargs)
     config = dict(model=model, size=size, img_resolution=int(img_resolution), img_channels=int(img_channels),
                   num_classes=int(num_classes), channels=int(kwargs["channels"]), blocks=int(kwargs["blocks"]),
                   dropout=float(kwargs["dropout"]), patch=int(kwargs["patch"]) if model == "dit" else None,
-                  sigma_data=float(sigma_data))
+                  sigma_data=float(sigma_data), augment_dim=int(augment_dim))
     return Denoiser(net, config)
 
 
@@ -1469,6 +1568,9 @@ SNAPSHOT_NAME = re.compile(r"snapshot-(\d{9})\.pt")  # snapshot-<images seen, 9 
 # so they do not tell two runs apart either (eval_gap.py).
 RESUMABLE_ARGS = frozenset({"steps", "snapshots", "eval_every", "device", "step_mode", "compile", "threads", "out",
                             "data_dir", "no_resume"})
+# train_image.py arguments newer than some snapshots, with the value that does what those runs did: load_checkpoint
+# fills them in, so that such a run resumes, and compares with its later snapshots, like one that had them.
+ARGS_ADDED_LATER = {"augment_p": 0.0}
 
 
 def snapshot_files(folder):
@@ -1517,6 +1619,8 @@ def load_checkpoint(path, map_location="cpu"):
     for key in SNAPSHOT_ARRAYS:
         if isinstance(ckpt[key], torch.Tensor):
             ckpt[key] = ckpt[key].cpu().numpy()
+    if isinstance(ckpt["args"], dict):
+        ckpt["args"] = {**ARGS_ADDED_LATER, **ckpt["args"]}
     return ckpt
 
 

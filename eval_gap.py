@@ -70,7 +70,8 @@ def parse_args(argv=None):
     p.add_argument("--guidance-weights", type=common.finite_float, nargs="+", default=None,
                    help="guidance weights w: D_w = D + w (D - D_neg); adds a leading axis to the outputs")
     p.add_argument("--neg", default="uncond", help="guidance negative: 'uncond' (the same model with the null "
-                   "label: classifier-free guidance) or a snapshot file (autoguidance)")
+                   "label: classifier-free guidance) or a snapshot file (an unconditional network: classifier-free "
+                   "guidance as the paper's; a weaker one: autoguidance)")
     p.add_argument("--features", default=None, help="also the reconstruction gap in a feature space: "
                    "'builtin' or an Inception TorchScript file (common.load_feature_extractor)")
     p.add_argument("--feature-sigmas", nargs="+", default=["0.25", "0.5", "1", "2", "4"],

@@ -8,7 +8,8 @@ entry; files written before that entry by their keys):
   eval_gap.py      (e_train, e_val, gap, images_seen): E over training time with the overfitting onset
                    (paper Fig. 1), G(sigma) coloured by images seen with the onset curve (Fig. 2), the
                    optimal denoiser beside the network, and G(sigma) across runs coloured by model size,
-                   dataset size n, conditioning granularity k and guidance weight w;
+                   dataset size n, conditioning granularity k, augmentation probability p and guidance
+                   weight w;
   sample_memorize.py (nn_ratio, memorized_fraction): memorized fraction, Frechet gap of samples and
                    where trajectories live (LLR overlap) over images seen, the Frechet gap against the
                    early-stopping sigma, the LLR distributions of trajectory states and noisy
@@ -93,13 +94,16 @@ def first_weight(array, data):
 
 
 def run_factors(data):
-    """Model size (parameters), dataset size n and conditioning granularity k of an eval_gap result."""
-    run = json_key(data, "run_args")
+    """Model size (parameters, without the map of the augmentation parameters: conditioning, not size),
+    dataset size n, conditioning granularity k and augmentation probability p of an eval_gap result."""
+    run, network = json_key(data, "run_args"), json_key(data, "network")
     cond = run.get("cond", "none")
     k = run.get("k") if cond == "kmeans" else (common.DATASETS.get(run.get("data"), {}).get("num_classes")
                                                if cond == "class" else 1)
-    return dict(params=int(data["params"]) if "params" in data else None, n=run.get("n"), k=k,
-                model=run.get("model"), data=run.get("data"), resolution=run.get("resolution"))
+    augment_map = network.get("augment_dim", 0) * network.get("channels", 0)  # Linear(augment_dim, channels)
+    return dict(params=int(data["params"]) - augment_map if "params" in data else None, n=run.get("n"), k=k,
+                augment_p=run.get("augment_p", 0.0), model=run.get("model"), data=run.get("data"),
+                resolution=run.get("resolution"))
 
 
 # ---------------------------------------------------------------------------
@@ -160,18 +164,20 @@ def fig_optimal_vs_network(data):
 
 
 def factor_groups(gap_results):
-    """{figure name: (label, [(value, data)])}: for each factor (model size, n, k), the runs equal in the
-    others that differ in it, by value, for G(sigma) of each run's last snapshot coloured by the factor."""
+    """{figure name: (label, [(value, data)])}: for each factor (model size, n, k, augmentation p), the runs equal
+    in the others that differ in it, by value, for G(sigma) of each run's last snapshot coloured by the factor."""
     runs = [(name, data, run_factors(data)) for name, data in gap_results
             if "run_args" in data and "guidance_weights" not in data]
-    labels = {"params": "model parameters", "n": "training set size n", "k": "conditioning granularity k"}
+    labels = {"params": "model parameters", "n": "training set size n", "k": "conditioning granularity k",
+              "augment_p": "augmentation probability p"}
     found = {}
     for factor, label in labels.items():
         groups = {}
         for name, data, f in runs:
             if f[factor] is None:
                 continue
-            rest = tuple((key, f[key]) for key in ("params", "n", "k", "data", "resolution") if key != factor)
+            rest = tuple((key, f[key]) for key in ("params", "n", "k", "augment_p", "data", "resolution")
+                         if key != factor)
             groups.setdefault(rest, []).append((f[factor], data))
         for i, members in enumerate(g for g in groups.values() if len({v for v, _ in g}) > 1):
             found[f"gap_by_{factor}" + (f"_{i + 1}" if i else "")] = (label, sorted(members, key=lambda m: m[0]))
@@ -360,7 +366,8 @@ def gap_row(name, data, memo):
     j = int(common.peak_index(gap))
     f = run_factors(data) if "run_args" in data else {}
     last = os.path.normpath(str(data["checkpoints"][-1])) if "checkpoints" in data else ""
-    return dict(run=name, params=f.get("params"), n=f.get("n"), images_seen=int(data["images_seen"][-1]),
+    params = int(data["params"]) if "params" in data else None  # all of them
+    return dict(run=name, params=params, n=f.get("n"), images_seen=int(data["images_seen"][-1]),
                 peak_gap=float(gap[j]), peak_sigma=float(data["sigmas"][j]),
                 **memo.get(last, dict(memorized=None, ci=None, overlap=None, fresh=None, score=None, fd_gap=None,
                                       fd_heldout=None)))

@@ -101,7 +101,8 @@ def parse_args(argv=None):
     p.add_argument("--guidance-weights", type=common.finite_float, nargs="+", default=[0.0],
                    help="guidance weights w: D_w = D + w (D - D_neg); 0 is unguided")
     p.add_argument("--neg", default="uncond", help="D_neg: uncond (the same network with the null label: "
-                   "classifier-free guidance) or a snapshot file (autoguidance)")
+                   "classifier-free guidance) or a snapshot file (an unconditional network: classifier-free "
+                   "guidance as the paper's; a weaker one: autoguidance)")
     p.add_argument("--stop-sigma", type=common.positive_float, nargs="*", default=[5.0, 2.0, 1.0, 0.5, 0.2],
                    help="early stopping: FD of D(x_k; sigma_k) at the first grid sigma_k <= each value")
     p.add_argument("--probe-sigmas", type=common.positive_float, nargs="+", default=None,

@@ -10,7 +10,9 @@ the image studies).
 
 One training step is train_step: on one CUDA device its loss and backward pass run compiled, with CUDA
 graphs (--step-mode); on a CPU, steps below common.ONE_THREAD_BELOW_FLOPS run on one thread (--threads).
-Rerunning a command with the same --out resumes from its last snapshot. Writes to --out:
+With --augment-p, each training image is augmented (common.augment) and the network conditioned on the
+augmentation parameters, which are zero at sampling and evaluation. Rerunning a command with the same --out
+resumes from its last snapshot. Writes to --out:
 snapshot-<images seen, 9 digits>.pt (a plain dict with common.CHECKPOINT_KEYS and `log`)
 and train_log.npz (args, images_seen, loss, eval_images, eval_sigmas, E_train, E_val,
 snapshot_images, subset, probe_train, probe_val).
@@ -69,7 +71,14 @@ def parse_args(argv=None):
                    help="EMA half-life at most this fraction of the images seen so far (0: off)")
     p.add_argument("--p-mean", type=common.finite_float, default=common.P_MEAN, help="training ln(sigma) mean")
     p.add_argument("--p-std", type=common.positive_float, default=common.P_STD, help="training ln(sigma) std")
-    p.add_argument("--augment", default="none", choices=["none", "xflip"], help="data augmentation")
+    p.add_argument("--augment", default="none", choices=["none", "xflip"],
+                   help="xflip: flip half the training images left-right, as part of the data (EDM's dataset "
+                   "x-flip); the network is not told, so the flip leaks into generated images, which is harmless "
+                   "for data with that symmetry. --augment-p is the non-leaking augmentation; both may be used")
+    p.add_argument("--augment-p", type=common.non_negative_float, default=0.0,
+                   help="non-leaking augmentation (EDM; the paper: 0.12): each training image is flipped, turned "
+                   "by quarter turns, shifted and scaled, each with this probability, and the network gets the "
+                   "parameters as conditioning, zero at sampling (common.augment; 0: off)")
     p.add_argument("--snapshots", default="log:32,every:20000000",
                    help="when to write snapshots, comma-separated: log:K = K log-spaced image counts, "
                    "every:N = every N images; the last step always gets one")
@@ -101,6 +110,7 @@ def check_args(args):
     check(args.cond != "none" or args.label_dropout == 0, "--label-dropout needs a conditional run (--cond "
           "class or kmeans): an unconditional network has no labels to drop")
     check(args.threads >= 0, f"--threads must not be negative, got {args.threads}")
+    check(args.augment_p <= 1, f"--augment-p is a probability in [0, 1], got {args.augment_p}")
     snapshot_steps(args.snapshots, args.steps, args.batch)
 
 
@@ -230,12 +240,13 @@ def step_flops(denoiser, batch):
 
 
 def loss_function(model, compiled=False, cuda=False, cuda_graphs=False):
-    """The batch's mean EDM loss, loss(y, labels, sigma, noise), through `model`; bf16 autocast on CUDA.
+    """The batch's mean EDM loss, loss(y, labels, sigma, noise, augment_labels=None), through `model`; bf16
+    autocast on CUDA.
     compiled: torch.compile'd (the forward pass and, through autograd, the backward pass), with CUDA
     graphs (mode reduce-overhead) if cuda_graphs."""
-    def loss(y, labels, sigma, noise):
+    def loss(y, labels, sigma, noise, augment_labels=None):
         with torch.autocast("cuda", torch.bfloat16, enabled=cuda):
-            return common.edm_loss(model, y, labels, sigma=sigma, noise=noise).mean()
+            return common.edm_loss(model, y, labels, sigma=sigma, noise=noise, augment_labels=augment_labels).mean()
     if not compiled:
         return loss
     fast_loss = torch.compile(loss, **({"mode": "reduce-overhead"} if cuda_graphs else {}))
@@ -248,15 +259,16 @@ def loss_function(model, compiled=False, cuda=False, cuda_graphs=False):
     return graphed_loss
 
 
-def train_step(loss_fn, net, ema, opt, y, labels, lr, ema_beta, p_mean, p_std, gen):
+def train_step(loss_fn, net, ema, opt, y, labels, lr, ema_beta, p_mean, p_std, gen, augment_labels=None):
     """One training step: draw sigma and the noise from `gen`, the mean EDM loss through loss_fn
-    (see loss_function), its backward pass, an Adam step at learning rate lr and the EMA update with
-    decay ema_beta. Returns the loss, detached (a copy: CUDA graphs reuse their outputs)."""
+    (see loss_function; y augmented by augment_labels, if given), its backward pass, an Adam step at
+    learning rate lr and the EMA update with decay ema_beta. Returns the loss, detached (a copy: CUDA
+    graphs reuse their outputs)."""
     sigma = common.sample_training_sigma(y.shape[0], p_mean, p_std, gen, y.device)
     noise = torch.randn(y.shape, generator=gen, device=y.device)
     for group in opt.param_groups:
         group["lr"] = lr
-    loss = loss_fn(y, labels, sigma, noise)
+    loss = loss_fn(y, labels, sigma, noise, augment_labels)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -300,7 +312,8 @@ def train(args, rank, world, device):
     num_classes = common.num_condition_classes(args.data, args.cond, args.k)
     torch.manual_seed(args.seed)
     net = common.build_network(args.model, args.size, args.resolution, info["shape"][-1], num_classes,
-                               args.channels, args.blocks, args.dropout, args.patch)
+                               args.channels, args.blocks, args.dropout, args.patch,
+                               augment_dim=common.AUGMENT_DIM if args.augment_p > 0 else 0)
     threads = common.choose_threads(step_flops(net, local), args.threads)
 
     # Data: the subset, its conditioning labels, and the fixed probe sets.
@@ -423,6 +436,9 @@ def train(args, rank, world, device):
             c = None if train_labels is None else train_labels[idx]
             if args.augment == "xflip":
                 y = torch.where(torch.rand(local, 1, 1, 1, generator=gen, device=device) < 0.5, y.flip(3), y)
+            a = None  # augmentation parameters (local, AUGMENT_DIM)
+            if args.augment_p > 0:
+                y, a = common.augment(y, args.augment_p, gen)
             if c is not None and args.label_dropout > 0:
                 c = c.masked_fill(torch.rand(local, generator=gen, device=device) < args.label_dropout, num_classes)
             if cuda:
@@ -431,7 +447,7 @@ def train(args, rank, world, device):
             seen += B
             half_life = min(args.ema_half_life, args.ema_rampup * seen) if args.ema_rampup else args.ema_half_life
             pending.append(train_step(loss_fn, net, ema, opt, y, c, lr, common.ema_beta(B, half_life),
-                                      args.p_mean, args.p_std, gen))
+                                      args.p_mean, args.p_std, gen, a))
             bar.update()
             done = step
             if not planned and (step - start >= FLUSH_EVERY or time.perf_counter() - loop_start >= PLAN_AFTER):

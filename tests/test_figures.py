@@ -12,7 +12,7 @@ import figures
 S, C = 12, 4
 
 
-def write_gap(path, params=1000, n=32, k=None, guidance=False, script="eval_gap.py"):
+def write_gap(path, params=1000, n=32, k=None, guidance=False, script="eval_gap.py", augment_p=None, channels=8):
     sigmas = np.geomspace(2e-3, 80, S)
     seen = np.array([100, 1000, 10000, 100000])
     bump = np.exp(-np.log(sigmas) ** 2)                           # a gap peaking at sigma = 1
@@ -23,7 +23,14 @@ def write_gap(path, params=1000, n=32, k=None, guidance=False, script="eval_gap.
                   checkpoints=np.array([f"runs/r{params}-{n}/snapshot-{s:09d}.pt" for s in seen]),
                   e_train_optimal=e_train[-1:] * 0.5, e_val_optimal=e_train[-1:] * 2, gap_optimal=np.full((1, S), 3.0),
                   run_args=np.array(json.dumps(dict(n=n, cond="kmeans" if k else "none", k=k, data="fashion-mnist",
-                                                    resolution=16, model="unet"))), params=np.int64(params))
+                                                    resolution=16, model="unet"))), params=np.int64(params),
+                  network=np.array(json.dumps(dict(channels=channels))))
+    if augment_p is not None:  # eval_gap.py's files of runs trained with --augment-p; before it, no key
+        augment_dim = common.AUGMENT_DIM if augment_p > 0 else 0
+        arrays["params"] = np.int64(params + augment_dim * channels)
+        arrays["gap"] = arrays["gap"] * (1 - augment_p)
+        arrays["run_args"] = np.array(json.dumps({**json.loads(str(arrays["run_args"])), "augment_p": augment_p}))
+        arrays["network"] = np.array(json.dumps(dict(channels=channels, augment_dim=augment_dim)))
     if guidance:
         arrays = {key: np.stack([v, 2 * v]) if key.startswith(("e_train", "e_val", "gap")) else v
                   for key, v in arrays.items()}
@@ -79,6 +86,21 @@ def test_summary_reports_the_peak_gap_of_the_last_snapshot_and_its_sigma(tmp_pat
     assert row["peak_gap"] == pytest.approx(data["gap"][-1].max())
     assert row["peak_sigma"] == pytest.approx(data["sigmas"][data["gap"][-1].argmax()])
     assert row["params"] == 2000 and row["n"] == 32 and row["memorized"] is None
+
+
+def test_runs_with_and_without_augmentation_are_compared_and_not_taken_for_two_model_sizes(tmp_path):
+    write_gap(tmp_path / "plain.npz", params=1000)  # written before --augment-p: p = 0
+    write_gap(tmp_path / "augmented.npz", params=1000, augment_p=0.12)
+    write_gap(tmp_path / "larger.npz", params=4000, augment_p=0.12)
+    groups = figures.factor_groups([(name, common.load_npz(tmp_path / f"{name}.npz"))
+                                    for name in ("plain", "augmented", "larger")])
+    assert sorted(groups) == ["gap_by_augment_p", "gap_by_params"]
+    assert [value for value, _ in groups["gap_by_augment_p"][1]] == [0.0, 0.12]
+    assert [value for value, _ in groups["gap_by_params"][1]] == [1000, 4000], "the two augmented runs"
+    figures.main([str(tmp_path)])
+    assert (tmp_path / "figures" / "gap_by_augment_p.png").exists()
+    summary = (tmp_path / "figures" / "summary.txt").read_text()
+    assert "1,048" in next(line for line in summary.splitlines() if line.startswith("augmented "))
 
 
 def test_toy_results_are_redrawn(tmp_path):

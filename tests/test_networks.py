@@ -96,6 +96,39 @@ def test_unconditional_network_has_no_label_embedding(model):
     assert with_labels.net.label_embed.num_embeddings == 11  # ten classes and the null label
 
 
+@pytest.mark.parametrize("model", MODELS)
+def test_zero_augmentation_parameters_have_exactly_no_effect_and_others_change_the_output(model):
+    # the augment map has random non-zero weights; without bias, a = 0 adds exactly zero to the conditioning
+    with_map = perturbed(common.build_network(model, "tiny", 16, 1, num_classes=3, augment_dim=common.AUGMENT_DIM))
+    without = common.build_network(model, "tiny", 16, 1, num_classes=3).eval()
+    state = with_map.state_dict()
+    assert state["net.augment_embed.weight"].abs().min() > 0 and "net.augment_embed.bias" not in state
+    without.load_state_dict({k: v for k, v in state.items() if "augment_embed" not in k})
+    x, sigma, labels = torch.randn(4, 1, 16, 16), torch.tensor([0.1, 0.5, 1.0, 5.0]), torch.tensor([0, 1, 2, 3])
+    _, params = common.augment(x, 0.5, torch.Generator().manual_seed(0))
+    params[0] = 0
+    with torch.no_grad():
+        plain = without(x, sigma, labels)
+        assert torch.equal(with_map(x, sigma, labels, torch.zeros(4, common.AUGMENT_DIM)), plain)
+        assert torch.equal(with_map(x, sigma, labels), plain)
+        moved = with_map(x, sigma, labels, params) - plain
+    assert moved[0].abs().max() == 0 and (moved[1:].flatten(1).abs().amax(1) > 1e-3).all()
+
+
+def test_augment_labels_of_the_wrong_width_are_refused():
+    denoiser = common.build_network("unet", "tiny", 16, 1)
+    with pytest.raises(ValueError, match="augment_dim 0"):
+        denoiser(torch.zeros(2, 1, 16, 16), 1.0, None, torch.zeros(2, common.AUGMENT_DIM))
+
+
+def test_a_network_config_written_before_augment_dim_builds_without_the_augment_map():
+    config = common.build_network("unet", "tiny", 16, 1, channels=8).config
+    assert config["augment_dim"] == 0
+    del config["augment_dim"]
+    rebuilt = common.build_network(**config)
+    assert rebuilt.config["augment_dim"] == 0 and rebuilt.net.augment_embed is None
+
+
 @pytest.mark.parametrize("model,overrides", [("unet", dict(channels=24, blocks=2, dropout=0.1)),
                                              ("dit", dict(channels=96, blocks=3, patch=4))])
 def test_build_network_from_its_config_rebuilds_the_same_architecture(model, overrides):

@@ -43,6 +43,14 @@ def baseline(data_dir, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def augmented(data_dir, tmp_path_factory):
+    """An uninterrupted 40-step run with the non-leaking augmentation."""
+    out = tmp_path_factory.mktemp("augmented")
+    train_image.main(argv(data_dir, out, 40, "--augment-p", "0.5"))
+    return out
+
+
 def counting_loss(monkeypatch, at, result):
     """Make the training loss call number `at` (and later ones) return result(loss) instead."""
     calls, real = [0], common.edm_loss
@@ -89,13 +97,16 @@ def test_train_log_has_the_documented_keys_and_one_loss_per_step(baseline):
     assert log["E_train"][-1, 1] < log["E_train"][0, 1], "training lowers the denoising error at sigma = 1"
 
 
-def test_killed_and_resumed_run_ends_bit_identical_to_uninterrupted(baseline, data_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("run, extra", [("baseline", []), ("augmented", ["--augment-p", "0.5"])])
+def test_killed_and_resumed_run_ends_bit_identical_to_uninterrupted(run, extra, request, data_dir, tmp_path,
+                                                                    monkeypatch):
+    baseline = request.getfixturevalue(run)
     counting_loss(monkeypatch, 28, interrupt)  # killed in step 28, after the snapshot at step 20
     with pytest.raises(KeyboardInterrupt):
-        train_image.main(argv(data_dir, tmp_path))
+        train_image.main(argv(data_dir, tmp_path, 40, *extra))
     assert sorted(os.listdir(tmp_path)) == [os.path.basename(snapshot(tmp_path, 20)), "train_log.npz"]
     monkeypatch.undo()
-    train_image.main(argv(data_dir, tmp_path))
+    train_image.main(argv(data_dir, tmp_path, 40, *extra))
     a, b = (torch.load(snapshot(out, 40), weights_only=False) for out in (baseline, tmp_path))
     for key in ("net", "ema"):
         assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
@@ -104,6 +115,25 @@ def test_killed_and_resumed_run_ends_bit_identical_to_uninterrupted(baseline, da
     log_a, log_b = (common.load_npz(os.path.join(d, "train_log.npz")) for d in (baseline, tmp_path))
     for key in ("loss", "E_train", "E_val", "snapshot_images"):
         np.testing.assert_array_equal(log_a[key], log_b[key])
+
+
+def test_augmented_run_trains_on_augmented_images_told_their_parameters(augmented, data_dir, tmp_path,
+                                                                         monkeypatch):
+    ckpt = common.load_checkpoint(snapshot(augmented, 40))
+    assert ckpt["args"]["augment_p"] == 0.5 and ckpt["network"]["augment_dim"] == common.AUGMENT_DIM
+    seen, real = [], common.edm_loss
+    monkeypatch.setattr(common, "edm_loss", lambda *a, **kw: seen.append(kw["augment_labels"]) or real(*a, **kw))
+    train_image.main(argv(data_dir, tmp_path / "plain", 2))
+    assert seen == [None, None], "no --augment-p: no augmentation parameters"
+    seen.clear()
+    train_image.main(argv(data_dir, tmp_path / "augmented", 2, "--augment-p", "0.2"))
+    params = torch.cat(seen)  # an image has no transform with probability 0.8^4 = 0.41
+    assert params.shape == (2 * BATCH, common.AUGMENT_DIM) and 0 < params.ne(0).any(1).sum() < 2 * BATCH
+    # sampling and evaluation give no augmentation parameters: the network as if a = 0
+    denoiser, _ = common.load_denoiser(ckpt)
+    x, sigma, labels = torch.randn(3, 1, 16, 16), torch.tensor([0.3, 1.0, 3.0]), torch.tensor([0, 4, 10])
+    torch.testing.assert_close(common.network_denoiser(denoiser, "cpu")(x, sigma, labels),
+                               denoiser(x, sigma, labels, torch.zeros(3, common.AUGMENT_DIM)), rtol=0, atol=0)
 
 
 def test_same_seed_gives_the_same_snapshot_and_log_bytes_and_another_seed_does_not(data_dir, tmp_path):
@@ -120,9 +150,11 @@ def test_same_seed_gives_the_same_snapshot_and_log_bytes_and_another_seed_does_n
     assert all(other[name] != first[name] for name in first)
 
 
-def test_a_snapshot_written_with_numpy_arrays_still_loads_and_resumes_exactly(baseline, data_dir, tmp_path):
-    # snapshots used to hold the subset, labels and numpy's random state as numpy arrays
+def test_a_snapshot_in_an_older_format_still_loads_and_resumes_exactly(baseline, data_dir, tmp_path):
+    # snapshots used to hold the subset, labels and numpy's random state as numpy arrays, and had neither the
+    # argument augment_p nor the network's augment_dim
     old = common.load_checkpoint(snapshot(baseline, 20))
+    del old["args"]["augment_p"], old["network"]["augment_dim"]
     rng = old["rng"][0]["numpy"]
     old["rng"][0]["numpy"] = ("MT19937", rng["key"].numpy().astype(np.uint32), rng["pos"], rng["has_gauss"],
                               rng["cached_gaussian"])
@@ -130,7 +162,9 @@ def test_a_snapshot_written_with_numpy_arrays_still_loads_and_resumes_exactly(ba
     torch.save(old, snapshot(tmp_path, 20))
     with pytest.raises(Exception, match="Weights only load failed"):
         torch.load(snapshot(tmp_path, 20), weights_only=True)
-    np.testing.assert_array_equal(common.load_checkpoint(snapshot(tmp_path, 20))["labels"], old["labels"])
+    loaded = common.load_checkpoint(snapshot(tmp_path, 20))
+    np.testing.assert_array_equal(loaded["labels"], old["labels"])
+    assert loaded["args"]["augment_p"] == 0 and common.load_denoiser(loaded)[0].config["augment_dim"] == 0
     train_image.main(argv(data_dir, tmp_path))
     a, b = (common.load_checkpoint(snapshot(out, 40)) for out in (baseline, tmp_path))
     assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
@@ -177,6 +211,7 @@ def assert_one_line_error(status, err, *words):
     (["--snapshots", "log20"], ["--snapshots", "every:N"]),
     (["--cond", "none"], ["--label-dropout needs a conditional run"]),
     (["--channels", "7"], ["channels must be even", "7"]),
+    (["--augment-p", "1.5"], ["--augment-p", "[0, 1]", "1.5"]),
     (["--data", "cifar10"], ["--data-dir", "has no cifar10 train split", "cifar-10-python.tar.gz"]),
 ])
 def test_bad_arguments_exit_2_with_one_line_message(data_dir, tmp_path, capsys, change, words):
