@@ -172,8 +172,12 @@ def fig_correlation_radius(data):
         tag = lambda what: f"{what} ({seen[c]:,} images seen)" if c == last else None  # noqa: E731
         axes[0].plot(sigmas, r_train[c], "o-", color="tab:blue", label=tag("training images"), **faded)
         axes[0].plot(sigmas, r_val[c], "s--", color="tab:orange", label=tag("validation images"), **faded)
+        if c < last:
+            axes[0].annotate(f"{seen[c]:,}", (sigmas[-1], r_val[c, -1]), xytext=(4, -3), textcoords="offset points",
+                             fontsize=7, color="gray")
     axes[0].set(xscale="log", xlabel="noise level sigma", ylabel="correlation radius of D (pixels)",
-                title="how far an output pixel looks (faded: earlier snapshots)", ylim=(0, None))
+                title="how far D(x)_p looks (faded: earlier snapshots)", ylim=(0, None))
+    axes[0].margins(x=0.1)  # room for the images seen of the faded curves
     axes[0].legend(fontsize=7)
     axes[1].plot(sigmas, r_train[-1] - r_val[-1], "o-", color="k", label="r_train - r_val (last snapshot)")
     axes[1].axhline(0, color="gray", lw=0.5)
