@@ -490,7 +490,7 @@ def correlation_radius(denoise, x, sigma, labels=None, pixels=64, seed=0, batch_
                 k = torch.arange(k0, min(k0 + chunk, K), device=x.device)
                 p = k // C
                 v = torch.zeros(len(k), len(xi), C, H * W, dtype=out.dtype, device=x.device)
-                v[torch.arange(len(k)), :, k % C, where[p]] = 1                        # one-hot at (c, p)
+                v[torch.arange(len(k), device=x.device), :, k % C, where[p]] = 1       # one-hot at (c, p)
                 grad, = torch.autograd.grad(out, xi, v.view(len(k), *out.shape), retain_graph=k0 + chunk < K,
                                             is_grads_batched=True)
                 J = grad.abs().sum(2).flatten(2).double()                              # (k, b, H W): J_pq per c
