@@ -9,7 +9,7 @@ Contents
   2. Sampler                            sample_ode, guided_denoiser, negative_denoiser
   3. Optimal and error-prone denoisers  optimal_denoiser, error_prone_denoiser, gaussian_denoiser,
                                         noisy_log_density, log_likelihood_ratio
-  4. Errors and gaps                    denoising_errors (E(sigma)), peak_index,
+  4. Errors and gaps                    denoising_errors (E(sigma)), peak_index, correlation_radius,
                                         frechet_distance, nearest_neighbours, memorization_ratio
   5. Networks                           UNet, DiT, Denoiser, build_network
   then the infrastructure:
@@ -531,6 +531,51 @@ def peak_index(gap):
     return np.where(np.isfinite(gap), gap, -np.inf).argmax(axis=-1)
 
 
+def correlation_radius(denoise, x, sigma, labels=None, pixels=64, seed=0, batch_size=256):
+    """How far D looks: per image, the mean over output pixels p of the correlation radius
+    r_p = sum_q |p - q| J_pq / sum_q J_pq, J_pq = sum_{c, c'} |dD(x)_{c,p} / dx_{c',q}| (channels c of p and c'
+    of q), |p - q| the Euclidean distance of the pixel positions, in pixels. p runs over `pixels` positions
+    drawn by choose_subset(H W, pixels, seed), the same for every image (all of them when pixels >= H W).
+
+    The rows J_p come from vector-Jacobian products with one-hot cotangents, one per (output pixel, channel),
+    up to batch_size (image, cotangent) rows per backward pass; nothing larger than one pass's gradients is
+    kept. denoise(x, sigma (B,), labels) must be differentiable torch code that treats images independently
+    (as the networks and their common.network_denoiser wrapper do). x (B, C, H, W), sigma float or (B,)
+    -> float64 (B,); a pixel whose row is all 0 (an output that does not depend on x) is left out of the mean.
+    """
+    check(x.ndim == 4, f"x must be images (B, C, H, W), got shape {tuple(x.shape)}")
+    check(pixels >= 1 and batch_size >= 1, f"pixels and batch_size must be positive, got {pixels}, {batch_size}")
+    B, C, H, W = x.shape
+    per_pass = max(1, min(B, batch_size))                                            # images per forward pass
+    with torch.inference_mode(False), torch.enable_grad():  # tensors made here are normal, even in inference mode
+        where = torch.as_tensor(choose_subset(H * W, min(pixels, H * W), seed), device=x.device)  # (P,) positions
+        pos = torch.stack(torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij"), -1).reshape(-1, 2)
+        dist = torch.cdist(pos.to(x.device)[where].double(), pos.to(x.device).double())  # (P, H W)
+        P, K = len(where), len(where) * C                                              # cotangent k: pixel k // C
+        num = torch.zeros(B, P, dtype=torch.float64, device=x.device)                  # sum_q |p - q| J_pq
+        den = torch.zeros(B, P, dtype=torch.float64, device=x.device)                  # sum_q J_pq
+        sig = _per_query(sigma, x, "sigma").expand(B).clone()
+        for i in range(0, B, per_pass):
+            xi = x[i:i + per_pass].clone().requires_grad_(True)
+            out = denoise(xi, sig[i:i + per_pass], None if labels is None else labels[i:i + per_pass].clone())
+            check(out.requires_grad, "the denoiser gives no gradient with respect to its input: the correlation "
+                  "radius needs differentiable torch code (not run under torch.no_grad or inference_mode)")
+            check(out.shape == xi.shape, f"the denoiser maps {tuple(xi.shape)} to {tuple(out.shape)}, not to "
+                  "images of the same shape")
+            chunk = max(1, batch_size // len(xi))                                      # cotangents per pass
+            for k0 in range(0, K, chunk):
+                k = torch.arange(k0, min(k0 + chunk, K), device=x.device)
+                p = k // C
+                v = torch.zeros(len(k), len(xi), C, H * W, dtype=out.dtype, device=x.device)
+                v[torch.arange(len(k), device=x.device), :, k % C, where[p]] = 1       # one-hot at (c, p)
+                grad, = torch.autograd.grad(out, xi, v.view(len(k), *out.shape), retain_graph=k0 + chunk < K,
+                                            is_grads_batched=True)
+                J = grad.abs().sum(2).flatten(2).double()                              # (k, b, H W): J_pq per c
+                num[i:i + per_pass].index_add_(1, p, (J * dist[p, None]).sum(-1).T)
+                den[i:i + per_pass].index_add_(1, p, J.sum(-1).T)
+        return torch.where(den > 0, num / den, torch.nan).nanmean(1).cpu()
+
+
 # ---------------------------------------------------------------------------
 # Fréchet distance and nearest neighbours
 # ---------------------------------------------------------------------------
@@ -1032,7 +1077,7 @@ def network_denoiser(denoiser, device, mode="auto"):
     mode: eager, compile or auto (compile_mode, counting this process group's processes). Compiled, sigma
     and labels go in as (B,) tensors and each batch is padded to the largest one so far (pad_rows), so that
     a smaller last batch needs no new compilation or CUDA graph; the output is sliced back (and copied out
-    of the CUDA graph's memory, which the next call reuses)."""
+    of the CUDA graph's memory, which the next call reuses). A call whose x requires gradients runs eager."""
     cuda = torch.device(device).type == "cuda"
     if cuda:
         denoiser.to(memory_format=torch.channels_last)
@@ -1049,6 +1094,8 @@ def network_denoiser(denoiser, device, mode="auto"):
     size = [0]  # the batch size compiled for: the largest so far
 
     def denoise(x, sigma, labels=None):  # x (B, C, R, R), sigma scalar or (B,), labels (B,) or None
+        if torch.is_grad_enabled() and x.requires_grad:
+            return forward(x, sigma, labels)  # gradients wanted (correlation_radius): eager, not a CUDA graph
         B = len(x)
         size[0] = max(size[0], B)
         sigma = torch.as_tensor(sigma, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)

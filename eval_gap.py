@@ -26,6 +26,10 @@ is exactly 0 at small sigma, where its relative gap is inf. With --features: fea
 fd_train, fd_val, feature_gap (C, K) (and *_optimal); both splits' Frechet distances use equally
 many images (the first min(n, --num-images) of each), since the distance's bias grows as 1/count;
 reconstructions and clean images are quantized to 8 bits before the features (as FID tools do).
+With --jacobian-sigmas: jacobian_sigmas (J,), radius_train, radius_val (C, J) = the correlation radius of
+D(y + sigma n) in pixels (common.correlation_radius: how far each output pixel looks into the input), averaged
+over --jacobian-pixels seeded output pixels (seed --seed) and the first --jacobian-images images of each split,
+with the same fixed noise as E; snapshots only (the optimal denoiser's streaming code has no gradients).
 With --guidance-weights every per-model array gains a leading axis (G, ...) and guidance_weights
 (G,) is stored; --neg uncond needs class-conditional models. --out is rewritten after every evaluated
 model, and rows already in it computed with the same settings (of an earlier or a killed run) are
@@ -47,8 +51,9 @@ from common import check
 
 SCRIPT = os.path.basename(__file__)  # stored in the result file (common.save_npz)
 # Arguments that change the numbers of a row; a cached row is reused only when they all match.
-SETTINGS = ("num_images", "seed", "guidance_weights", "neg", "features", "feature_sigmas", "data_dir")
-ROW_KEYS = ("e_train", "e_val", "fd_train", "fd_val")
+SETTINGS = ("num_images", "seed", "guidance_weights", "neg", "features", "feature_sigmas", "data_dir",
+            "jacobian_sigmas", "jacobian_images", "jacobian_pixels")
+ROW_KEYS = ("e_train", "e_val", "fd_train", "fd_val", "radius_train", "radius_val")
 
 # this process's shard; count: images of all processes; fd: the shard's images in the Frechet subset
 Split = collections.namedtuple("Split", "y noise labels count fd")
@@ -76,6 +81,13 @@ def parse_args(argv=None):
                    "'builtin' or an Inception TorchScript file (common.load_feature_extractor)")
     p.add_argument("--feature-sigmas", nargs="+", default=["0.25", "0.5", "1", "2", "4"],
                    help="noise levels of the feature-space reconstruction gap, or 'all' (every evaluated sigma)")
+    p.add_argument("--jacobian-sigmas", type=common.positive_float, nargs="+", default=None,
+                   help="also the correlation radius of D (how far an output pixel looks, from the input Jacobian) "
+                        "at these noise levels, for the snapshots (default: off)")
+    p.add_argument("--jacobian-images", type=common.positive_int, default=16,
+                   help="--jacobian-sigmas: images per split (the first of the evaluation images)")
+    p.add_argument("--jacobian-pixels", type=common.positive_int, default=64,
+                   help="--jacobian-sigmas: output pixels per image (a sample seeded by --seed; all when larger)")
     p.add_argument("--allow-mixed", action="store_true", help="accept snapshots of different runs")
     p.add_argument("--force", action="store_true", help="recompute rows already in --out, and replace an --out "
                    "that eval_gap.py did not write (refused otherwise)")
@@ -90,6 +102,9 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     check(args.snapshots or args.optimal, "nothing to evaluate: give run folders or snapshot files, "
                                           "and/or --optimal (see --help)")
+    check(args.snapshots or not args.jacobian_sigmas, "--jacobian-sigmas needs snapshots: the optimal denoiser "
+                                                      "has no correlation radius here (its code has no gradients)")
+    args.jacobian_sigmas = sorted(args.jacobian_sigmas) if args.jacobian_sigmas else None
     if args.feature_sigmas == ["all"]:
         args.feature_sigmas = "all"
     else:
@@ -158,6 +173,12 @@ def split_counts(source, num_images):
     return min(num_images, len(source.subset)), min(num_images, len(val_images))
 
 
+def leading(count, length, rank=0, world=1, device="cpu"):
+    """Positions in this process's shard (`length` images; its image j is image rank + world j of the split)
+    of the split's first `count` images."""
+    return torch.as_tensor(np.flatnonzero(rank + world * np.arange(length) < count), device=device)
+
+
 def eval_splits(source, num_images, seed, rank=0, world=1, device="cpu"):
     """This process's shard of the training and validation evaluation images of a source (num_images of each,
     or all; a seeded sample when there are more): images, their fixed noise (seeded by dataset index and
@@ -179,8 +200,7 @@ def eval_splits(source, num_images, seed, rank=0, world=1, device="cpu"):
     def split(y, indices, c, count):
         noise = common.image_noise(indices, shape, seed)
         c = None if c is None else torch.as_tensor(np.asarray(c), dtype=torch.long).to(device)
-        fd = torch.as_tensor(np.flatnonzero(rank + world * np.arange(len(y)) < fd_count), device=device)
-        return Split(y.to(device), noise.to(device), c, count, fd)
+        return Split(y.to(device), noise.to(device), c, count, leading(fd_count, len(y), rank, world, device))
     return (split(y_train, subset[pos], train_labels, n_train),
             split(y_val, len(train_images) + val_index, val_labels, n_val))
 
@@ -256,15 +276,36 @@ def feature_distances(denoise, neg, split, clean, extractor, feature_sigmas, wei
     return out
 
 
+def split_radius(denoise, neg, split, sigmas, weights, images, pixels, seed, batch, rank=0, world=1, device="cpu",
+                 bar=None):
+    """Correlation radius of D(y + sigma n) in pixels (common.correlation_radius; `pixels` output pixels seeded by
+    `seed`), averaged over the first `images` images of a split (of all processes), per weight and sigma: (G, J)."""
+    first = leading(images, len(split.y), rank, world, device)
+    y, noise = split.y[first], split.noise[first]
+    labels = None if split.labels is None else split.labels[first]
+    totals = torch.zeros(len(weights), len(sigmas), dtype=torch.float64)
+    for g, w in enumerate(weights):
+        model = common.guided_denoiser(denoise, neg, w)
+        for j, sigma in enumerate(sigmas):
+            totals[g, j] = common.correlation_radius(model, y + sigma * noise, sigma, labels, pixels, seed,
+                                                     batch).sum()
+            if bar is not None:  # one vector-Jacobian product per image, output pixel and channel
+                bar.update(len(first) * min(pixels, y[0, 0].numel()) * y.shape[1])
+    return (all_sum(totals, world, device) / min(images, split.count)).numpy()
+
+
 class Evaluator:
-    """Rows (e_train, e_val (G, S), fd_train, fd_val (G, K)) of models on the evaluation images of
-    their source; the images (and clean features) of the last source are kept for the next model."""
+    """Rows (e_train, e_val (G, S), fd_train, fd_val (G, K), radius_train, radius_val (G, J)) of models on the
+    evaluation images of their source; the images (and clean features) of the last source are kept for the next
+    model."""
 
     def __init__(self, sigmas, weights, neg, num_images, seed, batch, extractor=None, feature_sigmas=(), rank=0,
-                 world=1, device="cpu", bar=None):
+                 world=1, device="cpu", bar=None, jacobian_sigmas=(), jacobian_images=16, jacobian_pixels=64):
         self.sigmas, self.weights, self.neg, self.num_images, self.seed, self.batch = (sigmas, weights, neg,
                                                                                        num_images, seed, batch)
         self.extractor, self.feature_sigmas = extractor, feature_sigmas
+        self.jacobian_sigmas, self.jacobian_images, self.jacobian_pixels = (jacobian_sigmas, jacobian_images,
+                                                                            jacobian_pixels)
         self.rank, self.world, self.device, self.bar = rank, world, device, bar
         self.source_key, self.splits, self.clean = None, None, None
 
@@ -278,7 +319,8 @@ class Evaluator:
             self.source_key = key
         return self.splits
 
-    def rows(self, denoise, source):
+    def rows(self, denoise, source, jacobian=True):
+        """The rows of one model; jacobian False leaves out the radius (for models without gradients)."""
         splits, neg = self.load(source), common.negative_denoiser(denoise, self.neg)
         out = {}
         for name, split in zip(("train", "val"), splits):
@@ -289,6 +331,11 @@ class Evaluator:
                 out[f"fd_{name}"] = feature_distances(denoise, neg, split, clean, self.extractor,
                                                       self.feature_sigmas, self.weights, self.batch, self.world,
                                                       self.device, self.bar)
+        if jacobian and len(self.jacobian_sigmas):
+            for name, split in zip(("train", "val"), splits):
+                out[f"radius_{name}"] = split_radius(denoise, neg, split, self.jacobian_sigmas, self.weights,
+                                                     self.jacobian_images, self.jacobian_pixels, self.seed,
+                                                     self.batch, self.rank, self.world, self.device, self.bar)
         return out
 
 
@@ -373,7 +420,7 @@ def main(argv=None):
     common.run_distributed(evaluate, args)
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: the correlation radius differentiates the models (and their weights)
 def evaluate(args, rank, world, device):
     say = common.say
     old = common.earlier_result(args.out, SCRIPT, args.force)
@@ -419,10 +466,14 @@ def evaluate(args, rank, world, device):
             "optimal denoiser); the rewritten file leaves them out")
     K = len(args.feature_sigmas) if extractor is not None else 0
     total = 0
-    for source, _ in todo.values():
+    for source, path in todo.values():
         counts = split_counts(source, args.num_images)
         count = sum(len(range(rank, n, world)) for n in counts)
         total += len(weights) * (len(sigmas) * count + K * 2 * len(range(rank, min(counts), world)))
+        if path is not None and args.jacobian_sigmas:  # vector-Jacobian products
+            C, H, W = source.image_shape
+            images = sum(len(range(rank, min(n, args.jacobian_images), world)) for n in counts)
+            total += len(weights) * len(args.jacobian_sigmas) * images * min(args.jacobian_pixels, H * W) * C
     say(f"{len(snapshots)} snapshot(s){' + the optimal denoiser' if opt_source is not None else ''}: "
         f"{len(models) - len(todo)} reused from {out_path}, {len(todo)} to evaluate on {device}"
         f"{f' ({world} processes)' if world > 1 else ''}")
@@ -439,7 +490,8 @@ def evaluate(args, rank, world, device):
 
     with tqdm(total=total, unit="eval", unit_scale=True, disable=rank != 0 or not todo, dynamic_ncols=True) as bar:
         evaluator = Evaluator(sigmas, weights, neg, args.num_images, args.seed, args.batch, extractor,
-                              args.feature_sigmas, rank, world, device, bar)
+                              args.feature_sigmas, rank, world, device, bar, args.jacobian_sigmas or (),
+                              args.jacobian_images, args.jacobian_pixels)
         for i, (key, (source, path)) in enumerate(todo.items()):
             bar.set_description(f"{i + 1}/{len(todo)} {os.path.basename(path) if path else 'optimal'}")
             if path is None:
@@ -447,7 +499,7 @@ def evaluate(args, rank, world, device):
             else:
                 net = common.load_denoiser(path, args.weights, device)[0]
                 model = common.network_denoiser(net, device, args.forward_mode)
-            rows[key] = evaluator.rows(model, source)
+            rows[key] = evaluator.rows(model, source, jacobian=path is not None)
             result = write()  # after every model, so that a rerun after a kill reuses the finished rows
             progress["done"] += 1
     if rank != 0:
@@ -457,7 +509,8 @@ def evaluate(args, rank, world, device):
     summarize(result, weights if guided else None, snapshots, opt_source is not None, say)
     shape = "x".join(str(d) for d in result["e_train"].shape)
     say(f"wrote {out_path}: e_train, e_val, gap ({shape}), onset_images_seen, peak_sigma"
-        + (", *_optimal" if opt_source is not None else "") + (", fd_train, fd_val, feature_gap" if K else ""))
+        + (", *_optimal" if opt_source is not None else "") + (", fd_train, fd_val, feature_gap" if K else "")
+        + (", radius_train, radius_val" if args.jacobian_sigmas else ""))
 
 
 def result_arrays(args, settings, sigmas, snapshots, opt_key, rows):
@@ -469,6 +522,8 @@ def result_arrays(args, settings, sigmas, snapshots, opt_key, rows):
         result["guidance_weights"] = np.array(args.guidance_weights, np.float64)
     if args.features:
         result["feature_sigmas"] = np.array(args.feature_sigmas, np.float64)
+    if args.jacobian_sigmas:
+        result["jacobian_sigmas"] = np.array(args.jacobian_sigmas, np.float64)
     done, optimal = [s for s in snapshots if s["digest"] in rows], rows.get(opt_key)
     if done:
         result.update(images_seen=np.array([s["images_seen"] for s in done], np.int64),
@@ -493,7 +548,8 @@ def result_arrays(args, settings, sigmas, snapshots, opt_key, rows):
 
 def summarize(result, weights, snapshots, optimal, say):
     """One line per guidance weight: the last snapshot's peak gap, its sigma and the onset there;
-    the optimal denoiser's peak gap and the sigmas where it memorizes (E_train < 1e-3)."""
+    the optimal denoiser's peak gap and the sigmas where it memorizes (E_train < 1e-3); the last snapshot's
+    correlation radii."""
     sigmas = result["sigmas"]
     for g, w in enumerate(weights if weights is not None else [None]):
         pick = lambda key: (result[key] if w is None else result[key][g])[-1]  # noqa: E731  (last row)
@@ -513,6 +569,10 @@ def summarize(result, weights, snapshots, optimal, say):
             if len(memorized):
                 text += f", E_train < 1e-3 up to sigma {sigmas[memorized[-1]]:.3g}"
             parts.append(text)
+        if "radius_train" in result:
+            r_train, r_val = pick("radius_train"), pick("radius_val")
+            parts.append("last snapshot's correlation radius in pixels (training / validation) at sigma " + ", ".join(
+                f"{s:.3g}: {a:.2f} / {b:.2f}" for s, a, b in zip(result["jacobian_sigmas"], r_train, r_val)))
         say("; ".join(parts))
 
 

@@ -7,9 +7,10 @@ It reads every .npz below RESULTS_DIR and recognises it by the script that wrote
 entry; files written before that entry by their keys):
   eval_gap.py      (e_train, e_val, gap, images_seen): E over training time with the overfitting onset
                    (paper Fig. 1), G(sigma) coloured by images seen with the onset curve (Fig. 2), the
-                   optimal denoiser beside the network, and G(sigma) across runs coloured by model size,
+                   optimal denoiser beside the network, G(sigma) across runs coloured by model size,
                    dataset size n, conditioning granularity k, augmentation probability p and guidance
-                   weight w;
+                   weight w, and (with radius_train) how far D looks: the correlation radius over sigma
+                   beside G;
   sample_memorize.py (nn_ratio, memorized_fraction): memorized fraction, Frechet gap of samples and
                    where trajectories live (LLR overlap) over images seen, the Frechet gap against the
                    early-stopping sigma, the LLR distributions of trajectory states and noisy
@@ -160,6 +161,37 @@ def fig_optimal_vs_network(data):
     axes[1].set(xscale="log", yscale="symlog", xlabel="noise level sigma", ylabel=GAP_LABEL)
     for ax in axes:
         ax.legend(fontsize=7)
+    return fig
+
+
+def fig_correlation_radius(data):
+    """How far D(x)_p looks (common.correlation_radius, in pixels) on noisy training and validation images over
+    sigma, every snapshot (earlier ones faded); beside it, the last snapshot's r_train - r_val with G(sigma)."""
+    sigmas, seen = data["jacobian_sigmas"], data["images_seen"]
+    r_train, r_val = first_weight(data["radius_train"], data), first_weight(data["radius_val"], data)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
+    last = len(r_train) - 1
+    for c in range(last + 1):
+        faded = dict(alpha=1.0, lw=2) if c == last else dict(alpha=0.15 + 0.45 * c / max(last, 1), lw=1)
+        tag = lambda what: f"{what} ({seen[c]:,} images seen)" if c == last else None  # noqa: E731
+        axes[0].plot(sigmas, r_train[c], "o-", color="tab:blue", label=tag("training images"), **faded)
+        axes[0].plot(sigmas, r_val[c], "s--", color="tab:orange", label=tag("validation images"), **faded)
+        if c < last:
+            axes[0].annotate(f"{seen[c]:,}", (sigmas[-1], r_val[c, -1]), xytext=(4, -3), textcoords="offset points",
+                             fontsize=7, color="gray")
+    axes[0].set(xscale="log", xlabel="noise level sigma", ylabel="correlation radius of D (pixels)",
+                title="how far D(x)_p looks (faded: earlier snapshots)", ylim=(0, None))
+    axes[0].margins(x=0.1)  # room for the images seen of the faded curves
+    axes[0].legend(fontsize=7)
+    axes[1].plot(sigmas, r_train[-1] - r_val[-1], "o-", color="k", label="r_train - r_val (last snapshot)")
+    axes[1].axhline(0, color="gray", lw=0.5)
+    axes[1].set(xscale="log", xlabel="noise level sigma", ylabel="radius difference (pixels)",
+                title="training minus validation radius, and G(sigma)")
+    gap_axis = axes[1].twinx()
+    gap_axis.plot(data["sigmas"], first_weight(data["gap"], data)[-1], color="tab:red", alpha=0.6,
+                  label="G(sigma) (right axis)")
+    gap_axis.set(yscale="symlog", ylabel=GAP_LABEL)
+    axes[1].legend(handles=axes[1].lines[:1] + gap_axis.lines, fontsize=7)
     return fig
 
 
@@ -449,6 +481,8 @@ def main(argv=None):
             draw(f"optimal_vs_network_{name}", fig_optimal_vs_network, data)
         if "guidance_weights" in data:
             draw(f"gap_by_guidance_{name}", fig_gap_by_guidance, data)
+        if "radius_train" in data:
+            draw(f"correlation_radius_{name}", fig_correlation_radius, data)
     for name, (label, members) in (attempt("G(sigma) by factor", factor_groups, gap_results) or {}).items():
         draw(name, fig_gap_by_factor, label, members)
     draw("memorization_over_training", fig_memorization_over_training, mem_results)

@@ -520,6 +520,103 @@ def test_optimal_denoiser_training_error_vanishes_as_sigma_falls_while_validatio
     assert e_val[0] > 0.05 and e_val[2] > e_train[2]
 
 
+# --- correlation radius of the input Jacobian ---------------------------------
+
+def brute_force_radius(H, W, positions, weight):
+    """Mean over the flat positions p of sum_q |p - q| w(p, q) / sum_q w(p, q), by loops over the pixels."""
+    radii = []
+    for p in positions:
+        i, j = divmod(int(p), W)
+        pairs = [(math.hypot(i - k, j - m), weight(i, j, k, m)) for k in range(H) for m in range(W)]
+        radii.append(sum(d * w for d, w in pairs) / sum(w for _, w in pairs))
+    return sum(radii) / len(radii)
+
+
+def shift_right(x):
+    """Each pixel takes its left neighbour's value; the first column gets 0."""
+    return torch.nn.functional.pad(x, (1, 0))[..., :-1]
+
+
+def test_correlation_radius_of_a_pointwise_map_is_zero_even_when_it_mixes_channels():
+    x = torch.randn(3, 3, 5, 4, generator=torch.Generator().manual_seed(0))
+    scale = torch.tensor([1.0, -2.0, 0.5])[:, None, None]
+    mix = lambda x, s, c: torch.tanh(scale * x + x.sum(1, keepdim=True))  # noqa: E731
+    r = common.correlation_radius(mix, x, 0.5)
+    assert r.shape == (3,) and r.dtype == F64 and r.abs().max() == 0
+
+
+def test_correlation_radius_of_global_averaging_is_the_mean_pixel_distance():
+    H, W = 5, 4
+    x = torch.randn(2, 1, H, W, generator=torch.Generator().manual_seed(1))
+    average = lambda x, s, c: x.mean((2, 3), keepdim=True).expand_as(x) * 2  # noqa: E731
+    everywhere = lambda i, j, k, m: 1.0  # noqa: E731
+    r = common.correlation_radius(average, x, 1.0, pixels=H * W)
+    torch.testing.assert_close(r, torch.full((2,), brute_force_radius(H, W, range(H * W), everywhere), dtype=F64))
+    some = common.choose_subset(H * W, 7, 3)                # a seeded subset of the output pixels
+    r = common.correlation_radius(average, x, 1.0, pixels=7, seed=3)
+    torch.testing.assert_close(r, torch.full((2,), brute_force_radius(H, W, some, everywhere), dtype=F64))
+
+
+def test_correlation_radius_of_a_one_pixel_shift_is_one_and_channels_add_absolute_values():
+    x = torch.randn(4, 1, 6, 5, generator=torch.Generator().manual_seed(2))
+    r = common.correlation_radius(lambda x, s, c: shift_right(x), x, 0.1, batch_size=3)
+    torch.testing.assert_close(r, torch.ones(4, dtype=F64))   # the first column (no input) is left out
+
+    # out_0 = x_0 - shift(x_0), out_1 = x_1 + shift(x_0): J = 2 at p and 2 at its left neighbour, so r = 1/2 but
+    # in the first column, where r = 0; summing signed derivatives over the output channels would give 0
+    def pair(x, s, c):
+        return torch.cat([x[:, :1] - shift_right(x[:, :1]), x[:, 1:] + shift_right(x[:, :1])], 1)
+    x2 = torch.randn(2, 2, 3, 5, generator=torch.Generator().manual_seed(3))
+    r = common.correlation_radius(pair, x2, 0.1, pixels=15)
+    torch.testing.assert_close(r, torch.full((2,), 0.5 * 4 / 5, dtype=F64))
+
+
+def test_correlation_radius_of_a_box_blur_matches_brute_force_on_the_seeded_pixels():
+    H, W = 6, 7
+    x = torch.randn(3, 2, H, W, generator=torch.Generator().manual_seed(4))
+    blur = lambda x, s, c: torch.nn.functional.avg_pool2d(x, 3, 1, 1)  # noqa: E731  (zero padding)
+    near = lambda i, j, k, m: float(abs(i - k) <= 1 and abs(j - m) <= 1)  # noqa: E731
+    interior = (4 + 4 * math.sqrt(2)) / 9
+    r = common.correlation_radius(blur, x, 0.3, pixels=9, seed=5)
+    expected = brute_force_radius(H, W, common.choose_subset(H * W, 9, 5), near)
+    torch.testing.assert_close(r, torch.full((3,), expected, dtype=F64))
+    again = common.correlation_radius(blur, x, 0.3, pixels=9, seed=5, batch_size=2)
+    other = common.correlation_radius(blur, x, 0.3, pixels=9, seed=6)
+    torch.testing.assert_close(again, r)
+    assert not torch.allclose(other, r), "another seed picks other pixels (the border ones differ)"
+    full = common.correlation_radius(blur, x, 0.3, pixels=1000)
+    torch.testing.assert_close(full, torch.full((3,), brute_force_radius(H, W, range(H * W), near), dtype=F64))
+    assert full[0] < interior, "border pixels look less far"
+
+
+def test_correlation_radius_of_a_network_is_the_same_in_any_chunking_and_in_inference_mode():
+    torch.manual_seed(0)
+    net = common.build_network("unet", "tiny", 8, 1, num_classes=3, channels=8)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    net.eval().requires_grad_(False)
+    denoise = common.network_denoiser(net, "cpu")
+    x, labels = torch.randn(5, 1, 8, 8), torch.tensor([0, 1, 2, 3, 1])
+    sigma = torch.tensor([0.1, 0.5, 1.0, 2.0, 5.0])
+    whole = common.correlation_radius(denoise, x, sigma, labels, pixels=6, batch_size=10_000)
+    with torch.inference_mode():
+        chunked = common.correlation_radius(denoise, x, sigma, labels, pixels=6, batch_size=4)
+    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-6)
+    alone = common.correlation_radius(denoise, x[3:4], sigma[3:4], labels[3:4], pixels=6)
+    torch.testing.assert_close(alone, whole[3:4], rtol=1e-5, atol=1e-6)
+    assert bool(((whole > 0) & (whole < math.hypot(7, 7))).all())
+
+
+def test_correlation_radius_of_a_denoiser_without_gradients_is_a_user_error():
+    data = torch.randn(4, 1, 3, 3, dtype=F64)
+    optimal = common.labelled_optimal_denoiser(data)              # streaming code under torch.no_grad
+    with pytest.raises(common.UserError, match="no gradient with respect to its input"):
+        common.correlation_radius(optimal, torch.randn(2, 1, 3, 3, dtype=F64), 1.0)
+    with pytest.raises(common.UserError, match="images"):
+        common.correlation_radius(lambda x, s, c: x, torch.randn(2, 9), 1.0)
+
+
 # --- files ---------------------------------------------------------------------
 
 def test_atomic_write_removes_temp_files_a_killed_writer_left_for_the_same_target(tmp_path):

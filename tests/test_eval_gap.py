@@ -16,6 +16,7 @@ import eval_gap
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N_TRAIN, N_VAL, N_SUBSET, RES = 40, 20, 16, 8
 SIGMAS = ["0.002", "0.05", "0.5", "2", "10"]
+JACOBIAN = ["--jacobian-sigmas", "0.5", "0.05", "--jacobian-images", "3", "--jacobian-pixels", "8"]
 
 
 @pytest.fixture(scope="module")
@@ -183,6 +184,36 @@ def test_guidance_with_zero_weight_equals_unguided_and_adds_a_leading_axis(data_
         np.testing.assert_array_equal(r["e_val"][0], plain["e_val"])
         assert not np.allclose(r["e_val"][1], plain["e_val"])
     assert np.array_equal(auto["e_val"][1][0], plain["e_val"][0]), "guiding a model by itself changes nothing"
+
+
+def test_correlation_radius_is_written_per_snapshot_from_the_gaps_images_and_fixed_noise(data_dir, run_dir,
+                                                                                        tmp_path):
+    r = evaluate(data_dir, tmp_path / "jac.npz", run_dir, "--optimal", *JACOBIAN)
+    plain = evaluate(data_dir, tmp_path / "plain.npz", run_dir, "--optimal")
+    np.testing.assert_array_equal(r["jacobian_sigmas"], [0.05, 0.5])
+    assert r["radius_train"].shape == r["radius_val"].shape == (3, 2) and "radius_train_optimal" not in r
+    for key in ("e_train", "e_val", "e_val_optimal"):
+        np.testing.assert_array_equal(r[key], plain[key])
+    assert np.all((r["radius_val"] > 0) & (r["radius_val"] < np.hypot(RES - 1, RES - 1)))
+    # the last snapshot at sigma 0.5 on the first 3 images of each split, recomputed directly
+    train, val = eval_gap.eval_splits(eval_gap.read_snapshot(snap(run_dir, 240))["source"], num_images=20, seed=0)
+    model = common.network_denoiser(common.load_denoiser(snap(run_dir, 240))[0], "cpu")
+    for split, key in ((train, "radius_train"), (val, "radius_val")):
+        direct = common.correlation_radius(model, split.y[:3] + 0.5 * split.noise[:3], 0.5, split.labels[:3],
+                                           pixels=8, seed=0)
+        assert r[key][2, 1] == pytest.approx(direct.mean().item(), rel=1e-6)
+    fewer = evaluate(data_dir, tmp_path / "jac.npz", snap(run_dir, 240), *JACOBIAN, "--jacobian-pixels", "4")
+    assert fewer["radius_train"][0, 1] != r["radius_train"][2, 1], "other radius settings recompute the rows"
+    guided = evaluate(data_dir, tmp_path / "guided.npz", snap(run_dir, 240), *JACOBIAN, "--guidance-weights", "0", "2")
+    assert guided["radius_val"].shape == (2, 1, 2)
+    np.testing.assert_allclose(guided["radius_val"][0, 0], r["radius_val"][2], rtol=1e-6)
+    assert not np.allclose(guided["radius_val"][1, 0], r["radius_val"][2], rtol=1e-3)
+
+
+def test_correlation_radius_of_the_optimal_denoiser_alone_is_refused(tmp_path, capsys):
+    status, err = run_cli(["--optimal", *JACOBIAN, "--out", str(tmp_path / "g.npz")], capsys)
+    assert status == 2 and err == ("error: --jacobian-sigmas needs snapshots: the optimal denoiser has no "
+                                   "correlation radius here (its code has no gradients)\n"), err
 
 
 @pytest.mark.parametrize("model", ["snapshot", "optimal"])
@@ -375,15 +406,15 @@ def test_train_image_run_with_kmeans_labels_matches_optimal_on_the_same_subset(d
 
 
 def test_two_gloo_processes_give_the_same_curves_as_one(data_dir, run_dir, tmp_path):
-    one = evaluate(data_dir, tmp_path / "one.npz", run_dir, "--optimal")
+    one = evaluate(data_dir, tmp_path / "one.npz", run_dir, "--optimal", *JACOBIAN)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            os.path.join(ROOT, "eval_gap.py"), run_dir, "--optimal", "--data-dir", data_dir, "--num-images", "20",
-           "--sigmas", *SIGMAS, "--batch", "50", "--device", "cpu", "--out", str(tmp_path / "two.npz")]
+           "--sigmas", *SIGMAS, "--batch", "50", "--device", "cpu", "--out", str(tmp_path / "two.npz"), *JACOBIAN]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     two = common.load_npz(str(tmp_path / "two.npz"))
-    for key in ("e_train", "e_val", "e_train_optimal", "e_val_optimal"):
+    for key in ("e_train", "e_val", "e_train_optimal", "e_val_optimal", "radius_train", "radius_val"):
         np.testing.assert_allclose(two[key], one[key], rtol=1e-5)
 
 
@@ -434,6 +465,9 @@ def test_out_that_is_a_folder_stops_before_any_evaluation(run_dir, tmp_path, cap
     (["--sigmas", "0.5", "nan"], "argument --sigmas: must be a positive number, got 'nan'"),
     (["--seed", "-1"], "argument --seed: must be a non-negative integer, got '-1'"),
     (["--resolution", "0"], "argument --resolution: must be a positive integer, got '0'"),
+    (["--jacobian-sigmas", "0"], "argument --jacobian-sigmas: must be a positive number, got '0'"),
+    (["--jacobian-pixels", "0"], "argument --jacobian-pixels: must be a positive integer, got '0'"),
+    (["--jacobian-images", "1.5"], "argument --jacobian-images: must be a positive integer, got '1.5'"),
 ])
 def test_bad_numbers_are_refused_by_the_parser_naming_the_option(tmp_path, capsys, change, message):
     status, err = run_cli(["--optimal", "--out", str(tmp_path / "g.npz"), *change], capsys)

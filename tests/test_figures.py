@@ -12,7 +12,8 @@ import figures
 S, C = 12, 4
 
 
-def write_gap(path, params=1000, n=32, k=None, guidance=False, script="eval_gap.py", augment_p=None, channels=8):
+def write_gap(path, params=1000, n=32, k=None, guidance=False, script="eval_gap.py", augment_p=None, channels=8,
+              radius=False):
     sigmas = np.geomspace(2e-3, 80, S)
     seen = np.array([100, 1000, 10000, 100000])
     bump = np.exp(-np.log(sigmas) ** 2)                           # a gap peaking at sigma = 1
@@ -31,8 +32,11 @@ def write_gap(path, params=1000, n=32, k=None, guidance=False, script="eval_gap.
         arrays["gap"] = arrays["gap"] * (1 - augment_p)
         arrays["run_args"] = np.array(json.dumps({**json.loads(str(arrays["run_args"])), "augment_p": augment_p}))
         arrays["network"] = np.array(json.dumps(dict(channels=channels, augment_dim=augment_dim)))
+    if radius:  # training images looked at from further away where the gap is large
+        arrays.update(jacobian_sigmas=sigmas[::3], radius_val=np.ones((len(seen), S // 3)) * np.arange(1, 5))
+        arrays["radius_train"] = arrays["radius_val"] + gap[:, ::3]
     if guidance:
-        arrays = {key: np.stack([v, 2 * v]) if key.startswith(("e_train", "e_val", "gap")) else v
+        arrays = {key: np.stack([v, 2 * v]) if key.startswith(("e_train", "e_val", "gap", "radius")) else v
                   for key, v in arrays.items()}
         arrays["guidance_weights"] = np.array([0.0, 1.0])
     if script is None:  # as eval_gap.py wrote it before result files named their script
@@ -77,6 +81,21 @@ def test_every_figure_is_drawn_from_matching_results(tmp_path, capsys):
     assert "1,000" in row and "100,000" in row and "50% [0%, 10%]" in row   # params, images seen, copies
     assert " 0.30  0.20  0.15 " in row and "+1.00" in row and "+0.05" in row  # LLR overlap and fresh level, FD gaps
     assert "figures in" in capsys.readouterr().out
+
+
+def test_correlation_radius_is_drawn_beside_the_gap_when_eval_gap_measured_it(tmp_path, capsys):
+    write_gap(tmp_path / "guided.npz", radius=True, guidance=True)
+    figures.main([str(tmp_path)])
+    assert (tmp_path / "figures" / "correlation_radius_guided.png").exists()
+    assert (tmp_path / "figures" / "correlation_radius_guided.pdf").exists()
+    assert "note: correlation_radius" not in capsys.readouterr().out
+    write_gap(tmp_path / "plain.npz", radius=True)
+    data = common.load_npz(tmp_path / "plain.npz")
+    fig = figures.fig_correlation_radius(data)
+    left, right = fig.axes[:2]
+    assert len(left.lines) == 2 * C and left.get_ylabel() == "correlation radius of D (pixels)"
+    np.testing.assert_array_equal(right.lines[0].get_ydata(), data["radius_train"][-1] - data["radius_val"][-1])
+    figures.plt.close(fig)
 
 
 def test_summary_reports_the_peak_gap_of_the_last_snapshot_and_its_sigma(tmp_path):

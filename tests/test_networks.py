@@ -289,3 +289,21 @@ def test_cuda_graph_outputs_are_copied_out_behind_a_step_marker(monkeypatch):
         torch.testing.assert_close(first, denoiser(x, sigma, labels), rtol=0, atol=0)
         torch.testing.assert_close(second, denoiser(x.flip(0), sigma, labels), rtol=0, atol=0)
     assert modes == ["reduce-overhead"] and len(marks) == 2
+
+
+def test_compiled_network_denoiser_runs_eager_when_gradients_are_wanted(monkeypatch):
+    # The correlation radius differentiates D: a CUDA graph cannot replay a backward pass per output pixel, so
+    # such calls bypass the compiled function and give the eager radius.
+    replays = []
+    monkeypatch.setattr(common, "compile_mode", lambda requested, cuda, world: ("compile", True))
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: None)
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: lambda *inputs: replays.append(1) or fn(*inputs))
+    denoiser, x, sigma, labels = small_denoiser()
+    denoise = common.network_denoiser(denoiser, "cpu", "auto")
+    radius = common.correlation_radius(denoise, x, sigma, labels, pixels=8, seed=0)
+    assert replays == [], "no call that needs gradients went through the compiled function"
+    eager = common.correlation_radius(lambda *a: denoiser(*a), x, sigma, labels, pixels=8, seed=0)
+    torch.testing.assert_close(radius, eager, rtol=0, atol=0)
+    with torch.no_grad():
+        denoise(x, sigma, labels)
+    assert replays == [1], "inference calls still use it"
