@@ -360,14 +360,18 @@ def window_weights(shape, window, steps=2, mode="average"):
     return corners, weights / weights.sum(0)
 
 
-def windowed_denoiser(denoise, window, steps=2, mode="average"):
+def windowed_denoiser(denoise, window, steps=2, mode="average", multiple=1):
     """Restricted receptive field: D sees only window x window crops of x, `steps` positions per axis
     (window_offsets), D_win(x)_p = sum_k a_kp D(crop_k x)_p with the weights a of window_weights (average over
-    the windows holding pixel p, or "cut": the one whose centre is nearest). Returns denoise(x (B, ..., H, W),
+    the windows holding pixel p, or "cut": the one whose centre is nearest). Returns denoise(x (B, C, H, W),
     sigma, labels=None); each crop keeps its image's sigma and label, and each call of D gets the crops of one
     window position (B of them), so memory stays that of the whole-image call. A window of the whole image
-    gives D itself."""
-    return _windowed(lambda top, left: denoise, window, steps, mode)
+    gives D itself. For a network whose down-sampling needs sides that are multiples of `multiple`
+    (Denoiser.size_multiple), each crop is padded by reflection (of its own pixels: D still sees nothing
+    outside the window) on the top and left by its offset mod multiple, so that it keeps its place on the
+    down-sampling grid that it had in the whole image, and on the bottom and right to the next multiple; the
+    prediction is cropped back."""
+    return _windowed(lambda top, left: denoise, window, steps, mode, multiple)
 
 
 def windowed_optimal_denoiser(data, window, data_labels=None, steps=2, mode="average", note=None):
@@ -385,9 +389,10 @@ def windowed_optimal_denoiser(data, window, data_labels=None, steps=2, mode="ave
     return _windowed(at, window, steps, mode)
 
 
-def _windowed(denoiser_at, window, steps, mode):
+def _windowed(denoiser_at, window, steps, mode, multiple=1):
     """The windowed denoiser of windowed_denoiser, with denoiser_at(top, left) the denoiser of each window."""
-    check(window >= 1, f"the window size must be a positive number of pixels, got {window}")
+    check(window >= 1 and window >= multiple, f"windows must have at least {max(multiple, 1)} pixels a side"
+          f"{' for this network' if multiple > 1 else ''}, got {window}")
     check(mode in WINDOW_MODES, f"window mode must be one of {', '.join(WINDOW_MODES)}, got {mode!r}")
 
     def denoise(x, sigma, labels=None):
@@ -397,7 +402,12 @@ def _windowed(denoiser_at, window, steps, mode):
             a = a[top:top + window, left:left + window]
             if not bool(a.any()):                                       # "cut": a window that owns no pixel
                 continue
-            den = denoiser_at(top, left)(x[..., top:top + window, left:left + window], sigma, labels)
+            pad_t, pad_l = top % multiple, left % multiple               # the crop's place on the grid
+            pad_b, pad_r = -(pad_t + window) % multiple, -(pad_l + window) % multiple
+            crop = x[..., top:top + window, left:left + window]
+            if pad_t or pad_l or pad_b or pad_r:
+                crop = F.pad(crop, (pad_l, pad_r, pad_t, pad_b), mode="reflect")
+            den = denoiser_at(top, left)(crop, sigma, labels)[..., pad_t:pad_t + window, pad_l:pad_l + window]
             out = torch.zeros(x.shape, dtype=den.dtype, device=den.device) if out is None else out
             out[..., top:top + window, left:left + window] += a.to(den.dtype).to(den.device) * den
         return out
@@ -764,9 +774,8 @@ class UNet(nn.Module):
     `blocks` residual blocks of channels * mult, attention at attn_resolutions, skip connections
     from every encoder block to the decoder; noise embedding (+ label embedding) -> MLP.
     Convolutional, so it takes images of other sizes than img_resolution too (windows of an image,
-    windowed_denoiser), of at least size_multiple = 2^(levels - 1) pixels a side; sides that the
-    down-sampling cannot halve often enough are padded by reflection to the next multiple of size_multiple
-    and the output is cropped back."""
+    windowed_denoiser), whose sides are multiples of size_multiple = 2^(levels - 1), so that the
+    down-sampling can halve them; the attention blocks work at any size."""
 
     def __init__(self, img_resolution, img_channels, num_classes=0, channels=128,
                  channel_mult=(2, 2, 2), blocks=4, attn_resolutions=(16,), dropout=0.0, emb_mult=4):
@@ -824,11 +833,10 @@ class UNet(nn.Module):
 
     def forward(self, x, c_noise, labels=None):
         """x (B, C, H, W), c_noise (B,), labels (B,) or None -> F (B, C, H, W)."""
-        H, W, m = x.shape[-2], x.shape[-1], self.size_multiple
-        pad_h, pad_w = -H % m, -W % m
-        if pad_h or pad_w:
-            check(min(H, W) >= m, f"the U-Net needs images of at least {m} pixels a side, got {H}x{W}")
-            x = F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2), mode="reflect")
+        m = self.size_multiple
+        check(x.shape[-2] % m == 0 and x.shape[-1] % m == 0, f"this U-Net takes images whose sides are "
+              f"multiples of {m} ({m}, {2 * m}, {3 * m}, ...), got {x.shape[-2]}x{x.shape[-1]} (windowed_denoiser "
+              "pads windows to them)")
         emb = noise_embedding(c_noise, self.conv_in.out_channels)
         if self.label_embed is not None:
             emb = emb + self.label_embed(labels)
@@ -840,8 +848,7 @@ class UNet(nn.Module):
             skips.append(x)
         for block, takes_skip in zip(self.dec, self.dec_takes_skip):
             x = block(torch.cat([x, skips.pop()], dim=1) if takes_skip else x, emb)
-        out = self.conv_out(F.silu(self.norm_out(x)))
-        return out[..., pad_h // 2:pad_h // 2 + H, pad_w // 2:pad_w // 2 + W]
+        return self.conv_out(F.silu(self.norm_out(x)))
 
 
 def modulate(x, shift, scale):
@@ -961,6 +968,7 @@ class Denoiser(nn.Module):
         super().__init__()
         self.net, self.config = net, dict(config)
         self.num_classes, self.sigma_data = config["num_classes"], config["sigma_data"]
+        self.size_multiple = getattr(net, "size_multiple", 1)  # image sides must be multiples of it (UNet)
 
     def forward(self, x, sigma, labels=None):
         xf = x.to(torch.promote_types(x.dtype, torch.float32))

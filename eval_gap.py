@@ -36,8 +36,10 @@ the mean over the windows that hold it; cut: the window whose centre is nearest)
 and windows (W,) holds the window sizes in pixels, smallest first, the whole image R last (its rows are the
 unrestricted ones). The optimal denoiser is then the windowed one whose data are the training images
 cropped to the same window (common.windowed_optimal_denoiser). --features works per window as well. U-Nets
-take any window (sides that their down-sampling cannot halve are padded by reflection and cropped back,
-common.UNet); DiTs are refused, since their position embeddings are fixed to the whole image.
+take any window of at least 2^(levels - 1) pixels: each crop is padded by reflection of its own pixels so that
+it keeps its place on the network's down-sampling grid and its sides become multiples of 2^(levels - 1), and
+the prediction is cropped back (common.windowed_denoiser); DiTs are refused, since their position embeddings
+are fixed to the whole image.
 --out is rewritten after every evaluated model, and rows already in it computed with the same settings
 (of an earlier or a killed run) are reused unless --force; an --out that eval_gap.py did not write
 (another script's result, a foreign file) is not replaced unless --force.
@@ -91,7 +93,8 @@ def parse_args(argv=None):
     p.add_argument("--windows", type=common.positive_int, nargs="+", default=None, metavar="PIXELS",
                    help="restricted receptive field: also evaluate every model seeing only windows of these sizes "
                         "(each smaller than the image; the whole image is added as the last entry); adds a "
-                        "leading window axis to the outputs")
+                        "leading window axis to the outputs; works with --guidance-weights and --features, "
+                        "refuses DiT runs")
     p.add_argument("--window-steps", type=common.positive_int, default=2,
                    help="window positions per axis, evenly spaced from edge to edge (with --windows)")
     p.add_argument("--window-mode", choices=common.WINDOW_MODES, default="average",
@@ -220,10 +223,12 @@ def optimal_models(source, device, windows=(None,), steps=2, mode="average"):
             else common.windowed_optimal_denoiser(images, w, source.labels, steps, mode, note) for w in windows]
 
 
-def windowed_models(denoise, windows=(None,), steps=2, mode="average"):
-    """A denoiser seen through windows of each size (common.windowed_denoiser; None: the whole image, the
-    denoiser itself)."""
-    return [denoise if w is None else common.windowed_denoiser(denoise, w, steps, mode) for w in windows]
+def network_models(net, device, windows=(None,), steps=2, mode="average"):
+    """A network (common.Denoiser) for inference (common.network_denoiser), seen through windows of each size
+    (common.windowed_denoiser, each crop padded to the network's size_multiple; None: the whole image)."""
+    denoise = common.network_denoiser(net, device)
+    return [denoise if w is None else common.windowed_denoiser(denoise, w, steps, mode, net.size_multiple)
+            for w in windows]
 
 
 def window_sizes(windows, steps, models):
@@ -407,8 +412,8 @@ def image_shape(network):
 
 def negative_model(neg, weights, guidance_weights, models, device):
     """The guidance negative of --neg and its digest: None for 'uncond' (each model with the null label,
-    common.negative_denoiser) or a snapshot's network; UserError unless it fits each of the models, given as
-    (name, image shape, number of classes) (common.check_guidance)."""
+    common.negative_denoiser) or a snapshot's network (common.Denoiser); UserError unless it fits each of the
+    models, given as (name, image shape, number of classes) (common.check_guidance)."""
     info = None if neg == "uncond" else read_snapshot(neg, weights)
     fits = None if info is None else (neg, image_shape(info["network"]), info["network"]["num_classes"])
     if fits is not None or any(guidance_weights):
@@ -416,7 +421,7 @@ def negative_model(neg, weights, guidance_weights, models, device):
             common.check_guidance(name, shape, num_classes, fits)
     if info is None:
         return None, "uncond"
-    return common.network_denoiser(common.load_denoiser(neg, weights, device)[0], device), info["digest"]
+    return common.load_denoiser(neg, weights, device)[0], info["digest"]
 
 
 def curves(rows, windowed, guided, sigmas=None, images_seen=None):
@@ -478,12 +483,11 @@ def evaluate(args, rank, world, device):
         if opt_source is not None:
             kinds.append(("the optimal denoiser", "optimal", opt_source.resolution))
         if neg is not None:
-            network = read_snapshot(args.neg, args.weights)["network"]
-            kinds.append((f"--neg {args.neg}", network["model"], network["img_resolution"]))
+            kinds.append((f"--neg {args.neg}", neg.config["model"], neg.config["img_resolution"]))
         args.windows = window_sizes(args.windows, args.window_steps, kinds)
     restrictions = args.windows[:-1] + [None] if windowed else [None]  # window sizes; None: the whole image
     negs = ([None] * len(restrictions) if neg is None
-            else windowed_models(neg, restrictions, args.window_steps, args.window_mode))
+            else network_models(neg, device, restrictions, args.window_steps, args.window_mode))
     extractor = common.load_feature_extractor(args.features, device) if args.features else None
     out_path = args.out
     settings = eval_settings(args, sigmas, neg_digest)
@@ -527,8 +531,7 @@ def evaluate(args, rank, world, device):
                 models = optimal_models(source, device, restrictions, args.window_steps, args.window_mode)
             else:
                 net = common.load_denoiser(path, args.weights, device)[0]
-                models = windowed_models(common.network_denoiser(net, device), restrictions, args.window_steps,
-                                         args.window_mode)
+                models = network_models(net, device, restrictions, args.window_steps, args.window_mode)
             rows[key] = evaluator.rows(models, source)
             result = write()  # after every model, so that a rerun after a kill reuses the finished rows
             progress["done"] += 1

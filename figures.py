@@ -206,11 +206,15 @@ def fig_gap_by_window(data):
     last (eval_gap.py --windows)."""
     windows, gap = data["windows"], data["gap"]                       # (W,), (W, [G,] C, S)
     gap = gap[:, 0] if "guidance_weights" in data else gap
-    seen = int(data["images_seen"][-1])
+    settings = json_key(data, "eval_settings")
+    merged = {"average": "averaged", "cut": "cut"}.get(settings.get("window_mode"), settings.get("window_mode"))
+    how = f", {settings['window_steps']} per axis, {merged}" if "window_steps" in settings else ""
     fig = common.plot_sweep(data["sigmas"], gap[:, -1], windows,
                             f"window size (pixels a side; whole image: {windows[-1]})",
-                            f"G(sigma) by window size ({seen:,} images seen)", ylabel=GAP_LABEL)
+                            f"G(sigma) by window size{how}\n(last snapshot, {int(data['images_seen'][-1]):,} "
+                            "images seen)", ylabel=GAP_LABEL + " (symlog)")
     fig.axes[0].set_xlabel("noise level sigma (pixel values in [-1, 1])")
+    fig.axes[0].set_yscale("symlog", linthresh=0.1)
     return fig
 
 

@@ -433,6 +433,24 @@ def test_windowed_denoiser_passes_sigma_and_labels_and_calls_once_per_window_pos
     assert len(calls) == 9 and all(shape == (3, 1, 6, 6) and s is sigma and c is labels for shape, s, c in calls)
 
 
+def test_windows_are_padded_by_reflection_to_keep_their_place_on_the_downsampling_grid():
+    # windows of 10 at offsets 0 and 6 for a network that needs multiples of 4: the first gets 2 reflected
+    # rows and columns at the bottom and right; the second 2 at the top and left (6 = 4 + 2), none after
+    seen = []
+
+    def denoise(x, sigma, labels=None):
+        seen.append(x.clone())
+        return 2 * x
+    x = torch.randn(2, 1, 16, 16)
+    assert torch.equal(common.windowed_denoiser(denoise, 10, multiple=4)(x, 0.5), 2 * x)
+    assert [tuple(s.shape) for s in seen] == [(2, 1, 12, 12)] * 4
+    first, last = seen[0], seen[-1]
+    assert torch.equal(first[..., :10, :10], x[..., :10, :10]) and torch.equal(first[..., 10:, :10], x[..., [8, 7], :10])
+    assert torch.equal(last[..., 2:, 2:], x[..., 6:, 6:]) and torch.equal(last[..., :2, 2:], x[..., [8, 7], 6:])
+    with pytest.raises(common.UserError, match="at least 4 pixels a side for this network, got 3"):
+        common.windowed_denoiser(denoise, 3, steps=6, multiple=4)
+
+
 def test_windowed_optimal_denoiser_stitches_crops_of_different_training_images():
     # a query made of the left half of training image 0 and the right half of image 1: at small sigma the
     # whole-image optimal denoiser returns one training image; the one restricted to the four 4x4 quadrants

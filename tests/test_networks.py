@@ -138,17 +138,15 @@ def test_unet_builds_and_runs_for_any_even_width(channels):
     assert out.shape == (2, 1, 16, 16)
 
 
-def test_unet_takes_windows_that_its_downsampling_cannot_halve_by_reflection_padding():
-    # the tiny U-Net halves twice: 10x14 is padded to 12x16 (1 + 1 and 1 + 1 pixels), run, and cropped back
-    unet = perturbed(common.build_network("unet", "tiny", 16, 1, channels=8)).net
-    x, c_noise = torch.randn(2, 1, 10, 14), torch.tensor([0.1, -0.5])
+def test_unet_takes_any_size_its_downsampling_can_halve_and_names_them_otherwise():
+    denoiser = perturbed(common.build_network("unet", "tiny", 16, 1, channels=8))
+    assert denoiser.size_multiple == 4
     with torch.no_grad():
-        out = unet(x, c_noise)
-        padded = unet(F.pad(x, (1, 1, 1, 1), mode="reflect"), c_noise)
-        assert out.shape == x.shape and torch.equal(out, padded[..., 1:11, 1:15])
-        assert unet(torch.randn(2, 1, 8, 12), c_noise).shape == (2, 1, 8, 12)
-    with pytest.raises(common.UserError, match="at least 4 pixels a side, got 3x3"):
-        unet(torch.randn(1, 1, 3, 3), c_noise[:1])
+        assert denoiser(torch.randn(2, 1, 8, 12), torch.tensor([0.1, 2.0])).shape == (2, 1, 8, 12)
+        with pytest.raises(common.UserError, match=r"multiples of 4 \(4, 8, 12, ...\), got 10x10"):
+            denoiser(torch.randn(2, 1, 10, 10), 0.5)
+        windowed = common.windowed_denoiser(denoiser, 10, multiple=denoiser.size_multiple)
+        assert windowed(torch.randn(2, 1, 16, 16), torch.tensor([0.1, 2.0])).shape == (2, 1, 16, 16)
 
 
 @pytest.mark.parametrize("model", MODELS)
