@@ -8,7 +8,8 @@ Contents
      non-leaking augmentation           augment (augment_parameters, apply_augmentation)
   2. Sampler                            sample_ode, guided_denoiser, negative_denoiser
   3. Optimal and error-prone denoisers  optimal_denoiser, error_prone_denoiser, gaussian_denoiser,
-                                        noisy_log_density, log_likelihood_ratio
+                                        windowed_denoiser, windowed_optimal_denoiser (restricted
+                                        receptive field), noisy_log_density, log_likelihood_ratio
   4. Errors and gaps                    denoising_errors (E(sigma)), peak_index, correlation_radius,
                                         frechet_distance, nearest_neighbours, memorization_ratio
   5. Networks                           UNet, DiT, Denoiser, build_network
@@ -395,6 +396,98 @@ def gaussian_denoiser(data):
         q = x.reshape(x.shape[0], -1).double() - mu
         shrink = evals / (evals + sig[:, None] ** 2)                  # (B or 1, d)
         return (mu + ((q @ evecs) * shrink) @ evecs.T).to(x.dtype).reshape(x.shape)
+    return denoise
+
+
+WINDOW_MODES = ("average", "cut")  # how windowed_denoiser merges the windows' predictions (window_weights)
+
+
+def window_offsets(size, window, steps=2):
+    """Offsets of `steps` windows of `window` pixels along an image axis of `size` pixels: evenly spaced from
+    0 to size - window (stride (size - window) / (steps - 1), rounded half up; a repeated offset counts once).
+    UserError unless they cover every pixel."""
+    check(1 <= window <= size, f"a window must have 1 to {size} pixels (the image size), got {window}")
+    check(steps >= 1, f"need at least one window position per axis, got {steps}")
+    offsets = sorted({(2 * k * (size - window) + steps - 1) // (2 * (steps - 1)) for k in range(steps)}
+                     if steps > 1 else {0})
+    needed = 1 + -(-(size - window) // window)                        # 1 + ceil((size - window) / window)
+    check(offsets[-1] + window >= size and all(b - a <= window for a, b in zip(offsets, offsets[1:])),
+          f"{steps} window position(s) per axis leave pixels of a {size}-pixel image outside every window of "
+          f"{window} pixels: give at least {needed} positions per axis, or a larger window")
+    return offsets
+
+
+def window_weights(shape, window, steps=2, mode="average"):
+    """Where each window sits and what share of each pixel it gives: the windows' corners [(top, left)], row by
+    row, and weights (P, H, W) that sum to 1 at every pixel. "average": the windows that contain a pixel share
+    it equally; "cut": it is taken whole from the window whose centre is nearest in L1 distance (the first, in
+    corner order, on ties)."""
+    check(mode in WINDOW_MODES, f"window mode must be one of {', '.join(WINDOW_MODES)}, got {mode!r}")
+    H, W = shape
+    corners = [(t, l) for t in window_offsets(H, window, steps) for l in window_offsets(W, window, steps)]
+    rows, cols = torch.arange(H, dtype=torch.float64), torch.arange(W, dtype=torch.float64)
+    inside = torch.stack([((rows >= t) & (rows < t + window))[:, None] & ((cols >= l) & (cols < l + window))
+                          for t, l in corners])                        # (P, H, W)
+    if mode == "cut":
+        centre = (window - 1) / 2
+        dist = torch.stack([(rows - t - centre).abs()[:, None] + (cols - l - centre).abs() for t, l in corners])
+        owner = dist.masked_fill(~inside, math.inf).argmin(0)          # first on ties
+        inside = owner == torch.arange(len(corners))[:, None, None]
+    weights = inside.double()
+    return corners, weights / weights.sum(0)
+
+
+def windowed_denoiser(denoise, window, steps=2, mode="average", multiple=1):
+    """Restricted receptive field: D sees only window x window crops of x, `steps` positions per axis
+    (window_offsets), D_win(x)_p = sum_k a_kp D(crop_k x)_p with the weights a of window_weights (average over
+    the windows holding pixel p, or "cut": the one whose centre is nearest). Returns denoise(x (B, C, H, W),
+    sigma, labels=None); each crop keeps its image's sigma and label, and each call of D gets the crops of one
+    window position (B of them), so memory stays that of the whole-image call. A window of the whole image
+    gives D itself. For a network whose down-sampling needs sides that are multiples of `multiple`
+    (Denoiser.size_multiple), each crop is padded by reflection (of its own pixels: D still sees nothing
+    outside the window) on the top and left by its offset mod multiple, so that it keeps its place on the
+    down-sampling grid that it had in the whole image, and on the bottom and right to the next multiple; the
+    prediction is cropped back."""
+    return _windowed(lambda top, left: denoise, window, steps, mode, multiple)
+
+
+def windowed_optimal_denoiser(data, window, data_labels=None, steps=2, mode="average", note=None):
+    """The memorizing reference under a restricted receptive field: windowed_denoiser where each window's
+    denoiser is the optimal one of the data (N, ..., H, W) cropped to that window
+    (labelled_optimal_denoiser: data in exact_dtype, conditional on data_labels when given; its notes go to
+    note, default say, once each, not once per window)."""
+    made, note = {}, once(note or say)
+
+    def at(top, left):
+        if (top, left) not in made:
+            crop = data[..., top:top + window, left:left + window].contiguous()
+            made[top, left] = labelled_optimal_denoiser(crop, data_labels, note=note)
+        return made[top, left]
+    return _windowed(at, window, steps, mode)
+
+
+def _windowed(denoiser_at, window, steps, mode, multiple=1):
+    """The windowed denoiser of windowed_denoiser, with denoiser_at(top, left) the denoiser of each window."""
+    check(window >= 1 and window >= multiple, f"windows must have at least {max(multiple, 1)} pixels a side"
+          f"{' for this network' if multiple > 1 else ''}, got {window}")
+    check(mode in WINDOW_MODES, f"window mode must be one of {', '.join(WINDOW_MODES)}, got {mode!r}")
+
+    def denoise(x, sigma, labels=None):
+        corners, weights = window_weights(tuple(x.shape[-2:]), window, steps, mode)
+        out = None
+        for (top, left), a in zip(corners, weights):                    # float64 on the CPU (MPS has no float64)
+            a = a[top:top + window, left:left + window]
+            if not bool(a.any()):                                       # "cut": a window that owns no pixel
+                continue
+            pad_t, pad_l = top % multiple, left % multiple               # the crop's place on the grid
+            pad_b, pad_r = -(pad_t + window) % multiple, -(pad_l + window) % multiple
+            crop = x[..., top:top + window, left:left + window]
+            if pad_t or pad_l or pad_b or pad_r:
+                crop = F.pad(crop, (pad_l, pad_r, pad_t, pad_b), mode="reflect")
+            den = denoiser_at(top, left)(crop, sigma, labels)[..., pad_t:pad_t + window, pad_l:pad_l + window]
+            out = torch.zeros(x.shape, dtype=den.dtype, device=den.device) if out is None else out
+            out[..., top:top + window, left:left + window] += a.to(den.dtype).to(den.device) * den
+        return out
     return denoise
 
 
@@ -802,12 +895,16 @@ class UNet(nn.Module):
     """DDPM++ U-Net F(x; c_noise, label, a) (Song et al. 2021, as configured in EDM): per level
     `blocks` residual blocks of channels * mult, attention at attn_resolutions, skip connections
     from every encoder block to the decoder; noise embedding (+ label embedding) (+ W a, the
-    augmentation parameters through a linear map without bias, augment_dim > 0) -> MLP."""
+    augmentation parameters through a linear map without bias, augment_dim > 0) -> MLP.
+    Convolutional, so it takes images of other sizes than img_resolution too (windows of an image,
+    windowed_denoiser), whose sides are multiples of size_multiple = 2^(levels - 1), so that the
+    down-sampling can halve them; the attention blocks work at any size."""
 
     def __init__(self, img_resolution, img_channels, num_classes=0, channels=128,
                  channel_mult=(2, 2, 2), blocks=4, attn_resolutions=(16,), dropout=0.0, emb_mult=4, augment_dim=0):
         super().__init__()
         emb_dim = channels * emb_mult
+        self.size_multiple = 2 ** (len(channel_mult) - 1)
         self.label_embed = nn.Embedding(num_classes + 1, channels) if num_classes else None
         self.augment_embed = nn.Linear(augment_dim, channels, bias=False) if augment_dim else None
         self.map_noise = nn.Sequential(nn.Linear(channels, emb_dim), nn.SiLU(),
@@ -862,6 +959,10 @@ class UNet(nn.Module):
     def forward(self, x, c_noise, labels=None, augment_labels=None):
         """x (B, C, H, W), c_noise (B,), labels (B,) int64 or None, augment_labels (B, augment_dim) or None
         (zeros) -> F (B, C, H, W)."""
+        m = self.size_multiple
+        check(x.shape[-2] % m == 0 and x.shape[-1] % m == 0, f"this U-Net takes images whose sides are "
+              f"multiples of {m} ({m}, {2 * m}, {3 * m}, ...), got {x.shape[-2]}x{x.shape[-1]} (windowed_denoiser "
+              "pads windows to them)")
         emb = noise_embedding(c_noise, self.conv_in.out_channels)  # (B, channels)
         if self.label_embed is not None:
             emb = emb + self.label_embed(labels)
@@ -1006,6 +1107,7 @@ class Denoiser(nn.Module):
         self.net, self.config = net, dict(config)
         self.num_classes, self.sigma_data = config["num_classes"], config["sigma_data"]
         self.augment_dim = config.get("augment_dim", 0)
+        self.size_multiple = getattr(net, "size_multiple", 1)  # image sides must be multiples of it (UNet)
 
     def forward(self, x, sigma, labels=None, augment_labels=None):
         xf = x.to(torch.promote_types(x.dtype, torch.float32))
@@ -1973,6 +2075,12 @@ def say(*parts, sep=" "):
     progress bar is redrawn below the line instead of being broken by it."""
     if is_main_process():
         tqdm.write(sep.join(str(part) for part in parts))
+
+
+def once(tell):
+    """tell(text), for each text the first time only."""
+    told = set()
+    return lambda text: text in told or told.add(text) or tell(text)
 
 
 def gather_rows(tensor, world, device, dim=0):

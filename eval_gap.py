@@ -7,6 +7,7 @@ snapshots of a run or for the optimal denoiser of a training subset (docs/method
   python eval_gap.py --optimal --data fashion-mnist --n 64 --resolution 16   # the memorizing reference
   python eval_gap.py runs/RUN --guidance-weights 0 0.5 1 2 --neg uncond      # classifier-free guidance
   python eval_gap.py runs/RUN --guidance-weights 0 1 --neg runs/SMALL/snapshot-000100000.pt  # autoguidance
+  python eval_gap.py runs/RUN --windows 8 10 12 14 --optimal  # the denoisers see only windows of the noisy image
   torchrun --nproc_per_node=K eval_gap.py runs/RUN     # the images are sharded over K processes
 
 Splits: a snapshot's training subset (all of it when n <= --num-images, else a seeded sample)
@@ -31,13 +32,25 @@ D(y + sigma n) in pixels (common.correlation_radius: how far each output pixel l
 over --jacobian-pixels seeded output pixels (seed --seed) and the first --jacobian-images images of each split,
 with the same fixed noise as E; snapshots only (the optimal denoiser's streaming code has no gradients).
 With --guidance-weights every per-model array gains a leading axis (G, ...) and guidance_weights
-(G,) is stored; --neg uncond needs class-conditional models. --out is rewritten after every evaluated
-model, and rows already in it computed with the same settings (of an earlier or a killed run) are
-reused unless --force; an --out that eval_gap.py did not write (another script's result, a foreign
-file) is not replaced unless --force.
+(G,) is stored; --neg uncond needs class-conditional models. With --windows (restricted receptive field,
+docs/method.md) every model, its guidance negative included, sees only windows of the noisy image:
+--window-steps positions per axis, evenly spaced, their predictions merged per pixel (--window-mode average:
+the mean over the windows that hold it; cut: the window whose centre is nearest); every per-model array
+(onset_images_seen and peak_sigma too) gains a leading window axis before the guidance axis (W, [G,] ...),
+and windows (W,) holds the window sizes in pixels, smallest first, the whole image R last (its rows are the
+unrestricted ones). The optimal denoiser is then the windowed one whose data are the training images
+cropped to the same window (common.windowed_optimal_denoiser). --features works per window as well. U-Nets
+take any window of at least 2^(levels - 1) pixels: each crop is padded by reflection of its own pixels so that
+it keeps its place on the network's down-sampling grid and its sides become multiples of 2^(levels - 1), and
+the prediction is cropped back (common.windowed_denoiser); DiTs are refused, since their position embeddings
+are fixed to the whole image.
+--out is rewritten after every evaluated model, and rows already in it computed with the same settings
+(of an earlier or a killed run) are reused unless --force; an --out that eval_gap.py did not write
+(another script's result, a foreign file) is not replaced unless --force.
 """
 import argparse
 import collections
+import itertools
 import json
 import os
 
@@ -51,8 +64,10 @@ from common import check
 
 SCRIPT = os.path.basename(__file__)  # stored in the result file (common.save_npz)
 # Arguments that change the numbers of a row; a cached row is reused only when they all match.
-SETTINGS = ("num_images", "seed", "guidance_weights", "neg", "features", "feature_sigmas", "data_dir",
-            "jacobian_sigmas", "jacobian_images", "jacobian_pixels")
+SETTINGS = ("num_images", "seed", "guidance_weights", "neg", "features", "feature_sigmas", "data_dir")
+# ... and, only when their option is given (so that earlier files keep their rows), these
+OPTIONAL_SETTINGS = {"windows": ("windows", "window_steps", "window_mode"),
+                     "jacobian_sigmas": ("jacobian_sigmas", "jacobian_images", "jacobian_pixels")}
 ROW_KEYS = ("e_train", "e_val", "fd_train", "fd_val", "radius_train", "radius_val")
 
 # this process's shard; count: images of all processes; fd: the shard's images in the Frechet subset
@@ -88,16 +103,27 @@ def parse_args(argv=None):
                    help="--jacobian-sigmas: images per split (the first of the evaluation images)")
     p.add_argument("--jacobian-pixels", type=common.positive_int, default=64,
                    help="--jacobian-sigmas: output pixels per image (a sample seeded by --seed; all when larger)")
+    p.add_argument("--windows", type=common.positive_int, nargs="+", default=None, metavar="PIXELS",
+                   help="restricted receptive field: also evaluate every model seeing only windows of these sizes "
+                        "(each smaller than the image; the whole image is added as the last entry); adds a "
+                        "leading window axis to the outputs; works with --guidance-weights and --features, "
+                        "refuses DiT runs")
+    p.add_argument("--window-steps", type=common.positive_int, default=2,
+                   help="window positions per axis, evenly spaced from edge to edge (with --windows)")
+    p.add_argument("--window-mode", choices=common.WINDOW_MODES, default="average",
+                   help="how the windows' predictions are merged per pixel: average over the windows that hold "
+                        "the pixel, or cut: take it from the window whose centre is nearest (with --windows)")
     p.add_argument("--allow-mixed", action="store_true", help="accept snapshots of different runs")
     p.add_argument("--force", action="store_true", help="recompute rows already in --out, and replace an --out "
                    "that eval_gap.py did not write (refused otherwise)")
     common.add_run_args(
         p, seed="seed of the fixed noise of the images and of the samples of the splits",
         batch=(512, "(image, sigma) pairs per forward pass"), threads=True,
-        out="output .npz (default: RUN_DIR/gap[-raw][-guided].npz for a run folder, "
-            "RUN_DIR/gap-snapshot-<images seen>[-raw][-guided].npz for one snapshot file, so that it leaves the "
-            "run's file alone, results/gap-optimal-<data>-r<R>-n<n>-<none|class|kmeans<k>>-seed<subset seed>"
-            "[-guided].npz for --optimal alone; several run folders or snapshot files need --out)")
+        out="output .npz (default: RUN_DIR/gap[-raw][-guided][-windows].npz for a run folder, "
+            "RUN_DIR/gap-snapshot-<images seen>[-raw][-guided][-windows].npz for one snapshot file, so that it "
+            "leaves the run's file alone, results/gap-optimal-<data>-r<R>-n<n>-<none|class|kmeans<k>>-seed"
+            "<subset seed>[-guided][-windows].npz for --optimal alone; several run folders or snapshot files "
+            "need --out)")
     common.add_mode_arg(p, "--forward-mode", "the networks' forward passes")
     args = p.parse_args(argv)
     check(args.snapshots or args.optimal, "nothing to evaluate: give run folders or snapshot files, "
@@ -209,11 +235,45 @@ def eval_splits(source, num_images, seed, rank=0, world=1, device="cpu"):
 # Models: denoise(x, sigma (B,), labels (B,) or None = unconditional)
 # ---------------------------------------------------------------------------
 
-def optimal_model(source, device):
+def optimal_models(source, device, windows=(None,), steps=2, mode="average"):
     """The optimal denoiser of the source's subset, exact (common.exact_dtype), conditional on its labels when
     it has them; images whose label no subset image carries get the unconditional one, with a note
-    (common.labelled_optimal_denoiser)."""
-    return common.labelled_optimal_denoiser(source.images().to(device, common.exact_dtype(device)), source.labels)
+    (common.labelled_optimal_denoiser). One per window size (None: the whole image), seeing only windows of
+    that size, each with the subset cropped to the window (common.windowed_optimal_denoiser)."""
+    images, note = source.images().to(device, common.exact_dtype(device)), common.once(common.say)
+    return [common.labelled_optimal_denoiser(images, source.labels, note=note) if w is None
+            else common.windowed_optimal_denoiser(images, w, source.labels, steps, mode, note) for w in windows]
+
+
+def network_models(net, device, windows=(None,), steps=2, mode="average", forward_mode="auto"):
+    """A network (common.Denoiser) for inference (common.network_denoiser in --forward-mode `forward_mode`),
+    seen through windows of each size (common.windowed_denoiser, each crop padded to the network's
+    size_multiple; None: the whole image)."""
+    denoise = common.network_denoiser(net, device, forward_mode)
+    return [denoise if w is None else common.windowed_denoiser(denoise, w, steps, mode, net.size_multiple)
+            for w in windows]
+
+
+def window_sizes(windows, steps, models):
+    """The window axis of --windows: its sizes, smallest first, then the whole image R. UserError unless the
+    models, given as (name, kind: 'unet', 'dit' or 'optimal', resolution), make images of one size R, the
+    windows are smaller than R and `steps` positions per axis cover the image, and no model is a DiT (its
+    position embeddings are fixed to the whole image)."""
+    sizes = sorted({res for _, _, res in models})
+    check(len(sizes) == 1, f"--windows needs models of one image size, got {', '.join(map(str, sizes))} pixels")
+    R = sizes[0]
+    for name, kind, _ in models:
+        check(kind != "dit", f"--windows needs convolutional denoisers, but {name} is a DiT, whose position "
+              f"embeddings are fixed to the whole {R}x{R} image: evaluate U-Net runs or the optimal denoiser")
+    too_big = [w for w in windows if w >= R]
+    check(not too_big, f"--windows must be smaller than the {R}x{R} images (the whole image is always evaluated, "
+          f"as the last entry), got {', '.join(map(str, too_big))}")
+    for w in windows:
+        try:
+            common.window_offsets(R, w, steps)
+        except common.UserError as err:
+            raise common.UserError(f"--windows {w} with --window-steps {steps}: {err}") from None
+    return sorted(set(windows)) + [R]
 
 
 def counted(denoise, bar):
@@ -295,14 +355,15 @@ def split_radius(denoise, neg, split, sigmas, weights, images, pixels, seed, bat
 
 
 class Evaluator:
-    """Rows (e_train, e_val (G, S), fd_train, fd_val (G, K), radius_train, radius_val (G, J)) of models on the
-    evaluation images of their source; the images (and clean features) of the last source are kept for the next
-    model."""
+    """Rows (e_train, e_val (W, G, S), fd_train, fd_val (W, G, K), radius_train, radius_val (W, G, J)) of models
+    seen through W windows (W = 1: the whole image) on the evaluation images of their source; the images (and
+    clean features) of the last source are kept for the next model. negs: the guidance negative seen through
+    each window (None: the model itself with the null label, common.negative_denoiser)."""
 
-    def __init__(self, sigmas, weights, neg, num_images, seed, batch, extractor=None, feature_sigmas=(), rank=0,
+    def __init__(self, sigmas, weights, negs, num_images, seed, batch, extractor=None, feature_sigmas=(), rank=0,
                  world=1, device="cpu", bar=None, jacobian_sigmas=(), jacobian_images=16, jacobian_pixels=64):
-        self.sigmas, self.weights, self.neg, self.num_images, self.seed, self.batch = (sigmas, weights, neg,
-                                                                                       num_images, seed, batch)
+        self.sigmas, self.weights, self.negs, self.num_images, self.seed, self.batch = (sigmas, weights, negs,
+                                                                                        num_images, seed, batch)
         self.extractor, self.feature_sigmas = extractor, feature_sigmas
         self.jacobian_sigmas, self.jacobian_images, self.jacobian_pixels = (jacobian_sigmas, jacobian_images,
                                                                             jacobian_pixels)
@@ -319,24 +380,26 @@ class Evaluator:
             self.source_key = key
         return self.splits
 
-    def rows(self, denoise, source, jacobian=True):
-        """The rows of one model; jacobian False leaves out the radius (for models without gradients)."""
-        splits, neg = self.load(source), common.negative_denoiser(denoise, self.neg)
-        out = {}
-        for name, split in zip(("train", "val"), splits):
-            out[f"e_{name}"] = split_errors(denoise, neg, split, self.sigmas, self.weights, self.batch,
-                                            self.world, self.device, self.bar)
-        if self.extractor is not None:
-            for name, split, clean in zip(("train", "val"), splits, self.clean):
-                out[f"fd_{name}"] = feature_distances(denoise, neg, split, clean, self.extractor,
-                                                      self.feature_sigmas, self.weights, self.batch, self.world,
-                                                      self.device, self.bar)
-        if jacobian and len(self.jacobian_sigmas):
+    def rows(self, models, source, jacobian=True):
+        """models: the model seen through each window, one per entry of negs; jacobian False leaves out the
+        radius (for models without gradients)."""
+        splits, out = self.load(source), collections.defaultdict(list)
+        for denoise, neg in zip(models, self.negs):
+            neg = common.negative_denoiser(denoise, neg)
             for name, split in zip(("train", "val"), splits):
-                out[f"radius_{name}"] = split_radius(denoise, neg, split, self.jacobian_sigmas, self.weights,
-                                                     self.jacobian_images, self.jacobian_pixels, self.seed,
-                                                     self.batch, self.rank, self.world, self.device, self.bar)
-        return out
+                out[f"e_{name}"].append(split_errors(denoise, neg, split, self.sigmas, self.weights, self.batch,
+                                                     self.world, self.device, self.bar))
+            if self.extractor is not None:
+                for name, split, clean in zip(("train", "val"), splits, self.clean):
+                    out[f"fd_{name}"].append(feature_distances(denoise, neg, split, clean, self.extractor,
+                                                               self.feature_sigmas, self.weights, self.batch,
+                                                               self.world, self.device, self.bar))
+            if jacobian and len(self.jacobian_sigmas):
+                for name, split in zip(("train", "val"), splits):
+                    out[f"radius_{name}"].append(split_radius(
+                        denoise, neg, split, self.jacobian_sigmas, self.weights, self.jacobian_images,
+                        self.jacobian_pixels, self.seed, self.batch, self.rank, self.world, self.device, self.bar))
+        return {key: np.stack(values) for key, values in out.items()}
 
 
 # ---------------------------------------------------------------------------
@@ -345,12 +408,26 @@ class Evaluator:
 
 def eval_settings(args, sigmas, neg_digest):
     """Everything besides the model that changes a row's numbers."""
-    settings = {key: getattr(args, key) for key in SETTINGS}
+    optional = [key for option, keys in OPTIONAL_SETTINGS.items() if getattr(args, option) for key in keys]
+    settings = {key: getattr(args, key) for key in SETTINGS + tuple(optional)}
     settings.update(sigmas=[float(s) for s in sigmas], neg=neg_digest)
     return json.loads(json.dumps(settings))
 
 
-def cached_rows(old, path, settings, guided, say):
+def with_model_axes(array, windowed, guided):
+    """A per-model array of --out with its window and guidance axes, each of length 1 where the file has none:
+    (W, G, ...)."""
+    array = array if guided else np.expand_dims(array, 1 if windowed else 0)
+    return array if windowed else array[None]
+
+
+def without_model_axes(array, windowed, guided):
+    """The inverse of with_model_axes: (W, G, ...) -> the array as --out holds it."""
+    array = array if guided else array[:, 0]
+    return array if windowed else array[0]
+
+
+def cached_rows(old, path, settings, windowed, guided, say):
     """Rows of an earlier output `old` (common.earlier_result) with the same settings, by model digest."""
     if old is None:
         return {}
@@ -361,7 +438,7 @@ def cached_rows(old, path, settings, guided, say):
     for suffix, digests in (("", old["digests"]), ("_optimal", old.get("optimal_digest", np.array([])).reshape(-1))):
         for c, key in enumerate(digests):
             row = {k: old[k + suffix] for k in ROW_KEYS if k + suffix in old}
-            rows[str(key)] = {k: (v if guided else v[None])[:, c] for k, v in row.items()}
+            rows[str(key)] = {k: with_model_axes(v, windowed, guided)[:, :, c] for k, v in row.items()}
     return rows
 
 
@@ -371,11 +448,11 @@ def cached_rows(old, path, settings, guided, say):
 
 def default_out(args):
     """--out when not given (see its --help)."""
-    guided = "-guided" if args.guidance_weights else ""
+    tags = ("-guided" if args.guidance_weights else "") + ("-windows" if args.windows else "")
     if not args.snapshots:
         subset = common.subset_name(args.data, args.n, args.subset_seed, args.cond, args.k, args.resolution)
-        return os.path.join("results", f"gap-optimal-{subset}{guided}.npz")
-    return common.default_result_path(args.snapshots, "gap", ("-raw" if args.weights == "raw" else "") + guided)
+        return os.path.join("results", f"gap-optimal-{subset}{tags}.npz")
+    return common.default_result_path(args.snapshots, "gap", ("-raw" if args.weights == "raw" else "") + tags)
 
 
 def image_shape(network):
@@ -385,8 +462,8 @@ def image_shape(network):
 
 def negative_model(neg, weights, guidance_weights, models, device, mode="auto"):
     """The guidance negative of --neg and its digest: None for 'uncond' (each model with the null label,
-    common.negative_denoiser) or a snapshot's network (run in --forward-mode `mode`); UserError unless it fits
-    each of the models, given as (name, image shape, number of classes) (common.check_guidance)."""
+    common.negative_denoiser) or a snapshot's network (common.Denoiser); UserError unless it fits each of the
+    models, given as (name, image shape, number of classes) (common.check_guidance)."""
     info = None if neg == "uncond" else read_snapshot(neg, weights)
     fits = None if info is None else (neg, image_shape(info["network"]), info["network"]["num_classes"])
     if fits is not None or any(guidance_weights):
@@ -394,14 +471,14 @@ def negative_model(neg, weights, guidance_weights, models, device, mode="auto"):
             common.check_guidance(name, shape, num_classes, fits)
     if info is None:
         return None, "uncond"
-    return common.network_denoiser(common.load_denoiser(neg, weights, device)[0], device, mode), info["digest"]
+    return common.load_denoiser(neg, weights, device)[0], info["digest"]
 
 
-def curves(rows, guided, sigmas=None, images_seen=None):
-    """Per-model rows stacked to (G, C, ...) (or (C, ...) without guidance), with the gaps and,
-    given the checkpoints' images seen, the onset and the peak sigma."""
-    out = {k: np.stack([r[k] for r in rows], axis=1) for k in ROW_KEYS if k in rows[0]}
-    out = out if guided else {k: v[0] for k, v in out.items()}
+def curves(rows, windowed, guided, sigmas=None, images_seen=None):
+    """Per-model rows (W, G, ...) stacked to (W, G, C, ...) (without windows or guidance, without that axis),
+    with the gaps and, given the checkpoints' images seen, the onset and the peak sigma."""
+    out = {k: without_model_axes(np.stack([r[k] for r in rows], axis=2), windowed, guided)
+           for k in ROW_KEYS if k in rows[0]}
     out["gap"] = relative_gap(out["e_train"], out["e_val"])
     if "fd_train" in out:
         out["feature_gap"] = relative_gap(out["fd_train"], out["fd_val"])
@@ -449,12 +526,22 @@ def evaluate(args, rank, world, device):
         if opt_source is not None:
             made.append((f"the optimal denoiser of --data {opt_source.dataset} --resolution {opt_source.resolution} "
                          f"--cond {opt_source.cond}", opt_source.image_shape, opt_source.num_classes))
-        neg, neg_digest = negative_model(args.neg, args.weights, args.guidance_weights, made, device,
-                                          args.forward_mode)
+        neg, neg_digest = negative_model(args.neg, args.weights, args.guidance_weights, made, device)
+    windowed = args.windows is not None
+    if windowed:
+        kinds = [(s["path"], s["network"]["model"], s["network"]["img_resolution"]) for s in snapshots]
+        if opt_source is not None:
+            kinds.append(("the optimal denoiser", "optimal", opt_source.resolution))
+        if neg is not None:
+            kinds.append((f"--neg {args.neg}", neg.config["model"], neg.config["img_resolution"]))
+        args.windows = window_sizes(args.windows, args.window_steps, kinds)
+    restrictions = args.windows[:-1] + [None] if windowed else [None]  # window sizes; None: the whole image
+    negs = ([None] * len(restrictions) if neg is None
+            else network_models(neg, device, restrictions, args.window_steps, args.window_mode, args.forward_mode))
     extractor = common.load_feature_extractor(args.features, device) if args.features else None
     out_path = args.out
     settings = eval_settings(args, sigmas, neg_digest)
-    cache = cached_rows(old, out_path, settings, guided, say)
+    cache = cached_rows(old, out_path, settings, windowed, guided, say)
 
     models = [(s["digest"], s["source"], s["path"]) for s in snapshots]
     if opt_source is not None:
@@ -469,11 +556,13 @@ def evaluate(args, rank, world, device):
     for source, path in todo.values():
         counts = split_counts(source, args.num_images)
         count = sum(len(range(rank, n, world)) for n in counts)
-        total += len(weights) * (len(sigmas) * count + K * 2 * len(range(rank, min(counts), world)))
+        fd_count = len(range(rank, min(counts), world))
+        total += len(restrictions) * len(weights) * (len(sigmas) * count + K * 2 * fd_count)
         if path is not None and args.jacobian_sigmas:  # vector-Jacobian products
             C, H, W = source.image_shape
             images = sum(len(range(rank, min(n, args.jacobian_images), world)) for n in counts)
-            total += len(weights) * len(args.jacobian_sigmas) * images * min(args.jacobian_pixels, H * W) * C
+            total += (len(restrictions) * len(weights) * len(args.jacobian_sigmas) * images
+                      * min(args.jacobian_pixels, H * W) * C)
     say(f"{len(snapshots)} snapshot(s){' + the optimal denoiser' if opt_source is not None else ''}: "
         f"{len(models) - len(todo)} reused from {out_path}, {len(todo)} to evaluate on {device}"
         f"{f' ({world} processes)' if world > 1 else ''}")
@@ -489,24 +578,25 @@ def evaluate(args, rank, world, device):
         return result
 
     with tqdm(total=total, unit="eval", unit_scale=True, disable=rank != 0 or not todo, dynamic_ncols=True) as bar:
-        evaluator = Evaluator(sigmas, weights, neg, args.num_images, args.seed, args.batch, extractor,
+        evaluator = Evaluator(sigmas, weights, negs, args.num_images, args.seed, args.batch, extractor,
                               args.feature_sigmas, rank, world, device, bar, args.jacobian_sigmas or (),
                               args.jacobian_images, args.jacobian_pixels)
         for i, (key, (source, path)) in enumerate(todo.items()):
             bar.set_description(f"{i + 1}/{len(todo)} {os.path.basename(path) if path else 'optimal'}")
             if path is None:
-                model = optimal_model(source, device)
+                models = optimal_models(source, device, restrictions, args.window_steps, args.window_mode)
             else:
                 net = common.load_denoiser(path, args.weights, device)[0]
-                model = common.network_denoiser(net, device, args.forward_mode)
-            rows[key] = evaluator.rows(model, source, jacobian=path is not None)
+                models = network_models(net, device, restrictions, args.window_steps, args.window_mode,
+                                        args.forward_mode)
+            rows[key] = evaluator.rows(models, source, jacobian=path is not None)
             result = write()  # after every model, so that a rerun after a kill reuses the finished rows
             progress["done"] += 1
     if rank != 0:
         return
     if not todo:
         result = write()
-    summarize(result, weights if guided else None, snapshots, opt_source is not None, say)
+    summarize(result, args.windows, weights if guided else None, snapshots, opt_source is not None, say)
     shape = "x".join(str(d) for d in result["e_train"].shape)
     say(f"wrote {out_path}: e_train, e_val, gap ({shape}), onset_images_seen, peak_sigma"
         + (", *_optimal" if opt_source is not None else "") + (", fd_train, fd_val, feature_gap" if K else "")
@@ -516,8 +606,10 @@ def evaluate(args, rank, world, device):
 def result_arrays(args, settings, sigmas, snapshots, opt_key, rows):
     """The arrays of --out from the rows at hand: the snapshots that have one, in order, and the optimal
     denoiser (key opt_key) once it has one, as its only row without snapshots; None before any row."""
-    guided, sig = args.guidance_weights is not None, sigmas.numpy()
+    windowed, guided, sig = args.windows is not None, args.guidance_weights is not None, sigmas.numpy()
     result = dict(sigmas=sig, weights=np.array(args.weights), eval_settings=np.array(json.dumps(settings)))
+    if windowed:
+        result["windows"] = np.array(args.windows, np.int64)
     if guided:
         result["guidance_weights"] = np.array(args.guidance_weights, np.float64)
     if args.features:
@@ -539,25 +631,28 @@ def result_arrays(args, settings, sigmas, snapshots, opt_key, rows):
         result.update(images_seen=np.zeros(1, np.int64), checkpoints=np.array(["optimal"]),
                       digests=np.array([opt_key]))
         main_rows = [optimal]
-    result.update(curves(main_rows, guided, sig, result["images_seen"]))
+    result.update(curves(main_rows, windowed, guided, sig, result["images_seen"]))
     if optimal is not None:
-        result.update({k + "_optimal": v for k, v in curves([optimal], guided).items()})
+        result.update({k + "_optimal": v for k, v in curves([optimal], windowed, guided).items()})
         result["optimal_digest"] = np.array([opt_key])
     return result
 
 
-def summarize(result, weights, snapshots, optimal, say):
-    """One line per guidance weight: the last snapshot's peak gap, its sigma and the onset there;
-    the optimal denoiser's peak gap and the sigmas where it memorizes (E_train < 1e-3); the last snapshot's
-    correlation radii."""
-    sigmas = result["sigmas"]
-    for g, w in enumerate(weights if weights is not None else [None]):
-        pick = lambda key: (result[key] if w is None else result[key][g])[-1]  # noqa: E731  (last row)
-        parts = [] if w is None else [f"w = {w:g}"]
+def summarize(result, windows, weights, snapshots, optimal, say):
+    """One line per window size and guidance weight (None: no such axis): the last snapshot's peak gap, its
+    sigma and the onset there; the optimal denoiser's peak gap and the sigmas where it memorizes
+    (E_train < 1e-3); the last snapshot's correlation radii."""
+    sigmas, windowed, guided = result["sigmas"], windows is not None, weights is not None
+    for (v, window), (g, w) in itertools.product(enumerate(windows or [None]), enumerate(weights or [None])):
+        at = lambda key: with_model_axes(result[key], windowed, guided)[v, g]  # noqa: E731
+        pick = lambda key: at(key)[-1]  # noqa: E731  (last row)
+        parts = [] if window is None else [f"{window}x{window} windows" if v < len(windows) - 1
+                                           else f"whole {window}x{window} image"]
+        parts += [] if w is None else [f"w = {w:g}"]
         if snapshots:
             seen, gap = result["images_seen"], pick("gap")
             j = common.peak_index(gap)
-            onset = (result["onset_images_seen"] if w is None else result["onset_images_seen"][g])[j]
+            onset = at("onset_images_seen")[j]
             parts.append(f"last snapshot ({seen[-1]:,} images seen): peak gap {gap[j]:.3g} at sigma {sigmas[j]:.3g}, "
                          f"where E_val is smallest at {onset:,} images seen"
                          + (" (no onset yet)" if len(seen) > 1 and onset == seen[-1] else ""))

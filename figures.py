@@ -8,9 +8,9 @@ entry; files written before that entry by their keys):
   eval_gap.py      (e_train, e_val, gap, images_seen): E over training time with the overfitting onset
                    (paper Fig. 1), G(sigma) coloured by images seen with the onset curve (Fig. 2), the
                    optimal denoiser beside the network, G(sigma) across runs coloured by model size,
-                   dataset size n, conditioning granularity k, augmentation probability p and guidance
-                   weight w, and (with radius_train) how far D looks: the correlation radius over sigma
-                   beside G;
+                   dataset size n, conditioning granularity k, augmentation probability p, guidance weight w
+                   and window size (--windows: restricted receptive field; the other figures show the whole
+                   image), and (with radius_train) how far D looks: the correlation radius over sigma beside G;
   sample_memorize.py (nn_ratio, memorized_fraction): memorized fraction, Frechet gap of samples and
                    where trajectories live (LLR overlap) over images seen, the Frechet gap against the
                    early-stopping sigma, the LLR distributions of trajectory states and noisy
@@ -89,8 +89,16 @@ def json_key(data, key):
     return json.loads(str(data[key])) if key in data else {}
 
 
+def whole_image(array, data):
+    """Drop the leading window axis (eval_gap.py --windows) of a per-model array: keep the whole image, its
+    last entry."""
+    return array[-1] if "windows" in data else array
+
+
 def first_weight(array, data):
-    """Drop the leading guidance axis (keep w = first weight) of a per-model array."""
+    """The unrestricted, unguided rows of a per-model array: drop the leading window axis (whole_image) and
+    the guidance axis (keep w = first weight)."""
+    array = whole_image(array, data)
     return array[0] if "guidance_weights" in data and array.ndim >= 2 else array
 
 
@@ -199,7 +207,7 @@ def factor_groups(gap_results):
     """{figure name: (label, [(value, data)])}: for each factor (model size, n, k, augmentation p), the runs equal
     in the others that differ in it, by value, for G(sigma) of each run's last snapshot coloured by the factor."""
     runs = [(name, data, run_factors(data)) for name, data in gap_results
-            if "run_args" in data and "guidance_weights" not in data]
+            if "run_args" in data and "guidance_weights" not in data and "windows" not in data]
     labels = {"params": "model parameters", "n": "training set size n", "k": "conditioning granularity k",
               "augment_p": "augmentation probability p"}
     found = {}
@@ -226,8 +234,25 @@ def fig_gap_by_factor(label, members):
 def fig_gap_by_guidance(data):
     """G(sigma) of the last snapshot coloured by the guidance weight w."""
     weights = data["guidance_weights"]
-    return common.plot_sweep(data["sigmas"], data["gap"][:, -1], weights, "guidance weight w",
+    return common.plot_sweep(data["sigmas"], whole_image(data["gap"], data)[:, -1], weights, "guidance weight w",
                              "G(sigma) by guidance weight", ylabel=GAP_LABEL)
+
+
+def fig_gap_by_window(data):
+    """Restricted receptive field: G(sigma) of the last snapshot (unguided) per window size, the whole image
+    last (eval_gap.py --windows)."""
+    windows, gap = data["windows"], data["gap"]                       # (W,), (W, [G,] C, S)
+    gap = gap[:, 0] if "guidance_weights" in data else gap
+    settings = json_key(data, "eval_settings")
+    merged = {"average": "averaged", "cut": "cut"}.get(settings.get("window_mode"), settings.get("window_mode"))
+    how = f", {settings['window_steps']} per axis, {merged}" if "window_steps" in settings else ""
+    fig = common.plot_sweep(data["sigmas"], gap[:, -1], windows,
+                            f"window size (pixels a side; whole image: {windows[-1]})",
+                            f"G(sigma) by window size{how}\n(last snapshot, {int(data['images_seen'][-1]):,} "
+                            "images seen)", ylabel=GAP_LABEL + " (symlog)")
+    fig.axes[0].set_xlabel("noise level sigma (pixel values in [-1, 1])")
+    fig.axes[0].set_yscale("symlog", linthresh=0.1)
+    return fig
 
 
 def network_configs(data):
@@ -483,6 +508,8 @@ def main(argv=None):
             draw(f"gap_by_guidance_{name}", fig_gap_by_guidance, data)
         if "radius_train" in data:
             draw(f"correlation_radius_{name}", fig_correlation_radius, data)
+        if "windows" in data:
+            draw(f"gap_by_window_{name}", fig_gap_by_window, data)
     for name, (label, members) in (attempt("G(sigma) by factor", factor_groups, gap_results) or {}).items():
         draw(name, fig_gap_by_factor, label, members)
     draw("memorization_over_training", fig_memorization_over_training, mem_results)

@@ -349,6 +349,123 @@ def test_negative_of_classifier_free_guidance_drops_the_labels_and_autoguidance_
             common.check_guidance("m", (1, 8, 8), 3, neg)
 
 
+# --- restricted receptive field: windowed denoisers -------------------------
+
+def pixel_index_image(batch, size):
+    """Images (batch, 1, size, size) whose pixel (i, j) holds i * size + j."""
+    return torch.arange(size * size, dtype=F64).view(1, 1, size, size).repeat(batch, 1, 1, 1)
+
+
+def top_left_of_crop(x, sigma, labels=None):
+    """A denoiser that fills each crop with the value of its top-left pixel (which names where the crop lies)."""
+    return x[..., :1, :1].expand(x.shape).clone()
+
+
+def test_window_offsets_are_evenly_spaced_from_edge_to_edge_and_must_cover_the_image():
+    assert common.window_offsets(16, 10) == [0, 6] and common.window_offsets(16, 8) == [0, 8]
+    assert common.window_offsets(7, 3, steps=3) == [0, 2, 4] and common.window_offsets(16, 16, steps=3) == [0]
+    assert common.window_offsets(10, 4, steps=4) == [0, 2, 4, 6]
+    with pytest.raises(common.UserError, match="give at least 2 positions per axis"):
+        common.window_offsets(16, 10, steps=1)
+    with pytest.raises(common.UserError, match="give at least 6 positions per axis"):
+        common.window_offsets(16, 3, steps=5)
+    with pytest.raises(common.UserError, match="1 to 16 pixels"):
+        common.window_offsets(16, 17)
+
+
+@pytest.mark.parametrize("mode", common.WINDOW_MODES)
+def test_a_window_of_the_whole_image_gives_the_whole_image_prediction(mode):
+    denoiser = common.build_network("unet", "tiny", 8, 1, num_classes=3, channels=8)
+    with torch.no_grad():
+        for p in denoiser.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    x, sigma, labels = torch.randn(5, 1, 8, 8), torch.rand(5) + 0.1, torch.tensor([0, 1, 2, 3, 0])
+    with torch.no_grad():
+        full = denoiser(x, sigma, labels)
+        windowed = common.windowed_denoiser(denoiser, 8, steps=2, mode=mode)(x, sigma, labels)
+    assert torch.equal(windowed, full)
+
+
+def test_averaging_gives_each_pixel_the_mean_of_the_windows_that_hold_it():
+    # windows of 10 at offsets 0 and 6 per axis: rows 0-5 lie in the first, 10-15 in the second, 6-9 in both
+    x = pixel_index_image(3, 16)
+    out = common.windowed_denoiser(top_left_of_crop, 10, steps=2, mode="average")(x, 1.0)
+    holding = lambda i: [t for t in (0, 6) if t <= i < t + 10]  # noqa: E731
+    expected = torch.tensor([[np.mean([t * 16 + l for t in holding(i) for l in holding(j)]) for j in range(16)]
+                             for i in range(16)], dtype=F64)
+    assert torch.equal(out, expected.expand(3, 1, 16, 16))
+    assert out[0, 0, 7, 7] == (0 + 6 + 6 * 16 + 6 * 16 + 6) / 4, "the centre pixel lies in all four windows"
+
+
+def test_cut_takes_every_pixel_whole_from_the_window_with_the_nearest_centre_first_on_ties():
+    # 7 pixels, windows of 3 at offsets 0, 2, 4 (centres 1, 3, 5): pixel 2 is as near to centre 1 as to 3 and
+    # pixel 4 to 3 as to 5; ties go to the first window
+    owner = [0, 0, 0, 2, 2, 4, 4]
+    corners, weights = common.window_weights((7, 7), 3, steps=3, mode="cut")
+    assert len(corners) == 9 and torch.equal(weights.sum(0), torch.ones(7, 7, dtype=F64))
+    assert set(weights.unique().tolist()) == {0.0, 1.0}, "one window per pixel"
+    out = common.windowed_denoiser(top_left_of_crop, 3, steps=3, mode="cut")(pixel_index_image(2, 7), 0.5)
+    expected = torch.tensor([[owner[i] * 7 + owner[j] for j in range(7)] for i in range(7)], dtype=F64)
+    assert torch.equal(out, expected.expand(2, 1, 7, 7))
+    # 16 pixels, windows of 10 at 0 and 6 (centres 4.5, 10.5): rows 0-7 from the first, 8-15 from the second
+    out = common.windowed_denoiser(top_left_of_crop, 10, mode="cut")(pixel_index_image(1, 16), 0.5)[0, 0]
+    first = torch.arange(16) < 8
+    assert torch.equal(out, torch.where(first, 0.0, 6.0).double()[:, None] * 16 + torch.where(first, 0.0, 6.0))
+
+
+@pytest.mark.parametrize("mode", common.WINDOW_MODES)
+def test_a_pointwise_denoiser_gives_the_same_output_windowed_and_whole(mode):
+    pointwise = lambda x, sigma, labels=None: torch.tanh(x) / (1 + sigma.view(-1, 1, 1, 1) ** 2)  # noqa: E731
+    x, sigma = torch.randn(4, 2, 12, 12, dtype=F64), torch.tensor([0.1, 0.5, 1.0, 3.0], dtype=F64)
+    for window, steps in ((5, 3), (7, 2), (4, 3)):
+        torch.testing.assert_close(common.windowed_denoiser(pointwise, window, steps, mode)(x, sigma),
+                                   pointwise(x, sigma), rtol=1e-15, atol=0)
+
+
+def test_windowed_denoiser_passes_sigma_and_labels_and_calls_once_per_window_position():
+    calls = []
+
+    def denoise(x, sigma, labels):
+        calls.append((tuple(x.shape), sigma, labels))
+        return x
+    x, sigma, labels = torch.randn(3, 1, 8, 8), torch.tensor([0.1, 0.2, 0.3]), torch.tensor([2, 0, 1])
+    common.windowed_denoiser(denoise, 6, steps=3)(x, sigma, labels)
+    assert len(calls) == 9 and all(shape == (3, 1, 6, 6) and s is sigma and c is labels for shape, s, c in calls)
+
+
+def test_windows_are_padded_by_reflection_to_keep_their_place_on_the_downsampling_grid():
+    # windows of 10 at offsets 0 and 6 for a network that needs multiples of 4: the first gets 2 reflected
+    # rows and columns at the bottom and right; the second 2 at the top and left (6 = 4 + 2), none after
+    seen = []
+
+    def denoise(x, sigma, labels=None):
+        seen.append(x.clone())
+        return 2 * x
+    x = torch.randn(2, 1, 16, 16)
+    assert torch.equal(common.windowed_denoiser(denoise, 10, multiple=4)(x, 0.5), 2 * x)
+    assert [tuple(s.shape) for s in seen] == [(2, 1, 12, 12)] * 4
+    first, last = seen[0], seen[-1]
+    assert torch.equal(first[..., :10, :10], x[..., :10, :10]) and torch.equal(first[..., 10:, :10], x[..., [8, 7], :10])
+    assert torch.equal(last[..., 2:, 2:], x[..., 6:, 6:]) and torch.equal(last[..., :2, 2:], x[..., [8, 7], 6:])
+    with pytest.raises(common.UserError, match="at least 4 pixels a side for this network, got 3"):
+        common.windowed_denoiser(denoise, 3, steps=6, multiple=4)
+
+
+def test_windowed_optimal_denoiser_stitches_crops_of_different_training_images():
+    # a query made of the left half of training image 0 and the right half of image 1: at small sigma the
+    # whole-image optimal denoiser returns one training image; the one restricted to the four 4x4 quadrants
+    # returns in each the nearest training crop, so the query itself
+    g = torch.Generator().manual_seed(3)
+    data = torch.rand(6, 1, 8, 8, generator=g, dtype=F64) * 2 - 1
+    query = torch.cat([data[0, :, :, :4], data[1, :, :, 4:]], dim=-1)[None]
+    whole = common.labelled_optimal_denoiser(data)(query, 0.01)
+    assert min((whole - data[i]).abs().max().item() for i in range(2)) < 1e-9
+    windowed = common.windowed_optimal_denoiser(data, 4, steps=2)(query, 0.01)
+    torch.testing.assert_close(windowed, query, rtol=0, atol=1e-9)
+    same = common.windowed_optimal_denoiser(data, 8, data_labels=torch.arange(6) % 2)(query, 0.3, torch.tensor([1]))
+    torch.testing.assert_close(same, common.optimal_denoiser(query, 0.3, data[1::2]), rtol=0, atol=1e-12)
+
+
 # --- sampler ---------------------------------------------------------------
 
 def test_heun_sampler_on_optimal_denoiser_of_one_point_returns_that_point():

@@ -1,5 +1,6 @@
 """eval_gap.py: E(sigma), the gap and the onset of snapshots and of the optimal denoiser; fixed
 noise, guidance, reuse of earlier results, torchrun sharding and bad input."""
+import json
 import os
 import shutil
 import subprocess
@@ -25,20 +26,20 @@ def data_dir(tmp_path_factory):
     return write_fashion_mnist(tmp_path_factory.mktemp("data"), N_TRAIN, N_VAL)
 
 
-def make_snapshot(path, data_dir, images_seen, net_seed, run_seed=0, num_classes=10):
-    """A class-conditional (num_classes 0: unconditional) tiny U-Net snapshot with random (not
+def make_snapshot(path, data_dir, images_seen, net_seed, run_seed=0, num_classes=10, model="unet"):
+    """A class-conditional (num_classes 0: unconditional) tiny U-Net (or DiT) snapshot with random (not
     zero-initialised) weights, in the layout train_image.py writes, on the subset train_image.py would choose."""
     images, classes = common.load_images("fashion-mnist", "train", data_dir)
     subset = common.choose_subset(len(images), N_SUBSET, run_seed)
     torch.manual_seed(net_seed)
-    net = common.build_network("unet", "tiny", RES, 1, num_classes=num_classes, channels=8)
+    net = common.build_network(model, "tiny", RES, 1, num_classes=num_classes, channels=8)
     states = []
     for _ in range(2):  # raw and EMA weights differ
         with torch.no_grad():
             for p in net.parameters():
                 p.add_(0.1 * torch.randn_like(p))
         states.append({k: v.clone() for k, v in net.state_dict().items()})
-    args = dict(data="fashion-mnist", data_dir=data_dir, resolution=RES, n=N_SUBSET, model="unet", size="tiny",
+    args = dict(data="fashion-mnist", data_dir=data_dir, resolution=RES, n=N_SUBSET, model=model, size="tiny",
                 channels=8, cond="class" if num_classes else "none", seed=run_seed, steps=100,
                 out=os.path.dirname(path))
     common.save_checkpoint(dict(kind=common.CHECKPOINT_KIND, net=states[0], ema=states[1], opt={},
@@ -418,6 +419,66 @@ def test_two_gloo_processes_give_the_same_curves_as_one(data_dir, run_dir, tmp_p
         np.testing.assert_allclose(two[key], one[key], rtol=1e-5)
 
 
+def test_windows_add_a_leading_axis_whose_last_entry_is_the_whole_image(data_dir, run_dir, tmp_path, monkeypatch):
+    snaps = [snap(run_dir, 80), snap(run_dir, 240)]
+    plain = evaluate(data_dir, tmp_path / "plain.npz", *snaps, "--optimal")
+    r = evaluate(data_dir, tmp_path / "win.npz", *snaps, "--optimal", "--windows", "6", "4")
+    S = len(SIGMAS)
+    np.testing.assert_array_equal(r["windows"], [4, 6, RES])
+    assert r["e_train"].shape == r["e_val"].shape == r["gap"].shape == (3, 2, S)
+    assert r["e_val_optimal"].shape == r["gap_optimal"].shape == (3, 1, S)
+    assert r["onset_images_seen"].shape == (3, S) and r["peak_sigma"].shape == (3, 2)
+    for key in ("e_train", "e_val", "gap", "onset_images_seen", "peak_sigma", "e_train_optimal", "e_val_optimal"):
+        np.testing.assert_array_equal(r[key][-1], plain[key])
+    for w in range(2):
+        assert not np.allclose(r["e_val"][w], plain["e_val"]), "windows change the network's predictions"
+        assert not np.allclose(r["e_val_optimal"][w], plain["e_val_optimal"])
+    assert np.all(r["e_train_optimal"][:, 0, 0] < 1e-12), "the windowed optimal denoiser memorizes training crops"
+    settings = json.loads(str(r["eval_settings"]))
+    assert (settings["windows"], settings["window_steps"], settings["window_mode"]) == ([4, 6, RES], 2, "average")
+
+    loaded, real = [], common.load_denoiser
+    monkeypatch.setattr(common, "load_denoiser", lambda path, *a, **k: loaded.append(path) or real(path, *a, **k))
+    again = evaluate(data_dir, tmp_path / "win.npz", *snaps, "--optimal", "--windows", "4", "6")
+    assert loaded == [] and np.array_equal(again["e_val"], r["e_val"]), "the same windows reuse the rows"
+    cut = evaluate(data_dir, tmp_path / "win.npz", *snaps, "--optimal", "--windows", "4", "6", "--window-mode", "cut")
+    assert len(loaded) == 2 and not np.array_equal(cut["e_val"][1], r["e_val"][1]), "6x6 windows overlap"
+    for w in (0, 2):  # 4x4 windows at 2 positions (and the whole image) do not overlap: cut = average
+        np.testing.assert_array_equal(cut["e_val"][w], r["e_val"][w])
+
+
+def test_windows_combine_with_guidance_and_features(data_dir, run_dir, tmp_path):
+    one = snap(run_dir, 240)
+    windowed = evaluate(data_dir, tmp_path / "w.npz", one, "--windows", "4")
+    r = evaluate(data_dir, tmp_path / "wg.npz", one, "--windows", "4", "--guidance-weights", "0", "1",
+                 "--features", "builtin", "--feature-sigmas", "0.5")
+    assert r["e_val"].shape == (2, 2, 1, len(SIGMAS)) and r["fd_val"].shape == r["feature_gap"].shape == (2, 2, 1, 1)
+    assert r["onset_images_seen"].shape == (2, 2, len(SIGMAS)) and r["peak_sigma"].shape == (2, 2, 1)
+    np.testing.assert_array_equal(r["e_val"][:, 0], windowed["e_val"])
+    assert not np.allclose(r["e_val"][:, 1], windowed["e_val"])
+    assert eval_gap.default_out(eval_gap.parse_args([str(run_dir), "--windows", "4"])) == os.path.join(
+        run_dir, "gap-windows.npz")
+
+
+@pytest.mark.parametrize("change, words", [
+    (["--windows", "4", str(RES)], [f"--windows must be smaller than the {RES}x{RES} images", f"got {RES}"]),
+    (["--windows", "4", "--window-steps", "1"], ["--windows 4 with --window-steps 1", "at least 2 positions"]),
+    (["--windows", "3"], ["--windows 3 with --window-steps 2", "at least 3 positions"]),
+    (["--windows", "4", "dit"], ["is a DiT, whose position embeddings are fixed to the whole 8x8 image"]),
+])
+def test_bad_windows_exit_2_with_one_clear_message_before_any_evaluation(data_dir, run_dir, tmp_path, capsys,
+                                                                         change, words):
+    models = [snap(run_dir, 80)]
+    if "dit" in change:
+        change = change[:-1]
+        models = [make_snapshot(tmp_path / "snapshot-000000008.pt", data_dir, 8, net_seed=0, model="dit")]
+    status, err = run_cli([*models, "--data-dir", data_dir, "--device", "cpu", "--out", str(tmp_path / "o.npz"),
+                           *change], capsys)
+    assert status == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert all(w in err for w in words), err
+    assert not os.path.exists(tmp_path / "o.npz")
+
+
 def run_cli(argv, capsys):
     """Exit status and stderr of the script's entry point."""
     with pytest.raises(SystemExit) as exit_info:
@@ -468,6 +529,8 @@ def test_out_that_is_a_folder_stops_before_any_evaluation(run_dir, tmp_path, cap
     (["--jacobian-sigmas", "0"], "argument --jacobian-sigmas: must be a positive number, got '0'"),
     (["--jacobian-pixels", "0"], "argument --jacobian-pixels: must be a positive integer, got '0'"),
     (["--jacobian-images", "1.5"], "argument --jacobian-images: must be a positive integer, got '1.5'"),
+    (["--windows", "4", "0"], "argument --windows: must be a positive integer, got '0'"),
+    (["--window-steps", "0"], "argument --window-steps: must be a positive integer, got '0'"),
 ])
 def test_bad_numbers_are_refused_by_the_parser_naming_the_option(tmp_path, capsys, change, message):
     status, err = run_cli(["--optimal", "--out", str(tmp_path / "g.npz"), *change], capsys)

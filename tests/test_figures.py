@@ -13,7 +13,7 @@ S, C = 12, 4
 
 
 def write_gap(path, params=1000, n=32, k=None, guidance=False, script="eval_gap.py", augment_p=None, channels=8,
-              radius=False):
+              radius=False, windows=None):
     sigmas = np.geomspace(2e-3, 80, S)
     seen = np.array([100, 1000, 10000, 100000])
     bump = np.exp(-np.log(sigmas) ** 2)                           # a gap peaking at sigma = 1
@@ -39,6 +39,12 @@ def write_gap(path, params=1000, n=32, k=None, guidance=False, script="eval_gap.
         arrays = {key: np.stack([v, 2 * v]) if key.startswith(("e_train", "e_val", "gap", "radius")) else v
                   for key, v in arrays.items()}
         arrays["guidance_weights"] = np.array([0.0, 1.0])
+    if windows is not None:  # smaller windows, smaller gap; the whole image (the last entry) keeps it
+        per_model = ("e_train", "e_val", "gap", "onset_images_seen", "peak_sigma")
+        arrays = {key: np.stack([v * (1 if w == windows[-1] else 0.5 * w / windows[-1]) for w in windows])
+                  if key.startswith(per_model) and key != "onset_images_seen" else
+                  np.stack([v] * len(windows)) if key == "onset_images_seen" else v for key, v in arrays.items()}
+        arrays["windows"] = np.array(windows)
     if script is None:  # as eval_gap.py wrote it before result files named their script
         arrays.update(eval_settings=np.array("{}"), digests=np.array(["d"] * len(seen)))
     common.save_npz(path, args={"x": 1}, script=script, **arrays)
@@ -181,3 +187,22 @@ def test_image_grid_places_images_in_rows_with_white_gaps_and_enlarged_pixels():
     assert (grid[0] == 1).all() and (grid[:, 5] == 1).all() and (grid[6:10, 6:10] == 1).all()  # gaps, empty cell
     color = common.image_grid(np.full((2, 3, 2, 2), 5.0), cols=2)  # clipped to [-1, 1], no gaps
     assert color.shape == (2, 4, 3) and (color == 1).all()
+
+
+def test_window_figure_shows_g_of_the_last_snapshot_per_window_and_the_others_the_whole_image(tmp_path):
+    write_gap(tmp_path / "win.npz", windows=[8, 10, 16])
+    figures.main([str(tmp_path)])
+    names = {p.stem for p in (tmp_path / "figures").glob("*.png")}
+    assert {"gap_by_window_win", "errors_over_training_win", "optimal_vs_network_win"} <= names
+    win = common.load_npz(tmp_path / "win.npz")
+    row = figures.summary_rows([("win", win)], [])[0]
+    assert row["peak_gap"] == win["gap"][-1, -1].max() > win["gap"][0, -1].max(), "the summary reads the whole image"
+    fig = figures.fig_gap_by_window(win)
+    curves = [line.get_ydata() for line in fig.axes[0].get_lines()][:3]   # then the zero line
+    for w, curve in enumerate(curves):
+        np.testing.assert_array_equal(curve, win["gap"][w, -1])
+    assert "window size" in fig.axes[1].get_ylabel() and fig.axes[0].get_xscale() == "log"
+    guided = dict(win, guidance_weights=np.array([0.0, 1.0]), gap=np.stack([win["gap"], 2 * win["gap"]], axis=1))
+    lines = figures.fig_gap_by_window(guided).axes[0].get_lines()
+    np.testing.assert_array_equal(lines[0].get_ydata(), win["gap"][0, -1])
+    figures.plt.close("all")

@@ -171,6 +171,17 @@ def test_unet_builds_and_runs_for_any_even_width(channels):
     assert out.shape == (2, 1, 16, 16)
 
 
+def test_unet_takes_any_size_its_downsampling_can_halve_and_names_them_otherwise():
+    denoiser = perturbed(common.build_network("unet", "tiny", 16, 1, channels=8))
+    assert denoiser.size_multiple == 4
+    with torch.no_grad():
+        assert denoiser(torch.randn(2, 1, 8, 12), torch.tensor([0.1, 2.0])).shape == (2, 1, 8, 12)
+        with pytest.raises(common.UserError, match=r"multiples of 4 \(4, 8, 12, ...\), got 10x10"):
+            denoiser(torch.randn(2, 1, 10, 10), 0.5)
+        windowed = common.windowed_denoiser(denoiser, 10, multiple=denoiser.size_multiple)
+        assert windowed(torch.randn(2, 1, 16, 16), torch.tensor([0.1, 2.0])).shape == (2, 1, 16, 16)
+
+
 @pytest.mark.parametrize("model", MODELS)
 def test_channels_last_and_bf16_autocast_agree_with_float32(model):
     denoiser = perturbed(common.build_network(model, "tiny", 16, 3, num_classes=4))
