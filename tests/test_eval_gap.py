@@ -447,6 +447,17 @@ def test_windows_add_a_leading_axis_whose_last_entry_is_the_whole_image(data_dir
         np.testing.assert_array_equal(cut["e_val"][w], r["e_val"][w])
 
 
+def test_correlation_radius_per_window_looks_no_further_than_the_window(data_dir, run_dir, tmp_path):
+    one = snap(run_dir, 240)
+    whole = evaluate(data_dir, tmp_path / "j.npz", one, *JACOBIAN)
+    r = evaluate(data_dir, tmp_path / "wj.npz", one, "--windows", "4", *JACOBIAN)
+    assert r["radius_train"].shape == r["radius_val"].shape == (2, 1, 2), "(window, snapshot, sigma)"
+    np.testing.assert_allclose(r["radius_val"][-1], whole["radius_val"], rtol=1e-6)
+    # 4x4 windows at 2 positions do not overlap: an output pixel sees only its own window
+    assert np.all((r["radius_val"][0] > 0) & (r["radius_val"][0] <= np.hypot(3, 3)))
+    assert np.all(r["radius_val"][0] < r["radius_val"][1])
+
+
 def test_windows_combine_with_guidance_and_features(data_dir, run_dir, tmp_path):
     one = snap(run_dir, 240)
     windowed = evaluate(data_dir, tmp_path / "w.npz", one, "--windows", "4")
