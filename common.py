@@ -2195,6 +2195,15 @@ def add_run_args(parser, seed, out, out_default=None, batch=None, device=DEVICE_
         parser.add_argument("--threads", type=non_negative_int, default=0, help=THREADS_HELP)
 
 
+def add_result_args(parser, script, rows):
+    """The flags of the scripts that evaluate snapshots into one result file (eval_gap.py, sample_memorize.py),
+    defined once: --force (recompute the `rows` already in --out; replace a file another program wrote) and
+    --forward-mode (add_mode_arg)."""
+    parser.add_argument("--force", action="store_true", help=f"recompute {rows} already in --out, and replace an "
+                        f"--out that {script} did not write (refused otherwise)")
+    add_mode_arg(parser, "--forward-mode", "the networks' forward passes")
+
+
 def add_data_args(parser, applies="", seed_flag="--subset-seed"):
     """The flags that name a training subset as train_image.py draws it, defined once: --data, --data-dir,
     --resolution, --n, --cond and --k, and --subset-seed unless seed_flag names another flag for its seed.

@@ -114,8 +114,6 @@ def parse_args(argv=None):
                    help="how the windows' predictions are merged per pixel: average over the windows that hold "
                         "the pixel, or cut: take it from the window whose centre is nearest (with --windows)")
     p.add_argument("--allow-mixed", action="store_true", help="accept snapshots of different runs")
-    p.add_argument("--force", action="store_true", help="recompute rows already in --out, and replace an --out "
-                   "that eval_gap.py did not write (refused otherwise)")
     common.add_run_args(
         p, seed="seed of the fixed noise of the images and of the samples of the splits",
         batch=(512, "(image, sigma) pairs per forward pass"), threads=True,
@@ -124,7 +122,7 @@ def parse_args(argv=None):
             "leaves the run's file alone, results/gap-optimal-<data>-r<R>-n<n>-<none|class|kmeans<k>>-seed"
             "<subset seed>[-guided][-windows].npz for --optimal alone; several run folders or snapshot files "
             "need --out)")
-    common.add_mode_arg(p, "--forward-mode", "the networks' forward passes")
+    common.add_result_args(p, SCRIPT, "rows")
     args = p.parse_args(argv)
     check(args.snapshots or args.optimal, "nothing to evaluate: give run folders or snapshot files, "
                                           "and/or --optimal (see --help)")

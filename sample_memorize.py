@@ -115,8 +115,6 @@ def parse_args(argv=None):
     p.add_argument("--fd-subsets", type=common.positive_int, default=10,
                    help="training subsets of the validation reference's "
                    "size that fd_train averages over")
-    p.add_argument("--force", action="store_true", help="recompute configurations already in --out, and replace "
-                   "an --out that sample_memorize.py did not write (refused otherwise)")
     common.add_run_args(
         p, seed="sample i uses seed --seed + i; also the seed of the probe and reference images and of the bootstrap",
         batch=(256, "samples per batch (per process)"), threads=True,
@@ -125,7 +123,7 @@ def parse_args(argv=None):
             "run's file alone, results/memorize-<optimal|gaussian>-<data>-r<R>-n<n>-<none|class|kmeans<k>>-seed"
             "<subset seed>[-guided].npz for --optimal or --gaussian; several run folders or snapshot files need "
             "--out); figures go to the folder of the same name without .npz")
-    common.add_mode_arg(p, "--forward-mode", "the networks' forward passes")
+    common.add_result_args(p, SCRIPT, "configurations")
     args = p.parse_args(argv)
     check(args.optimal + args.gaussian + bool(args.inputs) == 1,
           "give run folders or snapshot files, or --optimal, or --gaussian (one of them)")
