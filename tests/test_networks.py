@@ -1,5 +1,7 @@
 """The networks: DDPM++ U-Net and DiT presets wrapped in EDM preconditioning (docs/method.md, "Formulas"
 and "The image studies")."""
+import shutil
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -248,6 +250,8 @@ def small_denoiser():
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not any(map(shutil.which, ("c++", "g++", "clang++"))),
+                    reason="torch.compile's CPU backend needs a C++ compiler")
 def test_compiled_network_denoiser_gives_the_eager_outputs_on_cpu():
     # torch.compile's own backend (inductor: C++ on CPU); a minute or more while its compile cache is cold.
     denoiser, x, sigma, labels = small_denoiser()
