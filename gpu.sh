@@ -5,19 +5,20 @@
 #
 # Fashion-MNIST (built in) at 32x32. Stages, each in OUT:
 #   1. grid: U-Net sizes --sizes crossed with training set sizes --ns, unconditional, --images images
-#      each (2M: 7,800 steps of batch 256), 8 log-spaced snapshots; two k-means conditioned runs
+#      each (1M: 3,900 steps of batch 256), 8 log-spaced snapshots; two k-means conditioned runs
 #      (size s, n 1024, k 10 and 100, label dropout 0.1 for the null label); per run, after training:
-#      eval_gap (64 sigmas, 2,048 images per split; the conditioned runs also at guidance w = 0, 1, 2)
-#      and sample_memorize (1,024 samples per snapshot, the trajectory measures). Runs are independent:
+#      eval_gap (64 sigmas, 2,048 images per split; the conditioned runs' last snapshot at guidance
+#      w = 0, 1, 2) and sample_memorize (1,024 samples per snapshot, the trajectory measures). Runs are independent:
 #      --jobs of them share the GPU at once (small networks leave most of it idle).
 #   2. receptive field and long-range dependence on one run (size m, the smallest n): eval_gap with
 #      windows of 16, 20, 24, 28 pixels and the Jacobian correlation radius.
 #   3. figures.py OUT -> OUT/figures, and the time of every stage in OUT/gpu.log.
-# Planned time, from images/s measured on one H200 (torch 2.11, bf16, batch 256, eager step; the default
-# compiled step is faster): training 2M images takes 7 min for s (4,829 img/s), 11 min for m (3,040),
-# about 5 min for xs; the nine grid runs and two conditioned runs, 4 at once, about 35 min of GPU time if
-# sharing gained nothing, less as it does; eval_gap at about 9,200 image-sigmas/s for m: 30 s per snapshot.
-# Unmeasured end to end on a GPU so far: the log's stage times are the measurement.
+# Planned time, from rates measured on one H200 (torch 2.11, bf16, batch 256, eager): training 1M images
+# takes 3.5 min for s (4,829 img/s), 5.5 min for m (3,040), about 2.5 for xs: 42 min for the eleven runs
+# one after another; eval_gap at about 9,200 image-sigmas/s for m (28 s per snapshot): about 25 min for the
+# runs' 8 snapshots; windows and Jacobian about 10 min. About 80 minutes one job at a time at eager rates;
+# the compiled default and 4 jobs sharing the GPU should bring it to about an hour. Unmeasured end to end on
+# a GPU so far: the log's stage times are the measurement.
 #
 # Options: --device DEV (cuda), --tiny, --data-dir DIR (or DATA_DIR), --out DIR (results/gpu),
 # --jobs J (4; 2 with --tiny), --sizes, --ns, --images N (images seen per run). A failed run is logged
@@ -32,7 +33,7 @@ while [ $# -gt 0 ]; do
         --device|--data-dir|--out|--jobs|--sizes|--ns|--images)  # --data-dir DIR sets DATA_DIR, and so on
             [ $# -ge 2 ] || { echo "error: $1 needs a value (see --help)" >&2; exit 2; }
             name=${1#--}; name=${name//-/_}; printf -v "${name^^}" %s "$2"; shift 2 ;;
-        -h|--help) sed -n '2,24s/^# \{0,1\}//p' "$0"; exit 0 ;;
+        -h|--help) awk 'NR > 1 && !/^#/ {exit} NR > 1 {sub(/^# ?/, ""); print}' "$0"; exit 0 ;;
         *) echo "error: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -43,7 +44,7 @@ if [ "$TINY" = 1 ]; then
     EVAL=(--num-images 8 --num-sigmas 4 --batch 32)
     SAMPLE=(--num-samples 4 --steps 3 --probe-sigmas 1 --fd-subsets 2)
 else
-    RES=32 BATCH=256 SIZES=${SIZES:-"xs s m"} NS=${NS:-"256 1024 4096"} IMAGES=${IMAGES:-2000000}
+    RES=32 BATCH=256 SIZES=${SIZES:-"xs s m"} NS=${NS:-"256 1024 4096"} IMAGES=${IMAGES:-1000000}
     JOBS=${JOBS:-4} KS="10 100" NET=() SNAPSHOTS=log:8 KSIZE=s WINDOW_RUN_SIZE=m
     WINDOWS=(16 20 24 28) JACOBIAN=(--jacobian-sigmas 0.05 0.1 0.2 0.5 1 2 5 10 --jacobian-images 64)
     EVAL=(--num-images 2048 --num-sigmas 64)
@@ -61,9 +62,9 @@ run_chain() {  # run_chain NAME GUIDANCE TRAIN_ARGS...: train, then eval_gap and
     shift 2
     $PY train_image.py "${DATA[@]}" --model unet "$@" "${NET[@]}" --steps "$STEPS" --batch "$BATCH" \
         --snapshots "$SNAPSHOTS" --eval-every "$IMAGES" --device "$DEVICE" --out "$run"
-    if [ "$guidance" = guided ]; then
-        $PY eval_gap.py "$run" "${EVAL[@]}" --guidance-weights 0 1 2 --neg uncond --device "$DEVICE" \
-            --out "$OUT/gap/$name.npz"
+    if [ "$guidance" = guided ]; then  # the last snapshot: each guidance weight costs two forward passes
+        $PY eval_gap.py "$(ls "$run"/snapshot-*.pt | tail -n 1)" "${EVAL[@]}" --guidance-weights 0 1 2 \
+            --neg uncond --device "$DEVICE" --out "$OUT/gap/$name.npz"
     else
         $PY eval_gap.py "$run" "${EVAL[@]}" --device "$DEVICE" --out "$OUT/gap/$name.npz"
     fi
