@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one-GPU study: between the CPU quick run (quick.sh) and the paper, about an hour on one H100/H200.
 #   bash gpu.sh [--out DIR] [--data-dir DIR] [--jobs J] [--sizes "xs s m"] [--ns "256 1024 4096"]
-#   bash gpu.sh --device cpu --tiny                # the same stages at tiny settings on a CPU (~2 minutes)
+#   bash gpu.sh --device cpu --tiny                # the same stages at tiny settings on a CPU (under a minute)
 #
 # Fashion-MNIST (built in) at 32x32. Stages, each in OUT:
 #   1. grid: U-Net sizes --sizes crossed with training set sizes --ns, unconditional, --images images
