@@ -1,6 +1,7 @@
 """Shared test fixtures: the repository on sys.path, one torch thread, synthetic Fashion-MNIST files."""
 import gzip
 import os
+import subprocess
 import sys
 
 import numpy as np
@@ -38,3 +39,13 @@ def write_fashion_mnist(root, n_train, n_val, classes=10, seed=0):
         write_idx(os.path.join(root, f"{split}-images-idx3-ubyte.gz"), rng.integers(0, 256, (count, 28, 28)))
         write_idx(os.path.join(root, f"{split}-labels-idx1-ubyte.gz"), np.arange(count) % classes)
     return str(root)
+
+
+def run_tiny_script(script, out, data_dir, timeout=900):
+    """Run a shell script of the repository (path relative to it) with --device cpu --tiny --out OUT on the
+    synthetic Fashion-MNIST in data_dir, one thread; assert it succeeded."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, OMP_NUM_THREADS="1", DATA_DIR=str(data_dir))
+    done = subprocess.run(["bash", os.path.join(root, script), "--device", "cpu", "--tiny", "--out", str(out)],
+                          env=env, capture_output=True, text=True, timeout=timeout, cwd=root)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import common
-from conftest import write_fashion_mnist
+from conftest import run_tiny_script, write_fashion_mnist
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "benchmarks")
@@ -110,12 +110,8 @@ def test_bench_train_background_load_runs_one_busy_process_and_stops_it(monkeypa
 @pytest.mark.slow
 def test_gpu_check_tiny_runs_every_stage_on_cpu_and_logs_it(tmp_path):
     (tmp_path / "data").mkdir()
-    data_dir = write_fashion_mnist(tmp_path / "data", 40, 20)
     out = tmp_path / "check"
-    env = dict(os.environ, OMP_NUM_THREADS="1", DATA_DIR=data_dir)
-    done = subprocess.run(["bash", os.path.join(BENCH, "gpu_check.sh"), "--device", "cpu", "--tiny", "--out", str(out)],
-                          env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run_tiny_script("benchmarks/gpu_check.sh", out, write_fashion_mnist(tmp_path / "data", 40, 20), timeout=600)
     log = (out / "gpu_check.log").read_text()
     for stage in ("bench unet eager", "bench unet auto", "bench dit eager", "bench dit auto", "bench eval eager",
                   "bench eval auto", "train", "eval_gap", "sample_memorize", "eval_gap eager", "sample_memorize eager",

@@ -1,25 +1,18 @@
 """gpu.sh, the one-GPU study, runs end to end on a CPU at tiny settings."""
 import os
 import re
-import subprocess
 
 import numpy as np
 import pytest
 
-from conftest import write_fashion_mnist
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import run_tiny_script, write_fashion_mnist
 
 
 @pytest.mark.slow
 def test_gpu_study_tiny_runs_every_stage_on_cpu(tmp_path):
     (tmp_path / "data").mkdir()
-    data_dir = write_fashion_mnist(tmp_path / "data", 64, 40)
     out = tmp_path / "study"
-    env = dict(os.environ, OMP_NUM_THREADS="1", DATA_DIR=data_dir)
-    done = subprocess.run(["bash", os.path.join(ROOT, "gpu.sh"), "--device", "cpu", "--tiny", "--out", str(out)],
-                          env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run_tiny_script("gpu.sh", out, write_fashion_mnist(tmp_path / "data", 64, 40))
     log = (out / "gpu.log").read_text()
     runs = ["unet-tiny-n16", "unet-tiny-n32", "unet-tiny-n32-kmeans4"]
     for stage in runs + ["windows", "jacobian", "1. grid", "2. windows and jacobian", "3. figures"]:
