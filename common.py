@@ -1849,14 +1849,14 @@ def digest(*parts):
 
 def source_digest(dataset, resolution, subset, labels=None, centroids=None):
     """Digest of what a denoiser learned from: dataset, resolution, subset indices, labels, k-means centroids."""
-    as_array = lambda a: None if a is None else np.asarray(a)  # noqa: E731
-    return digest(dataset, int(resolution), np.asarray(subset), as_array(labels), as_array(centroids))
+    return digest(dataset, int(resolution), np.asarray(subset), _as_array(labels, None), _as_array(centroids, None))
 
 
 def snapshot_digest(ckpt, weights="ema"):
     """Digest of everything a snapshot's outputs depend on: network config, its 'ema' or 'raw' weights, source."""
-    return digest(ckpt["network"], ckpt[WEIGHTS[weights]], source_digest(ckpt["dataset"], ckpt["resolution"], ckpt["subset"],
-                                                                ckpt["labels"], ckpt["kmeans_centroids"]))
+    source = source_digest(ckpt["dataset"], ckpt["resolution"], ckpt["subset"], ckpt["labels"],
+                           ckpt["kmeans_centroids"])
+    return digest(ckpt["network"], ckpt[WEIGHTS[weights]], source)
 
 
 def rng_state(**generators):

@@ -458,7 +458,7 @@ def image_shape(network):
     return network["img_channels"], network["img_resolution"], network["img_resolution"]
 
 
-def negative_model(neg, weights, guidance_weights, models, device, mode="auto"):
+def negative_model(neg, weights, guidance_weights, models, device):
     """The guidance negative of --neg and its digest: None for 'uncond' (each model with the null label,
     common.negative_denoiser) or a snapshot's network (common.Denoiser); UserError unless it fits each of the
     models, given as (name, image shape, number of classes) (common.check_guidance)."""

@@ -216,8 +216,7 @@ def factor_groups(gap_results):
         for name, data, f in runs:
             if f[factor] is None:
                 continue
-            rest = tuple((key, f[key]) for key in ("params", "n", "k", "augment_p", "data", "resolution")
-                         if key != factor)
+            rest = tuple((key, f[key]) for key in (*labels, "data", "resolution") if key != factor)
             groups.setdefault(rest, []).append((f[factor], data))
         for i, members in enumerate(g for g in groups.values() if len({v for v, _ in g}) > 1):
             found[f"gap_by_{factor}" + (f"_{i + 1}" if i else "")] = (label, sorted(members, key=lambda m: m[0]))

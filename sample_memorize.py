@@ -371,8 +371,8 @@ def run_configuration(model, denoise, refs, shard, sigmas, stops, probes, featur
     # fresh data: noisy held-out validation images, where a perfectly generalizing sampler's states lie
     held, draws = (a[shard] for a in probe_images(num_samples, refs.heldout_pos, seed))
     at = torch.as_tensor(held, device=device)
-    held_labels = sets["val"][2] if sets["val"][2] is None else (
-        sets["val"][2] if label == "null" else model.train.val_labels[at])
+    probe_labels = sets["val"][2]  # None (unconditional), the null label, or the images' own labels
+    held_labels = probe_labels if probe_labels is None or label == "null" else model.train.val_labels[at]
     res["llr_heldout"] = torch.stack([refs.llr(noisy(model.train.val_x[at], held, draws, s), s, held_labels,
                                                batch) for s in p_sigmas])
     for name, (x, d, lab) in sets.items():
@@ -607,9 +607,10 @@ def evaluate(args, rank, world, device):
     stops, probes = stop_steps(sigmas, args.stop_sigma), probe_steps(sigmas, args.probe_sigmas)
     shard = np.array_split(np.arange(args.num_samples), world)[rank]
     train_cache, ref_cache, shape = {}, {}, None
-    neg = "uncond"
+    neg, neg_fits = "uncond", None
     if args.neg != "uncond":
         neg = network_model(args.neg, args.weights, args.data_dir, device, train_cache, args.forward_mode)
+        neg_fits = (args.neg, neg.train.x.shape[1:], neg.num_classes)
     settings = json.loads(json.dumps({key: getattr(args, key) for key in SETTINGS}))
     settings["neg"] = "uncond" if neg == "uncond" else model_key(args.neg, args)
     rows = cached_configs(old, settings, args.out, say)
@@ -644,7 +645,6 @@ def evaluate(args, rank, world, device):
         shape = shape or model.train.x.shape[1:]
         check(model.train.x.shape[1:] == shape, f"{model.name} makes images of shape "
               f"{tuple(model.train.x.shape[1:])}, unlike the first configuration's {tuple(shape)}")
-        neg_fits = None if neg == "uncond" else (args.neg, neg.train.x.shape[1:], neg.num_classes)
         if neg_fits is not None or any(args.guidance_weights):
             common.check_guidance(model.name, shape, model.num_classes, neg_fits)
         if len(model.train.distinct) < 2:

@@ -34,8 +34,6 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
-import common
-
 SCRIPT = os.path.basename(__file__)  # stored in train_log.npz (common.save_npz)
 FLUSH_EVERY = 20  # steps between loss read-outs; each one waits for the device
 EVAL_BATCH = 64  # (image, sigma) pairs per forward pass of the evaluations: small, so their progress bar moves
