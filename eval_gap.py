@@ -20,11 +20,13 @@ classes, or k-means clusters (validation images go to the nearest stored centroi
 Writes --out (.npz): sigmas (S,), images_seen (C,), checkpoints (C,) paths, digests (C,), run_args and
 network (JSON of the first snapshot's training arguments and network config), params,
 weights, e_train, e_val, gap (C, S), onset_images_seen (S,) = images seen where E_val(sigma) is
-smallest, peak_sigma (C,) = sigma where G is largest, args and eval_settings (JSON). With
+smallest, peak_sigma (C,) = sigma where G is largest, peak_gap (C,) = its value, peak_gap_ci (C, 2) = its
+95% percentile bootstrap interval over the evaluation images (--bootstrap resamples of both splits), args and
+eval_settings (JSON). With
 --optimal also e_train_optimal, e_val_optimal, gap_optimal (1, S) and optimal_digest; without
 snapshots the optimal denoiser is the only row (images_seen 0, checkpoint 'optimal'); its E_train
 is exactly 0 at small sigma, where its relative gap is inf. With --features: feature_sigmas (K,),
-fd_train, fd_val, feature_gap (C, K) (and *_optimal); both splits' Frechet distances use equally
+fd_train, fd_val, feature_gap (C, K) (and *_optimal), feature_space (which features); both splits' Frechet distances use equally
 many images (the first min(n, --num-images) of each), since the distance's bias grows as 1/count;
 reconstructions and clean images are quantized to 8 bits before the features (as FID tools do).
 With --jacobian-sigmas: jacobian_sigmas (J,), radius_train, radius_val (C, J) = the correlation radius of
@@ -52,6 +54,7 @@ import argparse
 import collections
 import itertools
 import json
+import math
 import os
 
 import common  # first: it sets OpenMP's wait policy, which torch reads when it loads
@@ -64,11 +67,11 @@ from common import check
 
 SCRIPT = os.path.basename(__file__)  # stored in the result file (common.save_npz)
 # Arguments that change the numbers of a row; a cached row is reused only when they all match.
-SETTINGS = ("num_images", "seed", "guidance_weights", "neg", "features", "feature_sigmas", "data_dir")
+SETTINGS = ("num_images", "seed", "guidance_weights", "neg", "features", "feature_sigmas", "data_dir", "bootstrap")
 # ... and, only when their option is given (so that earlier files keep their rows), these
 OPTIONAL_SETTINGS = {"windows": ("windows", "window_steps", "window_mode"),
                      "jacobian_sigmas": ("jacobian_sigmas", "jacobian_images", "jacobian_pixels")}
-ROW_KEYS = ("e_train", "e_val", "fd_train", "fd_val", "radius_train", "radius_val")
+ROW_KEYS = ("e_train", "e_val", "peak_gap_ci", "fd_train", "fd_val", "radius_train", "radius_val")
 
 # this process's shard; count: images of all processes; fd: the shard's images in the Frechet subset
 Split = collections.namedtuple("Split", "y noise labels count fd")
@@ -93,7 +96,7 @@ def parse_args(argv=None):
                    "label: classifier-free guidance) or a snapshot file (an unconditional network: classifier-free "
                    "guidance as the paper's; a weaker one: autoguidance)")
     p.add_argument("--features", default=None, help="also the reconstruction gap in a feature space: "
-                   "'builtin' or an Inception TorchScript file (common.load_feature_extractor)")
+                   "'classifier', 'builtin' or an Inception TorchScript file (common.load_feature_extractor)")
     p.add_argument("--feature-sigmas", nargs="+", default=["0.25", "0.5", "1", "2", "4"],
                    help="noise levels of the feature-space reconstruction gap, or 'all' (every evaluated sigma)")
     p.add_argument("--jacobian-sigmas", type=common.positive_float, nargs="+", default=None,
@@ -113,6 +116,8 @@ def parse_args(argv=None):
     p.add_argument("--window-mode", choices=common.WINDOW_MODES, default="average",
                    help="how the windows' predictions are merged per pixel: average over the windows that hold "
                         "the pixel, or cut: take it from the window whose centre is nearest (with --windows)")
+    p.add_argument("--bootstrap", type=common.positive_int, default=1000,
+                   help="bootstrap resamples of the evaluation images for the interval of the peak of G")
     p.add_argument("--allow-mixed", action="store_true", help="accept snapshots of different runs")
     common.add_run_args(
         p, seed="seed of the fixed noise of the images and of the samples of the splits",
@@ -158,6 +163,34 @@ def overfitting_onset(images_seen, e_val):
     e_val = np.asarray(e_val, np.float64)
     best = np.where(np.isnan(e_val), np.inf, e_val).argmin(axis=-2)
     return np.asarray(images_seen)[best]
+
+
+def peak_gap(gap):
+    """The largest finite value of G(sigma) (common.peak_index; NaN when none is finite). gap (..., S) -> (...)."""
+    gap = np.asarray(gap, np.float64)
+    peak = np.take_along_axis(gap, common.peak_index(gap)[..., None], axis=-1)[..., 0]
+    return np.where(np.isfinite(peak), peak, np.nan)
+
+
+def peak_gap_interval(err_train, err_val, n_boot=1000, seed=0, level=0.95):
+    """Percentile bootstrap interval of the peak of G over sigma, from the per-image errors (S, N_train) and
+    (S, N_val) of one model: each resample draws both splits' images with replacement (the same images at
+    every sigma) and takes the largest finite G of the resampled means. Returns (low, high); NaN where no
+    resample has a finite G (E_train = 0 at every sigma)."""
+    rng, peaks = np.random.default_rng(seed), []
+    errs = [np.asarray(e, np.float64) for e in (err_train, err_val)]
+    rows = max(1, 2 ** 22 // max(e.shape[1] for e in errs))
+    for start in range(0, n_boot, rows):
+        count = min(rows, n_boot - start)
+        # multinomial counts instead of index arrays: (count, N) weights, never (S, count, N)
+        e_train, e_val = (e @ rng.multinomial(e.shape[1], np.full(e.shape[1], 1 / e.shape[1]), count).T
+                          / e.shape[1] for e in errs)
+        peaks.append(peak_gap(relative_gap(e_train, e_val).T))
+    peaks = np.concatenate(peaks)
+    if not np.isfinite(peaks).any():
+        return math.nan, math.nan
+    low, high = np.nanquantile(peaks, [(1 - level) / 2, (1 + level) / 2])
+    return float(low), float(high)
 
 
 def peak_sigma(sigmas, gap):
@@ -300,13 +333,13 @@ def all_sum(tensor, world, device):
 
 
 def split_errors(denoise, neg, split, sigmas, weights, batch, world=1, device="cpu", bar=None):
-    """E(sigma) of docs/method.md on one split for each guidance weight, averaged over the images of
-    every process: float64 (G, S)."""
-    totals = torch.stack([
+    """Per-image errors of E(sigma) (docs/method.md) on one split for each guidance weight, of the images of
+    every process (in shard order): float64 (G, S, N); E(sigma) is their mean over images."""
+    errors = torch.stack([
         common.denoising_errors(counted(common.guided_denoiser(denoise, neg, w), bar), split.y, split.noise,
-                                sigmas, split.labels, batch).sum(1)
+                                sigmas, split.labels, batch)
         for w in weights])
-    return (all_sum(totals, world, device) / split.count).numpy()
+    return common.gather_rows(errors, world, device, dim=2).numpy()
 
 
 def features_of(images, extractor, batch, world, device):
@@ -359,13 +392,14 @@ class Evaluator:
     each window (None: the model itself with the null label, common.negative_denoiser)."""
 
     def __init__(self, sigmas, weights, negs, num_images, seed, batch, extractor=None, feature_sigmas=(), rank=0,
-                 world=1, device="cpu", bar=None, jacobian_sigmas=(), jacobian_images=16, jacobian_pixels=64):
+                 world=1, device="cpu", bar=None, jacobian_sigmas=(), jacobian_images=16, jacobian_pixels=64,
+                 n_boot=1000):
         self.sigmas, self.weights, self.negs, self.num_images, self.seed, self.batch = (sigmas, weights, negs,
                                                                                         num_images, seed, batch)
         self.extractor, self.feature_sigmas = extractor, feature_sigmas
         self.jacobian_sigmas, self.jacobian_images, self.jacobian_pixels = (jacobian_sigmas, jacobian_images,
                                                                             jacobian_pixels)
-        self.rank, self.world, self.device, self.bar = rank, world, device, bar
+        self.rank, self.world, self.device, self.bar, self.n_boot = rank, world, device, bar, n_boot
         self.source_key, self.splits, self.clean = None, None, None
 
     def load(self, source):
@@ -384,9 +418,12 @@ class Evaluator:
         splits, out = self.load(source), collections.defaultdict(list)
         for denoise, neg in zip(models, self.negs):
             neg = common.negative_denoiser(denoise, neg)
-            for name, split in zip(("train", "val"), splits):
-                out[f"e_{name}"].append(split_errors(denoise, neg, split, self.sigmas, self.weights, self.batch,
-                                                     self.world, self.device, self.bar))
+            errors = [split_errors(denoise, neg, split, self.sigmas, self.weights, self.batch, self.world,
+                                   self.device, self.bar) for split in splits]
+            for name, err in zip(("train", "val"), errors):
+                out[f"e_{name}"].append(err.mean(-1))
+            out["peak_gap_ci"].append(np.array([peak_gap_interval(e_train, e_val, self.n_boot, self.seed)
+                                                for e_train, e_val in zip(*errors)]))
             if self.extractor is not None:
                 for name, split, clean in zip(("train", "val"), splits, self.clean):
                     out[f"fd_{name}"].append(feature_distances(denoise, neg, split, clean, self.extractor,
@@ -478,6 +515,7 @@ def curves(rows, windowed, guided, sigmas=None, images_seen=None):
     out = {k: without_model_axes(np.stack([r[k] for r in rows], axis=2), windowed, guided)
            for k in ROW_KEYS if k in rows[0]}
     out["gap"] = relative_gap(out["e_train"], out["e_val"])
+    out["peak_gap"] = peak_gap(out["gap"])
     if "fd_train" in out:
         out["feature_gap"] = relative_gap(out["fd_train"], out["fd_val"])
     if images_seen is not None:
@@ -536,7 +574,11 @@ def evaluate(args, rank, world, device):
     restrictions = args.windows[:-1] + [None] if windowed else [None]  # window sizes; None: the whole image
     negs = ([None] * len(restrictions) if neg is None
             else network_models(neg, device, restrictions, args.window_steps, args.window_mode, args.forward_mode))
-    extractor = common.load_feature_extractor(args.features, device) if args.features else None
+    extractor = None
+    if args.features:  # one dataset and resolution: the snapshots are of one run (check_same_run)
+        extractor = common.load_feature_extractor(args.features, device,
+                                                  snapshots[0]["source"] if snapshots else opt_source)
+        args.feature_space = extractor.description  # stored as feature_space
     out_path = args.out
     settings = eval_settings(args, sigmas, neg_digest)
     cache = cached_rows(old, out_path, settings, windowed, guided, say)
@@ -578,7 +620,7 @@ def evaluate(args, rank, world, device):
     with tqdm(total=total, unit="eval", unit_scale=True, disable=rank != 0 or not todo, dynamic_ncols=True) as bar:
         evaluator = Evaluator(sigmas, weights, negs, args.num_images, args.seed, args.batch, extractor,
                               args.feature_sigmas, rank, world, device, bar, args.jacobian_sigmas or (),
-                              args.jacobian_images, args.jacobian_pixels)
+                              args.jacobian_images, args.jacobian_pixels, args.bootstrap)
         for i, (key, (source, path)) in enumerate(todo.items()):
             bar.set_description(f"{i + 1}/{len(todo)} {os.path.basename(path) if path else 'optimal'}")
             if path is None:
@@ -596,7 +638,7 @@ def evaluate(args, rank, world, device):
         result = write()
     summarize(result, args.windows, weights if guided else None, snapshots, opt_source is not None, say)
     shape = "x".join(str(d) for d in result["e_train"].shape)
-    say(f"wrote {out_path}: e_train, e_val, gap ({shape}), onset_images_seen, peak_sigma"
+    say(f"wrote {out_path}: e_train, e_val, gap ({shape}), onset_images_seen, peak_sigma, peak_gap, peak_gap_ci"
         + (", *_optimal" if opt_source is not None else "") + (", fd_train, fd_val, feature_gap" if K else "")
         + (", radius_train, radius_val" if args.jacobian_sigmas else ""))
 
@@ -612,6 +654,7 @@ def result_arrays(args, settings, sigmas, snapshots, opt_key, rows):
         result["guidance_weights"] = np.array(args.guidance_weights, np.float64)
     if args.features:
         result["feature_sigmas"] = np.array(args.feature_sigmas, np.float64)
+        result["feature_space"] = np.array(args.feature_space)
     if args.jacobian_sigmas:
         result["jacobian_sigmas"] = np.array(args.jacobian_sigmas, np.float64)
     done, optimal = [s for s in snapshots if s["digest"] in rows], rows.get(opt_key)
@@ -651,7 +694,9 @@ def summarize(result, windows, weights, snapshots, optimal, say):
             seen, gap = result["images_seen"], pick("gap")
             j = common.peak_index(gap)
             onset = at("onset_images_seen")[j]
-            parts.append(f"last snapshot ({seen[-1]:,} images seen): peak gap {gap[j]:.3g} at sigma {sigmas[j]:.3g}, "
+            low, high = pick("peak_gap_ci")
+            parts.append(f"last snapshot ({seen[-1]:,} images seen): peak gap {gap[j]:.3g} [95% interval over the "
+                         f"evaluation images {low:.3g}, {high:.3g}] at sigma {sigmas[j]:.3g}, "
                          f"where E_val is smallest at {onset:,} images seen"
                          + (" (no onset yet)" if len(seen) > 1 and onset == seen[-1] else ""))
         if optimal:

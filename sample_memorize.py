@@ -54,6 +54,7 @@ settings (by an earlier or a killed run) are reused unless --force; an --out tha
 did not write (another script's result, a foreign file) is not replaced unless --force.
 """
 import argparse
+import collections
 import dataclasses
 import json
 import math
@@ -74,9 +75,12 @@ from common import check  # noqa: E402
 
 SCRIPT = os.path.basename(__file__)  # stored in the result file (common.save_npz)
 PROBE_NEAR = 1.2  # the paper's intermediate noise level for the trajectory overlap
+TRAIN_SALT = 1_000_003  # added to a draw's seed for its training reference, so that it differs from the validation one
+TYPICAL_QUANTILE = 0.01  # states whose log density under the pooled reference reaches this quantile of fresh data's
 # Arguments besides the model and w that change a configuration's numbers; cached configurations are
 # reused only when they all match (with the --neg model's digest).
 SETTINGS = ("num_samples", "steps", "label", "stop_sigma", "probe_sigmas", "features", "bootstrap", "fd_subsets",
+            "ref_draws",
             "seed", "data_dir")
 SHARED_KEYS = ("seeds", "sampler_sigmas", "stop_sigmas", "probe_sigmas", "settings")  # the rest: one row per config
 
@@ -108,10 +112,15 @@ def parse_args(argv=None):
     p.add_argument("--probe-sigmas", type=common.positive_float, nargs="+", default=None,
                    help="sigmas of the trajectory overlap, snapped to the sampler grid "
                    f"(default: the grid sigma nearest {PROBE_NEAR} and its two neighbours)")
-    p.add_argument("--features", default="builtin", help="feature space of the Frechet distances: builtin "
-                   "(no download) or the path of a TorchScript Inception-v3 (see common.FEATURE_HELP)")
+    p.add_argument("--features", default="classifier", help="feature space of the Frechet distances and the 1-NN "
+                   "cosine: classifier (a small CNN trained once on the dataset, cached), builtin (a fixed random "
+                   "network) or the path of a TorchScript Inception-v3 (see common.FEATURE_HELP)")
     p.add_argument("--bootstrap", type=common.positive_int, default=1000,
                    help="bootstrap resamples of the memorized fraction")
+    p.add_argument("--ref-draws", type=common.positive_int, default=5,
+                   help="seeded draws of the LLR references (validation reference, held-out images, and the "
+                   "training reference where the subset is larger): the trajectory measures are averaged over "
+                   "them and their spread is part of the intervals")
     p.add_argument("--fd-subsets", type=common.positive_int, default=10,
                    help="training subsets of the validation reference's "
                    "size that fd_train averages over")
@@ -316,37 +325,43 @@ def overlap_stats(train, x, d, sigma, labels, batch):
     return dist[:, 0], cos, (d.double() - opt.double()).square().flatten(1).mean(1)
 
 
+def probe_inputs(model, split, pool, shard, p_sigmas, num_samples, seed, null_label=False, device="cpu"):
+    """This process's share `shard` of num_samples noisy images of a split ('train': the training subset,
+    'val': the validation split) drawn from its positions `pool` (probe_images: seeded choice and noise draws),
+    at every probe sigma: x (P, B, ...) and labels (None, the null label when null_label, or their own)."""
+    train = model.train
+    images, labels, split_index = ((train.x, train.labels, train.source.subset) if split == "train"
+                                   else (train.val_x, train.val_labels, np.arange(len(train.val_x))))
+    pos, draws = (a[shard] for a in probe_images(num_samples, pool, seed))
+    at = torch.as_tensor(pos, device=device)
+    lab = None
+    if model.num_classes:
+        lab = torch.full((len(pos),), model.num_classes, device=device) if null_label else labels[at]
+    return torch.stack([noisy(images[at], split_index[pos], draws, s).to(model.dtype) for s in p_sigmas]), lab
+
+
 def probe_sets(model, refs, shard, p_sigmas, denoise, num_samples, seed, null_label=False, batch=256, device="cpu"):
-    """This process's share `shard` of num_samples noisy training and validation images (seeded choice and
-    draws) at every probe sigma, drawn from the reference images `refs` (reference_pair), with their labels
-    (the null label when null_label) and D(x) computed in batches: {'train': (x (P, B, ...), D(x) (P, B, ...),
-    labels), 'val': ...}."""
-    train, sets = model.train, {}
-    for name, images, labels, split_index, pool in (
-            ("train", train.x, train.labels, train.source.subset, refs.train_pos),
-            ("val", train.val_x, train.val_labels, np.arange(len(train.val_x)), refs.val_pos)):
-        pos, draws = (a[shard] for a in probe_images(num_samples, pool, seed))
-        at = torch.as_tensor(pos, device=device)
-        lab = None
-        if model.num_classes:
-            lab = torch.full((len(pos),), model.num_classes, device=device) if null_label else labels[at]
-        xs, ds = [], []
-        for s in p_sigmas:
-            x = noisy(images[at], split_index[pos], draws, s).to(model.dtype)
-            sig = torch.full((len(x),), s, dtype=x.dtype, device=device)
-            xs.append(x)
-            ds.append(torch.cat([denoise(x[b], sig[b], None if lab is None else lab[b])
-                                 for b in batches(len(x), batch)]).float())
-        sets[name] = (torch.stack(xs), torch.stack(ds), lab)
+    """Noisy training and validation images drawn from the reference images `refs` (probe_inputs) with D(x)
+    computed in batches: {'train': (x (P, B, ...), D(x) (P, B, ...), labels), 'val': ...}."""
+    sets = {}
+    for name, pool in (("train", refs.train_pos), ("val", refs.val_pos)):
+        x, lab = probe_inputs(model, name, pool, shard, p_sigmas, num_samples, seed, null_label, device)
+        ds = [torch.cat([denoise(x[p, b], torch.full((len(x[p, b]),), s, dtype=x.dtype, device=device),
+                                 None if lab is None else lab[b]) for b in batches(x.shape[1], batch)]).float()
+              for p, s in enumerate(p_sigmas)]
+        sets[name] = (x, torch.stack(ds), lab)
     return sets
 
 
 @torch.no_grad()
-def run_configuration(model, denoise, refs, shard, sigmas, stops, probes, features, *, label, seed, num_samples,
+def run_configuration(model, denoise, ref_draws, shard, sigmas, stops, probes, features, *, label, seed, num_samples,
                       batch, device, show=False):
     """Everything per sample for this process's seeds seed + shard (of num_samples) with --label `label`, in
     batches: samples, memorization, features, features of the early-stopped samples, and where the
-    trajectories live at the probe sigmas (probe images: probe_sets)."""
+    trajectories live at the probe sigmas: D-based measures against the first reference draw (probe_sets), the
+    LLR of every probe set under each draw of ref_draws (reference_draws), and the log density of trajectory
+    states and noisy held-out images under the first draw's pooled references (the score's validity check)."""
+    refs = ref_draws[0]
     choices, shape, parts = label_choices(model, label), model.train.x.shape[1:], []
     for b in tqdm(batches(len(shard), batch), desc=model.name, unit="batch", disable=not show, leave=False):
         x_init, labels = initial_state(seed + shard[b], shape, choices, model.dtype, device)
@@ -365,24 +380,32 @@ def run_configuration(model, denoise, refs, shard, sigmas, stops, probes, featur
         res[f"fcos_samples_{ref}"] = nearest_cosine(res["features"], refs.features[ref])
         res[f"fcos_stop_{ref}"] = torch.stack([nearest_cosine(f, refs.features[ref]) for f in res["stop_features"]]
                                               ) if len(stops) else torch.zeros(0, len(shard))
-    p_sigmas = sigmas[probes].tolist()
+    p_sigmas, null = sigmas[probes].tolist(), label == "null"
     sets = dict(traj=(cat("traj_x", 1), cat("traj_d", 1), labels),
-                **probe_sets(model, refs, shard, p_sigmas, denoise, num_samples, seed, label == "null", batch, device))
-    # fresh data: noisy held-out validation images, where a perfectly generalizing sampler's states lie
-    held, draws = (a[shard] for a in probe_images(num_samples, refs.heldout_pos, seed))
-    at = torch.as_tensor(held, device=device)
-    probe_labels = sets["val"][2]  # None (unconditional), the null label, or the images' own labels
-    held_labels = probe_labels if probe_labels is None or label == "null" else model.train.val_labels[at]
-    res["llr_heldout"] = torch.stack([refs.llr(noisy(model.train.val_x[at], held, draws, s), s, held_labels,
-                                               batch) for s in p_sigmas])
+                **probe_sets(model, refs, shard, p_sigmas, denoise, num_samples, seed, null, batch, device))
     for name, (x, d, lab) in sets.items():
         stats = [overlap_stats(model.train, x[p], d[p], s, lab, batch) for p, s in enumerate(p_sigmas)]
         for i, kind in enumerate(("nn", "cos", "dis")):
             res[f"{kind}_{name}"] = torch.stack([st[i] for st in stats])
-        res[f"llr_{name}"] = torch.stack([refs.llr(x[p], s, lab, batch) for p, s in enumerate(p_sigmas)])
         feats = [features(d[p]) for p in range(len(p_sigmas))]
         for ref in ("train", "val"):
             res[f"fcos_{name}_{ref}"] = torch.stack([nearest_cosine(f, refs.features[ref]) for f in feats])
+    # where trajectories live: the LLR of trajectory states, of noisy reference images and of noisy held-out
+    # validation images (fresh data, where a perfectly generalizing sampler's states lie) under each draw
+    llr, traj = collections.defaultdict(list), (sets["traj"][0], sets["traj"][2])
+    for draw in ref_draws:
+        inputs = dict(traj=traj, **{name: probe_inputs(model, split, pool, shard, p_sigmas, num_samples, seed,
+                                                       null, device)
+                                    for name, split, pool in (("train", "train", draw.train_pos),
+                                                              ("val", "val", draw.val_pos),
+                                                              ("heldout", "val", draw.heldout_pos))})
+        for name, (x, lab) in inputs.items():
+            llr[name].append(torch.stack([draw.llr(x[p], s, lab, batch) for p, s in enumerate(p_sigmas)]))
+        if draw is refs:  # do the states look like noisy data at all? (trajectory_typicality)
+            for name in ("traj", "heldout"):
+                res[f"logp_{name}"] = torch.stack([refs.log_density(inputs[name][0][p], s, batch)
+                                                   for p, s in enumerate(p_sigmas)])
+    res.update({f"llr_{name}": torch.stack(values) for name, values in llr.items()})  # (D, P, B)
     return {k: v.cpu() for k, v in res.items()}
 
 
@@ -413,12 +436,22 @@ class References:
             x[b].to(dtype), sigma, ref_t, ref_v, None if lab_t is None else labels[b], lab_t, lab_v)
             for b in batches(len(x), batch)]).double()
 
+    def log_density(self, x, sigma, batch):
+        """log p(x | sigma) of both references' images pooled (common.noisy_log_density), (B,) float64:
+        whether x looks like noisy data at all."""
+        t, dtype = self.train, common.exact_dtype(self.train.x.device)
+        pooled = torch.cat([t.x[self.train_pos], t.val_x[self.val_pos]]).to(dtype)
+        return torch.cat([common.noisy_log_density(x[b].to(dtype), sigma, pooled)
+                          for b in batches(len(x), batch)]).double()
+
 
 def reference_pair(train, seed):
-    """References (without features) of a training set: the whole training subset, and as many seeded
-    validation images (per label when the set is conditional and every label of the subset has
-    validation images, else unconditional), at most half the validation split (per label), so that
-    the other half stays out for the Frechet baselines; fewer when the validation split is small."""
+    """References (without features) of a training set, of equal size R per label: as many seeded validation
+    images as the training subset holds (per label when the set is conditional and every label of the subset
+    has validation images, else unconditional), at most half the validation split (per label), so that the
+    other half stays out as held-out images; and the whole training subset, or a seeded subset of R of it
+    when it holds more (docs/method.md: the LLR compares two empirical distributions of equal size). Another
+    seed is another draw of both (--ref-draws)."""
     def pick(positions, count, salt):
         return np.sort(positions[common.choose_subset(len(positions), count, seed + salt)])
     t_all, v_all = np.arange(len(train.x)), np.arange(len(train.val_x))
@@ -427,11 +460,20 @@ def reference_pair(train, seed):
         counts = {c: min(int((t_lab == c).sum()), int((v_lab == c).sum()) // 2) for c in np.unique(t_lab)}
         if min(counts.values()) > 0:
             v_pos = np.sort(np.concatenate([pick(v_all[v_lab == c], r, int(c)) for c, r in counts.items()]))
+            t_pos = np.sort(np.concatenate([pick(t_all[t_lab == c], r, TRAIN_SALT + int(c))
+                                            for c, r in counts.items()]))
             held = np.setdiff1d(v_all[np.isin(v_lab, list(counts))], v_pos)  # labels of the subset only
-            return References(train, t_all, v_pos, held, True)
+            return References(train, t_pos, v_pos, held, True)
     check(len(v_all) >= 2, f"the validation split has {len(v_all)} images: at least 2 are needed for a reference")
-    v_pos = pick(v_all, min(len(t_all), len(v_all) // 2), 0)
-    return References(train, t_all, v_pos, np.setdiff1d(v_all, v_pos), False)
+    R = min(len(t_all), len(v_all) // 2)
+    v_pos = pick(v_all, R, 0)
+    return References(train, pick(t_all, R, TRAIN_SALT), v_pos, np.setdiff1d(v_all, v_pos), False)
+
+
+def reference_draws(train, seed, draws):
+    """`draws` seeded reference pairs (reference_pair with seeds seed, seed + 1, ...): the LLR measures are
+    averaged over them, and their spread enters the intervals (overlap_intervals)."""
+    return [reference_pair(train, seed + d) for d in range(draws)]
 
 
 def nearest_cosine(feats, ref_feats, block=1024):
@@ -447,8 +489,14 @@ def frechet_references(refs, features, num_samples, subsets, seed):
     calibration baselines fd_noise = FD(validation reference, R other validation images) (sampling
     noise), fd_shift = mean FD(training subset, validation reference) (train/val shift) and
     fd_gap_heldout, the relative gap of num_samples held-out validation images (a sampler that
-    generalizes perfectly); NaN where the validation split is too small."""
+    generalizes perfectly); NaN where the validation split is too small. A training subset no larger than R
+    is its own only subset of size R: it is used once."""
     t, R = refs.train, len(refs.val_pos)
+    if len(t.x) <= R:
+        subsets = 1
+        common.say(f"note: the training subset ({len(t.x)} images) is no larger than the validation reference "
+                   f"({R}), so fd_train and the LLR use all of it: --fd-subsets and the training side of "
+                   "--ref-draws have nothing to average")
     train_sets = [features(t.x[torch.as_tensor(common.choose_subset(len(t.x), R, seed + k), device=t.x.device)])
                   for k in range(subsets)]
     val_ref = features(t.val_x[torch.as_tensor(refs.val_pos, device=t.x.device)])
@@ -474,9 +522,12 @@ def frechet_gap(sample_feats, fd_refs):
     return fd_train, fd_val, (fd_val - fd_train) / fd_train if fd_train > 0 else math.nan
 
 
+OVERLAP_KEYS = ("traj_train_overlap", "heldout_train_overlap", "traj_train_score", "traj_heldout_score")
+
+
 def trajectory_overlap(llr_traj, llr_train, llr_val, llr_heldout):
-    """Where trajectory states live at each probe sigma, from the LLR (P, M) of trajectory states and of
-    noisy training, validation (reference) and held-out validation images, as (P,) arrays:
+    """Where trajectory states live at each probe sigma, from the LLR (..., M) of trajectory states and of
+    noisy training, validation (reference) and held-out validation images, as (...) arrays:
     traj_train_overlap, the share of trajectory states whose LLR reaches the 10th percentile of the
     noisy training images' (0.9 for a sampler whose states are noisy training images);
     heldout_train_overlap, the same share of noisy held-out images (what a sampler that generalizes
@@ -486,24 +537,60 @@ def trajectory_overlap(llr_traj, llr_train, llr_val, llr_heldout):
     (median LLR_train - median LLR_heldout) (0: like fresh data, 1: like noisy training images)."""
     traj, train, val, held = (torch.as_tensor(a, dtype=torch.float64) for a in (llr_traj, llr_train, llr_val,
                                                                                 llr_heldout))
-    threshold = torch.quantile(train, 0.1, dim=1, keepdim=True)
-    med = lambda a: a.median(1).values  # noqa: E731
-    return dict(traj_train_overlap=(traj >= threshold).double().mean(1).numpy(),
-                heldout_train_overlap=(held >= threshold).double().mean(1).numpy(),
+    threshold = torch.quantile(train, 0.1, dim=-1, keepdim=True)
+    med = lambda a: a.median(-1).values  # noqa: E731
+    return dict(traj_train_overlap=(traj >= threshold).double().mean(-1).numpy(),
+                heldout_train_overlap=(held >= threshold).double().mean(-1).numpy(),
                 traj_train_score=((med(traj) - med(val)) / (med(train) - med(val))).numpy(),
                 traj_heldout_score=((med(traj) - med(held)) / (med(train) - med(held))).numpy())
 
 
+def overlap_intervals(llr_traj, llr_train, llr_val, llr_heldout, n_boot=1000, seed=0, level=0.95):
+    """Point values and percentile bootstrap intervals of the trajectory_overlap measures from the LLR
+    (D, P, M) of each set under D reference draws: a point value is the mean over the draws; each
+    bootstrap resample picks one draw at random and resamples every set's probes with replacement (the
+    same trajectories or images at every probe sigma), so that the interval holds both the sampling noise
+    of the M probes and the spread between reference draws. Returns {key: (P,), key_ci: (P, 2)}."""
+    sets = [np.asarray(a, np.float64) for a in (llr_traj, llr_train, llr_val, llr_heldout)]
+    draws, probes = sets[0].shape[:2]
+    rng, stats = np.random.default_rng(seed), {key: [] for key in OVERLAP_KEYS}
+    rows = max(1, 2 ** 20 // (probes * max(a.shape[-1] for a in sets)))
+    for start in range(0, n_boot, rows):
+        count = min(rows, n_boot - start)
+        pick = rng.integers(0, draws, count)
+        resampled = [np.take_along_axis(a[pick], rng.integers(0, a.shape[-1], (count, 1, a.shape[-1])), axis=2)
+                     for a in sets]
+        for key, value in trajectory_overlap(*resampled).items():
+            stats[key].append(value)
+    out = {key: value.mean(0) for key, value in trajectory_overlap(*sets).items()}
+    for key, values in stats.items():
+        out[f"{key}_ci"] = np.quantile(np.concatenate(values), [(1 - level) / 2, (1 + level) / 2], axis=0).T
+    return out
+
+
+def trajectory_typicality(logp_traj, logp_heldout, quantile=TYPICAL_QUANTILE):
+    """Do the trajectory states look like noisy data at all? The share of states (P, M) whose log density
+    under the pooled references (References.log_density) reaches the `quantile` of the noisy held-out
+    images' (about 1 - quantile for states like noisy fresh data; near 0 for states that look like nothing
+    the references hold, whose LLR score says nothing about training vs validation): traj_typical (P,), and
+    traj_valid (P,) = traj_typical >= 0.5."""
+    logp_traj, logp_heldout = np.asarray(logp_traj, np.float64), np.asarray(logp_heldout, np.float64)
+    typical = (logp_traj >= np.quantile(logp_heldout, quantile, axis=-1, keepdims=True)).mean(-1)
+    return dict(traj_typical=typical, traj_valid=typical >= 0.5)
+
+
 def summarize(res, fd_refs, n_boot, seed):
-    """Memorized fraction with its bootstrap interval, Frechet distances and trajectory overlap of one
-    configuration."""
+    """Memorized fraction with its bootstrap interval, Frechet distances and trajectory overlap (point values
+    averaged over the reference draws, intervals over samples and draws) of one configuration."""
     copies = (res["nn_ratio"] < common.COPY_RATIO).double().numpy()
     low, high = common.bootstrap_ci(copies, n_boot=n_boot, seed=seed)
     fd_stop = [frechet_gap(f, fd_refs) for f in res["stop_features"]]
     return dict(memorized_fraction=float(copies.mean()), memorized_ci=(low, high),
                 fd=frechet_gap(res["features"], fd_refs), fd_stop=np.array(fd_stop, np.float64).reshape(-1, 3),
                 fd_baselines=(fd_refs["fd_noise"], fd_refs["fd_shift"], fd_refs["fd_gap_heldout"]),
-                **trajectory_overlap(res["llr_traj"], res["llr_train"], res["llr_val"], res["llr_heldout"]))
+                **overlap_intervals(res["llr_traj"], res["llr_train"], res["llr_val"], res["llr_heldout"], n_boot,
+                                    seed),
+                **trajectory_typicality(res["logp_traj"], res["logp_heldout"]))
 
 
 # ---------------------------------------------------------------------------
@@ -549,14 +636,16 @@ def save_figures(out, name, res, train, count=12):
 
 PROBE_SETS = ("traj", "train", "val")
 # per-sample results whose sample axis is the second (after probe sigmas or stop sigmas)
-SAMPLE_AXIS_1 = ({"stop_features", "fcos_stop_train", "fcos_stop_val", "llr_heldout"}
-                 | {f"{a}_{b}" for a in ("nn", "cos", "dis", "llr") for b in PROBE_SETS}
+SAMPLE_AXIS_1 = ({"stop_features", "fcos_stop_train", "fcos_stop_val", "logp_traj", "logp_heldout"}
+                 | {f"{a}_{b}" for a in ("nn", "cos", "dis") for b in PROBE_SETS}
                  | {f"fcos_{b}_{r}" for b in PROBE_SETS for r in ("train", "val")})
+SAMPLE_AXIS_2 = {f"llr_{b}" for b in PROBE_SETS + ("heldout",)}  # (reference draws, probe sigmas, samples)
 
 
 def gather(local, world, device):
     """Per-sample results of all processes in seed order (on every process)."""
-    return {key: common.gather_rows(value, world, device, int(key in SAMPLE_AXIS_1)) for key, value in local.items()}
+    return {key: common.gather_rows(value, world, device, 2 if key in SAMPLE_AXIS_2 else int(key in SAMPLE_AXIS_1))
+            for key, value in local.items()}
 
 
 def default_out(args):
@@ -601,7 +690,16 @@ def evaluate(args, rank, world, device):
     check(args.num_samples >= world, f"--num-samples {args.num_samples} is fewer than the {world} processes")
     say = common.say
     old = common.earlier_result(args.out, SCRIPT, args.force)
-    features = common.load_feature_extractor(args.features, device)
+    extractors = {}  # feature map per dataset, resolution and folder (the classifier is trained on each)
+
+    def features_of(source):
+        key = None if source is None else (source.dataset, source.resolution, source.data_dir)
+        key = key if args.features == "classifier" else args.features
+        if key not in extractors:
+            extractors[key] = common.load_feature_extractor(args.features, device, source)
+        return extractors[key]
+    if args.features != "classifier":
+        features_of(None)  # a bad --features stops before any sampling
     paths = common.find_snapshots(args.inputs) if args.inputs else [None]
     sigmas = common.edm_sigmas(args.steps)
     stops, probes = stop_steps(sigmas, args.stop_sigma), probe_steps(sigmas, args.probe_sigmas)
@@ -657,12 +755,13 @@ def evaluate(args, rank, world, device):
                 continue
             name, start = f"{model.name}-w{w:g}", time.perf_counter()
             denoise = common.guided_denoiser(model.denoise, d_neg, w)
+            features = features_of(model.train.source)
             if id(model.train) not in ref_cache:  # the same on every process
-                refs = reference_pair(model.train, args.seed)
-                ref_cache[id(model.train)] = refs, frechet_references(refs, features, args.num_samples,
+                draws = reference_draws(model.train, args.seed, args.ref_draws)
+                ref_cache[id(model.train)] = draws, frechet_references(draws[0], features, args.num_samples,
                                                                       args.fd_subsets, args.seed)
-            refs, fd_refs = ref_cache[id(model.train)]
-            res = gather(run_configuration(dataclasses.replace(model, name=name), denoise, refs, shard, sigmas,
+            draws, fd_refs = ref_cache[id(model.train)]
+            res = gather(run_configuration(dataclasses.replace(model, name=name), denoise, draws, shard, sigmas,
                                            stops, probes, features, label=args.label, seed=args.seed,
                                            num_samples=args.num_samples, batch=args.batch, device=device,
                                            show=rank == 0), world, device)
@@ -670,8 +769,8 @@ def evaluate(args, rank, world, device):
             if rank != 0:
                 continue
             res.update(summarize(res, fd_refs, args.bootstrap, args.seed), name=name, path=model.path,
-                       images_seen=model.images_seen, w=w, fd_size=len(refs.val_pos),
-                       conditional_llr=refs.conditional)
+                       images_seen=model.images_seen, w=w, fd_size=len(draws[0].val_pos),
+                       conditional_llr=draws[0].conditional, feature_space=features.description)
             figs = save_figures(args.out, name, res, model.train)
             rows[key] = result_row(res, key)
             arrays = write()  # after every configuration, so that a rerun after a kill reuses the finished ones
@@ -684,15 +783,19 @@ def evaluate(args, rank, world, device):
 
 
 def summary_line(res, sigmas, probes, seconds):
-    """One line per configuration: copies, nearest distances, FD gap, trajectory overlap at the middle probe."""
+    """One line per configuration: copies, nearest distances, FD gap, trajectory overlap at the middle probe,
+    each LLR measure with its 95% interval (samples and reference draws)."""
     mid, (low, high), fd = len(probes) // 2, res["memorized_ci"], res["fd"]
+    ci = lambda key, fmt: (f"{res[key][mid]:{fmt}} [{res[key + '_ci'][mid][0]:{fmt}}, "  # noqa: E731
+                           f"{res[key + '_ci'][mid][1]:{fmt}}]")
+    valid = "" if res["traj_valid"][mid] else (" (states unlike noisy data: only "
+                                                f"{res['traj_typical'][mid]:.0%} typical, so the score says nothing)")
     return (f"{res['name']}: memorized {res['memorized_fraction']:.1%} [{low:.1%}, {high:.1%}], median d_train "
             f"{res['d_train'].median():.3f} d_val {res['d_val'].median():.3f}; FD train {fd[0]:.4g} val {fd[1]:.4g} "
             f"gap {fd[2]:+.3f} (held-out images: {res['fd_baselines'][2]:+.3f}); at sigma "
-            f"{float(sigmas[probes[mid]]):.3g} median LLR traj {res['llr_traj'][mid].median():.2f} train "
-            f"{res['llr_train'][mid].median():.2f} val {res['llr_val'][mid].median():.2f} held-out "
-            f"{res['llr_heldout'][mid].median():.2f}; traj_train_overlap {res['traj_train_overlap'][mid]:.2f} "
-            f"(noisy training images 0.9, held-out {res['heldout_train_overlap'][mid]:.2f}) ({seconds:.1f} s)")
+            f"{float(sigmas[probes[mid]]):.3g}: traj_train_overlap {ci('traj_train_overlap', '.2f')} (noisy "
+            f"training images 0.9, held-out {ci('heldout_train_overlap', '.2f')}), traj_heldout_score "
+            f"{ci('traj_heldout_score', '.2f')}{valid} ({seconds:.1f} s)")
 
 
 def result_row(res, key):
@@ -709,10 +812,10 @@ def result_row(res, key):
         fd_train=fd[0], fd_val=fd[1], fd_gap=fd[2], fd_reference_size=np.int64(res["fd_size"]),
         fd_stop_train=fd_stop[:, 0], fd_stop_val=fd_stop[:, 1], fd_stop_gap=fd_stop[:, 2],
         fd_noise=base[0], fd_shift=base[1], fd_gap_heldout=base[2],
-        **{k: f64(res[k]) for k in ("traj_train_overlap", "heldout_train_overlap", "traj_train_score",
-                                    "traj_heldout_score")},
-        llr_conditional=np.bool_(res["conditional_llr"]),
-        **{k: f64(res[k]) for k in sorted(SAMPLE_AXIS_1 - {"stop_features"}) + ["fcos_samples_train",
+        **{k: f64(res[k]) for k in OVERLAP_KEYS + tuple(f"{key}_ci" for key in OVERLAP_KEYS) + ("traj_typical",)},
+        traj_valid=np.asarray(res["traj_valid"], bool),
+        llr_conditional=np.bool_(res["conditional_llr"]), feature_space=np.array(res["feature_space"]),
+        **{k: f64(res[k]) for k in sorted((SAMPLE_AXIS_1 | SAMPLE_AXIS_2) - {"stop_features"}) + ["fcos_samples_train",
                                                                                 "fcos_samples_val"]})
 
 

@@ -25,6 +25,19 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """A user cache of the test session's own (XDG_CACHE_HOME, also for the scripts the tests start), so that the
+    classifier feature networks trained on synthetic data never land in, or come from, the real one."""
+    old = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if old is None:
+        del os.environ["XDG_CACHE_HOME"]
+    else:
+        os.environ["XDG_CACHE_HOME"] = old
+
+
 def write_idx(path, array):
     """A gzipped IDX file of uint8 (the MNIST / Fashion-MNIST format)."""
     header = bytes([0, 0, 8, array.ndim]) + b"".join(int(s).to_bytes(4, "big") for s in array.shape)

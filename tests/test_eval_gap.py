@@ -79,10 +79,32 @@ def test_identity_error_is_sigma_squared_noise_power_and_oracle_error_is_zero(da
         oracle_split = split._replace(labels=torch.arange(len(split.y)))  # the "label" names the image
         oracle = lambda x, s, c, y=split.y: y[c]  # noqa: E731
         e = eval_gap.split_errors(oracle, oracle, oracle_split, sigmas, [0.0, 1.0], batch=7)
-        assert e.shape == (2, 3) and np.abs(e).max() == 0
-        e_id = eval_gap.split_errors(lambda x, s, c: x, None, split, sigmas, [0.0], batch=7)[0]
+        assert e.shape == (2, 3, len(split.y)) and np.abs(e).max() == 0  # per image
+        e_id = eval_gap.split_errors(lambda x, s, c: x, None, split, sigmas, [0.0], batch=7)[0].mean(-1)
         power = split.noise.double().square().mean().item()
         np.testing.assert_allclose(e_id, sigmas.numpy() ** 2 * power, rtol=1e-5)
+
+
+def test_peak_gap_interval_covers_the_true_peak_and_narrows_with_more_images():
+    # per-image errors with known means: E_train = 1 at every sigma, E_val = 1 + G with G peaking at 2
+    rng, true_gap = np.random.default_rng(0), np.array([0.5, 2.0, 1.0])
+    def errors(n, mean):  # exponential errors with the given mean per sigma: (S, n)
+        return rng.exponential(1.0, (len(mean), n)) * np.asarray(mean)[:, None]
+    widths = []
+    for n in (64, 1024):
+        e_train, e_val = errors(n, np.ones(3)), errors(n, 1 + true_gap)
+        point = eval_gap.peak_gap(eval_gap.relative_gap(e_train.mean(1), e_val.mean(1)))
+        low, high = eval_gap.peak_gap_interval(e_train, e_val, n_boot=400, seed=1)
+        assert low < point < high and low < 2.0 < high
+        widths.append(high - low)
+    assert widths[1] < widths[0] / 2  # about 1 / sqrt(n)
+    again = eval_gap.peak_gap_interval(e_train, e_val, n_boot=400, seed=1)
+    assert again == (low, high)  # seeded
+    # the optimal denoiser at small sigma: E_train = 0 gives G = inf, left out like peak_index leaves it out
+    zero = np.zeros((1, 8))
+    low, high = eval_gap.peak_gap_interval(np.vstack([zero, np.ones((1, 8))]), np.full((2, 8), 3.0), n_boot=50)
+    assert low == high == 2.0
+    assert np.isnan(eval_gap.peak_gap_interval(zero, np.ones((1, 8)), n_boot=10)).all()
 
 
 def test_fixed_noise_is_seeded_by_dataset_index_and_validation_draws_differ_from_training(data_dir):
@@ -115,6 +137,8 @@ def test_run_folder_gives_all_snapshots_in_order_with_documented_keys_and_shapes
     assert r["e_train"].shape == r["e_val"].shape == r["gap"].shape == (3, S)
     assert r["onset_images_seen"].shape == (S,) and r["peak_sigma"].shape == (3,)
     np.testing.assert_allclose(r["gap"], (r["e_val"] - r["e_train"]) / r["e_train"])
+    assert r["peak_gap_ci"].shape == (3, 2) and np.array_equal(r["peak_gap"], r["gap"].max(1))
+    assert (r["peak_gap_ci"][:, 0] <= r["peak_gap"]).all() and (r["peak_gap"] <= r["peak_gap_ci"][:, 1]).all()
     np.testing.assert_array_equal(r["sigmas"], np.array(SIGMAS, float))
     assert str(r["weights"]) == "ema" and r["args"]["num_images"] == 20
     raw = evaluate(data_dir, tmp_path / "raw.npz", run_dir, "--weights", "raw")
@@ -428,7 +452,9 @@ def test_windows_add_a_leading_axis_whose_last_entry_is_the_whole_image(data_dir
     assert r["e_train"].shape == r["e_val"].shape == r["gap"].shape == (3, 2, S)
     assert r["e_val_optimal"].shape == r["gap_optimal"].shape == (3, 1, S)
     assert r["onset_images_seen"].shape == (3, S) and r["peak_sigma"].shape == (3, 2)
-    for key in ("e_train", "e_val", "gap", "onset_images_seen", "peak_sigma", "e_train_optimal", "e_val_optimal"):
+    assert r["peak_gap_ci"].shape == (3, 2, 2) and r["peak_gap_ci_optimal"].shape == (3, 1, 2)
+    for key in ("e_train", "e_val", "gap", "onset_images_seen", "peak_sigma", "peak_gap", "peak_gap_ci",
+                "e_train_optimal", "e_val_optimal"):
         np.testing.assert_array_equal(r[key][-1], plain[key])
     for w in range(2):
         assert not np.allclose(r["e_val"][w], plain["e_val"]), "windows change the network's predictions"

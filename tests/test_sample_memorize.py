@@ -263,14 +263,35 @@ def test_guidance_weight_zero_is_the_unguided_sampler_and_nonzero_weights_change
 # Where trajectories live: the log-likelihood ratio of noisy training vs validation images
 # ---------------------------------------------------------------------------
 
-def test_references_are_the_training_subset_and_as_many_validation_images_per_label_as_half_the_split_has(data_dir):
+def test_references_hold_equally_many_training_and_validation_images_per_label(data_dir):
     subset = common.choose_subset(24, 12, 0)
     model = sample_memorize.optimal_model(source(data_dir, subset, subset % 3), torch.device("cpu"))
     refs = sample_memorize.reference_pair(model.train, seed=0)
     t_lab, v_lab = model.train.labels[refs.train_pos], model.train.val_labels[refs.val_pos]
-    assert refs.conditional and refs.train_pos.tolist() == list(range(12))
-    assert [int((v_lab == c).sum()) for c in range(3)] == [min(int((t_lab == c).sum()), 2) for c in range(3)]
-    assert not set(refs.heldout_pos) & set(refs.val_pos)  # 4 validation images per class, half kept out
+    assert refs.conditional
+    # 4 training and 4 validation images per class: half the validation images are kept out, and the
+    # training reference is a seeded subset of as many training images of the class
+    assert [int((v_lab == c).sum()) for c in range(3)] == [int((t_lab == c).sum()) for c in range(3)] == [2, 2, 2]
+    assert not set(refs.heldout_pos) & set(refs.val_pos)
+    other = sample_memorize.reference_pair(model.train, seed=1)
+    assert not np.array_equal(other.train_pos, refs.train_pos) or not np.array_equal(other.val_pos, refs.val_pos)
+
+
+def test_a_training_subset_larger_than_the_validation_reference_is_subsampled_to_its_size_in_every_draw(data_dir):
+    # n = 20 training images, 12 validation images: references of 6 each, the training one drawn anew per draw
+    model = sample_memorize.optimal_model(source(data_dir, common.choose_subset(24, 20, 0)), torch.device("cpu"))
+    draws = sample_memorize.reference_draws(model.train, seed=0, draws=4)
+    assert [len(d.train_pos) for d in draws] == [len(d.val_pos) for d in draws] == [6] * 4
+    assert len({tuple(d.train_pos) for d in draws}) == 4 and len({tuple(d.val_pos) for d in draws}) == 4
+    assert all(len(d.heldout_pos) == 6 and not set(d.heldout_pos) & set(d.val_pos) for d in draws)
+    # the authors' way written out: the LLR of equal-size references, here the brute-force log-mean-exp
+    x, s = model.train.x[:3].double() + 0.5, 0.7
+    ref_t, ref_v = model.train.x[draws[1].train_pos].double(), model.train.val_x[draws[1].val_pos].double()
+    log_p = lambda ref: torch.logsumexp(-((x[:, None] - ref[None]) ** 2).flatten(2).sum(2) / (2 * s * s), 1)  # noqa
+    torch.testing.assert_close(draws[1].llr(x, s, None, 2), log_p(ref_t) - log_p(ref_v))
+    # with n no larger than the reference there is nothing to draw on the training side
+    small = sample_memorize.optimal_model(source(data_dir, common.choose_subset(24, 5, 0)), torch.device("cpu"))
+    assert all(d.train_pos.tolist() == list(range(5)) for d in sample_memorize.reference_draws(small.train, 0, 3))
 
 
 def test_samples_of_a_sampler_that_ignores_the_training_set_do_not_score_like_noisy_training_images(data_dir):
@@ -300,6 +321,41 @@ def test_samples_of_a_sampler_that_ignores_the_training_set_do_not_score_like_no
     assert stats["other"]["heldout_train_overlap"] <= 0.2 and abs(stats["other"]["traj_heldout_score"]) < 0.3
 
 
+def test_overlap_intervals_hold_the_spread_of_reference_draws_and_narrow_with_more_samples():
+    rng = np.random.default_rng(0)
+
+    def llr(m, shift):  # (D, P, M) LLRs: training images at +4, held-out at 0, validation at -4, states at shift
+        offsets = np.array([-0.3, 0.0, 0.3])[:, None, None]  # the draws move every set a little
+        return [rng.normal(mean, 1.0, (3, 1, m)) + offsets * (k == 0) for k, mean in enumerate((shift, 4, -4, 0))]
+    widths = []
+    for m in (64, 2048):
+        sets = llr(m, 1.0)
+        out = sample_memorize.overlap_intervals(*sets, n_boot=500, seed=0)
+        per_draw = sample_memorize.trajectory_overlap(*sets)["traj_heldout_score"]  # (D, P)
+        np.testing.assert_allclose(out["traj_heldout_score"], per_draw.mean(0))
+        low, high = out["traj_heldout_score_ci"][0]
+        assert low < 0.25 < high  # the truth: (1 - 0) / (4 - 0)
+        assert low <= per_draw.min() and per_draw.max() <= high, "the interval holds every draw's value"
+        widths.append(high - low)
+    assert widths[1] < widths[0]
+    # draws that disagree widen the interval beyond the sampling noise of one draw
+    one = sample_memorize.overlap_intervals(*[a[:1] for a in sets], n_boot=500, seed=0)["traj_heldout_score_ci"][0]
+    assert one[1] - one[0] < 0.5 * widths[1]
+    # a sampler whose states are noisy fresh data: the interval holds 0
+    sets = llr(512, 0.0)
+    low, high = sample_memorize.overlap_intervals(*sets, n_boot=500, seed=0)["traj_heldout_score_ci"][0]
+    assert low < 0 < high
+
+
+def test_typicality_tells_states_like_noisy_data_from_states_unlike_anything_in_the_references():
+    rng = np.random.default_rng(0)
+    held = rng.normal(-400, 20, (2, 500))  # log densities of noisy held-out images
+    like = sample_memorize.trajectory_typicality(rng.normal(-400, 20, (2, 500)), held)
+    unlike = sample_memorize.trajectory_typicality(rng.normal(-600, 20, (2, 500)), held)
+    assert (like["traj_typical"] > 0.95).all() and like["traj_valid"].all()
+    assert (unlike["traj_typical"] < 0.05).all() and not unlike["traj_valid"].any()
+
+
 # ---------------------------------------------------------------------------
 # The command line
 # ---------------------------------------------------------------------------
@@ -318,13 +374,21 @@ def test_optimal_denoiser_samples_are_copies_and_results_have_documented_shapes(
         assert res[key].shape == (C, P, M) and np.isfinite(res[key]).all(), key
     assert np.abs(res["dis_traj"]).max() < 1e-10  # the sampler is the optimal denoiser itself
     # its trajectories live where noisy training images lie: LLR like theirs, far above the validation images'
-    for key in ("llr_traj", "llr_train", "llr_val", "fcos_traj_train", "fcos_val_val"):
+    D = 5  # --ref-draws
+    for key in ("llr_traj", "llr_train", "llr_val", "llr_heldout"):
+        assert res[key].shape == (C, D, P, M) and np.isfinite(res[key]).all(), key
+    for key in ("fcos_traj_train", "fcos_val_val", "logp_traj", "logp_heldout"):
         assert res[key].shape == (C, P, M) and np.isfinite(res[key]).all(), key
-    assert res["traj_train_overlap"].shape == (C, P) and (res["traj_train_overlap"] >= 0.85).all()
-    assert res["llr_heldout"].shape == (C, P, M) and (res["traj_heldout_score"][:, 1:] > 0.7).all()
+    for key in sample_memorize.OVERLAP_KEYS:
+        assert res[key].shape == (C, P) and res[f"{key}_ci"].shape == (C, P, 2), key
+        assert (res[f"{key}_ci"][..., 0] <= res[f"{key}_ci"][..., 1]).all(), key
+    assert res["traj_valid"].dtype == bool and res["traj_valid"][:, 1:].all()  # states of noisy training images
+    # (one of the 6 training images is outside the 5-image training reference, so states near it count less)
+    assert res["traj_train_overlap"].shape == (C, P) and (res["traj_train_overlap"] >= 0.75).all()
+    assert (res["traj_heldout_score"][:, 1:] > 0.7).all()
     assert (res["heldout_train_overlap"][:, 1:] < 0.5).all()
     assert (res["traj_train_score"] > 0.7).all()
-    assert (res["llr_val"][:, 1:].max(2) < res["llr_train"][:, 1:].min(2)).all()  # sigma 0.97 and 0.085, not 5.8
+    assert (res["llr_val"][:, :, 1:].max(-1) < res["llr_train"][:, :, 1:].min(-1)).all()  # sigma 0.97, 0.085, not 5.8
     assert res["llr_conditional"].tolist() == [True] and res["fcos_samples_train"].min() > 0.999
     assert np.isfinite(res["fd_shift"]).all() and res["fd_reference_size"].tolist() == [5]  # per class min(n_c, 2)
     assert res["args"]["n"] == 6 and np.isfinite(res["fd_gap"]).all()
