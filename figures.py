@@ -264,40 +264,60 @@ def middle_probe(data):
     return len(data["probe_sigmas"]) // 2
 
 
+def interval_bars(ax, x, y, ci, color, valid=None):
+    """Error bars of a (M, 2) interval around y; points whose trajectory states do not look like noisy data
+    (valid False: sample_memorize's traj_valid) drawn hollow."""
+    ci = np.asarray(ci, np.float64)
+    ax.errorbar(x, y, yerr=np.abs(ci.T - y), fmt="none", capsize=3, color=color, lw=0.8)
+    if valid is not None and not np.all(valid):
+        bad = ~np.asarray(valid, bool)
+        ax.plot(np.asarray(x)[bad], np.asarray(y)[bad], "o", mfc="white", color=color, zorder=3)
+
+
 def fig_memorization_over_training(mem_results):
-    """Over images seen: memorized fraction (with its bootstrap interval), Frechet gap of samples (with
-    the gap of held-out validation images as its noise level), and where trajectories live at the middle
-    probe sigma: traj_train_overlap beside the level of fresh data (heldout_train_overlap), and
-    traj_heldout_score (0: like noisy fresh images, 1: like noisy training images) with the reference
-    samplers (optimal, Gaussian denoiser) as dotted lines."""
-    fig, axes = plt.subplots(1, 4, figsize=(20, 4.2), layout="constrained")
+    """Over images seen: memorized fraction, Frechet gap of samples (with the gap of held-out validation
+    images as its noise level), and where trajectories live at the middle probe sigma: traj_train_overlap
+    beside the level of fresh data (heldout_train_overlap), traj_heldout_score (0: like noisy fresh images,
+    1: like noisy training images) with the reference samplers (optimal, Gaussian denoiser) as dotted lines,
+    and the authors' measure, the mean 1-NN cosine similarity of D(trajectory state) to the training and
+    the validation reference in feature space. Bars: 95% intervals (samples and reference draws); hollow
+    points: trajectory states that do not look like noisy data (the score says nothing there)."""
+    fig, axes = plt.subplots(1, 5, figsize=(25, 4.2), layout="constrained")
     drawn = False
     for name, data in mem_results:
-        idx = network_configs(data)
+        idx, mid = network_configs(data), middle_probe(data)
         if "traj_heldout_score" in data:
             for i in (i for i in range(len(data["configs"])) if i not in idx):
-                axes[3].axhline(data["traj_heldout_score"][i, middle_probe(data)], ls=":", color="gray", lw=1)
-                axes[3].annotate(str(data["configs"][i]), (0.02, data["traj_heldout_score"][i, middle_probe(data)]),
+                axes[3].axhline(data["traj_heldout_score"][i, mid], ls=":", color="gray", lw=1)
+                axes[3].annotate(str(data["configs"][i]), (0.02, data["traj_heldout_score"][i, mid]),
                                  xycoords=("axes fraction", "data"), fontsize=6, va="bottom", color="gray")
         if not idx:
             continue
         seen = np.maximum(data["images_seen"][idx], 1)
-        frac, ci = data["memorized_fraction"][idx], data["memorized_ci"][idx]
+        valid = data["traj_valid"][idx, mid] if "traj_valid" in data else None
+        frac = data["memorized_fraction"][idx]
         line, = axes[0].plot(seen, frac, "o-", label=name)
-        axes[0].errorbar(seen, frac, yerr=np.abs(ci.T - frac), fmt="none", capsize=3, color=line.get_color())
+        color = line.get_color()
+        interval_bars(axes[0], seen, frac, data["memorized_ci"][idx], color)
         if "fd_gap" in data:
-            axes[1].plot(seen, data["fd_gap"][idx], "o-", color=line.get_color(), label=name)
+            axes[1].plot(seen, data["fd_gap"][idx], "o-", color=color, label=name)
         if "fd_gap_heldout" in data and np.isfinite(data["fd_gap_heldout"][idx]).any():
-            axes[1].plot(seen, data["fd_gap_heldout"][idx], ":", color=line.get_color())
-        probe = f"sigma {data['probe_sigmas'][middle_probe(data)]:.2f}" if "probe_sigmas" in data else ""
-        if "traj_train_overlap" in data:
-            axes[2].plot(seen, data["traj_train_overlap"][idx, middle_probe(data)], "o-", color=line.get_color(),
-                         label=f"{name} ({probe})")
-        if "heldout_train_overlap" in data:
-            axes[2].plot(seen, data["heldout_train_overlap"][idx, middle_probe(data)], "--", color=line.get_color())
-        if "traj_heldout_score" in data:
-            axes[3].plot(seen, data["traj_heldout_score"][idx, middle_probe(data)], "o-", color=line.get_color(),
-                         label=f"{name} ({probe})")
+            axes[1].plot(seen, data["fd_gap_heldout"][idx], ":", color=color)
+        probe = f"sigma {data['probe_sigmas'][mid]:.2f}" if "probe_sigmas" in data else ""
+        for ax, key, fresh in ((axes[2], "traj_train_overlap", "heldout_train_overlap"),
+                               (axes[3], "traj_heldout_score", None)):
+            if key not in data:
+                continue
+            ax.plot(seen, data[key][idx, mid], "o-", color=color, label=f"{name} ({probe})")
+            if f"{key}_ci" in data:
+                interval_bars(ax, seen, data[key][idx, mid], data[f"{key}_ci"][idx, mid], color, valid)
+            if fresh in data:
+                ax.plot(seen, data[fresh][idx, mid], "--", color=color)
+        if "fcos_traj_train" in data:
+            axes[4].plot(seen, data["fcos_traj_train"][idx, mid].mean(-1), "o-", color=color,
+                         label=f"{name}: to training images")
+            axes[4].plot(seen, data["fcos_traj_val"][idx, mid].mean(-1), "s--", color=color, mfc="white",
+                         label=f"{name}: to validation images")
         drawn = True
     if not drawn:
         plt.close(fig)
@@ -312,12 +332,109 @@ def fig_memorization_over_training(mem_results):
     axes[2].axhline(0.9, color="black", lw=0.6)
     axes[3].set(xscale="log", xlabel="training images seen",
                 ylabel="LLR score of trajectory states\n(0: noisy fresh images, 1: noisy training images)",
-                title="where trajectories live (dotted: reference samplers)")
+                title="where trajectories live (95% intervals; dotted: reference samplers)")
     for level in (0, 1):
         axes[3].axhline(level, color="black", lw=0.6)
+    axes[4].set(xscale="log", xlabel="training images seen", ylabel="mean 1-NN cosine similarity of D(x_k)",
+                title="the authors' measure, in feature space")
     for ax in axes:
         ax.legend(fontsize=7)
     return fig
+
+
+def snapshot_points(gap_results, mem_results):
+    """Per snapshot that has both an eval_gap.py and an (unguided) sample_memorize.py result with intervals: the
+    run's n and training seed, images seen, the peak of G with its interval over evaluation images, the copies
+    and the trajectory score (middle probe sigma) with their intervals and whether its states look like data."""
+    samples = {}
+    for _, data in mem_results:
+        if "traj_heldout_score_ci" not in data:
+            continue
+        mid = middle_probe(data)
+        for i, (path, seen, w) in enumerate(zip(data["checkpoints"], data["images_seen"], data["guidance_weights"])):
+            if seen >= 0 and w == 0:
+                samples[os.path.normpath(str(path))] = dict(
+                    copies=float(data["memorized_fraction"][i]), copies_ci=data["memorized_ci"][i],
+                    score=float(data["traj_heldout_score"][i, mid]), score_ci=data["traj_heldout_score_ci"][i, mid],
+                    valid=bool(data["traj_valid"][i, mid]))
+    points = []
+    for _, data in gap_results:
+        if "peak_gap_ci" not in data or "run_args" not in data:
+            continue
+        run, peak, peak_ci = json_key(data, "run_args"), first_weight(data["peak_gap"], data), first_weight(
+            data["peak_gap_ci"], data)
+        for i, path in enumerate(data["checkpoints"]):
+            stats = samples.get(os.path.normpath(str(path)))
+            if stats is not None:
+                points.append(dict(n=run.get("n"), seed=run.get("seed", 0), images_seen=int(data["images_seen"][i]),
+                                   peak=float(peak[i]), peak_ci=peak_ci[i], **stats))
+    return points
+
+
+def across_seeds(points):
+    """Points of runs that differ only in the training seed, merged per (n, images seen): the mean of the
+    seeds' values, an interval from the smallest lower to the largest upper bound of the seeds' intervals
+    (so it holds the spread between seeds and each seed's own sampling and reference-draw noise), the
+    number of seeds, and valid only where every seed's states look like data. Sorted by n, then images seen."""
+    groups = {}
+    for p in points:
+        groups.setdefault((p["n"], p["images_seen"]), []).append(p)
+    merged = []
+    for (n, seen), group in sorted(groups.items()):
+        row = dict(n=n, images_seen=seen, seeds=len(group), valid=all(p["valid"] for p in group))
+        for key in ("peak", "copies", "score"):
+            cis = np.array([p[f"{key}_ci"] for p in group], np.float64)
+            row[key] = float(np.mean([p[key] for p in group]))
+            row[f"{key}_ci"] = (float(np.nanmin(cis[:, 0])), float(np.nanmax(cis[:, 1])))
+        merged.append(row)
+    return merged
+
+
+def fig_claim3_map(points):
+    """Where "memorize in training, generalize in inference" holds: copies among samples and the LLR score of
+    trajectory states against the peak of G, one curve per training set size n (points: snapshots, in order of
+    images seen; across training seeds merged by across_seeds), with 95% intervals on both axes. The claim
+    holds where G grows while copies stay near 0 and the score near 0 (fresh data)."""
+    rows = across_seeds(points)
+    if not rows:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), layout="constrained")
+    for n in sorted({r["n"] for r in rows}):
+        group = [r for r in rows if r["n"] == n]
+        peak = np.array([r["peak"] for r in group])
+        xerr = np.abs(np.array([r["peak_ci"] for r in group]).T - peak)
+        seeds = max(r["seeds"] for r in group)
+        for ax, key in zip(axes, ("copies", "score")):
+            y = np.array([r[key] for r in group])
+            line, = ax.plot(peak, y, "o-", label=f"n = {n} ({seeds} seed{'s' if seeds > 1 else ''})")
+            ax.errorbar(peak, y, xerr=xerr, yerr=np.abs(np.array([r[f"{key}_ci"] for r in group]).T - y),
+                        fmt="none", color=line.get_color(), lw=0.8, capsize=2)
+            if key == "score":
+                interval_bars(ax, peak, y, [r["score_ci"] for r in group], line.get_color(),
+                              [r["valid"] for r in group])
+    for ax in axes:
+        ax.set_xscale("symlog", linthresh=0.1)
+        ax.axhline(0, color="black", lw=0.6)
+        ax.legend(fontsize=7)
+    axes[0].set(xlabel="peak of the relative gap G over sigma (symlog)", ylabel="memorized fraction (d1/d2 < 1/3)",
+                title="copies among samples vs the gap")
+    axes[1].axhline(1, color="black", lw=0.6)
+    axes[1].set(xlabel="peak of the relative gap G over sigma (symlog)",
+                ylabel="LLR score of trajectory states\n(0: noisy fresh images, 1: noisy training images)",
+                title="where trajectories live vs the gap (hollow: states unlike data)")
+    return fig
+
+
+def format_map(points):
+    """The table behind fig_claim3_map: one line per n and snapshot (seeds merged), each value with its 95%
+    interval."""
+    head = f"{'n':>5s} {'images':>8s} {'seeds':>5s} {'peak G [95% CI]':>24s} {'copies [95% CI]':>20s} {'score [95% CI]':>22s}"
+    lines = [head, "-" * len(head)]
+    for r in across_seeds(points):
+        ci = lambda key, spec: f"{r[key]:{spec}} [{r[key + '_ci'][0]:{spec}}, {r[key + '_ci'][1]:{spec}}]"  # noqa
+        lines.append(f"{r['n']:5d} {r['images_seen']:8,d} {r['seeds']:5d} {ci('peak', '.2f'):>24s} "
+                     f"{ci('copies', '.1%'):>20s} {ci('score', '.2f'):>22s}" + ("" if r["valid"] else " *"))
+    return "\n".join(lines + ["* trajectory states unlike noisy data: the score says nothing there"])
 
 
 def fig_fd_vs_stop_sigma(data):
@@ -341,7 +458,7 @@ def fig_trajectory_llr(data, config):
                 ("noisy validation images", data["llr_val"])]
         if "llr_heldout" in data:
             sets.append(("noisy held-out images (fresh data)", data["llr_heldout"]))
-        values = [s[config, p] for _, s in sets]
+        values = [s[config, 0, p] if s.ndim == 4 else s[config, p] for _, s in sets]  # the first reference draw
         bins = np.histogram_bin_edges(np.concatenate(values), bins=30)
         for (label, _), v in zip(sets, values):
             ax.hist(v, bins=bins, histtype="step", lw=1.5, label=f"{label}: median {np.median(v):.1f}")
@@ -405,13 +522,16 @@ def sample_stats(data):
         stats = dict(memorized=float(data["memorized_fraction"][i]), ci=data["memorized_ci"][i],
                      overlap=at("traj_train_overlap"), fresh=at("heldout_train_overlap"),
                      score=at("traj_heldout_score"),
+                     score_ci=data["traj_heldout_score_ci"][i, middle_probe(data)] if "traj_heldout_score_ci" in data
+                     else None,
+                     valid=bool(data["traj_valid"][i, middle_probe(data)]) if "traj_valid" in data else True,
                      fd_gap=float(data["fd_gap"][i]),
                      fd_heldout=float(data["fd_gap_heldout"][i]) if "fd_gap_heldout" in data else None)
         if seen >= 0:
             memo[os.path.normpath(str(path))] = stats
         else:
             refs.append(dict(run=str(data["configs"][i]), params=None, n=(data.get("args") or {}).get("n"),
-                             images_seen=None, peak_gap=None, peak_sigma=None, **stats))
+                             images_seen=None, peak_gap=None, peak_ci=None, peak_sigma=None, **stats))
     return memo, refs
 
 
@@ -423,10 +543,11 @@ def gap_row(name, data, memo):
     f = run_factors(data) if "run_args" in data else {}
     last = os.path.normpath(str(data["checkpoints"][-1])) if "checkpoints" in data else ""
     params = int(data["params"]) if "params" in data else None  # all of them
+    peak_ci = first_weight(data["peak_gap_ci"], data)[-1] if "peak_gap_ci" in data else None
     return dict(run=name, params=params, n=f.get("n"), images_seen=int(data["images_seen"][-1]),
-                peak_gap=float(gap[j]), peak_sigma=float(data["sigmas"][j]),
-                **memo.get(last, dict(memorized=None, ci=None, overlap=None, fresh=None, score=None, fd_gap=None,
-                                      fd_heldout=None)))
+                peak_gap=float(gap[j]), peak_ci=peak_ci, peak_sigma=float(data["sigmas"][j]),
+                **memo.get(last, dict(memorized=None, ci=None, overlap=None, fresh=None, score=None, score_ci=None,
+                                      valid=True, fd_gap=None, fd_heldout=None)))
 
 
 def summary_rows(gap_results, mem_results):
@@ -447,19 +568,27 @@ def summary_rows(gap_results, mem_results):
 
 def format_row(r):
     fmt = lambda v, spec: format(v, spec) if v is not None and np.isfinite(v) else "-"  # noqa: E731
+
+    def with_ci(value, ci, spec):
+        if value is None or not np.isfinite(value):
+            return "-"
+        return fmt(value, spec) + ("" if ci is None else f" [{fmt(ci[0], spec)}, {fmt(ci[1], spec)}]")
     copies = "-" if r.get("memorized") is None else f"{r['memorized']:.0%} [{r['ci'][0]:.0%}, {r['ci'][1]:.0%}]"
+    score = with_ci(r.get("score"), r.get("score_ci"), ".2f") + ("" if r.get("valid", True) else " *")
     return (f"{r['run'][:34]:34s} {fmt(r['params'], ',d'):>9s} {fmt(r['n'], 'd'):>5s} "
-            f"{fmt(r['images_seen'], ',d'):>8s} {fmt(r['peak_gap'], '.2f'):>7s} "
+            f"{fmt(r['images_seen'], ',d'):>8s} {with_ci(r['peak_gap'], r.get('peak_ci'), '.2f'):>20s} "
             f"{fmt(r['peak_sigma'], '.3f'):>8s} {copies:>16s} {fmt(r.get('overlap'), '.2f'):>7s} "
-            f"{fmt(r.get('fresh'), '.2f'):>5s} {fmt(r.get('score'), '.2f'):>5s} "
+            f"{fmt(r.get('fresh'), '.2f'):>5s} {score:>20s} "
             f"{fmt(r.get('fd_gap'), '+.2f'):>7s} {fmt(r.get('fd_heldout'), '+.2f'):>8s}")
 
 
 def format_summary(rows):
-    head = (f"{'run':34s} {'params':>9s} {'n':>5s} {'images':>8s} {'peak G':>7s} {'at sigma':>8s} "
-            f"{'copies [95% CI]':>16s} {'overlap':>7s} {'fresh':>5s} {'score':>5s} {'FD gap':>7s} {'held-out':>8s}")
+    head = (f"{'run':34s} {'params':>9s} {'n':>5s} {'images':>8s} {'peak G [95% CI]':>20s} {'at sigma':>8s} "
+            f"{'copies [95% CI]':>16s} {'overlap':>7s} {'fresh':>5s} {'score [95% CI]':>20s} {'FD gap':>7s} "
+            f"{'held-out':>8s}")
     lines = [attempt(f"summary row of {r['run']}", format_row, r) for r in rows]
-    return "\n".join([head, "-" * len(head)] + [line for line in lines if line is not None])
+    return "\n".join([head, "-" * len(head)] + [line for line in lines if line is not None]
+                     + ["* trajectory states unlike noisy data: the score says nothing there"])
 
 
 def attempt(what, make, *inputs):
@@ -512,6 +641,9 @@ def main(argv=None):
     for name, (label, members) in (attempt("G(sigma) by factor", factor_groups, gap_results) or {}).items():
         draw(name, fig_gap_by_factor, label, members)
     draw("memorization_over_training", fig_memorization_over_training, mem_results)
+    points = attempt("claim-3 map", snapshot_points, gap_results, mem_results) or []
+    if points:
+        draw("claim3_map", fig_claim3_map, points)
     for name, data in mem_results:
         if "fd_stop_gap" in data and data["fd_stop_gap"].size:
             draw(f"fd_vs_stop_sigma_{name}", fig_fd_vs_stop_sigma, data)
@@ -530,6 +662,11 @@ def main(argv=None):
     if gap_results:
         table = format_summary(summary_rows(gap_results, mem_results))
         path = common.atomic_write(os.path.join(out, "summary.txt"), lambda f: f.write((table + "\n").encode()))
+        print(table)
+        print(f"wrote {path}")
+    if points:
+        table = format_map(points)
+        path = common.atomic_write(os.path.join(out, "claim3_map.txt"), lambda f: f.write((table + "\n").encode()))
         print(table)
         print(f"wrote {path}")
     print(f"{len(written)} figures in {out}")

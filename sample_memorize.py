@@ -91,9 +91,13 @@ def parse_args(argv=None):
                    help="run folders (all their snapshot-*.pt) or snapshot files written by train_image.py")
     p.add_argument("--optimal", action="store_true", help="sample the optimal denoiser of a training subset "
                    "(--data, --n, --resolution, --cond, --subset-seed) instead of snapshots")
-    p.add_argument("--gaussian", action="store_true", help="sample the denoiser of a Gaussian fitted to the "
-                   "training subset (common.gaussian_denoiser): a sampler that generalizes, the reference a "
+    p.add_argument("--gaussian", action="store_true", help="sample the denoiser of a Gaussian (common."
+                   "gaussian_denoiser) fitted to --gaussian-fit: a sampler that generalizes, the reference a "
                    "memorization measure must tell apart from --optimal (unconditional)")
+    p.add_argument("--gaussian-fit", default="split", choices=["split", "subset"],
+                   help="--gaussian: fit the Gaussian to the whole training split (it knows nothing particular "
+                   "of the subset: its states are like fresh data) or to the training subset (with n below the "
+                   "pixel count its covariance spans the subset's images, which pulls its samples towards them)")
     common.add_data_args(p, applies="--optimal, --gaussian: ")
     common.add_weights_arg(p)
     p.add_argument("--num-samples", type=common.at_least_two_int, default=1024,
@@ -129,14 +133,14 @@ def parse_args(argv=None):
         batch=(256, "samples per batch (per process)"), threads=True,
         out="result file (default: RUN_DIR/memorize[-raw][-guided].npz for a run folder, "
             "RUN_DIR/memorize-snapshot-<images seen>[-raw][-guided].npz for one snapshot file, so that it leaves the "
-            "run's file alone, results/memorize-<optimal|gaussian>-<data>-r<R>-n<n>-<none|class|kmeans<k>>-seed"
+            "run's file alone, results/memorize-<optimal|gaussian[-subset]>-<data>-r<R>-n<n>-<none|class|kmeans<k>>-seed"
             "<subset seed>[-guided].npz for --optimal or --gaussian; several run folders or snapshot files need "
             "--out); figures go to the folder of the same name without .npz")
     common.add_result_args(p, SCRIPT, "configurations")
     args = p.parse_args(argv)
     check(args.optimal + args.gaussian + bool(args.inputs) == 1,
           "give run folders or snapshot files, or --optimal, or --gaussian (one of them)")
-    check(not args.gaussian or args.cond == "none", "--gaussian fits one Gaussian to the whole subset: use --cond none")
+    check(not args.gaussian or args.cond == "none", "--gaussian fits one unconditional Gaussian: use --cond none")
     check(args.label in ("random", "null") or args.label.isdigit(),
           f"--label must be random, null or a label number, got {args.label!r}")
     check(args.out is None or args.out.endswith(".npz"), f"--out must end with .npz, got {args.out}")
@@ -195,15 +199,18 @@ class Model:
     images_seen: int = -1
 
 
-def optimal_model(source, device, gaussian=False):
-    """The optimal denoiser (gaussian: the Gaussian one) of a training subset (common.TrainingSource)."""
+def optimal_model(source, device, gaussian=False, gaussian_fit="split"):
+    """The optimal denoiser of a training subset (common.TrainingSource); gaussian: the denoiser of a Gaussian
+    fitted to the subset's whole training split (gaussian_fit 'split') or to the subset itself ('subset')."""
     train = load_training_set(source, device)
-    kind = "gaussian" if gaussian else "optimal"
+    kind = "optimal" if not gaussian else "gaussian" if gaussian_fit == "split" else "gaussian-subset"
     name = (f"{kind}-{source.dataset}-r{source.resolution}-n{len(source.subset)}"
             + ("" if source.cond == "none" else f"-{source.cond}"))
     denoise = train.optimal
     if gaussian:
-        gauss = common.gaussian_denoiser(train.x)
+        fit = train.x if gaussian_fit == "subset" else common.images_to_tensor(
+            common.load_images(source.dataset, "train", source.data_dir)[0], source.resolution).to(device)
+        gauss = common.gaussian_denoiser(fit)
         denoise = lambda x, sigma, labels=None: gauss(x, sigma)  # noqa: E731
     return Model(name, denoise, train, source.num_classes, common.exact_dtype(device), path=kind)
 
@@ -648,21 +655,27 @@ def gather(local, world, device):
             for key, value in local.items()}
 
 
+def reference_kind(args):
+    """optimal, gaussian (fitted to the split) or gaussian-subset: the reference sampler of --optimal/--gaussian."""
+    return ("gaussian" + ("" if args.gaussian_fit == "split" else "-subset")) if args.gaussian else "optimal"
+
+
 def default_out(args):
     """--out when not given (see its --help)."""
     guided = "-guided" if any(args.guidance_weights) else ""
     if args.inputs:
         return common.default_result_path(args.inputs, "memorize", ("-raw" if args.weights == "raw" else "") + guided)
     subset = common.subset_name(args.data, args.n, args.subset_seed, args.cond, args.k, args.resolution)
-    return os.path.join("results", f"memorize-{'gaussian' if args.gaussian else 'optimal'}-{subset}{guided}.npz")
+    kind = reference_kind(args)
+    return os.path.join("results", f"memorize-{kind}-{subset}{guided}.npz")
 
 
 def model_key(path, args):
     """Digest of what a model's samples depend on besides the settings: a snapshot's network, weights and
     training subset (common.snapshot_digest), or the subset of the optimal or Gaussian denoiser (path None)."""
     if path is None:
-        return common.digest("gaussian" if args.gaussian else "optimal", args.data, args.resolution, args.n,
-                             args.cond, args.k, args.subset_seed)
+        kind = reference_kind(args)
+        return common.digest(kind, args.data, args.resolution, args.n, args.cond, args.k, args.subset_seed)
     return common.snapshot_digest(common.load_checkpoint(path), args.weights)
 
 
@@ -737,7 +750,7 @@ def evaluate(args, rank, world, device):
         if path is None:
             source = common.TrainingSource.drawn(args.data, args.n, args.subset_seed, args.cond, args.k,
                                                  args.resolution, args.data_dir)
-            model = optimal_model(source, device, args.gaussian)
+            model = optimal_model(source, device, args.gaussian, args.gaussian_fit)
         else:
             model = network_model(path, args.weights, args.data_dir, device, train_cache, args.forward_mode)
         shape = shape or model.train.x.shape[1:]

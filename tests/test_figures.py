@@ -26,6 +26,7 @@ def write_gap(path, params=1000, n=32, k=None, guidance=False, script="eval_gap.
                   run_args=np.array(json.dumps(dict(n=n, cond="kmeans" if k else "none", k=k, data="fashion-mnist",
                                                     resolution=16, model="unet"))), params=np.int64(params),
                   network=np.array(json.dumps(dict(channels=channels))))
+    arrays.update(peak_gap=gap.max(1), peak_gap_ci=np.stack([gap.max(1) - 0.31, gap.max(1) + 0.69], 1))
     if augment_p is not None:  # eval_gap.py's files of runs trained with --augment-p; before it, no key
         augment_dim = common.AUGMENT_DIM if augment_p > 0 else 0
         arrays["params"] = np.int64(params + augment_dim * channels)
@@ -36,11 +37,11 @@ def write_gap(path, params=1000, n=32, k=None, guidance=False, script="eval_gap.
         arrays.update(jacobian_sigmas=sigmas[::3], radius_val=np.ones((len(seen), S // 3)) * np.arange(1, 5))
         arrays["radius_train"] = arrays["radius_val"] + gap[:, ::3]
     if guidance:
-        arrays = {key: np.stack([v, 2 * v]) if key.startswith(("e_train", "e_val", "gap", "radius")) else v
+        arrays = {key: np.stack([v, 2 * v]) if key.startswith(("e_train", "e_val", "gap", "radius", "peak_gap")) else v
                   for key, v in arrays.items()}
         arrays["guidance_weights"] = np.array([0.0, 1.0])
     if windows is not None:  # smaller windows, smaller gap; the whole image (the last entry) keeps it
-        per_model = ("e_train", "e_val", "gap", "onset_images_seen", "peak_sigma")
+        per_model = ("e_train", "e_val", "gap", "onset_images_seen", "peak_sigma", "peak_gap")
         arrays = {key: np.stack([v * (1 if w == windows[-1] else 0.5 * w / windows[-1]) for w in windows])
                   if key.startswith(per_model) and key != "onset_images_seen" else
                   np.stack([v] * len(windows)) if key == "onset_images_seen" else v for key, v in arrays.items()}
@@ -65,6 +66,8 @@ def write_memorization(path, params=1000, n=32):
                     llr_val=rng.normal(-5, 1, (C, P, M)), traj_train_overlap=np.tile([0.9, 0.3, 0.1], (C, 1)),
                     llr_heldout=rng.normal(0, 1, (C, P, M)), heldout_train_overlap=np.tile([0.5, 0.2, 0.1], (C, 1)),
                     traj_heldout_score=np.tile([0.7, 0.15, 0.1], (C, 1)),
+                    traj_heldout_score_ci=np.tile([[0.6, 0.8], [0.05, 0.25], [0.0, 0.2]], (C, 1, 1)),
+                    traj_valid=np.tile([True, True, False], (C, 1)),
                     fd_gap_heldout=np.full(C, 0.05), samples=rng.uniform(-1, 1, (C, M, 1, 8, 8)).astype(np.float16))
 
 
@@ -85,8 +88,34 @@ def test_every_figure_is_drawn_from_matching_results(tmp_path, capsys):
     summary = (out / "summary.txt").read_text()
     row = next(line for line in summary.splitlines() if line.startswith("gap_small "))
     assert "1,000" in row and "100,000" in row and "50% [0%, 10%]" in row   # params, images seen, copies
-    assert " 0.30  0.20  0.15 " in row and "+1.00" in row and "+0.05" in row  # LLR overlap and fresh level, FD gaps
+    assert " 0.30  0.20 " in row and "0.15 [0.05, 0.25]" in row  # LLR overlap, fresh level, score [interval]
+    assert "+1.00" in row and "+0.05" in row and "3.31 [3.00, 4.00]" in row  # FD gaps, peak G [interval]
+    assert "claim3_map" in names and "0.15 [0.05, 0.25]" in (out / "claim3_map.txt").read_text()
     assert "figures in" in capsys.readouterr().out
+
+
+def test_the_claim3_map_pairs_each_snapshot_and_merges_training_seeds_with_intervals_that_hold_each_seed(tmp_path):
+    rows = []
+    for seed, shift in ((0, 0.0), (1, 0.2)):
+        gap = common.load_npz(write_gap(tmp_path / f"g{seed}.npz") or tmp_path / f"g{seed}.npz")
+        gap = dict(gap, run_args=np.array(json.dumps({**json.loads(str(gap["run_args"])), "seed": seed})),
+                   checkpoints=np.array([f"s{seed}/{p}" for p in gap["checkpoints"]]))
+        mem = common.load_npz(write_memorization(tmp_path / f"m{seed}.npz") or tmp_path / f"m{seed}.npz")
+        mem = dict(mem, checkpoints=gap["checkpoints"], traj_heldout_score=mem["traj_heldout_score"] + shift,
+                   traj_heldout_score_ci=mem["traj_heldout_score_ci"] + shift)
+        rows.append((gap, mem))
+    points = figures.snapshot_points([("g", g) for g, _ in rows], [("m", m) for _, m in rows])
+    assert len(points) == 2 * C and {p["seed"] for p in points} == {0, 1}
+    merged = figures.across_seeds(points)
+    assert len(merged) == C and all(r["seeds"] == 2 for r in merged)
+    last = merged[-1]
+    assert last["score"] == pytest.approx(0.25) and last["score_ci"] == pytest.approx((0.05, 0.45))
+    assert last["valid"] and last["copies"] == 0.5
+    table = figures.format_map(points)
+    assert "0.25 [0.05, 0.45]" in table and "50.0% [0.0%, 10.0%]" in table
+    fig = figures.fig_claim3_map(points)
+    assert fig.axes[0].get_xscale() == "symlog" and "seeds" in fig.axes[0].get_legend().get_texts()[0].get_text()
+    figures.plt.close(fig)
 
 
 def test_correlation_radius_is_drawn_beside_the_gap_when_eval_gap_measured_it(tmp_path, capsys):

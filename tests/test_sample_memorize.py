@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import common
-from conftest import write_fashion_mnist
+from conftest import write_fashion_mnist, write_idx
 import sample_memorize
 
 R = 16  # image resolution of the synthetic runs
@@ -531,3 +531,63 @@ def test_figure_folder_that_is_a_file_stops_before_sampling_and_default_names_th
                                                                         "seed3.npz")
     args = sample_memorize.parse_args(["--optimal", "--cond", "kmeans", "--k", "4", "--guidance-weights", "1"])
     assert sample_memorize.default_out(args).endswith("memorize-optimal-fashion-mnist-r32-n1000-kmeans4-seed0-guided.npz")
+
+
+# ---------------------------------------------------------------------------
+# The measures on real data, where the answer is known either way
+# ---------------------------------------------------------------------------
+
+FASHION_DIR = "/usr/share/datasets/fashion-mnist"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir(FASHION_DIR), reason="needs Fashion-MNIST (Debian package dataset-fashion-mnist)")
+@pytest.mark.parametrize("n", [32, 128])
+def test_on_fashion_mnist_the_score_of_a_gaussian_holds_zero_and_that_of_the_optimal_denoiser_lies_above_07(n, tmp_path):
+    # the Gaussian of the whole training split knows nothing particular of the n images: its trajectory states
+    # are like noisy fresh images (0); the optimal denoiser's are noisy training images (1)
+    common_args = ["--data", "fashion-mnist", "--data-dir", FASHION_DIR, "--resolution", "16", "--n", str(n),
+                   "--num-samples", "256", "--features", "builtin", "--stop-sigma", "--bootstrap", "400",
+                   "--device", "cpu"]
+    scores = {}
+    for kind in ("gaussian", "optimal"):
+        out = str(tmp_path / f"{kind}.npz")
+        sample_memorize.main([f"--{kind}", *common_args, "--out", out])
+        res = common.load_npz(out)
+        mid = len(res["probe_sigmas"]) // 2  # sigma 1.09
+        scores[kind] = res["traj_heldout_score_ci"][0, mid]
+        assert res["traj_valid"][0].all(), f"{kind}: states like noisy data"
+    low, high = scores["gaussian"]
+    assert low < 0 < high, scores
+    assert scores["optimal"][0] > 0.7, scores
+
+
+def test_classifier_features_are_trained_once_on_the_dataset_cached_and_named(tmp_path, monkeypatch):
+    # learnable synthetic data: the class sets the brightness of a square at the class's place
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 300), ("t10k", 100)):
+        labels = np.arange(count) % 3
+        images = rng.integers(0, 60, (count, 28, 28))
+        for c in range(3):
+            images[labels == c, 4 + 7 * c:11 + 7 * c, 4:24] += 180
+        write_idx(tmp_path / f"{split}-images-idx3-ubyte.gz", images)
+        write_idx(tmp_path / f"{split}-labels-idx1-ubyte.gz", labels)
+    net, accuracy = common.train_classifier("fashion-mnist", R, str(tmp_path), epochs=20)
+    assert accuracy > 0.9
+    src = source(str(tmp_path), np.arange(10))
+    features = common.load_feature_extractor("classifier", "cpu", src)
+    assert "classifier fashion-mnist 16x16" in features.description
+    x = common.images_to_tensor(common.load_images("fashion-mnist", "val", str(tmp_path))[0], R)
+    first = features(x)
+    assert first.shape == (100, 128) and torch.isfinite(first).all()
+    path = common.classifier_path("fashion-mnist", R, str(tmp_path))
+    assert os.path.isfile(path) and path.startswith(os.environ["XDG_CACHE_HOME"])
+    # the second time it is read from the cache, not trained, and gives the same features
+    monkeypatch.setattr(common, "train_classifier", lambda *a, **k: pytest.fail("trained again"))
+    assert torch.equal(common.load_feature_extractor("classifier", "cpu", src)(x), first)
+    # images of another size are resized to the classifier's resolution
+    assert common.load_feature_extractor("classifier", "cpu", src)(torch.nn.functional.interpolate(x, 32)).shape == (100, 128)
+    # other images under the same file names get a classifier of their own
+    (tmp_path / "other").mkdir()
+    other = write_fashion_mnist(tmp_path / "other", 30, 10)
+    assert common.classifier_path("fashion-mnist", R, other) != path
