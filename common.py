@@ -5,7 +5,8 @@ Kaiser & Kollmann 2026; each function names the formula it implements.
 
 Contents
   1. EDM schedule and preconditioning   precond_coeffs, edm_loss, edm_sigmas, log_sigmas;
-     non-leaking augmentation           augment (augment_parameters, apply_augmentation)
+     non-leaking augmentation           augment (augment_parameters, augment_matrix,
+                                        apply_augmentation, augment_labels)
   2. Sampler                            sample_ode, guided_denoiser, negative_denoiser
   3. Optimal and error-prone denoisers  optimal_denoiser, error_prone_denoiser, gaussian_denoiser,
                                         windowed_denoiser, windowed_optimal_denoiser (restricted
@@ -142,77 +143,105 @@ def log_sigmas(num=64, lo=2e-3, hi=80.0):
     return torch.logspace(math.log10(lo), math.log10(hi), num, dtype=torch.float64)
 
 
-# Non-leaking augmentation (EDM, after Karras et al. 2020's ADA): each training image is transformed with
-# probability p per transform, and the network is told how through the parameter vector a (B, AUGMENT_DIM),
-# an extra conditioning input; a = 0 (no transform) at sampling and evaluation, so the transforms do not leak
-# into generated images. Layout of a, zero for a transform not applied, in the order they are applied:
-#   0     x-flip: 1 if flipped left-right
-#   1, 2  rotation by k quarter turns (torch.rot90 over (H, W)): cos(k pi/2) - 1, sin(k pi/2)
-#   3, 4  integer translation, the content moving tx pixels right and ty down, |t| <= max_shift: tx / max, ty / max
-#   5     isotropic scaling by s = 2^(AUGMENT_SCALE_STD z) about the centre: z
-AUGMENT_DIM = 6
-AUGMENT_SHIFT = 0.125  # largest translation, as a fraction of the image size (EDM's translate_int_max)
-AUGMENT_SCALE_STD = 0.2  # log2 standard deviation of the scale factor (EDM's scale_std)
+# Non-leaking augmentation: EDM's AugmentPipe as the paper's CIFAR-10 base model uses it (Karras et al. 2022, after
+# ADA, Karras et al. 2020). Each training image is transformed, and the network is told how through a conditioning
+# vector a (B, AUGMENT_DIM); a = 0 (no transform) at sampling and evaluation, so the transforms do not leak into
+# generated images. Each transform is applied with probability p times its multiplier: x-flip 1e8 (so every image
+# is flipped with probability 1/2 once p > 0), the others 1. The draws of one image (augment_parameters), each zero
+# when its transform is not applied, in EDM's order:
+#   0 xflip, 1 yflip       0 or 1 (a fair coin when applied)
+#   2 scale                z ~ N(0, 1): isotropic scaling by 2^(AUGMENT_SCALE_STD z)
+#   3 rotate               angle w ~ U(-pi, pi) (a full circle)
+#   4 aniso, 5 aniso_angle z ~ N(0, 1): scaling by 2^(AUGMENT_ANISO_STD z) along an axis at angle r and its inverse
+#                          across it; r ~ U(-pi, pi) with probability AUGMENT_ANISO_ROTATE, else 0
+#   6, 7 translate         (tx, ty) ~ N(0, I): a shift by AUGMENT_TRANSLATE_STD of the image size per unit
+# The conditioning vector (augment_labels) has EDM's 9 values: xflip, yflip, z, cos w - 1, sin w, z_a cos r,
+# z_a sin r, tx, ty.
+AUGMENT_DRAWS = ("xflip", "yflip", "scale", "rotate", "aniso", "aniso_angle", "translate_x", "translate_y")
+AUGMENT_DIM = 9
+AUGMENT_MULTIPLIERS = (1e8, 1.0, 1.0, 1.0, 1.0, 1.0)  # xflip, yflip, scale, rotate, aniso, translate: times p
+AUGMENT_SCALE_STD = 0.2  # log2 standard deviation of the isotropic scale (EDM's scale_std)
+AUGMENT_ANISO_STD = 0.2  # log2 standard deviation of the anisotropic scale (aniso_std)
+AUGMENT_ANISO_ROTATE = 0.5  # probability that the anisotropic scaling has a rotated axis (aniso_rotate_prob)
+AUGMENT_TRANSLATE_STD = 0.125  # standard deviation of the translation, in image sizes (translate_frac_std)
 
 
-def max_shift(size):
-    """Largest integer translation in pixels of an image of `size` pixels: AUGMENT_SHIFT * size, at least 1."""
-    return max(1, round(AUGMENT_SHIFT * size))
+def augment_parameters(n, p, generator=None, device=None):
+    """EDM's augmentation draws (n, 8), float32, columns AUGMENT_DRAWS (layout above): transform k is applied with
+    probability min(1, p AUGMENT_MULTIPLIERS[k]), independently per image and transform. The same number of values
+    is drawn from `generator` whatever p, in a fixed order, so a resumed run repeats them exactly."""
+    applied = torch.rand(n, 6, generator=generator, device=device) < p * torch.tensor(AUGMENT_MULTIPLIERS,
+                                                                                      device=device)
+    rotated_axis = torch.rand(n, generator=generator, device=device) < AUGMENT_ANISO_ROTATE
+    coins = torch.randint(0, 2, (n, 2), generator=generator, device=device).float()  # x-flip, y-flip
+    z = torch.randn(n, 4, generator=generator, device=device)                      # scale, aniso, tx, ty
+    angles = (torch.rand(n, 2, generator=generator, device=device) * 2 - 1) * math.pi  # rotation, aniso axis
+    on = applied[:, [0, 1, 2, 3, 4, 4, 5, 5]]                                      # the transform of each draw
+    on[:, 5] &= rotated_axis
+    draws = torch.stack([coins[:, 0], coins[:, 1], z[:, 0], angles[:, 0], z[:, 1], angles[:, 1], z[:, 2], z[:, 3]], 1)
+    return torch.where(on, draws, 0.0)
 
 
-def augment_parameters(n, p, size, generator=None, device=None):
-    """Random augmentation parameters (n, AUGMENT_DIM), float32: each transform is chosen with probability p,
-    independently per image; a chosen flip flips, a chosen rotation turns 1-3 quarter turns, a chosen
-    translation shifts by a uniform integer in [-max, max] per axis (max_shift), a chosen scaling draws
-    z ~ N(0, 1). The same number of values is drawn from `generator` whatever p, in a fixed order."""
-    chosen = torch.rand(n, 4, generator=generator, device=device) < p
-    turns = torch.randint(1, 4, (n,), generator=generator, device=device) * chosen[:, 1]
-    m = max_shift(size)
-    shift = torch.randint(-m, m + 1, (n, 2), generator=generator, device=device) * chosen[:, 2:3]
-    z = torch.randn(n, generator=generator, device=device).where(chosen[:, 3], 0.0)
-    cos, sin = (torch.tensor(v, dtype=torch.float32, device=device)[turns] for v in ([1, 0, -1, 0], [0, 1, 0, -1]))
-    return torch.stack([chosen[:, 0].float(), cos - 1, sin, shift[:, 0] / m, shift[:, 1] / m, z], dim=1)
+def augment_labels(params):
+    """EDM's conditioning vector (B, AUGMENT_DIM) of augmentation draws (B, 8): xflip, yflip, z, cos w - 1, sin w,
+    z_a cos r, z_a sin r, tx, ty; zero exactly when no transform is applied."""
+    xflip, yflip, z, w, z_a, r, tx, ty = params.float().unbind(1)
+    return torch.stack([xflip, yflip, z, w.cos() - 1, w.sin(), z_a * r.cos(), z_a * r.sin(), tx, ty], 1)
 
 
-def reflect_index(i, size):
-    """Indices i (any integers) reflected into [0, size), mirroring about the edge pixels (numpy's 'reflect')."""
-    period = 2 * size - 2
-    return (size - 1) - ((size - 1) - i.remainder(period)).abs() if size > 1 else torch.zeros_like(i)
+def augment_matrix(params, height, width):
+    """The geometric transforms of augmentation draws (B, 8) as one affine map G^-1 (B, 3, 3) from output to input
+    pixel coordinates (x right, y down, origin at the image centre), composed as EDM does:
+    G^-1 = S(1/s) R(w) [R(-r) S(1/s_a, s_a) R(r)] T(-tx W t, -ty H t), with s = 2^(0.2 z), s_a = 2^(0.2 z_a),
+    t = AUGMENT_TRANSLATE_STD, R(a) = [[cos a, -sin a], [sin a, cos a]], S and T scaling and translation; in the
+    draws' floating dtype (at least float32)."""
+    p = params.to(torch.promote_types(params.dtype, torch.float32))
+    z, w, z_a, r, tx, ty = p[:, 2], p[:, 3], p[:, 4], p[:, 5], p[:, 6], p[:, 7]
+    eye = torch.eye(3, dtype=p.dtype, device=p.device).repeat(len(p), 1, 1)
+
+    def scale(sx, sy):
+        m = eye.clone()
+        m[:, 0, 0], m[:, 1, 1] = sx, sy
+        return m
+
+    def rotate(a):
+        m = eye.clone()
+        m[:, 0, 0], m[:, 0, 1], m[:, 1, 0], m[:, 1, 1] = a.cos(), -a.sin(), a.sin(), a.cos()
+        return m
+    shift = eye.clone()
+    shift[:, 0, 2], shift[:, 1, 2] = -tx * width * AUGMENT_TRANSLATE_STD, -ty * height * AUGMENT_TRANSLATE_STD
+    s, s_a = torch.exp2(-AUGMENT_SCALE_STD * z), torch.exp2(-AUGMENT_ANISO_STD * z_a)  # inverse scale factors
+    return scale(s, s) @ rotate(w) @ rotate(-r) @ scale(s_a, 1 / s_a) @ rotate(r) @ shift
 
 
 def apply_augmentation(images, params):
-    """Images (B, C, H, H) transformed as the parameters (B, AUGMENT_DIM) say (layout above): flip, rotation
-    and translation are exact index operations, the translation reflecting at the border (the pixels shifted
-    in mirror those next to the edge); the scaling resamples bilinearly (F.grid_sample), reflecting outside
-    the image. An image whose parameters are zero comes back unchanged, bit for bit."""
+    """Images (B, C, H, W) transformed as the draws (B, 8) say (augment_parameters): the flips exactly, then the
+    geometric transforms as one affine map (augment_matrix), resampled once, bilinearly, reflecting outside the
+    image about its edge pixels. An image whose draws are all zero comes back unchanged, bit for bit."""
     B, C, H, W = images.shape
-    check(H == W, f"augmentation needs square images (quarter turns), got {H}x{W}")
-    check(params.shape == (B, AUGMENT_DIM), f"need parameters of shape ({B}, {AUGMENT_DIM}), got {tuple(params.shape)}")
-    params = params.to(images.device)
-    x = torch.where(params[:, 0, None, None, None] > 0.5, images.flip(3), images)
-    turns = torch.atan2(params[:, 2], params[:, 1] + 1).div(math.pi / 2).round().long().remainder(4)
-    turned = x
-    for k in (1, 2, 3):
-        turned = torch.where((turns == k)[:, None, None, None], x.rot90(k, (2, 3)), turned)
-    m = max_shift(W)
-    shift = (params[:, 3:5] * m).round().long()  # (B, 2): tx, ty
-    pixels = torch.arange(W, device=images.device)
-    cols = reflect_index(pixels[None] - shift[:, :1], W)  # (B, W): output column j reads column j - tx
-    rows = reflect_index(pixels[None] - shift[:, 1:], H)  # (B, H): output row i reads row i - ty
-    x = turned.gather(2, rows[:, None, :, None].expand(B, C, H, W)).gather(3, cols[:, None, None, :].expand(B, C, H, W))
-    scale = torch.exp2(params[:, 5].float() * AUGMENT_SCALE_STD)
-    theta = torch.zeros(B, 2, 3, device=images.device)
-    theta[:, 0, 0] = theta[:, 1, 1] = 1 / scale  # output coordinates -> input coordinates, about the centre
-    grid = F.affine_grid(theta, (B, C, H, W), align_corners=False)
-    scaled = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-    return torch.where((params[:, 5] != 0)[:, None, None, None], scaled.to(x.dtype), x)
+    check(H >= 2 and W >= 2, f"augmentation needs images of at least 2x2 pixels, got {H}x{W}")
+    check(params.shape == (B, len(AUGMENT_DRAWS)),
+          f"need augmentation draws of shape ({B}, {len(AUGMENT_DRAWS)}), got {tuple(params.shape)}")
+    dtype = torch.promote_types(images.dtype, torch.float32)
+    params = params.to(images.device, dtype)
+    x = torch.where(params[:, 0, None, None, None] != 0, images.flip(3), images)
+    x = torch.where(params[:, 1, None, None, None] != 0, x.flip(2), x)
+    cx, cy = (W - 1) / 2, (H - 1) / 2
+    ys, xs = torch.meshgrid(torch.arange(H, dtype=dtype, device=x.device) - cy,
+                            torch.arange(W, dtype=dtype, device=x.device) - cx, indexing="ij")
+    points = torch.stack([xs, ys, torch.ones_like(xs)], -1)                          # (H, W, 3): output pixels
+    src = torch.einsum("bij,hwj->bhwi", augment_matrix(params, H, W), points)[..., :2]
+    grid = src / torch.tensor([cx, cy], dtype=dtype, device=x.device)               # corner pixel centres: -1, 1
+    sampled = F.grid_sample(x.to(dtype), grid, mode="bilinear", padding_mode="reflection", align_corners=True)
+    moved = params[:, 2:].ne(0).any(1)[:, None, None, None]
+    return torch.where(moved, sampled.to(x.dtype), x)
 
 
 def augment(images, p, generator=None):
-    """Non-leaking augmentation of a batch (B, C, H, H): (augmented images, parameters (B, AUGMENT_DIM)),
-    each transform applied with probability p (augment_parameters, apply_augmentation)."""
-    params = augment_parameters(images.shape[0], p, images.shape[-1], generator, images.device)
-    return apply_augmentation(images, params), params
+    """EDM's non-leaking augmentation of a batch (B, C, H, W) with probability p: (augmented images, conditioning
+    vectors (B, AUGMENT_DIM)) (augment_parameters, apply_augmentation, augment_labels)."""
+    params = augment_parameters(images.shape[0], p, generator, images.device)
+    return apply_augmentation(images, params), augment_labels(params)
 
 
 # ---------------------------------------------------------------------------
