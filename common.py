@@ -431,35 +431,64 @@ def gaussian_denoiser(data):
 WINDOW_MODES = ("average", "cut")  # how windowed_denoiser merges the windows' predictions (window_weights)
 
 
-def window_offsets(size, window, steps=2):
+def window_offsets(size, window, steps=2, multiple=1):
     """Offsets of `steps` windows of `window` pixels along an image axis of `size` pixels: evenly spaced from
     0 to size - window (stride (size - window) / (steps - 1), rounded half up; a repeated offset counts once).
-    UserError unless they cover every pixel."""
+    UserError unless they cover every pixel and, for a network whose down-sampling grid has cells of `multiple`
+    pixels (Denoiser.size_multiple), the window and its offsets lie on that grid (multiples of it), so that no
+    crop needs padding (grid_windows lists the sizes that do)."""
     check(1 <= window <= size, f"a window must have 1 to {size} pixels (the image size), got {window}")
     check(steps >= 1, f"need at least one window position per axis, got {steps}")
-    offsets = sorted({(2 * k * (size - window) + steps - 1) // (2 * (steps - 1)) for k in range(steps)}
-                     if steps > 1 else {0})
+    offsets = _evenly_spaced(size, window, steps)
     needed = 1 + -(-(size - window) // window)                        # 1 + ceil((size - window) / window)
     check(offsets[-1] + window >= size and all(b - a <= window for a, b in zip(offsets, offsets[1:])),
           f"{steps} window position(s) per axis leave pixels of a {size}-pixel image outside every window of "
           f"{window} pixels: give at least {needed} positions per axis, or a larger window")
+    if window % multiple or any(o % multiple for o in offsets):
+        on_grid = ", ".join(map(str, grid_windows(size, multiple, steps))) or "none"
+        raise UserError(f"a window of {window} pixels at offsets {', '.join(map(str, offsets))} is off the network's "
+                        f"{multiple}-pixel down-sampling grid; on it, with {steps} position(s) per axis of a "
+                        f"{size}-pixel image: {on_grid} pixels")
     return offsets
 
 
-def window_weights(shape, window, steps=2, mode="average"):
+def _evenly_spaced(size, window, steps):
+    """The offsets of window_offsets, unchecked."""
+    return sorted({(2 * k * (size - window) + steps - 1) // (2 * (steps - 1)) for k in range(steps)}
+                  if steps > 1 else {0})
+
+
+def grid_windows(size, multiple, steps=2):
+    """Window sizes below `size` whose `steps` evenly spaced offsets per axis (window_offsets) lie on a
+    down-sampling grid of `multiple` pixels and cover the image: the windows a network with that size_multiple
+    sees without padding (the U-Net presets: multiple 4, so with 2 positions 8 and 12 of 16 pixels and 16, 20, 24
+    and 28 of 32)."""
+    fits = []
+    for window in range(multiple, size, multiple):
+        offsets = _evenly_spaced(size, window, steps)
+        if (all(o % multiple == 0 for o in offsets) and offsets[-1] + window >= size
+                and all(b - a <= window for a, b in zip(offsets, offsets[1:]))):
+            fits.append(window)
+    return fits
+
+
+def window_weights(shape, window, steps=2, mode="average", multiple=1):
     """Where each window sits and what share of each pixel it gives: the windows' corners [(top, left)], row by
     row, and weights (P, H, W) that sum to 1 at every pixel. "average": the windows that contain a pixel share
-    it equally; "cut": it is taken whole from the window whose centre is nearest in L1 distance (the first, in
-    corner order, on ties)."""
+    it equally; "cut": it is taken whole from the window whose integer centre, ((top + bottom) // 2,
+    (left + right) // 2) with bottom = top + window and right = left + window (past the window's last pixel), is
+    nearest in L1 distance (the first, in corner order, on ties). window_offsets checks the windows (and the
+    grid of `multiple` pixels)."""
     check(mode in WINDOW_MODES, f"window mode must be one of {', '.join(WINDOW_MODES)}, got {mode!r}")
     H, W = shape
-    corners = [(t, l) for t in window_offsets(H, window, steps) for l in window_offsets(W, window, steps)]
+    corners = [(t, l) for t in window_offsets(H, window, steps, multiple)
+               for l in window_offsets(W, window, steps, multiple)]
     rows, cols = torch.arange(H, dtype=torch.float64), torch.arange(W, dtype=torch.float64)
     inside = torch.stack([((rows >= t) & (rows < t + window))[:, None] & ((cols >= l) & (cols < l + window))
                           for t, l in corners])                        # (P, H, W)
     if mode == "cut":
-        centre = (window - 1) / 2
-        dist = torch.stack([(rows - t - centre).abs()[:, None] + (cols - l - centre).abs() for t, l in corners])
+        centre = lambda start: (start + start + window) // 2  # noqa: E731  (top + bottom) // 2
+        dist = torch.stack([(rows - centre(t)).abs()[:, None] + (cols - centre(l)).abs() for t, l in corners])
         owner = dist.masked_fill(~inside, math.inf).argmin(0)          # first on ties
         inside = owner == torch.arange(len(corners))[:, None, None]
     weights = inside.double()
@@ -473,10 +502,9 @@ def windowed_denoiser(denoise, window, steps=2, mode="average", multiple=1):
     sigma, labels=None); each crop keeps its image's sigma and label, and each call of D gets the crops of one
     window position (B of them), so memory stays that of the whole-image call. A window of the whole image
     gives D itself. For a network whose down-sampling needs sides that are multiples of `multiple`
-    (Denoiser.size_multiple), each crop is padded by reflection (of its own pixels: D still sees nothing
-    outside the window) on the top and left by its offset mod multiple, so that it keeps its place on the
-    down-sampling grid that it had in the whole image, and on the bottom and right to the next multiple; the
-    prediction is cropped back."""
+    (Denoiser.size_multiple), only windows on that grid are accepted (window_offsets: the size and every offset
+    multiples of it, as the paper's windows are), so every crop goes in as it is, in the place on the grid that it
+    had in the whole image, and nothing is padded."""
     return _windowed(lambda top, left: denoise, window, steps, mode, multiple)
 
 
@@ -497,23 +525,17 @@ def windowed_optimal_denoiser(data, window, data_labels=None, steps=2, mode="ave
 
 def _windowed(denoiser_at, window, steps, mode, multiple=1):
     """The windowed denoiser of windowed_denoiser, with denoiser_at(top, left) the denoiser of each window."""
-    check(window >= 1 and window >= multiple, f"windows must have at least {max(multiple, 1)} pixels a side"
-          f"{' for this network' if multiple > 1 else ''}, got {window}")
+    check(window >= 1, f"windows must have at least 1 pixel a side, got {window}")
     check(mode in WINDOW_MODES, f"window mode must be one of {', '.join(WINDOW_MODES)}, got {mode!r}")
 
     def denoise(x, sigma, labels=None):
-        corners, weights = window_weights(tuple(x.shape[-2:]), window, steps, mode)
+        corners, weights = window_weights(tuple(x.shape[-2:]), window, steps, mode, multiple)
         out = None
         for (top, left), a in zip(corners, weights):                    # float64 on the CPU (MPS has no float64)
             a = a[top:top + window, left:left + window]
             if not bool(a.any()):                                       # "cut": a window that owns no pixel
                 continue
-            pad_t, pad_l = top % multiple, left % multiple               # the crop's place on the grid
-            pad_b, pad_r = -(pad_t + window) % multiple, -(pad_l + window) % multiple
-            crop = x[..., top:top + window, left:left + window]
-            if pad_t or pad_l or pad_b or pad_r:
-                crop = F.pad(crop, (pad_l, pad_r, pad_t, pad_b), mode="reflect")
-            den = denoiser_at(top, left)(crop, sigma, labels)[..., pad_t:pad_t + window, pad_l:pad_l + window]
+            den = denoiser_at(top, left)(x[..., top:top + window, left:left + window], sigma, labels)
             out = torch.zeros(x.shape, dtype=den.dtype, device=den.device) if out is None else out
             out[..., top:top + window, left:left + window] += a.to(den.dtype).to(den.device) * den
         return out
@@ -653,29 +675,33 @@ def peak_index(gap):
     return np.where(np.isfinite(gap), gap, -np.inf).argmax(axis=-1)
 
 
-def correlation_radius(denoise, x, sigma, labels=None, pixels=64, seed=0, batch_size=256):
-    """How far D looks: per image, the mean over output pixels p of the correlation radius
-    r_p = sum_q |p - q| J_pq / sum_q J_pq, J_pq = sum_{c, c'} |dD(x)_{c,p} / dx_{c',q}| (channels c of p and c'
-    of q), |p - q| the Euclidean distance of the pixel positions, in pixels. p runs over `pixels` positions
-    drawn by choose_subset(H W, pixels, seed), the same for every image (all of them when pixels >= H W).
+def correlation_radius(denoise, x, sigma, labels=None, pixels=None, seed=0, batch_size=256):
+    """How far D looks (the authors' measure): per image, the mean over output pixels p and channels c of the
+    correlation radius r_pc = sum_q |p - q| J_pq / sum_q J_pq of the channel-diagonal block of the input Jacobian,
+    J_pq = |dD(x)_{c,p} / dx_{c,q}| (input and output in the same channel c; the other channels' entries do not
+    count), |p - q| the Euclidean distance of the pixel positions, in pixels, q over all pixels. p runs over all
+    H W pixels (pixels None or >= H W) or over `pixels` positions drawn by choose_subset(H W, pixels, seed), the
+    same for every image.
 
     The rows J_p come from vector-Jacobian products with one-hot cotangents, one per (output pixel, channel),
     up to batch_size (image, cotangent) rows per backward pass; nothing larger than one pass's gradients is
     kept. denoise(x, sigma (B,), labels) must be differentiable torch code that treats images independently
     (as the networks and their common.network_denoiser wrapper do). x (B, C, H, W), sigma float or (B,)
-    -> float64 (B,); a pixel whose row is all 0 (an output that does not depend on x) is left out of the mean.
+    -> float64 (B,); a (pixel, channel) whose row is all 0 (an output that does not depend on its channel of x)
+    is left out of the mean.
     """
     check(x.ndim == 4, f"x must be images (B, C, H, W), got shape {tuple(x.shape)}")
-    check(pixels >= 1 and batch_size >= 1, f"pixels and batch_size must be positive, got {pixels}, {batch_size}")
+    check((pixels is None or pixels >= 1) and batch_size >= 1,
+          f"pixels and batch_size must be positive, got {pixels}, {batch_size}")
     B, C, H, W = x.shape
     per_pass = max(1, min(B, batch_size))                                            # images per forward pass
     with torch.inference_mode(False), torch.enable_grad():  # tensors made here are normal, even in inference mode
-        where = torch.as_tensor(choose_subset(H * W, min(pixels, H * W), seed), device=x.device)  # (P,) positions
+        chosen = H * W if pixels is None else min(pixels, H * W)
+        where = torch.as_tensor(choose_subset(H * W, chosen, seed), device=x.device)  # (P,) positions
         pos = torch.stack(torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij"), -1).reshape(-1, 2)
         dist = torch.cdist(pos.to(x.device)[where].double(), pos.to(x.device).double())  # (P, H W)
-        P, K = len(where), len(where) * C                                              # cotangent k: pixel k // C
-        num = torch.zeros(B, P, dtype=torch.float64, device=x.device)                  # sum_q |p - q| J_pq
-        den = torch.zeros(B, P, dtype=torch.float64, device=x.device)                  # sum_q J_pq
+        P, K = len(where), len(where) * C                              # cotangent k: pixel k // C, channel k % C
+        radius = torch.full((B, K), torch.nan, dtype=torch.float64, device=x.device)    # r_pc per image
         sig = _per_query(sigma, x, "sigma").expand(B).clone()
         for i in range(0, B, per_pass):
             xi = x[i:i + per_pass].clone().requires_grad_(True)
@@ -687,15 +713,15 @@ def correlation_radius(denoise, x, sigma, labels=None, pixels=64, seed=0, batch_
             chunk = max(1, batch_size // len(xi))                                      # cotangents per pass
             for k0 in range(0, K, chunk):
                 k = torch.arange(k0, min(k0 + chunk, K), device=x.device)
-                p = k // C
+                p, c, rows = k // C, k % C, torch.arange(len(k), device=x.device)
                 v = torch.zeros(len(k), len(xi), C, H * W, dtype=out.dtype, device=x.device)
-                v[torch.arange(len(k), device=x.device), :, k % C, where[p]] = 1       # one-hot at (c, p)
+                v[rows, :, c, where[p]] = 1                                            # one-hot at (c, p)
                 grad, = torch.autograd.grad(out, xi, v.view(len(k), *out.shape), retain_graph=k0 + chunk < K,
                                             is_grads_batched=True)
-                J = grad.abs().sum(2).flatten(2).double()                              # (k, b, H W): J_pq per c
-                num[i:i + per_pass].index_add_(1, p, (J * dist[p, None]).sum(-1).T)
-                den[i:i + per_pass].index_add_(1, p, J.sum(-1).T)
-        return torch.where(den > 0, num / den, torch.nan).nanmean(1).cpu()
+                J = grad.flatten(3)[rows, :, c].abs().double()                         # (k, b, H W): channel c only
+                num, den = (J * dist[p, None]).sum(-1), J.sum(-1)                       # (k, b)
+                radius[i:i + per_pass, k0:k0 + len(k)] = torch.where(den > 0, num / den, torch.nan).T
+        return radius.nanmean(1).cpu()
 
 
 # ---------------------------------------------------------------------------
@@ -990,8 +1016,7 @@ class UNet(nn.Module):
         (zeros) -> F (B, C, H, W)."""
         m = self.size_multiple
         check(x.shape[-2] % m == 0 and x.shape[-1] % m == 0, f"this U-Net takes images whose sides are "
-              f"multiples of {m} ({m}, {2 * m}, {3 * m}, ...), got {x.shape[-2]}x{x.shape[-1]} (windowed_denoiser "
-              "pads windows to them)")
+              f"multiples of {m} ({m}, {2 * m}, {3 * m}, ...), got {x.shape[-2]}x{x.shape[-1]}")
         emb = noise_embedding(c_noise, self.conv_in.out_channels)  # (B, channels)
         if self.label_embed is not None:
             emb = emb + self.label_embed(labels)
