@@ -126,7 +126,7 @@ def test_runs_with_and_without_augmentation_are_compared_and_not_taken_for_two_m
     assert (tmp_path / "figures" / "gap_by_augment_p.png").exists()
     summary = (tmp_path / "figures" / "summary.txt").read_text()
     augmented = next(line for line in summary.splitlines() if line.startswith("augmented "))
-    assert f"{1000 + common.AUGMENT_DIM * 8:,}" in augmented, "the augment map's weights count
+    assert f"{1000 + common.AUGMENT_DIM * 8:,}" in augmented, "the augment map's weights count"
 
 
 def test_toy_results_are_redrawn(tmp_path):
