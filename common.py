@@ -1181,7 +1181,8 @@ class Denoiser(nn.Module):
 def build_network(model, size="tiny", img_resolution=32, img_channels=1, num_classes=0, channels=None,
                   blocks=None, dropout=None, patch=None, sigma_data=SIGMA_DATA, augment_dim=0):
     """EDM-preconditioned U-Net or DiT from a named preset with optional overrides; augment_dim > 0 adds the
-    conditioning on augmentation parameters (AUGMENT_DIM; 0 in snapshots written before it existed).
+    conditioning on augmentation parameters (AUGMENT_DIM; 0 in snapshots written before it existed, 6 in those of
+    the earlier, lighter augmentation, which still build, load and sample with zero parameters).
     build_network(**denoiser.config) rebuilds the same architecture."""
     check(model in NETWORK_PRESETS, f"unknown model {model!r}: choose one of {', '.join(NETWORK_PRESETS)}")
     check(size in NETWORK_PRESETS[model],
