@@ -5,7 +5,8 @@ Kaiser & Kollmann 2026; each function names the formula it implements.
 
 Contents
   1. EDM schedule and preconditioning   precond_coeffs, edm_loss, edm_sigmas, log_sigmas;
-     non-leaking augmentation           augment (augment_parameters, apply_augmentation)
+     non-leaking augmentation           augment (augment_parameters, augment_matrix,
+                                        apply_augmentation, augment_labels)
   2. Sampler                            sample_ode, guided_denoiser, negative_denoiser
   3. Optimal and error-prone denoisers  optimal_denoiser, error_prone_denoiser, gaussian_denoiser,
                                         windowed_denoiser, windowed_optimal_denoiser (restricted
@@ -142,77 +143,105 @@ def log_sigmas(num=64, lo=2e-3, hi=80.0):
     return torch.logspace(math.log10(lo), math.log10(hi), num, dtype=torch.float64)
 
 
-# Non-leaking augmentation (EDM, after Karras et al. 2020's ADA): each training image is transformed with
-# probability p per transform, and the network is told how through the parameter vector a (B, AUGMENT_DIM),
-# an extra conditioning input; a = 0 (no transform) at sampling and evaluation, so the transforms do not leak
-# into generated images. Layout of a, zero for a transform not applied, in the order they are applied:
-#   0     x-flip: 1 if flipped left-right
-#   1, 2  rotation by k quarter turns (torch.rot90 over (H, W)): cos(k pi/2) - 1, sin(k pi/2)
-#   3, 4  integer translation, the content moving tx pixels right and ty down, |t| <= max_shift: tx / max, ty / max
-#   5     isotropic scaling by s = 2^(AUGMENT_SCALE_STD z) about the centre: z
-AUGMENT_DIM = 6
-AUGMENT_SHIFT = 0.125  # largest translation, as a fraction of the image size (EDM's translate_int_max)
-AUGMENT_SCALE_STD = 0.2  # log2 standard deviation of the scale factor (EDM's scale_std)
+# Non-leaking augmentation: EDM's AugmentPipe as the paper's CIFAR-10 base model uses it (Karras et al. 2022, after
+# ADA, Karras et al. 2020). Each training image is transformed, and the network is told how through a conditioning
+# vector a (B, AUGMENT_DIM); a = 0 (no transform) at sampling and evaluation, so the transforms do not leak into
+# generated images. Each transform is applied with probability p times its multiplier: x-flip 1e8 (so every image
+# is flipped with probability 1/2 once p > 0), the others 1. The draws of one image (augment_parameters), each zero
+# when its transform is not applied, in EDM's order:
+#   0 xflip, 1 yflip       0 or 1 (a fair coin when applied)
+#   2 scale                z ~ N(0, 1): isotropic scaling by 2^(AUGMENT_SCALE_STD z)
+#   3 rotate               angle w ~ U(-pi, pi) (a full circle)
+#   4 aniso, 5 aniso_angle z ~ N(0, 1): scaling by 2^(AUGMENT_ANISO_STD z) along an axis at angle r and its inverse
+#                          across it; r ~ U(-pi, pi) with probability AUGMENT_ANISO_ROTATE, else 0
+#   6, 7 translate         (tx, ty) ~ N(0, I): a shift by AUGMENT_TRANSLATE_STD of the image size per unit
+# The conditioning vector (augment_labels) has EDM's 9 values: xflip, yflip, z, cos w - 1, sin w, z_a cos r,
+# z_a sin r, tx, ty.
+AUGMENT_DRAWS = ("xflip", "yflip", "scale", "rotate", "aniso", "aniso_angle", "translate_x", "translate_y")
+AUGMENT_DIM = 9
+AUGMENT_MULTIPLIERS = (1e8, 1.0, 1.0, 1.0, 1.0, 1.0)  # xflip, yflip, scale, rotate, aniso, translate: times p
+AUGMENT_SCALE_STD = 0.2  # log2 standard deviation of the isotropic scale (EDM's scale_std)
+AUGMENT_ANISO_STD = 0.2  # log2 standard deviation of the anisotropic scale (aniso_std)
+AUGMENT_ANISO_ROTATE = 0.5  # probability that the anisotropic scaling has a rotated axis (aniso_rotate_prob)
+AUGMENT_TRANSLATE_STD = 0.125  # standard deviation of the translation, in image sizes (translate_frac_std)
 
 
-def max_shift(size):
-    """Largest integer translation in pixels of an image of `size` pixels: AUGMENT_SHIFT * size, at least 1."""
-    return max(1, round(AUGMENT_SHIFT * size))
+def augment_parameters(n, p, generator=None, device=None):
+    """EDM's augmentation draws (n, 8), float32, columns AUGMENT_DRAWS (layout above): transform k is applied with
+    probability min(1, p AUGMENT_MULTIPLIERS[k]), independently per image and transform. The same number of values
+    is drawn from `generator` whatever p, in a fixed order, so a resumed run repeats them exactly."""
+    applied = torch.rand(n, 6, generator=generator, device=device) < p * torch.tensor(AUGMENT_MULTIPLIERS,
+                                                                                      device=device)
+    rotated_axis = torch.rand(n, generator=generator, device=device) < AUGMENT_ANISO_ROTATE
+    coins = torch.randint(0, 2, (n, 2), generator=generator, device=device).float()  # x-flip, y-flip
+    z = torch.randn(n, 4, generator=generator, device=device)                      # scale, aniso, tx, ty
+    angles = (torch.rand(n, 2, generator=generator, device=device) * 2 - 1) * math.pi  # rotation, aniso axis
+    on = applied[:, [0, 1, 2, 3, 4, 4, 5, 5]]                                      # the transform of each draw
+    on[:, 5] &= rotated_axis
+    draws = torch.stack([coins[:, 0], coins[:, 1], z[:, 0], angles[:, 0], z[:, 1], angles[:, 1], z[:, 2], z[:, 3]], 1)
+    return torch.where(on, draws, 0.0)
 
 
-def augment_parameters(n, p, size, generator=None, device=None):
-    """Random augmentation parameters (n, AUGMENT_DIM), float32: each transform is chosen with probability p,
-    independently per image; a chosen flip flips, a chosen rotation turns 1-3 quarter turns, a chosen
-    translation shifts by a uniform integer in [-max, max] per axis (max_shift), a chosen scaling draws
-    z ~ N(0, 1). The same number of values is drawn from `generator` whatever p, in a fixed order."""
-    chosen = torch.rand(n, 4, generator=generator, device=device) < p
-    turns = torch.randint(1, 4, (n,), generator=generator, device=device) * chosen[:, 1]
-    m = max_shift(size)
-    shift = torch.randint(-m, m + 1, (n, 2), generator=generator, device=device) * chosen[:, 2:3]
-    z = torch.randn(n, generator=generator, device=device).where(chosen[:, 3], 0.0)
-    cos, sin = (torch.tensor(v, dtype=torch.float32, device=device)[turns] for v in ([1, 0, -1, 0], [0, 1, 0, -1]))
-    return torch.stack([chosen[:, 0].float(), cos - 1, sin, shift[:, 0] / m, shift[:, 1] / m, z], dim=1)
+def augment_labels(params):
+    """EDM's conditioning vector (B, AUGMENT_DIM) of augmentation draws (B, 8): xflip, yflip, z, cos w - 1, sin w,
+    z_a cos r, z_a sin r, tx, ty; zero exactly when no transform is applied."""
+    xflip, yflip, z, w, z_a, r, tx, ty = params.float().unbind(1)
+    return torch.stack([xflip, yflip, z, w.cos() - 1, w.sin(), z_a * r.cos(), z_a * r.sin(), tx, ty], 1)
 
 
-def reflect_index(i, size):
-    """Indices i (any integers) reflected into [0, size), mirroring about the edge pixels (numpy's 'reflect')."""
-    period = 2 * size - 2
-    return (size - 1) - ((size - 1) - i.remainder(period)).abs() if size > 1 else torch.zeros_like(i)
+def augment_matrix(params, height, width):
+    """The geometric transforms of augmentation draws (B, 8) as one affine map G^-1 (B, 3, 3) from output to input
+    pixel coordinates (x right, y down, origin at the image centre), composed as EDM does:
+    G^-1 = S(1/s) R(w) [R(-r) S(1/s_a, s_a) R(r)] T(-tx W t, -ty H t), with s = 2^(0.2 z), s_a = 2^(0.2 z_a),
+    t = AUGMENT_TRANSLATE_STD, R(a) = [[cos a, -sin a], [sin a, cos a]], S and T scaling and translation; in the
+    draws' floating dtype (at least float32)."""
+    p = params.to(torch.promote_types(params.dtype, torch.float32))
+    z, w, z_a, r, tx, ty = p[:, 2], p[:, 3], p[:, 4], p[:, 5], p[:, 6], p[:, 7]
+    eye = torch.eye(3, dtype=p.dtype, device=p.device).repeat(len(p), 1, 1)
+
+    def scale(sx, sy):
+        m = eye.clone()
+        m[:, 0, 0], m[:, 1, 1] = sx, sy
+        return m
+
+    def rotate(a):
+        m = eye.clone()
+        m[:, 0, 0], m[:, 0, 1], m[:, 1, 0], m[:, 1, 1] = a.cos(), -a.sin(), a.sin(), a.cos()
+        return m
+    shift = eye.clone()
+    shift[:, 0, 2], shift[:, 1, 2] = -tx * width * AUGMENT_TRANSLATE_STD, -ty * height * AUGMENT_TRANSLATE_STD
+    s, s_a = torch.exp2(-AUGMENT_SCALE_STD * z), torch.exp2(-AUGMENT_ANISO_STD * z_a)  # inverse scale factors
+    return scale(s, s) @ rotate(w) @ rotate(-r) @ scale(s_a, 1 / s_a) @ rotate(r) @ shift
 
 
 def apply_augmentation(images, params):
-    """Images (B, C, H, H) transformed as the parameters (B, AUGMENT_DIM) say (layout above): flip, rotation
-    and translation are exact index operations, the translation reflecting at the border (the pixels shifted
-    in mirror those next to the edge); the scaling resamples bilinearly (F.grid_sample), reflecting outside
-    the image. An image whose parameters are zero comes back unchanged, bit for bit."""
+    """Images (B, C, H, W) transformed as the draws (B, 8) say (augment_parameters): the flips exactly, then the
+    geometric transforms as one affine map (augment_matrix), resampled once, bilinearly, reflecting outside the
+    image about its edge pixels. An image whose draws are all zero comes back unchanged, bit for bit."""
     B, C, H, W = images.shape
-    check(H == W, f"augmentation needs square images (quarter turns), got {H}x{W}")
-    check(params.shape == (B, AUGMENT_DIM), f"need parameters of shape ({B}, {AUGMENT_DIM}), got {tuple(params.shape)}")
-    params = params.to(images.device)
-    x = torch.where(params[:, 0, None, None, None] > 0.5, images.flip(3), images)
-    turns = torch.atan2(params[:, 2], params[:, 1] + 1).div(math.pi / 2).round().long().remainder(4)
-    turned = x
-    for k in (1, 2, 3):
-        turned = torch.where((turns == k)[:, None, None, None], x.rot90(k, (2, 3)), turned)
-    m = max_shift(W)
-    shift = (params[:, 3:5] * m).round().long()  # (B, 2): tx, ty
-    pixels = torch.arange(W, device=images.device)
-    cols = reflect_index(pixels[None] - shift[:, :1], W)  # (B, W): output column j reads column j - tx
-    rows = reflect_index(pixels[None] - shift[:, 1:], H)  # (B, H): output row i reads row i - ty
-    x = turned.gather(2, rows[:, None, :, None].expand(B, C, H, W)).gather(3, cols[:, None, None, :].expand(B, C, H, W))
-    scale = torch.exp2(params[:, 5].float() * AUGMENT_SCALE_STD)
-    theta = torch.zeros(B, 2, 3, device=images.device)
-    theta[:, 0, 0] = theta[:, 1, 1] = 1 / scale  # output coordinates -> input coordinates, about the centre
-    grid = F.affine_grid(theta, (B, C, H, W), align_corners=False)
-    scaled = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-    return torch.where((params[:, 5] != 0)[:, None, None, None], scaled.to(x.dtype), x)
+    check(H >= 2 and W >= 2, f"augmentation needs images of at least 2x2 pixels, got {H}x{W}")
+    check(params.shape == (B, len(AUGMENT_DRAWS)),
+          f"need augmentation draws of shape ({B}, {len(AUGMENT_DRAWS)}), got {tuple(params.shape)}")
+    dtype = torch.promote_types(images.dtype, torch.float32)
+    params = params.to(images.device, dtype)
+    x = torch.where(params[:, 0, None, None, None] != 0, images.flip(3), images)
+    x = torch.where(params[:, 1, None, None, None] != 0, x.flip(2), x)
+    cx, cy = (W - 1) / 2, (H - 1) / 2
+    ys, xs = torch.meshgrid(torch.arange(H, dtype=dtype, device=x.device) - cy,
+                            torch.arange(W, dtype=dtype, device=x.device) - cx, indexing="ij")
+    points = torch.stack([xs, ys, torch.ones_like(xs)], -1)                          # (H, W, 3): output pixels
+    src = torch.einsum("bij,hwj->bhwi", augment_matrix(params, H, W), points)[..., :2]
+    grid = src / torch.tensor([cx, cy], dtype=dtype, device=x.device)               # corner pixel centres: -1, 1
+    sampled = F.grid_sample(x.to(dtype), grid, mode="bilinear", padding_mode="reflection", align_corners=True)
+    moved = params[:, 2:].ne(0).any(1)[:, None, None, None]
+    return torch.where(moved, sampled.to(x.dtype), x)
 
 
 def augment(images, p, generator=None):
-    """Non-leaking augmentation of a batch (B, C, H, H): (augmented images, parameters (B, AUGMENT_DIM)),
-    each transform applied with probability p (augment_parameters, apply_augmentation)."""
-    params = augment_parameters(images.shape[0], p, images.shape[-1], generator, images.device)
-    return apply_augmentation(images, params), params
+    """EDM's non-leaking augmentation of a batch (B, C, H, W) with probability p: (augmented images, conditioning
+    vectors (B, AUGMENT_DIM)) (augment_parameters, apply_augmentation, augment_labels)."""
+    params = augment_parameters(images.shape[0], p, generator, images.device)
+    return apply_augmentation(images, params), augment_labels(params)
 
 
 # ---------------------------------------------------------------------------
@@ -402,35 +431,64 @@ def gaussian_denoiser(data):
 WINDOW_MODES = ("average", "cut")  # how windowed_denoiser merges the windows' predictions (window_weights)
 
 
-def window_offsets(size, window, steps=2):
+def window_offsets(size, window, steps=2, multiple=1):
     """Offsets of `steps` windows of `window` pixels along an image axis of `size` pixels: evenly spaced from
     0 to size - window (stride (size - window) / (steps - 1), rounded half up; a repeated offset counts once).
-    UserError unless they cover every pixel."""
+    UserError unless they cover every pixel and, for a network whose down-sampling grid has cells of `multiple`
+    pixels (Denoiser.size_multiple), the window and its offsets lie on that grid (multiples of it), so that no
+    crop needs padding (grid_windows lists the sizes that do)."""
     check(1 <= window <= size, f"a window must have 1 to {size} pixels (the image size), got {window}")
     check(steps >= 1, f"need at least one window position per axis, got {steps}")
-    offsets = sorted({(2 * k * (size - window) + steps - 1) // (2 * (steps - 1)) for k in range(steps)}
-                     if steps > 1 else {0})
+    offsets = _evenly_spaced(size, window, steps)
     needed = 1 + -(-(size - window) // window)                        # 1 + ceil((size - window) / window)
     check(offsets[-1] + window >= size and all(b - a <= window for a, b in zip(offsets, offsets[1:])),
           f"{steps} window position(s) per axis leave pixels of a {size}-pixel image outside every window of "
           f"{window} pixels: give at least {needed} positions per axis, or a larger window")
+    if window % multiple or any(o % multiple for o in offsets):
+        on_grid = ", ".join(map(str, grid_windows(size, multiple, steps))) or "none"
+        raise UserError(f"a window of {window} pixels at offsets {', '.join(map(str, offsets))} is off the network's "
+                        f"{multiple}-pixel down-sampling grid; on it, with {steps} position(s) per axis of a "
+                        f"{size}-pixel image: {on_grid} pixels")
     return offsets
 
 
-def window_weights(shape, window, steps=2, mode="average"):
+def _evenly_spaced(size, window, steps):
+    """The offsets of window_offsets, unchecked."""
+    return sorted({(2 * k * (size - window) + steps - 1) // (2 * (steps - 1)) for k in range(steps)}
+                  if steps > 1 else {0})
+
+
+def grid_windows(size, multiple, steps=2):
+    """Window sizes below `size` whose `steps` evenly spaced offsets per axis (window_offsets) lie on a
+    down-sampling grid of `multiple` pixels and cover the image: the windows a network with that size_multiple
+    sees without padding (the U-Net presets: multiple 4, so with 2 positions 8 and 12 of 16 pixels and 16, 20, 24
+    and 28 of 32)."""
+    fits = []
+    for window in range(multiple, size, multiple):
+        offsets = _evenly_spaced(size, window, steps)
+        if (all(o % multiple == 0 for o in offsets) and offsets[-1] + window >= size
+                and all(b - a <= window for a, b in zip(offsets, offsets[1:]))):
+            fits.append(window)
+    return fits
+
+
+def window_weights(shape, window, steps=2, mode="average", multiple=1):
     """Where each window sits and what share of each pixel it gives: the windows' corners [(top, left)], row by
     row, and weights (P, H, W) that sum to 1 at every pixel. "average": the windows that contain a pixel share
-    it equally; "cut": it is taken whole from the window whose centre is nearest in L1 distance (the first, in
-    corner order, on ties)."""
+    it equally; "cut": it is taken whole from the window whose integer centre, ((top + bottom) // 2,
+    (left + right) // 2) with bottom = top + window and right = left + window (past the window's last pixel), is
+    nearest in L1 distance (the first, in corner order, on ties). window_offsets checks the windows (and the
+    grid of `multiple` pixels)."""
     check(mode in WINDOW_MODES, f"window mode must be one of {', '.join(WINDOW_MODES)}, got {mode!r}")
     H, W = shape
-    corners = [(t, l) for t in window_offsets(H, window, steps) for l in window_offsets(W, window, steps)]
+    corners = [(t, l) for t in window_offsets(H, window, steps, multiple)
+               for l in window_offsets(W, window, steps, multiple)]
     rows, cols = torch.arange(H, dtype=torch.float64), torch.arange(W, dtype=torch.float64)
     inside = torch.stack([((rows >= t) & (rows < t + window))[:, None] & ((cols >= l) & (cols < l + window))
                           for t, l in corners])                        # (P, H, W)
     if mode == "cut":
-        centre = (window - 1) / 2
-        dist = torch.stack([(rows - t - centre).abs()[:, None] + (cols - l - centre).abs() for t, l in corners])
+        centre = lambda start: (start + start + window) // 2  # noqa: E731  (top + bottom) // 2
+        dist = torch.stack([(rows - centre(t)).abs()[:, None] + (cols - centre(l)).abs() for t, l in corners])
         owner = dist.masked_fill(~inside, math.inf).argmin(0)          # first on ties
         inside = owner == torch.arange(len(corners))[:, None, None]
     weights = inside.double()
@@ -444,10 +502,9 @@ def windowed_denoiser(denoise, window, steps=2, mode="average", multiple=1):
     sigma, labels=None); each crop keeps its image's sigma and label, and each call of D gets the crops of one
     window position (B of them), so memory stays that of the whole-image call. A window of the whole image
     gives D itself. For a network whose down-sampling needs sides that are multiples of `multiple`
-    (Denoiser.size_multiple), each crop is padded by reflection (of its own pixels: D still sees nothing
-    outside the window) on the top and left by its offset mod multiple, so that it keeps its place on the
-    down-sampling grid that it had in the whole image, and on the bottom and right to the next multiple; the
-    prediction is cropped back."""
+    (Denoiser.size_multiple), only windows on that grid are accepted (window_offsets: the size and every offset
+    multiples of it, as the paper's windows are), so every crop goes in as it is, in the place on the grid that it
+    had in the whole image, and nothing is padded."""
     return _windowed(lambda top, left: denoise, window, steps, mode, multiple)
 
 
@@ -468,23 +525,17 @@ def windowed_optimal_denoiser(data, window, data_labels=None, steps=2, mode="ave
 
 def _windowed(denoiser_at, window, steps, mode, multiple=1):
     """The windowed denoiser of windowed_denoiser, with denoiser_at(top, left) the denoiser of each window."""
-    check(window >= 1 and window >= multiple, f"windows must have at least {max(multiple, 1)} pixels a side"
-          f"{' for this network' if multiple > 1 else ''}, got {window}")
+    check(window >= 1, f"windows must have at least 1 pixel a side, got {window}")
     check(mode in WINDOW_MODES, f"window mode must be one of {', '.join(WINDOW_MODES)}, got {mode!r}")
 
     def denoise(x, sigma, labels=None):
-        corners, weights = window_weights(tuple(x.shape[-2:]), window, steps, mode)
+        corners, weights = window_weights(tuple(x.shape[-2:]), window, steps, mode, multiple)
         out = None
         for (top, left), a in zip(corners, weights):                    # float64 on the CPU (MPS has no float64)
             a = a[top:top + window, left:left + window]
             if not bool(a.any()):                                       # "cut": a window that owns no pixel
                 continue
-            pad_t, pad_l = top % multiple, left % multiple               # the crop's place on the grid
-            pad_b, pad_r = -(pad_t + window) % multiple, -(pad_l + window) % multiple
-            crop = x[..., top:top + window, left:left + window]
-            if pad_t or pad_l or pad_b or pad_r:
-                crop = F.pad(crop, (pad_l, pad_r, pad_t, pad_b), mode="reflect")
-            den = denoiser_at(top, left)(crop, sigma, labels)[..., pad_t:pad_t + window, pad_l:pad_l + window]
+            den = denoiser_at(top, left)(x[..., top:top + window, left:left + window], sigma, labels)
             out = torch.zeros(x.shape, dtype=den.dtype, device=den.device) if out is None else out
             out[..., top:top + window, left:left + window] += a.to(den.dtype).to(den.device) * den
         return out
@@ -624,29 +675,33 @@ def peak_index(gap):
     return np.where(np.isfinite(gap), gap, -np.inf).argmax(axis=-1)
 
 
-def correlation_radius(denoise, x, sigma, labels=None, pixels=64, seed=0, batch_size=256):
-    """How far D looks: per image, the mean over output pixels p of the correlation radius
-    r_p = sum_q |p - q| J_pq / sum_q J_pq, J_pq = sum_{c, c'} |dD(x)_{c,p} / dx_{c',q}| (channels c of p and c'
-    of q), |p - q| the Euclidean distance of the pixel positions, in pixels. p runs over `pixels` positions
-    drawn by choose_subset(H W, pixels, seed), the same for every image (all of them when pixels >= H W).
+def correlation_radius(denoise, x, sigma, labels=None, pixels=None, seed=0, batch_size=256):
+    """How far D looks (the authors' measure): per image, the mean over output pixels p and channels c of the
+    correlation radius r_pc = sum_q |p - q| J_pq / sum_q J_pq of the channel-diagonal block of the input Jacobian,
+    J_pq = |dD(x)_{c,p} / dx_{c,q}| (input and output in the same channel c; the other channels' entries do not
+    count), |p - q| the Euclidean distance of the pixel positions, in pixels, q over all pixels. p runs over all
+    H W pixels (pixels None or >= H W) or over `pixels` positions drawn by choose_subset(H W, pixels, seed), the
+    same for every image.
 
     The rows J_p come from vector-Jacobian products with one-hot cotangents, one per (output pixel, channel),
     up to batch_size (image, cotangent) rows per backward pass; nothing larger than one pass's gradients is
     kept. denoise(x, sigma (B,), labels) must be differentiable torch code that treats images independently
     (as the networks and their common.network_denoiser wrapper do). x (B, C, H, W), sigma float or (B,)
-    -> float64 (B,); a pixel whose row is all 0 (an output that does not depend on x) is left out of the mean.
+    -> float64 (B,); a (pixel, channel) whose row is all 0 (an output that does not depend on its channel of x)
+    is left out of the mean.
     """
     check(x.ndim == 4, f"x must be images (B, C, H, W), got shape {tuple(x.shape)}")
-    check(pixels >= 1 and batch_size >= 1, f"pixels and batch_size must be positive, got {pixels}, {batch_size}")
+    check((pixels is None or pixels >= 1) and batch_size >= 1,
+          f"pixels and batch_size must be positive, got {pixels}, {batch_size}")
     B, C, H, W = x.shape
     per_pass = max(1, min(B, batch_size))                                            # images per forward pass
     with torch.inference_mode(False), torch.enable_grad():  # tensors made here are normal, even in inference mode
-        where = torch.as_tensor(choose_subset(H * W, min(pixels, H * W), seed), device=x.device)  # (P,) positions
+        chosen = H * W if pixels is None else min(pixels, H * W)
+        where = torch.as_tensor(choose_subset(H * W, chosen, seed), device=x.device)  # (P,) positions
         pos = torch.stack(torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij"), -1).reshape(-1, 2)
         dist = torch.cdist(pos.to(x.device)[where].double(), pos.to(x.device).double())  # (P, H W)
-        P, K = len(where), len(where) * C                                              # cotangent k: pixel k // C
-        num = torch.zeros(B, P, dtype=torch.float64, device=x.device)                  # sum_q |p - q| J_pq
-        den = torch.zeros(B, P, dtype=torch.float64, device=x.device)                  # sum_q J_pq
+        P, K = len(where), len(where) * C                              # cotangent k: pixel k // C, channel k % C
+        radius = torch.full((B, K), torch.nan, dtype=torch.float64, device=x.device)    # r_pc per image
         sig = _per_query(sigma, x, "sigma").expand(B).clone()
         for i in range(0, B, per_pass):
             xi = x[i:i + per_pass].clone().requires_grad_(True)
@@ -658,15 +713,15 @@ def correlation_radius(denoise, x, sigma, labels=None, pixels=64, seed=0, batch_
             chunk = max(1, batch_size // len(xi))                                      # cotangents per pass
             for k0 in range(0, K, chunk):
                 k = torch.arange(k0, min(k0 + chunk, K), device=x.device)
-                p = k // C
+                p, c, rows = k // C, k % C, torch.arange(len(k), device=x.device)
                 v = torch.zeros(len(k), len(xi), C, H * W, dtype=out.dtype, device=x.device)
-                v[torch.arange(len(k), device=x.device), :, k % C, where[p]] = 1       # one-hot at (c, p)
+                v[rows, :, c, where[p]] = 1                                            # one-hot at (c, p)
                 grad, = torch.autograd.grad(out, xi, v.view(len(k), *out.shape), retain_graph=k0 + chunk < K,
                                             is_grads_batched=True)
-                J = grad.abs().sum(2).flatten(2).double()                              # (k, b, H W): J_pq per c
-                num[i:i + per_pass].index_add_(1, p, (J * dist[p, None]).sum(-1).T)
-                den[i:i + per_pass].index_add_(1, p, J.sum(-1).T)
-        return torch.where(den > 0, num / den, torch.nan).nanmean(1).cpu()
+                J = grad.flatten(3)[rows, :, c].abs().double()                         # (k, b, H W): channel c only
+                num, den = (J * dist[p, None]).sum(-1), J.sum(-1)                       # (k, b)
+                radius[i:i + per_pass, k0:k0 + len(k)] = torch.where(den > 0, num / den, torch.nan).T
+        return radius.nanmean(1).cpu()
 
 
 # ---------------------------------------------------------------------------
@@ -961,8 +1016,7 @@ class UNet(nn.Module):
         (zeros) -> F (B, C, H, W)."""
         m = self.size_multiple
         check(x.shape[-2] % m == 0 and x.shape[-1] % m == 0, f"this U-Net takes images whose sides are "
-              f"multiples of {m} ({m}, {2 * m}, {3 * m}, ...), got {x.shape[-2]}x{x.shape[-1]} (windowed_denoiser "
-              "pads windows to them)")
+              f"multiples of {m} ({m}, {2 * m}, {3 * m}, ...), got {x.shape[-2]}x{x.shape[-1]}")
         emb = noise_embedding(c_noise, self.conv_in.out_channels)  # (B, channels)
         if self.label_embed is not None:
             emb = emb + self.label_embed(labels)
@@ -1127,7 +1181,8 @@ class Denoiser(nn.Module):
 def build_network(model, size="tiny", img_resolution=32, img_channels=1, num_classes=0, channels=None,
                   blocks=None, dropout=None, patch=None, sigma_data=SIGMA_DATA, augment_dim=0):
     """EDM-preconditioned U-Net or DiT from a named preset with optional overrides; augment_dim > 0 adds the
-    conditioning on augmentation parameters (AUGMENT_DIM; 0 in snapshots written before it existed).
+    conditioning on augmentation parameters (AUGMENT_DIM; 0 in snapshots written before it existed, 6 in those of
+    the earlier, lighter augmentation, which still build, load and sample with zero parameters).
     build_network(**denoiser.config) rebuilds the same architecture."""
     check(model in NETWORK_PRESETS, f"unknown model {model!r}: choose one of {', '.join(NETWORK_PRESETS)}")
     check(size in NETWORK_PRESETS[model],

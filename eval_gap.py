@@ -7,7 +7,8 @@ snapshots of a run or for the optimal denoiser of a training subset (docs/method
   python eval_gap.py --optimal --data fashion-mnist --n 64 --resolution 16   # the memorizing reference
   python eval_gap.py runs/RUN --guidance-weights 0 0.5 1 2 --neg uncond      # classifier-free guidance
   python eval_gap.py runs/RUN --guidance-weights 0 1 --neg runs/SMALL/snapshot-000100000.pt  # autoguidance
-  python eval_gap.py runs/RUN --windows 8 10 12 14 --optimal  # the denoisers see only windows of the noisy image
+  python eval_gap.py runs/RUN --windows 8 12 --optimal  # the denoisers see only windows of the noisy image
+  python eval_gap.py runs/RUN/snapshot-LAST.pt --jacobian  # how far D looks: the correlation radius
   torchrun --nproc_per_node=K eval_gap.py runs/RUN     # the images are sharded over K processes
 
 Splits: a snapshot's training subset (all of it when n <= --num-images, else a seeded sample)
@@ -29,10 +30,13 @@ is exactly 0 at small sigma, where its relative gap is inf. With --features: fea
 fd_train, fd_val, feature_gap (C, K) (and *_optimal), feature_space (which features); both splits' Frechet distances use equally
 many images (the first min(n, --num-images) of each), since the distance's bias grows as 1/count;
 reconstructions and clean images are quantized to 8 bits before the features (as FID tools do).
-With --jacobian-sigmas: jacobian_sigmas (J,), radius_train, radius_val (C, J) = the correlation radius of
-D(y + sigma n) in pixels (common.correlation_radius: how far each output pixel looks into the input), averaged
-over --jacobian-pixels seeded output pixels (seed --seed) and the first --jacobian-images images of each split,
-with the same fixed noise as E; snapshots only (the optimal denoiser's streaming code has no gradients).
+With --jacobian (or --jacobian-sigmas): jacobian_sigmas (J,), radius_train, radius_val (C, J) = the correlation
+radius of D(y + sigma n) in pixels (common.correlation_radius: how far each output pixel looks into its channel of
+the input, from the channel-diagonal blocks of the Jacobian), averaged over all output pixels (or
+--jacobian-pixels seeded ones) and channels and the first --jacobian-images images of each split, with fresh noise
+at each sigma (radius_noise); the defaults are the authors' settings: 16 sigmas log-spaced in [2e-3, 80], 32
+images per split, all pixels; they evaluate the last snapshot (pass it alone). Snapshots only (the optimal
+denoiser's streaming code has no gradients).
 With --guidance-weights every per-model array gains a leading axis (G, ...) and guidance_weights
 (G,) is stored; --neg uncond needs class-conditional models. With --windows (restricted receptive field,
 docs/method.md) every model, its guidance negative included, sees only windows of the noisy image:
@@ -42,10 +46,11 @@ the mean over the windows that hold it; cut: the window whose centre is nearest)
 and windows (W,) holds the window sizes in pixels, smallest first, the whole image R last (its rows are the
 unrestricted ones). The optimal denoiser is then the windowed one whose data are the training images
 cropped to the same window (common.windowed_optimal_denoiser). --features works per window as well. U-Nets
-take any window of at least 2^(levels - 1) pixels: each crop is padded by reflection of its own pixels so that
-it keeps its place on the network's down-sampling grid and its sides become multiples of 2^(levels - 1), and
-the prediction is cropped back (common.windowed_denoiser); DiTs are refused, since their position embeddings
-are fixed to the whole image.
+take only windows on their down-sampling grid, as the paper's: the window size and every offset a multiple of
+2^(levels - 1) (4 for every preset: 8 and 12 of 16x16 images, 16, 20, 24 and 28 of 32x32, with 2 positions), so
+that each crop goes in unpadded, in the place on the grid it had in the whole image (common.window_offsets,
+common.grid_windows); the optimal denoiser alone takes any window. DiTs are refused, since their position
+embeddings are fixed to the whole image.
 --out is rewritten after every evaluated model, and rows already in it computed with the same settings
 (of an earlier or a killed run) are reused unless --force; an --out that eval_gap.py did not write
 (another script's result, a foreign file) is not replaced unless --force.
@@ -71,10 +76,15 @@ SETTINGS = ("num_images", "seed", "guidance_weights", "neg", "features", "featur
 # ... and, only when their option is given (so that earlier files keep their rows), these
 OPTIONAL_SETTINGS = {"windows": ("windows", "window_steps", "window_mode"),
                      "jacobian_sigmas": ("jacobian_sigmas", "jacobian_images", "jacobian_pixels")}
+# ... with how those rows are computed, so that rows of files written before (windows padded off the grid and the
+# cut centre (w - 1) / 2; the radius over all channel pairs, on the fixed noise of E) are recomputed
+RULES = {"windows": "on the grid, unpadded; cut: nearest (top + bottom) // 2",
+         "jacobian_sigmas": "channel-diagonal blocks, all pixels q; fresh noise per sigma"}
+JACOBIAN_SIGMAS = 16  # the authors' radius: 16 sigmas log-spaced in [2e-3, 80]
 ROW_KEYS = ("e_train", "e_val", "peak_gap_ci", "fd_train", "fd_val", "radius_train", "radius_val")
 
 # this process's shard; count: images of all processes; fd: the shard's images in the Frechet subset
-Split = collections.namedtuple("Split", "y noise labels count fd")
+Split = collections.namedtuple("Split", "y noise labels count fd index")  # index: dataset indices (CPU)
 
 
 def parse_args(argv=None):
@@ -99,23 +109,28 @@ def parse_args(argv=None):
                    "'classifier', 'builtin' or an Inception TorchScript file (common.load_feature_extractor)")
     p.add_argument("--feature-sigmas", nargs="+", default=["0.25", "0.5", "1", "2", "4"],
                    help="noise levels of the feature-space reconstruction gap, or 'all' (every evaluated sigma)")
+    p.add_argument("--jacobian", action="store_true",
+                   help="also the correlation radius of D (how far an output pixel looks into its channel, from "
+                        "the channel-diagonal blocks of the input Jacobian) for the snapshots, at the authors' "
+                        f"settings: {JACOBIAN_SIGMAS} sigmas log-spaced in [2e-3, 80], 32 images per split, all "
+                        "pixels, fresh noise at each sigma")
     p.add_argument("--jacobian-sigmas", type=common.positive_float, nargs="+", default=None,
-                   help="also the correlation radius of D (how far an output pixel looks, from the input Jacobian) "
-                        "at these noise levels, for the snapshots (default: off)")
-    p.add_argument("--jacobian-images", type=common.positive_int, default=16,
-                   help="--jacobian-sigmas: images per split (the first of the evaluation images)")
-    p.add_argument("--jacobian-pixels", type=common.positive_int, default=64,
-                   help="--jacobian-sigmas: output pixels per image (a sample seeded by --seed; all when larger)")
+                   help="the radius at these noise levels instead (implies --jacobian)")
+    p.add_argument("--jacobian-images", type=common.positive_int, default=32,
+                   help="--jacobian: images per split (the first of the evaluation images)")
+    p.add_argument("--jacobian-pixels", type=common.positive_int, default=None,
+                   help="--jacobian: output pixels per image (default: all; fewer: a sample seeded by --seed)")
     p.add_argument("--windows", type=common.positive_int, nargs="+", default=None, metavar="PIXELS",
                    help="restricted receptive field: also evaluate every model seeing only windows of these sizes "
-                        "(each smaller than the image; the whole image is added as the last entry); adds a "
-                        "leading window axis to the outputs; works with --guidance-weights and --features, "
-                        "refuses DiT runs")
+                        "(each smaller than the image and, for U-Nets, on their down-sampling grid: 8 12 at 16x16, "
+                        "16 20 24 28 at 32x32; the whole image is added as the last entry); adds a leading window "
+                        "axis to the outputs; works with --guidance-weights and --features, refuses DiT runs")
     p.add_argument("--window-steps", type=common.positive_int, default=2,
                    help="window positions per axis, evenly spaced from edge to edge (with --windows)")
     p.add_argument("--window-mode", choices=common.WINDOW_MODES, default="average",
                    help="how the windows' predictions are merged per pixel: average over the windows that hold "
-                        "the pixel, or cut: take it from the window whose centre is nearest (with --windows)")
+                        "the pixel, or cut: take it from the window whose integer centre (top + bottom) // 2 is "
+                        "nearest (with --windows)")
     p.add_argument("--bootstrap", type=common.positive_int, default=1000,
                    help="bootstrap resamples of the evaluation images for the interval of the peak of G")
     p.add_argument("--allow-mixed", action="store_true", help="accept snapshots of different runs")
@@ -131,8 +146,10 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     check(args.snapshots or args.optimal, "nothing to evaluate: give run folders or snapshot files, "
                                           "and/or --optimal (see --help)")
-    check(args.snapshots or not args.jacobian_sigmas, "--jacobian-sigmas needs snapshots: the optimal denoiser "
-                                                      "has no correlation radius here (its code has no gradients)")
+    check(args.snapshots or not (args.jacobian or args.jacobian_sigmas), "--jacobian needs snapshots: the optimal "
+          "denoiser has no correlation radius here (its code has no gradients)")
+    if args.jacobian and not args.jacobian_sigmas:
+        args.jacobian_sigmas = common.log_sigmas(JACOBIAN_SIGMAS).tolist()
     args.jacobian_sigmas = sorted(args.jacobian_sigmas) if args.jacobian_sigmas else None
     if args.feature_sigmas == ["all"]:
         args.feature_sigmas = "all"
@@ -257,7 +274,8 @@ def eval_splits(source, num_images, seed, rank=0, world=1, device="cpu"):
     def split(y, indices, c, count):
         noise = common.image_noise(indices, shape, seed)
         c = None if c is None else torch.as_tensor(np.asarray(c), dtype=torch.long).to(device)
-        return Split(y.to(device), noise.to(device), c, count, leading(fd_count, len(y), rank, world, device))
+        return Split(y.to(device), noise.to(device), c, count, leading(fd_count, len(y), rank, world, device),
+                     torch.as_tensor(np.asarray(indices), dtype=torch.int64))
     return (split(y_train, subset[pos], train_labels, n_train),
             split(y_val, len(train_images) + val_index, val_labels, n_val))
 
@@ -278,8 +296,8 @@ def optimal_models(source, device, windows=(None,), steps=2, mode="average"):
 
 def network_models(net, device, windows=(None,), steps=2, mode="average", forward_mode="auto"):
     """A network (common.Denoiser) for inference (common.network_denoiser in --forward-mode `forward_mode`),
-    seen through windows of each size (common.windowed_denoiser, each crop padded to the network's
-    size_multiple; None: the whole image)."""
+    seen through windows of each size (common.windowed_denoiser, on the grid of the network's size_multiple;
+    None: the whole image)."""
     denoise = common.network_denoiser(net, device, forward_mode)
     return [denoise if w is None else common.windowed_denoiser(denoise, w, steps, mode, net.size_multiple)
             for w in windows]
@@ -287,24 +305,35 @@ def network_models(net, device, windows=(None,), steps=2, mode="average", forwar
 
 def window_sizes(windows, steps, models):
     """The window axis of --windows: its sizes, smallest first, then the whole image R. UserError unless the
-    models, given as (name, kind: 'unet', 'dit' or 'optimal', resolution), make images of one size R, the
-    windows are smaller than R and `steps` positions per axis cover the image, and no model is a DiT (its
+    models, given as (name, network config; for the optimal denoiser {"model": "optimal", "img_resolution": R}),
+    make images of one size R, the windows are smaller than R, `steps` positions per axis cover the image, each
+    window and offset lies on every U-Net's down-sampling grid (common.window_offsets), and no model is a DiT (its
     position embeddings are fixed to the whole image)."""
-    sizes = sorted({res for _, _, res in models})
+    sizes = sorted({config["img_resolution"] for _, config in models})
     check(len(sizes) == 1, f"--windows needs models of one image size, got {', '.join(map(str, sizes))} pixels")
     R = sizes[0]
-    for name, kind, _ in models:
-        check(kind != "dit", f"--windows needs convolutional denoisers, but {name} is a DiT, whose position "
-              f"embeddings are fixed to the whole {R}x{R} image: evaluate U-Net runs or the optimal denoiser")
+    for name, config in models:
+        check(config["model"] != "dit", f"--windows needs convolutional denoisers, but {name} is a DiT, whose "
+              f"position embeddings are fixed to the whole {R}x{R} image: evaluate U-Net runs or the optimal denoiser")
     too_big = [w for w in windows if w >= R]
     check(not too_big, f"--windows must be smaller than the {R}x{R} images (the whole image is always evaluated, "
           f"as the last entry), got {', '.join(map(str, too_big))}")
     for w in windows:
-        try:
-            common.window_offsets(R, w, steps)
-        except common.UserError as err:
-            raise common.UserError(f"--windows {w} with --window-steps {steps}: {err}") from None
+        for name, config in models:
+            unet = config["model"] == "unet"
+            try:
+                common.window_offsets(R, w, steps, grid_multiple(config) if unet else 1)
+            except common.UserError as err:
+                whose = f" for {name} (U-Net {config['size']} at {R}x{R})" if unet else ""
+                raise common.UserError(f"--windows {w} with --window-steps {steps}{whose}: {err}") from None
     return sorted(set(windows)) + [R]
+
+
+def grid_multiple(network):
+    """The cell of a network config's down-sampling grid in pixels (common.Denoiser.size_multiple), from the
+    network built without memory."""
+    with torch.device("meta"):
+        return common.build_network(**network).size_multiple
 
 
 def counted(denoise, bar):
@@ -367,21 +396,31 @@ def feature_distances(denoise, neg, split, clean, extractor, feature_sigmas, wei
     return out
 
 
+def radius_noise(index, shape, seed, j):
+    """The fresh noise of the correlation radius at its j-th sigma (the authors draw new noise at each sigma): one
+    N(0, I) draw per image from a generator seeded by numpy's SeedSequence((seed, j + 1, dataset index)), so a
+    stream of its own for every image and sigma, apart from the fixed draw of E(sigma) (common.image_noise), and
+    the same for every snapshot and guidance weight: (len(index), *shape)."""
+    seeds = [int(np.random.SeedSequence((seed, j + 1, int(i))).generate_state(1)[0]) for i in index]
+    return torch.stack([torch.randn(tuple(shape), generator=torch.Generator().manual_seed(s)) for s in seeds])
+
+
 def split_radius(denoise, neg, split, sigmas, weights, images, pixels, seed, batch, rank=0, world=1, device="cpu",
                  bar=None):
-    """Correlation radius of D(y + sigma n) in pixels (common.correlation_radius; `pixels` output pixels seeded by
-    `seed`), averaged over the first `images` images of a split (of all processes), per weight and sigma: (G, J)."""
+    """Correlation radius of D(y + sigma n) in pixels (common.correlation_radius over all output pixels, or
+    `pixels` seeded by `seed`), n fresh at each sigma (radius_noise), averaged over the first `images` images of a
+    split (of all processes), per weight and sigma: (G, J)."""
     first = leading(images, len(split.y), rank, world, device)
-    y, noise = split.y[first], split.noise[first]
+    y, index = split.y[first], split.index[first.cpu()]
     labels = None if split.labels is None else split.labels[first]
     totals = torch.zeros(len(weights), len(sigmas), dtype=torch.float64)
-    for g, w in enumerate(weights):
-        model = common.guided_denoiser(denoise, neg, w)
-        for j, sigma in enumerate(sigmas):
-            totals[g, j] = common.correlation_radius(model, y + sigma * noise, sigma, labels, pixels, seed,
-                                                     batch).sum()
+    for j, sigma in enumerate(sigmas):
+        x = y + sigma * radius_noise(index, y.shape[1:], seed, j).to(y.device, y.dtype)
+        for g, w in enumerate(weights):
+            model = common.guided_denoiser(denoise, neg, w)
+            totals[g, j] = common.correlation_radius(model, x, sigma, labels, pixels, seed, batch).sum()
             if bar is not None:  # one vector-Jacobian product per image, output pixel and channel
-                bar.update(len(first) * min(pixels, y[0, 0].numel()) * y.shape[1])
+                bar.update(len(first) * min(pixels or y[0, 0].numel(), y[0, 0].numel()) * y.shape[1])
     return (all_sum(totals, world, device) / min(images, split.count)).numpy()
 
 
@@ -392,7 +431,7 @@ class Evaluator:
     each window (None: the model itself with the null label, common.negative_denoiser)."""
 
     def __init__(self, sigmas, weights, negs, num_images, seed, batch, extractor=None, feature_sigmas=(), rank=0,
-                 world=1, device="cpu", bar=None, jacobian_sigmas=(), jacobian_images=16, jacobian_pixels=64,
+                 world=1, device="cpu", bar=None, jacobian_sigmas=(), jacobian_images=32, jacobian_pixels=None,
                  n_boot=1000):
         self.sigmas, self.weights, self.negs, self.num_images, self.seed, self.batch = (sigmas, weights, negs,
                                                                                         num_images, seed, batch)
@@ -446,6 +485,7 @@ def eval_settings(args, sigmas, neg_digest):
     optional = [key for option, keys in OPTIONAL_SETTINGS.items() if getattr(args, option) for key in keys]
     settings = {key: getattr(args, key) for key in SETTINGS + tuple(optional)}
     settings.update(sigmas=[float(s) for s in sigmas], neg=neg_digest)
+    settings.update({f"{option}_rule": rule for option, rule in RULES.items() if getattr(args, option)})
     return json.loads(json.dumps(settings))
 
 
@@ -565,11 +605,11 @@ def evaluate(args, rank, world, device):
         neg, neg_digest = negative_model(args.neg, args.weights, args.guidance_weights, made, device)
     windowed = args.windows is not None
     if windowed:
-        kinds = [(s["path"], s["network"]["model"], s["network"]["img_resolution"]) for s in snapshots]
+        kinds = [(s["path"], s["network"]) for s in snapshots]
         if opt_source is not None:
-            kinds.append(("the optimal denoiser", "optimal", opt_source.resolution))
+            kinds.append(("the optimal denoiser", dict(model="optimal", img_resolution=opt_source.resolution)))
         if neg is not None:
-            kinds.append((f"--neg {args.neg}", neg.config["model"], neg.config["img_resolution"]))
+            kinds.append((f"--neg {args.neg}", neg.config))
         args.windows = window_sizes(args.windows, args.window_steps, kinds)
     restrictions = args.windows[:-1] + [None] if windowed else [None]  # window sizes; None: the whole image
     negs = ([None] * len(restrictions) if neg is None
@@ -602,7 +642,7 @@ def evaluate(args, rank, world, device):
             C, H, W = source.image_shape
             images = sum(len(range(rank, min(n, args.jacobian_images), world)) for n in counts)
             total += (len(restrictions) * len(weights) * len(args.jacobian_sigmas) * images
-                      * min(args.jacobian_pixels, H * W) * C)
+                      * min(args.jacobian_pixels or H * W, H * W) * C)
     say(f"{len(snapshots)} snapshot(s){' + the optimal denoiser' if opt_source is not None else ''}: "
         f"{len(models) - len(todo)} reused from {out_path}, {len(todo)} to evaluate on {device}"
         f"{f' ({world} processes)' if world > 1 else ''}")

@@ -6,19 +6,26 @@
 # Fashion-MNIST (built in) at 32x32. Stages, each in OUT:
 #   1. grid: U-Net sizes --sizes crossed with training set sizes --ns, unconditional, --images images
 #      each (1M: 3,900 steps of batch 256), 8 log-spaced snapshots; two k-means conditioned runs
-#      (size s, n 1024, k 10 and 100, label dropout 0.1 for the null label); per run, after training:
-#      eval_gap (64 sigmas, 2,048 images per split; the conditioned runs' last snapshot at guidance
-#      w = 0, 1, 2) and sample_memorize (1,024 samples per snapshot, the trajectory measures). Runs are independent:
-#      --jobs of them share the GPU at once (small networks leave most of it idle).
-#   2. receptive field and long-range dependence on one run (size m, the smallest n): eval_gap with
-#      windows of 16, 20, 24, 28 pixels and the Jacobian correlation radius.
-#   3. figures.py OUT -> OUT/figures, and the time of every stage in OUT/gpu.log.
+#      (size s, n 1024, k 10 and 100, label dropout 0.1 for the null label) and their guidance negative,
+#      an unconditional run of the same size and n trained 10x shorter (the paper's CFG negative: 20M of 200M
+#      images); per run, after training: eval_gap (64 sigmas, 2,048 images per split; the conditioned runs' last
+#      snapshot guided by the null label at w = 0, 0.2, ..., 2) and sample_memorize (1,024 samples per snapshot,
+#      the trajectory measures). Runs are independent: --jobs of them share the GPU at once (small networks
+#      leave most of it idle).
+#   2. guidance with the weaker negative: the conditioned runs' last snapshot guided by the short unconditional
+#      run at the same weights, beside the null-label variant of stage 1.
+#   3. receptive field and long-range dependence on the last snapshot of one run (size m, the smallest n):
+#      eval_gap with windows of 16, 20, 24, 28 pixels (on the U-Net's 4-pixel grid, unpadded) and the Jacobian
+#      correlation radius at the authors' settings (16 sigmas in [2e-3, 80], 32 images per split, all pixels).
+#   4. figures.py OUT -> OUT/figures, and the time of every stage in OUT/gpu.log.
 # Planned time, from rates measured on one H200 (torch 2.11, bf16, batch 256, eager): training 1M images
 # takes 3.5 min for s (4,829 img/s), 5.5 min for m (3,040), about 2.5 for xs: 42 min for the eleven runs
-# one after another; eval_gap at about 9,200 image-sigmas/s for m (28 s per snapshot): about 25 min for the
-# runs' 8 snapshots; windows and Jacobian about 10 min. About 80 minutes one job at a time at eager rates;
-# the compiled default and 4 jobs sharing the GPU should bring it to about an hour. Unmeasured end to end on
-# a GPU so far: the log's stage times are the measurement.
+# one after another (the short negative adds 0.4); eval_gap at about 9,200 image-sigmas/s for m (28 s per
+# snapshot): about 25 min for the runs' 8 snapshots; the 11 guidance weights cost about 2 forward passes each,
+# about 5 min per guided evaluation of an s snapshot, 20 min for the four; windows about 5 min; the Jacobian
+# radius at the authors' settings (1,024 vector-Jacobian products per image, 32 images x 2 splits x 16 sigmas)
+# roughly 6 min. About 100 minutes one job at a time at eager rates; the compiled default and 4 jobs sharing the
+# GPU should bring it to about 70. Unmeasured end to end on a GPU so far: the log's stage times are the measurement.
 #
 # Options: --device DEV (cuda), --tiny, --data-dir DIR (or DATA_DIR), --out DIR (results/gpu),
 # --jobs J (4; 2 with --tiny), --sizes, --ns, --images N (images seen per run). A failed run is logged
@@ -40,30 +47,37 @@ done
 if [ "$TINY" = 1 ]; then
     RES=16 BATCH=8 SIZES=${SIZES:-tiny} NS=${NS:-"16 32"} IMAGES=${IMAGES:-160} JOBS=${JOBS:-2} KS=4
     NET=(--channels 8) SNAPSHOTS=log:2 KSIZE=tiny WINDOW_RUN_SIZE=tiny
-    WINDOWS=(8 10 12 14) JACOBIAN=(--jacobian-sigmas 0.5 2 --jacobian-images 4 --jacobian-pixels 8)
+    WINDOWS=(8 12) JACOBIAN=(--jacobian-sigmas 0.5 2 --jacobian-images 4 --jacobian-pixels 8)
     EVAL=(--num-images 8 --num-sigmas 4 --batch 32)
     SAMPLE=(--num-samples 4 --steps 3 --probe-sigmas 1 --fd-subsets 2)
 else
     RES=32 BATCH=256 SIZES=${SIZES:-"xs s m"} NS=${NS:-"256 1024 4096"} IMAGES=${IMAGES:-1000000}
     JOBS=${JOBS:-4} KS="10 100" NET=() SNAPSHOTS=log:8 KSIZE=s WINDOW_RUN_SIZE=m
-    WINDOWS=(16 20 24 28) JACOBIAN=(--jacobian-sigmas 0.05 0.1 0.2 0.5 1 2 5 10 --jacobian-images 64)
+    WINDOWS=(16 20 24 28) JACOBIAN=(--jacobian)  # the authors' settings (eval_gap.py --help)
     EVAL=(--num-images 2048 --num-sigmas 64)
     SAMPLE=(--num-samples 1024)
 fi
 STEPS=$(( (IMAGES + BATCH - 1) / BATCH ))
+NEG_STEPS=$(( (IMAGES / 10 + BATCH - 1) / BATCH ))  # the guidance negative: 10x shorter
+WEIGHTS=(0 0.2 0.4 0.6 0.8 1 1.2 1.4 1.6 1.8 2)       # guidance weights: 0 unguided, then the paper's 0.2 to 2.0
 DATA=(--data fashion-mnist --resolution "$RES")
 [ -n "$DATA_DIR" ] && DATA+=(--data-dir "$DATA_DIR")
 mkdir -p "$OUT/logs"
 LOG=$OUT/gpu.log
 export TQDM_MININTERVAL=${TQDM_MININTERVAL:-30}  # progress bars: a line every 30 s in the logs
 
-run_chain() {  # run_chain NAME GUIDANCE TRAIN_ARGS...: train, then eval_gap and sample_memorize of the run
-    local name=$1 guidance=$2 run=$OUT/runs/$1
+last_snapshot() { ls "$1"/snapshot-*.pt 2>/dev/null | tail -n 1 || true; }
+
+run_chain() {  # run_chain NAME plain|guided|negative TRAIN_ARGS...: train, then eval_gap and sample_memorize
+    local name=$1 kind=$2 run=$OUT/runs/$1 steps=$STEPS
     shift 2
-    $PY train_image.py "${DATA[@]}" --model unet "$@" "${NET[@]}" --steps "$STEPS" --batch "$BATCH" \
+    [ "$kind" = negative ] && steps=$NEG_STEPS
+    $PY train_image.py "${DATA[@]}" --model unet "$@" "${NET[@]}" --steps "$steps" --batch "$BATCH" \
         --snapshots "$SNAPSHOTS" --eval-every "$IMAGES" --device "$DEVICE" --out "$run"
-    if [ "$guidance" = guided ]; then  # the last snapshot: each guidance weight costs two forward passes
-        $PY eval_gap.py "$(ls "$run"/snapshot-*.pt | tail -n 1)" "${EVAL[@]}" --guidance-weights 0 1 2 \
+    if [ "$kind" = negative ]; then  # only a guidance negative (stage 2)
+        return
+    elif [ "$kind" = guided ]; then  # the last snapshot: each guidance weight costs two forward passes
+        $PY eval_gap.py "$(last_snapshot "$run")" "${EVAL[@]}" --guidance-weights "${WEIGHTS[@]}" \
             --neg uncond --device "$DEVICE" --out "$OUT/gap/$name.npz"
     else
         $PY eval_gap.py "$run" "${EVAL[@]}" --device "$DEVICE" --out "$OUT/gap/$name.npz"
@@ -98,6 +112,8 @@ finish_all() { while [ ${#NAME[@]} -gt 0 ]; do finish_one; done; }
         done
     done
     n_cond=$(echo $NS | awk '{print $(NF > 1 ? 2 : 1)}')
+    neg=unet-$KSIZE-n$n_cond-uncond-short
+    start "$neg" run_chain "$neg" negative --size "$KSIZE" --n "$n_cond"
     for k in $KS; do
         start "unet-$KSIZE-n$n_cond-kmeans$k" run_chain "unet-$KSIZE-n$n_cond-kmeans$k" guided --size "$KSIZE" \
             --n "$n_cond" --cond kmeans --k "$k" --label-dropout 0.1
@@ -106,23 +122,39 @@ finish_all() { while [ ${#NAME[@]} -gt 0 ]; do finish_one; done; }
     echo "=== 1. grid: $((SECONDS - start_stage)) s"
 
     start_stage=$SECONDS
+    neg_last=$(last_snapshot "$OUT/runs/$neg")
+    for k in $KS; do
+        name=unet-$KSIZE-n$n_cond-kmeans$k
+        last=$(last_snapshot "$OUT/runs/$name")
+        if [ -n "$neg_last" ] && [ -n "$last" ]; then
+            start "$name-neg-short" $PY eval_gap.py "$last" "${EVAL[@]}" --guidance-weights "${WEIGHTS[@]}" \
+                --neg "$neg_last" --device "$DEVICE" --out "$OUT/gap/$name-neg-short.npz"
+        else
+            echo "=== $name-neg-short: skipped, no snapshot of $name or of $neg"
+            FAILED+=("$name-neg-short")
+        fi
+    done
+    finish_all
+    echo "=== 2. guidance: $((SECONDS - start_stage)) s"
+
+    start_stage=$SECONDS
     window_run=$OUT/runs/unet-$WINDOW_RUN_SIZE-n${NS%% *}
-    last=$(ls "$window_run"/snapshot-*.pt 2>/dev/null | tail -n 1 || true)
+    last=$(last_snapshot "$window_run")
     if [ -n "$last" ]; then
         start windows $PY eval_gap.py "$last" "${EVAL[@]}" --windows "${WINDOWS[@]}" --window-steps 2 \
             --device "$DEVICE" --out "$OUT/gap/windows.npz"
-        start jacobian $PY eval_gap.py "$window_run" "${EVAL[@]}" "${JACOBIAN[@]}" --device "$DEVICE" \
+        start jacobian $PY eval_gap.py "$last" "${EVAL[@]}" "${JACOBIAN[@]}" --device "$DEVICE" \
             --out "$OUT/gap/jacobian.npz"
         finish_all
     else
-        echo "=== 2. windows and jacobian: skipped, no snapshot in $window_run"
+        echo "=== 3. windows and jacobian: skipped, no snapshot in $window_run"
         FAILED+=(windows jacobian)
     fi
-    echo "=== 2. windows and jacobian: $((SECONDS - start_stage)) s"
+    echo "=== 3. windows and jacobian: $((SECONDS - start_stage)) s"
 
     start_stage=$SECONDS
     $PY figures.py "$OUT" --out "$OUT/figures" || FAILED+=(figures)
-    echo "=== 3. figures: $((SECONDS - start_stage)) s"
+    echo "=== 4. figures: $((SECONDS - start_stage)) s"
     echo
     echo "gpu.sh done in $SECONDS s$([ ${#FAILED[@]} = 0 ] || echo "; FAILED: ${FAILED[*]}"): results in $OUT, figures in $OUT/figures, log $LOG"
     [ ${#FAILED[@]} = 0 ]

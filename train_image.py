@@ -74,9 +74,10 @@ def parse_args(argv=None):
                    "x-flip); the network is not told, so the flip leaks into generated images, which is harmless "
                    "for data with that symmetry. --augment-p is the non-leaking augmentation; both may be used")
     p.add_argument("--augment-p", type=common.non_negative_float, default=0.0,
-                   help="non-leaking augmentation (EDM; the paper: 0.12): each training image is flipped, turned "
-                   "by quarter turns, shifted and scaled, each with this probability, and the network gets the "
-                   "parameters as conditioning, zero at sampling (common.augment; 0: off)")
+                   help="non-leaking augmentation (EDM's AugmentPipe; the paper: 0.12): x-flip (with probability 1/2 "
+                   "whenever p > 0), y-flip, isotropic scaling, rotation, anisotropic scaling and translation, each "
+                   "with this probability, and the network gets EDM's 9-value parameter vector as conditioning, "
+                   "zero at sampling (common.augment; 0: off)")
     p.add_argument("--snapshots", default="log:32,every:20000000",
                    help="when to write snapshots, comma-separated: log:K = K log-spaced image counts, "
                    "every:N = every N images; the last step always gets one")
@@ -304,6 +305,10 @@ def train(args, rank, world, device):
         check_same_run(ckpt["args"], vars(args), last_path)
         common.check(ckpt["step"] <= args.steps, f"{last_path} is at step {ckpt['step']}, past --steps "
                                                  f"{args.steps}; pass a larger --steps or another --out")
+        saved_dim = ckpt["network"].get("augment_dim", 0)
+        common.check(saved_dim in (0, common.AUGMENT_DIM), f"{last_path} was trained with the earlier "
+                     f"{saved_dim}-value augmentation; its snapshots still evaluate and sample (with zero augmentation "
+                     "parameters), but training on needs EDM's pipeline: pass --no-resume or another --out")
 
     # Network: initialised from --seed, the same on every process.
     info = common.DATASETS[args.data]

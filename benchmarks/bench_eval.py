@@ -50,7 +50,7 @@ def main():
     y = (torch.rand(args.images, *shape) * 2 - 1).to(device)
     noise = common.image_noise(range(args.images), shape).to(device)
     sigmas = common.log_sigmas(args.sigmas)
-    split = eval_gap.Split(y, noise, None, args.images, fd=None)  # no Frechet subset: E(sigma) alone
+    split = eval_gap.Split(y, noise, None, args.images, fd=None, index=torch.arange(args.images))  # E(sigma) alone
     pairs = args.images * args.sigmas
     flat_sigma = sigmas.repeat_interleave(args.images).float().to(device)
     flat_x = y.repeat(args.sigmas, 1, 1, 1) + flat_sigma.view(-1, 1, 1, 1) * noise.repeat(args.sigmas, 1, 1, 1)

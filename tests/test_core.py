@@ -397,20 +397,34 @@ def test_averaging_gives_each_pixel_the_mean_of_the_windows_that_hold_it():
     assert out[0, 0, 7, 7] == (0 + 6 + 6 * 16 + 6 * 16 + 6) / 4, "the centre pixel lies in all four windows"
 
 
-def test_cut_takes_every_pixel_whole_from_the_window_with_the_nearest_centre_first_on_ties():
-    # 7 pixels, windows of 3 at offsets 0, 2, 4 (centres 1, 3, 5): pixel 2 is as near to centre 1 as to 3 and
-    # pixel 4 to 3 as to 5; ties go to the first window
-    owner = [0, 0, 0, 2, 2, 4, 4]
+def test_cut_takes_every_pixel_whole_from_the_window_with_the_nearest_integer_centre_first_on_ties():
+    # the authors' rule: a window from top to bottom (bottom = top + w, past its last pixel) has its centre at
+    # the integer (top + bottom) // 2; each pixel comes from the window whose centre is nearest, the first on ties
+    def owners(size, window, steps):
+        offsets = common.window_offsets(size, window, steps)
+        centres = [(top + (top + window)) // 2 for top in offsets]
+        return [min((abs(i - c), k) for k, (top, c) in enumerate(zip(offsets, centres))
+                    if top <= i < top + window)[1] for i in range(size)], offsets
+
+    # 7 pixels, windows of 3 at offsets 0, 2, 4 (centres 1, 3, 5): pixels 2 and 4 are ties, taken by the first
+    owner, offsets = owners(7, 3, 3)
+    assert [offsets[k] for k in owner] == [0, 0, 0, 2, 2, 4, 4]
     corners, weights = common.window_weights((7, 7), 3, steps=3, mode="cut")
     assert len(corners) == 9 and torch.equal(weights.sum(0), torch.ones(7, 7, dtype=F64))
     assert set(weights.unique().tolist()) == {0.0, 1.0}, "one window per pixel"
     out = common.windowed_denoiser(top_left_of_crop, 3, steps=3, mode="cut")(pixel_index_image(2, 7), 0.5)
-    expected = torch.tensor([[owner[i] * 7 + owner[j] for j in range(7)] for i in range(7)], dtype=F64)
+    expected = torch.tensor([[offsets[owner[i]] * 7 + offsets[owner[j]] for j in range(7)] for i in range(7)],
+                            dtype=F64)
     assert torch.equal(out, expected.expand(2, 1, 7, 7))
-    # 16 pixels, windows of 10 at 0 and 6 (centres 4.5, 10.5): rows 0-7 from the first, 8-15 from the second
-    out = common.windowed_denoiser(top_left_of_crop, 10, mode="cut")(pixel_index_image(1, 16), 0.5)[0, 0]
-    first = torch.arange(16) < 8
-    assert torch.equal(out, torch.where(first, 0.0, 6.0).double()[:, None] * 16 + torch.where(first, 0.0, 6.0))
+    # 16 pixels, windows of 12 at 0 and 4 (centres 6 and 10, not 5.5 and 9.5): pixel 8 is a tie, so rows 0-8
+    # come from the first window and 9-15 from the second; and windows of 10 at 0 and 6 (centres 5 and 11)
+    for window, split in ((12, 9), (10, 9)):
+        owner, offsets = owners(16, window, 2)
+        assert owner == [0] * split + [1] * (16 - split)
+        out = common.windowed_denoiser(top_left_of_crop, window, mode="cut")(pixel_index_image(1, 16), 0.5)[0, 0]
+        first = (torch.arange(16) < split)
+        top = torch.where(first, 0.0, float(offsets[1])).double()
+        assert torch.equal(out, top[:, None] * 16 + top)
 
 
 @pytest.mark.parametrize("mode", common.WINDOW_MODES)
@@ -433,22 +447,31 @@ def test_windowed_denoiser_passes_sigma_and_labels_and_calls_once_per_window_pos
     assert len(calls) == 9 and all(shape == (3, 1, 6, 6) and s is sigma and c is labels for shape, s, c in calls)
 
 
-def test_windows_are_padded_by_reflection_to_keep_their_place_on_the_downsampling_grid():
-    # windows of 10 at offsets 0 and 6 for a network that needs multiples of 4: the first gets 2 reflected
-    # rows and columns at the bottom and right; the second 2 at the top and left (6 = 4 + 2), none after
+def test_a_network_sees_only_windows_on_its_downsampling_grid_unpadded():
+    # a network whose down-sampling needs multiples of 4 (the U-Net presets) gets windows of 8 and 12 of a
+    # 16-pixel image as they are, at offsets 0, 8 and 0, 4; windows of 10 or 14 (offsets 6, 2) are refused
+    assert common.grid_windows(16, 4) == [8, 12] and common.grid_windows(32, 4) == [16, 20, 24, 28]
+    assert common.grid_windows(32, 4, steps=3) == [16, 24] and common.grid_windows(16, 1) == list(range(8, 16))
     seen = []
 
     def denoise(x, sigma, labels=None):
         seen.append(x.clone())
         return 2 * x
     x = torch.randn(2, 1, 16, 16)
-    assert torch.equal(common.windowed_denoiser(denoise, 10, multiple=4)(x, 0.5), 2 * x)
-    assert [tuple(s.shape) for s in seen] == [(2, 1, 12, 12)] * 4
-    first, last = seen[0], seen[-1]
-    assert torch.equal(first[..., :10, :10], x[..., :10, :10]) and torch.equal(first[..., 10:, :10], x[..., [8, 7], :10])
-    assert torch.equal(last[..., 2:, 2:], x[..., 6:, 6:]) and torch.equal(last[..., :2, 2:], x[..., [8, 7], 6:])
-    with pytest.raises(common.UserError, match="at least 4 pixels a side for this network, got 3"):
-        common.windowed_denoiser(denoise, 3, steps=6, multiple=4)
+    for window, offsets in ((8, [0, 8]), (12, [0, 4])):
+        seen.clear()
+        assert common.window_offsets(16, window, multiple=4) == offsets
+        assert torch.equal(common.windowed_denoiser(denoise, window, multiple=4)(x, 0.5), 2 * x)
+        corners = [(t, l) for t in offsets for l in offsets]
+        assert len(seen) == 4 and all(torch.equal(crop, x[..., t:t + window, l:l + window])
+                                      for crop, (t, l) in zip(seen, corners)), "each crop as it is, no padding"
+    for window in (10, 14):
+        with pytest.raises(common.UserError, match=rf"a window of {window} pixels at offsets .* is off the "
+                                                   r"network's 4-pixel down-sampling grid; on it, with 2 position\(s\) "
+                                                   r"per axis of a 16-pixel image: 8, 12 pixels"):
+            common.windowed_denoiser(denoise, window, multiple=4)(x, 0.5)
+    with pytest.raises(common.UserError, match="offsets 0, 6, 12 is off .* 16, 24 pixels"):
+        common.window_offsets(32, 20, steps=3, multiple=4)             # 20 is a multiple of 4, 6 is not
 
 
 def test_windowed_optimal_denoiser_stitches_crops_of_different_training_images():
@@ -674,18 +697,47 @@ def test_correlation_radius_of_global_averaging_is_the_mean_pixel_distance():
     torch.testing.assert_close(r, torch.full((2,), brute_force_radius(H, W, some, everywhere), dtype=F64))
 
 
-def test_correlation_radius_of_a_one_pixel_shift_is_one_and_channels_add_absolute_values():
+def test_correlation_radius_of_a_one_pixel_shift_is_one_and_only_the_channel_diagonal_blocks_count():
     x = torch.randn(4, 1, 6, 5, generator=torch.Generator().manual_seed(2))
     r = common.correlation_radius(lambda x, s, c: shift_right(x), x, 0.1, batch_size=3)
     torch.testing.assert_close(r, torch.ones(4, dtype=F64))   # the first column (no input) is left out
 
-    # out_0 = x_0 - shift(x_0), out_1 = x_1 + shift(x_0): J = 2 at p and 2 at its left neighbour, so r = 1/2 but
-    # in the first column, where r = 0; summing signed derivatives over the output channels would give 0
+    # out_0 = x_0 - shift(x_0): |J| = 1 at p and at its left neighbour, so r = 1/2 but in the first column, where
+    # r = 0 (4/5 of the pixels at 1/2); out_1 = x_1 + shift(x_0): its diagonal block is the identity, r = 0, and
+    # the shifted x_0 lies in an off-diagonal block, which does not count: the mean over both channels is 0.2
     def pair(x, s, c):
         return torch.cat([x[:, :1] - shift_right(x[:, :1]), x[:, 1:] + shift_right(x[:, :1])], 1)
     x2 = torch.randn(2, 2, 3, 5, generator=torch.Generator().manual_seed(3))
-    r = common.correlation_radius(pair, x2, 0.1, pixels=15)
-    torch.testing.assert_close(r, torch.full((2,), 0.5 * 4 / 5, dtype=F64))
+    r = common.correlation_radius(pair, x2, 0.1)
+    torch.testing.assert_close(r, torch.full((2,), (0.5 * 4 / 5 + 0) / 2, dtype=F64))
+
+
+def test_correlation_radius_of_a_network_is_the_authors_computation_from_the_full_jacobian():
+    # the authors' way, written out: the whole input Jacobian of D per image, its channel-diagonal blocks
+    # |dD_c / dx_c|, per (p, c) the |J|-weighted mean Euclidean pixel distance over all pixels q, then the mean
+    # over all pixels and channels
+    torch.manual_seed(0)
+    net = common.build_network("unet", "tiny", 8, 3, num_classes=2, channels=8)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    net.eval()
+    x, sigma, labels = torch.randn(2, 3, 8, 8, dtype=F64), torch.tensor([0.3, 2.0]), torch.tensor([0, 1])
+    net.double()
+    denoise = lambda x, s, c: net(x, s, c)  # noqa: E731
+    got = common.correlation_radius(denoise, x, sigma, labels, batch_size=50)
+    grid = torch.stack(torch.meshgrid(torch.arange(8.0), torch.arange(8.0), indexing="ij"), -1).reshape(64, 2)
+    distance = torch.cdist(grid, grid).double()                      # (p, q) in pixels
+    expected, summed = [], []
+    for i in range(2):
+        J = torch.autograd.functional.jacobian(lambda xi: net(xi[None], sigma[i:i + 1], labels[i:i + 1])[0], x[i])
+        J = J.abs().reshape(3, 64, 3, 64)                            # (c out, p, c in, q)
+        radii = [(distance * J[c, :, c]).sum(1) / J[c, :, c].sum(1) for c in range(3)]
+        expected.append(torch.stack(radii).mean())
+        everything = J.sum((0, 2))                                   # the channel pairs summed, for contrast
+        summed.append(((distance * everything).sum(1) / everything.sum(1)).mean())
+    torch.testing.assert_close(got, torch.stack(expected), rtol=1e-7, atol=0)  # float64: rounding only
+    assert not torch.allclose(got, torch.stack(summed), rtol=1e-3), "the off-diagonal blocks would move it"
 
 
 def test_correlation_radius_of_a_box_blur_matches_brute_force_on_the_seeded_pixels():
@@ -701,8 +753,9 @@ def test_correlation_radius_of_a_box_blur_matches_brute_force_on_the_seeded_pixe
     other = common.correlation_radius(blur, x, 0.3, pixels=9, seed=6)
     torch.testing.assert_close(again, r)
     assert not torch.allclose(other, r), "another seed picks other pixels (the border ones differ)"
-    full = common.correlation_radius(blur, x, 0.3, pixels=1000)
+    full = common.correlation_radius(blur, x, 0.3)                          # all pixels, the default
     torch.testing.assert_close(full, torch.full((3,), brute_force_radius(H, W, range(H * W), near), dtype=F64))
+    torch.testing.assert_close(common.correlation_radius(blur, x, 0.3, pixels=1000), full)
     assert full[0] < interior, "border pixels look less far"
 
 

@@ -211,8 +211,8 @@ def test_guidance_with_zero_weight_equals_unguided_and_adds_a_leading_axis(data_
     assert np.array_equal(auto["e_val"][1][0], plain["e_val"][0]), "guiding a model by itself changes nothing"
 
 
-def test_correlation_radius_is_written_per_snapshot_from_the_gaps_images_and_fixed_noise(data_dir, run_dir,
-                                                                                        tmp_path):
+def test_correlation_radius_is_written_per_snapshot_from_the_gaps_images_and_fresh_noise_per_sigma(data_dir, run_dir,
+                                                                                                  tmp_path):
     r = evaluate(data_dir, tmp_path / "jac.npz", run_dir, "--optimal", *JACOBIAN)
     plain = evaluate(data_dir, tmp_path / "plain.npz", run_dir, "--optimal")
     np.testing.assert_array_equal(r["jacobian_sigmas"], [0.05, 0.5])
@@ -220,13 +220,19 @@ def test_correlation_radius_is_written_per_snapshot_from_the_gaps_images_and_fix
     for key in ("e_train", "e_val", "e_val_optimal"):
         np.testing.assert_array_equal(r[key], plain[key])
     assert np.all((r["radius_val"] > 0) & (r["radius_val"] < np.hypot(RES - 1, RES - 1)))
-    # the last snapshot at sigma 0.5 on the first 3 images of each split, recomputed directly
+    # the last snapshot at sigma 0.5 (the second) on the first 3 images of each split, recomputed directly with
+    # fresh noise: a draw of its own per image and sigma, seeded by the image's dataset index, never E's fixed one
     train, val = eval_gap.eval_splits(eval_gap.read_snapshot(snap(run_dir, 240))["source"], num_images=20, seed=0)
     model = common.network_denoiser(common.load_denoiser(snap(run_dir, 240))[0], "cpu")
     for split, key in ((train, "radius_train"), (val, "radius_val")):
-        direct = common.correlation_radius(model, split.y[:3] + 0.5 * split.noise[:3], 0.5, split.labels[:3],
-                                           pixels=8, seed=0)
+        noise = eval_gap.radius_noise(split.index[:3], (1, RES, RES), 0, 1)
+        assert not torch.equal(noise, split.noise[:3])
+        assert not torch.equal(noise, eval_gap.radius_noise(split.index[:3], (1, RES, RES), 0, 0))
+        direct = common.correlation_radius(model, split.y[:3] + 0.5 * noise, 0.5, split.labels[:3], pixels=8, seed=0)
         assert r[key][2, 1] == pytest.approx(direct.mean().item(), rel=1e-6)
+        fixed = common.correlation_radius(model, split.y[:3] + 0.5 * split.noise[:3], 0.5, split.labels[:3],
+                                          pixels=8, seed=0)
+        assert r[key][2, 1] != pytest.approx(fixed.mean().item(), rel=1e-6), "not E's fixed noise"
     fewer = evaluate(data_dir, tmp_path / "jac.npz", snap(run_dir, 240), *JACOBIAN, "--jacobian-pixels", "4")
     assert fewer["radius_train"][0, 1] != r["radius_train"][2, 1], "other radius settings recompute the rows"
     guided = evaluate(data_dir, tmp_path / "guided.npz", snap(run_dir, 240), *JACOBIAN, "--guidance-weights", "0", "2")
@@ -235,9 +241,17 @@ def test_correlation_radius_is_written_per_snapshot_from_the_gaps_images_and_fix
     assert not np.allclose(guided["radius_val"][1, 0], r["radius_val"][2], rtol=1e-3)
 
 
+def test_jacobian_defaults_are_the_authors_settings(run_dir):
+    args = eval_gap.parse_args([str(run_dir), "--jacobian"])
+    np.testing.assert_allclose(args.jacobian_sigmas, np.logspace(np.log10(2e-3), np.log10(80), 16), rtol=1e-12)
+    assert args.jacobian_images == 32 and args.jacobian_pixels is None, "32 images per split, all pixels"
+    assert eval_gap.parse_args([str(run_dir)]).jacobian_sigmas is None, "off unless asked for"
+    assert eval_gap.parse_args([str(run_dir), "--jacobian-sigmas", "2", "0.5"]).jacobian_sigmas == [0.5, 2]
+
+
 def test_correlation_radius_of_the_optimal_denoiser_alone_is_refused(tmp_path, capsys):
     status, err = run_cli(["--optimal", *JACOBIAN, "--out", str(tmp_path / "g.npz")], capsys)
-    assert status == 2 and err == ("error: --jacobian-sigmas needs snapshots: the optimal denoiser has no "
+    assert status == 2 and err == ("error: --jacobian needs snapshots: the optimal denoiser has no "
                                    "correlation radius here (its code has no gradients)\n"), err
 
 
@@ -446,31 +460,39 @@ def test_two_gloo_processes_give_the_same_curves_as_one(data_dir, run_dir, tmp_p
 def test_windows_add_a_leading_axis_whose_last_entry_is_the_whole_image(data_dir, run_dir, tmp_path, monkeypatch):
     snaps = [snap(run_dir, 80), snap(run_dir, 240)]
     plain = evaluate(data_dir, tmp_path / "plain.npz", *snaps, "--optimal")
-    r = evaluate(data_dir, tmp_path / "win.npz", *snaps, "--optimal", "--windows", "6", "4")
+    r = evaluate(data_dir, tmp_path / "win.npz", *snaps, "--optimal", "--windows", "4")  # on the tiny U-Net's grid
     S = len(SIGMAS)
-    np.testing.assert_array_equal(r["windows"], [4, 6, RES])
-    assert r["e_train"].shape == r["e_val"].shape == r["gap"].shape == (3, 2, S)
-    assert r["e_val_optimal"].shape == r["gap_optimal"].shape == (3, 1, S)
-    assert r["onset_images_seen"].shape == (3, S) and r["peak_sigma"].shape == (3, 2)
-    assert r["peak_gap_ci"].shape == (3, 2, 2) and r["peak_gap_ci_optimal"].shape == (3, 1, 2)
+    np.testing.assert_array_equal(r["windows"], [4, RES])
+    assert r["e_train"].shape == r["e_val"].shape == r["gap"].shape == (2, 2, S)
+    assert r["e_val_optimal"].shape == r["gap_optimal"].shape == (2, 1, S)
+    assert r["onset_images_seen"].shape == (2, S) and r["peak_sigma"].shape == (2, 2)
+    assert r["peak_gap_ci"].shape == (2, 2, 2) and r["peak_gap_ci_optimal"].shape == (2, 1, 2)
     for key in ("e_train", "e_val", "gap", "onset_images_seen", "peak_sigma", "peak_gap", "peak_gap_ci",
                 "e_train_optimal", "e_val_optimal"):
         np.testing.assert_array_equal(r[key][-1], plain[key])
-    for w in range(2):
-        assert not np.allclose(r["e_val"][w], plain["e_val"]), "windows change the network's predictions"
-        assert not np.allclose(r["e_val_optimal"][w], plain["e_val_optimal"])
+    assert not np.allclose(r["e_val"][0], plain["e_val"]), "windows change the network's predictions"
+    assert not np.allclose(r["e_val_optimal"][0], plain["e_val_optimal"])
     assert np.all(r["e_train_optimal"][:, 0, 0] < 1e-12), "the windowed optimal denoiser memorizes training crops"
     settings = json.loads(str(r["eval_settings"]))
-    assert (settings["windows"], settings["window_steps"], settings["window_mode"]) == ([4, 6, RES], 2, "average")
+    assert (settings["windows"], settings["window_steps"], settings["window_mode"]) == ([4, RES], 2, "average")
 
     loaded, real = [], common.load_denoiser
     monkeypatch.setattr(common, "load_denoiser", lambda path, *a, **k: loaded.append(path) or real(path, *a, **k))
-    again = evaluate(data_dir, tmp_path / "win.npz", *snaps, "--optimal", "--windows", "4", "6")
+    again = evaluate(data_dir, tmp_path / "win.npz", *snaps, "--optimal", "--windows", "4")
     assert loaded == [] and np.array_equal(again["e_val"], r["e_val"]), "the same windows reuse the rows"
-    cut = evaluate(data_dir, tmp_path / "win.npz", *snaps, "--optimal", "--windows", "4", "6", "--window-mode", "cut")
-    assert len(loaded) == 2 and not np.array_equal(cut["e_val"][1], r["e_val"][1]), "6x6 windows overlap"
-    for w in (0, 2):  # 4x4 windows at 2 positions (and the whole image) do not overlap: cut = average
+    cut = evaluate(data_dir, tmp_path / "win.npz", *snaps, "--optimal", "--windows", "4", "--window-mode", "cut")
+    assert len(loaded) == 2, "another window mode recomputes the rows"
+    for w in (0, 1):  # 4x4 windows at 2 positions (and the whole image) do not overlap: cut = average
         np.testing.assert_array_equal(cut["e_val"][w], r["e_val"][w])
+
+
+def test_the_optimal_denoiser_alone_takes_windows_off_any_grid(data_dir, tmp_path):
+    optimal = ("--optimal", "--data", "fashion-mnist", "--n", "16", "--resolution", str(RES))
+    r = evaluate(data_dir, tmp_path / "avg.npz", *optimal, "--windows", "6", "5")
+    cut = evaluate(data_dir, tmp_path / "cut.npz", *optimal, "--windows", "6", "5", "--window-mode", "cut")
+    np.testing.assert_array_equal(r["windows"], [5, 6, RES])
+    assert not np.array_equal(cut["e_val"][1], r["e_val"][1]), "6x6 windows at offsets 0 and 2 overlap"
+    np.testing.assert_array_equal(cut["e_val"][2], r["e_val"][2])
 
 
 def test_correlation_radius_per_window_looks_no_further_than_the_window(data_dir, run_dir, tmp_path):
@@ -501,6 +523,8 @@ def test_windows_combine_with_guidance_and_features(data_dir, run_dir, tmp_path)
     (["--windows", "4", str(RES)], [f"--windows must be smaller than the {RES}x{RES} images", f"got {RES}"]),
     (["--windows", "4", "--window-steps", "1"], ["--windows 4 with --window-steps 1", "at least 2 positions"]),
     (["--windows", "3"], ["--windows 3 with --window-steps 2", "at least 3 positions"]),
+    (["--windows", "6"], ["--windows 6 with --window-steps 2 for", "(U-Net tiny at 8x8): a window of 6 pixels at "
+                          "offsets 0, 2 is off the network's 4-pixel down-sampling grid", "8-pixel image: 4 pixels"]),
     (["--windows", "4", "dit"], ["is a DiT, whose position embeddings are fixed to the whole 8x8 image"]),
 ])
 def test_bad_windows_exit_2_with_one_clear_message_before_any_evaluation(data_dir, run_dir, tmp_path, capsys,

@@ -154,7 +154,8 @@ def test_runs_with_and_without_augmentation_are_compared_and_not_taken_for_two_m
     figures.main([str(tmp_path)])
     assert (tmp_path / "figures" / "gap_by_augment_p.png").exists()
     summary = (tmp_path / "figures" / "summary.txt").read_text()
-    assert "1,048" in next(line for line in summary.splitlines() if line.startswith("augmented "))
+    augmented = next(line for line in summary.splitlines() if line.startswith("augmented "))
+    assert f"{1000 + common.AUGMENT_DIM * 8:,}" in augmented, "the augment map's weights count"
 
 
 def test_toy_results_are_redrawn(tmp_path):

@@ -5,6 +5,7 @@ import re
 import numpy as np
 import pytest
 
+import common
 from conftest import run_tiny_script, write_fashion_mnist
 
 
@@ -15,17 +16,28 @@ def test_gpu_study_tiny_runs_every_stage_on_cpu(tmp_path):
     run_tiny_script("gpu.sh", out, write_fashion_mnist(tmp_path / "data", 64, 40))
     log = (out / "gpu.log").read_text()
     runs = ["unet-tiny-n16", "unet-tiny-n32", "unet-tiny-n32-kmeans4"]
-    for stage in runs + ["windows", "jacobian", "1. grid", "2. windows and jacobian", "3. figures"]:
+    stages = ["unet-tiny-n32-uncond-short", "unet-tiny-n32-kmeans4-neg-short", "windows", "jacobian", "1. grid",
+              "2. guidance", "3. windows and jacobian", "4. figures"]
+    for stage in runs + stages:
         assert re.search(rf"^=== {re.escape(stage)}: \d+ s$", log, re.M), stage
     assert "gpu.sh done" in log and "FAILED" not in log
     for run in runs:
         assert np.load(out / "samples" / f"{run}.npz")["memorized_fraction"].shape[-1] == 2, "two snapshots"
         if "kmeans" not in run:
             assert np.load(out / "gap" / f"{run}.npz")["gap"].shape == (2, 4), "two snapshots x four sigmas"
-    guided = np.load(out / "gap" / "unet-tiny-n32-kmeans4.npz")  # the last snapshot, three guidance weights
-    assert list(guided["guidance_weights"]) == [0, 1, 2] and guided["gap"].shape == (3, 1, 4)
-    assert list(np.load(out / "gap" / "windows.npz")["windows"]) == [8, 10, 12, 14, 16]
+    # the last snapshot at w = 0 (unguided) and the paper's 0.2 to 2.0, guided by the null label and by an
+    # unconditional run trained 10x shorter
+    short = common.load_checkpoint(sorted((out / "runs" / "unet-tiny-n32-uncond-short").glob("snapshot-*.pt"))[-1])
+    long = common.load_checkpoint(sorted((out / "runs" / "unet-tiny-n32-kmeans4").glob("snapshot-*.pt"))[-1])
+    assert short["network"]["num_classes"] == 0 and short["images_seen"] * 10 == long["images_seen"]
+    for name in ("unet-tiny-n32-kmeans4", "unet-tiny-n32-kmeans4-neg-short"):
+        guided = np.load(out / "gap" / f"{name}.npz")
+        np.testing.assert_allclose(guided["guidance_weights"], np.arange(11) * 0.2, rtol=0, atol=1e-12)
+        assert guided["gap"].shape == (11, 1, 4)
+    assert "unet-tiny-n32-uncond-short" in common.load_npz(str(out / "gap" / "unet-tiny-n32-kmeans4-neg-short.npz"))[
+        "args"]["neg"]
+    assert list(np.load(out / "gap" / "windows.npz")["windows"]) == [8, 12, 16], "on the U-Net's 4-pixel grid"
     jacobian = np.load(out / "gap" / "jacobian.npz")
-    assert jacobian["radius_train"].shape == jacobian["radius_val"].shape == (2, 2)
+    assert jacobian["radius_train"].shape == jacobian["radius_val"].shape == (1, 2), "the last snapshot"
     figures = os.listdir(out / "figures")
     assert any(f.startswith("gap_by_n") and f.endswith(".png") for f in figures), figures

@@ -180,8 +180,10 @@ def test_unet_takes_any_size_its_downsampling_can_halve_and_names_them_otherwise
         assert denoiser(torch.randn(2, 1, 8, 12), torch.tensor([0.1, 2.0])).shape == (2, 1, 8, 12)
         with pytest.raises(common.UserError, match=r"multiples of 4 \(4, 8, 12, ...\), got 10x10"):
             denoiser(torch.randn(2, 1, 10, 10), 0.5)
-        windowed = common.windowed_denoiser(denoiser, 10, multiple=denoiser.size_multiple)
+        windowed = common.windowed_denoiser(denoiser, 12, multiple=denoiser.size_multiple)  # on the grid
         assert windowed(torch.randn(2, 1, 16, 16), torch.tensor([0.1, 2.0])).shape == (2, 1, 16, 16)
+        with pytest.raises(common.UserError, match="off the network's 4-pixel down-sampling grid"):
+            common.windowed_denoiser(denoiser, 10, multiple=denoiser.size_multiple)(torch.randn(2, 1, 16, 16), 0.5)
 
 
 @pytest.mark.parametrize("model", MODELS)

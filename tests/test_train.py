@@ -127,13 +127,34 @@ def test_augmented_run_trains_on_augmented_images_told_their_parameters(augmente
     assert seen == [None, None], "no --augment-p: no augmentation parameters"
     seen.clear()
     train_image.main(argv(data_dir, tmp_path / "augmented", 2, "--augment-p", "0.2"))
-    params = torch.cat(seen)  # an image has no transform with probability 0.8^4 = 0.41
+    params = torch.cat(seen)  # an image has no transform with probability 1/2 (1 - 0.2/2) 0.8^4 = 0.18
     assert params.shape == (2 * BATCH, common.AUGMENT_DIM) and 0 < params.ne(0).any(1).sum() < 2 * BATCH
     # sampling and evaluation give no augmentation parameters: the network as if a = 0
     denoiser, _ = common.load_denoiser(ckpt)
     x, sigma, labels = torch.randn(3, 1, 16, 16), torch.tensor([0.3, 1.0, 3.0]), torch.tensor([0, 4, 10])
     torch.testing.assert_close(common.network_denoiser(denoiser, "cpu")(x, sigma, labels),
                                denoiser(x, sigma, labels, torch.zeros(3, common.AUGMENT_DIM)), rtol=0, atol=0)
+
+
+def test_a_snapshot_of_the_earlier_six_value_augmentation_still_loads_and_samples_but_does_not_resume(
+        augmented, data_dir, tmp_path):
+    # before EDM's 9-value pipeline, the augmentation vector had 6 values: such snapshots store augment_dim 6
+    old = common.load_checkpoint(snapshot(augmented, 40))
+    old["network"]["augment_dim"] = 6
+    for weights in (old["net"], old["ema"]):
+        weights["net.augment_embed.weight"] = weights["net.augment_embed.weight"][:, :6].clone()
+    torch.save(old, snapshot(tmp_path, 40))
+    denoiser, _ = common.load_denoiser(snapshot(tmp_path, 40))
+    assert denoiser.config["augment_dim"] == 6 and denoiser.net.augment_embed.in_features == 6
+    x, sigma, labels = torch.randn(3, 1, 16, 16), torch.tensor([0.3, 1.0, 3.0]), torch.tensor([0, 4, 10])
+    denoise = common.network_denoiser(denoiser, "cpu")
+    torch.testing.assert_close(denoise(x, sigma, labels), denoiser(x, sigma, labels, torch.zeros(3, 6)), rtol=0,
+                               atol=0)
+    samples = common.sample_ode(lambda x, s: denoise(x, torch.full((len(x),), s), labels), x * 80,
+                                common.edm_sigmas(4))
+    assert samples.shape == x.shape and bool(torch.isfinite(samples).all())
+    with pytest.raises(common.UserError, match="earlier 6-value augmentation.*--no-resume"):
+        train_image.main(argv(data_dir, tmp_path, 60, "--augment-p", "0.5"))
 
 
 def test_same_seed_gives_the_same_snapshot_and_log_bytes_and_another_seed_does_not(data_dir, tmp_path):
