@@ -24,6 +24,7 @@ Contents
 import argparse
 import contextlib
 import dataclasses
+import fcntl
 import gzip
 import hashlib
 import http.client
@@ -2026,6 +2027,19 @@ def train_classifier(dataset, resolution, data_dir=None, device="cpu", epochs=CL
     return net, float((predicted == torch.tensor(val_labels)).double().mean()) if len(val_x) else math.nan
 
 
+def _train_and_cache_classifier(dataset, resolution, data_dir, device, path):
+    """Train the classifier (train_classifier), write it atomically to path and return its state dict."""
+    say(f"training the classifier feature network for {dataset} at {resolution}x{resolution} once "
+        f"(cached in {path}) ...")
+    net, accuracy = train_classifier(dataset, resolution, data_dir, device)
+    state = dict(model={k: v.cpu() for k, v in net.state_dict().items()}, accuracy=accuracy,
+                 channels=int(DATASETS[dataset]["shape"][2]), num_classes=int(DATASETS[dataset]["num_classes"]),
+                 resolution=int(resolution))
+    atomic_write(path, lambda f: torch.save(state, f))
+    say(f"classifier feature network: {accuracy:.1%} accuracy on the validation split; wrote {path}")
+    return state
+
+
 def _read_classifier(path):
     """The cached classifier's state dict, or None when there is none (or a damaged one, to train again)."""
     if not os.path.isfile(path):
@@ -2041,16 +2055,12 @@ def classifier_features(dataset, resolution, data_dir=None, device="cpu"):
     """The 'classifier' feature network of a dataset and resolution (FeatureClassifier), trained once
     (train_classifier) and cached (classifier_path); returns (trunk, description)."""
     path = classifier_path(dataset, resolution, data_dir)
-    state = _read_classifier(path)
-    if state is None and is_main_process():
-        say(f"training the classifier feature network for {dataset} at {resolution}x{resolution} once "
-            f"(cached in {path}) ...")
-        net, accuracy = train_classifier(dataset, resolution, data_dir, device)
-        state = dict(model={k: v.cpu() for k, v in net.state_dict().items()}, accuracy=accuracy,
-                     channels=int(DATASETS[dataset]["shape"][2]), num_classes=int(DATASETS[dataset]["num_classes"]),
-                     resolution=int(resolution))
-        atomic_write(path, lambda f: torch.save(state, f))
-        say(f"classifier feature network: {accuracy:.1%} accuracy on the validation split; wrote {path}")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".lock", "a") as lock:  # another process training it: wait for it, then read its file
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        state = _read_classifier(path)
+        if state is None and is_main_process():
+            state = _train_and_cache_classifier(dataset, resolution, data_dir, device, path)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()  # the other processes read what the first one trained
         state = state or _read_classifier(path)

@@ -1,29 +1,41 @@
 #!/usr/bin/env bash
 # The quick reproduction: every stage of the study at small scale, on a CPU.
-#   bash quick.sh [OUT]        (default OUT = results/quick; about 15 minutes on 2 cores)
+#   bash quick.sh [OUT]        (default OUT = results/quick; about 20 minutes on 2 cores)
 # Scaled down from the paper so that it runs on a laptop: Fashion-MNIST at 16x16 instead of
 # CIFAR-10 at 32x32, a 0.7M-parameter U-Net instead of 56M, 2,400 steps of batch 32 (76,800 images
 # seen) instead of 500M images, 128 evaluation images per split and 16 sigmas instead of 8192 and 64,
-# 64 samples per snapshot. Two training sets: n = 128, where the denoiser overfits (the relative gap
+# 512 samples per snapshot. Two training sets: n = 128, where the denoiser overfits (the relative gap
 # G grows far above 1) while its samples stay new images and its sampling trajectories stay near fresh
 # data, which is the paper's headline; and n = 32, the extreme where the samples copy training images.
-# Two reference samplers calibrate the measures: the optimal denoiser of the 32 images (copies every
-# time) and the Gaussian denoiser of the 128 images (generalizes).
+# The two run side by side (one core each). Two reference samplers calibrate the measures: the optimal
+# denoiser of the 32 images (copies every time) and the Gaussian denoiser of the training split (generalizes).
+# Every number comes with a 95% interval (samples, evaluation images, reference draws); study.sh --scale cpu
+# adds training seeds and more n.
 set -euo pipefail
 cd "$(dirname "$0")"
 OUT=${1:-results/quick}
 PY=${PYTHON:-python3}
+$PY -c "import torch" 2>/dev/null || { echo "error: $PY cannot import torch: install the requirements (README) or set PYTHON" >&2; exit 2; }
 STEPS=${STEPS:-2400}
 DATA="--data fashion-mnist --resolution 16"
+THREADS=$(( $(nproc) / 2 > 0 ? $(nproc) / 2 : 1 ))  # per pipeline: two run at once
+echo "quick.sh with $PY, $THREADS thread(s) per pipeline, results in $OUT"
+
+pipeline() {  # pipeline N: train on n = N images, then the gap and the samples of every snapshot
+    local run="unet-c24-n$1"
+    $PY train_image.py $DATA --model unet --size tiny --channels 24 --n "$1" --steps "$STEPS" --threads "$THREADS" \
+        --batch 32 --lr 2e-3 --lr-rampup 0 --snapshots log:6 --eval-every 12800 --out "$OUT/runs/$run"
+    $PY eval_gap.py "$OUT/runs/$run" --optimal --num-images 128 --num-sigmas 16 --threads "$THREADS" \
+        --out "$OUT/gap/$run.npz"
+    $PY sample_memorize.py "$OUT/runs/$run" --num-samples 512 --threads "$THREADS" --out "$OUT/samples/$run.npz"
+}
 
 $PY toy2d.py all --out "$OUT/toy2d"
-for n in 128 32; do
-    run="unet-c24-n$n"
-    $PY train_image.py $DATA --model unet --size tiny --channels 24 --n "$n" --steps "$STEPS" \
-        --batch 32 --lr 2e-3 --lr-rampup 0 --snapshots log:6 --eval-every 12800 --out "$OUT/runs/$run"
-    $PY eval_gap.py "$OUT/runs/$run" --optimal --num-images 128 --num-sigmas 16 --out "$OUT/gap/$run.npz"
-    $PY sample_memorize.py "$OUT/runs/$run" --num-samples 64 --out "$OUT/samples/$run.npz"
-done
-$PY sample_memorize.py --optimal $DATA --n 32 --num-samples 64 --out "$OUT/samples/optimal-n32.npz"
-$PY sample_memorize.py --gaussian $DATA --n 128 --num-samples 64 --out "$OUT/samples/gaussian-n128.npz"
+mkdir -p "$OUT/logs"
+pipeline 128 > "$OUT/logs/n128.log" 2>&1 & first=$!
+pipeline 32 2>&1 | tee "$OUT/logs/n32.log"
+wait "$first" || { echo "error: the n = 128 pipeline failed, see $OUT/logs/n128.log" >&2; exit 1; }
+tail -n 3 "$OUT/logs/n128.log"
+$PY sample_memorize.py --optimal $DATA --n 32 --num-samples 512 --out "$OUT/samples/optimal-n32.npz"
+$PY sample_memorize.py --gaussian $DATA --n 128 --num-samples 512 --out "$OUT/samples/gaussian-n128.npz"
 $PY figures.py "$OUT"

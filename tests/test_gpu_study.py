@@ -20,7 +20,7 @@ def test_gpu_study_tiny_runs_every_stage_on_cpu(tmp_path):
               "2. guidance", "3. windows and jacobian", "4. figures"]
     for stage in runs + stages:
         assert re.search(rf"^=== {re.escape(stage)}: \d+ s$", log, re.M), stage
-    assert "gpu.sh done" in log and "FAILED" not in log
+    assert "study.sh done" in log and "FAILED" not in log
     for run in runs:
         assert np.load(out / "samples" / f"{run}.npz")["memorized_fraction"].shape[-1] == 2, "two snapshots"
         if "kmeans" not in run:
@@ -41,3 +41,23 @@ def test_gpu_study_tiny_runs_every_stage_on_cpu(tmp_path):
     assert jacobian["radius_train"].shape == jacobian["radius_val"].shape == (1, 2), "the last snapshot"
     figures = os.listdir(out / "figures")
     assert any(f.startswith("gap_by_n") and f.endswith(".png") for f in figures), figures
+
+
+@pytest.mark.slow
+def test_cpu_study_tiny_trains_every_seed_of_the_headline_sizes_and_draws_the_map(tmp_path):
+    (tmp_path / "data").mkdir()
+    out = tmp_path / "study"
+    run_tiny_script("study.sh", out, write_fashion_mnist(tmp_path / "data", 64, 40), extra=["--scale", "cpu"])
+    log = (out / "cpu.log").read_text()
+    runs = ["unet-c8-n16-seed0", "unet-c8-n16-seed1", "unet-c8-n32-seed0"]  # seeds 0 1 for the headline n = 16
+    for stage in runs + ["1. grid", "4. figures"]:
+        assert re.search(rf"^=== {re.escape(stage)}: \d+ s$", log, re.M), stage
+    assert "study.sh done" in log and "FAILED" not in log and "seed2" not in log
+    for run in runs:
+        gap = np.load(out / "gap" / f"{run}.npz")
+        assert gap["peak_gap_ci"].shape == (2, 2) and "gap_optimal" in gap.files, "two snapshots and the optimal"
+        samples = np.load(out / "samples" / f"{run}.npz")
+        assert samples["traj_heldout_score_ci"].shape == (2, 1, 2)
+    table = (out / "figures" / "claim3_map.txt").read_text()
+    assert re.search(r"^ +16 +160 +2 ", table, re.M) and re.search(r"^ +32 +160 +1 ", table, re.M), table
+    assert (out / "figures" / "claim3_map.png").exists()

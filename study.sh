@@ -1,0 +1,200 @@
+#!/usr/bin/env bash
+# The study over training-set sizes, training lengths and seeds, at two scales, and the map of where
+# "memorize in training, generalize in inference" holds (figures.py's claim3_map: copies and the trajectory
+# score against the peak of G, one curve per n).
+#   bash study.sh --scale cpu [--out DIR] [--jobs J] [--ns "32 64 128 256 512"] [--seeds "0 1 2"]
+#   bash study.sh --scale gpu [--out DIR] [--data-dir DIR] [--jobs J] [--sizes "xs s m"] [--ns "256 1024 4096"]
+#   bash study.sh --scale cpu|gpu --device cpu --tiny   # the same stages at tiny settings on a CPU (a minute or two)
+#
+# --scale cpu (about an hour or more on 2 CPU cores, see README): Fashion-MNIST at 16x16, the quick run's U-Net
+#   (tiny preset, 24 channels) and recipe (2,400 steps of batch 32: 76,800 images, 6 log-spaced snapshots) on
+#   n = --ns training images, with --seeds training seeds for the --headline-ns sizes (32 and 128) and seed 0 for
+#   the others; per run: eval_gap (128 images per split, 16 sigmas, --optimal) and sample_memorize (512 samples
+#   per snapshot, the trajectory measures with their intervals); --jobs runs at once (2, one per core); figures.
+# --scale gpu (the one-GPU study, about 70 minutes on one H100/H200; gpu.sh runs it): Fashion-MNIST at 32x32.
+#   Stages, each in OUT:
+#   1. grid: U-Net sizes --sizes crossed with training set sizes --ns, unconditional, --images images
+#      each (1M: 3,900 steps of batch 256), 8 log-spaced snapshots; two k-means conditioned runs
+#      (size s, n 1024, k 10 and 100, label dropout 0.1 for the null label) and their guidance negative,
+#      an unconditional run of the same size and n trained 10x shorter (the paper's CFG negative: 20M of 200M
+#      images); per run, after training: eval_gap (64 sigmas, 2,048 images per split; the conditioned runs' last
+#      snapshot guided by the null label at w = 0, 0.2, ..., 2) and sample_memorize (1,024 samples per snapshot,
+#      the trajectory measures). Runs are independent: --jobs of them share the GPU at once (small networks
+#      leave most of it idle).
+#   2. guidance with the weaker negative: the conditioned runs' last snapshot guided by the short unconditional
+#      run at the same weights, beside the null-label variant of stage 1.
+#   3. receptive field and long-range dependence on the last snapshot of one run (size m, the smallest n):
+#      eval_gap with windows of 16, 20, 24, 28 pixels (on the U-Net's 4-pixel grid, unpadded) and the Jacobian
+#      correlation radius at the authors' settings (16 sigmas in [2e-3, 80], 32 images per split, all pixels).
+#   4. figures.py OUT -> OUT/figures, and the time of every stage in OUT/gpu.log.
+# Planned time, from rates measured on one H200 (torch 2.11, bf16, batch 256, eager): training 1M images
+# takes 3.5 min for s (4,829 img/s), 5.5 min for m (3,040), about 2.5 for xs: 42 min for the eleven runs
+# one after another (the short negative adds 0.4); eval_gap at about 9,200 image-sigmas/s for m (28 s per
+# snapshot): about 25 min for the runs' 8 snapshots; the 11 guidance weights cost about 2 forward passes each,
+# about 5 min per guided evaluation of an s snapshot, 20 min for the four; windows about 5 min; the Jacobian
+# radius at the authors' settings (1,024 vector-Jacobian products per image, 32 images x 2 splits x 16 sigmas)
+# roughly 6 min. About 100 minutes one job at a time at eager rates; the compiled default and 4 jobs sharing the
+# GPU should bring it to about 70. Unmeasured end to end on a GPU so far: the log's stage times are the measurement.
+#
+# Options: --scale cpu|gpu (gpu), --device DEV (cpu at cpu scale, cuda at gpu scale), --tiny, --data-dir DIR (or
+# DATA_DIR), --out DIR (results/study-cpu; results/gpu), --jobs J (2; 4 at gpu scale; 2 with --tiny), --sizes, --ns,
+# --seeds, --headline-ns (sizes that get every seed), --images N (images seen per run). A failed run is logged and
+# the study goes on; the exit status is then 1. Rerunning the same command resumes: training resumes from the last
+# snapshot, and the evaluations reuse the rows they already wrote.
+set -euo pipefail
+cd "$(dirname "$0")"
+PY=${PYTHON:-python3}
+SCALE=gpu DEVICE="" TINY=0 OUT="" DATA_DIR=${DATA_DIR:-} JOBS="" SIZES="" NS="" IMAGES="" SEEDS="" HEADLINE_NS=""
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --tiny) TINY=1; shift ;;
+        --scale|--device|--data-dir|--out|--jobs|--sizes|--ns|--images|--seeds|--headline-ns)  # --data-dir DIR sets DATA_DIR, and so on
+            [ $# -ge 2 ] || { echo "error: $1 needs a value (see --help)" >&2; exit 2; }
+            name=${1#--}; name=${name//-/_}; printf -v "${name^^}" %s "$2"; shift 2 ;;
+        -h|--help) awk 'NR > 1 && !/^#/ {exit} NR > 1 {sub(/^# ?/, ""); print}' "$0"; exit 0 ;;
+        *) echo "error: unknown option $1 (see --help)" >&2; exit 2 ;;
+    esac
+done
+case "$SCALE" in cpu|gpu) ;; *) echo "error: --scale must be cpu or gpu, got $SCALE" >&2; exit 2 ;; esac
+$PY -c "import torch" 2>/dev/null || { echo "error: $PY cannot import torch: install the requirements (README) or set PYTHON" >&2; exit 2; }
+if [ "$SCALE" = cpu ]; then  # the map on a CPU: the quick run's network and recipe over n, length and seeds
+    DEVICE=${DEVICE:-cpu} OUT=${OUT:-results/study-cpu} JOBS=${JOBS:-2} SIZES=${SIZES:-tiny} RES=16 KS=""
+    WINDOWS=() KSIZE="" WINDOW_RUN_SIZE="" TRAIN=(--lr 2e-3 --lr-rampup 0)
+    if [ "$TINY" = 1 ]; then
+        BATCH=8 IMAGES=${IMAGES:-160} NS=${NS:-"16 32"} SEEDS=${SEEDS:-"0 1"} HEADLINE_NS=${HEADLINE_NS:-16}
+        NET=(--channels 8) NAME_SIZE=c8 SNAPSHOTS=log:2
+        EVAL=(--num-images 8 --num-sigmas 4 --batch 32 --optimal)
+        SAMPLE=(--num-samples 4 --steps 3 --probe-sigmas 1 --fd-subsets 2 --features builtin)
+    else
+        BATCH=32 IMAGES=${IMAGES:-76800} NS=${NS:-"32 64 128 256 512"} SEEDS=${SEEDS:-"0 1 2"}
+        HEADLINE_NS=${HEADLINE_NS:-"32 128"} NET=(--channels 24) NAME_SIZE=c24 SNAPSHOTS=log:6
+        TRAIN+=(--eval-every 12800)
+        EVAL=(--num-images 128 --num-sigmas 16 --optimal)
+        SAMPLE=(--num-samples 512)
+    fi
+else  # the one-GPU study
+    DEVICE=${DEVICE:-cuda} OUT=${OUT:-results/gpu} SEEDS=${SEEDS:-0} HEADLINE_NS=${HEADLINE_NS:-} NAME_SIZE="" TRAIN=()
+    if [ "$TINY" = 1 ]; then
+        RES=16 BATCH=8 SIZES=${SIZES:-tiny} NS=${NS:-"16 32"} IMAGES=${IMAGES:-160} JOBS=${JOBS:-2} KS=4
+        NET=(--channels 8) SNAPSHOTS=log:2 KSIZE=tiny WINDOW_RUN_SIZE=tiny
+        WINDOWS=(8 12) JACOBIAN=(--jacobian-sigmas 0.5 2 --jacobian-images 4 --jacobian-pixels 8)
+        EVAL=(--num-images 8 --num-sigmas 4 --batch 32)
+        SAMPLE=(--num-samples 4 --steps 3 --probe-sigmas 1 --fd-subsets 2)
+    else
+        RES=32 BATCH=256 SIZES=${SIZES:-"xs s m"} NS=${NS:-"256 1024 4096"} IMAGES=${IMAGES:-1000000}
+        JOBS=${JOBS:-4} KS="10 100" NET=() SNAPSHOTS=log:8 KSIZE=s WINDOW_RUN_SIZE=m
+        WINDOWS=(16 20 24 28) JACOBIAN=(--jacobian)  # the authors' settings (eval_gap.py --help)
+        EVAL=(--num-images 2048 --num-sigmas 64)
+        SAMPLE=(--num-samples 1024)
+    fi
+fi
+STEPS=$(( (IMAGES + BATCH - 1) / BATCH ))
+NEG_STEPS=$(( (IMAGES / 10 + BATCH - 1) / BATCH ))  # the guidance negative: 10x shorter
+WEIGHTS=(0 0.2 0.4 0.6 0.8 1 1.2 1.4 1.6 1.8 2)       # guidance weights: 0 unguided, then the paper's 0.2 to 2.0
+DATA=(--data fashion-mnist --resolution "$RES")
+[ -n "$DATA_DIR" ] && DATA+=(--data-dir "$DATA_DIR")
+mkdir -p "$OUT/logs"
+LOG=$OUT/$SCALE.log
+export TQDM_MININTERVAL=${TQDM_MININTERVAL:-30}  # progress bars: a line every 30 s in the logs
+
+last_snapshot() { ls "$1"/snapshot-*.pt 2>/dev/null | tail -n 1 || true; }
+
+run_chain() {  # run_chain NAME plain|guided|negative TRAIN_ARGS...: train, then eval_gap and sample_memorize
+    local name=$1 kind=$2 run=$OUT/runs/$1 steps=$STEPS
+    shift 2
+    [ "$kind" = negative ] && steps=$NEG_STEPS
+    $PY train_image.py "${DATA[@]}" --model unet "$@" "${NET[@]}" "${TRAIN[@]}" --steps "$steps" --batch "$BATCH" \
+        --snapshots "$SNAPSHOTS" --eval-every "$IMAGES" --device "$DEVICE" --out "$run"
+    if [ "$kind" = negative ]; then  # only a guidance negative (stage 2)
+        return
+    elif [ "$kind" = guided ]; then  # the last snapshot: each guidance weight costs two forward passes
+        $PY eval_gap.py "$(last_snapshot "$run")" "${EVAL[@]}" --guidance-weights "${WEIGHTS[@]}" \
+            --neg uncond --device "$DEVICE" --out "$OUT/gap/$name.npz"
+    else
+        $PY eval_gap.py "$run" "${EVAL[@]}" --device "$DEVICE" --out "$OUT/gap/$name.npz"
+    fi
+    $PY sample_memorize.py "$run" "${SAMPLE[@]}" --device "$DEVICE" --out "$OUT/samples/$name.npz"
+}
+
+FAILED=()
+declare -A NAME=() START=()  # of the running jobs, by process id
+finish_one() {  # wait for one job of the pool; log its time and status
+    local pid status=0
+    wait -n -p pid || status=$?
+    echo "=== ${NAME[$pid]}: $((SECONDS - START[$pid])) s$([ $status = 0 ] || echo ", FAILED (exit status $status), see $OUT/logs/${NAME[$pid]}.log")"
+    [ $status = 0 ] || FAILED+=("${NAME[$pid]}")
+    unset "NAME[$pid]" "START[$pid]"
+}
+start() {  # start NAME COMMAND...: in the background, at most JOBS at once, output in OUT/logs/NAME.log
+    while [ ${#NAME[@]} -ge "$JOBS" ]; do finish_one; done
+    echo "=== $1: started, log $OUT/logs/$1.log"
+    "${@:2}" > "$OUT/logs/$1.log" 2>&1 &
+    NAME[$!]=$1 START[$!]=$SECONDS
+}
+finish_all() { while [ ${#NAME[@]} -gt 0 ]; do finish_one; done; }
+
+{
+    echo "study.sh --scale $SCALE on $DEVICE$([ "$TINY" = 1 ] && echo ' (tiny)'), $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown), $PY"
+    echo "sizes: $SIZES; n: $NS; seeds $SEEDS for n in ${HEADLINE_NS:-none}, else 0; $IMAGES images per run ($STEPS steps of batch $BATCH); $JOBS runs at once"
+    start_stage=$SECONDS
+    for size in $SIZES; do
+        for n in $NS; do
+            seeds=0
+            [[ " $HEADLINE_NS " == *" $n "* ]] && seeds=$SEEDS
+            for seed in $seeds; do
+                name=unet-${NAME_SIZE:-$size}-n$n
+                [ "$SCALE" = cpu ] || [ "$seed" != 0 ] && name=$name-seed$seed  # the GPU study's names stay as they were
+                start "$name" run_chain "$name" plain --size "$size" --n "$n" --seed "$seed"
+            done
+        done
+    done
+    n_cond=$(echo $NS | awk '{print $(NF > 1 ? 2 : 1)}')
+    neg=unet-$KSIZE-n$n_cond-uncond-short
+    [ -n "$KS" ] && start "$neg" run_chain "$neg" negative --size "$KSIZE" --n "$n_cond"
+    for k in $KS; do
+        start "unet-$KSIZE-n$n_cond-kmeans$k" run_chain "unet-$KSIZE-n$n_cond-kmeans$k" guided --size "$KSIZE" \
+            --n "$n_cond" --cond kmeans --k "$k" --label-dropout 0.1
+    done
+    finish_all
+    echo "=== 1. grid: $((SECONDS - start_stage)) s"
+
+    start_stage=$SECONDS
+    neg_last=$(last_snapshot "$OUT/runs/$neg")
+    for k in $KS; do
+        name=unet-$KSIZE-n$n_cond-kmeans$k
+        last=$(last_snapshot "$OUT/runs/$name")
+        if [ -n "$neg_last" ] && [ -n "$last" ]; then
+            start "$name-neg-short" $PY eval_gap.py "$last" "${EVAL[@]}" --guidance-weights "${WEIGHTS[@]}" \
+                --neg "$neg_last" --device "$DEVICE" --out "$OUT/gap/$name-neg-short.npz"
+        else
+            echo "=== $name-neg-short: skipped, no snapshot of $name or of $neg"
+            FAILED+=("$name-neg-short")
+        fi
+    done
+    finish_all
+    echo "=== 2. guidance: $((SECONDS - start_stage)) s"
+
+    start_stage=$SECONDS
+    window_run=$OUT/runs/unet-$WINDOW_RUN_SIZE-n${NS%% *}
+    last=$(last_snapshot "$window_run")
+    if [ ${#WINDOWS[@]} = 0 ]; then
+        echo "=== 3. windows and jacobian: not part of the $SCALE scale"
+    elif [ -n "$last" ]; then
+        start windows $PY eval_gap.py "$last" "${EVAL[@]}" --windows "${WINDOWS[@]}" --window-steps 2 \
+            --device "$DEVICE" --out "$OUT/gap/windows.npz"
+        start jacobian $PY eval_gap.py "$last" "${EVAL[@]}" "${JACOBIAN[@]}" --device "$DEVICE" \
+            --out "$OUT/gap/jacobian.npz"
+        finish_all
+    else
+        echo "=== 3. windows and jacobian: skipped, no snapshot in $window_run"
+        FAILED+=(windows jacobian)
+    fi
+    echo "=== 3. windows and jacobian: $((SECONDS - start_stage)) s"
+
+    start_stage=$SECONDS
+    $PY figures.py "$OUT" --out "$OUT/figures" || FAILED+=(figures)
+    echo "=== 4. figures: $((SECONDS - start_stage)) s"
+    echo
+    echo "study.sh done in $SECONDS s$([ ${#FAILED[@]} = 0 ] || echo "; FAILED: ${FAILED[*]}"): results in $OUT, figures in $OUT/figures, log $LOG"
+    [ ${#FAILED[@]} = 0 ]
+} 2>&1 | tee "$LOG"
