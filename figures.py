@@ -395,10 +395,14 @@ def fig_toy(data):
 # ---------------------------------------------------------------------------
 
 def sample_stats(data):
-    """Statistics of the unguided configurations of a sample_memorize.py result: ({last snapshot path:
-    stats}, [summary rows of the reference samplers: optimal, Gaussian])."""
+    """Statistics of the unguided configurations of a sample_memorize.py result: ({snapshot: stats}, [summary
+    rows of the reference samplers: optimal, Gaussian]). A snapshot is named by its digest (digests, as
+    eval_gap.py's), so that the paths by which the two scripts were given it do not matter; in a file written
+    before sample_memorize.py stored digests, by its path."""
     memo, refs = {}, []
-    for i, (path, seen, w) in enumerate(zip(data["checkpoints"], data["images_seen"], data["guidance_weights"])):
+    keys = ([("digest", str(d)) for d in data["digests"]] if "digests" in data else
+            [("path", os.path.normpath(str(p))) for p in data["checkpoints"]])
+    for i, (key, seen, w) in enumerate(zip(keys, data["images_seen"], data["guidance_weights"])):
         if w != 0:
             continue
         at = lambda key: float(data[key][i, middle_probe(data)]) if key in data else None  # noqa: E731
@@ -408,7 +412,7 @@ def sample_stats(data):
                      fd_gap=float(data["fd_gap"][i]),
                      fd_heldout=float(data["fd_gap_heldout"][i]) if "fd_gap_heldout" in data else None)
         if seen >= 0:
-            memo[os.path.normpath(str(path))] = stats
+            memo[key] = stats
         else:
             refs.append(dict(run=str(data["configs"][i]), params=None, n=(data.get("args") or {}).get("n"),
                              images_seen=None, peak_gap=None, peak_sigma=None, **stats))
@@ -417,16 +421,22 @@ def sample_stats(data):
 
 def gap_row(name, data, memo):
     """The summary row of an eval_gap.py result (its last snapshot), with the sample statistics of that
-    snapshot from `memo` (sample_stats)."""
+    snapshot from `memo` (sample_stats: by its digest, or its path for older sample files); a note when there
+    are sample statistics but none of this snapshot."""
     gap = first_weight(data["gap"], data)[-1]
     j = int(common.peak_index(gap))
     f = run_factors(data) if "run_args" in data else {}
-    last = os.path.normpath(str(data["checkpoints"][-1])) if "checkpoints" in data else ""
+    last = str(data["checkpoints"][-1]) if "checkpoints" in data else "optimal"
+    keys = ([("digest", str(data["digests"][-1]))] if "digests" in data else []) + [("path", os.path.normpath(last))]
+    stats = next((memo[key] for key in keys if key in memo), None)
+    if stats is None and memo and last != "optimal":  # the optimal denoiser's samples are reference rows
+        print(f"note: no sample_memorize.py result holds the last snapshot of {name} (paired by its digest): "
+              "its sample columns stay empty")
     params = int(data["params"]) if "params" in data else None  # all of them
     return dict(run=name, params=params, n=f.get("n"), images_seen=int(data["images_seen"][-1]),
                 peak_gap=float(gap[j]), peak_sigma=float(data["sigmas"][j]),
-                **memo.get(last, dict(memorized=None, ci=None, overlap=None, fresh=None, score=None, fd_gap=None,
-                                      fd_heldout=None)))
+                **(stats or dict(memorized=None, ci=None, overlap=None, fresh=None, score=None, fd_gap=None,
+                                 fd_heldout=None)))
 
 
 def summary_rows(gap_results, mem_results):
@@ -485,6 +495,14 @@ def main(argv=None):
     found = find_results(args.results)
     check(found, f"no results (.npz from toy2d.py, eval_gap.py, sample_memorize.py or train_image.py) "
                  f"below {args.results}")
+    with common.exclusive(out):  # one process per figure folder; then no live writer has a temp file in it
+        common.remove_temp_files(out, r".*\.(png|pdf)|summary\.txt")
+        write_figures(args.results, out, found)
+
+
+def write_figures(results, out, found):
+    """Every figure the results in `found` (find_results of the folder `results`) allow, and the summary, into
+    the folder `out`."""
     gap_results, mem_results = found.get("gap", []), found.get("memorization", [])
     written = []
 
@@ -525,7 +543,7 @@ def main(argv=None):
         draw(f"toy_{name}", fig_toy, data)
     for missing, what in (("gap", "eval_gap.py"), ("memorization", "sample_memorize.py")):
         if missing not in found:
-            print(f"note: no {what} results below {args.results}: their figures are skipped")
+            print(f"note: no {what} results below {results}: their figures are skipped")
 
     if gap_results:
         table = format_summary(summary_rows(gap_results, mem_results))

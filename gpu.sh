@@ -25,7 +25,7 @@
 # and the study goes on; the exit status is then 1.
 set -euo pipefail
 cd "$(dirname "$0")"
-PY=${PYTHON:-python3}
+PY=${PYTHON:-python3}  # the Python with the requirements: PYTHON=venv/bin/python bash gpu.sh
 DEVICE=cuda TINY=0 OUT=results/gpu DATA_DIR=${DATA_DIR:-} JOBS="" SIZES="" NS="" IMAGES=""
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -49,6 +49,21 @@ else
     WINDOWS=(16 20 24 28) JACOBIAN=(--jacobian-sigmas 0.05 0.1 0.2 0.5 1 2 5 10 --jacobian-images 64)
     EVAL=(--num-images 2048 --num-sigmas 64)
     SAMPLE=(--num-samples 1024)
+fi
+positive() {  # positive OPTION VALUE...: stop unless each VALUE is a positive integer
+    local value
+    for value in "${@:2}"; do
+        [[ $value =~ ^[1-9][0-9]*$ ]] || { echo "error: $1 takes positive integers, got '$value'" >&2; exit 2; }
+    done
+}
+positive --jobs "$JOBS"
+positive --images "$IMAGES"
+positive --ns $NS
+[ -n "${SIZES// /}" ] && [ -n "${NS// /}" ] || { echo "error: --sizes and --ns must not be empty" >&2; exit 2; }
+if ! PY_INFO=$("$PY" -c 'import sys, torch; print(sys.executable, "with torch", torch.__version__)' 2>/dev/null); then
+    echo "error: $PY cannot import torch: set PYTHON to the Python that has the requirements" \
+         "(e.g. PYTHON=venv/bin/python), or install them (python3 -m pip install -r requirements.txt)" >&2
+    exit 2
 fi
 STEPS=$(( (IMAGES + BATCH - 1) / BATCH ))
 DATA=(--data fashion-mnist --resolution "$RES")
@@ -90,6 +105,7 @@ finish_all() { while [ ${#NAME[@]} -gt 0 ]; do finish_one; done; }
 
 {
     echo "gpu.sh on $DEVICE$([ "$TINY" = 1 ] && echo ' (tiny)'), $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+    echo "python: $PY_INFO"
     echo "sizes: $SIZES; n: $NS; $IMAGES images per run ($STEPS steps of batch $BATCH); $JOBS runs at once"
     start_stage=$SECONDS
     for size in $SIZES; do

@@ -1,6 +1,8 @@
 """Shared test fixtures: the repository on sys.path, one torch thread, synthetic Fashion-MNIST files."""
+import contextlib
 import gzip
 import os
+import resource
 import subprocess
 import sys
 
@@ -41,11 +43,24 @@ def write_fashion_mnist(root, n_train, n_val, classes=10, seed=0):
     return str(root)
 
 
+@contextlib.contextmanager
+def file_size_limit(size):
+    """Files of this process can grow to `size` bytes only (as ulimit -f: writes beyond fail with EFBIG, Python
+    ignoring SIGXFSZ), while the block runs."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+
 def run_tiny_script(script, out, data_dir, timeout=900):
     """Run a shell script of the repository (path relative to it) with --device cpu --tiny --out OUT on the
-    synthetic Fashion-MNIST in data_dir, one thread; assert it succeeded."""
+    synthetic Fashion-MNIST in data_dir, one thread, with the Python that runs the tests (PYTHON: the one that
+    has torch, also in a virtual environment that is not activated); assert it succeeded."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, OMP_NUM_THREADS="1", DATA_DIR=str(data_dir))
+    env = dict(os.environ, OMP_NUM_THREADS="1", DATA_DIR=str(data_dir), PYTHON=sys.executable)
     done = subprocess.run(["bash", os.path.join(root, script), "--device", "cpu", "--tiny", "--out", str(out)],
                           env=env, capture_output=True, text=True, timeout=timeout, cwd=root)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

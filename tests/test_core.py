@@ -566,13 +566,21 @@ def test_pick_device_auto_prefers_cuda_then_mps_then_cpu(monkeypatch, cuda, mps,
     assert common.pick_device("auto") == torch.device(expected)
 
 
-def test_pick_device_refuses_unknown_names_and_absent_cuda(monkeypatch):
+def test_pick_device_refuses_unknown_names_and_every_absent_device_alike(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    monkeypatch.setattr(torch.xpu, "is_available", lambda: False)
     assert common.pick_device("cpu") == torch.device("cpu")
     with pytest.raises(common.UserError, match="unknown device 'abacus'"):
         common.pick_device("abacus")
-    with pytest.raises(common.UserError, match="--device cuda: CUDA is not available here"):
-        common.pick_device("cuda")
+    for name in ("cuda", "cuda:1", "mps", "xpu", "meta"):
+        with pytest.raises(common.UserError, match=f"--device {name}: {name} is not available here \\(use cpu or auto"):
+            common.pick_device(name)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert common.pick_device("cuda:0") == torch.device("cuda:0")
+    with pytest.raises(common.UserError, match="--device cuda:1: cuda:1 is not available here \\(use cuda, cpu"):
+        common.pick_device("cuda:1")
 
 
 def _gather_in_gloo_group(rank, world, init):

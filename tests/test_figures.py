@@ -22,6 +22,7 @@ def write_gap(path, params=1000, n=32, k=None, guidance=False, script="eval_gap.
     arrays = dict(sigmas=sigmas, images_seen=seen, e_train=e_train, e_val=e_train * (1 + gap), gap=gap,
                   onset_images_seen=np.full(S, 1000), peak_sigma=sigmas[gap.argmax(1)],
                   checkpoints=np.array([f"runs/r{params}-{n}/snapshot-{s:09d}.pt" for s in seen]),
+                  digests=np.array([f"r{params}-{n}-{s}" for s in seen]),
                   e_train_optimal=e_train[-1:] * 0.5, e_val_optimal=e_train[-1:] * 2, gap_optimal=np.full((1, S), 3.0),
                   run_args=np.array(json.dumps(dict(n=n, cond="kmeans" if k else "none", k=k, data="fashion-mnist",
                                                     resolution=16, model="unet"))), params=np.int64(params),
@@ -46,16 +47,17 @@ def write_gap(path, params=1000, n=32, k=None, guidance=False, script="eval_gap.
                   np.stack([v] * len(windows)) if key == "onset_images_seen" else v for key, v in arrays.items()}
         arrays["windows"] = np.array(windows)
     if script is None:  # as eval_gap.py wrote it before result files named their script
-        arrays.update(eval_settings=np.array("{}"), digests=np.array(["d"] * len(seen)))
+        arrays.update(eval_settings=np.array("{}"))
     common.save_npz(path, args={"x": 1}, script=script, **arrays)
 
 
-def write_memorization(path, params=1000, n=32):
+def write_memorization(path, params=1000, n=32, folder="runs", digests=True):
     M, P = 8, 3
     seen = np.array([100, 1000, 10000, 100000])
     rng = np.random.default_rng(0)
+    paired = dict(digests=np.array([f"r{params}-{n}-{s}" for s in seen])) if digests else {}  # as write_gap's
     common.save_npz(path, args={"n": n}, script="sample_memorize.py", configs=np.array([f"c{i}" for i in range(C)]),
-                    checkpoints=np.array([f"runs/r{params}-{n}/snapshot-{s:09d}.pt" for s in seen]),
+                    checkpoints=np.array([f"{folder}/r{params}-{n}/snapshot-{s:09d}.pt" for s in seen]), **paired,
                     images_seen=seen, guidance_weights=np.zeros(C), nn_ratio=rng.random((C, M)),
                     memorized_fraction=np.array([0.0, 0.1, 0.2, 0.5]), memorized_ci=np.array([[0, .1]] * C),
                     fd_gap=np.linspace(0, 1, C), stop_sigmas=np.array([0.5, 2.0]), fd_stop_gap=rng.random((C, 2)),
