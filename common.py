@@ -2476,7 +2476,7 @@ def exclusive(path, option="--out"):
     beside it, which the system releases when the process ends, also when it is killed. Another process that
     holds it makes this a UserError naming its pid. Under the lock, the temp files of `path` that killed writers
     left (atomic_write) are removed. Only the main process takes it (under torchrun the others write nothing)."""
-    if int(os.environ.get("RANK", 0)) != 0:
+    if not _writer():
         yield
         return
     folder, name = os.path.split(os.path.abspath(os.fspath(path)))
@@ -2508,11 +2508,17 @@ def exclusive(path, option="--out"):
         os.close(fd)
 
 
+def _writer():
+    """Whether this process writes the outputs: not one of torchrun's other processes (RANK > 0). Known before
+    the process group starts, unlike is_main_process."""
+    return int(os.environ.get("RANK", 0)) == 0
+
+
 def remove_temp_files(folder, names):
     """Remove the temp files (atomic_write) of the files in `folder` whose names match the regular expression
     `names`: those that killed writers left. Only while holding their output's lock (exclusive), when no live
-    process writes them."""
-    if not os.path.isdir(folder):
+    process writes them; by the main process (under torchrun the others write nothing)."""
+    if not _writer() or not os.path.isdir(folder):
         return
     for entry in os.listdir(folder):
         match = TEMP_FILE.fullmatch(entry)

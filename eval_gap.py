@@ -47,7 +47,9 @@ the prediction is cropped back (common.windowed_denoiser); DiTs are refused, sin
 are fixed to the whole image.
 --out is rewritten after every evaluated model, and rows already in it computed with the same settings
 (of an earlier or a killed run) are reused unless --force; an --out that eval_gap.py did not write
-(another script's result, a foreign file) is not replaced unless --force.
+(another script's result, a foreign file), made with other settings or holding rows of models not given here
+is not replaced unless --force (common.check_kept, which names a free file name), and one process at a time
+writes it (common.exclusive).
 """
 import argparse
 import collections

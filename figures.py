@@ -24,12 +24,12 @@ import argparse
 import json
 import os
 
+import common  # first: a Ctrl-C while the libraries load is one line (common sets the hook)
 import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-import common  # noqa: E402
 from common import check  # noqa: E402
 
 GAP_LABEL = "relative gap G(sigma)"

@@ -14,7 +14,9 @@ processes, and is integrated by the deterministic Heun sampler of common.py.
 
 Writes --out (.npz; C configurations, M samples, P probe sigmas, T stop sigmas):
   args, script, settings (JSON of the arguments that change the numbers), configs (C,) names,
-  config_keys (C,) (digests of model and w), checkpoints (C,), images_seen (C,) (-1: optimal), guidance_weights (C,),
+  config_keys (C,) (digests of model and w), digests (C,) (of the model: common.snapshot_digest, as
+  eval_gap.py's, by which figures.py pairs the two),
+  checkpoints (C,), images_seen (C,) (-1: optimal), guidance_weights (C,),
   seeds (M,), labels (C, M) (-1: unconditional), samples (C, M, ch, R, R) float16, sampler_sigmas;
   memorization of the samples: nn_ratio = d1/d2 (common.memorization_ratio), d_train = d1 (nearest
   training image), d_val (nearest validation image), nn_train_index (C, M) (its index in the
@@ -51,7 +53,8 @@ and, in the folder named like --out without .npz, samples-CONFIG.png (a grid of 
 and nn-CONFIG.png (samples above their nearest training images, with their ratio).
 --out is rewritten after every configuration, and configurations already in it made with the same
 settings (by an earlier or a killed run) are reused unless --force; an --out that sample_memorize.py
-did not write (another script's result, a foreign file) is not replaced unless --force.
+did not write (another script's result, a foreign file), made with other settings or holding configurations
+not asked for here is not replaced unless --force (common.check_kept), and one process at a time writes it.
 """
 import argparse
 import dataclasses
@@ -61,9 +64,9 @@ import os
 import time
 from typing import Callable
 
+import common  # first: it sets OpenMP's wait policy, which torch reads when it loads, and the Ctrl-C hook
 import matplotlib
 matplotlib.use("Agg")
-import common  # noqa: E402  (before torch: it sets OpenMP's wait policy, which torch reads when it loads)
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402

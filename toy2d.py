@@ -30,9 +30,9 @@ import argparse
 import os
 import time
 
+import common  # first: it sets OpenMP's wait policy, which torch reads when it loads, and the Ctrl-C hook
 import matplotlib
 matplotlib.use("Agg")
-import common  # noqa: E402  (before torch: it sets OpenMP's wait policy, which torch reads when it loads)
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402

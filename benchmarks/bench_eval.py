@@ -15,10 +15,9 @@ best of --repeats after one warm-up run (compilation, CUDA graph recording). The
     python benchmarks/bench_eval.py --size s --resolution 32 --images 2048 --sigmas 64 --batch 1024  # GPU
     python benchmarks/bench_eval.py --device cuda --forward-mode eager                                # GPU, eager
 """
-import torch
-
-from benchlib import best_time, parser, start
+from benchlib import best_time, parser, start  # first: common's OpenMP wait policy and Ctrl-C hook, before torch
 import common
+import torch
 import eval_gap
 import sample_memorize
 

@@ -11,10 +11,9 @@ Correctness: a few queries are checked against float64 torch.cdist.
     python benchmarks/bench_nn.py                    # full size
     python benchmarks/bench_nn.py --queries 1000     # quicker
 """
-import torch
-
-from benchlib import fix_mmap_threshold, matmul_gflops, parser, peak_extra_mb, start, wall_time
+from benchlib import fix_mmap_threshold, matmul_gflops, parser, peak_extra_mb, start, wall_time  # first: as common
 import common
+import torch
 
 
 def main():

@@ -10,11 +10,10 @@ in the same run.
 
     python benchmarks/bench_optimal.py
 """
+from benchlib import best_time, fix_mmap_threshold, matmul_gflops, parser, peak_extra_mb, start  # first: as common
+import common
 import numpy as np
 import torch
-
-from benchlib import best_time, fix_mmap_threshold, matmul_gflops, parser, peak_extra_mb, start
-import common
 import toy2d
 
 

@@ -106,6 +106,25 @@ def test_correlation_radius_is_drawn_beside_the_gap_when_eval_gap_measured_it(tm
     figures.plt.close(fig)
 
 
+def test_sample_columns_pair_with_the_gap_by_snapshot_digest_whatever_the_paths_and_unpaired_runs_say_so(tmp_path,
+                                                                                                     capsys):
+    write_gap(tmp_path / "gap.npz")  # checkpoints runs/r1000-32/snapshot-*.pt
+    gap = common.load_npz(tmp_path / "gap.npz")
+    for folder in ("/elsewhere/moved", "../runs"):  # the run folder moved, or given by another path
+        write_memorization(tmp_path / "mem.npz", folder=folder)
+        row = figures.summary_rows([("gap", gap)], [("mem", common.load_npz(tmp_path / "mem.npz"))])[0]
+        assert row["memorized"] == 0.5 and row["fd_gap"] == 1.0
+    write_memorization(tmp_path / "old.npz", digests=False)  # written before sample files held digests: by path
+    row = figures.summary_rows([("gap", gap)], [("old", common.load_npz(tmp_path / "old.npz"))])[0]
+    assert row["memorized"] == 0.5
+    capsys.readouterr()
+    write_memorization(tmp_path / "other.npz", n=64)  # samples of other snapshots only
+    row = figures.summary_rows([("gap", gap)], [("other", common.load_npz(tmp_path / "other.npz"))])[0]
+    assert row["memorized"] is None
+    assert capsys.readouterr().out == ("note: no sample_memorize.py result holds the last snapshot of gap (paired by "
+                                       "its digest): its sample columns stay empty\n")
+
+
 def test_summary_reports_the_peak_gap_of_the_last_snapshot_and_its_sigma(tmp_path):
     write_gap(tmp_path / "g.npz", params=2000)
     data = common.load_npz(tmp_path / "g.npz")
