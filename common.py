@@ -18,7 +18,9 @@ Contents
   7. Checkpoints                        save_checkpoint, load_checkpoint, load_denoiser, update_ema
   8. Feature spaces                     load_feature_extractor
   9. Figures                            plot_sweep, image_grid, save_figure
- 10. Devices, seeds and command line    pick_device, choose_threads, add_run_args, run_cli, save_npz
+ 10. Devices, seeds and command line    pick_device, choose_threads, add_run_args, run_cli, save_npz;
+     outputs kept whole and unmixed     atomic_write, exclusive (one writer), check_kept (no result
+                                        replaced unasked), check_data (the images a snapshot learned from)
 """
 import argparse
 import contextlib
@@ -2442,9 +2444,10 @@ def atomic_write(path, write):
             os.remove(tmp)
         if not isinstance(err, OSError) or err.errno is None:
             raise
-        reason = (err.strerror or str(err))[:1].lower() + (err.strerror or str(err))[1:]
-        needed = f" ({_written_size(write) / 1e6:.3g} MB needed)" if err.errno in SPACE_ERRORS else ""
-        raise UserError(f"cannot write {path}: {reason}{needed}") from None
+        reason = err.strerror or str(err)
+        size = _written_size(write) if err.errno in SPACE_ERRORS else None
+        needed = "" if size is None else f" ({size / 1e6:.3g} MB needed)"
+        raise UserError(f"cannot write {path}: {reason[:1].lower()}{reason[1:]}{needed}") from None
     return path
 
 
@@ -2464,9 +2467,12 @@ class _Counter(io.RawIOBase):
 
 
 def _written_size(write):
-    """How many bytes write(f) writes."""
+    """How many bytes write(f) writes (None if it cannot write to a file that only counts)."""
     counter = _Counter()
-    write(counter)
+    try:
+        write(counter)
+    except Exception:
+        return None
     return counter.size
 
 

@@ -177,8 +177,8 @@ def read_snapshot(path, weights="ema", data_dir=None):
     """Metadata of a snapshot: path, images seen, run identity, network config, source (common.TrainingSource;
     data_dir None: the run's) and a digest of everything its rows depend on (the `weights` and the source)."""
     ckpt = common.load_checkpoint(path)
-    return dict(path=path, images_seen=int(ckpt["images_seen"]), run=common.run_identity(ckpt), network=ckpt["network"],
-                source=common.TrainingSource.of_checkpoint(ckpt, data_dir, path),
+    return dict(path=path, images_seen=int(ckpt["images_seen"]), run=common.run_identity(ckpt),
+                network=ckpt["network"], source=common.TrainingSource.of_checkpoint(ckpt, data_dir, path),
                 params=sum(int(t.numel()) for t in ckpt[common.WEIGHTS[weights]].values()),
                 digest=common.snapshot_digest(ckpt, weights))
 
@@ -526,8 +526,8 @@ def evaluate(args, rank, world, device):
         neg, neg_digest = negative_model(args.neg, args.weights, args.guidance_weights, made, device)
     windowed = args.windows is not None
     if windowed:
-        kinds = [(s["path"], s["network"]["model"], s["network"]["img_resolution"], common.size_multiple(s["network"]))
-                 for s in snapshots]
+        kinds = [(s["path"], s["network"]["model"], s["network"]["img_resolution"],
+                  common.size_multiple(s["network"])) for s in snapshots]
         if opt_source is not None:
             kinds.append(("the optimal denoiser", "optimal", opt_source.resolution, 1))
         if neg is not None:
