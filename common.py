@@ -19,17 +19,21 @@ Contents
   7. Checkpoints                        save_checkpoint, load_checkpoint, load_denoiser, update_ema
   8. Feature spaces                     load_feature_extractor
   9. Figures                            plot_sweep, image_grid, save_figure
- 10. Devices, seeds and command line    pick_device, choose_threads, add_run_args, run_cli, save_npz
+ 10. Devices, seeds and command line    pick_device, choose_threads, add_run_args, run_cli, save_npz;
+     outputs kept whole and unmixed     atomic_write, exclusive (one writer), check_kept (no result
+                                        replaced unasked), check_data (the images a snapshot learned from)
 """
 import argparse
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import gzip
 import hashlib
 import http.client
 import importlib
 import io
+import itertools
 import json
 import math
 import os
@@ -50,6 +54,22 @@ import zipfile
 # small work one thread. torch's OpenMP runtime reads this once, when torch is first imported: the scripts import common
 # before torch. An OMP_WAIT_POLICY already set wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def _interrupted_at_start(kind, value, traceback):
+    """sys.excepthook: Ctrl-C before a script's main() runs (mostly while torch loads, about 1.5 s) prints one
+    line and exits with status 130, as one during its work does (run_cli); other errors go to Python's hook."""
+    if not issubclass(kind, KeyboardInterrupt):
+        return sys.__excepthook__(kind, value, traceback)
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+    sys.stderr.write("interrupted while starting up: nothing was done\n")
+    sys.stderr.flush()
+    os._exit(130)
+
+
+if sys.excepthook is sys.__excepthook__:  # set here, before the slow imports below
+    sys.excepthook = _interrupted_at_start
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -1217,6 +1237,14 @@ def build_network(model, size="tiny", img_resolution=32, img_channels=1, num_cla
     return Denoiser(net, config)
 
 
+def size_multiple(config):
+    """Denoiser.size_multiple of a network config (Denoiser.config), without building it: the image sides a
+    U-Net takes are multiples of 2^(levels - 1), so that its down-sampling can halve them; 1 for a DiT."""
+    if config["model"] != "unet":
+        return 1
+    return 2 ** (len(NETWORK_PRESETS["unet"][config["size"]]["channel_mult"]) - 1)
+
+
 def count_parameters(module):
     """Number of parameters of a module."""
     return sum(p.numel() for p in module.parameters())
@@ -1510,6 +1538,19 @@ def load_images(name="fashion-mnist", split="train", root=None):
     test split. Looks in root (--data-dir) alone when given, else in the system folder, the user
     cache, then downloads. Prints the files it reads (once per folder).
     The arrays are cached per process and read-only: index or copy them before changing them."""
+    key = _locate(name, split, root)
+    info = DATASETS[name]
+    if key not in _LOADED:
+        images, labels = _read_source(info, split, key[2])
+        images, labels = np.ascontiguousarray(images), np.ascontiguousarray(labels)
+        images.flags.writeable = labels.flags.writeable = False
+        _LOADED[key] = images, labels
+        _report_source(name, info, key[2][0])
+    return _LOADED[key]
+
+
+def _locate(name, split, root=None):
+    """(name, split, absolute paths of the split's files) as load_images finds them (downloading if needed)."""
     check(name in DATASETS, f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
     check(split in ("train", "val"), f"unknown split {split!r}: use train or val")
     info = DATASETS[name]
@@ -1521,14 +1562,39 @@ def load_images(name="fashion-mnist", split="train", root=None):
         check(root is None, f"--data-dir {root} has no {name} {split} split: looked for {wanted} in "
                             f"{', '.join(searched)}")
         source = _download(name, info, split, searched)
-    key = (name, split, tuple(os.path.abspath(p) for p in source))
-    if key not in _LOADED:
-        images, labels = _read_source(info, split, source)
-        images, labels = np.ascontiguousarray(images), np.ascontiguousarray(labels)
-        images.flags.writeable = labels.flags.writeable = False
-        _LOADED[key] = images, labels
-        _report_source(name, info, key[2][0])
-    return _LOADED[key]
+    return name, split, tuple(os.path.abspath(p) for p in source)
+
+
+_SPLIT_DIGESTS = {}  # load_images' key -> digest of the whole split's images
+
+
+def data_digests(dataset, subset, root=None):
+    """Content digests of the images a run learns from and is measured against, as read (uint8): 'train', of the
+    training subset's images (None when the indices do not fit the split), 'val', of the whole validation split,
+    and 'folder', where the training split was read (load_images with root)."""
+    train, _ = load_images(dataset, "train", root)
+    subset = np.asarray(subset, np.int64)
+    fits = len(subset) > 0 and 0 <= int(subset.min()) and int(subset.max()) < len(train)
+    key = _locate(dataset, "val", root)
+    if key not in _SPLIT_DIGESTS:
+        _SPLIT_DIGESTS[key] = digest(load_images(dataset, "val", root)[0])
+    return dict(folder=os.path.dirname(_locate(dataset, "train", root)[2][0]),
+                train=digest(train[subset]) if fits else None, val=_SPLIT_DIGESTS[key])
+
+
+def check_data(ckpt, root, path):
+    """UserError when the images found for a snapshot (load_images with root) are not those it was trained on
+    and measured against: its 'data_digests' (data_digests; snapshots written before them are not checked).
+    A folder of other images under the same file names (MNIST's are Fashion-MNIST's) is the usual cause."""
+    saved = ckpt.get("data_digests")
+    if not isinstance(saved, dict):
+        return
+    now = data_digests(ckpt["dataset"], ckpt["subset"], root)
+    differ = [what for split, what in (("train", "training subset"), ("val", "validation split"))
+              if now[split] != saved.get(split)]
+    check(not differ, f"{path} was trained on other images than those in {now['folder']}: its "
+                      f"{' and '.join(differ)} differ from those it read from {saved.get('folder')}; give --data-dir "
+                      f"the folder that run read")
 
 
 def _report_source(name, info, path):
@@ -1701,12 +1767,15 @@ class TrainingSource:
     data_dir: str | None = None
 
     @classmethod
-    def of_checkpoint(cls, ckpt, data_dir=None):
-        """The source of a snapshot (a load_checkpoint dict); data_dir None: the run's own --data-dir."""
+    def of_checkpoint(cls, ckpt, data_dir=None, path="the snapshot"):
+        """The source of a snapshot (a load_checkpoint dict, read from `path`); data_dir None: the run's own
+        --data-dir. UserError when the images there are not those the run trained on (check_data)."""
         run = ckpt["args"] if isinstance(ckpt["args"], dict) else {}
-        return cls(ckpt["dataset"], int(ckpt["resolution"]), np.asarray(ckpt["subset"], np.int64),
-                   _as_array(ckpt["labels"], np.int64), _as_array(ckpt["kmeans_centroids"], np.float32),
-                   data_dir or run.get("data_dir"))
+        source = cls(ckpt["dataset"], int(ckpt["resolution"]), np.asarray(ckpt["subset"], np.int64),
+                     _as_array(ckpt["labels"], np.int64), _as_array(ckpt["kmeans_centroids"], np.float32),
+                     data_dir or run.get("data_dir"))
+        check_data(ckpt, source.data_dir, path)
+        return source
 
     @classmethod
     def drawn(cls, dataset, n, seed, cond="none", k=10, resolution=32, data_dir=None):
@@ -1765,10 +1834,25 @@ def save_checkpoint(state, path):
     """Write a snapshot dict atomically (see atomic_write). It must hold tensors and plain Python values only
     (SNAPSHOT_ARRAYS and rng_state's numpy state as tensors), which torch.load(weights_only=True) reads
     without running any code from the file; the same contents give the same bytes."""
+    state = _interned(state)
     return atomic_write(path, lambda f: torch.save(state, f))
 
 
-SNAPSHOT_NAME = re.compile(r"snapshot-(\d{9})\.pt")  # snapshot-<images seen, 9 digits>.pt
+def _interned(value):
+    """A copy of nested dicts, lists and tuples with every string interned (tensors and numbers as they are).
+    Pickle writes a string seen before as a reference to it when it is the same object: a run resumed from a
+    snapshot holds its optimizer's keys as strings read from the file, the uninterrupted run as the ones in the
+    code, so that without this their snapshots differ in bytes though not in contents."""
+    if isinstance(value, str):
+        return sys.intern(value)
+    if isinstance(value, dict):
+        return {_interned(k): _interned(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)) and type(value) in (list, tuple):
+        return type(value)(_interned(v) for v in value)
+    return value
+
+
+SNAPSHOT_NAME = re.compile(r"snapshot-(\d+)\.pt")  # snapshot-<images seen, at least 9 digits>.pt
 # train_image.py arguments that a resumed run may change: they touch neither the weights nor the log's layout,
 # so they do not tell two runs apart either (eval_gap.py).
 RESUMABLE_ARGS = frozenset({"steps", "snapshots", "eval_every", "device", "step_mode", "compile", "threads", "out",
@@ -1779,10 +1863,28 @@ ARGS_ADDED_LATER = {"augment_p": 0.0}
 
 
 def snapshot_files(folder):
-    """The snapshot-*.pt files of a run folder in order of images seen (none when it is not a folder)."""
+    """The snapshot-*.pt files of a run folder in order of images seen, however many digits the number has (none
+    when it is not a folder)."""
     if not os.path.isdir(folder):
         return []
-    return [os.path.join(folder, name) for name in sorted(os.listdir(folder)) if SNAPSHOT_NAME.fullmatch(name)]
+    found = [(int(m.group(1)), name) for name in os.listdir(folder) if (m := SNAPSHOT_NAME.fullmatch(name))]
+    return [os.path.join(folder, name) for _, name in sorted(found)]
+
+
+def run_identity(ckpt):
+    """The training arguments of a snapshot (a load_checkpoint dict) that tell runs apart: all but RESUMABLE_ARGS."""
+    return {k: v for k, v in ckpt["args"].items() if k not in RESUMABLE_ARGS}
+
+
+def check_same_run(snapshots, allow_mixed=False):
+    """UserError when snapshots, given as (path, run_identity), come from different runs (unless allow_mixed):
+    a snapshot copied into another run's folder would mix two runs' curves."""
+    first, a = snapshots[0] if snapshots else (None, None)
+    for other, b in snapshots[1:]:
+        diff = [f"--{k.replace('_', '-')} {a.get(k)} vs {b.get(k)}" for k in sorted(set(a) | set(b))
+                if a.get(k) != b.get(k)]
+        check(allow_mixed or not diff, f"{first} and {other} come from different runs ({'; '.join(diff)}): "
+                                       "evaluate each run on its own, or pass --allow-mixed")
 
 
 def find_snapshots(paths):
@@ -2199,13 +2301,15 @@ def image_grid(images, cols, gap=0, scale=1):
 
 
 def save_figure(fig, path):
-    """Save a figure as PNG (at path) and PDF beside it (without a creation date, so that the same figure gives
-    the same bytes), close it, return the PNG path."""
+    """Save a figure as PNG (at path) and PDF beside it (atomic_write; without a creation date, so that the same
+    figure gives the same bytes), close it, return the PNG path."""
     import matplotlib.pyplot as plt
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=120)
-    fig.savefig(os.path.splitext(path)[0] + ".pdf", metadata={"CreationDate": None})  # same figure, same bytes
-    plt.close(fig)
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
+        atomic_write(os.path.splitext(path)[0] + ".pdf",  # without a date: the same figure gives the same bytes
+                     lambda f: fig.savefig(f, format="pdf", metadata={"CreationDate": None}))
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -2225,8 +2329,24 @@ def pick_device(name="auto"):
         device = torch.device(name)
     except RuntimeError:
         raise UserError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps")
-    check(device.type != "cuda" or torch.cuda.is_available(), f"--device {name}: CUDA is not available here")
+    here = [kind for kind in ("cuda", "mps", "xpu") if _available(torch.device(kind))] + ["cpu"]
+    check(_available(device), f"--device {name}: {device.type if device.index is None else name} is not "
+                              f"available here (use {', '.join(here)} or auto)")
     return device
+
+
+def _available(device):
+    """Whether torch can compute on a device here: the CPU, or an accelerator whose torch module (torch.cuda,
+    torch.backends.mps, torch.xpu, ...) says it is available and, for device:N, has an N-th device ('meta',
+    which holds no data, is not one)."""
+    if device.type == "cpu":
+        return True
+    module = torch.backends.mps if device.type == "mps" else getattr(torch, device.type, None)
+    available = getattr(module, "is_available", None)
+    if available is None or not available():
+        return False
+    count = getattr(module, "device_count", None)
+    return device.index is None or count is None or device.index < count()
 
 
 def init_distributed(device_name="auto"):
@@ -2345,6 +2465,18 @@ non_negative_int = _number_type(int, lambda v: v >= 0, "a non-negative integer")
 at_least_two_int = _number_type(int, lambda v: v >= 2, "an integer of at least 2")
 
 
+def float_between(lo, hi, what="a number"):
+    """argparse type= of a finite float in [lo, hi] (_number_type)."""
+    return _number_type(float, lambda v: lo <= v <= hi, f"{what} in [{lo:g}, {hi:g}]")
+
+
+# Noise levels the scripts take, around EDM's schedule (2e-3 to 80): within them sigma^2 and 1 / sigma^2 stay far
+# inside float32's range, so that errors, gaps and correlation radii are finite (sigma 1e30 gave NaN radii, a toy
+# sigma of 1e-300 NaN gaps).
+SIGMA_BOUNDS = (1e-4, 1e4)
+sigma_float = float_between(*SIGMA_BOUNDS, "a noise level")
+
+
 DEVICE_HELP = "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps"
 WEIGHTS = {"ema": "ema", "raw": "net"}  # --weights -> the snapshot's key: the EMA or the raw (optimizer's) weights
 
@@ -2375,10 +2507,12 @@ def add_run_args(parser, seed, out, out_default=None, batch=None, device=DEVICE_
 
 def add_result_args(parser, script, rows):
     """The flags of the scripts that evaluate snapshots into one result file (eval_gap.py, sample_memorize.py),
-    defined once: --force (recompute the `rows` already in --out; replace a file another program wrote) and
-    --forward-mode (add_mode_arg)."""
+    defined once: --force (recompute the `rows` already in --out; replace a file another program wrote, or one
+    that check_kept refuses), --allow-mixed (check_same_run) and --forward-mode (add_mode_arg)."""
     parser.add_argument("--force", action="store_true", help=f"recompute {rows} already in --out, and replace an "
-                        f"--out that {script} did not write (refused otherwise)")
+                        f"--out that {script} did not write, or made with other settings, or holding {rows} that "
+                        "this call would leave out (refused otherwise)")
+    parser.add_argument("--allow-mixed", action="store_true", help="accept snapshots of different runs")
     add_mode_arg(parser, "--forward-mode", "the networks' forward passes")
 
 
@@ -2461,31 +2595,119 @@ def default_result_path(inputs, name, tags=""):
     return os.path.join(folder, f"{name}-{os.path.splitext(file)[0]}{tags}.npz")
 
 
+TEMP_FILE = re.compile(r"\.(.+)\.\d+\.tmp")  # atomic_write's temp file .NAME.PID.tmp, on its way to NAME
+SPACE_ERRORS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}  # full disk, file-size limit (ulimit -f), quota
+
+
 def atomic_write(path, write):
-    """Write a file atomically: write(f) into a temp file beside it, fsync, then rename, so that a
-    kill at any moment leaves either the old file or the new one. The temp file is named after the
-    target (.NAME.PID.tmp) and gets the umask's permissions; temp files of the same target left by
-    a killed writer are removed first (one writer per target at a time)."""
+    """Write a file atomically: write(f) into a temp file beside it (.NAME.PID.tmp, with the umask's
+    permissions), fsync, then rename, so that a kill at any moment leaves either the old file or the new one.
+    Temp files that killed writers left are removed under the output's lock (exclusive), never here: they may
+    be a live writer's. A write that fails (a full disk, a file-size limit, no permission) leaves the old file
+    and is a UserError naming the file and, for missing space, the size it needs."""
     path = os.fspath(path)
     folder, name = os.path.split(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    for stale in os.listdir(folder):
-        if re.fullmatch(rf"\.{re.escape(name)}\.\d+\.tmp", stale):
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(os.path.join(folder, stale))
     tmp = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # 0o666 minus the umask
     try:
+        os.makedirs(folder, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)  # 0o666 minus the umask
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as err:
+        with contextlib.suppress(OSError):
             os.remove(tmp)
-        raise
+        if not isinstance(err, OSError) or err.errno is None:
+            raise
+        reason = err.strerror or str(err)
+        size = _written_size(write) if err.errno in SPACE_ERRORS else None
+        needed = "" if size is None else f" ({size / 1e6:.3g} MB needed)"
+        raise UserError(f"cannot write {path}: {reason[:1].lower()}{reason[1:]}{needed}") from None
     return path
+
+
+class _Counter(io.RawIOBase):
+    """A file that keeps nothing and counts the bytes written to it."""
+    size = 0
+
+    def writable(self):
+        return True
+
+    def write(self, data):
+        self.size += memoryview(data).nbytes
+        return memoryview(data).nbytes
+
+    def tell(self):
+        return self.size
+
+
+def _written_size(write):
+    """How many bytes write(f) writes (None if it cannot write to a file that only counts)."""
+    counter = _Counter()
+    try:
+        write(counter)
+    except Exception:
+        return None
+    return counter.size
+
+
+@contextlib.contextmanager
+def exclusive(path, option="--out"):
+    """Hold the lock of an output, a run folder or a result file, while the block runs: an flock on .NAME.lock
+    beside it, which the system releases when the process ends, also when it is killed. Another process that
+    holds it makes this a UserError naming its pid. Under the lock, the temp files of `path` that killed writers
+    left (atomic_write) are removed. Only the main process takes it (under torchrun the others write nothing)."""
+    if not _writer():
+        yield
+        return
+    folder, name = os.path.split(os.path.abspath(os.fspath(path)))
+    lock = os.path.join(folder, f".{name}.lock")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        while True:  # until the file locked is the one at `lock` (a holder that ends removes it)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+                os.close(fd)
+                raise UserError(f"{option} {path} is being written by process {holder} (it holds {lock}): wait for "
+                                f"it to end, or give another {option}") from None
+            if os.path.exists(lock) and os.path.samestat(os.fstat(fd), os.stat(lock)):
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+    except OSError as err:
+        raise UserError(f"cannot lock {option} {path}: {err.strerror or err} ({lock})") from None
+    try:
+        remove_temp_files(folder, re.escape(name))
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(lock)
+        os.close(fd)
+
+
+def _writer():
+    """Whether this process writes the outputs: not one of torchrun's other processes (RANK > 0). Known before
+    the process group starts, unlike is_main_process."""
+    return int(os.environ.get("RANK", 0)) == 0
+
+
+def remove_temp_files(folder, names):
+    """Remove the temp files (atomic_write) of the files in `folder` whose names match the regular expression
+    `names`: those that killed writers left. Only while holding their output's lock (exclusive), when no live
+    process writes them; by the main process (under torchrun the others write nothing)."""
+    if not _writer() or not os.path.isdir(folder):
+        return
+    for entry in os.listdir(folder):
+        match = TEMP_FILE.fullmatch(entry)
+        if match and re.fullmatch(names, match.group(1)):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(folder, entry))
 
 
 def save_npz(path, args=None, script=None, **arrays):
@@ -2543,6 +2765,30 @@ def result_script(data):
     if "experiment" in data["args"]:
         return "toy2d.py"
     return next((script for script, keys in _RESULT_KEYS.items() if keys <= set(data)), None)
+
+
+def check_kept(path, old_settings, settings, dropped=0, what="rows", option="--out"):
+    """UserError unless rewriting the result file at `path`, which the same script wrote with `old_settings`
+    (None: unknown), keeps what it holds: the same settings as `settings`, and none of its `what` left out
+    (`dropped` of them). The message names --force, which replaces the file, and a free name (free_name)."""
+    if old_settings != settings:
+        old_settings = old_settings or {}
+        changed = [f"{k} {old_settings.get(k)} -> {settings.get(k)}"
+                   if len(str(old_settings.get(k))) + len(str(settings.get(k))) < 40 else k
+                   for k in sorted(set(old_settings) | set(settings)) if old_settings.get(k) != settings.get(k)]
+        reason = f"was made with other settings ({', '.join(changed)})"
+    elif dropped:
+        reason = f"holds {dropped} {what} that this call would leave out"
+    else:
+        return
+    raise UserError(f"{option} {path} {reason}: give {option} {free_name(path)} to keep it, or --force to "
+                    "replace it")
+
+
+def free_name(path):
+    """The first of PATH-2.EXT, PATH-3.EXT, ... that does not exist: a file name that replaces nothing."""
+    stem, ext = os.path.splitext(os.fspath(path))
+    return next(name for i in itertools.count(2) if not os.path.exists(name := f"{stem}-{i}{ext}"))
 
 
 def earlier_result(path, script, force=False, option="--out"):

@@ -26,8 +26,10 @@ smallest, peak_sigma (C,) = sigma where G is largest, peak_gap (C,) = its value,
 eval_settings (JSON). With
 --optimal also e_train_optimal, e_val_optimal, gap_optimal (1, S) and optimal_digest; without
 snapshots the optimal denoiser is the only row (images_seen 0, checkpoint 'optimal'); its E_train
-is exactly 0 at small sigma, where its relative gap is inf. With --features: feature_sigmas (K,),
-fd_train, fd_val, feature_gap (C, K) (and *_optimal), feature_space (which features); both splits' Frechet distances use equally
+is 0 or at the rounding level of E_val (ROUNDING) at small sigma, where its relative gap is inf (said in the
+summary line). With --features: feature_sigmas (K,),
+fd_train, fd_val, feature_gap (C, K) (and *_optimal), feature_space (which features);
+both splits' Frechet distances use equally
 many images (the first min(n, --num-images) of each), since the distance's bias grows as 1/count;
 reconstructions and clean images are quantized to 8 bits before the features (as FID tools do).
 With --jacobian (or --jacobian-sigmas): jacobian_sigmas (J,), radius_train, radius_val (C, J) = the correlation
@@ -53,7 +55,9 @@ common.grid_windows); the optimal denoiser alone takes any window. DiTs are refu
 embeddings are fixed to the whole image.
 --out is rewritten after every evaluated model, and rows already in it computed with the same settings
 (of an earlier or a killed run) are reused unless --force; an --out that eval_gap.py did not write
-(another script's result, a foreign file) is not replaced unless --force.
+(another script's result, a foreign file), made with other settings or holding rows of models not given here
+is not replaced unless --force (common.check_kept, which names a free file name), and one process at a time
+writes it (common.exclusive).
 """
 import argparse
 import collections
@@ -82,6 +86,7 @@ RULES = {"windows": "on the grid, unpadded; cut: nearest (top + bottom) // 2",
          "jacobian_sigmas": "channel-diagonal blocks, all pixels q; fresh noise per sigma"}
 JACOBIAN_SIGMAS = 16  # the authors' radius: 16 sigmas log-spaced in [2e-3, 80]
 ROW_KEYS = ("e_train", "e_val", "peak_gap_ci", "fd_train", "fd_val", "radius_train", "radius_val")
+ROUNDING = np.finfo(np.float64).eps  # E_train at most this share of E_val is rounding: G is inf there
 
 # this process's shard; count: images of all processes; fd: the shard's images in the Frechet subset
 Split = collections.namedtuple("Split", "y noise labels count fd index")  # index: dataset indices (CPU)
@@ -97,7 +102,7 @@ def parse_args(argv=None):
     common.add_data_args(p, applies="--optimal without snapshots: ")
     p.add_argument("--num-images", type=common.at_least_two_int, default=8192,
                    help="images per split (or all available)")
-    p.add_argument("--sigmas", type=common.positive_float, nargs="+", default=None, help="noise levels (default: "
+    p.add_argument("--sigmas", type=common.sigma_float, nargs="+", default=None, help="noise levels (default: "
                    "--num-sigmas log-spaced in [2e-3, 80])")
     p.add_argument("--num-sigmas", type=common.positive_int, default=64, help="number of log-spaced noise levels")
     p.add_argument("--guidance-weights", type=common.finite_float, nargs="+", default=None,
@@ -114,7 +119,7 @@ def parse_args(argv=None):
                         "the channel-diagonal blocks of the input Jacobian) for the snapshots, at the authors' "
                         f"settings: {JACOBIAN_SIGMAS} sigmas log-spaced in [2e-3, 80], 32 images per split, all "
                         "pixels, fresh noise at each sigma")
-    p.add_argument("--jacobian-sigmas", type=common.positive_float, nargs="+", default=None,
+    p.add_argument("--jacobian-sigmas", type=common.sigma_float, nargs="+", default=None,
                    help="the radius at these noise levels instead (implies --jacobian)")
     p.add_argument("--jacobian-images", type=common.positive_int, default=32,
                    help="--jacobian: images per split (the first of the evaluation images)")
@@ -133,7 +138,6 @@ def parse_args(argv=None):
                         "nearest (with --windows)")
     p.add_argument("--bootstrap", type=common.positive_int, default=1000,
                    help="bootstrap resamples of the evaluation images for the interval of the peak of G")
-    p.add_argument("--allow-mixed", action="store_true", help="accept snapshots of different runs")
     common.add_run_args(
         p, seed="seed of the fixed noise of the images and of the samples of the splits",
         batch=(512, "(image, sigma) pairs per forward pass"), threads=True,
@@ -155,11 +159,9 @@ def parse_args(argv=None):
         args.feature_sigmas = "all"
     else:
         try:
-            args.feature_sigmas = [float(s) for s in args.feature_sigmas]
-        except ValueError:
-            raise common.UserError(f"--feature-sigmas takes positive numbers or 'all', got {args.feature_sigmas}")
-    check(args.feature_sigmas == "all" or all(np.isfinite(args.feature_sigmas)) and min(args.feature_sigmas) > 0,
-          f"--feature-sigmas must be positive numbers or 'all', got {args.feature_sigmas}")
+            args.feature_sigmas = [common.sigma_float(s) for s in args.feature_sigmas]
+        except argparse.ArgumentTypeError as err:
+            raise common.UserError(f"--feature-sigmas takes noise levels or 'all': each {err}") from None
     return args
 
 
@@ -168,8 +170,11 @@ def parse_args(argv=None):
 # ---------------------------------------------------------------------------
 
 def relative_gap(e_train, e_val):
-    """Relative generalization gap G(sigma) = (E_val - E_train) / E_train (inf where E_train = 0)."""
+    """Relative generalization gap G(sigma) = (E_val - E_train) / E_train; inf where E_train is 0 or at the
+    rounding level of E_val (at most ROUNDING E_val), as for the optimal denoiser at small sigma, whose E_train
+    of about 1e-270 would otherwise give G of about 1e267."""
     e_train, e_val = np.asarray(e_train, np.float64), np.asarray(e_val, np.float64)
+    e_train = np.where(e_train <= ROUNDING * np.abs(e_val), 0.0, e_train)
     with np.errstate(divide="ignore", invalid="ignore"):
         return (e_val - e_train) / e_train
 
@@ -223,22 +228,10 @@ def read_snapshot(path, weights="ema", data_dir=None):
     """Metadata of a snapshot: path, images seen, run identity, network config, source (common.TrainingSource;
     data_dir None: the run's) and a digest of everything its rows depend on (the `weights` and the source)."""
     ckpt = common.load_checkpoint(path)
-    run = {k: v for k, v in ckpt["args"].items() if k not in common.RESUMABLE_ARGS}
-    return dict(path=path, images_seen=int(ckpt["images_seen"]), run=run, network=ckpt["network"],
-                source=common.TrainingSource.of_checkpoint(ckpt, data_dir),
+    return dict(path=path, images_seen=int(ckpt["images_seen"]), run=common.run_identity(ckpt),
+                network=ckpt["network"], source=common.TrainingSource.of_checkpoint(ckpt, data_dir, path),
                 params=sum(int(t.numel()) for t in ckpt[common.WEIGHTS[weights]].values()),
                 digest=common.snapshot_digest(ckpt, weights))
-
-
-def check_same_run(snapshots, allow_mixed):
-    """UserError when the snapshots come from different runs (unless allowed)."""
-    first = snapshots[0]
-    for other in snapshots[1:]:
-        keys = sorted(set(first["run"]) | set(other["run"]))
-        diff = [f"--{k.replace('_', '-')} {first['run'].get(k)} vs {other['run'].get(k)}"
-                for k in keys if first["run"].get(k) != other["run"].get(k)]
-        check(allow_mixed or not diff, f"{first['path']} and {other['path']} come from different runs "
-              f"({'; '.join(diff)}): evaluate each run on its own, or pass --allow-mixed")
 
 
 def split_counts(source, num_images):
@@ -502,13 +495,16 @@ def without_model_axes(array, windowed, guided):
     return array if windowed else array[0]
 
 
-def cached_rows(old, path, settings, windowed, guided, say):
-    """Rows of an earlier output `old` (common.earlier_result) with the same settings, by model digest."""
+def cached_rows(old, path, settings, windowed, guided, keys):
+    """Rows of an earlier output `old` (common.earlier_result) by model digest, to be reused; UserError
+    (common.check_kept) when it was made with other settings or holds rows of models other than `keys`, which
+    rewriting it would lose."""
     if old is None:
         return {}
-    if "digests" not in old or "eval_settings" not in old or json.loads(str(old["eval_settings"])) != settings:
-        say(f"note: {path} was made with other evaluation settings; recomputing every row")
-        return {}
+    made = {"digests", "eval_settings"} <= set(old)
+    held = {str(key) for key in np.append(old["digests"], old.get("optimal_digest", []))} if made else set()
+    common.check_kept(path, json.loads(str(old["eval_settings"])) if made else None, settings, len(held - set(keys)),
+                      "row(s) of models not given here (other snapshots, or --optimal)")
     rows = {}
     for suffix, digests in (("", old["digests"]), ("_optimal", old.get("optimal_digest", np.array([])).reshape(-1))):
         for c, key in enumerate(digests):
@@ -570,7 +566,8 @@ def main(argv=None):
     common.check_writable(args.out)
     check(args.out.endswith(".npz"), f"--out must end with .npz, got {args.out}")
     common.choose_threads(None, args.threads)
-    common.run_distributed(evaluate, args)
+    with common.exclusive(args.out):  # one process per result file: none loses another's rows
+        common.run_distributed(evaluate, args)
 
 
 @torch.no_grad()  # not inference_mode: the correlation radius differentiates the models (and their weights)
@@ -578,8 +575,7 @@ def evaluate(args, rank, world, device):
     say = common.say
     old = common.earlier_result(args.out, SCRIPT, args.force)
     snapshots = [read_snapshot(path, args.weights, args.data_dir) for path in common.find_snapshots(args.snapshots)]
-    if snapshots:
-        check_same_run(snapshots, args.allow_mixed)
+    common.check_same_run([(s["path"], s["run"]) for s in snapshots], args.allow_mixed)
     opt_source = None
     if args.optimal:
         if snapshots:
@@ -621,16 +617,11 @@ def evaluate(args, rank, world, device):
         args.feature_space = extractor.description  # stored as feature_space
     out_path = args.out
     settings = eval_settings(args, sigmas, neg_digest)
-    cache = cached_rows(old, out_path, settings, windowed, guided, say)
-
     models = [(s["digest"], s["source"], s["path"]) for s in snapshots]
     if opt_source is not None:
         models.append(("optimal-" + opt_source.digest(), opt_source, None))
+    cache = cached_rows(old, out_path, settings, windowed, guided, [key for key, _, _ in models])
     todo = {key: (source, path) for key, source, path in models if key not in cache}
-    dropped = len(set(cache) - {key for key, _, _ in models})
-    if dropped:
-        say(f"note: {out_path} also holds {dropped} row(s) of models not given here (other snapshots or another "
-            "optimal denoiser); the rewritten file leaves them out")
     K = len(args.feature_sigmas) if extractor is not None else 0
     total = 0
     for source, path in todo.values():
@@ -743,6 +734,10 @@ def summarize(result, windows, weights, snapshots, optimal, say):
             gap, e_train = pick("gap_optimal"), pick("e_train_optimal")
             j = common.peak_index(gap)
             text = f"optimal denoiser: peak gap {gap[j]:.3g} at sigma {sigmas[j]:.3g}"
+            exact = int(np.isposinf(gap).sum())
+            if exact:
+                text += (f" (G = inf at {exact} sigma(s), where E_train is 0 or at rounding level, at most "
+                         f"{ROUNDING:.2g} E_val)")
             memorized = np.flatnonzero(np.cumprod(e_train < 1e-3))  # from the smallest sigma up
             if len(memorized):
                 text += f", E_train < 1e-3 up to sigma {sigmas[memorized[-1]]:.3g}"

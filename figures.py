@@ -24,12 +24,12 @@ import argparse
 import json
 import os
 
+import common  # first: a Ctrl-C while the libraries load is one line (common sets the hook)
 import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-import common  # noqa: E402
 from common import check  # noqa: E402
 
 GAP_LABEL = "relative gap G(sigma)"
@@ -342,32 +342,34 @@ def fig_memorization_over_training(mem_results):
     return fig
 
 
+def snapshot_keys(data, i):
+    """How sample_stats may name snapshot i of an eval_gap.py result: by its digest, else by its path."""
+    path = os.path.normpath(str(data["checkpoints"][i]))
+    return ([("digest", str(data["digests"][i]))] if "digests" in data else []) + [("path", path)]
+
+
 def snapshot_points(gap_results, mem_results):
-    """Per snapshot that has both an eval_gap.py and an (unguided) sample_memorize.py result with intervals: the
-    run's n and training seed, images seen, the peak of G with its interval over evaluation images, the copies
-    and the trajectory score (middle probe sigma) with their intervals and whether its states look like data."""
-    samples = {}
+    """Per snapshot that has both an eval_gap.py and an (unguided) sample_memorize.py result with intervals
+    (paired as sample_stats pairs them): the run's n and training seed, images seen, the peak of G with its
+    interval over evaluation images, the copies and the trajectory score (middle probe sigma) with their
+    intervals and whether its states look like data."""
+    memo = {}
     for _, data in mem_results:
-        if "traj_heldout_score_ci" not in data:
-            continue
-        mid = middle_probe(data)
-        for i, (path, seen, w) in enumerate(zip(data["checkpoints"], data["images_seen"], data["guidance_weights"])):
-            if seen >= 0 and w == 0:
-                samples[os.path.normpath(str(path))] = dict(
-                    copies=float(data["memorized_fraction"][i]), copies_ci=data["memorized_ci"][i],
-                    score=float(data["traj_heldout_score"][i, mid]), score_ci=data["traj_heldout_score_ci"][i, mid],
-                    valid=bool(data["traj_valid"][i, mid]))
+        if "traj_heldout_score_ci" in data:
+            memo.update(sample_stats(data)[0])
     points = []
     for _, data in gap_results:
         if "peak_gap_ci" not in data or "run_args" not in data:
             continue
         run, peak, peak_ci = json_key(data, "run_args"), first_weight(data["peak_gap"], data), first_weight(
             data["peak_gap_ci"], data)
-        for i, path in enumerate(data["checkpoints"]):
-            stats = samples.get(os.path.normpath(str(path)))
+        for i in range(len(data["checkpoints"])):
+            stats = next((memo[key] for key in snapshot_keys(data, i) if key in memo), None)
             if stats is not None:
                 points.append(dict(n=run.get("n"), seed=run.get("seed", 0), images_seen=int(data["images_seen"][i]),
-                                   peak=float(peak[i]), peak_ci=peak_ci[i], **stats))
+                                   peak=float(peak[i]), peak_ci=peak_ci[i], copies=stats["memorized"],
+                                   copies_ci=stats["ci"], score=stats["score"], score_ci=stats["score_ci"],
+                                   valid=stats["valid"]))
     return points
 
 
@@ -512,10 +514,14 @@ def fig_toy(data):
 # ---------------------------------------------------------------------------
 
 def sample_stats(data):
-    """Statistics of the unguided configurations of a sample_memorize.py result: ({last snapshot path:
-    stats}, [summary rows of the reference samplers: optimal, Gaussian])."""
+    """Statistics of the unguided configurations of a sample_memorize.py result: ({snapshot: stats}, [summary
+    rows of the reference samplers: optimal, Gaussian]). A snapshot is named by its digest (digests, as
+    eval_gap.py's), so that the paths by which the two scripts were given it do not matter; in a file written
+    before sample_memorize.py stored digests, by its path."""
     memo, refs = {}, []
-    for i, (path, seen, w) in enumerate(zip(data["checkpoints"], data["images_seen"], data["guidance_weights"])):
+    keys = ([("digest", str(d)) for d in data["digests"]] if "digests" in data else
+            [("path", os.path.normpath(str(p))) for p in data["checkpoints"]])
+    for i, (key, seen, w) in enumerate(zip(keys, data["images_seen"], data["guidance_weights"])):
         if w != 0:
             continue
         at = lambda key: float(data[key][i, middle_probe(data)]) if key in data else None  # noqa: E731
@@ -528,7 +534,7 @@ def sample_stats(data):
                      fd_gap=float(data["fd_gap"][i]),
                      fd_heldout=float(data["fd_gap_heldout"][i]) if "fd_gap_heldout" in data else None)
         if seen >= 0:
-            memo[os.path.normpath(str(path))] = stats
+            memo[key] = stats
         else:
             refs.append(dict(run=str(data["configs"][i]), params=None, n=(data.get("args") or {}).get("n"),
                              images_seen=None, peak_gap=None, peak_ci=None, peak_sigma=None, **stats))
@@ -537,17 +543,23 @@ def sample_stats(data):
 
 def gap_row(name, data, memo):
     """The summary row of an eval_gap.py result (its last snapshot), with the sample statistics of that
-    snapshot from `memo` (sample_stats)."""
+    snapshot from `memo` (sample_stats: by its digest, or its path for older sample files); a note when there
+    are sample statistics but none of this snapshot."""
     gap = first_weight(data["gap"], data)[-1]
     j = int(common.peak_index(gap))
     f = run_factors(data) if "run_args" in data else {}
-    last = os.path.normpath(str(data["checkpoints"][-1])) if "checkpoints" in data else ""
+    last = str(data["checkpoints"][-1]) if "checkpoints" in data else "optimal"
+    keys = snapshot_keys(data, -1) if "checkpoints" in data else [("path", last)]
+    stats = next((memo[key] for key in keys if key in memo), None)
+    if stats is None and memo and last != "optimal":  # the optimal denoiser's samples are reference rows
+        print(f"note: no sample_memorize.py result holds the last snapshot of {name} (paired by its digest): "
+              "its sample columns stay empty")
     params = int(data["params"]) if "params" in data else None  # all of them
     peak_ci = first_weight(data["peak_gap_ci"], data)[-1] if "peak_gap_ci" in data else None
     return dict(run=name, params=params, n=f.get("n"), images_seen=int(data["images_seen"][-1]),
                 peak_gap=float(gap[j]), peak_ci=peak_ci, peak_sigma=float(data["sigmas"][j]),
-                **memo.get(last, dict(memorized=None, ci=None, overlap=None, fresh=None, score=None, score_ci=None,
-                                      valid=True, fd_gap=None, fd_heldout=None)))
+                **(stats or dict(memorized=None, ci=None, overlap=None, fresh=None, score=None, score_ci=None,
+                                 valid=True, fd_gap=None, fd_heldout=None)))
 
 
 def summary_rows(gap_results, mem_results):
@@ -614,6 +626,14 @@ def main(argv=None):
     found = find_results(args.results)
     check(found, f"no results (.npz from toy2d.py, eval_gap.py, sample_memorize.py or train_image.py) "
                  f"below {args.results}")
+    with common.exclusive(out):  # one process per figure folder; then no live writer has a temp file in it
+        common.remove_temp_files(out, r".*\.(png|pdf)|summary\.txt")
+        write_figures(args.results, out, found)
+
+
+def write_figures(results, out, found):
+    """Every figure the results in `found` (find_results of the folder `results`) allow, and the summary, into
+    the folder `out`."""
     gap_results, mem_results = found.get("gap", []), found.get("memorization", [])
     written = []
 
@@ -657,7 +677,7 @@ def main(argv=None):
         draw(f"toy_{name}", fig_toy, data)
     for missing, what in (("gap", "eval_gap.py"), ("memorization", "sample_memorize.py")):
         if missing not in found:
-            print(f"note: no {what} results below {args.results}: their figures are skipped")
+            print(f"note: no {what} results below {results}: their figures are skipped")
 
     if gap_results:
         table = format_summary(summary_rows(gap_results, mem_results))

@@ -14,8 +14,13 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 OUT=${1:-results/quick}
-PY=${PYTHON:-python3}
-$PY -c "import torch" 2>/dev/null || { echo "error: $PY cannot import torch: install the requirements (README) or set PYTHON" >&2; exit 2; }
+PY=${PYTHON:-python3}  # the Python with the requirements: PYTHON=venv/bin/python bash quick.sh
+if ! PY_INFO=$("$PY" -c 'import sys, torch; print(sys.executable, "with torch", torch.__version__)' 2>/dev/null); then
+    echo "error: $PY cannot import torch: set PYTHON to the Python that has the requirements" \
+         "(e.g. PYTHON=venv/bin/python), or install them (python3 -m pip install -r requirements.txt)" >&2
+    exit 2
+fi
+echo "python: $PY_INFO"
 STEPS=${STEPS:-2400}
 DATA="--data fashion-mnist --resolution 16"
 THREADS=$(( $(nproc) / 2 > 0 ? $(nproc) / 2 : 1 ))  # per pipeline: two run at once

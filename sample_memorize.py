@@ -14,7 +14,9 @@ processes, and is integrated by the deterministic Heun sampler of common.py.
 
 Writes --out (.npz; C configurations, M samples, P probe sigmas, T stop sigmas):
   args, script, settings (JSON of the arguments that change the numbers), configs (C,) names,
-  config_keys (C,) (digests of model and w), checkpoints (C,), images_seen (C,) (-1: optimal), guidance_weights (C,),
+  config_keys (C,) (digests of model and w), digests (C,) (of the model: common.snapshot_digest, as
+  eval_gap.py's, by which figures.py pairs the two),
+  checkpoints (C,), images_seen (C,) (-1: optimal), guidance_weights (C,),
   seeds (M,), labels (C, M) (-1: unconditional), samples (C, M, ch, R, R) float16, sampler_sigmas;
   memorization of the samples: nn_ratio = d1/d2 (common.memorization_ratio), d_train = d1 (nearest
   training image), d_val (nearest validation image), nn_train_index (C, M) (its index in the
@@ -51,7 +53,8 @@ and, in the folder named like --out without .npz, samples-CONFIG.png (a grid of 
 and nn-CONFIG.png (samples above their nearest training images, with their ratio).
 --out is rewritten after every configuration, and configurations already in it made with the same
 settings (by an earlier or a killed run) are reused unless --force; an --out that sample_memorize.py
-did not write (another script's result, a foreign file) is not replaced unless --force.
+did not write (another script's result, a foreign file), made with other settings or holding configurations
+not asked for here is not replaced unless --force (common.check_kept), and one process at a time writes it.
 """
 import argparse
 import collections
@@ -62,9 +65,9 @@ import os
 import time
 from typing import Callable
 
+import common  # first: it sets OpenMP's wait policy, which torch reads when it loads, and the Ctrl-C hook
 import matplotlib
 matplotlib.use("Agg")
-import common  # noqa: E402  (before torch: it sets OpenMP's wait policy, which torch reads when it loads)
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -220,7 +223,7 @@ def network_model(path, weights, data_dir, device, train_cache, mode="auto"):
     its training set (data_dir None: the run's; shared between snapshots of the same source through train_cache)."""
     net, ckpt = common.load_denoiser(path, weights, device)
     num_classes = ckpt["network"]["num_classes"]
-    source = common.TrainingSource.of_checkpoint(ckpt, data_dir)
+    source = common.TrainingSource.of_checkpoint(ckpt, data_dir, path)
     key = source.digest() + str(source.data_dir)
     if key not in train_cache:
         train_cache[key] = load_training_set(source, device)
@@ -607,7 +610,7 @@ def summarize(res, fd_refs, n_boot, seed):
 def save_grid(path, samples, cols=8):
     """The first cols^2 samples as one PNG grid with 1-pixel gaps, pixels enlarged to >= 64 per image."""
     grid = common.image_grid(samples[:cols * cols], cols, gap=1, scale=max(1, 64 // samples.shape[-1]))
-    plt.imsave(path, grid, cmap="gray", vmin=0, vmax=1)
+    common.atomic_write(path, lambda f: plt.imsave(f, grid, cmap="gray", vmin=0, vmax=1, format="png"))
 
 
 def save_neighbours(path, samples, nearest, ratio, title):
@@ -623,8 +626,10 @@ def save_neighbours(path, samples, nearest, ratio, title):
     axes[0, 0].set_ylabel("sample", fontsize=8)
     axes[1, 0].set_ylabel("nearest\ntrain", fontsize=8)
     fig.suptitle(f"{title}: d1/d2 above each sample (a copy when < 1/3)", fontsize=9)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    try:
+        common.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120, bbox_inches="tight"))
+    finally:
+        plt.close(fig)
 
 
 def save_figures(out, name, res, train, count=12):
@@ -670,22 +675,26 @@ def default_out(args):
     return os.path.join("results", f"memorize-{kind}-{subset}{guided}.npz")
 
 
-def model_key(path, args):
+def model_key(ckpt, args):
     """Digest of what a model's samples depend on besides the settings: a snapshot's network, weights and
-    training subset (common.snapshot_digest), or the subset of the optimal or Gaussian denoiser (path None)."""
-    if path is None:
-        kind = reference_kind(args)
-        return common.digest(kind, args.data, args.resolution, args.n, args.cond, args.k, args.subset_seed)
-    return common.snapshot_digest(common.load_checkpoint(path), args.weights)
+    training subset (common.snapshot_digest of a load_checkpoint dict, as eval_gap.py's digests), or the subset
+    of the optimal or Gaussian denoiser (ckpt None)."""
+    if ckpt is None:
+        return common.digest(reference_kind(args), args.data, args.resolution, args.n, args.cond, args.k,
+                             args.subset_seed)
+    return common.snapshot_digest(ckpt, args.weights)
 
 
-def cached_configs(old, settings, path, say):
-    """Rows of an earlier --out `old` (common.earlier_result) made with the same settings, by configuration key."""
+def cached_configs(old, settings, path, keys):
+    """Rows of an earlier --out `old` (common.earlier_result) by configuration key, to be reused; UserError
+    (common.check_kept) when it was made with other settings or holds configurations other than `keys`, which
+    rewriting it would lose."""
     if old is None:
         return {}
-    if "config_keys" not in old or "settings" not in old or json.loads(str(old["settings"])) != settings:
-        say(f"note: {path} was made with other settings; recomputing every configuration")
-        return {}
+    made = {"config_keys", "settings"} <= set(old)
+    held = {str(key) for key in old["config_keys"]} if made else set()
+    common.check_kept(path, json.loads(str(old["settings"])) if made else None, settings, len(held - set(keys)),
+                      "configuration(s) not asked for here (other snapshots or guidance weights)")
     per_config = [key for key in old if key not in SHARED_KEYS + ("args", "script")]
     return {str(key): {k: old[k][c] for k in per_config} for c, key in enumerate(old["config_keys"])}
 
@@ -696,7 +705,9 @@ def main(argv=None):
     common.check_writable(args.out)
     common.check_writable(os.path.splitext(args.out)[0], folder=True, option="the figure folder of --out")
     common.choose_threads(None, args.threads)
-    common.run_distributed(evaluate, args)
+    with common.exclusive(args.out):  # one process per result file (and its figures): none loses another's rows
+        common.remove_temp_files(os.path.splitext(args.out)[0], r".*\.png")
+        common.run_distributed(evaluate, args)
 
 
 def evaluate(args, rank, world, device):
@@ -723,15 +734,20 @@ def evaluate(args, rank, world, device):
         neg = network_model(args.neg, args.weights, args.data_dir, device, train_cache, args.forward_mode)
         neg_fits = (args.neg, neg.train.x.shape[1:], neg.num_classes)
     settings = json.loads(json.dumps({key: getattr(args, key) for key in SETTINGS}))
-    settings["neg"] = "uncond" if neg == "uncond" else model_key(args.neg, args)
-    rows = cached_configs(old, settings, args.out, say)
-    keys = [[common.digest(model, float(w)) for w in args.guidance_weights]  # one per configuration
-            for model in (model_key(path, args) for path in paths)]
+    settings["neg"] = "uncond" if neg == "uncond" else model_key(common.load_checkpoint(args.neg), args)
+    digests, runs = [], []  # of each model (model_key), and (path, run_identity) of each snapshot
+    for path in paths:
+        ckpt = None if path is None else common.load_checkpoint(path)
+        digests.append(model_key(ckpt, args))
+        runs += [] if ckpt is None else [(path, common.run_identity(ckpt))]
+    common.check_same_run(runs, args.allow_mixed)
+    keys = [[common.digest(model, float(w)) for w in args.guidance_weights] for model in digests]  # per configuration
     order = [key for path_keys in keys for key in path_keys]
-    todo, dropped = len(set(order) - set(rows)), len(set(rows) - set(order))
-    if dropped:
-        say(f"note: {args.out} also holds {dropped} configuration(s) not asked for here (other snapshots or "
-            "guidance weights); the rewritten file leaves them out")
+    rows = cached_configs(old, settings, args.out, order)
+    for model, path_keys in zip(digests, keys):  # files written before rows named their model's digest
+        for key in set(path_keys) & set(rows):
+            rows[key].setdefault("digests", np.array(model))
+    todo = len(set(order) - set(rows))
     say(f"{args.num_samples} samples per configuration from seed {args.seed}, {args.steps} Heun steps, {world} "
         f"process(es) on {device}; stop sigmas {np.round(sigmas[stops].numpy(), 3).tolist()}, probe sigmas "
         f"{np.round(sigmas[probes].numpy(), 3).tolist()}, features {args.features}; {len(order) - todo} of "
@@ -744,7 +760,7 @@ def evaluate(args, rank, world, device):
     def write():
         return write_results(args, [rows[key] for key in order if key in rows], sigmas, stops, probes, settings)
 
-    for path, path_keys in zip(paths, keys):
+    for path, model_digest, path_keys in zip(paths, digests, keys):
         if all(key in rows for key in path_keys):
             continue
         if path is None:
@@ -785,7 +801,7 @@ def evaluate(args, rank, world, device):
                        images_seen=model.images_seen, w=w, fd_size=len(draws[0].val_pos),
                        conditional_llr=draws[0].conditional, feature_space=features.description)
             figs = save_figures(args.out, name, res, model.train)
-            rows[key] = result_row(res, key)
+            rows[key] = dict(result_row(res, key), digests=np.array(model_digest))
             arrays = write()  # after every configuration, so that a rerun after a kill reuses the finished ones
             progress["done"] += 1
             say(summary_line(res, sigmas, probes, time.perf_counter() - start) + f"; figures {', '.join(figs)}")

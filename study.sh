@@ -43,7 +43,7 @@
 # snapshot, and the evaluations reuse the rows they already wrote.
 set -euo pipefail
 cd "$(dirname "$0")"
-PY=${PYTHON:-python3}
+PY=${PYTHON:-python3}  # the Python with the requirements: PYTHON=venv/bin/python bash study.sh
 SCALE=gpu DEVICE="" TINY=0 OUT="" DATA_DIR=${DATA_DIR:-} JOBS="" SIZES="" NS="" IMAGES="" SEEDS="" HEADLINE_NS=""
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -56,7 +56,11 @@ while [ $# -gt 0 ]; do
     esac
 done
 case "$SCALE" in cpu|gpu) ;; *) echo "error: --scale must be cpu or gpu, got $SCALE" >&2; exit 2 ;; esac
-$PY -c "import torch" 2>/dev/null || { echo "error: $PY cannot import torch: install the requirements (README) or set PYTHON" >&2; exit 2; }
+if ! PY_INFO=$("$PY" -c 'import sys, torch; print(sys.executable, "with torch", torch.__version__)' 2>/dev/null); then
+    echo "error: $PY cannot import torch: set PYTHON to the Python that has the requirements" \
+         "(e.g. PYTHON=venv/bin/python), or install them (python3 -m pip install -r requirements.txt)" >&2
+    exit 2
+fi
 if [ "$SCALE" = cpu ]; then  # the map on a CPU: the quick run's network and recipe over n, length and seeds
     DEVICE=${DEVICE:-cpu} OUT=${OUT:-results/study-cpu} JOBS=${JOBS:-2} SIZES=${SIZES:-tiny} RES=16 KS=""
     WINDOWS=() KSIZE="" WINDOW_RUN_SIZE="" TRAIN=(--lr 2e-3 --lr-rampup 0)
@@ -88,6 +92,17 @@ else  # the one-GPU study
         SAMPLE=(--num-samples 1024)
     fi
 fi
+positive() {  # positive OPTION VALUE...: stop unless each VALUE is a positive integer
+    local value
+    for value in "${@:2}"; do
+        [[ $value =~ ^[1-9][0-9]*$ ]] || { echo "error: $1 takes positive integers, got '$value'" >&2; exit 2; }
+    done
+}
+positive --jobs "$JOBS"
+positive --images "$IMAGES"
+positive --ns $NS
+[ -n "${SIZES// /}" ] && [ -n "${NS// /}" ] && [ -n "${SEEDS// /}" ] || { echo "error: --sizes, --ns and --seeds must not be empty" >&2; exit 2; }
+[[ "$SEEDS $HEADLINE_NS" =~ ^[0-9\ ]*$ ]] || { echo "error: --seeds and --headline-ns take non-negative integers" >&2; exit 2; }
 STEPS=$(( (IMAGES + BATCH - 1) / BATCH ))
 NEG_STEPS=$(( (IMAGES / 10 + BATCH - 1) / BATCH ))  # the guidance negative: 10x shorter
 WEIGHTS=(0 0.2 0.4 0.6 0.8 1 1.2 1.4 1.6 1.8 2)       # guidance weights: 0 unguided, then the paper's 0.2 to 2.0
@@ -134,7 +149,8 @@ start() {  # start NAME COMMAND...: in the background, at most JOBS at once, out
 finish_all() { while [ ${#NAME[@]} -gt 0 ]; do finish_one; done; }
 
 {
-    echo "study.sh --scale $SCALE on $DEVICE$([ "$TINY" = 1 ] && echo ' (tiny)'), $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown), $PY"
+    echo "study.sh --scale $SCALE on $DEVICE$([ "$TINY" = 1 ] && echo ' (tiny)'), $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+    echo "python: $PY_INFO"
     echo "sizes: $SIZES; n: $NS; seeds $SEEDS for n in ${HEADLINE_NS:-none}, else 0; $IMAGES images per run ($STEPS steps of batch $BATCH); $JOBS runs at once"
     start_stage=$SECONDS
     for size in $SIZES; do

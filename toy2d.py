@@ -30,9 +30,9 @@ import argparse
 import os
 import time
 
+import common  # first: it sets OpenMP's wait policy, which torch reads when it loads, and the Ctrl-C hook
 import matplotlib
 matplotlib.use("Agg")
-import common  # noqa: E402  (before torch: it sets OpenMP's wait policy, which torch reads when it loads)
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -42,6 +42,9 @@ from common import check  # noqa: E402
 
 SCRIPT = os.path.basename(__file__)  # stored in every result file (common.save_npz)
 EXPERIMENTS = ["flow", "delta", "density", "field", "manifold", "guidance", "trajectories", "samples"]
+# Circle radii the toy takes: with the noise levels of common.SIGMA_BOUNDS, squared distances over sigma^2 stay
+# finite (a radius of 1e200 overflowed them)
+RADIUS_BOUNDS = (1e-3, 1e3)
 RENAMED = {"fd": "samples"}  # old experiment names: stopped with a message that names the new one
 
 # Paper settings per experiment; command-line flags override them.
@@ -65,9 +68,10 @@ def parse_args(argv=None):
     p.add_argument("--n-points", type=int, nargs="+", help="points on the circle, half of them training points "
                    "(density sweeps the list); default: the paper's per experiment")
     p.add_argument("--guidance-weights", type=float, nargs="+", help="guidance weights w (default 0, 0.25, ..., 2)")
-    p.add_argument("--sigmas", type=float, nargs="+", help="noise levels: the sigma grid of the gap curves "
-                   "(default: the 120-step EDM schedule), or the sigmas of flow, field and manifold")
-    p.add_argument("--radius", type=float, help="circle radius (default 10; trajectories: 1)")
+    p.add_argument("--sigmas", type=common.sigma_float, nargs="+", help="noise levels: the sigma grid of the gap "
+                   "curves (default: the 120-step EDM schedule), or the sigmas of flow, field and manifold")
+    p.add_argument("--radius", type=common.float_between(*RADIUS_BOUNDS, "a radius"),
+                   help="circle radius (default 10; trajectories: 1)")
     p.add_argument("--random", action="store_true", help="random instead of equally spaced angles (samples: always)")
     p.add_argument("--samples-per-point", type=int, help="fixed noise draws per point (default 50; manifold: "
                    "500, the paper's)")
@@ -99,10 +103,8 @@ def parse_args(argv=None):
         if values is not None:
             check(all(np.isfinite(values)), f"--{name.replace('_', '-')} must be finite numbers")
     check(args.deltas is None or min(args.deltas) >= 0, "--deltas must be >= 0")
-    check(args.sigmas is None or min(args.sigmas) > 0, "--sigmas must be positive")
     check(args.n_points is None or min(args.n_points) >= 2, "--n-points must be at least 2 (one training "
           "and one validation point)")
-    check(args.radius is None or args.radius > 0, "--radius must be positive")
     return args
 
 
@@ -484,16 +486,18 @@ def main(argv=None):
     args.device = "cpu" if device.type == "mps" else str(device)
     names = EXPERIMENTS if args.experiment == "all" else [args.experiment]
     check_experiments(args, names)
-    for name in names:  # each run replaces its own EXPERIMENT.npz, but no other program's file unasked
-        common.earlier_result(os.path.join(args.out, f"{name}.npz"), SCRIPT, args.force)
-    threads = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        for name in tqdm(names, desc="toy2d", disable=len(names) == 1):
-            run_experiment(name, args)
-    finally:
-        torch.set_num_threads(threads)
+    with common.exclusive(args.out):  # one process per output folder; then no live writer has a temp file in it
+        common.remove_temp_files(args.out, rf"({'|'.join(EXPERIMENTS)})\.(npz|png|pdf)")
+        for name in names:  # each run replaces its own EXPERIMENT.npz, but no other program's file unasked
+            common.earlier_result(os.path.join(args.out, f"{name}.npz"), SCRIPT, args.force)
+        threads = torch.get_num_threads()
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        try:
+            for name in tqdm(names, desc="toy2d", disable=len(names) == 1):
+                run_experiment(name, args)
+        finally:
+            torch.set_num_threads(threads)
 
 
 def run_experiment(name, args):

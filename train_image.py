@@ -13,7 +13,8 @@ graphs (--step-mode); on a CPU, steps below common.ONE_THREAD_BELOW_FLOPS run on
 With --augment-p, each training image is augmented (common.augment) and the network conditioned on the
 augmentation parameters, which are zero at sampling and evaluation. Rerunning a command with the same --out
 resumes from its last snapshot. Writes to --out:
-snapshot-<images seen, 9 digits>.pt (a plain dict with common.CHECKPOINT_KEYS and `log`)
+snapshot-<images seen, at least 9 digits>.pt (a plain dict with common.CHECKPOINT_KEYS, `log` and `data_digests`,
+common.data_digests: what a resumed run, eval_gap.py and sample_memorize.py check the images they read against)
 and train_log.npz (args, images_seen, loss, eval_images, eval_sigmas, E_train, E_val,
 snapshot_images, subset, probe_train, probe_val).
 """
@@ -83,7 +84,7 @@ def parse_args(argv=None):
                    "every:N = every N images; the last step always gets one")
     p.add_argument("--eval-every", type=common.positive_int, default=1_000_000,
                    help="images between E_train/E_val evaluations (also at the start and the end)")
-    p.add_argument("--eval-sigmas", type=common.positive_float, nargs="+", default=[0.5, 1.0, 2.0],
+    p.add_argument("--eval-sigmas", type=common.sigma_float, nargs="+", default=[0.5, 1.0, 2.0],
                    help="noise levels of the E_train/E_val evaluations")
     p.add_argument("--probe-images", type=common.positive_int, default=256,
                    help="images per split in the fixed probe set of the evaluations")
@@ -200,10 +201,22 @@ def megabytes(size):
     return f"{size / 1e9:.3g} GB" if size >= 1e9 else f"{size / 1e6:.3g} MB"
 
 
-def snapshot_bytes(net, ema, opt):
-    """Size of one snapshot, about: the tensors of the network, its EMA and the optimizer state."""
-    states = [net.state_dict(), ema.state_dict(), *opt.state_dict()["state"].values()]
-    return sum(t.numel() * t.element_size() for state in states for t in state.values() if torch.is_tensor(t))
+def snapshot_bytes(net, ema):
+    """Size of one snapshot, about: the tensors of the network and its EMA, and Adam's two moments per
+    parameter (known before its first step too)."""
+    tensors = [*net.state_dict().values(), *ema.state_dict().values(), *net.parameters(), *net.parameters()]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def check_disk(out, first, snapshot_size, num_snapshots, say):
+    """Before training: UserError when the disk of the run folder `out` has no room for the `first` snapshot
+    file (about snapshot_size bytes), a warning when it lacks room for all num_snapshots."""
+    free = shutil.disk_usage(out).free
+    common.check(snapshot_size <= free, f"cannot write {first}: no space left on device ({megabytes(snapshot_size)} "
+                                        f"needed, {megabytes(free)} free in {out})")
+    if num_snapshots * snapshot_size > free:
+        say(f"warning: {num_snapshots} snapshots of about {megabytes(snapshot_size)} need "
+            f"{megabytes(num_snapshots * snapshot_size)}, but {out} has {megabytes(free)} free")
 
 
 def plan_line(args, step, step_seconds, eval_seconds, num_snapshots, snapshot_size):
@@ -281,7 +294,9 @@ def main(argv=None):
     check_args(args)
     args.out = args.out or default_out(args)
     common.check_writable(args.out, folder=True)
-    common.run_distributed(train, args)
+    with common.exclusive(args.out):  # one process per run folder; then no live writer has a temp file in it
+        common.remove_temp_files(args.out, r"snapshot-\d+\.pt|train_log\.npz")
+        common.run_distributed(train, args)
 
 
 def train(args, rank, world, device):
@@ -326,6 +341,9 @@ def train(args, rank, world, device):
     else:
         subset, labels, centroids = common.training_subset(args.data, args.n, args.seed, args.cond, args.k,
                                                            args.resolution, args.data_dir)
+    if ckpt:
+        common.check_data(ckpt, args.data_dir, last_path)
+    data_digests = common.data_digests(args.data, subset, args.data_dir)
     x_train = common.images_to_tensor(images[subset], args.resolution)
     val_images, val_class_labels = common.load_images(args.data, "val", args.data_dir)
     probe_train = common.choose_subset(args.n, min(args.probe_images, args.n), args.seed)
@@ -403,18 +421,21 @@ def train(args, rank, world, device):
 
     as_tensor = lambda a: None if a is None else torch.tensor(np.asarray(a))  # noqa: E731  (see save_checkpoint)
 
+    def snapshot_path(step):
+        return os.path.join(args.out, f"snapshot-{step * B:09d}.pt")
+
     def snapshot(step):
         states = [common.rng_state(noise=gen)] * world
         if world > 1:
             dist.all_gather_object(states, states[0])
-        path = os.path.join(args.out, f"snapshot-{step * B:09d}.pt")
+        path = snapshot_path(step)
         if rank == 0:
             log["snapshot_images"].append(step * B)
             common.save_checkpoint(dict(
                 kind=common.CHECKPOINT_KIND, net=net.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
                 step=step, images_seen=step * B, args=vars(args), network=net.config, subset=as_tensor(subset),
                 labels=as_tensor(labels), dataset=args.data, resolution=args.resolution,
-                kmeans_centroids=as_tensor(centroids), rng=states, log=log), path)
+                kmeans_centroids=as_tensor(centroids), data_digests=data_digests, rng=states, log=log), path)
             for old in old_run:
                 if old != path:
                     os.remove(old)
@@ -422,6 +443,10 @@ def train(args, rank, world, device):
             write_log()
         return path
 
+    if rank == 0:
+        later = sorted(s for s in snapshots if s > start)
+        os.makedirs(args.out, exist_ok=True)
+        check_disk(args.out, snapshot_path(later[0]) if later else args.out, snapshot_bytes(net, ema), len(later), say)
     done, eval_seconds = start, None
     common.on_interrupt(lambda: interrupted_note(args, done, last_snapshot))
     if start == 0:
@@ -457,7 +482,7 @@ def train(args, rank, world, device):
                 if cuda:
                     torch.cuda.synchronize(device)
                 bar.write(plan_line(args, step, (time.perf_counter() - loop_start) / (step - start), eval_seconds,
-                                    len(snapshots), snapshot_bytes(net, ema, opt)))
+                                    len(snapshots), snapshot_bytes(net, ema)))
                 planned = True
 
             is_snapshot = step in snapshots

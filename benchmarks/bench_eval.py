@@ -15,10 +15,9 @@ best of --repeats after one warm-up run (compilation, CUDA graph recording). The
     python benchmarks/bench_eval.py --size s --resolution 32 --images 2048 --sigmas 64 --batch 1024  # GPU
     python benchmarks/bench_eval.py --device cuda --forward-mode eager                                # GPU, eager
 """
-import torch
-
-from benchlib import best_time, parser, start
+from benchlib import best_time, parser, start  # first: common's OpenMP wait policy and Ctrl-C hook, before torch
 import common
+import torch
 import eval_gap
 import sample_memorize
 
@@ -27,12 +26,14 @@ def main():
     p = parser(__doc__, repeats=3, device=True)
     p.add_argument("--model", default="unet", help="unet or dit")
     p.add_argument("--size", default="tiny", help="network preset")
-    p.add_argument("--resolution", type=int, default=16, help="image size")
-    p.add_argument("--channels", type=int, default=1, help="image channels")
-    p.add_argument("--images", type=int, default=128, help="images in the split")
-    p.add_argument("--sigmas", type=int, default=8, help="noise levels")
-    p.add_argument("--batch", type=int, default=128, help="(image, sigma) pairs or samples per forward pass")
-    p.add_argument("--steps", type=int, default=18, help="Heun steps of the sampler (sample_memorize.py --steps)")
+    p.add_argument("--resolution", type=common.positive_int, default=16, help="image size")
+    p.add_argument("--channels", type=common.positive_int, default=1, help="image channels")
+    p.add_argument("--images", type=common.positive_int, default=128, help="images in the split")
+    p.add_argument("--sigmas", type=common.positive_int, default=8, help="noise levels")
+    p.add_argument("--batch", type=common.positive_int, default=128,
+                   help="(image, sigma) pairs or samples per forward pass")
+    p.add_argument("--steps", type=common.at_least_two_int, default=18,
+                   help="Heun steps of the sampler (sample_memorize.py --steps)")
     common.add_mode_arg(p, "--forward-mode", "the network's forward passes, as eval_gap.py and sample_memorize.py "
                         "--forward-mode")
     args = p.parse_args()
@@ -86,4 +87,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    common.run_cli(main)

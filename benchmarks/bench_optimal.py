@@ -10,11 +10,10 @@ in the same run.
 
     python benchmarks/bench_optimal.py
 """
+from benchlib import best_time, fix_mmap_threshold, matmul_gflops, parser, peak_extra_mb, start  # first: as common
+import common
 import numpy as np
 import torch
-
-from benchlib import best_time, fix_mmap_threshold, matmul_gflops, parser, peak_extra_mb, start
-import common
 import toy2d
 
 
@@ -79,15 +78,18 @@ def bench_images(n, d, queries, numpy_queries, repeats):
 
 def main():
     p = parser(__doc__, repeats=5)
-    p.add_argument("--n", type=int, default=60000, help="training vectors in (b)")
-    p.add_argument("--d", type=int, default=784, help="dimension in (b)")
-    p.add_argument("--queries", type=int, default=512, help="queries in (b)")
-    p.add_argument("--numpy-queries", type=int, default=2, help="queries the NumPy version runs in (b)")
+    p.add_argument("--n", type=common.positive_int, default=60000, help="training vectors in (b)")
+    p.add_argument("--d", type=common.positive_int, default=784, help="dimension in (b)")
+    p.add_argument("--queries", type=common.positive_int, default=512, help="queries in (b)")
+    p.add_argument("--numpy-queries", type=common.positive_int, default=2,
+                   help="queries the NumPy version runs in (b)")
     args = p.parse_args()
+    common.check(args.numpy_queries <= args.queries, f"--numpy-queries {args.numpy_queries} is more than --queries "
+                                                     f"{args.queries}")
     start(args)
     bench_toy(args.repeats)
     bench_images(args.n, args.d, args.queries, args.numpy_queries, args.repeats)
 
 
 if __name__ == "__main__":
-    main()
+    common.run_cli(main)

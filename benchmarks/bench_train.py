@@ -34,19 +34,19 @@ def parse_args():
     p.add_argument("--model", default="unet", choices=sorted(common.NETWORK_PRESETS))
     p.add_argument("--sizes", default="auto", help="comma-separated presets; auto: all on CUDA, "
                    "all but l on CPU")
-    p.add_argument("--batch", type=int, default=128, help="images per training step")
-    p.add_argument("--resolution", type=int, default=32, help="image size")
-    p.add_argument("--channels", type=int, default=3, help="image channels")
-    p.add_argument("--net-channels", type=int, default=None, help="override the presets' base channels "
-                   "(train_image.py --channels)")
+    p.add_argument("--batch", type=common.positive_int, default=128, help="images per training step")
+    p.add_argument("--resolution", type=common.positive_int, default=32, help="image size")
+    p.add_argument("--channels", type=common.positive_int, default=3, help="image channels")
+    p.add_argument("--net-channels", type=common.positive_int, default=None,
+                   help="override the presets' base channels (train_image.py --channels)")
     common.add_mode_arg(p, "--step-mode", "as train_image.py --step-mode, the training step")
     p.add_argument("--compile", dest="step_mode", action="store_const", const="compile",
                    help="same as --step-mode compile")
     p.add_argument("--background-load", action="store_true", help="run one busy single-threaded process "
                    "while the steps are timed")
-    p.add_argument("--matmul-size", type=int, default=None, help="side of the square matmul; "
+    p.add_argument("--matmul-size", type=common.positive_int, default=None, help="side of the square matmul; "
                    "default 8192 on CUDA, 2048 on CPU")
-    p.add_argument("--seed", type=int, default=0, help="seed of the weights and images")
+    p.add_argument("--seed", type=common.non_negative_int, default=0, help="seed of the weights and images")
     p.add_argument("--out", default=None, help="optional .npz for the table (with the arguments)")
     return p.parse_args()
 
@@ -104,7 +104,6 @@ def main():
     sizes = [s for s in presets if cuda or s != "l"] if args.sizes == "auto" else args.sizes.split(",")
     for s in sizes:
         common.check(s in presets, f"unknown size {s!r} for {args.model}: choose from {', '.join(presets)}")
-    common.check(args.batch >= 1, "--batch must be positive")
     dtype = torch.bfloat16 if cuda else torch.float32
     n = args.matmul_size or (8192 if cuda else 2048)
     mode, graphs = common.compile_mode(args.step_mode, cuda, 1)

@@ -90,10 +90,13 @@ def machine(device="cpu"):
 
 
 def parser(doc, repeats, device=False):
-    """The benchmark's argument parser with the shared --repeats, --threads (and --device) flags."""
+    """The benchmark's argument parser with the shared --repeats, --threads (and --device) flags. Numbers are
+    checked as the scripts check theirs (common.positive_int, ...), and main() runs through common.run_cli: bad
+    input is one line 'error: ...' or argparse's usage error, exit status 2."""
     p = argparse.ArgumentParser(description=doc, formatter_class=common.HelpFormatter)
-    p.add_argument("--repeats", type=int, default=repeats, help="timed repeats (the best is reported)")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: automatic, common.choose_threads)")
+    p.add_argument("--repeats", type=common.positive_int, default=repeats,
+                   help="timed repeats (the best is reported)")
+    p.add_argument("--threads", type=common.non_negative_int, default=0, help=common.THREADS_HELP)
     if device:
         p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N, mps")
     return p
@@ -101,7 +104,6 @@ def parser(doc, repeats, device=False):
 
 def start(args):
     """Apply --threads, pick --device (when the benchmark has one), print the machine line; -> device."""
-    common.check(args.repeats >= 1, "--repeats must be at least 1")
     common.choose_threads(None, args.threads)
     device = common.pick_device(getattr(args, "device", "cpu"))
     print(machine(device))

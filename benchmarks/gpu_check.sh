@@ -15,7 +15,7 @@
 # the check goes on (without eval_gap and sample_memorize if training failed); the exit status is then 1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
+PY=${PYTHON:-python3}  # the Python with the requirements: PYTHON=venv/bin/python bash benchmarks/gpu_check.sh
 DEVICE=cuda TINY=0 OUT=results/gpu_check TRAIN_SECONDS="" DATA_DIR=${DATA_DIR:-}
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -28,6 +28,13 @@ while [ $# -gt 0 ]; do
         *) echo "error: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
 done
+[[ -z $TRAIN_SECONDS || $TRAIN_SECONDS =~ ^[1-9][0-9]*$ ]] || {
+    echo "error: --train-seconds must be a positive integer, got '$TRAIN_SECONDS'" >&2; exit 2; }
+if ! PY_INFO=$("$PY" -c 'import sys, torch; print(sys.executable, "with torch", torch.__version__)' 2>/dev/null); then
+    echo "error: $PY cannot import torch: set PYTHON to the Python that has the requirements" \
+         "(e.g. PYTHON=venv/bin/python), or install them (python3 -m pip install -r requirements.txt)" >&2
+    exit 2
+fi
 DATA=(--data fashion-mnist)
 [ -n "$DATA_DIR" ] && DATA+=(--data-dir "$DATA_DIR")
 if [ "$TINY" = 1 ]; then
@@ -63,6 +70,7 @@ stage() {  # stage NAME COMMAND...: run it, with its wall time; a failure is not
 
 {
     echo "gpu_check on $DEVICE$([ "$TINY" = 1 ] && echo ' (tiny)'), $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+    echo "python: $PY_INFO"
     if [ "${DEVICE%%:*}" = cuda ] && command -v nvidia-smi >/dev/null; then nvidia-smi; fi
     for mode in eager auto; do
         stage "bench unet $mode" $PY benchmarks/bench_train.py --device "$DEVICE" --model unet --sizes "$UNET_SIZES" \
@@ -92,7 +100,7 @@ else:
     if stage "train" $PY train_image.py "${DATA[@]}" "${TRAIN[@]}" --device "$DEVICE" --steps "$STEPS" \
         --lr-rampup 0 --snapshots log:3 --eval-every $((STEPS * BATCH)) --out "$RUN" --no-resume; then
         stage "eval_gap" $PY eval_gap.py "$RUN" --device "$DEVICE" "${EVAL[@]}" --force --out "$OUT/gap.npz" || true
-        stage "sample_memorize" $PY sample_memorize.py "$RUN" --device "$DEVICE" "${SAMPLE[@]}" \
+        stage "sample_memorize" $PY sample_memorize.py "$RUN" --device "$DEVICE" "${SAMPLE[@]}" --force \
             --out "$OUT/memorize.npz" || true
         stage "eval_gap eager" $PY eval_gap.py "$RUN" --device "$DEVICE" "${EVAL[@]}" --forward-mode eager --force \
             --out "$OUT/gap-eager.npz" || true

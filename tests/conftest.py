@@ -1,6 +1,8 @@
 """Shared test fixtures: the repository on sys.path, one torch thread, synthetic Fashion-MNIST files."""
+import contextlib
 import gzip
 import os
+import resource
 import subprocess
 import sys
 
@@ -52,6 +54,18 @@ def write_fashion_mnist(root, n_train, n_val, classes=10, seed=0):
         write_idx(os.path.join(root, f"{split}-images-idx3-ubyte.gz"), rng.integers(0, 256, (count, 28, 28)))
         write_idx(os.path.join(root, f"{split}-labels-idx1-ubyte.gz"), np.arange(count) % classes)
     return str(root)
+
+
+@contextlib.contextmanager
+def file_size_limit(size):
+    """Files of this process can grow to `size` bytes only (as ulimit -f: writes beyond fail with EFBIG, Python
+    ignoring SIGXFSZ), while the block runs."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
 
 
 def run_tiny_script(script, out, data_dir, timeout=900, extra=()):

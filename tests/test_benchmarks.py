@@ -56,6 +56,20 @@ def test_bench_eval_compares_the_loop_with_the_bare_forward_pass_and_times_the_s
     assert 8 * 5 / float(rate) == pytest.approx(float(seconds), abs=6e-4)
 
 
+@pytest.mark.parametrize("name, argv, message", [
+    ("bench_nn", ["--n", "3", "--d", "4", "--queries", "10", "--k", "5"],
+     "error: --k 5 neighbours need as many training vectors, got --n 3"),
+    ("bench_eval", ["--images", "0"], "error: argument --images: must be a positive integer, got '0'"),
+    ("bench_optimal", ["--n", "-1"], "error: argument --n: must be a positive integer, got '-1'"),
+    ("bench_train", ["--batch", "0"], "error: argument --batch: must be a positive integer, got '0'"),
+])
+def test_bad_arguments_of_a_benchmark_stop_with_one_error_line_and_status_2(name, argv, message):
+    done = subprocess.run([sys.executable, os.path.join(BENCH, f"{name}.py"), *argv], capture_output=True,
+                          text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert done.stderr.splitlines()[-1].endswith(message), done.stderr
+
+
 def run_bench_train(monkeypatch, *argv):
     """bench_train.main() in this process on a tiny U-Net (batch 4, 16x16x1); -> (stdout, number of
     train_image.train_step calls). Restores the test's one CPU thread afterwards."""
@@ -118,6 +132,7 @@ def test_gpu_check_tiny_runs_every_stage_on_cpu_and_logs_it(tmp_path):
                   "compare forward modes"):
         assert re.search(rf"^=== {stage}: \d+ s$", log, re.M), stage
     assert re.search(r"images seen, [\d,.]+ images/s", log) and "gpu_check done" in log
+    assert f"python: {sys.executable} with torch" in log, "the interpreter the check ran (run_tiny_script's PYTHON)"
     assert len(re.findall(r"^  sampler +\S+ images\*evaluations/s", log, re.M)) == 2
     for key in ("e_train", "e_val"):  # on a CPU the default forward passes are the eager ones
         assert f"{key}: largest relative difference default/eager 0.00e+00" in log

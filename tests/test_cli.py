@@ -1,8 +1,13 @@
-"""The command lines of the scripts: shared flags are defined once and mean the same everywhere, and
---help shows each default once."""
+"""The command lines of the scripts: shared flags are defined once and mean the same everywhere, --help shows
+each default once, and the shell scripts check their numbers and their Python before they start."""
+import os
 import re
+import stat
+import subprocess
+import sys
 
 import pytest
+import torch
 
 import eval_gap
 import figures
@@ -61,3 +66,49 @@ def test_forward_mode_and_step_mode_are_one_flag_definition_with_auto_by_default
             script.parse_args(["--optimal", "--forward-mode", "graphs"])
     assert train_image.parse_args(["--step-mode", "eager"]).step_mode == "eager"
     assert train_image.parse_args([]).step_mode == "auto"
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHELL = {"quick.sh": [], "gpu.sh": ["--tiny"], "benchmarks/gpu_check.sh": ["--tiny"]}
+
+
+def run_shell(script, argv, tmp_path, **env):
+    """bash SCRIPT ARGV with --out (quick.sh: OUT) in tmp_path; -> the finished process."""
+    out = [str(tmp_path / "out")] if script == "quick.sh" else ["--out", str(tmp_path / "out")]
+    environ = {k: v for k, v in os.environ.items() if k != "PYTHON"}
+    return subprocess.run(["bash", os.path.join(ROOT, script), *argv, *out], env={**environ, **env},
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("script", sorted(SHELL))
+def test_a_shell_script_whose_python_lacks_torch_stops_at_once_naming_it(script, tmp_path):
+    fake = tmp_path / "bin" / "python3"  # python3 on the PATH without the requirements, as outside a venv
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\necho \"ModuleNotFoundError: No module named 'torch'\" >&2\nexit 1\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    done = run_shell(script, SHELL[script], tmp_path, PATH=f"{fake.parent}:{os.environ['PATH']}")
+    assert done.returncode == 2 and done.stderr == (
+        "error: python3 cannot import torch: set PYTHON to the Python that has the requirements (e.g. "
+        "PYTHON=venv/bin/python), or install them (python3 -m pip install -r requirements.txt)\n"), done.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_quick_sh_says_which_python_it_runs():
+    done = subprocess.run(["bash", os.path.join(ROOT, "quick.sh"), os.path.join(ROOT, "quick.sh")],  # OUT: a file
+                          env={**os.environ, "PYTHON": sys.executable}, capture_output=True, text=True, timeout=120)
+    assert done.stdout.startswith(f"python: {sys.executable} with torch {torch.__version__}\n"), done.stdout
+    assert done.returncode == 2 and "quick.sh is a file, not a folder" in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("script, argv, message", [
+    ("gpu.sh", ["--jobs", "0"], "error: --jobs takes positive integers, got '0'"),
+    ("gpu.sh", ["--images", "1e6"], "error: --images takes positive integers, got '1e6'"),
+    ("gpu.sh", ["--ns", "256 x"], "error: --ns takes positive integers, got 'x'"),
+    ("gpu.sh", ["--sizes", " "], "error: --sizes, --ns and --seeds must not be empty"),
+    ("benchmarks/gpu_check.sh", ["--train-seconds", "-5"], "error: --train-seconds must be a positive integer, got "
+                                                           "'-5'"),
+])
+def test_a_shell_script_refuses_bad_numbers_in_one_line_before_it_starts(script, argv, message, tmp_path):
+    done = run_shell(script, argv, tmp_path, PYTHON=sys.executable)
+    assert done.returncode == 2 and done.stderr == message + "\n", done.stderr
+    assert not (tmp_path / "out").exists()

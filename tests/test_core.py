@@ -589,13 +589,21 @@ def test_pick_device_auto_prefers_cuda_then_mps_then_cpu(monkeypatch, cuda, mps,
     assert common.pick_device("auto") == torch.device(expected)
 
 
-def test_pick_device_refuses_unknown_names_and_absent_cuda(monkeypatch):
+def test_pick_device_refuses_unknown_names_and_every_absent_device_alike(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    monkeypatch.setattr(torch.xpu, "is_available", lambda: False)
     assert common.pick_device("cpu") == torch.device("cpu")
     with pytest.raises(common.UserError, match="unknown device 'abacus'"):
         common.pick_device("abacus")
-    with pytest.raises(common.UserError, match="--device cuda: CUDA is not available here"):
-        common.pick_device("cuda")
+    for name in ("cuda", "cuda:1", "mps", "xpu", "meta"):
+        with pytest.raises(common.UserError, match=f"--device {name}: {name} is not available here \\(use cpu or auto"):
+            common.pick_device(name)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert common.pick_device("cuda:0") == torch.device("cuda:0")
+    with pytest.raises(common.UserError, match="--device cuda:1: cuda:1 is not available here \\(use cuda, cpu"):
+        common.pick_device("cuda:1")
 
 
 def _gather_in_gloo_group(rank, world, init):
@@ -789,11 +797,12 @@ def test_correlation_radius_of_a_denoiser_without_gradients_is_a_user_error():
 
 # --- files ---------------------------------------------------------------------
 
-def test_atomic_write_removes_temp_files_a_killed_writer_left_for_the_same_target(tmp_path):
+def test_temp_files_a_killed_writer_left_for_the_same_target_go_under_its_lock(tmp_path):
     stale, other = tmp_path / ".a.npz.12345.tmp", tmp_path / ".b.npz.12345.tmp"
     stale.write_bytes(b"x" * 100)
     other.write_bytes(b"x")
-    common.save_npz(tmp_path / "a.npz", x=np.zeros(3))
+    with common.exclusive(tmp_path / "a.npz"):  # atomic_write alone leaves them: they may be a live writer's
+        common.save_npz(tmp_path / "a.npz", x=np.zeros(3))
     assert sorted(os.listdir(tmp_path)) == [".b.npz.12345.tmp", "a.npz"]
 
 

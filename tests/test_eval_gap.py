@@ -26,27 +26,27 @@ def data_dir(tmp_path_factory):
     return write_fashion_mnist(tmp_path_factory.mktemp("data"), N_TRAIN, N_VAL)
 
 
-def make_snapshot(path, data_dir, images_seen, net_seed, run_seed=0, num_classes=10, model="unet"):
+def make_snapshot(path, data_dir, images_seen, net_seed, run_seed=0, num_classes=10, model="unet", resolution=RES):
     """A class-conditional (num_classes 0: unconditional) tiny U-Net (or DiT) snapshot with random (not
     zero-initialised) weights, in the layout train_image.py writes, on the subset train_image.py would choose."""
     images, classes = common.load_images("fashion-mnist", "train", data_dir)
     subset = common.choose_subset(len(images), N_SUBSET, run_seed)
     torch.manual_seed(net_seed)
-    net = common.build_network(model, "tiny", RES, 1, num_classes=num_classes, channels=8)
+    net = common.build_network(model, "tiny", resolution, 1, num_classes=num_classes, channels=8)
     states = []
     for _ in range(2):  # raw and EMA weights differ
         with torch.no_grad():
             for p in net.parameters():
                 p.add_(0.1 * torch.randn_like(p))
         states.append({k: v.clone() for k, v in net.state_dict().items()})
-    args = dict(data="fashion-mnist", data_dir=data_dir, resolution=RES, n=N_SUBSET, model=model, size="tiny",
+    args = dict(data="fashion-mnist", data_dir=data_dir, resolution=resolution, n=N_SUBSET, model=model, size="tiny",
                 channels=8, cond="class" if num_classes else "none", seed=run_seed, steps=100,
                 out=os.path.dirname(path))
     common.save_checkpoint(dict(kind=common.CHECKPOINT_KIND, net=states[0], ema=states[1], opt={},
                                 step=images_seen // 8, images_seen=images_seen, args=args, network=net.config,
                                 subset=torch.tensor(subset),
                                 labels=torch.tensor(classes[subset]) if num_classes else None,
-                                dataset="fashion-mnist", resolution=RES,
+                                dataset="fashion-mnist", resolution=resolution,
                                 kmeans_centroids=None, rng=[]), path)
     return str(path)
 
@@ -233,8 +233,8 @@ def test_correlation_radius_is_written_per_snapshot_from_the_gaps_images_and_fre
         fixed = common.correlation_radius(model, split.y[:3] + 0.5 * split.noise[:3], 0.5, split.labels[:3],
                                           pixels=8, seed=0)
         assert r[key][2, 1] != pytest.approx(fixed.mean().item(), rel=1e-6), "not E's fixed noise"
-    fewer = evaluate(data_dir, tmp_path / "jac.npz", snap(run_dir, 240), *JACOBIAN, "--jacobian-pixels", "4")
-    assert fewer["radius_train"][0, 1] != r["radius_train"][2, 1], "other radius settings recompute the rows"
+    fewer = evaluate(data_dir, tmp_path / "fewer.npz", snap(run_dir, 240), *JACOBIAN, "--jacobian-pixels", "4")
+    assert fewer["radius_train"][0, 1] != r["radius_train"][2, 1], "other radius settings, other rows"
     guided = evaluate(data_dir, tmp_path / "guided.npz", snap(run_dir, 240), *JACOBIAN, "--guidance-weights", "0", "2")
     assert guided["radius_val"].shape == (2, 1, 2)
     np.testing.assert_allclose(guided["radius_val"][0, 0], r["radius_val"][2], rtol=1e-6)
@@ -298,12 +298,31 @@ def test_earlier_rows_are_reused_per_snapshot_and_force_recomputes(data_dir, run
     loaded.clear()
     r = evaluate(data_dir, out, run_dir, "--force")
     assert len(loaded) == 3 and r["e_train"][0, 0] == fresh["e_train"][0, 0]
-    capsys.readouterr()
-    evaluate(data_dir, out, snap(run_dir, 240))
-    assert f"note: {out} also holds 2 row(s) of models not given here" in capsys.readouterr().out
-    loaded.clear()
-    evaluate(data_dir, out, run_dir, "--sigmas", "0.5", "1")
-    assert len(loaded) == 3, "other evaluation settings recompute every row"
+
+
+def test_out_with_other_settings_or_rows_this_call_would_leave_out_is_kept_unless_force(data_dir, run_dir, tmp_path,
+                                                                                       capsys):
+    out, free = tmp_path / "gap.npz", tmp_path / "gap-2.npz"
+    base = ["--data-dir", data_dir, "--num-images", "20", "--sigmas", *SIGMAS, "--batch", "200", "--device", "cpu",
+            "--out", str(out)]
+    eval_gap.main([*base, run_dir, "--optimal"])
+    before, _ = out.read_bytes(), capsys.readouterr()
+    elsewhere = shutil.copytree(data_dir, tmp_path / "elsewhere")  # the same images in another folder
+    for argv, reason in [
+            ([run_dir, "--optimal", "--num-images", "8"], "was made with other settings (num_images 20 -> 8)"),
+            ([run_dir, "--optimal", "--data-dir", str(elsewhere)], "was made with other settings (data_dir)"),
+            ([snap(run_dir, 240), "--optimal"], "holds 2 row(s) of models not given here (other snapshots, or "
+                                                "--optimal) that this call would leave out"),
+            ([run_dir], "holds 1 row(s) of models not given here (other snapshots, or --optimal) that this call "
+                        "would leave out")]:
+        status, err = run_cli([*base, *argv], capsys)
+        assert status == 2 and err == (f"error: --out {out} {reason}: give --out {free} to keep it, or --force to "
+                                       "replace it\n"), err
+        assert out.read_bytes() == before, "the earlier result is untouched"
+    eval_gap.main([*base, run_dir, "--num-images", "8", "--out", str(free)])
+    assert common.load_npz(str(free))["args"]["num_images"] == 8 and out.read_bytes() == before
+    eval_gap.main([*base, run_dir, "--force"])
+    assert "e_train_optimal" not in common.load_npz(str(out)), "--force replaces the file"
 
 
 def test_forward_mode_compile_gives_the_eager_rows_and_either_reuses_the_others_rows(data_dir, run_dir, tmp_path,
@@ -480,8 +499,8 @@ def test_windows_add_a_leading_axis_whose_last_entry_is_the_whole_image(data_dir
     monkeypatch.setattr(common, "load_denoiser", lambda path, *a, **k: loaded.append(path) or real(path, *a, **k))
     again = evaluate(data_dir, tmp_path / "win.npz", *snaps, "--optimal", "--windows", "4")
     assert loaded == [] and np.array_equal(again["e_val"], r["e_val"]), "the same windows reuse the rows"
-    cut = evaluate(data_dir, tmp_path / "win.npz", *snaps, "--optimal", "--windows", "4", "--window-mode", "cut")
-    assert len(loaded) == 2, "another window mode recomputes the rows"
+    cut = evaluate(data_dir, tmp_path / "cut.npz", *snaps, "--optimal", "--windows", "4", "--window-mode", "cut")
+    assert len(loaded) == 2, "another window mode, other rows"
     for w in (0, 1):  # 4x4 windows at 2 positions (and the whole image) do not overlap: cut = average
         np.testing.assert_array_equal(cut["e_val"][w], r["e_val"][w])
 
@@ -540,6 +559,49 @@ def test_bad_windows_exit_2_with_one_clear_message_before_any_evaluation(data_di
     assert not os.path.exists(tmp_path / "o.npz")
 
 
+def test_the_advice_of_each_windows_error_when_followed_gives_a_result(data_dir, tmp_path, capsys):
+    # 16x16 images: a window of 3 pixels is too small for the U-Net; 4 pixels need 4 positions per axis
+    model = make_snapshot(tmp_path / "snapshot-000000008.pt", data_dir, 8, net_seed=0, resolution=16)
+    argv = [model, "--data-dir", data_dir, "--num-images", "4", "--sigmas", "1", "--device", "cpu", "--out",
+            str(tmp_path / "w.npz")]
+    status, err = run_cli([*argv, "--windows", "3"], capsys)
+    assert status == 2 and "takes windows of at least 4 pixels" in err, err
+    status, err = run_cli([*argv, "--windows", "4"], capsys)
+    assert status == 2 and "give at least 4 positions per axis" in err, err
+    eval_gap.main([*argv, "--windows", "4", "--window-steps", "4"])
+    assert list(common.load_npz(str(tmp_path / "w.npz"))["windows"]) == [4, 16]
+
+
+def test_relative_gap_is_inf_where_e_train_is_at_rounding_level_and_the_summary_says_so():
+    e_train, e_val = np.array([1e-270, 1e-3, 0.25]), np.array([4e-6, 1e-2, 0.5])
+    gap = eval_gap.relative_gap(e_train, e_val)
+    assert np.isposinf(gap[0]) and gap[1:] == pytest.approx([9, 1])
+    assert np.isnan(eval_gap.relative_gap([0.0], [0.0])[0])
+    lines = []
+    result = dict(sigmas=np.array([0.002, 0.5, 2.0]), gap_optimal=gap[None], e_train_optimal=e_train[None])
+    eval_gap.summarize(result, None, None, [], True, lines.append)
+    assert lines[0].startswith("optimal denoiser: peak gap 9 at sigma 0.5 (G = inf at 1 sigma(s), where E_train is "
+                               "0 or at rounding level, at most 2.2e-16 E_val)"), lines
+
+
+def test_a_snapshot_evaluated_on_other_images_under_the_same_file_names_is_refused(data_dir, run_dir, tmp_path,
+                                                                                 capsys):
+    ckpt = torch.load(snap(run_dir, 80), weights_only=True)
+    ckpt["data_digests"] = common.data_digests("fashion-mnist", ckpt["subset"].numpy(), data_dir)
+    path = tmp_path / "run" / "snapshot-000000080.pt"
+    common.save_checkpoint(ckpt, path)
+    (tmp_path / "other").mkdir()
+    other = write_fashion_mnist(tmp_path / "other", N_TRAIN, N_VAL, seed=1)  # as MNIST beside Fashion-MNIST
+    argv = [str(path), "--num-images", "20", "--sigmas", *SIGMAS, "--device", "cpu", "--out", str(tmp_path / "g.npz")]
+    status, err = run_cli([*argv, "--data-dir", other], capsys)
+    assert status == 2 and err == (f"error: {path} was trained on other images than those in {other}: its training "
+                                   f"subset and validation split differ from those it read from {data_dir}; give "
+                                   "--data-dir the folder that run read\n"), err
+    assert not os.path.exists(tmp_path / "g.npz")
+    eval_gap.main(argv)  # the run's own folder
+    assert list(common.load_npz(str(tmp_path / "g.npz"))["images_seen"]) == [80]
+
+
 def run_cli(argv, capsys):
     """Exit status and stderr of the script's entry point."""
     with pytest.raises(SystemExit) as exit_info:
@@ -584,10 +646,14 @@ def test_out_that_is_a_folder_stops_before_any_evaluation(run_dir, tmp_path, cap
 @pytest.mark.parametrize("change, message", [
     (["--n", "1"], "argument --n: must be an integer of at least 2, got '1'"),
     (["--num-images", "1"], "argument --num-images: must be an integer of at least 2, got '1'"),
-    (["--sigmas", "0.5", "nan"], "argument --sigmas: must be a positive number, got 'nan'"),
+    (["--sigmas", "0.5", "nan"], "argument --sigmas: must be a noise level in [0.0001, 10000], got 'nan'"),
     (["--seed", "-1"], "argument --seed: must be a non-negative integer, got '-1'"),
     (["--resolution", "0"], "argument --resolution: must be a positive integer, got '0'"),
-    (["--jacobian-sigmas", "0"], "argument --jacobian-sigmas: must be a positive number, got '0'"),
+    (["--jacobian-sigmas", "0"], "argument --jacobian-sigmas: must be a noise level in [0.0001, 10000], got '0'"),
+    (["--jacobian-sigmas", "1e30"], "argument --jacobian-sigmas: must be a noise level in [0.0001, 10000], got "
+                                    "'1e30'"),
+    (["--feature-sigmas", "1e-300"], "--feature-sigmas takes noise levels or 'all': each must be a noise level in "
+                                     "[0.0001, 10000], got '1e-300'"),
     (["--jacobian-pixels", "0"], "argument --jacobian-pixels: must be a positive integer, got '0'"),
     (["--jacobian-images", "1.5"], "argument --jacobian-images: must be a positive integer, got '1.5'"),
     (["--windows", "4", "0"], "argument --windows: must be a positive integer, got '0'"),

@@ -22,6 +22,7 @@ def write_gap(path, params=1000, n=32, k=None, guidance=False, script="eval_gap.
     arrays = dict(sigmas=sigmas, images_seen=seen, e_train=e_train, e_val=e_train * (1 + gap), gap=gap,
                   onset_images_seen=np.full(S, 1000), peak_sigma=sigmas[gap.argmax(1)],
                   checkpoints=np.array([f"runs/r{params}-{n}/snapshot-{s:09d}.pt" for s in seen]),
+                  digests=np.array([f"r{params}-{n}-{s}" for s in seen]),
                   e_train_optimal=e_train[-1:] * 0.5, e_val_optimal=e_train[-1:] * 2, gap_optimal=np.full((1, S), 3.0),
                   run_args=np.array(json.dumps(dict(n=n, cond="kmeans" if k else "none", k=k, data="fashion-mnist",
                                                     resolution=16, model="unet"))), params=np.int64(params),
@@ -47,16 +48,17 @@ def write_gap(path, params=1000, n=32, k=None, guidance=False, script="eval_gap.
                   np.stack([v] * len(windows)) if key == "onset_images_seen" else v for key, v in arrays.items()}
         arrays["windows"] = np.array(windows)
     if script is None:  # as eval_gap.py wrote it before result files named their script
-        arrays.update(eval_settings=np.array("{}"), digests=np.array(["d"] * len(seen)))
+        arrays.update(eval_settings=np.array("{}"))
     common.save_npz(path, args={"x": 1}, script=script, **arrays)
 
 
-def write_memorization(path, params=1000, n=32):
+def write_memorization(path, params=1000, n=32, folder="runs", digests=True):
     M, P = 8, 3
     seen = np.array([100, 1000, 10000, 100000])
     rng = np.random.default_rng(0)
+    paired = dict(digests=np.array([f"r{params}-{n}-{s}" for s in seen])) if digests else {}  # as write_gap's
     common.save_npz(path, args={"n": n}, script="sample_memorize.py", configs=np.array([f"c{i}" for i in range(C)]),
-                    checkpoints=np.array([f"runs/r{params}-{n}/snapshot-{s:09d}.pt" for s in seen]),
+                    checkpoints=np.array([f"{folder}/r{params}-{n}/snapshot-{s:09d}.pt" for s in seen]), **paired,
                     images_seen=seen, guidance_weights=np.zeros(C), nn_ratio=rng.random((C, M)),
                     memorized_fraction=np.array([0.0, 0.1, 0.2, 0.5]), memorized_ci=np.array([[0, .1]] * C),
                     fd_gap=np.linspace(0, 1, C), stop_sigmas=np.array([0.5, 2.0]), fd_stop_gap=rng.random((C, 2)),
@@ -131,6 +133,25 @@ def test_correlation_radius_is_drawn_beside_the_gap_when_eval_gap_measured_it(tm
     assert len(left.lines) == 2 * C and left.get_ylabel() == "correlation radius of D (pixels)"
     np.testing.assert_array_equal(right.lines[0].get_ydata(), data["radius_train"][-1] - data["radius_val"][-1])
     figures.plt.close(fig)
+
+
+def test_sample_columns_pair_with_the_gap_by_snapshot_digest_whatever_the_paths_and_unpaired_runs_say_so(tmp_path,
+                                                                                                     capsys):
+    write_gap(tmp_path / "gap.npz")  # checkpoints runs/r1000-32/snapshot-*.pt
+    gap = common.load_npz(tmp_path / "gap.npz")
+    for folder in ("/elsewhere/moved", "../runs"):  # the run folder moved, or given by another path
+        write_memorization(tmp_path / "mem.npz", folder=folder)
+        row = figures.summary_rows([("gap", gap)], [("mem", common.load_npz(tmp_path / "mem.npz"))])[0]
+        assert row["memorized"] == 0.5 and row["fd_gap"] == 1.0
+    write_memorization(tmp_path / "old.npz", digests=False)  # written before sample files held digests: by path
+    row = figures.summary_rows([("gap", gap)], [("old", common.load_npz(tmp_path / "old.npz"))])[0]
+    assert row["memorized"] == 0.5
+    capsys.readouterr()
+    write_memorization(tmp_path / "other.npz", n=64)  # samples of other snapshots only
+    row = figures.summary_rows([("gap", gap)], [("other", common.load_npz(tmp_path / "other.npz"))])[0]
+    assert row["memorized"] is None
+    assert capsys.readouterr().out == ("note: no sample_memorize.py result holds the last snapshot of gap (paired by "
+                                       "its digest): its sample columns stay empty\n")
 
 
 def test_summary_reports_the_peak_gap_of_the_last_snapshot_and_its_sigma(tmp_path):

@@ -1,6 +1,7 @@
 """gpu.sh, the one-GPU study, runs end to end on a CPU at tiny settings."""
 import os
 import re
+import sys
 
 import numpy as np
 import pytest
@@ -21,6 +22,7 @@ def test_gpu_study_tiny_runs_every_stage_on_cpu(tmp_path):
     for stage in runs + stages:
         assert re.search(rf"^=== {re.escape(stage)}: \d+ s$", log, re.M), stage
     assert "study.sh done" in log and "FAILED" not in log
+    assert f"python: {sys.executable} with torch" in log, "the interpreter the study ran (run_tiny_script's PYTHON)"
     for run in runs:
         assert np.load(out / "samples" / f"{run}.npz")["memorized_fraction"].shape[-1] == 2, "two snapshots"
         if "kmeans" not in run:

@@ -1,6 +1,7 @@
 """sample_memorize.py and its common.py helpers: exact nearest neighbours, the memorization ratio,
 bootstrap intervals, feature spaces, per-seed sampling, early stopping, guidance, bad input."""
 import os
+import re
 import shutil
 
 import numpy as np
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 import common
-from conftest import write_fashion_mnist, write_idx
+from conftest import file_size_limit, write_fashion_mnist, write_idx
 import sample_memorize
 
 R = 16  # image resolution of the synthetic runs
@@ -403,6 +404,51 @@ def test_run_folder_gives_one_configuration_per_snapshot_and_weight(snapshot, tm
                                        for w in ("0", "0.5")]
     assert res["images_seen"].tolist() == [64, 64] and res["nn_traj"].shape == (2, 1, 8)
     assert (res["dis_train"] > 0).all() and set(res["labels"].ravel()) <= {0, 1, 2}
+    digest = common.snapshot_digest(common.load_checkpoint(snapshot))  # as eval_gap.py's digests: figures.py pairs
+    assert res["digests"].tolist() == [digest, digest]
+
+
+def test_a_snapshot_of_another_run_in_the_folder_is_refused_as_eval_gap_refuses_it(snapshot, tmp_path, capsys,
+                                                                                  monkeypatch):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    shutil.copy(snapshot, run_dir / "snapshot-000000064.pt")
+    ckpt = torch.load(snapshot, weights_only=True)
+    ckpt["args"]["seed"], ckpt["images_seen"] = 1, 128  # a seed-1 snapshot copied into a seed-0 run
+    common.save_checkpoint(ckpt, run_dir / "snapshot-000000128.pt")
+    argv = [*SMALL, str(run_dir), "--out", str(tmp_path / "m.npz")]
+    code, err = exit_message(argv, capsys)
+    assert code == 2 and err == (f"error: {run_dir / 'snapshot-000000064.pt'} and {run_dir / 'snapshot-000000128.pt'} "
+                                 "come from different runs (--seed 0 vs 1): evaluate each run on its own, or pass "
+                                 "--allow-mixed\n"), err
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(sample_memorize, "run_configuration", interrupt)
+    code, err = exit_message([*argv, "--allow-mixed"], capsys)
+    assert code == 130, "--allow-mixed: on to sampling"
+
+
+def test_a_snapshot_sampled_with_other_images_under_the_same_file_names_is_refused(snapshot, data_dir, tmp_path,
+                                                                                 capsys):
+    ckpt = torch.load(snapshot, weights_only=True)
+    ckpt["data_digests"] = common.data_digests("fashion-mnist", ckpt["subset"].numpy(), data_dir)
+    path = tmp_path / "run" / "snapshot-000000064.pt"
+    common.save_checkpoint(ckpt, path)
+    (tmp_path / "other").mkdir()
+    other = write_fashion_mnist(tmp_path / "other", 24, 12, classes=3, seed=1)  # as MNIST beside Fashion-MNIST
+    code, err = exit_message([*SMALL, str(path), "--data-dir", other, "--out", str(tmp_path / "m.npz")], capsys)
+    assert code == 2 and err == (f"error: {path} was trained on other images than those in {other}: its training "
+                                 f"subset and validation split differ from those it read from {data_dir}; give "
+                                 "--data-dir the folder that run read\n"), err
+    assert not os.path.exists(tmp_path / "m.npz")
+
+
+def test_a_figure_that_cannot_be_written_is_one_error_and_leaves_no_file(tmp_path):
+    path = tmp_path / "samples-x.png"
+    with file_size_limit(100), pytest.raises(common.UserError) as err:  # as ulimit -f, or a full disk
+        sample_memorize.save_grid(str(path), torch.zeros(4, 1, 8, 8))
+    assert re.fullmatch(rf"cannot write {re.escape(str(path))}: file too large \(0\.\d+ MB needed\)", str(err.value))
+    assert os.listdir(tmp_path) == [], "neither an empty PNG nor a temp file"
 
 
 @pytest.mark.parametrize("case, expected", [
@@ -480,14 +526,28 @@ def test_killed_run_keeps_finished_configurations_and_the_rerun_ends_byte_identi
     sample_memorize.main(argv)
     assert ran == ["w1", "w2"] and out.read_bytes() == uninterrupted
     ran.clear()
-    capsys.readouterr()
-    sample_memorize.main([*base, "--guidance-weights", "2", "0"])
-    assert ran == [] and common.load_npz(str(out))["guidance_weights"].tolist() == [2, 0]
-    assert f"note: {out} also holds 1 configuration(s) not asked for here" in capsys.readouterr().out
-    sample_memorize.main([*base, "--guidance-weights", "0", "--num-samples", "6"])
-    assert ran == ["w0"], "other settings recompute every configuration"
-    sample_memorize.main([*base, "--guidance-weights", "0", "--num-samples", "6", "--force"])
-    assert ran == ["w0", "w0"], "--force recomputes"
+    sample_memorize.main([*base, "--guidance-weights", "2", "1", "0"])
+    assert ran == [] and common.load_npz(str(out))["guidance_weights"].tolist() == [2, 1, 0]
+    sample_memorize.main([*base, "--guidance-weights", "0", "--force"])
+    assert ran == ["w0"], "--force recomputes"
+
+
+def test_out_with_other_settings_or_configurations_this_call_would_leave_out_is_kept_unless_force(snapshot, tmp_path,
+                                                                                                 capsys):
+    out, free = tmp_path / "mem.npz", tmp_path / "mem-2.npz"
+    base = [*SMALL, snapshot, "--out", str(out)]
+    sample_memorize.main([*base, "--guidance-weights", "0", "1"])
+    before, _ = out.read_bytes(), capsys.readouterr()
+    for argv, reason in [
+            (["--guidance-weights", "1"], "holds 1 configuration(s) not asked for here (other snapshots or guidance "
+                                          "weights) that this call would leave out"),
+            (["--guidance-weights", "0", "1", "--num-samples", "6"], "was made with other settings (num_samples 8 -> 6)")]:
+        code, err = exit_message([*base, *argv], capsys)
+        assert code == 2 and err == (f"error: --out {out} {reason}: give --out {free} to keep it, or --force to "
+                                     "replace it\n"), err
+        assert out.read_bytes() == before, "the earlier result is untouched"
+    sample_memorize.main([*base, "--guidance-weights", "1", "--force"])
+    assert common.load_npz(str(out))["guidance_weights"].tolist() == [1]
 
 
 @pytest.mark.parametrize("foreign", ["npz", "eval_gap", "text"])

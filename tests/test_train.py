@@ -1,5 +1,6 @@
 """train_image.py: snapshots and logs, exact resume, data parallel, compiled step, threads, NaN stop, bad input."""
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 import common
-from conftest import write_fashion_mnist
+from conftest import file_size_limit, write_fashion_mnist
 import train_image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -115,6 +116,22 @@ def test_killed_and_resumed_run_ends_bit_identical_to_uninterrupted(run, extra, 
     log_a, log_b = (common.load_npz(os.path.join(d, "train_log.npz")) for d in (baseline, tmp_path))
     for key in ("loss", "E_train", "E_val", "snapshot_images"):
         np.testing.assert_array_equal(log_a[key], log_b[key])
+
+
+def test_a_resumed_snapshot_equals_the_uninterrupted_one_byte_for_byte(data_dir, tmp_path, monkeypatch):
+    real, files = common.edm_loss, {}
+    for name in ("whole", "resumed"):  # in two folders, both given as --out run: the argument is stored
+        (tmp_path / name).mkdir()
+        monkeypatch.chdir(tmp_path / name)
+        run = argv(data_dir, "run", 20, "--snapshots", f"every:{10 * BATCH}")
+        if name == "resumed":
+            counting_loss(monkeypatch, 14, interrupt)  # killed in step 14, after the snapshot at step 10
+            with pytest.raises(KeyboardInterrupt):
+                train_image.main(run)
+            monkeypatch.setattr(common, "edm_loss", real)
+        train_image.main(run)
+        files[name] = (tmp_path / name / snapshot("run", 20)).read_bytes()
+    assert files["resumed"] == files["whole"]
 
 
 def test_augmented_run_trains_on_augmented_images_told_their_parameters(augmented, data_dir, tmp_path,
@@ -264,6 +281,52 @@ def test_resuming_from_a_corrupted_or_foreign_snapshot_exits_2(data_dir, tmp_pat
         with open(path, "wb") as f:
             f.write(content)
     assert_one_line_error(*run_cli(argv(data_dir, tmp_path), capsys), path, *words)
+
+
+def test_resuming_on_other_images_under_the_same_file_names_names_both_folders(baseline, data_dir, tmp_path,
+                                                                             capsys, monkeypatch):
+    assert common.load_checkpoint(snapshot(baseline, 40))["data_digests"] == common.data_digests(
+        "fashion-mnist", common.load_checkpoint(snapshot(baseline, 40))["subset"], data_dir)
+    (tmp_path / "other").mkdir()
+    other = write_fashion_mnist(tmp_path / "other", 40, 20, seed=1)  # as an MNIST folder: the same file names
+    counting_loss(monkeypatch, 1, interrupt)  # no step may run
+    status, err = run_cli(argv(data_dir, baseline, 41, "--data-dir", other), capsys)
+    assert status == 2 and err == (f"error: {snapshot(baseline, 40)} was trained on other images than those in "
+                                   f"{other}: its training subset and validation split differ from those it read "
+                                   f"from {data_dir}; give --data-dir the folder that run read\n"), err
+
+
+def test_a_second_process_on_a_run_folder_stops_naming_the_first_and_stale_temp_files_go(data_dir, tmp_path,
+                                                                                         capsys):
+    out = tmp_path / "run"
+    with common.exclusive(out):  # as another train_image.py --out run would hold it
+        status, err = run_cli(argv(data_dir, out, 2), capsys)
+    assert status == 2 and err == (f"error: --out {out} is being written by process {os.getpid()} (it holds "
+                                   f"{tmp_path / '.run.lock'}): wait for it to end, or give another --out\n"), err
+    out.mkdir()
+    stale = out / f".{os.path.basename(snapshot(out, 9))}.123.tmp"  # a killed run's, of a snapshot never made
+    stale.write_bytes(b"x" * 1000)
+    foreign = out / ".gap.npz.123.tmp"  # eval_gap.py writes into run folders too, under its own lock
+    foreign.write_bytes(b"y")
+    train_image.main(argv(data_dir, out, 2))
+    assert not stale.exists() and foreign.exists() and not (tmp_path / ".run.lock").exists()
+
+
+def test_a_full_disk_stops_before_the_first_step_and_a_failed_write_is_one_line(data_dir, tmp_path, capsys,
+                                                                                monkeypatch):
+    counting_loss(monkeypatch, 1, interrupt)  # no step may run
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=300_000))
+    status, err = run_cli(argv(data_dir, tmp_path / "full", 40), capsys)
+    assert status == 2 and re.fullmatch(rf"error: cannot write {re.escape(snapshot(tmp_path / 'full', 20))}: no "
+                                        rf"space left on device \(1\.\d+ MB needed, 0\.3 MB free in "
+                                        rf"{re.escape(str(tmp_path / 'full'))}\)\n", err), err
+    monkeypatch.undo()
+    with file_size_limit(1_000_000):  # ulimit -f: the first snapshot (1.3 MB) cannot be written
+        status, err = run_cli(argv(data_dir, tmp_path / "limited", 20), capsys)
+    assert status == 2 and re.search(rf"\nerror: cannot write {re.escape(snapshot(tmp_path / 'limited', 20))}: file "
+                                     rf"too large \(1\.\d+ MB needed\)\n$", err), err[-500:]
+    assert os.listdir(tmp_path / "limited") == [], "no temp file is left"
 
 
 def test_no_resume_with_a_bad_argument_keeps_the_earlier_run(baseline, data_dir, tmp_path, capsys):
