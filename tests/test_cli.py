@@ -3,7 +3,9 @@
 import re
 
 import pytest
+import torch
 
+import common
 import eval_gap
 import figures
 import sample_memorize
@@ -61,3 +63,21 @@ def test_forward_mode_and_step_mode_are_one_flag_definition_with_auto_by_default
             script.parse_args(["--optimal", "--forward-mode", "graphs"])
     assert train_image.parse_args(["--step-mode", "eager"]).step_mode == "eager"
     assert train_image.parse_args([]).step_mode == "auto"
+
+
+@pytest.mark.parametrize("name", ["eval_gap", "sample_memorize"])
+def test_explicit_forward_mode_compile_that_cannot_work_stops_at_start_with_one_line(name, tmp_path, capsys,
+                                                                                    monkeypatch):
+    def failing_backend(gm, inputs):
+        raise RuntimeError("no compiler here")
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real(fn, dynamic=kw.get("dynamic"), backend=failing_backend))
+    monkeypatch.setattr(common, "load_images", lambda *args, **kwargs: pytest.fail("data read before the check"))
+    torch._dynamo.reset()
+    with pytest.raises(SystemExit) as exit_info:
+        common.run_cli(lambda: SCRIPTS[name].main(["--optimal", "--forward-mode", "compile", "--device", "cpu",
+                                                   "--out", str(tmp_path / "result.npz")]))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith("error: --forward-mode compile: torch.compile failed (BackendCompilerFailed: ") and err.endswith(
+        "RuntimeError: no compiler here); --forward-mode eager (or auto) runs without it\n"), err
