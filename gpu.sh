@@ -20,16 +20,20 @@
 # the compiled default and 4 jobs sharing the GPU should bring it to about an hour. Unmeasured end to end on
 # a GPU so far: the log's stage times are the measurement.
 #
-# Options: --device DEV (cuda), --tiny, --data-dir DIR (or DATA_DIR), --out DIR (results/gpu),
-# --jobs J (4; 2 with --tiny), --sizes, --ns, --images N (images seen per run). A failed run is logged
-# and the study goes on; the exit status is then 1.
+# The dataset is read (and, if need be, downloaded) once before the jobs start; torch.compile's compile workers
+# are shared out among the jobs (TORCHINDUCTOR_COMPILE_THREADS = cores / jobs, unless set).
+#
+# Options: --device DEV (cuda), --tiny, --eager (--step-mode and --forward-mode eager: nothing compiled),
+# --data-dir DIR (or DATA_DIR), --out DIR (results/gpu), --jobs J (4; 2 with --tiny), --sizes, --ns,
+# --images N (images seen per run). A failed run is logged and the study goes on; the exit status is then 1.
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
-DEVICE=cuda TINY=0 OUT=results/gpu DATA_DIR=${DATA_DIR:-} JOBS="" SIZES="" NS="" IMAGES=""
+DEVICE=cuda TINY=0 EAGER=0 OUT=results/gpu DATA_DIR=${DATA_DIR:-} JOBS="" SIZES="" NS="" IMAGES=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --tiny) TINY=1; shift ;;
+        --eager) EAGER=1; shift ;;
         --device|--data-dir|--out|--jobs|--sizes|--ns|--images)  # --data-dir DIR sets DATA_DIR, and so on
             [ $# -ge 2 ] || { echo "error: $1 needs a value (see --help)" >&2; exit 2; }
             name=${1#--}; name=${name//-/_}; printf -v "${name^^}" %s "$2"; shift 2 ;;
@@ -50,7 +54,12 @@ else
     EVAL=(--num-images 2048 --num-sigmas 64)
     SAMPLE=(--num-samples 1024)
 fi
+[[ "$JOBS" =~ ^[1-9][0-9]*$ ]] || { echo "error: --jobs must be a positive integer, got '$JOBS'" >&2; exit 2; }
 STEPS=$(( (IMAGES + BATCH - 1) / BATCH ))
+STEP_MODE=() FORWARD_MODE=()
+[ "$EAGER" = 1 ] && STEP_MODE=(--step-mode eager) FORWARD_MODE=(--forward-mode eager)
+CORES=$(nproc 2>/dev/null || echo 1)
+export TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-$(( CORES / JOBS > 1 ? CORES / JOBS : 1 ))}
 DATA=(--data fashion-mnist --resolution "$RES")
 [ -n "$DATA_DIR" ] && DATA+=(--data-dir "$DATA_DIR")
 mkdir -p "$OUT/logs"
@@ -61,14 +70,14 @@ run_chain() {  # run_chain NAME GUIDANCE TRAIN_ARGS...: train, then eval_gap and
     local name=$1 guidance=$2 run=$OUT/runs/$1
     shift 2
     $PY train_image.py "${DATA[@]}" --model unet "$@" "${NET[@]}" --steps "$STEPS" --batch "$BATCH" \
-        --snapshots "$SNAPSHOTS" --eval-every "$IMAGES" --device "$DEVICE" --out "$run"
+        --snapshots "$SNAPSHOTS" --eval-every "$IMAGES" --device "$DEVICE" "${STEP_MODE[@]}" --out "$run"
     if [ "$guidance" = guided ]; then  # the last snapshot: each guidance weight costs two forward passes
         $PY eval_gap.py "$(ls "$run"/snapshot-*.pt | tail -n 1)" "${EVAL[@]}" --guidance-weights 0 1 2 \
-            --neg uncond --device "$DEVICE" --out "$OUT/gap/$name.npz"
+            --neg uncond --device "$DEVICE" "${FORWARD_MODE[@]}" --out "$OUT/gap/$name.npz"
     else
-        $PY eval_gap.py "$run" "${EVAL[@]}" --device "$DEVICE" --out "$OUT/gap/$name.npz"
+        $PY eval_gap.py "$run" "${EVAL[@]}" --device "$DEVICE" "${FORWARD_MODE[@]}" --out "$OUT/gap/$name.npz"
     fi
-    $PY sample_memorize.py "$run" "${SAMPLE[@]}" --device "$DEVICE" --out "$OUT/samples/$name.npz"
+    $PY sample_memorize.py "$run" "${SAMPLE[@]}" --device "$DEVICE" "${FORWARD_MODE[@]}" --out "$OUT/samples/$name.npz"
 }
 
 FAILED=()
@@ -90,7 +99,14 @@ finish_all() { while [ ${#NAME[@]} -gt 0 ]; do finish_one; done; }
 
 {
     echo "gpu.sh on $DEVICE$([ "$TINY" = 1 ] && echo ' (tiny)'), $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
-    echo "sizes: $SIZES; n: $NS; $IMAGES images per run ($STEPS steps of batch $BATCH); $JOBS runs at once"
+    echo "sizes: $SIZES; n: $NS; $IMAGES images per run ($STEPS steps of batch $BATCH); $JOBS runs at once;" \
+        "$([ "$EAGER" = 1 ] && echo "--step-mode eager --forward-mode eager" || echo "--step-mode auto --forward-mode auto");" \
+        "TORCHINDUCTOR_COMPILE_THREADS=$TORCHINDUCTOR_COMPILE_THREADS"
+    start_stage=$SECONDS  # the dataset once, before the jobs (which would each download it)
+    $PY -c "import sys, common
+common.run_cli(lambda: [common.load_images('fashion-mnist', split, sys.argv[1] or None) for split in ('train', 'val')])" \
+        "$DATA_DIR"
+    echo "=== 0. data: $((SECONDS - start_stage)) s"
     start_stage=$SECONDS
     for size in $SIZES; do
         for n in $NS; do
@@ -110,9 +126,9 @@ finish_all() { while [ ${#NAME[@]} -gt 0 ]; do finish_one; done; }
     last=$(ls "$window_run"/snapshot-*.pt 2>/dev/null | tail -n 1 || true)
     if [ -n "$last" ]; then
         start windows $PY eval_gap.py "$last" "${EVAL[@]}" --windows "${WINDOWS[@]}" --window-steps 2 \
-            --device "$DEVICE" --out "$OUT/gap/windows.npz"
+            --device "$DEVICE" "${FORWARD_MODE[@]}" --out "$OUT/gap/windows.npz"
         start jacobian $PY eval_gap.py "$window_run" "${EVAL[@]}" "${JACOBIAN[@]}" --device "$DEVICE" \
-            --out "$OUT/gap/jacobian.npz"
+            "${FORWARD_MODE[@]}" --out "$OUT/gap/jacobian.npz"
         finish_all
     else
         echo "=== 2. windows and jacobian: skipped, no snapshot in $window_run"

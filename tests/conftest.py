@@ -41,11 +41,12 @@ def write_fashion_mnist(root, n_train, n_val, classes=10, seed=0):
     return str(root)
 
 
-def run_tiny_script(script, out, data_dir, timeout=900):
-    """Run a shell script of the repository (path relative to it) with --device cpu --tiny --out OUT on the
-    synthetic Fashion-MNIST in data_dir, one thread; assert it succeeded."""
+def run_tiny_script(script, out, data_dir, *extra, timeout=900):
+    """Run a shell script of the repository (path relative to it) with --device cpu --tiny --out OUT and the
+    `extra` options on the synthetic Fashion-MNIST in data_dir, one thread; assert it succeeded; -> its stdout."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, OMP_NUM_THREADS="1", DATA_DIR=str(data_dir))
-    done = subprocess.run(["bash", os.path.join(root, script), "--device", "cpu", "--tiny", "--out", str(out)],
+    done = subprocess.run(["bash", os.path.join(root, script), "--device", "cpu", "--tiny", "--out", str(out), *extra],
                           env=env, capture_output=True, text=True, timeout=timeout, cwd=root)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout

@@ -12,11 +12,16 @@ from conftest import run_tiny_script, write_fashion_mnist
 def test_gpu_study_tiny_runs_every_stage_on_cpu(tmp_path):
     (tmp_path / "data").mkdir()
     out = tmp_path / "study"
-    run_tiny_script("gpu.sh", out, write_fashion_mnist(tmp_path / "data", 64, 40))
+    run_tiny_script("gpu.sh", out, write_fashion_mnist(tmp_path / "data", 64, 40), "--eager")
     log = (out / "gpu.log").read_text()
     runs = ["unet-tiny-n16", "unet-tiny-n32", "unet-tiny-n32-kmeans4"]
-    for stage in runs + ["windows", "jacobian", "1. grid", "2. windows and jacobian", "3. figures"]:
+    for stage in runs + ["windows", "jacobian", "0. data", "1. grid", "2. windows and jacobian", "3. figures"]:
         assert re.search(rf"^=== {re.escape(stage)}: \d+ s$", log, re.M), stage
+    assert log.index("=== 0. data") < log.index("=== unet-tiny-n16: started"), "the dataset is read before the jobs"
+    threads = max(1, len(os.sched_getaffinity(0)) // 2)  # the cores (nproc) shared out among --jobs 2
+    assert f"2 runs at once; --step-mode eager --forward-mode eager; TORCHINDUCTOR_COMPILE_THREADS={threads}" in log
+    for run in runs:
+        assert "training step: eager" in (out / "logs" / f"{run}.log").read_text()
     assert "gpu.sh done" in log and "FAILED" not in log
     for run in runs:
         assert np.load(out / "samples" / f"{run}.npz")["memorized_fraction"].shape[-1] == 2, "two snapshots"
