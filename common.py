@@ -1236,8 +1236,8 @@ def network_denoiser(denoiser, device, mode="auto"):
     and labels go in as (B,) tensors and each batch is padded to the largest one so far (pad_rows), so that
     a smaller last batch needs no new compilation or CUDA graph; the output is sliced back (and copied out
     of the CUDA graph's memory, which the next call reuses). A call whose x requires gradients runs eager. The
-    first call of each shape runs under a CompileGuard: in mode auto a failing compilation gives the eager
-    output, and every later call runs eager."""
+    first two calls of each shape (compilation, CUDA-graph recording) run under a CompileGuard: in mode auto a
+    failing compilation gives the eager output, and every later call runs eager."""
     cuda = torch.device(device).type == "cuda"
     if cuda:
         denoiser.to(memory_format=torch.channels_last)
@@ -1252,7 +1252,7 @@ def network_denoiser(denoiser, device, mode="auto"):
     if mode == "eager":
         return forward
     compiled = torch.compile(forward, dynamic=False, **({"mode": "reduce-overhead"} if graphs else {}))
-    guard = CompileGuard(requested == "compile", "--forward-mode")
+    guard = CompileGuard(requested == "compile", "--forward-mode", tries=2)
     size = [0]  # the batch size compiled for: the largest so far
 
     def run_compiled(x, sigma, labels):

@@ -56,8 +56,8 @@ else
 fi
 [[ "$JOBS" =~ ^[1-9][0-9]*$ ]] || { echo "error: --jobs must be a positive integer, got '$JOBS'" >&2; exit 2; }
 STEPS=$(( (IMAGES + BATCH - 1) / BATCH ))
-STEP_MODE=() FORWARD_MODE=()
-[ "$EAGER" = 1 ] && STEP_MODE=(--step-mode eager) FORWARD_MODE=(--forward-mode eager)
+MODE=$([ "$EAGER" = 1 ] && echo eager || echo auto)
+STEP_MODE=(--step-mode "$MODE") FORWARD_MODE=(--forward-mode "$MODE")
 CORES=$(nproc 2>/dev/null || echo 1)
 export TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-$(( CORES / JOBS > 1 ? CORES / JOBS : 1 ))}
 DATA=(--data fashion-mnist --resolution "$RES")
@@ -100,11 +100,11 @@ finish_all() { while [ ${#NAME[@]} -gt 0 ]; do finish_one; done; }
 {
     echo "gpu.sh on $DEVICE$([ "$TINY" = 1 ] && echo ' (tiny)'), $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
     echo "sizes: $SIZES; n: $NS; $IMAGES images per run ($STEPS steps of batch $BATCH); $JOBS runs at once;" \
-        "$([ "$EAGER" = 1 ] && echo "--step-mode eager --forward-mode eager" || echo "--step-mode auto --forward-mode auto");" \
+        "--step-mode $MODE --forward-mode $MODE;" \
         "TORCHINDUCTOR_COMPILE_THREADS=$TORCHINDUCTOR_COMPILE_THREADS"
     start_stage=$SECONDS  # the dataset once, before the jobs (which would each download it)
     $PY -c "import sys, common
-common.run_cli(lambda: [common.load_images('fashion-mnist', split, sys.argv[1] or None) for split in ('train', 'val')])" \
+common.run_cli(lambda: [common.load_images('fashion-mnist', s, sys.argv[1] or None) for s in ('train', 'val')])" \
         "$DATA_DIR"
     echo "=== 0. data: $((SECONDS - start_stage)) s"
     start_stage=$SECONDS

@@ -89,9 +89,9 @@ stage_bench() {
 }
 stage_train() {
     for mode in $MODES; do
-        run "train-$mode" $PY train_image.py "${DATA[@]}" "${TRAIN[@]}" --device "$DEVICE" $(mode_flag --step-mode $mode) \
-            --steps "$TRAIN_STEPS" --lr-rampup 0 --snapshots log:3 --eval-every $((TRAIN_STEPS * BATCH)) \
-            --out "$OUT/run-$mode" --no-resume || true
+        run "train-$mode" $PY train_image.py "${DATA[@]}" "${TRAIN[@]}" --device "$DEVICE" \
+            $(mode_flag --step-mode $mode) --steps "$TRAIN_STEPS" --lr-rampup 0 --snapshots log:3 \
+            --eval-every $((TRAIN_STEPS * BATCH)) --out "$OUT/run-$mode" --no-resume || true
     done
 }
 stage_eval() {
@@ -100,8 +100,8 @@ stage_eval() {
     for mode in $MODES; do
         run "bench-eval-$mode" $PY benchmarks/bench_eval.py --device "$DEVICE" $(mode_flag --forward-mode $mode) \
             "${BENCH_EVAL[@]}" || true
-        run "eval_gap-$mode" $PY eval_gap.py "$trained" --device "$DEVICE" "${EVAL[@]}" $(mode_flag --forward-mode $mode) \
-            --force --out "$OUT/gap-$mode.npz" || true
+        run "eval_gap-$mode" $PY eval_gap.py "$trained" --device "$DEVICE" "${EVAL[@]}" \
+            $(mode_flag --forward-mode $mode) --force --out "$OUT/gap-$mode.npz" || true
     done
 }
 stage_sample() {
@@ -115,7 +115,9 @@ stage_sample() {
 
 {
     echo
-    echo "gpu_check --stage $STAGE on $DEVICE$([ "$TINY" = 1 ] && echo ' (tiny)')$([ "$EAGER" = 1 ] && echo ', eager only'), $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown), $($PY -c 'import torch; print("torch", torch.__version__)')"
+    echo "gpu_check --stage $STAGE on $DEVICE$([ "$TINY" = 1 ] && echo ' (tiny)')$([ "$EAGER" = 1 ] && echo ', eager')," \
+        "$(date -u +%Y-%m-%dT%H:%M:%SZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)," \
+        "$($PY -c 'import torch; print("torch", torch.__version__)')"
     if [ "${DEVICE%%:*}" = cuda ] && command -v nvidia-smi >/dev/null; then nvidia-smi; fi
     for stage in $STAGES; do
         start=$SECONDS

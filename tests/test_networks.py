@@ -254,9 +254,10 @@ def test_auto_forward_mode_survives_a_failing_compile_with_the_eager_outputs(mon
     # the eager output of that call, and every later call eager (the backend is not asked again).
     real, attempts = torch.compile, []
 
-    def compile_(fn, **kw):
-        return real(fn, dynamic=kw["dynamic"], backend=lambda gm, inputs: attempts.append(1) or failing_backend(gm, inputs))
-    monkeypatch.setattr(torch, "compile", compile_)
+    def backend(gm, inputs):
+        attempts.append(1)
+        return failing_backend(gm, inputs)
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real(fn, dynamic=kw["dynamic"], backend=backend))
     monkeypatch.setattr(common, "compile_mode", lambda requested, cuda, world: ("compile", False))
     denoiser, x, sigma, labels = small_denoiser()
     torch._dynamo.reset()
@@ -266,7 +267,7 @@ def test_auto_forward_mode_survives_a_failing_compile_with_the_eager_outputs(mon
         expected = [denoiser(x, sigma, labels), denoiser(x[:4], torch.tensor(0.7)), denoiser(x.double(), sigma)]
     for out, eager in zip(outputs, expected):
         assert torch.equal(out, eager)
-    assert capsys.readouterr().out == ("torch.compile failed (BackendCompilerFailed: backend='<lambda>' raised: "
+    assert capsys.readouterr().out == ("torch.compile failed (BackendCompilerFailed: backend='backend' raised: "
                                        "RuntimeError: no compiler here); running eager\n") and len(attempts) == 1
 
 
