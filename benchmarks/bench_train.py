@@ -4,14 +4,15 @@ matmul rate measured in the same run, in each --precision.
 
 FLOPs are counted by torch.utils.flop_counter.FlopCounterMode over the first step, run eagerly; then the
 warm-up steps run (compilation, CUDA-graph recording: their time is printed), and the step time is the fastest
-(and the median) of --repeats timed steps, in the step mode (--step-mode auto: as train_image.py chooses it for a
-run as long as the benchmark's, with its fallback to eager) and with the CPU threads that train_image.py would use
-(--threads). The matmul rate is the
-fastest of a few square matmuls in the precision's dtype (float32, on CUDA TF32; bf16), measured before and
-after each preset; the fraction is taken against the fastest matmul of that dtype in the whole run, so that a
-busy machine cannot inflate it. CUDA runs with channels-last tensors. The header names the CPU's bf16 units
-(common.cpu_bf16_units), which decide --precision auto on a CPU. --background-load runs one busy
-single-threaded process alongside the timed steps, as another job on a shared machine would.
+(and the median) of --repeats timed steps, with this process's CPU time beside it (on a shared machine: the time
+the step computed, not waiting for a core). The step runs in the step mode (--step-mode auto: as train_image.py
+chooses it for a run as long as the benchmark's, with its fallback to eager) and with the CPU threads that
+train_image.py would use (--threads). The matmul rate is the fastest of a few square matmuls in the precision's
+dtype (float32, on CUDA TF32; bf16), measured before and after each preset; the fraction is taken against the
+fastest matmul of that dtype in the whole run, so that a busy machine cannot inflate it. CUDA runs with
+channels-last tensors. The header names the CPU's bf16 units (common.cpu_bf16_units), which decide --precision
+auto on a CPU. --background-load runs one busy single-threaded process alongside the timed steps, as another job
+on a shared machine would.
 
     python benchmarks/bench_train.py                          # unet tiny..m at batch 128, fp32 and bf16
     python benchmarks/bench_train.py --model dit --sizes s,l --device cuda --precision bf16
@@ -23,6 +24,7 @@ import copy
 import os
 import subprocess
 import sys
+import time
 
 from benchlib import matmul_gflops, parser, start, wall_time  # first: sets OpenMP's wait policy (common)
 import common
@@ -72,8 +74,8 @@ def background_load(enabled):
 
 
 def bench_preset(args, size, precision, device):
-    """(parameters, FLOPs per step, CPU threads, step mode run, warm-up seconds, step times in s) of one
-    preset's training step in `precision` (fp32 or bf16)."""
+    """(parameters, FLOPs per step, CPU threads, step mode run, warm-up seconds, (wall, CPU) seconds of each timed
+    step) of one preset's training step in `precision` (fp32 or bf16)."""
     cuda = device.type == "cuda"
     torch.manual_seed(args.seed)
     net = common.build_network(args.model, size, args.resolution, args.channels, channels=args.net_channels)
@@ -102,8 +104,11 @@ def bench_preset(args, size, precision, device):
                                  for _ in range(train_image.WARM_UP_STEPS if mode == "compile" else 1)], device)
     if guard.failed:
         mode, loss_fn = "eager (compile failed)", eager_fn
+    times = []  # (wall, CPU) seconds of each timed step
     with background_load(args.background_load):
-        times = [wall_time(lambda: step(loss_fn), device) for _ in range(args.repeats)]
+        for _ in range(args.repeats):
+            cpu = time.process_time()
+            times.append((wall_time(lambda: step(loss_fn), device), time.process_time() - cpu))
     return common.count_parameters(net), counter.get_total_flops(), threads, mode, warm_up, times
 
 
@@ -143,14 +148,17 @@ def main():
                 continue
             torch.set_num_threads(all_threads)  # the matmul rate with all the threads
             rates[precision].append(matmul_gflops(n, n, n, dtypes[precision], device) * 1e9)
-            seconds, median = min(times), float(np.median(times))
+            wall, cpu = np.array(times).T
+            seconds, median = wall.min(), float(np.median(wall))
             rows.append(dict(size=size, precision=precision, mode=mode, params=params,
                              flops_per_image=flops / args.batch, threads=threads, warm_up_seconds=warm_up,
                              seconds_per_step=seconds, median_seconds_per_step=median,
+                             cpu_seconds_per_step=cpu.min(), median_cpu_seconds_per_step=float(np.median(cpu)),
                              images_per_s=args.batch / seconds, flops_per_s=flops / seconds,
                              matmul_flops_per_s=max(rates[precision][-2:])))
-            print(f"{size} {precision} {mode}: {seconds * 1e3:.1f} ms per step (median {median * 1e3:.1f} ms), "
-                  f"warm-up {warm_up:.1f} s, {threads} CPU thread(s)", flush=True)
+            print(f"{size} {precision} {mode}: {seconds * 1e3:.1f} ms per step (median {median * 1e3:.1f} ms; CPU time "
+                  f"{cpu.min() * 1e3:.1f} ms, median {np.median(cpu) * 1e3:.1f} ms), warm-up {warm_up:.1f} s, "
+                  f"{threads} CPU thread(s)", flush=True)
     peaks = {p: max(r) for p, r in rates.items()}
     for r in rows:
         r["peak_matmul_flops_per_s"] = peaks[r["precision"]]

@@ -97,7 +97,7 @@ def test_bench_train_times_train_images_compiled_step_in_both_precisions(monkeyp
     assert str(table["cpu_bf16_units"]) == units
     assert (table["images_per_s"] > 0).all() and (table["flops_per_image"] > 1e6).all()
     assert (table["threads"] == 1).all() and (table["warm_up_seconds"] > 0).all()
-    assert (table["peak_matmul_flops_per_s"] > 0).all()
+    assert (table["peak_matmul_flops_per_s"] > 0).all() and (table["cpu_seconds_per_step"] > 0).all()
 
 
 def test_bench_train_default_step_times_eager_steps_when_compile_fails(monkeypatch, capsys):
@@ -126,8 +126,8 @@ def test_bench_train_background_load_runs_one_busy_process_and_stops_it(monkeypa
     run_bench_train(monkeypatch, "--background-load", "--repeats", "2", "--step-mode", "eager", "--precision", "fp32")
     out = capsys.readouterr().out
     assert "one busy process alongside" in out, out
-    assert re.search(r"^tiny fp32 eager: \S+ ms per step \(median \S+ ms\), warm-up \S+ s, 1 CPU thread\(s\)$", out,
-                     re.M), "automatic: one thread"
+    assert re.search(r"^tiny fp32 eager: \S+ ms per step \(median \S+ ms; CPU time \S+ ms, median \S+ ms\), "
+                     r"warm-up \S+ s, 1 CPU thread\(s\)$", out, re.M), "automatic: one thread"
     assert len(started) == 1 and started[0].poll() is not None, "the busy process ran and was stopped"
 
 
