@@ -2226,14 +2226,6 @@ def choose_precision(requested, device):
     return "bf16" if device.type == "cuda" or device.type == "cpu" and cpu_bf16_units() else "fp32"
 
 
-def add_precision_arg(parser):
-    """--precision (PRECISIONS), defined once: the arithmetic of the training step."""
-    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
-                        help="training step arithmetic: fp32 (on CUDA with TF32 matmuls), or bf16 autocast (weights, "
-                        "optimizer and EMA in float32); auto: bf16 on CUDA and on CPUs with bf16 units (AMX-BF16 "
-                        "or AVX512-BF16), fp32 elsewhere. Evaluations run in float32 either way")
-
-
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """--help that shows every default once and keeps the layout of the script's docstring. A default of None
     is not shown (the help says what happens then), nor one that the help names itself."""
@@ -2274,11 +2266,12 @@ THREADS_HELP = "CPU threads (0: automatic, common.choose_threads)"
 MODES = ("auto", "eager", "compile")  # --step-mode, --forward-mode (compile_mode)
 
 
-def add_mode_arg(parser, flag, what):
-    """A MODES flag (compile_mode), defined once: how `what` runs."""
+def add_mode_arg(parser, flag, what, auto_also=""):
+    """A MODES flag (compile_mode), defined once: how `what` runs (auto_also: where else auto compiles)."""
     parser.add_argument(flag, default="auto", choices=MODES, help=f"{what}: eager, or compile (torch.compile; on "
-                        "CUDA with one process, mode reduce-overhead: CUDA graphs); auto: compile on CUDA with one "
-                        "process, eager otherwise")
+                        "CUDA with one process, mode reduce-overhead: CUDA graphs; stops at start if it cannot "
+                        f"work); auto: compile on CUDA with one process{auto_also}, eager otherwise, and eager "
+                        "after one line if compiling fails")
 
 
 def add_run_args(parser, seed, out, out_default=None, batch=None, device=DEVICE_HELP, threads=False):

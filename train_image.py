@@ -43,6 +43,12 @@ EVAL_BATCH = 64  # (image, sigma) pairs per forward pass of the evaluations: sma
 PLAN_AFTER = 10  # seconds of training (or FLUSH_EVERY steps) after which the time and disk estimate is printed
 CPU_SCALE = "--size tiny --resolution 16 --n 256 --batch 32 --steps 600"  # as quick.sh
 WARM_UP_STEPS = 2  # steps left out of the images/s figure: compilation, then CUDA graph recording
+# --step-mode auto on a CPU compiles training steps of fewer FLOPs than this, in runs of at least
+# CPU_COMPILE_MIN_STEPS steps: small steps are bound by memory traffic and per-operation overhead, which inductor's
+# fusion cuts (by tens of ms per step of the quick reproduction), but compiling the step takes minutes on a small
+# CPU, which only long runs win back (README, "Precision and compilation on a CPU").
+CPU_COMPILE_BELOW_FLOPS = 50e9
+CPU_COMPILE_MIN_STEPS = 20_000
 
 
 def parse_args(argv=None):
@@ -92,10 +98,16 @@ def parse_args(argv=None):
     common.add_run_args(p, seed="seed of the subset, initialisation and noise",
                         batch=(512, "global batch size (split across processes)"),
                         out="run folder (default: runs/<data>-r<R>-n<n>-<model>-<size>-<cond>-seed<seed>)")
-    common.add_mode_arg(p, "--step-mode", "the training step's forward pass, loss and backward pass")
+    common.add_mode_arg(p, "--step-mode", "the training step's forward pass, loss and backward pass",
+                        f" and on a CPU for steps below {CPU_COMPILE_BELOW_FLOPS / 1e9:.0f} GFLOP in runs of "
+                        f"{CPU_COMPILE_MIN_STEPS:,} steps or more")
     p.add_argument("--compile", dest="step_mode", action="store_const", const="compile",
                    help="same as --step-mode compile")
-    common.add_precision_arg(p)
+    p.add_argument("--precision", default="auto", choices=common.PRECISIONS,
+                   help="the training step's arithmetic: fp32 (on CUDA with TF32 matmuls), or bf16 autocast "
+                   "(weights, optimizer and EMA stay float32); auto: bf16 on CUDA and on CPUs with bf16 units "
+                   "(AMX-BF16 or AVX512-BF16, common.cpu_bf16_units), fp32 elsewhere; a resumed run keeps its "
+                   "snapshot's. Evaluations run in float32 either way")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: automatic, common.choose_threads: "
                    "one for training steps below common.ONE_THREAD_BELOW_FLOPS)")
     p.add_argument("--no-resume", action="store_true",
@@ -261,13 +273,6 @@ def loss_function(model, autocast=None, compiled=False, cuda_graphs=False):
         torch.compiler.cudagraph_mark_step_begin()  # a new step: the last step's graph outputs may be reused
         return fast_loss(*args)
     return graphed_loss
-
-
-# --step-mode auto on a CPU compiles training steps of fewer FLOPs than this, in runs of at least
-# CPU_COMPILE_MIN_STEPS steps: such small steps are bound by memory traffic and per-operation overhead, which
-# inductor's fusion cuts, while compiling takes a fixed time (README, "Benchmarks").
-CPU_COMPILE_BELOW_FLOPS = 50e9
-CPU_COMPILE_MIN_STEPS = 1000
 
 
 def step_mode(requested, device, world, flops, steps=None):
