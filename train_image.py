@@ -107,7 +107,7 @@ def parse_args(argv=None):
                    help="the training step's arithmetic: fp32 (on CUDA with TF32 matmuls), or bf16 autocast "
                    "(weights, optimizer and EMA stay float32); auto: bf16 on CUDA and on CPUs with bf16 units "
                    "(AMX-BF16 or AVX512-BF16, common.cpu_bf16_units), fp32 elsewhere; a resumed run keeps its "
-                   "snapshot's. Evaluations run in float32 either way")
+                   "snapshot's. The E_train/E_val evaluations run in float32 either way")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: automatic, common.choose_threads: "
                    "one for training steps below common.ONE_THREAD_BELOW_FLOPS)")
     p.add_argument("--no-resume", action="store_true",
