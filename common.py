@@ -1181,7 +1181,8 @@ def compile_failure(err):
     parts = []
     while err is not None and len(parts) < 3:
         message = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
-        parts.append(f"{type(err).__name__}: {message}".strip())
+        if not parts or message not in parts[-1]:  # a wrapper often repeats the message of what it wraps
+            parts.append(f"{type(err).__name__}: {message}".strip())
         err = getattr(err, "inner_exception", None) or err.__cause__
     return f"torch.compile failed ({' '.join(parts)[:400]})"
 
