@@ -406,7 +406,10 @@ def train(args, rank, world, device):
     eager_loss = loss_function(model, autocast)
     loss_fn = loss_function(model, autocast, True, graphs) if mode == "compile" else eager_loss
     guard = common.CompileGuard(args.step_mode == "compile", "--step-mode", tries=WARM_UP_STEPS)
-    save_rng = lambda: functools.partial(common.set_rng_state, common.rng_state(noise=gen), noise=gen)  # noqa: E731
+
+    def save_rng():  # the random streams a failed compiled step may have drawn from, put back before it runs eager
+        state = common.rng_state(noise=gen)
+        return lambda: common.set_rng_state(state, noise=gen)
     say(f"training step: {mode}{' with CUDA graphs' if graphs else ''}, "
         f"{'bf16 autocast' if autocast else 'float32'} (--precision {args.precision})")
     snapshots, order = snapshot_steps(args.snapshots, args.steps, B), EpochOrder(args.n, args.seed, device)

@@ -98,7 +98,7 @@ def bench_preset(args, size, precision, device):
     eager_fn = train_image.loss_function(net, autocast)
     with FlopCounterMode(display=False) as counter:
         step(eager_fn)
-    loss_fn = train_image.loss_function(net, autocast, mode == "compile", graphs) if mode == "compile" else eager_fn
+    loss_fn = train_image.loss_function(net, autocast, True, graphs) if mode == "compile" else eager_fn
     guard = common.CompileGuard(args.step_mode == "compile", "--step-mode", tries=train_image.WARM_UP_STEPS)
     warm_up = wall_time(lambda: [guard.run(lambda: step(loss_fn), lambda: step(eager_fn))
                                  for _ in range(train_image.WARM_UP_STEPS if mode == "compile" else 1)], device)

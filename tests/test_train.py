@@ -1,6 +1,5 @@
 """train_image.py: snapshots and logs, exact resume, data parallel, compiled step and its fallback, precision,
 threads, NaN stop, bad input."""
-import functools
 import io
 import os
 import re
