@@ -1250,11 +1250,68 @@ def count_parameters(module):
     return sum(p.numel() for p in module.parameters())
 
 
-def compile_mode(requested, cuda, world):
+def compile_mode(requested, cuda, world, cpu_pays=False):
     """(eager or compile, whether with CUDA graphs) for --step-mode and --forward-mode (MODES): auto compiles
-    on CUDA with one process; CUDA graphs (torch.compile's mode reduce-overhead) only there."""
-    mode = requested if requested != "auto" else "compile" if cuda and world == 1 else "eager"
+    with one process on CUDA, and on a CPU where the caller measured that it pays (cpu_pays); CUDA graphs
+    (torch.compile's mode reduce-overhead) only on CUDA with one process."""
+    auto = "compile" if world == 1 and (cuda or cpu_pays) else "eager"
+    mode = requested if requested != "auto" else auto
     return mode, mode == "compile" and cuda and world == 1
+
+
+def compile_failure(err):
+    """One line for an exception raised while torch.compile built or ran its code: 'torch.compile failed
+    (TYPE: the message's first line, then those of the errors it wraps)'."""
+    parts = []
+    while err is not None and len(parts) < 3:
+        message = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
+        if not parts or message not in parts[-1]:  # a wrapper often repeats the message of what it wraps
+            parts.append(f"{type(err).__name__}: {message}".strip())
+        err = getattr(err, "inner_exception", None) or err.__cause__
+    return f"torch.compile failed ({' '.join(parts)[:400]})"
+
+
+def check_compile(requested, device, flag):
+    """For an explicit `flag` compile: UserError at start, before any data is read, unless torch.compile builds
+    and runs a small function on `device` (a missing C++ compiler on a CPU, no Triton on CUDA). auto needs no
+    check: CompileGuard falls back to eager."""
+    if requested != "compile":
+        return
+    try:
+        torch.compile(lambda x: torch.sin(x) * 2 + 1, dynamic=False)(torch.ones(8, device=device))
+    except Exception as err:  # any error of the compiler stack
+        raise UserError(f"{flag} compile: {compile_failure(err)}; {flag} eager (or auto) runs without it")
+
+
+class CompileGuard:
+    """The way back from torch.compile for --step-mode and --forward-mode. run(compiled, eager, key, save) calls
+    compiled() until it has succeeded `tries` times for `key` (an input shape: compilation, then CUDA-graph
+    recording); while it has not, save() (if given) is called first and returns a function that restores what
+    it saved. If compiled() raises, mode auto prints 'torch.compile failed (TYPE: message); running eager',
+    restores, and from then on calls eager(): the run goes on as if eager had been chosen. An explicit compile
+    (strict) stops with that line instead (UserError)."""
+
+    def __init__(self, strict, flag, tries=1):
+        self.strict, self.flag, self.tries, self.passed, self.failed = strict, flag, tries, {}, False
+
+    def run(self, compiled, eager, key=None, save=None):
+        if self.failed:
+            return eager()
+        if self.passed.get(key, 0) >= self.tries:
+            return compiled()
+        restore = save() if save is not None else None
+        try:
+            out = compiled()
+        except Exception as err:  # any error of the compiler stack; eager() raises again what is not one
+            reason = compile_failure(err)
+            check(not self.strict, f"{self.flag} compile: {reason}; {self.flag} eager (or auto) runs without it")
+            say(f"{reason}; running eager")
+            self.failed = True
+            if restore is not None:
+                restore()
+            return eager()
+        self.passed[key] = self.passed.get(key, 0) + 1
+        return out
 
 
 def network_denoiser(denoiser, device, mode="auto"):
@@ -1263,12 +1320,15 @@ def network_denoiser(denoiser, device, mode="auto"):
     mode: eager, compile or auto (compile_mode, counting this process group's processes). Compiled, sigma
     and labels go in as (B,) tensors and each batch is padded to the largest one so far (pad_rows), so that
     a smaller last batch needs no new compilation or CUDA graph; the output is sliced back (and copied out
-    of the CUDA graph's memory, which the next call reuses). A call whose x requires gradients runs eager."""
+    of the CUDA graph's memory, which the next call reuses). A call whose x requires gradients runs eager. The
+    first two calls of each shape (compilation, CUDA-graph recording) run under a CompileGuard: in mode auto a
+    failing compilation gives the eager output, and every later call runs eager."""
     cuda = torch.device(device).type == "cuda"
     if cuda:
         denoiser.to(memory_format=torch.channels_last)
     dist = torch.distributed
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    requested = mode
     mode, graphs = compile_mode(mode, cuda, world)
 
     def forward(x, sigma, labels=None):
@@ -1277,13 +1337,11 @@ def network_denoiser(denoiser, device, mode="auto"):
     if mode == "eager":
         return forward
     compiled = torch.compile(forward, dynamic=False, **({"mode": "reduce-overhead"} if graphs else {}))
+    guard = CompileGuard(requested == "compile", "--forward-mode", tries=2)
     size = [0]  # the batch size compiled for: the largest so far
 
-    def denoise(x, sigma, labels=None):  # x (B, C, R, R), sigma scalar or (B,), labels (B,) or None
-        if torch.is_grad_enabled() and x.requires_grad:
-            return forward(x, sigma, labels)  # gradients wanted (correlation_radius): eager, not a CUDA graph
+    def run_compiled(x, sigma, labels):
         B = len(x)
-        size[0] = max(size[0], B)
         sigma = torch.as_tensor(sigma, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
         if not denoiser.num_classes:
             labels = None  # an unconditional network ignores them
@@ -1294,6 +1352,13 @@ def network_denoiser(denoiser, device, mode="auto"):
         out = compiled(pad_rows(x, size[0]), pad_rows(sigma.flatten().expand(B), size[0]),
                        None if labels is None else pad_rows(labels, size[0]))[:B]
         return out.clone() if graphs else out
+
+    def denoise(x, sigma, labels=None):  # x (B, C, R, R), sigma scalar or (B,), labels (B,) or None
+        if torch.is_grad_enabled() and x.requires_grad:
+            return forward(x, sigma, labels)  # gradients wanted (correlation_radius): eager, not a CUDA graph
+        size[0] = max(size[0], len(x))
+        key = (size[0], *x.shape[1:], x.dtype, torch.is_inference_mode_enabled())  # what the graph is for
+        return guard.run(lambda: run_compiled(x, sigma, labels), lambda: forward(x, sigma, labels), key)
     return denoise
 
 
@@ -1858,8 +1923,9 @@ SNAPSHOT_NAME = re.compile(r"snapshot-(\d+)\.pt")  # snapshot-<images seen, at l
 RESUMABLE_ARGS = frozenset({"steps", "snapshots", "eval_every", "device", "step_mode", "compile", "threads", "out",
                             "data_dir", "no_resume"})
 # train_image.py arguments newer than some snapshots, with the value that does what those runs did: load_checkpoint
-# fills them in, so that such a run resumes, and compares with its later snapshots, like one that had them.
-ARGS_ADDED_LATER = {"augment_p": 0.0}
+# fills them in, so that such a run resumes, and compares with its later snapshots, like one that had them
+# (precision: runs before --precision trained in float32 on a CPU, the only device they ran on).
+ARGS_ADDED_LATER = {"augment_p": 0.0, "precision": "fp32"}
 
 
 def snapshot_files(folder):
@@ -2433,6 +2499,32 @@ def choose_threads(flops_per_call=None, requested=0):
     return threads
 
 
+PRECISIONS = ("auto", "fp32", "bf16")  # --precision of the training step (choose_precision)
+
+
+def cpu_bf16_units():
+    """The CPU's bf16 units that torch's kernels use, as torch detects them (AMX-BF16 tiles, AVX512-BF16
+    instructions; else Linux's /proc/cpuinfo flags): names, none where bf16 arithmetic would be emulated."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(next((line for line in f if line.startswith("flags")), "").split())
+    except OSError:
+        flags = set()
+    return [name for name, torch_check, flag in (("AMX-BF16", "_is_amx_tile_supported", "amx_bf16"),
+                                                 ("AVX512-BF16", "_is_avx512_bf16_supported", "avx512_bf16"))
+            if getattr(torch.cpu, torch_check, lambda: flag in flags)()]
+
+
+def choose_precision(requested, device):
+    """--precision of the training step: fp32, or bf16 (autocast; weights, optimizer and EMA stay float32);
+    auto is bf16 on CUDA and on CPUs with bf16 units (cpu_bf16_units), fp32 elsewhere (where bf16 would be
+    emulated, and slower)."""
+    if requested != "auto":
+        return requested
+    device = torch.device(device)
+    return "bf16" if device.type == "cuda" or device.type == "cpu" and cpu_bf16_units() else "fp32"
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """--help that shows every default once and keeps the layout of the script's docstring. A default of None
     is not shown (the help says what happens then), nor one that the help names itself."""
@@ -2485,11 +2577,12 @@ THREADS_HELP = "CPU threads (0: automatic, common.choose_threads)"
 MODES = ("auto", "eager", "compile")  # --step-mode, --forward-mode (compile_mode)
 
 
-def add_mode_arg(parser, flag, what):
-    """A MODES flag (compile_mode), defined once: how `what` runs."""
+def add_mode_arg(parser, flag, what, auto_also=""):
+    """A MODES flag (compile_mode), defined once: how `what` runs (auto_also: where else auto compiles)."""
     parser.add_argument(flag, default="auto", choices=MODES, help=f"{what}: eager, or compile (torch.compile; on "
-                        "CUDA with one process, mode reduce-overhead: CUDA graphs); auto: compile on CUDA with one "
-                        "process, eager otherwise")
+                        "CUDA with one process, mode reduce-overhead: CUDA graphs; stops at start if it cannot "
+                        f"work); auto: compile on CUDA with one process{auto_also}, eager otherwise, and eager "
+                        "after one line if compiling fails")
 
 
 def add_run_args(parser, seed, out, out_default=None, batch=None, device=DEVICE_HELP, threads=False):

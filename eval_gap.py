@@ -573,6 +573,7 @@ def main(argv=None):
 @torch.no_grad()  # not inference_mode: the correlation radius differentiates the models (and their weights)
 def evaluate(args, rank, world, device):
     say = common.say
+    common.check_compile(args.forward_mode, device, "--forward-mode")
     old = common.earlier_result(args.out, SCRIPT, args.force)
     snapshots = [read_snapshot(path, args.weights, args.data_dir) for path in common.find_snapshots(args.snapshots)]
     common.check_same_run([(s["path"], s["run"]) for s in snapshots], args.allow_mixed)

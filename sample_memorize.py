@@ -712,6 +712,7 @@ def main(argv=None):
 
 def evaluate(args, rank, world, device):
     check(args.num_samples >= world, f"--num-samples {args.num_samples} is fewer than the {world} processes")
+    common.check_compile(args.forward_mode, device, "--forward-mode")
     say = common.say
     old = common.earlier_result(args.out, SCRIPT, args.force)
     extractors = {}  # feature map per dataset, resolution and folder (the classifier is trained on each)

@@ -39,15 +39,18 @@
 # Options: --scale cpu|gpu (gpu), --device DEV (cpu at cpu scale, cuda at gpu scale), --tiny, --data-dir DIR (or
 # DATA_DIR), --out DIR (results/study-cpu; results/gpu), --jobs J (2; 4 at gpu scale; 2 with --tiny), --sizes, --ns,
 # --seeds, --headline-ns (sizes that get every seed), --images N (images seen per run). A failed run is logged and
-# the study goes on; the exit status is then 1. Rerunning the same command resumes: training resumes from the last
+# the study goes on; the exit status is then 1. --eager: --step-mode and --forward-mode eager (nothing compiled).
+# The dataset is read (and, if need be, downloaded) once before the jobs start; torch.compile's compile workers
+# are shared out among the jobs (TORCHINDUCTOR_COMPILE_THREADS = cores / jobs, unless set). Rerunning the same command resumes: training resumes from the last
 # snapshot, and the evaluations reuse the rows they already wrote.
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}  # the Python with the requirements: PYTHON=venv/bin/python bash study.sh
-SCALE=gpu DEVICE="" TINY=0 OUT="" DATA_DIR=${DATA_DIR:-} JOBS="" SIZES="" NS="" IMAGES="" SEEDS="" HEADLINE_NS=""
+SCALE=gpu DEVICE="" TINY=0 EAGER=0 OUT="" DATA_DIR=${DATA_DIR:-} JOBS="" SIZES="" NS="" IMAGES="" SEEDS="" HEADLINE_NS=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --tiny) TINY=1; shift ;;
+        --eager) EAGER=1; shift ;;
         --scale|--device|--data-dir|--out|--jobs|--sizes|--ns|--images|--seeds|--headline-ns)  # --data-dir DIR sets DATA_DIR, and so on
             [ $# -ge 2 ] || { echo "error: $1 needs a value (see --help)" >&2; exit 2; }
             name=${1#--}; name=${name//-/_}; printf -v "${name^^}" %s "$2"; shift 2 ;;
@@ -63,7 +66,7 @@ if ! PY_INFO=$("$PY" -c 'import sys, torch; print(sys.executable, "with torch", 
 fi
 if [ "$SCALE" = cpu ]; then  # the map on a CPU: the quick run's network and recipe over n, length and seeds
     DEVICE=${DEVICE:-cpu} OUT=${OUT:-results/study-cpu} JOBS=${JOBS:-2} SIZES=${SIZES:-tiny} RES=16 KS=""
-    WINDOWS=() KSIZE="" WINDOW_RUN_SIZE="" TRAIN=(--lr 2e-3 --lr-rampup 0)
+    WINDOWS=() KSIZE="" WINDOW_RUN_SIZE="" TRAIN=(--lr 2e-3 --lr-rampup 0 --precision fp32)  # the same runs on every CPU
     if [ "$TINY" = 1 ]; then
         BATCH=8 IMAGES=${IMAGES:-160} NS=${NS:-"16 32"} SEEDS=${SEEDS:-"0 1"} HEADLINE_NS=${HEADLINE_NS:-16}
         NET=(--channels 8) NAME_SIZE=c8 SNAPSHOTS=log:2
@@ -103,6 +106,10 @@ positive --images "$IMAGES"
 positive --ns $NS
 [ -n "${SIZES// /}" ] && [ -n "${NS// /}" ] && [ -n "${SEEDS// /}" ] || { echo "error: --sizes, --ns and --seeds must not be empty" >&2; exit 2; }
 [[ "$SEEDS $HEADLINE_NS" =~ ^[0-9\ ]*$ ]] || { echo "error: --seeds and --headline-ns take non-negative integers" >&2; exit 2; }
+MODE=$([ "$EAGER" = 1 ] && echo eager || echo auto)
+STEP_MODE=(--step-mode "$MODE") FORWARD_MODE=(--forward-mode "$MODE")
+CORES=$(nproc 2>/dev/null || echo 1)
+export TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-$(( CORES / JOBS > 1 ? CORES / JOBS : 1 ))}
 STEPS=$(( (IMAGES + BATCH - 1) / BATCH ))
 NEG_STEPS=$(( (IMAGES / 10 + BATCH - 1) / BATCH ))  # the guidance negative: 10x shorter
 WEIGHTS=(0 0.2 0.4 0.6 0.8 1 1.2 1.4 1.6 1.8 2)       # guidance weights: 0 unguided, then the paper's 0.2 to 2.0
@@ -119,16 +126,16 @@ run_chain() {  # run_chain NAME plain|guided|negative TRAIN_ARGS...: train, then
     shift 2
     [ "$kind" = negative ] && steps=$NEG_STEPS
     $PY train_image.py "${DATA[@]}" --model unet "$@" "${NET[@]}" "${TRAIN[@]}" --steps "$steps" --batch "$BATCH" \
-        --snapshots "$SNAPSHOTS" --eval-every "$IMAGES" --device "$DEVICE" --out "$run"
+        --snapshots "$SNAPSHOTS" --eval-every "$IMAGES" --device "$DEVICE" "${STEP_MODE[@]}" --out "$run"
     if [ "$kind" = negative ]; then  # only a guidance negative (stage 2)
         return
     elif [ "$kind" = guided ]; then  # the last snapshot: each guidance weight costs two forward passes
         $PY eval_gap.py "$(last_snapshot "$run")" "${EVAL[@]}" --guidance-weights "${WEIGHTS[@]}" \
-            --neg uncond --device "$DEVICE" --out "$OUT/gap/$name.npz"
+            --neg uncond --device "$DEVICE" "${FORWARD_MODE[@]}" --out "$OUT/gap/$name.npz"
     else
-        $PY eval_gap.py "$run" "${EVAL[@]}" --device "$DEVICE" --out "$OUT/gap/$name.npz"
+        $PY eval_gap.py "$run" "${EVAL[@]}" --device "$DEVICE" "${FORWARD_MODE[@]}" --out "$OUT/gap/$name.npz"
     fi
-    $PY sample_memorize.py "$run" "${SAMPLE[@]}" --device "$DEVICE" --out "$OUT/samples/$name.npz"
+    $PY sample_memorize.py "$run" "${SAMPLE[@]}" --device "$DEVICE" "${FORWARD_MODE[@]}" --out "$OUT/samples/$name.npz"
 }
 
 FAILED=()
@@ -151,7 +158,14 @@ finish_all() { while [ ${#NAME[@]} -gt 0 ]; do finish_one; done; }
 {
     echo "study.sh --scale $SCALE on $DEVICE$([ "$TINY" = 1 ] && echo ' (tiny)'), $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
     echo "python: $PY_INFO"
-    echo "sizes: $SIZES; n: $NS; seeds $SEEDS for n in ${HEADLINE_NS:-none}, else 0; $IMAGES images per run ($STEPS steps of batch $BATCH); $JOBS runs at once"
+    echo "sizes: $SIZES; n: $NS; seeds $SEEDS for n in ${HEADLINE_NS:-none}, else 0; $IMAGES images per run" \
+        "($STEPS steps of batch $BATCH); $JOBS runs at once; --step-mode $MODE --forward-mode $MODE;" \
+        "TORCHINDUCTOR_COMPILE_THREADS=$TORCHINDUCTOR_COMPILE_THREADS"
+    start_stage=$SECONDS  # the dataset once, before the jobs (which would each download it)
+    $PY -c "import sys, common
+common.run_cli(lambda: [common.load_images('fashion-mnist', s, sys.argv[1] or None) for s in ('train', 'val')])" \
+        "$DATA_DIR"
+    echo "=== 0. data: $((SECONDS - start_stage)) s"
     start_stage=$SECONDS
     for size in $SIZES; do
         for n in $NS; do
@@ -181,7 +195,7 @@ finish_all() { while [ ${#NAME[@]} -gt 0 ]; do finish_one; done; }
         last=$(last_snapshot "$OUT/runs/$name")
         if [ -n "$neg_last" ] && [ -n "$last" ]; then
             start "$name-neg-short" $PY eval_gap.py "$last" "${EVAL[@]}" --guidance-weights "${WEIGHTS[@]}" \
-                --neg "$neg_last" --device "$DEVICE" --out "$OUT/gap/$name-neg-short.npz"
+                --neg "$neg_last" --device "$DEVICE" "${FORWARD_MODE[@]}" --out "$OUT/gap/$name-neg-short.npz"
         else
             echo "=== $name-neg-short: skipped, no snapshot of $name or of $neg"
             FAILED+=("$name-neg-short")
@@ -197,9 +211,9 @@ finish_all() { while [ ${#NAME[@]} -gt 0 ]; do finish_one; done; }
         echo "=== 3. windows and jacobian: not part of the $SCALE scale"
     elif [ -n "$last" ]; then
         start windows $PY eval_gap.py "$last" "${EVAL[@]}" --windows "${WINDOWS[@]}" --window-steps 2 \
-            --device "$DEVICE" --out "$OUT/gap/windows.npz"
+            --device "$DEVICE" "${FORWARD_MODE[@]}" --out "$OUT/gap/windows.npz"
         start jacobian $PY eval_gap.py "$last" "${EVAL[@]}" "${JACOBIAN[@]}" --device "$DEVICE" \
-            --out "$OUT/gap/jacobian.npz"
+            "${FORWARD_MODE[@]}" --out "$OUT/gap/jacobian.npz"
         finish_all
     else
         echo "=== 3. windows and jacobian: skipped, no snapshot in $window_run"

@@ -9,7 +9,9 @@ the image studies).
                                   (the -- keeps torchrun from reading --n as its own option)
 
 One training step is train_step: on one CUDA device its loss and backward pass run compiled, with CUDA
-graphs (--step-mode); on a CPU, steps below common.ONE_THREAD_BELOW_FLOPS run on one thread (--threads).
+graphs (--step-mode; in auto, a compilation that fails prints one line and the run goes on eager, as if eager
+had been chosen), in bf16 autocast on CUDA and on CPUs with bf16 units (--precision); on a CPU, steps below
+common.ONE_THREAD_BELOW_FLOPS run on one thread (--threads).
 With --augment-p, each training image is augmented (common.augment) and the network conditioned on the
 augmentation parameters, which are zero at sampling and evaluation. Rerunning a command with the same --out
 resumes from its last snapshot. Writes to --out:
@@ -20,6 +22,7 @@ snapshot_images, subset, probe_train, probe_val).
 """
 import argparse
 import copy
+import functools
 import math
 import os
 import random
@@ -41,6 +44,12 @@ EVAL_BATCH = 64  # (image, sigma) pairs per forward pass of the evaluations: sma
 PLAN_AFTER = 10  # seconds of training (or FLUSH_EVERY steps) after which the time and disk estimate is printed
 CPU_SCALE = "--size tiny --resolution 16 --n 256 --batch 32 --steps 600"  # as quick.sh
 WARM_UP_STEPS = 2  # steps left out of the images/s figure: compilation, then CUDA graph recording
+# --step-mode auto on a CPU compiles training steps of fewer FLOPs than this, in runs of at least
+# CPU_COMPILE_MIN_STEPS steps: small steps are bound by memory traffic and per-operation overhead, which inductor's
+# fusion cuts (by tens of ms per step of the quick reproduction), but compiling the step takes minutes on a small
+# CPU, which only long runs win back (README, "Precision and compilation on a CPU").
+CPU_COMPILE_BELOW_FLOPS = 50e9
+CPU_COMPILE_MIN_STEPS = 20_000
 
 
 def parse_args(argv=None):
@@ -91,9 +100,16 @@ def parse_args(argv=None):
     common.add_run_args(p, seed="seed of the subset, initialisation and noise",
                         batch=(512, "global batch size (split across processes)"),
                         out="run folder (default: runs/<data>-r<R>-n<n>-<model>-<size>-<cond>-seed<seed>)")
-    common.add_mode_arg(p, "--step-mode", "the training step's forward pass, loss and backward pass")
+    common.add_mode_arg(p, "--step-mode", "the training step's forward pass, loss and backward pass",
+                        f" and on a CPU for steps below {CPU_COMPILE_BELOW_FLOPS / 1e9:.0f} GFLOP in runs of "
+                        f"{CPU_COMPILE_MIN_STEPS:,} steps or more")
     p.add_argument("--compile", dest="step_mode", action="store_const", const="compile",
                    help="same as --step-mode compile")
+    p.add_argument("--precision", default="auto", choices=common.PRECISIONS,
+                   help="the training step's arithmetic: fp32 (on CUDA with TF32 matmuls), or bf16 autocast "
+                   "(weights, optimizer and EMA stay float32); auto: bf16 on CUDA and on CPUs with bf16 units "
+                   "(AMX-BF16 or AVX512-BF16, common.cpu_bf16_units), fp32 elsewhere; a resumed run keeps its "
+                   "snapshot's. The E_train/E_val evaluations run in float32 either way")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: automatic, common.choose_threads: "
                    "one for training steps below common.ONE_THREAD_BELOW_FLOPS)")
     p.add_argument("--no-resume", action="store_true",
@@ -219,15 +235,17 @@ def check_disk(out, first, snapshot_size, num_snapshots, say):
             f"{megabytes(num_snapshots * snapshot_size)}, but {out} has {megabytes(free)} free")
 
 
-def plan_line(args, step, step_seconds, eval_seconds, num_snapshots, snapshot_size):
-    """Time left (steps, and evaluations when their time is known) and the disk the snapshots need."""
+def plan_line(args, step, step_seconds, eval_seconds, num_snapshots, snapshot_size, warm_up_seconds):
+    """Time left (steps, and evaluations when their time is known) and the disk the snapshots need, from the
+    time per step after the warm-up steps (compilation, CUDA-graph recording), whose time is shown apart."""
     B, left = args.batch, args.steps - step
     evals = args.steps * B // args.eval_every - step * B // args.eval_every + bool(args.steps * B % args.eval_every)
     seconds = left * step_seconds + (evals * eval_seconds if eval_seconds is not None else 0)
     os.makedirs(args.out, exist_ok=True)
     need, free = num_snapshots * snapshot_size, shutil.disk_usage(args.out).free
     evals_text = f" and {evals} evaluation(s) of {duration(eval_seconds)}" if eval_seconds is not None else ""
-    return (f"{duration(step_seconds)} per step: about {duration(seconds)} left for {left:,} steps{evals_text}; "
+    return (f"{duration(step_seconds)} per step after {WARM_UP_STEPS} warm-up steps of {duration(warm_up_seconds)}: "
+            f"about {duration(seconds)} left for {left:,} steps{evals_text}; "
             f"{num_snapshots} snapshots of about {megabytes(snapshot_size)}: {megabytes(need)} in {args.out} "
             f"({megabytes(free)} free{', NOT ENOUGH' if need > free else ''})")
 
@@ -251,13 +269,13 @@ def step_flops(denoiser, batch):
     return 3 * batch * counter.get_total_flops()
 
 
-def loss_function(model, compiled=False, cuda=False, cuda_graphs=False):
-    """The batch's mean EDM loss, loss(y, labels, sigma, noise, augment_labels=None), through `model`; bf16
-    autocast on CUDA.
+def loss_function(model, autocast=None, compiled=False, cuda_graphs=False):
+    """The batch's mean EDM loss, loss(y, labels, sigma, noise, augment_labels=None), through `model`: in bf16
+    autocast on the device type `autocast` (--precision bf16: cuda or cpu), in float32 where it is None.
     compiled: torch.compile'd (the forward pass and, through autograd, the backward pass), with CUDA
     graphs (mode reduce-overhead) if cuda_graphs."""
     def loss(y, labels, sigma, noise, augment_labels=None):
-        with torch.autocast("cuda", torch.bfloat16, enabled=cuda):
+        with torch.autocast(autocast or "cpu", torch.bfloat16, enabled=autocast is not None):
             return common.edm_loss(model, y, labels, sigma=sigma, noise=noise, augment_labels=augment_labels).mean()
     if not compiled:
         return loss
@@ -269,6 +287,14 @@ def loss_function(model, compiled=False, cuda=False, cuda_graphs=False):
         torch.compiler.cudagraph_mark_step_begin()  # a new step: the last step's graph outputs may be reused
         return fast_loss(*args)
     return graphed_loss
+
+
+def step_mode(requested, device, world, flops, steps=None):
+    """--step-mode resolved (common.compile_mode): auto compiles on one CUDA device, and on a CPU for steps of
+    fewer than CPU_COMPILE_BELOW_FLOPS in runs of at least CPU_COMPILE_MIN_STEPS steps (steps None: any)."""
+    cpu_pays = (device.type == "cpu" and flops < CPU_COMPILE_BELOW_FLOPS
+                and (steps is None or steps >= CPU_COMPILE_MIN_STEPS))
+    return common.compile_mode(requested, device.type == "cuda", world, cpu_pays)
 
 
 def train_step(loss_fn, net, ema, opt, y, labels, lr, ema_beta, p_mean, p_std, gen, augment_labels=None):
@@ -302,6 +328,7 @@ def main(argv=None):
 def train(args, rank, world, device):
     """EDM training loop with EMA, snapshots and E_train/E_val evaluations; this process is `rank` of `world`."""
     common.check(args.batch % world == 0, f"--batch {args.batch} must be divisible by the {world} processes")
+    common.check_compile(args.step_mode, device, "--step-mode")
     say = common.say
     cuda, local, B = device.type == "cuda", args.batch // world, args.batch
     sizes = list(common.NETWORK_PRESETS.get(args.model, ()))
@@ -317,6 +344,8 @@ def train(args, rank, world, device):
         last_path = None
     if last_path is not None:
         ckpt = common.load_checkpoint(last_path)
+        if args.precision == "auto":  # a resumed run keeps its precision, whatever this machine's choice
+            args.precision = ckpt["args"]["precision"]
         check_same_run(ckpt["args"], vars(args), last_path)
         common.check(ckpt["step"] <= args.steps, f"{last_path} is at step {ckpt['step']}, past --steps "
                                                  f"{args.steps}; pass a larger --steps or another --out")
@@ -332,7 +361,9 @@ def train(args, rank, world, device):
     net = common.build_network(args.model, args.size, args.resolution, info["shape"][-1], num_classes,
                                args.channels, args.blocks, args.dropout, args.patch,
                                augment_dim=common.AUGMENT_DIM if args.augment_p > 0 else 0)
-    threads = common.choose_threads(step_flops(net, local), args.threads)
+    flops = step_flops(net, local)
+    threads = common.choose_threads(flops, args.threads)
+    args.precision = common.choose_precision(args.precision, device)  # stored in the snapshots and the log
 
     # Data: the subset, its conditioning labels, and the fixed probe sets.
     images, _ = common.load_images(args.data, "train", args.data_dir)
@@ -393,9 +424,17 @@ def train(args, rank, world, device):
             f"so the learning rate stays below {args.lr * min(1, args.steps * B / args.lr_rampup):.3g}")
 
     model = DistributedDataParallel(net, device_ids=[device.index] if cuda else None) if world > 1 else net
-    mode, graphs = common.compile_mode(args.step_mode, cuda, world)
-    loss_fn = loss_function(model, mode == "compile", cuda, graphs)
-    say(f"training step: {mode}{' with CUDA graphs' if graphs else ''}")
+    mode, graphs = step_mode(args.step_mode, device, world, flops, args.steps - start)
+    autocast = device.type if args.precision == "bf16" else None
+    eager_loss = loss_function(model, autocast)
+    loss_fn = loss_function(model, autocast, True, graphs) if mode == "compile" else eager_loss
+    guard = common.CompileGuard(args.step_mode == "compile", "--step-mode", tries=WARM_UP_STEPS)
+
+    def save_rng():  # the random streams a failed compiled step may have drawn from, put back before it runs eager
+        state = common.rng_state(noise=gen)
+        return lambda: common.set_rng_state(state, noise=gen)
+    say(f"training step: {mode}{' with CUDA graphs' if graphs else ''}, "
+        f"{'bf16 autocast' if autocast else 'float32'} (--precision {args.precision})")
     snapshots, order = snapshot_steps(args.snapshots, args.steps, B), EpochOrder(args.n, args.seed, device)
     log_path, last_snapshot = os.path.join(args.out, "train_log.npz"), last_path
 
@@ -454,7 +493,7 @@ def train(args, rank, world, device):
         evaluate(0)
         eval_seconds = time.perf_counter() - tick
     pending, tick, tick_images = [], time.perf_counter(), start * B
-    loop_start, planned = tick, rank != 0
+    loop_start, warm, planned = tick, None, rank != 0  # warm: (time, step) at the end of the warm-up steps
     timed_seconds, timed_images = 0.0, 0  # training steps after the warm-up, without evaluations and snapshots
     with tqdm(total=args.steps, initial=start, unit="step", disable=rank != 0, dynamic_ncols=True) as bar:
         for step in range(start + 1, args.steps + 1):
@@ -474,15 +513,18 @@ def train(args, rank, world, device):
             lr = args.lr * min(1.0, (seen + B) / args.lr_rampup) if args.lr_rampup else args.lr
             seen += B
             half_life = min(args.ema_half_life, args.ema_rampup * seen) if args.ema_rampup else args.ema_half_life
-            pending.append(train_step(loss_fn, net, ema, opt, y, c, lr, common.ema_beta(B, half_life),
-                                      args.p_mean, args.p_std, gen, a))
+            step_with = functools.partial(train_step, net=net, ema=ema, opt=opt, y=y, labels=c, lr=lr,
+                                          ema_beta=common.ema_beta(B, half_life), p_mean=args.p_mean,
+                                          p_std=args.p_std, gen=gen, augment_labels=a)
+            pending.append(step_with(loss_fn) if mode == "eager" else
+                           guard.run(lambda: step_with(loss_fn), lambda: step_with(eager_loss), save=save_rng))
             bar.update()
             done = step
-            if not planned and (step - start >= FLUSH_EVERY or time.perf_counter() - loop_start >= PLAN_AFTER):
+            if not planned and warm and (step - warm[1] >= FLUSH_EVERY or time.perf_counter() - warm[0] >= PLAN_AFTER):
                 if cuda:
                     torch.cuda.synchronize(device)
-                bar.write(plan_line(args, step, (time.perf_counter() - loop_start) / (step - start), eval_seconds,
-                                    len(snapshots), snapshot_bytes(net, ema)))
+                bar.write(plan_line(args, step, (time.perf_counter() - warm[0]) / (step - warm[1]), eval_seconds,
+                                    len(snapshots), snapshot_bytes(net, ema, opt), warm[0] - loop_start))
                 planned = True
 
             is_snapshot = step in snapshots
@@ -511,6 +553,8 @@ def train(args, rank, world, device):
             if is_snapshot:
                 last_snapshot = snapshot(step)
             tick, tick_images = time.perf_counter(), seen
+            if step == start + WARM_UP_STEPS:
+                warm = tick, step
 
     if rank == 0:
         write_log()

@@ -38,6 +38,7 @@ def main():
                         "--forward-mode")
     args = p.parse_args()
     device = start(args)
+    common.check_compile(args.forward_mode, device, "--forward-mode")
     torch.manual_seed(0)
     net = common.build_network(args.model, args.size, args.resolution, args.channels)
     with torch.no_grad():  # random output layers, so the network does real work on every path

@@ -1,24 +1,30 @@
 """Training throughput of the network presets: images/s and achieved FLOP/s of train_image.py's own
 training step (train_image.train_step: noise draws, EDM loss, backward, Adam, EMA), against torch's
-matmul rate measured in the same run.
+matmul rate measured in the same run, in each --precision.
 
-FLOPs are counted by torch.utils.flop_counter.FlopCounterMode over the first (warm-up) step, run
-eagerly; the step time is the fastest (and the median) of --repeats timed steps, in the step mode and with the CPU
-threads that train_image.py would use (--step-mode, --threads). The matmul rate is the fastest of a
-few square matmuls in the same dtype, measured before and after each preset; the fraction is taken
-against the fastest matmul of the whole run, so that a busy machine cannot inflate it.
-CUDA runs in bf16 autocast with channels-last tensors; CPU runs in float32. --background-load runs
-one busy single-threaded process alongside the timed steps, as another job on a shared machine would.
+FLOPs are counted by torch.utils.flop_counter.FlopCounterMode over the first step, run eagerly; then the
+warm-up steps run (compilation, CUDA-graph recording: their time is printed), and the step time is the fastest
+(and the median) of --repeats timed steps, with this process's CPU time beside it (on a shared machine: the time
+the step computed, not waiting for a core). The step runs in the step mode (--step-mode auto: as train_image.py
+chooses it for a run as long as the benchmark's, with its fallback to eager) and with the CPU threads that
+train_image.py would use (--threads). The matmul rate is the fastest of a few square matmuls in the precision's
+dtype (float32, on CUDA TF32; bf16), measured before and after each preset; the fraction is taken against the
+fastest matmul of that dtype in the whole run, so that a busy machine cannot inflate it. CUDA runs with
+channels-last tensors. The header names the CPU's bf16 units (common.cpu_bf16_units), which decide --precision
+auto on a CPU. --background-load runs one busy single-threaded process alongside the timed steps, as another job
+on a shared machine would.
 
-    python benchmarks/bench_train.py                          # unet tiny..m at batch 128
-    python benchmarks/bench_train.py --model dit --sizes s,l --device cuda
-    python benchmarks/bench_train.py --sizes tiny --batch 32 --resolution 16 --channels 1 --background-load
+    python benchmarks/bench_train.py                          # unet tiny..m at batch 128, fp32 and bf16
+    python benchmarks/bench_train.py --model dit --sizes s,l --device cuda --precision bf16
+    python benchmarks/bench_train.py --sizes tiny --batch 32 --resolution 16 --channels 1 --net-channels 24 \
+        --threads 1 --step-mode eager       # the quick reproduction's step (--step-mode compile: compiled)
 """
 import contextlib
 import copy
 import os
 import subprocess
 import sys
+import time
 
 from benchlib import matmul_gflops, parser, start, wall_time  # first: sets OpenMP's wait policy (common)
 import common
@@ -42,6 +48,8 @@ def parse_args():
     common.add_mode_arg(p, "--step-mode", "as train_image.py --step-mode, the training step")
     p.add_argument("--compile", dest="step_mode", action="store_const", const="compile",
                    help="same as --step-mode compile")
+    p.add_argument("--precision", default="fp32,bf16", help="comma-separated train_image.py --precision "
+                   "values to time each preset in (auto, fp32, bf16)")
     p.add_argument("--background-load", action="store_true", help="run one busy single-threaded process "
                    "while the steps are timed")
     p.add_argument("--matmul-size", type=common.positive_int, default=None, help="side of the square matmul; "
@@ -65,11 +73,14 @@ def background_load(enabled):
         busy.wait()
 
 
-def bench_preset(args, size, device):
-    """(parameters, FLOPs per step, CPU threads, step times in s) of one preset's training step."""
+def bench_preset(args, size, precision, device):
+    """(parameters, FLOPs per step, CPU threads, step mode run, warm-up seconds, (wall, CPU) seconds of each timed
+    step) of one preset's training step in `precision` (fp32 or bf16)."""
     cuda = device.type == "cuda"
+    torch.manual_seed(args.seed)
     net = common.build_network(args.model, size, args.resolution, args.channels, channels=args.net_channels)
-    threads = common.choose_threads(train_image.step_flops(net, args.batch), args.threads)
+    flops = train_image.step_flops(net, args.batch)
+    threads = common.choose_threads(flops, args.threads)
     net = net.to(device).train()
     if cuda:
         net = net.to(memory_format=torch.channels_last)
@@ -78,19 +89,27 @@ def bench_preset(args, size, device):
     gen = torch.Generator(device).manual_seed(args.seed)
     y = torch.rand(args.batch, args.channels, args.resolution, args.resolution, device=device) * 2 - 1
     y = y.contiguous(memory_format=torch.channels_last if cuda else torch.contiguous_format)
-    mode, graphs = common.compile_mode(args.step_mode, cuda, 1)
+    autocast = device.type if precision == "bf16" else None
+    mode, graphs = train_image.step_mode(args.step_mode, device, 1, flops, train_image.WARM_UP_STEPS + args.repeats)
 
     def step(loss_fn):
         train_image.train_step(loss_fn, net, ema, opt, y, None, 1e-4, 0.999, common.P_MEAN, common.P_STD, gen)
 
+    eager_fn = train_image.loss_function(net, autocast)
     with FlopCounterMode(display=False) as counter:
-        step(train_image.loss_function(net, cuda=cuda))
-    loss_fn = train_image.loss_function(net, mode == "compile", cuda, graphs)
-    for _ in range(train_image.WARM_UP_STEPS if mode == "compile" else 1):
-        step(loss_fn)  # compilation, CUDA graph recording
+        step(eager_fn)
+    loss_fn = train_image.loss_function(net, autocast, True, graphs) if mode == "compile" else eager_fn
+    guard = common.CompileGuard(args.step_mode == "compile", "--step-mode", tries=train_image.WARM_UP_STEPS)
+    warm_up = wall_time(lambda: [guard.run(lambda: step(loss_fn), lambda: step(eager_fn))
+                                 for _ in range(train_image.WARM_UP_STEPS if mode == "compile" else 1)], device)
+    if guard.failed:
+        mode, loss_fn = "eager (compile failed)", eager_fn
+    times = []  # (wall, CPU) seconds of each timed step
     with background_load(args.background_load):
-        times = [wall_time(lambda: step(loss_fn), device) for _ in range(args.repeats)]
-    return common.count_parameters(net), counter.get_total_flops(), threads, times
+        for _ in range(args.repeats):
+            cpu = time.process_time()
+            times.append((wall_time(lambda: step(loss_fn), device), time.process_time() - cpu))
+    return common.count_parameters(net), counter.get_total_flops(), threads, mode, warm_up, times
 
 
 def main():
@@ -98,47 +117,64 @@ def main():
     common.check_writable(args.out)
     device = start(args)
     all_threads = torch.get_num_threads()
-    torch.manual_seed(args.seed)
     cuda = device.type == "cuda"
     presets = list(common.NETWORK_PRESETS[args.model])
     sizes = [s for s in presets if cuda or s != "l"] if args.sizes == "auto" else args.sizes.split(",")
     for s in sizes:
         common.check(s in presets, f"unknown size {s!r} for {args.model}: choose from {', '.join(presets)}")
-    dtype = torch.bfloat16 if cuda else torch.float32
+    common.check(args.batch >= 1, "--batch must be positive")
+    requested = args.precision.split(",")
+    for p in requested:
+        common.check(p in common.PRECISIONS, f"unknown --precision {p!r}: choose from {', '.join(common.PRECISIONS)}")
+    precisions = list(dict.fromkeys(common.choose_precision(p, device) for p in requested))
+    common.check_compile(args.step_mode, device, "--step-mode")
     n = args.matmul_size or (8192 if cuda else 2048)
-    mode, graphs = common.compile_mode(args.step_mode, cuda, 1)
     name = torch.cuda.get_device_name(device) if cuda else "CPU"
     net_channels = f", {args.net_channels} base channels" if args.net_channels else ""
-    print(f"{args.model} training step ({mode}{' with CUDA graphs' if graphs else ''}), batch {args.batch}, "
-          f"{args.channels}x{args.resolution}x{args.resolution}{net_channels}, {str(dtype).split('.')[-1]} on {name}"
-          f"{', one busy process alongside' if args.background_load else ''}")
-    rates, rows = [matmul_gflops(n, n, n, dtype, device) * 1e9], []
+    units = ", ".join(common.cpu_bf16_units()) or "none (bf16 is emulated)"
+    print(f"{args.model} training step (--step-mode {args.step_mode}), batch {args.batch}, "
+          f"{args.channels}x{args.resolution}x{args.resolution}{net_channels}, {' and '.join(precisions)} on {name}"
+          f"{', one busy process alongside' if args.background_load else ''}; CPU bf16 units: {units}")
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    rates = {p: [matmul_gflops(n, n, n, dtypes[p], device) * 1e9] for p in precisions}
+    rows = []
     for size in sizes:
-        try:
-            params, flops, threads, times = bench_preset(args, size, device)
-        except torch.cuda.OutOfMemoryError:
-            print(f"{size}: does not fit in GPU memory at batch {args.batch}")
-            torch.cuda.empty_cache()
-            continue
-        torch.set_num_threads(all_threads)  # the matmul rate with all the threads
-        rates.append(matmul_gflops(n, n, n, dtype, device) * 1e9)
-        seconds, median = min(times), float(np.median(times))
-        rows.append(dict(size=size, params=params, flops_per_image=flops / args.batch, threads=threads,
-                         seconds_per_step=seconds, median_seconds_per_step=median, images_per_s=args.batch / seconds,
-                         flops_per_s=flops / seconds, matmul_flops_per_s=max(rates[-2:])))
-        print(f"{size}: {seconds:.3f} s per step (median {median:.3f} s), {threads} CPU thread(s)", flush=True)
-    peak = max(rates)
-    header = ("size", "params", "GFLOP/img", "img/s", "TFLOP/s", "matmul TFLOP/s", "of peak matmul")
-    print("{:>5} {:>9} {:>10} {:>9} {:>8} {:>15} {:>15}".format(*header))
+        for precision in precisions:
+            try:
+                params, flops, threads, mode, warm_up, times = bench_preset(args, size, precision, device)
+            except torch.cuda.OutOfMemoryError:
+                print(f"{size} {precision}: does not fit in GPU memory at batch {args.batch}")
+                torch.cuda.empty_cache()
+                continue
+            torch.set_num_threads(all_threads)  # the matmul rate with all the threads
+            rates[precision].append(matmul_gflops(n, n, n, dtypes[precision], device) * 1e9)
+            wall, cpu = np.array(times).T
+            seconds, median = wall.min(), float(np.median(wall))
+            rows.append(dict(size=size, precision=precision, mode=mode, params=params,
+                             flops_per_image=flops / args.batch, threads=threads, warm_up_seconds=warm_up,
+                             seconds_per_step=seconds, median_seconds_per_step=median,
+                             cpu_seconds_per_step=cpu.min(), median_cpu_seconds_per_step=float(np.median(cpu)),
+                             images_per_s=args.batch / seconds, flops_per_s=flops / seconds,
+                             matmul_flops_per_s=max(rates[precision][-2:])))
+            print(f"{size} {precision} {mode}: {seconds * 1e3:.1f} ms per step (median {median * 1e3:.1f} ms; CPU time "
+                  f"{cpu.min() * 1e3:.1f} ms, median {np.median(cpu) * 1e3:.1f} ms), warm-up {warm_up:.1f} s, "
+                  f"{threads} CPU thread(s)", flush=True)
+    peaks = {p: max(r) for p, r in rates.items()}
     for r in rows:
-        print(f"{r['size']:>5} {r['params'] / 1e6:8.2f}M {r['flops_per_image'] / 1e9:10.2f} "
-              f"{r['images_per_s']:9.1f} {r['flops_per_s'] / 1e12:8.3f} {r['matmul_flops_per_s'] / 1e12:15.3f} "
-              f"{r['flops_per_s'] / peak:14.0%}")
-    print(f"peak matmul rate in this run: {peak / 1e12:.3f} TFLOP/s ({n}x{n}, {str(dtype).split('.')[-1]}); "
-          f"matmul TFLOP/s is the rate measured around each preset")
+        r["peak_matmul_flops_per_s"] = peaks[r["precision"]]
+    header = ("size", "precision", "mode", "params", "GFLOP/img", "img/s", "TFLOP/s", "matmul TFLOP/s",
+              "of peak matmul")
+    print("{:>5} {:>9} {:>8} {:>9} {:>10} {:>9} {:>8} {:>15} {:>15}".format(*header))
+    for r in rows:
+        print(f"{r['size']:>5} {r['precision']:>9} {r['mode'].split()[0]:>8} {r['params'] / 1e6:8.2f}M "
+              f"{r['flops_per_image'] / 1e9:10.2f} {r['images_per_s']:9.1f} {r['flops_per_s'] / 1e12:8.3f} "
+              f"{r['matmul_flops_per_s'] / 1e12:15.3f} {r['flops_per_s'] / r['peak_matmul_flops_per_s']:14.0%}")
+    for p, peak in peaks.items():
+        print(f"peak matmul rate in this run, {p}: {peak / 1e12:.3f} TFLOP/s ({n}x{n}); matmul TFLOP/s is the rate "
+              "measured around each preset")
     if args.out and rows:
         columns = {key: np.array([row[key] for row in rows]) for key in rows[0]}
-        path = common.save_npz(args.out, **columns, peak_matmul_flops_per_s=peak, device=name, args=args,
+        path = common.save_npz(args.out, **columns, device=name, cpu_bf16_units=units, args=args,
                                script=os.path.basename(__file__))
         print(f"wrote the table to {path}")
 

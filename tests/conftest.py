@@ -68,12 +68,14 @@ def file_size_limit(size):
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
 
 
-def run_tiny_script(script, out, data_dir, timeout=900, extra=()):
+def run_tiny_script(script, out, data_dir, *extra, timeout=900):
     """Run a shell script of the repository (path relative to it) with --device cpu --tiny --out OUT and the
-    options `extra` on the synthetic Fashion-MNIST in data_dir, one thread, with this test's Python; assert it
-    succeeded."""
+    `extra` options on the synthetic Fashion-MNIST in data_dir, one thread, with the Python that runs the tests
+    (PYTHON: the one that has torch, also in a virtual environment that is not activated); assert it succeeded;
+    -> its stdout."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, OMP_NUM_THREADS="1", DATA_DIR=str(data_dir), PYTHON=sys.executable)
     done = subprocess.run(["bash", os.path.join(root, script), "--device", "cpu", "--tiny", "--out", str(out), *extra],
                           env=env, capture_output=True, text=True, timeout=timeout, cwd=root)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout

@@ -2,6 +2,7 @@
 import functools
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -91,18 +92,40 @@ def run_bench_train(monkeypatch, *argv):
     return calls[0]
 
 
-def test_bench_train_times_train_images_compiled_step(monkeypatch, capsys, tmp_path):
+def test_bench_train_times_train_images_compiled_step_in_both_precisions(monkeypatch, capsys, tmp_path):
     # In-process, with torch.compile's graph capture on the aot_eager backend (no C++ build).
     import train_image
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
     out_file = tmp_path / "train.npz"
     calls = run_bench_train(monkeypatch, "--compile", "--repeats", "2", "--threads", "1", "--out", str(out_file))
     out = capsys.readouterr().out
-    assert "training step (compile)" in out and re.search(r"^\s+tiny\s+0\.\d+M", out, re.M), out
-    assert calls == 1 + train_image.WARM_UP_STEPS + 2, "FLOP count, warm-up, timed steps: all train_image's step"
+    units = ", ".join(common.cpu_bf16_units()) or "none (bf16 is emulated)"
+    assert "training step (--step-mode compile)" in out and f"fp32 and bf16 on CPU; CPU bf16 units: {units}" in out
+    for precision in ("fp32", "bf16"):
+        assert re.search(rf"^\s+tiny\s+{precision}\s+compile\s+0\.\d+M", out, re.M), out
+        assert re.search(rf"^peak matmul rate in this run, {precision}: \S+ TFLOP/s", out, re.M), out
+    assert calls == 2 * (1 + train_image.WARM_UP_STEPS + 2), "per precision: FLOP count, warm-up, timed steps"
     table = common.load_npz(str(out_file))
-    assert table["args"]["step_mode"] == "compile" and list(table["size"]) == ["tiny"]
-    assert table["images_per_s"][0] > 0 and table["flops_per_image"][0] > 1e6 and table["threads"][0] == 1
+    assert table["args"]["step_mode"] == "compile" and list(table["size"]) == ["tiny", "tiny"]
+    assert list(table["precision"]) == ["fp32", "bf16"] and list(table["mode"]) == ["compile", "compile"]
+    assert str(table["cpu_bf16_units"]) == units
+    assert (table["images_per_s"] > 0).all() and (table["flops_per_image"] > 1e6).all()
+    assert (table["threads"] == 1).all() and (table["warm_up_seconds"] > 0).all()
+    assert (table["peak_matmul_flops_per_s"] > 0).all() and (table["cpu_seconds_per_step"] > 0).all()
+
+
+def test_bench_train_default_step_times_eager_steps_when_compile_fails(monkeypatch, capsys):
+    import train_image
+
+    def failing_backend(gm, inputs):
+        raise RuntimeError("no compiler here")
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=failing_backend))
+    monkeypatch.setattr(train_image, "step_mode", lambda *args: ("compile", False))  # auto compiles, as on CUDA
+    torch._dynamo.reset()
+    run_bench_train(monkeypatch, "--repeats", "1", "--precision", "fp32")
+    out = capsys.readouterr().out
+    assert "torch.compile failed (BackendCompilerFailed" in out and "no compiler here); running eager" in out
+    assert re.search(r"^tiny fp32 eager \(compile failed\): \S+ ms per step", out, re.M), out
 
 
 def test_bench_train_background_load_runs_one_busy_process_and_stops_it(monkeypatch, capsys):
@@ -114,27 +137,42 @@ def test_bench_train_background_load_runs_one_busy_process_and_stops_it(monkeypa
         started.append(real_popen(*args, **kwargs))
         return started[-1]
     monkeypatch.setattr(bench_train.subprocess, "Popen", popen)
-    run_bench_train(monkeypatch, "--background-load", "--repeats", "2", "--step-mode", "eager")
+    run_bench_train(monkeypatch, "--background-load", "--repeats", "2", "--step-mode", "eager", "--precision", "fp32")
     out = capsys.readouterr().out
-    assert "one busy process alongside" in out and "tiny: " in out, out
-    assert re.search(r"tiny: \S+ s per step \(median \S+ s\), 1 CPU thread\(s\)", out), "automatic: one thread"
+    assert "one busy process alongside" in out, out
+    assert re.search(r"^tiny fp32 eager: \S+ ms per step \(median \S+ ms; CPU time \S+ ms, median \S+ ms\), "
+                     r"warm-up \S+ s, 1 CPU thread\(s\)$", out, re.M), "automatic: one thread"
     assert len(started) == 1 and started[0].poll() is not None, "the busy process ran and was stopped"
 
 
 @pytest.mark.slow
-def test_gpu_check_tiny_runs_every_stage_on_cpu_and_logs_it(tmp_path):
-    (tmp_path / "data").mkdir()
-    out = tmp_path / "check"
-    run_tiny_script("benchmarks/gpu_check.sh", out, write_fashion_mnist(tmp_path / "data", 40, 20), timeout=600)
+def test_gpu_check_stages_run_one_by_one_on_cpu_into_one_log_each_ending_with_the_summary(tmp_path):
+    data, out = write_fashion_mnist(tmp_path, 40, 20), tmp_path / "check"
+    root = os.path.dirname(BENCH)
+    bad = subprocess.run(["bash", os.path.join(BENCH, "gpu_check.sh"), "--stage", "fit"], capture_output=True,
+                         text=True, cwd=root)
+    assert bad.returncode == 2
+    assert bad.stderr == "error: unknown --stage fit: choose bench, train, eval, sample or all\n"
+    rows = {"bench": r"^bench +bench_train U-Net tiny +img/s +[\d.]+ +[\d.]+ +[\d.]+x +\d+% of the bf16 matmul peak",
+            "train": r"^train +train_image.py +img/s +[\d.]+ +[\d.]+ +[\d.]+x +default ran: eager, "
+                     r"(bf16 autocast|float32) +\| +loss at step 1 0.0e\+00, last E_val 0.0e\+00$",
+            "eval": r"^eval +eval_gap.py .*\| +E\(sigma\) e_train 0.0e\+00, e_val 0.0e\+00$",
+            "sample": r"^sample +sample_memorize.py .*\| +samples \|default - eager\| <= 0.00e\+00; copies"}
+    for i, stage in enumerate(rows):  # on a CPU the default mode runs eager: the two modes agree exactly
+        summary = run_tiny_script("benchmarks/gpu_check.sh", out, data, "--stage", stage, timeout=600)
+        for earlier in list(rows)[:i + 1]:
+            assert re.search(rows[earlier], summary, re.M), (stage, earlier, summary[-3000:])
+        assert re.search(rf"^stage times: .*{stage} \d+ s", summary, re.M)
+    assert re.search(r"^eval +bench_eval: eval_gap's loop +img\*sigma/s +[\d.]+ +[\d.]+ .* of the bare forward pass",
+                     summary, re.M)
     log = (out / "gpu_check.log").read_text()
-    for stage in ("bench unet eager", "bench unet auto", "bench dit eager", "bench dit auto", "bench eval eager",
-                  "bench eval auto", "train", "eval_gap", "sample_memorize", "eval_gap eager", "sample_memorize eager",
-                  "compare forward modes"):
-        assert re.search(rf"^=== {stage}: \d+ s$", log, re.M), stage
-    assert re.search(r"images seen, [\d,.]+ images/s", log) and "gpu_check done" in log
+    for stage in rows:
+        assert len(re.findall(rf"^gpu_check --stage {stage} on cpu \(tiny\)", log, re.M)) == 1
+        assert re.search(rf"^=== stage {stage}: \d+ s$", log, re.M) and f"gpu_check --stage {stage} done" in log
+    assert "FAILED" not in log and re.search(r"images seen, [\d,.]+ images/s", log)
+    # --eager runs the eager commands only; without the default run the eager run stands in for it
+    shutil.rmtree(out / "run-default")
+    eager = run_tiny_script("benchmarks/gpu_check.sh", out, data, "--stage", "sample", "--eager", timeout=600)
+    assert "--- sample-default" not in eager and re.search(r"^--- sample-eager: .*sample_memorize.py \S+/run-eager/"
+                                                           r"snapshot-\d+\.pt .*--forward-mode eager", eager, re.M)
     assert f"python: {sys.executable} with torch" in log, "the interpreter the check ran (run_tiny_script's PYTHON)"
-    assert len(re.findall(r"^  sampler +\S+ images\*evaluations/s", log, re.M)) == 2
-    for key in ("e_train", "e_val"):  # on a CPU the default forward passes are the eager ones
-        assert f"{key}: largest relative difference default/eager 0.00e+00" in log
-    assert {"gap.npz", "memorize.npz", "gap-eager.npz", "memorize-eager.npz", "bench-unet-auto.npz",
-            "run"} <= set(os.listdir(out))

@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+import common
 import eval_gap
 import figures
 import sample_memorize
@@ -105,10 +106,28 @@ def test_quick_sh_says_which_python_it_runs():
     ("gpu.sh", ["--images", "1e6"], "error: --images takes positive integers, got '1e6'"),
     ("gpu.sh", ["--ns", "256 x"], "error: --ns takes positive integers, got 'x'"),
     ("gpu.sh", ["--sizes", " "], "error: --sizes, --ns and --seeds must not be empty"),
-    ("benchmarks/gpu_check.sh", ["--train-seconds", "-5"], "error: --train-seconds must be a positive integer, got "
-                                                           "'-5'"),
+    ("benchmarks/gpu_check.sh", ["--train-steps", "-5"], "error: --train-steps must be a positive integer, got "
+                                                         "'-5'"),
 ])
 def test_a_shell_script_refuses_bad_numbers_in_one_line_before_it_starts(script, argv, message, tmp_path):
     done = run_shell(script, argv, tmp_path, PYTHON=sys.executable)
     assert done.returncode == 2 and done.stderr == message + "\n", done.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", ["eval_gap", "sample_memorize"])
+def test_explicit_forward_mode_compile_that_cannot_work_stops_at_start_with_one_line(name, tmp_path, capsys,
+                                                                                    monkeypatch):
+    def failing_backend(gm, inputs):
+        raise RuntimeError("no compiler here")
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real(fn, dynamic=kw.get("dynamic"), backend=failing_backend))
+    monkeypatch.setattr(common, "load_images", lambda *args, **kwargs: pytest.fail("data read before the check"))
+    torch._dynamo.reset()
+    with pytest.raises(SystemExit) as exit_info:
+        common.run_cli(lambda: SCRIPTS[name].main(["--optimal", "--forward-mode", "compile", "--device", "cpu",
+                                                   "--out", str(tmp_path / "result.npz")]))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith("error: --forward-mode compile: torch.compile failed (BackendCompilerFailed: "), err
+    assert err.endswith("RuntimeError: no compiler here); --forward-mode eager (or auto) runs without it\n"), err

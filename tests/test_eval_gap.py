@@ -335,7 +335,7 @@ def test_forward_mode_compile_gives_the_eager_rows_and_either_reuses_the_others_
     eager = evaluate(data_dir, tmp_path / "eager.npz", *snaps, "--batch", "64", "--forward-mode", "eager")
     assert compiled == []
     fast = evaluate(data_dir, tmp_path / "fast.npz", *snaps, "--batch", "64", "--forward-mode", "compile")
-    assert compiled == [dict(dynamic=False)] * 2, "one compiled network per snapshot"
+    assert compiled == [dict(dynamic=False)] * 3, "the check at start (common.check_compile), then one per snapshot"
     for key in ("e_train", "e_val"):
         np.testing.assert_allclose(fast[key], eager[key], rtol=1e-5, atol=0)
     loaded = []

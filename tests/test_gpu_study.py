@@ -14,13 +14,18 @@ from conftest import run_tiny_script, write_fashion_mnist
 def test_gpu_study_tiny_runs_every_stage_on_cpu(tmp_path):
     (tmp_path / "data").mkdir()
     out = tmp_path / "study"
-    run_tiny_script("gpu.sh", out, write_fashion_mnist(tmp_path / "data", 64, 40))
+    run_tiny_script("gpu.sh", out, write_fashion_mnist(tmp_path / "data", 64, 40), "--eager")
     log = (out / "gpu.log").read_text()
     runs = ["unet-tiny-n16", "unet-tiny-n32", "unet-tiny-n32-kmeans4"]
-    stages = ["unet-tiny-n32-uncond-short", "unet-tiny-n32-kmeans4-neg-short", "windows", "jacobian", "1. grid",
-              "2. guidance", "3. windows and jacobian", "4. figures"]
+    stages = ["unet-tiny-n32-uncond-short", "unet-tiny-n32-kmeans4-neg-short", "windows", "jacobian", "0. data",
+              "1. grid", "2. guidance", "3. windows and jacobian", "4. figures"]
     for stage in runs + stages:
         assert re.search(rf"^=== {re.escape(stage)}: \d+ s$", log, re.M), stage
+    assert log.index("=== 0. data") < log.index("=== unet-tiny-n16: started"), "the dataset is read before the jobs"
+    threads = max(1, len(os.sched_getaffinity(0)) // 2)  # the cores (nproc) shared out among --jobs 2
+    assert f"2 runs at once; --step-mode eager --forward-mode eager; TORCHINDUCTOR_COMPILE_THREADS={threads}" in log
+    for run in runs:
+        assert "training step: eager" in (out / "logs" / f"{run}.log").read_text()
     assert "study.sh done" in log and "FAILED" not in log
     assert f"python: {sys.executable} with torch" in log, "the interpreter the study ran (run_tiny_script's PYTHON)"
     for run in runs:
@@ -49,7 +54,7 @@ def test_gpu_study_tiny_runs_every_stage_on_cpu(tmp_path):
 def test_cpu_study_tiny_trains_every_seed_of_the_headline_sizes_and_draws_the_map(tmp_path):
     (tmp_path / "data").mkdir()
     out = tmp_path / "study"
-    run_tiny_script("study.sh", out, write_fashion_mnist(tmp_path / "data", 64, 40), extra=["--scale", "cpu"])
+    run_tiny_script("study.sh", out, write_fashion_mnist(tmp_path / "data", 64, 40), "--scale", "cpu")
     log = (out / "cpu.log").read_text()
     runs = ["unet-c8-n16-seed0", "unet-c8-n16-seed1", "unet-c8-n32-seed0"]  # seeds 0 1 for the headline n = 16
     for stage in runs + ["1. grid", "4. figures"]:

@@ -241,6 +241,49 @@ def test_compile_mode_auto_compiles_with_cuda_graphs_on_one_cuda_device_only():
     assert common.compile_mode("compile", cuda=True, world=2) == ("compile", False)
     assert common.compile_mode("compile", cuda=False, world=1) == ("compile", False)
     assert common.compile_mode("eager", cuda=True, world=1) == ("eager", False)
+    assert common.compile_mode("auto", cuda=False, world=1, cpu_pays=True) == ("compile", False), "no graphs on CPU"
+    assert common.compile_mode("auto", cuda=False, world=2, cpu_pays=True) == ("eager", False)
+    assert common.compile_mode("eager", cuda=False, world=1, cpu_pays=True) == ("eager", False)
+
+
+def failing_backend(gm, inputs):
+    """A torch.compile backend that cannot build anything, as inductor without its C++ compiler or Triton."""
+    raise RuntimeError("no compiler here\nsecond line")
+
+
+def test_auto_forward_mode_survives_a_failing_compile_with_the_eager_outputs(monkeypatch, capsys):
+    # The compiled path in mode auto (as on one CUDA device), its backend raising at the first call: one line,
+    # the eager output of that call, and every later call eager (the backend is not asked again).
+    real, attempts = torch.compile, []
+
+    def backend(gm, inputs):
+        attempts.append(1)
+        return failing_backend(gm, inputs)
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real(fn, dynamic=kw["dynamic"], backend=backend))
+    monkeypatch.setattr(common, "compile_mode", lambda requested, cuda, world: ("compile", False))
+    denoiser, x, sigma, labels = small_denoiser()
+    torch._dynamo.reset()
+    with torch.no_grad():
+        denoise = common.network_denoiser(denoiser, "cpu", "auto")
+        outputs = [denoise(x, sigma, labels), denoise(x[:4], 0.7), denoise(x.double(), sigma)]
+        expected = [denoiser(x, sigma, labels), denoiser(x[:4], torch.tensor(0.7)), denoiser(x.double(), sigma)]
+    for out, eager in zip(outputs, expected):
+        assert torch.equal(out, eager)
+    assert capsys.readouterr().out == ("torch.compile failed (BackendCompilerFailed: backend='backend' raised: "
+                                       "RuntimeError: no compiler here); running eager\n") and len(attempts) == 1
+
+
+def test_explicit_forward_mode_compile_that_cannot_work_stops_with_one_line(monkeypatch):
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real(fn, dynamic=kw["dynamic"], backend=failing_backend))
+    with pytest.raises(common.UserError, match=r"^--forward-mode compile: torch.compile failed \(BackendCompilerFailed"
+                       r": .*\); --forward-mode eager \(or auto\) runs without it$"):
+        common.check_compile("compile", "cpu", "--forward-mode")
+    common.check_compile("auto", "cpu", "--forward-mode")  # auto and eager need no check
+    denoiser, x, sigma, labels = small_denoiser()
+    torch._dynamo.reset()
+    with torch.no_grad(), pytest.raises(common.UserError, match="--forward-mode compile: torch.compile failed"):
+        common.network_denoiser(denoiser, "cpu", "compile")(x, sigma, labels)
 
 
 def small_denoiser():

@@ -1,9 +1,12 @@
-"""train_image.py: snapshots and logs, exact resume, data parallel, compiled step, threads, NaN stop, bad input."""
+"""train_image.py: snapshots and logs, exact resume, data parallel, compiled step and its fallback, precision,
+threads, NaN stop, bad input."""
+import io
 import os
 import re
 import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -24,12 +27,13 @@ def data_dir(tmp_path_factory):
 
 
 def argv(data_dir, out, steps=40, *extra):
-    """A tiny conditional run that draws from every random stream (noise, flips, label and weight dropout)."""
+    """A tiny conditional run that draws from every random stream (noise, flips, label and weight dropout), in
+    float32 on every machine (--precision auto would follow the CPU)."""
     return ["--data-dir", data_dir, "--out", str(out), "--model", "unet", "--size", "tiny", "--channels", "8",
             "--resolution", "16", "--n", "16", "--batch", str(BATCH), "--steps", str(steps), "--lr", "2e-3",
             "--lr-rampup", "64", "--ema-half-life", "80", "--cond", "class", "--label-dropout", "0.2",
             "--augment", "xflip", "--dropout", "0.1", "--snapshots", f"every:{20 * BATCH}",
-            "--eval-every", f"{20 * BATCH}", "--probe-images", "8", "--device", "cpu", *extra]
+            "--eval-every", f"{20 * BATCH}", "--probe-images", "8", "--device", "cpu", "--precision", "fp32", *extra]
 
 
 def snapshot(out, step):
@@ -49,6 +53,14 @@ def augmented(data_dir, tmp_path_factory):
     """An uninterrupted 40-step run with the non-leaking augmentation."""
     out = tmp_path_factory.mktemp("augmented")
     train_image.main(argv(data_dir, out, 40, "--augment-p", "0.5"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def bf16(data_dir, tmp_path_factory):
+    """An uninterrupted 40-step run in bf16 autocast."""
+    out = tmp_path_factory.mktemp("bf16")
+    train_image.main(argv(data_dir, out, 40, "--precision", "bf16"))
     return out
 
 
@@ -98,7 +110,8 @@ def test_train_log_has_the_documented_keys_and_one_loss_per_step(baseline):
     assert log["E_train"][-1, 1] < log["E_train"][0, 1], "training lowers the denoising error at sigma = 1"
 
 
-@pytest.mark.parametrize("run, extra", [("baseline", []), ("augmented", ["--augment-p", "0.5"])])
+@pytest.mark.parametrize("run, extra", [("baseline", []), ("augmented", ["--augment-p", "0.5"]),
+                                        ("bf16", ["--precision", "bf16"])])
 def test_killed_and_resumed_run_ends_bit_identical_to_uninterrupted(run, extra, request, data_dir, tmp_path,
                                                                     monkeypatch):
     baseline = request.getfixturevalue(run)
@@ -384,7 +397,7 @@ def test_compile_mode_compiles_train_steps_loss_and_trains_like_eager(baseline, 
         return real(fn, backend="aot_eager")
     monkeypatch.setattr(torch, "compile", compile_)
     train_image.main(argv(data_dir, tmp_path, 20, "--step-mode", "compile"))
-    assert compiled == [("loss_function.<locals>.loss", {})]
+    assert compiled == [("check_compile.<locals>.<lambda>", {"dynamic": False}), ("loss_function.<locals>.loss", {})]
     assert train_image.parse_args(["--compile"]).step_mode == "compile"
     one, two = (common.load_npz(os.path.join(d, "train_log.npz")) for d in (baseline, tmp_path))
     np.testing.assert_allclose(two["loss"], one["loss"][:20], rtol=1e-5)
@@ -435,3 +448,158 @@ def test_step_flops_is_three_forward_passes_per_image():
         common.edm_loss(net, torch.rand(4, 1, 16, 16)).mean().backward()
     assert train_image.step_flops(net, 4) == pytest.approx(counter.get_total_flops(), rel=0.05)
     assert net.training
+
+
+def failing_backend(gm, inputs):
+    """A torch.compile backend that cannot build anything, as inductor without its C++ compiler or Triton."""
+    raise RuntimeError("no compiler here")
+
+
+def compile_failing_in(monkeypatch, fails):
+    """torch.compile with a backend that fails at the forward pass (the first call) or, having compiled the
+    forward pass, at the backward pass (the first loss.backward(), where autograd compiles it)."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+    backend = failing_backend if fails == "forward" else aot_autograd(
+        fw_compiler=lambda gm, inputs: make_boxed_func(gm.forward), bw_compiler=failing_backend)
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real(fn, dynamic=kw.get("dynamic"), backend=backend))
+
+
+@pytest.mark.parametrize("fails", ["forward", "backward"])
+def test_auto_step_mode_survives_a_failing_compile_and_trains_bit_exact_as_eager(fails, baseline, data_dir, tmp_path,
+                                                                                 monkeypatch, capsys):
+    # auto compiles this run (a CPU, a small step, a run made long enough); the compiled step fails in step 1, in
+    # its forward pass or after it (dropout has drawn from the random streams by then): one line, and the run goes
+    # on eager from the state before step 1, bit for bit the eager baseline's first 20 steps.
+    compile_failing_in(monkeypatch, fails)
+    monkeypatch.setattr(train_image, "CPU_COMPILE_MIN_STEPS", 20)
+    torch._dynamo.reset()
+    train_image.main(argv(data_dir, tmp_path, 20))
+    out = capsys.readouterr().out
+    assert "training step: compile, float32 (--precision fp32)" in out
+    failures = re.findall(r"^torch.compile failed \((\w+): (.*)\); running eager$", out, re.M)
+    assert len(failures) == 1 and "no compiler here" in failures[0][1], out
+    a, b = (torch.load(snapshot(d, 20), weights_only=False) for d in (baseline, tmp_path))
+    for key in ("net", "ema"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+    for i, state in a["opt"]["state"].items():
+        assert all(torch.equal(state[k], b["opt"]["state"][i][k]) for k in state)
+    assert torch.equal(a["rng"][0]["generators"]["noise"], b["rng"][0]["generators"]["noise"])
+    assert torch.equal(a["rng"][0]["torch"], b["rng"][0]["torch"]), "dropout's stream as if eager from the start"
+    one, two = (common.load_npz(os.path.join(d, "train_log.npz")) for d in (baseline, tmp_path))
+    np.testing.assert_array_equal(two["loss"], one["loss"][:20])
+
+
+@pytest.mark.parametrize("fails", ["forward", "backward"])
+def test_explicit_step_mode_compile_that_cannot_work_stops_with_one_line(fails, data_dir, tmp_path, capsys,
+                                                                        monkeypatch):
+    # A compiler that cannot build even a small function stops the run at start, before any data is read; one
+    # that fails only on the training step stops it there. Either way one line, and nothing written.
+    compile_failing_in(monkeypatch, fails)
+    read, real_load = [], common.load_images
+    monkeypatch.setattr(common, "load_images", lambda *a, **kw: read.append(a) or real_load(*a, **kw))
+    torch._dynamo.reset()
+    status, err = run_cli(argv(data_dir, tmp_path, 20, "--step-mode", "compile"), capsys)
+    if fails == "backward":  # the progress bars of the evaluation before step 1 come first
+        assert "Traceback" not in err
+        err = err.splitlines()[-1] + "\n"
+    assert_one_line_error(status, err, "--step-mode compile: torch.compile failed (",
+                          "RuntimeError: no compiler here); --step-mode eager (or auto) runs without it")
+    assert (read == []) == (fails == "forward")
+    assert not os.path.exists(tmp_path / "train_log.npz")
+
+
+def test_auto_step_mode_compiles_on_a_cpu_only_small_steps_of_long_runs():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    small, big = train_image.CPU_COMPILE_BELOW_FLOPS / 2, train_image.CPU_COMPILE_BELOW_FLOPS * 2
+    long, short = train_image.CPU_COMPILE_MIN_STEPS, train_image.CPU_COMPILE_MIN_STEPS - 1
+    assert train_image.step_mode("auto", cpu, 1, small, long) == ("compile", False)
+    for world, flops, steps in ((1, small, short), (1, big, long), (2, small, long)):
+        assert train_image.step_mode("auto", cpu, world, flops, steps) == ("eager", False)
+    assert train_image.step_mode("auto", cuda, 1, big, short) == ("compile", True)
+    assert train_image.step_mode("compile", cpu, 1, big, short) == ("compile", False)
+    assert train_image.step_mode("eager", cpu, 1, small, long) == ("eager", False)
+    # the quick reproduction's step (tiny U-Net of 24 channels, batch 32 at 16x16) is small enough, but quick.sh's
+    # 2,400 steps do not win back the compilation; ten times as many would
+    quick = train_image.step_flops(common.build_network("unet", "tiny", 16, 1, channels=24), 32)
+    assert train_image.step_mode("auto", cpu, 1, quick, 2400) == ("eager", False)
+    assert train_image.step_mode("auto", cpu, 1, quick, 24000) == ("compile", False)
+
+
+def test_auto_precision_is_bf16_on_cuda_and_on_cpus_with_bf16_units_only(monkeypatch):
+    for units, on_cpu in (([], "fp32"), (["AMX-BF16"], "bf16"), (["AVX512-BF16"], "bf16")):
+        monkeypatch.setattr(common, "cpu_bf16_units", lambda: units)
+        assert common.choose_precision("auto", "cpu") == on_cpu
+        assert common.choose_precision("auto", "cuda") == "bf16" and common.choose_precision("auto", "mps") == "fp32"
+        assert common.choose_precision("fp32", "cuda") == "fp32" and common.choose_precision("bf16", "cpu") == "bf16"
+    assert train_image.parse_args([]).precision == "auto"
+
+
+def test_cpu_bf16_units_are_what_torch_detects_else_the_cpuinfo_flags(monkeypatch):
+    for amx, avx in ((False, False), (True, False), (False, True), (True, True)):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx, raising=False)
+        assert common.cpu_bf16_units() == ["AMX-BF16"] * amx + ["AVX512-BF16"] * avx
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
+    for flags, units in (("fpu avx2 fma", []), ("avx512f amx_tile amx_bf16", ["AMX-BF16"]),
+                         ("avx512f avx512_bf16", ["AVX512-BF16"])):
+        cpuinfo = f"processor\t: 0\nmodel name\t: a CPU\nflags\t\t: {flags}\n"
+        monkeypatch.setattr(common, "open", lambda path: io.StringIO(cpuinfo), raising=False)
+        assert common.cpu_bf16_units() == units
+
+
+def test_bf16_autocasts_the_training_loss_and_never_the_evaluations(data_dir, tmp_path, monkeypatch):
+    seen = {"loss": [], "eval": []}
+    real_loss, real_errors = common.edm_loss, common.denoising_errors
+    monkeypatch.setattr(common, "edm_loss", lambda *a, **kw: seen["loss"].append(
+        torch.is_autocast_enabled("cpu")) or real_loss(*a, **kw))
+    monkeypatch.setattr(common, "denoising_errors", lambda *a, **kw: seen["eval"].append(
+        torch.is_autocast_enabled("cpu")) or real_errors(*a, **kw))
+    train_image.main(argv(data_dir, tmp_path, 2, "--precision", "bf16", "--eval-every", str(BATCH)))
+    assert seen["loss"] == [True, True] and len(seen["eval"]) == 6 and not any(seen["eval"])
+
+
+def test_bf16_run_stores_its_precision_keeps_float32_weights_and_trains_like_fp32(baseline, bf16):
+    ckpt, fp32 = (common.load_checkpoint(snapshot(run, 40)) for run in (bf16, baseline))
+    assert ckpt["args"]["precision"] == "bf16" and fp32["args"]["precision"] == "fp32"
+    assert all(v.dtype == torch.float32 for key in ("net", "ema") for v in ckpt[key].values() if v.is_floating_point())
+    one, two = (common.load_npz(os.path.join(d, "train_log.npz")) for d in (baseline, bf16))
+    assert common.load_npz(os.path.join(bf16, "train_log.npz"))["args"]["precision"] == "bf16"
+    assert not np.array_equal(one["loss"], two["loss"]), "the loss ran in bf16"
+    np.testing.assert_allclose(two["loss"][0], one["loss"][0], rtol=0.02)  # the same weights: bf16 rounding only
+    np.testing.assert_array_equal(two["E_train"][0], one["E_train"][0])  # before training: float32 both times
+    np.testing.assert_array_equal(two["E_val"][0], one["E_val"][0])
+    np.testing.assert_allclose(two["E_train"][-1], one["E_train"][-1], rtol=0.15)
+
+
+def test_resuming_keeps_the_snapshots_precision_and_refuses_another(baseline, data_dir, tmp_path, capsys, monkeypatch):
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(snapshot(baseline, 20), snapshot(run, 20))
+    status, err = run_cli(argv(data_dir, run, 40, "--precision", "bf16"), capsys)
+    assert_one_line_error(status, err, "--precision fp32 (snapshot) vs bf16 (now)", "--no-resume")
+    monkeypatch.setattr(common, "cpu_bf16_units", lambda: ["AMX-BF16"])  # a new run would pick bf16 here
+    train_image.main(argv(data_dir, run, 40, "--precision", "auto"))
+    assert "training step: eager, float32 (--precision fp32)" in capsys.readouterr().out
+    a, b = (common.load_checkpoint(snapshot(out, 40)) for out in (baseline, run))
+    assert b["args"]["precision"] == "fp32" and all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
+
+
+def test_time_estimate_comes_after_the_warm_up_steps_and_leaves_them_out(data_dir, tmp_path, capsys, monkeypatch):
+    # A first step of 2 s (as compilation makes it): the estimate is printed once the warm-up steps are over, from
+    # the steps after them, and names the warm-up's time apart.
+    monkeypatch.setattr(train_image, "FLUSH_EVERY", 3)
+    calls, real = [0], common.edm_loss
+
+    def slow_first(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 1:
+            time.sleep(2)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(common, "edm_loss", slow_first)
+    train_image.main(argv(data_dir, tmp_path, 8))
+    plan = re.findall(r"^(\S+) s per step after 2 warm-up steps of (\S+) s: about \S+ s left for 3 steps",
+                      capsys.readouterr().out, re.M)
+    assert len(plan) == 1 and float(plan[0][0]) < 1 <= 2 <= float(plan[0][1]), plan
