@@ -460,16 +460,17 @@ def window_offsets(size, window, steps=2, multiple=1):
     crop needs padding (grid_windows lists the sizes that do)."""
     check(1 <= window <= size, f"a window must have 1 to {size} pixels (the image size), got {window}")
     check(steps >= 1, f"need at least one window position per axis, got {steps}")
+    on_grid = lambda: ", ".join(map(str, grid_windows(size, multiple, steps))) or "none"  # noqa: E731
+    check(window % multiple == 0, f"a window of {window} pixels is off the network's {multiple}-pixel down-sampling "
+          f"grid; on it, with {steps} position(s) per axis of a {size}-pixel image: {on_grid()} pixels")
     offsets = _evenly_spaced(size, window, steps)
     needed = 1 + -(-(size - window) // window)                        # 1 + ceil((size - window) / window)
     check(offsets[-1] + window >= size and all(b - a <= window for a, b in zip(offsets, offsets[1:])),
           f"{steps} window position(s) per axis leave pixels of a {size}-pixel image outside every window of "
           f"{window} pixels: give at least {needed} positions per axis, or a larger window")
-    if window % multiple or any(o % multiple for o in offsets):
-        on_grid = ", ".join(map(str, grid_windows(size, multiple, steps))) or "none"
-        raise UserError(f"a window of {window} pixels at offsets {', '.join(map(str, offsets))} is off the network's "
-                        f"{multiple}-pixel down-sampling grid; on it, with {steps} position(s) per axis of a "
-                        f"{size}-pixel image: {on_grid} pixels")
+    check(not any(o % multiple for o in offsets), f"a window of {window} pixels at offsets "
+          f"{', '.join(map(str, offsets))} is off the network's {multiple}-pixel down-sampling grid; on it, with "
+          f"{steps} position(s) per axis of a {size}-pixel image: {on_grid()} pixels")
     return offsets
 
 

@@ -541,9 +541,10 @@ def test_windows_combine_with_guidance_and_features(data_dir, run_dir, tmp_path)
 @pytest.mark.parametrize("change, words", [
     (["--windows", "4", str(RES)], [f"--windows must be smaller than the {RES}x{RES} images", f"got {RES}"]),
     (["--windows", "4", "--window-steps", "1"], ["--windows 4 with --window-steps 1", "at least 2 positions"]),
-    (["--windows", "3"], ["--windows 3 with --window-steps 2", "at least 3 positions"]),
-    (["--windows", "6"], ["--windows 6 with --window-steps 2 for", "(U-Net tiny at 8x8): a window of 6 pixels at "
-                          "offsets 0, 2 is off the network's 4-pixel down-sampling grid", "8-pixel image: 4 pixels"]),
+    (["--windows", "3"], ["--windows 3 with --window-steps 2", "a window of 3 pixels is off the network's 4-pixel "
+                          "down-sampling grid", "8-pixel image: 4 pixels"]),
+    (["--windows", "6"], ["--windows 6 with --window-steps 2 for", "(U-Net tiny at 8x8): a window of 6 pixels is "
+                          "off the network's 4-pixel down-sampling grid", "8-pixel image: 4 pixels"]),
     (["--windows", "4", "dit"], ["is a DiT, whose position embeddings are fixed to the whole 8x8 image"]),
 ])
 def test_bad_windows_exit_2_with_one_clear_message_before_any_evaluation(data_dir, run_dir, tmp_path, capsys,
@@ -560,15 +561,17 @@ def test_bad_windows_exit_2_with_one_clear_message_before_any_evaluation(data_di
 
 
 def test_the_advice_of_each_windows_error_when_followed_gives_a_result(data_dir, tmp_path, capsys):
-    # 16x16 images: a window of 3 pixels is too small for the U-Net; 4 pixels need 4 positions per axis
+    # 16x16 images: a window of 3 pixels is off the U-Net's 4-pixel grid; 4 pixels need 4 positions per axis
     model = make_snapshot(tmp_path / "snapshot-000000008.pt", data_dir, 8, net_seed=0, resolution=16)
     argv = [model, "--data-dir", data_dir, "--num-images", "4", "--sigmas", "1", "--device", "cpu", "--out",
             str(tmp_path / "w.npz")]
     status, err = run_cli([*argv, "--windows", "3"], capsys)
-    assert status == 2 and "takes windows of at least 4 pixels" in err, err
+    assert status == 2 and "off the network's 4-pixel down-sampling grid" in err and ": 8, 12 pixels" in err, err
+    eval_gap.main([*argv, "--windows", "8", "--force"])
+    assert list(common.load_npz(str(tmp_path / "w.npz"))["windows"]) == [8, 16]
     status, err = run_cli([*argv, "--windows", "4"], capsys)
     assert status == 2 and "give at least 4 positions per axis" in err, err
-    eval_gap.main([*argv, "--windows", "4", "--window-steps", "4"])
+    eval_gap.main([*argv, "--windows", "4", "--window-steps", "4", "--force"])
     assert list(common.load_npz(str(tmp_path / "w.npz"))["windows"]) == [4, 16]
 
 

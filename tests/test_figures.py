@@ -101,9 +101,11 @@ def test_the_claim3_map_pairs_each_snapshot_and_merges_training_seeds_with_inter
     for seed, shift in ((0, 0.0), (1, 0.2)):
         gap = common.load_npz(write_gap(tmp_path / f"g{seed}.npz") or tmp_path / f"g{seed}.npz")
         gap = dict(gap, run_args=np.array(json.dumps({**json.loads(str(gap["run_args"])), "seed": seed})),
-                   checkpoints=np.array([f"s{seed}/{p}" for p in gap["checkpoints"]]))
+                   checkpoints=np.array([f"s{seed}/{p}" for p in gap["checkpoints"]]),
+                   digests=np.array([f"s{seed}-{d}" for d in gap["digests"]]))
         mem = common.load_npz(write_memorization(tmp_path / f"m{seed}.npz") or tmp_path / f"m{seed}.npz")
-        mem = dict(mem, checkpoints=gap["checkpoints"], traj_heldout_score=mem["traj_heldout_score"] + shift,
+        mem = dict(mem, checkpoints=gap["checkpoints"], digests=gap["digests"],
+                   traj_heldout_score=mem["traj_heldout_score"] + shift,
                    traj_heldout_score_ci=mem["traj_heldout_score_ci"] + shift)
         rows.append((gap, mem))
     points = figures.snapshot_points([("g", g) for g, _ in rows], [("m", m) for _, m in rows])
