@@ -524,7 +524,7 @@ def train(args, rank, world, device):
                 if cuda:
                     torch.cuda.synchronize(device)
                 bar.write(plan_line(args, step, (time.perf_counter() - warm[0]) / (step - warm[1]), eval_seconds,
-                                    len(snapshots), snapshot_bytes(net, ema, opt), warm[0] - loop_start))
+                                    len(snapshots), snapshot_bytes(net, ema), warm[0] - loop_start))
                 planned = True
 
             is_snapshot = step in snapshots
