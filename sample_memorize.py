@@ -202,16 +202,16 @@ class Model:
     images_seen: int = -1
 
 
-def optimal_model(source, device, gaussian=False, gaussian_fit="split"):
-    """The optimal denoiser of a training subset (common.TrainingSource); gaussian: the denoiser of a Gaussian
-    fitted to the subset's whole training split (gaussian_fit 'split') or to the subset itself ('subset')."""
+def optimal_model(source, device, kind="optimal"):
+    """The reference sampler `kind` (reference_kind) of a training subset (common.TrainingSource): its optimal
+    denoiser, or the denoiser of a Gaussian fitted to the subset's whole training split ('gaussian') or to the
+    subset itself ('gaussian-subset')."""
     train = load_training_set(source, device)
-    kind = "optimal" if not gaussian else "gaussian" if gaussian_fit == "split" else "gaussian-subset"
     name = (f"{kind}-{source.dataset}-r{source.resolution}-n{len(source.subset)}"
             + ("" if source.cond == "none" else f"-{source.cond}"))
     denoise = train.optimal
-    if gaussian:
-        fit = train.x if gaussian_fit == "subset" else common.images_to_tensor(
+    if kind != "optimal":
+        fit = train.x if kind == "gaussian-subset" else common.images_to_tensor(
             common.load_images(source.dataset, "train", source.data_dir)[0], source.resolution).to(device)
         gauss = common.gaussian_denoiser(fit)
         denoise = lambda x, sigma, labels=None: gauss(x, sigma)  # noqa: E731
@@ -408,7 +408,10 @@ def run_configuration(model, denoise, ref_draws, shard, sigmas, stops, probes, f
                                                        null, device)
                                     for name, split, pool in (("train", "train", draw.train_pos),
                                                               ("val", "val", draw.val_pos),
-                                                              ("heldout", "val", draw.heldout_pos))})
+                                                              ("heldout", "val", draw.heldout_pos))
+                                    if draw is not refs or name == "heldout"})
+        if draw is refs:  # the first draw's noisy training and validation images are those of probe_sets
+            inputs.update({name: (sets[name][0], sets[name][2]) for name in ("train", "val")})
         for name, (x, lab) in inputs.items():
             llr[name].append(torch.stack([draw.llr(x[p], s, lab, batch) for p, s in enumerate(p_sigmas)]))
         if draw is refs:  # do the states look like noisy data at all? (trajectory_typicality)
@@ -767,7 +770,7 @@ def evaluate(args, rank, world, device):
         if path is None:
             source = common.TrainingSource.drawn(args.data, args.n, args.subset_seed, args.cond, args.k,
                                                  args.resolution, args.data_dir)
-            model = optimal_model(source, device, args.gaussian, args.gaussian_fit)
+            model = optimal_model(source, device, reference_kind(args))
         else:
             model = network_model(path, args.weights, args.data_dir, device, train_cache, args.forward_mode)
         shape = shape or model.train.x.shape[1:]
