@@ -357,7 +357,7 @@ def check_classifier_free(conditional, name):
 # Optimal and error-prone denoisers
 # ---------------------------------------------------------------------------
 
-def _per_query(value, x, name):
+def per_query(value, x, name):
     """A float or tensor as shape (1,) or (B,), in x's dtype and on x's device."""
     check(x.ndim >= 1, "x needs a leading batch dimension")
     value = torch.as_tensor(value, dtype=x.dtype, device=x.device).flatten()
@@ -375,9 +375,9 @@ def optimal_denoiser(x, sigma, data, x_labels=None, data_labels=None, chunk_size
     no (B, N, d) tensor is built. float64 is exact down to sigma = 1e-3; float32
     is fast but loses the order of nearly equidistant points at tiny sigma.
     """
-    sig = _per_query(sigma, x, "sigma")
+    sig = per_query(sigma, x, "sigma")
     check(bool((sig > 0).all()), "sigma must be positive")
-    return _softmax_stream(x, sig.square(), data, x_labels, data_labels, chunk_size)[0]
+    return softmax_stream(x, sig.square(), data, x_labels, data_labels, chunk_size)[0]
 
 
 def exact_dtype(device):
@@ -398,7 +398,7 @@ def labelled_optimal_denoiser(data, data_labels=None, null_label=None, note=None
     @torch.no_grad()
     def denoise(x, sigma, labels=None):
         x = x.to(data.dtype)
-        sigma = _per_query(sigma, x, "sigma").expand(len(x))
+        sigma = per_query(sigma, x, "sigma").expand(len(x))
         if labels is None or data_labels is None:
             return optimal_denoiser(x, sigma, data)
         labels = torch.as_tensor(labels, device=x.device).flatten()
@@ -422,12 +422,12 @@ def error_prone_denoiser(x, sigma, data, delta, x_labels=None, data_labels=None,
     """Error-prone model (toy): optimal denoiser of data smeared by N(0, delta^2),
     y_delta(x, sigma) = (delta^2 x + sigma^2 y*(x, s~)) / (sigma^2 + delta^2), s~^2 = sigma^2 + delta^2.
     sigma and delta: floats or (B,); delta = 0 gives y*."""
-    sig, dlt = _per_query(sigma, x, "sigma"), _per_query(delta, x, "delta")
+    sig, dlt = per_query(sigma, x, "sigma"), per_query(delta, x, "delta")
     check(bool((dlt >= 0).all()), "delta must be >= 0")
     check(bool((sig > 0).all()), "sigma must be positive")
     s2 = sig.square()
     smeared = s2 + dlt.square()                                       # s~^2
-    y_star = _softmax_stream(x, smeared, data, x_labels, data_labels, chunk_size)[0]
+    y_star = softmax_stream(x, smeared, data, x_labels, data_labels, chunk_size)[0]
     B = x.shape[0]
     weight = (s2 / smeared).expand(B)[:, None]                        # y_delta = x + weight (y* - x)
     return torch.lerp(x.reshape(B, -1), y_star.reshape(B, -1), weight).reshape(x.shape)
@@ -442,7 +442,7 @@ def gaussian_denoiser(data):
     evals = evals.clamp_min(0)
 
     def denoise(x, sigma):
-        sig = _per_query(sigma, x, "sigma").double()
+        sig = per_query(sigma, x, "sigma").double()
         q = x.reshape(x.shape[0], -1).double() - mu
         shrink = evals / (evals + sig[:, None] ** 2)                  # (B or 1, d)
         return (mu + ((q @ evecs) * shrink) @ evecs.T).to(x.dtype).reshape(x.shape)
@@ -567,10 +567,10 @@ def _windowed(denoiser_at, window, steps, mode, multiple=1):
 def noisy_log_density(x, sigma, data, x_labels=None, data_labels=None, chunk_size=None):
     """log p_S(x | sigma) = log (1/|S|) sum_{y in S} N(x; y, sigma^2 I), the density of the set S = data
     after adding noise of std sigma (with labels: S holds the points with the query's label): (B,)."""
-    sig = _per_query(sigma, x, "sigma")
+    sig = per_query(sigma, x, "sigma")
     check(bool((sig > 0).all()), "sigma must be positive")
     variance = sig.square()
-    _, log2_sum = _softmax_stream(x, variance, data, x_labels, data_labels, chunk_size, mean=False)
+    _, log2_sum = softmax_stream(x, variance, data, x_labels, data_labels, chunk_size, mean=False)
     q = x.reshape(x.shape[0], -1)
     count = torch.full_like(log2_sum, data.shape[0])
     if x_labels is not None:
@@ -590,12 +590,12 @@ def log_likelihood_ratio(x, sigma, data_a, data_b, x_labels=None, labels_a=None,
             - noisy_log_density(x, sigma, data_b, None if labels_b is None else x_labels, labels_b))
 
 
-def _softmax_stream(x, variance, data, x_labels, data_labels, chunk_size, mean=True):
+def softmax_stream(x, variance, data, x_labels, data_labels, chunk_size, mean=True):
     """Streaming log-sum-exp over chunks of data, the core of y*, y_delta and p_S: with base-2 logits
     l_i = (2 y_i.x - ||y_i||^2) / (2 variance ln 2), returns the posterior mean sum_i y_i 2^l_i / sum_i 2^l_i
     (x's shape; None unless `mean`) and log2 sum_i 2^l_i (B,). x (B, ...), variance (1,) or (B,),
     data (N, ...), optional labels (the sums then run over the points with the query's label)."""
-    check(data.ndim >= 1, "data needs a leading batch dimension")  # x: checked by _per_query
+    check(data.ndim >= 1, "data needs a leading batch dimension")  # x: checked by per_query
     check(x.shape[1:] == data.shape[1:],
           f"x has point shape {tuple(x.shape[1:])} but data has {tuple(data.shape[1:])}")
     check(data.shape[0] >= 1, "data is empty")
@@ -724,7 +724,7 @@ def correlation_radius(denoise, x, sigma, labels=None, pixels=None, seed=0, batc
         dist = torch.cdist(pos.to(x.device)[where].double(), pos.to(x.device).double())  # (P, H W)
         P, K = len(where), len(where) * C                              # cotangent k: pixel k // C, channel k % C
         radius = torch.full((B, K), torch.nan, dtype=torch.float64, device=x.device)    # r_pc per image
-        sig = _per_query(sigma, x, "sigma").expand(B).clone()
+        sig = per_query(sigma, x, "sigma").expand(B).clone()
         for i in range(0, B, per_pass):
             xi = x[i:i + per_pass].clone().requires_grad_(True)
             out = denoise(xi, sig[i:i + per_pass], None if labels is None else labels[i:i + per_pass].clone())
