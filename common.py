@@ -8,10 +8,9 @@ Contents
      non-leaking augmentation           augment (augment_parameters, augment_matrix,
                                         apply_augmentation, augment_labels)
   2. Sampler                            sample_ode, guided_denoiser, negative_denoiser
-  3. Optimal and error-prone denoisers  optimal_denoiser, error_prone_denoiser, gaussian_denoiser,
-                                        noisy_log_density, log_likelihood_ratio
+  3. Optimal and error-prone denoisers  optimal_denoiser, error_prone_denoiser (softmax_stream)
   4. Errors and gaps                    denoising_errors (E(sigma)), peak_index, frechet_distance,
-                                        nearest_neighbours, memorization_ratio
+                                        nearest_neighbours
   5. Networks                           UNet, DiT, Denoiser, build_network
   then the infrastructure:
   6. Data                               load_images, training_subset, kmeans_labels, TrainingSource
@@ -22,7 +21,8 @@ Contents
      outputs kept whole and unmixed     atomic_write, exclusive (one writer), check_kept (no result
                                         replaced unasked), check_data (the images a snapshot learned from)
 What one script alone uses is in that script: the windowed denoisers (restricted receptive field) and the
-correlation radius in eval_gap.py.
+correlation radius in eval_gap.py; the Gaussian denoiser, the noisy empirical density and log-likelihood ratio,
+the memorization ratio and bootstrap intervals in sample_memorize.py.
 """
 import argparse
 import contextlib
@@ -434,48 +434,6 @@ def error_prone_denoiser(x, sigma, data, delta, x_labels=None, data_labels=None,
     return torch.lerp(x.reshape(B, -1), y_star.reshape(B, -1), weight).reshape(x.shape)
 
 
-def gaussian_denoiser(data):
-    """The denoiser of a Gaussian fitted to data (mean mu, covariance C = V diag(l) V^T), a linear map that
-    generalizes: D(x; sigma) = mu + V diag(l / (l + sigma^2)) V^T (x - mu). Returns D(x (B, ...), sigma)."""
-    y = data.reshape(data.shape[0], -1).double()
-    mu = y.mean(0)
-    evals, evecs = torch.linalg.eigh(torch.cov(y.T).reshape(y.shape[1], -1))
-    evals = evals.clamp_min(0)
-
-    def denoise(x, sigma):
-        sig = per_query(sigma, x, "sigma").double()
-        q = x.reshape(x.shape[0], -1).double() - mu
-        shrink = evals / (evals + sig[:, None] ** 2)                  # (B or 1, d)
-        return (mu + ((q @ evecs) * shrink) @ evecs.T).to(x.dtype).reshape(x.shape)
-    return denoise
-
-
-def noisy_log_density(x, sigma, data, x_labels=None, data_labels=None, chunk_size=None):
-    """log p_S(x | sigma) = log (1/|S|) sum_{y in S} N(x; y, sigma^2 I), the density of the set S = data
-    after adding noise of std sigma (with labels: S holds the points with the query's label): (B,)."""
-    sig = per_query(sigma, x, "sigma")
-    check(bool((sig > 0).all()), "sigma must be positive")
-    variance = sig.square()
-    _, log2_sum = softmax_stream(x, variance, data, x_labels, data_labels, chunk_size, mean=False)
-    q = x.reshape(x.shape[0], -1)
-    count = torch.full_like(log2_sum, data.shape[0])
-    if x_labels is not None:
-        labels = torch.as_tensor(data_labels, device=q.device).flatten()
-        present, per_label = labels.unique(return_counts=True)
-        x_labels = torch.as_tensor(x_labels, device=q.device).flatten()
-        count = per_label[torch.searchsorted(present, x_labels).clamp_max(len(present) - 1)].to(q.dtype)
-    # the stream's logits leave out -||x||^2 / (2 s^2); log N(x; y, s^2 I) also has -d/2 log(2 pi s^2)
-    return (math.log(2) * log2_sum - q.square().sum(1) / (2 * variance) - count.log()
-            - q.shape[1] / 2 * torch.log(2 * math.pi * variance))
-
-
-def log_likelihood_ratio(x, sigma, data_a, data_b, x_labels=None, labels_a=None, labels_b=None):
-    """LLR(x) = log p_A(x | sigma) - log p_B(x | sigma) of two noisy empirical distributions
-    (noisy_log_density): high where noisy points of A lie, low where those of B lie. (B,)"""
-    return (noisy_log_density(x, sigma, data_a, None if labels_a is None else x_labels, labels_a)
-            - noisy_log_density(x, sigma, data_b, None if labels_b is None else x_labels, labels_b))
-
-
 def softmax_stream(x, variance, data, x_labels, data_labels, chunk_size, mean=True):
     """Streaming log-sum-exp over chunks of data, the core of y*, y_delta and p_S: with base-2 logits
     l_i = (2 y_i.x - ||y_i||^2) / (2 variance ln 2), returns the posterior mean sum_i y_i 2^l_i / sum_i 2^l_i
@@ -601,7 +559,6 @@ def frechet_distance(a, b):
     return max(0.0, float((mu_a - mu_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * cross))
 
 
-COPY_RATIO = 1 / 3  # a generated sample is a copy when d1 / d2 < 1/3 (docs/method.md, "Formulas")
 NN_BLOCK_SCORES = 2 ** 22  # float32 scores (query block x data chunk) nearest_neighbours holds at once: 16 MB
 
 
@@ -702,34 +659,6 @@ def _brute_force_neighbours(q, y, k):
         dist.append(full.gather(1, order))
         index.append(order)
     return torch.cat(dist), torch.cat(index)
-
-
-def memorization_ratio(d1, d2):
-    """Memorization ratio of generated samples: d1 / d2, the distances to the nearest and the
-    second-nearest DISTINCT training image (copy: ratio < COPY_RATIO = 1/3).
-
-    Rules: measure d2 after removing exact duplicates from the training set (a copy of a duplicated
-    image is still a copy, not d1 = d2 and ratio 1); 0 / 0 = 0 (an exact copy); with a single distinct
-    training image there is no second one, d2 = inf and the ratio is 0 (every sample is attributed
-    to that image). Returns float64 with d1's shape."""
-    d1, d2 = torch.as_tensor(d1, dtype=torch.float64), torch.as_tensor(d2, dtype=torch.float64)
-    check(d1.shape == d2.shape, f"d1 {tuple(d1.shape)} and d2 {tuple(d2.shape)} differ in shape")
-    check(bool((d1 >= 0).all()) and bool((d2 >= d1).all()), "need 0 <= d1 <= d2 (nearest, then second nearest)")
-    return torch.where(d2 > 0, d1 / d2, torch.zeros_like(d1))
-
-
-def bootstrap_ci(values, statistic=np.mean, n_boot=1000, seed=0, level=0.95):
-    """Percentile bootstrap interval (low, high) of statistic(values): n_boot resamples with
-    replacement, seeded; statistic(x, axis=-1) reduces the last axis, like np.mean or np.median."""
-    values = np.asarray(values, dtype=np.float64).ravel()
-    check(values.size >= 1, "bootstrap_ci needs at least one value")
-    check(n_boot >= 1 and 0 < level < 1, f"need n_boot >= 1 and 0 < level < 1, got {n_boot}, {level}")
-    rng, n = np.random.default_rng(seed), values.size
-    rows = max(1, 2 ** 22 // n)
-    stats = np.concatenate([statistic(values[rng.integers(0, n, (min(rows, n_boot - b), n))], axis=-1)
-                            for b in range(0, n_boot, rows)])
-    low, high = np.quantile(stats, [(1 - level) / 2, (1 + level) / 2])
-    return float(low), float(high)
 
 
 # ---------------------------------------------------------------------------

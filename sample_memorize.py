@@ -153,6 +153,52 @@ def parse_args(argv=None):
 
 
 # ---------------------------------------------------------------------------
+# Reference formulas (docs/method.md, "Formulas"): the Gaussian denoiser, noisy empirical densities, the LLR
+# ---------------------------------------------------------------------------
+
+def gaussian_denoiser(data):
+    """The denoiser of a Gaussian fitted to data (mean mu, covariance C = V diag(l) V^T), a linear map that
+    generalizes: D(x; sigma) = mu + V diag(l / (l + sigma^2)) V^T (x - mu). Returns D(x (B, ...), sigma)."""
+    y = data.reshape(data.shape[0], -1).double()
+    mu = y.mean(0)
+    evals, evecs = torch.linalg.eigh(torch.cov(y.T).reshape(y.shape[1], -1))
+    evals = evals.clamp_min(0)
+
+    def denoise(x, sigma):
+        sig = common.per_query(sigma, x, "sigma").double()
+        q = x.reshape(x.shape[0], -1).double() - mu
+        shrink = evals / (evals + sig[:, None] ** 2)                  # (B or 1, d)
+        return (mu + ((q @ evecs) * shrink) @ evecs.T).to(x.dtype).reshape(x.shape)
+    return denoise
+
+
+def noisy_log_density(x, sigma, data, x_labels=None, data_labels=None, chunk_size=None):
+    """log p_S(x | sigma) = log (1/|S|) sum_{y in S} N(x; y, sigma^2 I), the density of the set S = data
+    after adding noise of std sigma (with labels: S holds the points with the query's label): (B,)."""
+    sig = common.per_query(sigma, x, "sigma")
+    check(bool((sig > 0).all()), "sigma must be positive")
+    variance = sig.square()
+    _, log2_sum = common.softmax_stream(x, variance, data, x_labels, data_labels, chunk_size, mean=False)
+    q = x.reshape(x.shape[0], -1)
+    count = torch.full_like(log2_sum, data.shape[0])
+    if x_labels is not None:
+        labels = torch.as_tensor(data_labels, device=q.device).flatten()
+        present, per_label = labels.unique(return_counts=True)
+        x_labels = torch.as_tensor(x_labels, device=q.device).flatten()
+        count = per_label[torch.searchsorted(present, x_labels).clamp_max(len(present) - 1)].to(q.dtype)
+    # the stream's logits leave out -||x||^2 / (2 s^2); log N(x; y, s^2 I) also has -d/2 log(2 pi s^2)
+    return (math.log(2) * log2_sum - q.square().sum(1) / (2 * variance) - count.log()
+            - q.shape[1] / 2 * torch.log(2 * math.pi * variance))
+
+
+def log_likelihood_ratio(x, sigma, data_a, data_b, x_labels=None, labels_a=None, labels_b=None):
+    """LLR(x) = log p_A(x | sigma) - log p_B(x | sigma) of two noisy empirical distributions
+    (noisy_log_density): high where noisy points of A lie, low where those of B lie. (B,)"""
+    return (noisy_log_density(x, sigma, data_a, None if labels_a is None else x_labels, labels_a)
+            - noisy_log_density(x, sigma, data_b, None if labels_b is None else x_labels, labels_b))
+
+
+# ---------------------------------------------------------------------------
 # Training sets and denoisers
 # ---------------------------------------------------------------------------
 
@@ -213,7 +259,7 @@ def optimal_model(source, device, kind="optimal"):
     if kind != "optimal":
         fit = train.x if kind == "gaussian-subset" else common.images_to_tensor(
             common.load_images(source.dataset, "train", source.data_dir)[0], source.resolution).to(device)
-        gauss = common.gaussian_denoiser(fit)
+        gauss = gaussian_denoiser(fit)
         denoise = lambda x, sigma, labels=None: gauss(x, sigma)  # noqa: E731
     return Model(name, denoise, train, source.num_classes, common.exact_dtype(device), path=kind)
 
@@ -307,6 +353,39 @@ def noisy(images, dataset_index, draws, sigma):
 
 
 # ---------------------------------------------------------------------------
+# Copies (docs/method.md, "Formulas"): the memorization ratio and bootstrap intervals
+# ---------------------------------------------------------------------------
+
+COPY_RATIO = 1 / 3  # a generated sample is a copy when d1 / d2 < 1/3 (docs/method.md, "Formulas")
+def memorization_ratio(d1, d2):
+    """Memorization ratio of generated samples: d1 / d2, the distances to the nearest and the
+    second-nearest DISTINCT training image (copy: ratio < COPY_RATIO = 1/3).
+
+    Rules: measure d2 after removing exact duplicates from the training set (a copy of a duplicated
+    image is still a copy, not d1 = d2 and ratio 1); 0 / 0 = 0 (an exact copy); with a single distinct
+    training image there is no second one, d2 = inf and the ratio is 0 (every sample is attributed
+    to that image). Returns float64 with d1's shape."""
+    d1, d2 = torch.as_tensor(d1, dtype=torch.float64), torch.as_tensor(d2, dtype=torch.float64)
+    check(d1.shape == d2.shape, f"d1 {tuple(d1.shape)} and d2 {tuple(d2.shape)} differ in shape")
+    check(bool((d1 >= 0).all()) and bool((d2 >= d1).all()), "need 0 <= d1 <= d2 (nearest, then second nearest)")
+    return torch.where(d2 > 0, d1 / d2, torch.zeros_like(d1))
+
+
+def bootstrap_ci(values, statistic=np.mean, n_boot=1000, seed=0, level=0.95):
+    """Percentile bootstrap interval (low, high) of statistic(values): n_boot resamples with
+    replacement, seeded; statistic(x, axis=-1) reduces the last axis, like np.mean or np.median."""
+    values = np.asarray(values, dtype=np.float64).ravel()
+    check(values.size >= 1, "bootstrap_ci needs at least one value")
+    check(n_boot >= 1 and 0 < level < 1, f"need n_boot >= 1 and 0 < level < 1, got {n_boot}, {level}")
+    rng, n = np.random.default_rng(seed), values.size
+    rows = max(1, 2 ** 22 // n)
+    stats = np.concatenate([statistic(values[rng.integers(0, n, (min(rows, n_boot - b), n))], axis=-1)
+                            for b in range(0, n_boot, rows)])
+    low, high = np.quantile(stats, [(1 - level) / 2, (1 + level) / 2])
+    return float(low), float(high)
+
+
+# ---------------------------------------------------------------------------
 # Measurements
 # ---------------------------------------------------------------------------
 
@@ -316,12 +395,12 @@ def batches(n, size):
 
 def memorization(samples, train):
     """d1, d2 to the nearest and second-nearest distinct training image, nn_ratio = d1/d2
-    (common.memorization_ratio), and which training image is nearest."""
+    (memorization_ratio), and which training image is nearest."""
     distinct = train.x[train.distinct]
     dist, idx = common.nearest_neighbours(samples, distinct, k=min(2, len(distinct)))
     d2 = dist[:, 1] if dist.shape[1] > 1 else torch.full_like(dist[:, 0], math.inf)
     position = train.distinct[idx[:, 0]]
-    return dict(d_train=dist[:, 0], d2=d2, nn_ratio=common.memorization_ratio(dist[:, 0], d2),
+    return dict(d_train=dist[:, 0], d2=d2, nn_ratio=memorization_ratio(dist[:, 0], d2),
                 nn_position=position, nn_train_index=torch.as_tensor(train.source.subset)[position.cpu()])
 
 
@@ -445,16 +524,16 @@ class References:
         lab_t = lab_v = None
         if self.conditional and labels is not None and bool((labels < t.num_classes).all()):
             lab_t, lab_v = t.labels[self.train_pos], t.val_labels[self.val_pos]
-        return torch.cat([common.log_likelihood_ratio(
+        return torch.cat([log_likelihood_ratio(
             x[b].to(dtype), sigma, ref_t, ref_v, None if lab_t is None else labels[b], lab_t, lab_v)
             for b in batches(len(x), batch)]).double()
 
     def log_density(self, x, sigma, batch):
-        """log p(x | sigma) of both references' images pooled (common.noisy_log_density), (B,) float64:
+        """log p(x | sigma) of both references' images pooled (noisy_log_density), (B,) float64:
         whether x looks like noisy data at all."""
         t, dtype = self.train, common.exact_dtype(self.train.x.device)
         pooled = torch.cat([t.x[self.train_pos], t.val_x[self.val_pos]]).to(dtype)
-        return torch.cat([common.noisy_log_density(x[b].to(dtype), sigma, pooled)
+        return torch.cat([noisy_log_density(x[b].to(dtype), sigma, pooled)
                           for b in batches(len(x), batch)]).double()
 
 
@@ -595,8 +674,8 @@ def trajectory_typicality(logp_traj, logp_heldout, quantile=TYPICAL_QUANTILE):
 def summarize(res, fd_refs, n_boot, seed):
     """Memorized fraction with its bootstrap interval, Frechet distances and trajectory overlap (point values
     averaged over the reference draws, intervals over samples and draws) of one configuration."""
-    copies = (res["nn_ratio"] < common.COPY_RATIO).double().numpy()
-    low, high = common.bootstrap_ci(copies, n_boot=n_boot, seed=seed)
+    copies = (res["nn_ratio"] < COPY_RATIO).double().numpy()
+    low, high = bootstrap_ci(copies, n_boot=n_boot, seed=seed)
     fd_stop = [frechet_gap(f, fd_refs) for f in res["stop_features"]]
     return dict(memorized_fraction=float(copies.mean()), memorized_ci=(low, high),
                 fd=frechet_gap(res["features"], fd_refs), fd_stop=np.array(fd_stop, np.float64).reshape(-1, 3),
@@ -625,7 +704,7 @@ def save_neighbours(path, samples, nearest, ratio, title):
             axes[row, i].imshow(common.image_grid(img[None], 1), cmap="gray", vmin=0, vmax=1)
             axes[row, i].set_xticks([])
             axes[row, i].set_yticks([])
-        axes[0, i].set_title(f"{ratio[i]:.2f}" + (" copy" if ratio[i] < common.COPY_RATIO else ""), fontsize=7)
+        axes[0, i].set_title(f"{ratio[i]:.2f}" + (" copy" if ratio[i] < COPY_RATIO else ""), fontsize=7)
     axes[0, 0].set_ylabel("sample", fontsize=8)
     axes[1, 0].set_ylabel("nearest\ntrain", fontsize=8)
     fig.suptitle(f"{title}: d1/d2 above each sample (a copy when < 1/3)", fontsize=9)

@@ -219,49 +219,6 @@ def test_optimal_denoiser_rejects_bad_input_with_user_error():
         common.optimal_denoiser(torch.randn(1, 2), 1.0, data, torch.tensor([7]), torch.zeros(5, dtype=torch.long))
 
 
-def brute_force_log_density(x, sigma, data):
-    """Reference log p_S(x | sigma): log of the mean of N(x; y, sigma^2 I) over the full (B, N) table."""
-    d2 = (x[:, None, :] - data[None, :, :]).square().sum(-1)
-    log_pdf = -d2 / (2 * sigma ** 2) - x.shape[1] / 2 * math.log(2 * math.pi * sigma ** 2)
-    return torch.logsumexp(log_pdf, dim=1) - math.log(len(data))
-
-
-@pytest.mark.parametrize("sigma", [1e-2, 0.3, 2.0, 50.0])
-def test_noisy_log_density_equals_brute_force_gaussian_mixture(sigma):
-    g = torch.Generator().manual_seed(20)
-    data = torch.randn(41, 6, generator=g, dtype=F64)
-    x = data[torch.randint(41, (17,), generator=g)] + sigma * torch.randn(17, 6, generator=g, dtype=F64)
-    for chunk in (1, 8, None):
-        got = common.noisy_log_density(x, sigma, data, chunk_size=chunk)
-        torch.testing.assert_close(got, brute_force_log_density(x, sigma, data), rtol=1e-12, atol=1e-9)
-
-
-def test_noisy_log_density_with_labels_is_the_mixture_of_the_points_with_the_query_label():
-    g = torch.Generator().manual_seed(21)
-    data, data_labels = torch.randn(30, 4, generator=g, dtype=F64), torch.arange(30) % 3
-    x, x_labels = torch.randn(9, 4, generator=g, dtype=F64), torch.tensor([0, 1, 2] * 3)
-    sigmas = torch.linspace(0.2, 3, 9, dtype=F64)
-    got = common.noisy_log_density(x, sigmas, data, x_labels, data_labels, chunk_size=4)
-    want = torch.stack([brute_force_log_density(x[i:i + 1], float(sigmas[i]), data[data_labels == x_labels[i]])[0]
-                        for i in range(9)])
-    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-9)
-
-
-def test_log_likelihood_ratio_separates_noisy_training_from_noisy_validation_points_and_vanishes_at_large_sigma():
-    g = torch.Generator().manual_seed(22)
-    train, val = torch.randn(64, 16, generator=g, dtype=F64), torch.randn(64, 16, generator=g, dtype=F64)
-    noise = torch.randn(64, 16, generator=g, dtype=F64)
-    llr_train = common.log_likelihood_ratio(train + 0.8 * noise, 0.8, train, val)
-    llr_val = common.log_likelihood_ratio(val + 0.8 * noise, 0.8, train, val)
-    assert (llr_train > 0).float().mean() > 0.95 and (llr_val < 0).float().mean() > 0.95
-    # fresh points from the same distribution score in between, near 0 on average
-    fresh = torch.randn(256, 16, generator=g, dtype=F64)
-    llr_fresh = common.log_likelihood_ratio(fresh + 0.8 * torch.randn(256, 16, generator=g, dtype=F64), 0.8, train, val)
-    assert llr_val.median() < llr_fresh.median() < llr_train.median() and abs(float(llr_fresh.median())) < 2
-    far = common.log_likelihood_ratio(train + 1e4 * noise, 1e4, train, val)
-    assert far.abs().max() < 1e-3
-
-
 def test_float32_posterior_weights_far_below_rounding_are_dropped_without_changing_results():
     # nearly one-hot weights (noise 0.5 at sigma 1 in d = 784): every weight but one lies far below 2^-63
     g = torch.Generator().manual_seed(23)
@@ -269,8 +226,6 @@ def test_float32_posterior_weights_far_below_rounding_are_dropped_without_changi
     x = data[:8] + 0.5 * torch.randn(8, 784, generator=g, dtype=F64)
     got = common.optimal_denoiser(x.float(), 1.0, data.float(), chunk_size=64)
     torch.testing.assert_close(got.double(), brute_force_optimal(x, 1.0, data), rtol=0, atol=1e-6)
-    torch.testing.assert_close(common.noisy_log_density(x.float(), 1.0, data.float(), chunk_size=64).double(),
-                               brute_force_log_density(x, 1.0, data), rtol=1e-6, atol=0)
 
 
 # --- error-prone denoiser and guidance -------------------------------------
