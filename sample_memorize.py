@@ -334,6 +334,24 @@ def probe_steps(sigmas, probes):
     return sorted({int((logs - math.log(p)).abs().argmin()) for p in probes})
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class Grid:
+    """The sampler's noise levels and where on them the early stops and the probes lie."""
+    sigmas: torch.Tensor  # (steps + 1,) common.edm_sigmas, ending in 0
+    stops: list           # grid step of each --stop-sigma (stop_steps)
+    probes: list          # grid steps of the probe sigmas (probe_steps)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Sampling:
+    """Which samples a configuration draws: sample i of num_samples starts from seed + i with --label `label`;
+    this process draws those of `shard`."""
+    num_samples: int
+    seed: int
+    shard: np.ndarray  # this process's share of 0..num_samples-1
+    label: str         # random, null or a label number (label_choices)
+
+
 def probe_images(count, candidates, seed):
     """Image (from `candidates`) and noise draw number of each of `count` probes: a seeded choice
     without repeats while there are enough images, else every image in turn with further draws."""
@@ -443,13 +461,15 @@ def probe_sets(model, refs, shard, p_sigmas, denoise, num_samples, seed, null_la
 
 
 @torch.no_grad()
-def run_configuration(model, denoise, ref_draws, shard, sigmas, stops, probes, features, *, label, seed, num_samples,
-                      batch, device, show=False):
-    """Everything per sample for this process's seeds seed + shard (of num_samples) with --label `label`, in
-    batches: samples, memorization, features, features of the early-stopped samples, and where the
-    trajectories live at the probe sigmas: D-based measures against the first reference draw (probe_sets), the
-    LLR of every probe set under each draw of ref_draws (reference_draws), and the log density of trajectory
-    states and noisy held-out images under the first draw's pooled references (the score's validity check)."""
+def run_configuration(model, denoise, ref_draws, features, grid, sampling, *, batch, device, show=False):
+    """Everything per sample for this process's seeds seed + shard (of num_samples) with --label `label`
+    (`sampling`), on the sampler grid `grid`, in batches: samples, memorization, features, features of the
+    early-stopped samples, and where the trajectories live at the probe sigmas: D-based measures against the
+    first reference draw (probe_sets), the LLR of every probe set under each draw of ref_draws (reference_draws),
+    and the log density of trajectory states and noisy held-out images under the first draw's pooled references
+    (the score's validity check)."""
+    sigmas, stops, probes = grid.sigmas, grid.stops, grid.probes
+    shard, seed, num_samples, label = sampling.shard, sampling.seed, sampling.num_samples, sampling.label
     refs = ref_draws[0]
     choices, shape, parts = label_choices(model, label), model.train.x.shape[1:], []
     for b in tqdm(batches(len(shard), batch), desc=model.name, unit="batch", disable=not show, leave=False):
@@ -809,8 +829,9 @@ def evaluate(args, rank, world, device):
         features_of(None)  # a bad --features stops before any sampling
     paths = common.find_snapshots(args.inputs) if args.inputs else [None]
     sigmas = common.edm_sigmas(args.steps)
-    stops, probes = stop_steps(sigmas, args.stop_sigma), probe_steps(sigmas, args.probe_sigmas)
-    shard = np.array_split(np.arange(args.num_samples), world)[rank]
+    grid = Grid(sigmas, stop_steps(sigmas, args.stop_sigma), probe_steps(sigmas, args.probe_sigmas))
+    sampling = Sampling(args.num_samples, args.seed, np.array_split(np.arange(args.num_samples), world)[rank],
+                        args.label)
     train_cache, ref_cache, shape = {}, {}, None
     neg, neg_fits = "uncond", None
     if args.neg != "uncond":
@@ -832,8 +853,8 @@ def evaluate(args, rank, world, device):
             rows[key].setdefault("digests", np.array(model))
     todo = len(set(order) - set(rows))
     say(f"{args.num_samples} samples per configuration from seed {args.seed}, {args.steps} Heun steps, {world} "
-        f"process(es) on {device}; stop sigmas {np.round(sigmas[stops].numpy(), 3).tolist()}, probe sigmas "
-        f"{np.round(sigmas[probes].numpy(), 3).tolist()}, features {args.features}; {len(order) - todo} of "
+        f"process(es) on {device}; stop sigmas {np.round(sigmas[grid.stops].numpy(), 3).tolist()}, probe sigmas "
+        f"{np.round(sigmas[grid.probes].numpy(), 3).tolist()}, features {args.features}; {len(order) - todo} of "
         f"{len(order)} configuration(s) reused from {args.out}")
     progress = dict(done=0)
     common.on_interrupt(lambda: f"after {progress['done']} of {todo} configurations: {args.out} keeps the finished "
@@ -841,7 +862,7 @@ def evaluate(args, rank, world, device):
     arrays = None
 
     def write():
-        return write_results(args, [rows[key] for key in order if key in rows], sigmas, stops, probes, settings)
+        return write_results(args, [rows[key] for key in order if key in rows], grid, settings)
 
     for path, model_digest, path_keys in zip(paths, digests, keys):
         if all(key in rows for key in path_keys):
@@ -873,10 +894,8 @@ def evaluate(args, rank, world, device):
                 ref_cache[id(model.train)] = draws, frechet_references(draws[0], features, args.num_samples,
                                                                       args.fd_subsets, args.seed)
             draws, fd_refs = ref_cache[id(model.train)]
-            res = gather(run_configuration(dataclasses.replace(model, name=name), denoise, draws, shard, sigmas,
-                                           stops, probes, features, label=args.label, seed=args.seed,
-                                           num_samples=args.num_samples, batch=args.batch, device=device,
-                                           show=rank == 0), world, device)
+            res = gather(run_configuration(dataclasses.replace(model, name=name), denoise, draws, features, grid,
+                                           sampling, batch=args.batch, device=device, show=rank == 0), world, device)
             rows[key] = None  # on every process, so that all of them skip the same configurations
             if rank != 0:
                 continue
@@ -887,16 +906,17 @@ def evaluate(args, rank, world, device):
             rows[key] = dict(result_row(res, key), digests=np.array(model_digest))
             arrays = write()  # after every configuration, so that a rerun after a kill reuses the finished ones
             progress["done"] += 1
-            say(summary_line(res, sigmas, probes, time.perf_counter() - start) + f"; figures {', '.join(figs)}")
+            say(summary_line(res, grid, time.perf_counter() - start) + f"; figures {', '.join(figs)}")
     if rank == 0:
         arrays = arrays if todo else write()
         say(f"wrote {args.out}: {len(order)} configuration(s) x {args.num_samples} samples, keys "
             f"{', '.join(sorted(arrays))}")
 
 
-def summary_line(res, sigmas, probes, seconds):
+def summary_line(res, grid, seconds):
     """One line per configuration: copies, nearest distances, FD gap, trajectory overlap at the middle probe,
     each LLR measure with its 95% interval (samples and reference draws)."""
+    sigmas, probes = grid.sigmas, grid.probes
     mid, (low, high), fd = len(probes) // 2, res["memorized_ci"], res["fd"]
     ci = lambda key, fmt: (f"{res[key][mid]:{fmt}} [{res[key + '_ci'][mid][0]:{fmt}}, "  # noqa: E731
                            f"{res[key + '_ci'][mid][1]:{fmt}}]")
@@ -931,12 +951,12 @@ def result_row(res, key):
                                                                                 "fcos_samples_val"]})
 
 
-def write_results(args, rows, sigmas, stops, probes, settings):
+def write_results(args, rows, grid, settings):
     """Write --out from the rows of the configurations at hand (result_row); returns its arrays."""
     arrays = {key: np.stack([row[key] for row in rows]) for key in sorted(rows[0])}
     arrays.update(seeds=np.arange(args.seed, args.seed + args.num_samples, dtype=np.int64),
-                  sampler_sigmas=sigmas.numpy(), stop_sigmas=sigmas[stops].numpy(),
-                  probe_sigmas=sigmas[probes].numpy(), settings=np.array(json.dumps(settings)))
+                  sampler_sigmas=grid.sigmas.numpy(), stop_sigmas=grid.sigmas[grid.stops].numpy(),
+                  probe_sigmas=grid.sigmas[grid.probes].numpy(), settings=np.array(json.dumps(settings)))
     common.save_npz(args.out, args=args, script=SCRIPT, **arrays)
     return arrays
 
