@@ -8,11 +8,9 @@ Contents
      non-leaking augmentation           augment (augment_parameters, augment_matrix,
                                         apply_augmentation, augment_labels)
   2. Sampler                            sample_ode, guided_denoiser, negative_denoiser
-  3. Optimal and error-prone denoisers  optimal_denoiser, error_prone_denoiser, gaussian_denoiser,
-                                        windowed_denoiser, windowed_optimal_denoiser (restricted
-                                        receptive field), noisy_log_density, log_likelihood_ratio
-  4. Errors and gaps                    denoising_errors (E(sigma)), peak_index, correlation_radius,
-                                        frechet_distance, nearest_neighbours, memorization_ratio
+  3. Optimal and error-prone denoisers  optimal_denoiser, error_prone_denoiser (softmax_stream)
+  4. Errors and gaps                    denoising_errors (E(sigma)), peak_index, frechet_distance,
+                                        nearest_neighbours
   5. Networks                           UNet, DiT, Denoiser, build_network
   then the infrastructure:
   6. Data                               load_images, training_subset, kmeans_labels, TrainingSource
@@ -22,6 +20,9 @@ Contents
  10. Devices, seeds and command line    pick_device, choose_threads, add_run_args, run_cli, save_npz;
      outputs kept whole and unmixed     atomic_write, exclusive (one writer), check_kept (no result
                                         replaced unasked), check_data (the images a snapshot learned from)
+What one script alone uses is in that script: the windowed denoisers (restricted receptive field) and the
+correlation radius in eval_gap.py; the Gaussian denoiser, the noisy empirical density and log-likelihood ratio,
+the memorization ratio and bootstrap intervals in sample_memorize.py.
 """
 import argparse
 import contextlib
@@ -357,7 +358,7 @@ def check_classifier_free(conditional, name):
 # Optimal and error-prone denoisers
 # ---------------------------------------------------------------------------
 
-def _per_query(value, x, name):
+def per_query(value, x, name):
     """A float or tensor as shape (1,) or (B,), in x's dtype and on x's device."""
     check(x.ndim >= 1, "x needs a leading batch dimension")
     value = torch.as_tensor(value, dtype=x.dtype, device=x.device).flatten()
@@ -375,9 +376,9 @@ def optimal_denoiser(x, sigma, data, x_labels=None, data_labels=None, chunk_size
     no (B, N, d) tensor is built. float64 is exact down to sigma = 1e-3; float32
     is fast but loses the order of nearly equidistant points at tiny sigma.
     """
-    sig = _per_query(sigma, x, "sigma")
+    sig = per_query(sigma, x, "sigma")
     check(bool((sig > 0).all()), "sigma must be positive")
-    return _softmax_stream(x, sig.square(), data, x_labels, data_labels, chunk_size)[0]
+    return softmax_stream(x, sig.square(), data, x_labels, data_labels, chunk_size)[0]
 
 
 def exact_dtype(device):
@@ -398,7 +399,7 @@ def labelled_optimal_denoiser(data, data_labels=None, null_label=None, note=None
     @torch.no_grad()
     def denoise(x, sigma, labels=None):
         x = x.to(data.dtype)
-        sigma = _per_query(sigma, x, "sigma").expand(len(x))
+        sigma = per_query(sigma, x, "sigma").expand(len(x))
         if labels is None or data_labels is None:
             return optimal_denoiser(x, sigma, data)
         labels = torch.as_tensor(labels, device=x.device).flatten()
@@ -422,180 +423,23 @@ def error_prone_denoiser(x, sigma, data, delta, x_labels=None, data_labels=None,
     """Error-prone model (toy): optimal denoiser of data smeared by N(0, delta^2),
     y_delta(x, sigma) = (delta^2 x + sigma^2 y*(x, s~)) / (sigma^2 + delta^2), s~^2 = sigma^2 + delta^2.
     sigma and delta: floats or (B,); delta = 0 gives y*."""
-    sig, dlt = _per_query(sigma, x, "sigma"), _per_query(delta, x, "delta")
+    sig, dlt = per_query(sigma, x, "sigma"), per_query(delta, x, "delta")
     check(bool((dlt >= 0).all()), "delta must be >= 0")
     check(bool((sig > 0).all()), "sigma must be positive")
     s2 = sig.square()
     smeared = s2 + dlt.square()                                       # s~^2
-    y_star = _softmax_stream(x, smeared, data, x_labels, data_labels, chunk_size)[0]
+    y_star = softmax_stream(x, smeared, data, x_labels, data_labels, chunk_size)[0]
     B = x.shape[0]
     weight = (s2 / smeared).expand(B)[:, None]                        # y_delta = x + weight (y* - x)
     return torch.lerp(x.reshape(B, -1), y_star.reshape(B, -1), weight).reshape(x.shape)
 
 
-def gaussian_denoiser(data):
-    """The denoiser of a Gaussian fitted to data (mean mu, covariance C = V diag(l) V^T), a linear map that
-    generalizes: D(x; sigma) = mu + V diag(l / (l + sigma^2)) V^T (x - mu). Returns D(x (B, ...), sigma)."""
-    y = data.reshape(data.shape[0], -1).double()
-    mu = y.mean(0)
-    evals, evecs = torch.linalg.eigh(torch.cov(y.T).reshape(y.shape[1], -1))
-    evals = evals.clamp_min(0)
-
-    def denoise(x, sigma):
-        sig = _per_query(sigma, x, "sigma").double()
-        q = x.reshape(x.shape[0], -1).double() - mu
-        shrink = evals / (evals + sig[:, None] ** 2)                  # (B or 1, d)
-        return (mu + ((q @ evecs) * shrink) @ evecs.T).to(x.dtype).reshape(x.shape)
-    return denoise
-
-
-WINDOW_MODES = ("average", "cut")  # how windowed_denoiser merges the windows' predictions (window_weights)
-
-
-def window_offsets(size, window, steps=2, multiple=1):
-    """Offsets of `steps` windows of `window` pixels along an image axis of `size` pixels: evenly spaced from
-    0 to size - window (stride (size - window) / (steps - 1), rounded half up; a repeated offset counts once).
-    UserError unless they cover every pixel and, for a network whose down-sampling grid has cells of `multiple`
-    pixels (Denoiser.size_multiple), the window and its offsets lie on that grid (multiples of it), so that no
-    crop needs padding (grid_windows lists the sizes that do)."""
-    check(1 <= window <= size, f"a window must have 1 to {size} pixels (the image size), got {window}")
-    check(steps >= 1, f"need at least one window position per axis, got {steps}")
-    on_grid = lambda: ", ".join(map(str, grid_windows(size, multiple, steps))) or "none"  # noqa: E731
-    check(window % multiple == 0, f"a window of {window} pixels is off the network's {multiple}-pixel down-sampling "
-          f"grid; on it, with {steps} position(s) per axis of a {size}-pixel image: {on_grid()} pixels")
-    offsets = _evenly_spaced(size, window, steps)
-    needed = 1 + -(-(size - window) // window)                        # 1 + ceil((size - window) / window)
-    check(offsets[-1] + window >= size and all(b - a <= window for a, b in zip(offsets, offsets[1:])),
-          f"{steps} window position(s) per axis leave pixels of a {size}-pixel image outside every window of "
-          f"{window} pixels: give at least {needed} positions per axis, or a larger window")
-    check(not any(o % multiple for o in offsets), f"a window of {window} pixels at offsets "
-          f"{', '.join(map(str, offsets))} is off the network's {multiple}-pixel down-sampling grid; on it, with "
-          f"{steps} position(s) per axis of a {size}-pixel image: {on_grid()} pixels")
-    return offsets
-
-
-def _evenly_spaced(size, window, steps):
-    """The offsets of window_offsets, unchecked."""
-    return sorted({(2 * k * (size - window) + steps - 1) // (2 * (steps - 1)) for k in range(steps)}
-                  if steps > 1 else {0})
-
-
-def grid_windows(size, multiple, steps=2):
-    """Window sizes below `size` whose `steps` evenly spaced offsets per axis (window_offsets) lie on a
-    down-sampling grid of `multiple` pixels and cover the image: the windows a network with that size_multiple
-    sees without padding (the U-Net presets: multiple 4, so with 2 positions 8 and 12 of 16 pixels and 16, 20, 24
-    and 28 of 32)."""
-    fits = []
-    for window in range(multiple, size, multiple):
-        offsets = _evenly_spaced(size, window, steps)
-        if (all(o % multiple == 0 for o in offsets) and offsets[-1] + window >= size
-                and all(b - a <= window for a, b in zip(offsets, offsets[1:]))):
-            fits.append(window)
-    return fits
-
-
-def window_weights(shape, window, steps=2, mode="average", multiple=1):
-    """Where each window sits and what share of each pixel it gives: the windows' corners [(top, left)], row by
-    row, and weights (P, H, W) that sum to 1 at every pixel. "average": the windows that contain a pixel share
-    it equally; "cut": it is taken whole from the window whose integer centre, ((top + bottom) // 2,
-    (left + right) // 2) with bottom = top + window and right = left + window (past the window's last pixel), is
-    nearest in L1 distance (the first, in corner order, on ties). window_offsets checks the windows (and the
-    grid of `multiple` pixels)."""
-    check(mode in WINDOW_MODES, f"window mode must be one of {', '.join(WINDOW_MODES)}, got {mode!r}")
-    H, W = shape
-    corners = [(t, l) for t in window_offsets(H, window, steps, multiple)
-               for l in window_offsets(W, window, steps, multiple)]
-    rows, cols = torch.arange(H, dtype=torch.float64), torch.arange(W, dtype=torch.float64)
-    inside = torch.stack([((rows >= t) & (rows < t + window))[:, None] & ((cols >= l) & (cols < l + window))
-                          for t, l in corners])                        # (P, H, W)
-    if mode == "cut":
-        centre = lambda start: (start + start + window) // 2  # noqa: E731  (top + bottom) // 2
-        dist = torch.stack([(rows - centre(t)).abs()[:, None] + (cols - centre(l)).abs() for t, l in corners])
-        owner = dist.masked_fill(~inside, math.inf).argmin(0)          # first on ties
-        inside = owner == torch.arange(len(corners))[:, None, None]
-    weights = inside.double()
-    return corners, weights / weights.sum(0)
-
-
-def windowed_denoiser(denoise, window, steps=2, mode="average", multiple=1):
-    """Restricted receptive field: D sees only window x window crops of x, `steps` positions per axis
-    (window_offsets), D_win(x)_p = sum_k a_kp D(crop_k x)_p with the weights a of window_weights (average over
-    the windows holding pixel p, or "cut": the one whose centre is nearest). Returns denoise(x (B, C, H, W),
-    sigma, labels=None); each crop keeps its image's sigma and label, and each call of D gets the crops of one
-    window position (B of them), so memory stays that of the whole-image call. A window of the whole image
-    gives D itself. For a network whose down-sampling needs sides that are multiples of `multiple`
-    (Denoiser.size_multiple), only windows on that grid are accepted (window_offsets: the size and every offset
-    multiples of it, as the paper's windows are), so every crop goes in as it is, in the place on the grid that it
-    had in the whole image, and nothing is padded."""
-    return _windowed(lambda top, left: denoise, window, steps, mode, multiple)
-
-
-def windowed_optimal_denoiser(data, window, data_labels=None, steps=2, mode="average", note=None):
-    """The memorizing reference under a restricted receptive field: windowed_denoiser where each window's
-    denoiser is the optimal one of the data (N, ..., H, W) cropped to that window
-    (labelled_optimal_denoiser: data in exact_dtype, conditional on data_labels when given; its notes go to
-    note, default say, once each, not once per window)."""
-    made, note = {}, once(note or say)
-
-    def at(top, left):
-        if (top, left) not in made:
-            crop = data[..., top:top + window, left:left + window].contiguous()
-            made[top, left] = labelled_optimal_denoiser(crop, data_labels, note=note)
-        return made[top, left]
-    return _windowed(at, window, steps, mode)
-
-
-def _windowed(denoiser_at, window, steps, mode, multiple=1):
-    """The windowed denoiser of windowed_denoiser, with denoiser_at(top, left) the denoiser of each window."""
-    check(window >= 1, f"windows must have at least 1 pixel a side, got {window}")
-    check(mode in WINDOW_MODES, f"window mode must be one of {', '.join(WINDOW_MODES)}, got {mode!r}")
-
-    def denoise(x, sigma, labels=None):
-        corners, weights = window_weights(tuple(x.shape[-2:]), window, steps, mode, multiple)
-        out = None
-        for (top, left), a in zip(corners, weights):                    # float64 on the CPU (MPS has no float64)
-            a = a[top:top + window, left:left + window]
-            if not bool(a.any()):                                       # "cut": a window that owns no pixel
-                continue
-            den = denoiser_at(top, left)(x[..., top:top + window, left:left + window], sigma, labels)
-            out = torch.zeros(x.shape, dtype=den.dtype, device=den.device) if out is None else out
-            out[..., top:top + window, left:left + window] += a.to(den.dtype).to(den.device) * den
-        return out
-    return denoise
-
-
-def noisy_log_density(x, sigma, data, x_labels=None, data_labels=None, chunk_size=None):
-    """log p_S(x | sigma) = log (1/|S|) sum_{y in S} N(x; y, sigma^2 I), the density of the set S = data
-    after adding noise of std sigma (with labels: S holds the points with the query's label): (B,)."""
-    sig = _per_query(sigma, x, "sigma")
-    check(bool((sig > 0).all()), "sigma must be positive")
-    variance = sig.square()
-    _, log2_sum = _softmax_stream(x, variance, data, x_labels, data_labels, chunk_size, mean=False)
-    q = x.reshape(x.shape[0], -1)
-    count = torch.full_like(log2_sum, data.shape[0])
-    if x_labels is not None:
-        labels = torch.as_tensor(data_labels, device=q.device).flatten()
-        present, per_label = labels.unique(return_counts=True)
-        x_labels = torch.as_tensor(x_labels, device=q.device).flatten()
-        count = per_label[torch.searchsorted(present, x_labels).clamp_max(len(present) - 1)].to(q.dtype)
-    # the stream's logits leave out -||x||^2 / (2 s^2); log N(x; y, s^2 I) also has -d/2 log(2 pi s^2)
-    return (math.log(2) * log2_sum - q.square().sum(1) / (2 * variance) - count.log()
-            - q.shape[1] / 2 * torch.log(2 * math.pi * variance))
-
-
-def log_likelihood_ratio(x, sigma, data_a, data_b, x_labels=None, labels_a=None, labels_b=None):
-    """LLR(x) = log p_A(x | sigma) - log p_B(x | sigma) of two noisy empirical distributions
-    (noisy_log_density): high where noisy points of A lie, low where those of B lie. (B,)"""
-    return (noisy_log_density(x, sigma, data_a, None if labels_a is None else x_labels, labels_a)
-            - noisy_log_density(x, sigma, data_b, None if labels_b is None else x_labels, labels_b))
-
-
-def _softmax_stream(x, variance, data, x_labels, data_labels, chunk_size, mean=True):
+def softmax_stream(x, variance, data, x_labels, data_labels, chunk_size, mean=True):
     """Streaming log-sum-exp over chunks of data, the core of y*, y_delta and p_S: with base-2 logits
     l_i = (2 y_i.x - ||y_i||^2) / (2 variance ln 2), returns the posterior mean sum_i y_i 2^l_i / sum_i 2^l_i
     (x's shape; None unless `mean`) and log2 sum_i 2^l_i (B,). x (B, ...), variance (1,) or (B,),
     data (N, ...), optional labels (the sums then run over the points with the query's label)."""
-    check(data.ndim >= 1, "data needs a leading batch dimension")  # x: checked by _per_query
+    check(data.ndim >= 1, "data needs a leading batch dimension")  # x: checked by per_query
     check(x.shape[1:] == data.shape[1:],
           f"x has point shape {tuple(x.shape[1:])} but data has {tuple(data.shape[1:])}")
     check(data.shape[0] >= 1, "data is empty")
@@ -697,55 +541,6 @@ def peak_index(gap):
     return np.where(np.isfinite(gap), gap, -np.inf).argmax(axis=-1)
 
 
-def correlation_radius(denoise, x, sigma, labels=None, pixels=None, seed=0, batch_size=256):
-    """How far D looks (the authors' measure): per image, the mean over output pixels p and channels c of the
-    correlation radius r_pc = sum_q |p - q| J_pq / sum_q J_pq of the channel-diagonal block of the input Jacobian,
-    J_pq = |dD(x)_{c,p} / dx_{c,q}| (input and output in the same channel c; the other channels' entries do not
-    count), |p - q| the Euclidean distance of the pixel positions, in pixels, q over all pixels. p runs over all
-    H W pixels (pixels None or >= H W) or over `pixels` positions drawn by choose_subset(H W, pixels, seed), the
-    same for every image.
-
-    The rows J_p come from vector-Jacobian products with one-hot cotangents, one per (output pixel, channel),
-    up to batch_size (image, cotangent) rows per backward pass; nothing larger than one pass's gradients is
-    kept. denoise(x, sigma (B,), labels) must be differentiable torch code that treats images independently
-    (as the networks and their common.network_denoiser wrapper do). x (B, C, H, W), sigma float or (B,)
-    -> float64 (B,); a (pixel, channel) whose row is all 0 (an output that does not depend on its channel of x)
-    is left out of the mean.
-    """
-    check(x.ndim == 4, f"x must be images (B, C, H, W), got shape {tuple(x.shape)}")
-    check((pixels is None or pixels >= 1) and batch_size >= 1,
-          f"pixels and batch_size must be positive, got {pixels}, {batch_size}")
-    B, C, H, W = x.shape
-    per_pass = max(1, min(B, batch_size))                                            # images per forward pass
-    with torch.inference_mode(False), torch.enable_grad():  # tensors made here are normal, even in inference mode
-        chosen = H * W if pixels is None else min(pixels, H * W)
-        where = torch.as_tensor(choose_subset(H * W, chosen, seed), device=x.device)  # (P,) positions
-        pos = torch.stack(torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij"), -1).reshape(-1, 2)
-        dist = torch.cdist(pos.to(x.device)[where].double(), pos.to(x.device).double())  # (P, H W)
-        P, K = len(where), len(where) * C                              # cotangent k: pixel k // C, channel k % C
-        radius = torch.full((B, K), torch.nan, dtype=torch.float64, device=x.device)    # r_pc per image
-        sig = _per_query(sigma, x, "sigma").expand(B).clone()
-        for i in range(0, B, per_pass):
-            xi = x[i:i + per_pass].clone().requires_grad_(True)
-            out = denoise(xi, sig[i:i + per_pass], None if labels is None else labels[i:i + per_pass].clone())
-            check(out.requires_grad, "the denoiser gives no gradient with respect to its input: the correlation "
-                  "radius needs differentiable torch code (not run under torch.no_grad or inference_mode)")
-            check(out.shape == xi.shape, f"the denoiser maps {tuple(xi.shape)} to {tuple(out.shape)}, not to "
-                  "images of the same shape")
-            chunk = max(1, batch_size // len(xi))                                      # cotangents per pass
-            for k0 in range(0, K, chunk):
-                k = torch.arange(k0, min(k0 + chunk, K), device=x.device)
-                p, c, rows = k // C, k % C, torch.arange(len(k), device=x.device)
-                v = torch.zeros(len(k), len(xi), C, H * W, dtype=out.dtype, device=x.device)
-                v[rows, :, c, where[p]] = 1                                            # one-hot at (c, p)
-                grad, = torch.autograd.grad(out, xi, v.view(len(k), *out.shape), retain_graph=k0 + chunk < K,
-                                            is_grads_batched=True)
-                J = grad.flatten(3)[rows, :, c].abs().double()                         # (k, b, H W): channel c only
-                num, den = (J * dist[p, None]).sum(-1), J.sum(-1)                       # (k, b)
-                radius[i:i + per_pass, k0:k0 + len(k)] = torch.where(den > 0, num / den, torch.nan).T
-        return radius.nanmean(1).cpu()
-
-
 # ---------------------------------------------------------------------------
 # Fréchet distance and nearest neighbours
 # ---------------------------------------------------------------------------
@@ -764,7 +559,6 @@ def frechet_distance(a, b):
     return max(0.0, float((mu_a - mu_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * cross))
 
 
-COPY_RATIO = 1 / 3  # a generated sample is a copy when d1 / d2 < 1/3 (docs/method.md, "Formulas")
 NN_BLOCK_SCORES = 2 ** 22  # float32 scores (query block x data chunk) nearest_neighbours holds at once: 16 MB
 
 
@@ -867,34 +661,6 @@ def _brute_force_neighbours(q, y, k):
     return torch.cat(dist), torch.cat(index)
 
 
-def memorization_ratio(d1, d2):
-    """Memorization ratio of generated samples: d1 / d2, the distances to the nearest and the
-    second-nearest DISTINCT training image (copy: ratio < COPY_RATIO = 1/3).
-
-    Rules: measure d2 after removing exact duplicates from the training set (a copy of a duplicated
-    image is still a copy, not d1 = d2 and ratio 1); 0 / 0 = 0 (an exact copy); with a single distinct
-    training image there is no second one, d2 = inf and the ratio is 0 (every sample is attributed
-    to that image). Returns float64 with d1's shape."""
-    d1, d2 = torch.as_tensor(d1, dtype=torch.float64), torch.as_tensor(d2, dtype=torch.float64)
-    check(d1.shape == d2.shape, f"d1 {tuple(d1.shape)} and d2 {tuple(d2.shape)} differ in shape")
-    check(bool((d1 >= 0).all()) and bool((d2 >= d1).all()), "need 0 <= d1 <= d2 (nearest, then second nearest)")
-    return torch.where(d2 > 0, d1 / d2, torch.zeros_like(d1))
-
-
-def bootstrap_ci(values, statistic=np.mean, n_boot=1000, seed=0, level=0.95):
-    """Percentile bootstrap interval (low, high) of statistic(values): n_boot resamples with
-    replacement, seeded; statistic(x, axis=-1) reduces the last axis, like np.mean or np.median."""
-    values = np.asarray(values, dtype=np.float64).ravel()
-    check(values.size >= 1, "bootstrap_ci needs at least one value")
-    check(n_boot >= 1 and 0 < level < 1, f"need n_boot >= 1 and 0 < level < 1, got {n_boot}, {level}")
-    rng, n = np.random.default_rng(seed), values.size
-    rows = max(1, 2 ** 22 // n)
-    stats = np.concatenate([statistic(values[rng.integers(0, n, (min(rows, n_boot - b), n))], axis=-1)
-                            for b in range(0, n_boot, rows)])
-    low, high = np.quantile(stats, [(1 - level) / 2, (1 + level) / 2])
-    return float(low), float(high)
-
-
 # ---------------------------------------------------------------------------
 # Networks: EDM-preconditioned U-Net (DDPM++ style) and Transformer (DiT style)
 # ---------------------------------------------------------------------------
@@ -974,7 +740,7 @@ class UNet(nn.Module):
     from every encoder block to the decoder; noise embedding (+ label embedding) (+ W a, the
     augmentation parameters through a linear map without bias, augment_dim > 0) -> MLP.
     Convolutional, so it takes images of other sizes than img_resolution too (windows of an image,
-    windowed_denoiser), whose sides are multiples of size_multiple = 2^(levels - 1), so that the
+    eval_gap.windowed_denoiser), whose sides are multiples of size_multiple = 2^(levels - 1), so that the
     down-sampling can halve them; the attention blocks work at any size."""
 
     def __init__(self, img_resolution, img_channels, num_classes=0, channels=128,
@@ -1356,7 +1122,7 @@ def network_denoiser(denoiser, device, mode="auto"):
 
     def denoise(x, sigma, labels=None):  # x (B, C, R, R), sigma scalar or (B,), labels (B,) or None
         if torch.is_grad_enabled() and x.requires_grad:
-            return forward(x, sigma, labels)  # gradients wanted (correlation_radius): eager, not a CUDA graph
+            return forward(x, sigma, labels)  # gradients wanted (eval_gap.correlation_radius): eager, not a CUDA graph
         size[0] = max(size[0], len(x))
         key = (size[0], *x.shape[1:], x.dtype, torch.is_inference_mode_enabled())  # what the graph is for
         return guard.run(lambda: run_compiled(x, sigma, labels), lambda: forward(x, sigma, labels), key)

@@ -132,7 +132,7 @@ def parse_args(argv=None):
                         "axis to the outputs; works with --guidance-weights and --features, refuses DiT runs")
     p.add_argument("--window-steps", type=common.positive_int, default=2,
                    help="window positions per axis, evenly spaced from edge to edge (with --windows)")
-    p.add_argument("--window-mode", choices=common.WINDOW_MODES, default="average",
+    p.add_argument("--window-mode", choices=WINDOW_MODES, default="average",
                    help="how the windows' predictions are merged per pixel: average over the windows that hold "
                         "the pixel, or cut: take it from the window whose integer centre (top + bottom) // 2 is "
                         "nearest (with --windows)")
@@ -274,6 +274,125 @@ def eval_splits(source, num_images, seed, rank=0, world=1, device="cpu"):
 
 
 # ---------------------------------------------------------------------------
+# Restricted receptive field: windowed denoisers (docs/method.md, "Restricted receptive field")
+# ---------------------------------------------------------------------------
+
+WINDOW_MODES = ("average", "cut")  # how windowed_denoiser merges the windows' predictions (window_weights)
+
+
+def window_offsets(size, window, steps=2, multiple=1):
+    """Offsets of `steps` windows of `window` pixels along an image axis of `size` pixels: evenly spaced from
+    0 to size - window (stride (size - window) / (steps - 1), rounded half up; a repeated offset counts once).
+    UserError unless they cover every pixel and, for a network whose down-sampling grid has cells of `multiple`
+    pixels (common.Denoiser.size_multiple), the window and its offsets lie on that grid (multiples of it), so
+    that no crop needs padding (grid_windows lists the sizes that do)."""
+    check(1 <= window <= size, f"a window must have 1 to {size} pixels (the image size), got {window}")
+    check(steps >= 1, f"need at least one window position per axis, got {steps}")
+    on_grid = lambda: ", ".join(map(str, grid_windows(size, multiple, steps))) or "none"  # noqa: E731
+    check(window % multiple == 0, f"a window of {window} pixels is off the network's {multiple}-pixel down-sampling "
+          f"grid; on it, with {steps} position(s) per axis of a {size}-pixel image: {on_grid()} pixels")
+    offsets = _evenly_spaced(size, window, steps)
+    needed = 1 + -(-(size - window) // window)                        # 1 + ceil((size - window) / window)
+    check(offsets[-1] + window >= size and all(b - a <= window for a, b in zip(offsets, offsets[1:])),
+          f"{steps} window position(s) per axis leave pixels of a {size}-pixel image outside every window of "
+          f"{window} pixels: give at least {needed} positions per axis, or a larger window")
+    check(not any(o % multiple for o in offsets), f"a window of {window} pixels at offsets "
+          f"{', '.join(map(str, offsets))} is off the network's {multiple}-pixel down-sampling grid; on it, with "
+          f"{steps} position(s) per axis of a {size}-pixel image: {on_grid()} pixels")
+    return offsets
+
+
+def _evenly_spaced(size, window, steps):
+    """The offsets of window_offsets, unchecked."""
+    return sorted({(2 * k * (size - window) + steps - 1) // (2 * (steps - 1)) for k in range(steps)}
+                  if steps > 1 else {0})
+
+
+def grid_windows(size, multiple, steps=2):
+    """Window sizes below `size` whose `steps` evenly spaced offsets per axis (window_offsets) lie on a
+    down-sampling grid of `multiple` pixels and cover the image: the windows a network with that size_multiple
+    sees without padding (the U-Net presets: multiple 4, so with 2 positions 8 and 12 of 16 pixels and 16, 20, 24
+    and 28 of 32)."""
+    fits = []
+    for window in range(multiple, size, multiple):
+        offsets = _evenly_spaced(size, window, steps)
+        if (all(o % multiple == 0 for o in offsets) and offsets[-1] + window >= size
+                and all(b - a <= window for a, b in zip(offsets, offsets[1:]))):
+            fits.append(window)
+    return fits
+
+
+def window_weights(shape, window, steps=2, mode="average", multiple=1):
+    """Where each window sits and what share of each pixel it gives: the windows' corners [(top, left)], row by
+    row, and weights (P, H, W) that sum to 1 at every pixel. "average": the windows that contain a pixel share
+    it equally; "cut": it is taken whole from the window whose integer centre, ((top + bottom) // 2,
+    (left + right) // 2) with bottom = top + window and right = left + window (past the window's last pixel), is
+    nearest in L1 distance (the first, in corner order, on ties). window_offsets checks the windows (and the
+    grid of `multiple` pixels)."""
+    check(mode in WINDOW_MODES, f"window mode must be one of {', '.join(WINDOW_MODES)}, got {mode!r}")
+    H, W = shape
+    corners = [(t, l) for t in window_offsets(H, window, steps, multiple)
+               for l in window_offsets(W, window, steps, multiple)]
+    rows, cols = torch.arange(H, dtype=torch.float64), torch.arange(W, dtype=torch.float64)
+    inside = torch.stack([((rows >= t) & (rows < t + window))[:, None] & ((cols >= l) & (cols < l + window))
+                          for t, l in corners])                        # (P, H, W)
+    if mode == "cut":
+        centre = lambda start: (start + start + window) // 2  # noqa: E731  (top + bottom) // 2
+        dist = torch.stack([(rows - centre(t)).abs()[:, None] + (cols - centre(l)).abs() for t, l in corners])
+        owner = dist.masked_fill(~inside, math.inf).argmin(0)          # first on ties
+        inside = owner == torch.arange(len(corners))[:, None, None]
+    weights = inside.double()
+    return corners, weights / weights.sum(0)
+
+
+def windowed_denoiser(denoise, window, steps=2, mode="average", multiple=1):
+    """Restricted receptive field: D sees only window x window crops of x, `steps` positions per axis
+    (window_offsets), D_win(x)_p = sum_k a_kp D(crop_k x)_p with the weights a of window_weights (average over
+    the windows holding pixel p, or "cut": the one whose centre is nearest). Returns denoise(x (B, C, H, W),
+    sigma, labels=None); each crop keeps its image's sigma and label, and each call of D gets the crops of one
+    window position (B of them), so memory stays that of the whole-image call. A window of the whole image
+    gives D itself. For a network whose down-sampling needs sides that are multiples of `multiple`
+    (common.Denoiser.size_multiple), only windows on that grid are accepted (window_offsets: the size and every offset
+    multiples of it, as the paper's windows are), so every crop goes in as it is, in the place on the grid that it
+    had in the whole image, and nothing is padded."""
+    return _windowed(lambda top, left: denoise, window, steps, mode, multiple)
+
+
+def windowed_optimal_denoiser(data, window, data_labels=None, steps=2, mode="average", note=None):
+    """The memorizing reference under a restricted receptive field: windowed_denoiser where each window's
+    denoiser is the optimal one of the data (N, ..., H, W) cropped to that window
+    (common.labelled_optimal_denoiser: data in common.exact_dtype, conditional on data_labels when given; its
+    notes go to note, default common.say, once each, not once per window)."""
+    made, note = {}, common.once(note or common.say)
+
+    def at(top, left):
+        if (top, left) not in made:
+            crop = data[..., top:top + window, left:left + window].contiguous()
+            made[top, left] = common.labelled_optimal_denoiser(crop, data_labels, note=note)
+        return made[top, left]
+    return _windowed(at, window, steps, mode)
+
+
+def _windowed(denoiser_at, window, steps, mode, multiple=1):
+    """The windowed denoiser of windowed_denoiser, with denoiser_at(top, left) the denoiser of each window."""
+    check(window >= 1, f"windows must have at least 1 pixel a side, got {window}")
+    check(mode in WINDOW_MODES, f"window mode must be one of {', '.join(WINDOW_MODES)}, got {mode!r}")
+
+    def denoise(x, sigma, labels=None):
+        corners, weights = window_weights(tuple(x.shape[-2:]), window, steps, mode, multiple)
+        out = None
+        for (top, left), a in zip(corners, weights):                    # float64 on the CPU (MPS has no float64)
+            a = a[top:top + window, left:left + window]
+            if not bool(a.any()):                                       # "cut": a window that owns no pixel
+                continue
+            den = denoiser_at(top, left)(x[..., top:top + window, left:left + window], sigma, labels)
+            out = torch.zeros(x.shape, dtype=den.dtype, device=den.device) if out is None else out
+            out[..., top:top + window, left:left + window] += a.to(den.dtype).to(den.device) * den
+        return out
+    return denoise
+
+
+# ---------------------------------------------------------------------------
 # Models: denoise(x, sigma (B,), labels (B,) or None = unconditional)
 # ---------------------------------------------------------------------------
 
@@ -281,18 +400,18 @@ def optimal_models(source, device, windows=(None,), steps=2, mode="average"):
     """The optimal denoiser of the source's subset, exact (common.exact_dtype), conditional on its labels when
     it has them; images whose label no subset image carries get the unconditional one, with a note
     (common.labelled_optimal_denoiser). One per window size (None: the whole image), seeing only windows of
-    that size, each with the subset cropped to the window (common.windowed_optimal_denoiser)."""
+    that size, each with the subset cropped to the window (windowed_optimal_denoiser)."""
     images, note = source.images().to(device, common.exact_dtype(device)), common.once(common.say)
     return [common.labelled_optimal_denoiser(images, source.labels, note=note) if w is None
-            else common.windowed_optimal_denoiser(images, w, source.labels, steps, mode, note) for w in windows]
+            else windowed_optimal_denoiser(images, w, source.labels, steps, mode, note) for w in windows]
 
 
 def network_models(net, device, windows=(None,), steps=2, mode="average", forward_mode="auto"):
     """A network (common.Denoiser) for inference (common.network_denoiser in --forward-mode `forward_mode`),
-    seen through windows of each size (common.windowed_denoiser, on the grid of the network's size_multiple;
+    seen through windows of each size (windowed_denoiser, on the grid of the network's size_multiple;
     None: the whole image)."""
     denoise = common.network_denoiser(net, device, forward_mode)
-    return [denoise if w is None else common.windowed_denoiser(denoise, w, steps, mode, net.size_multiple)
+    return [denoise if w is None else windowed_denoiser(denoise, w, steps, mode, net.size_multiple)
             for w in windows]
 
 
@@ -300,7 +419,7 @@ def window_sizes(windows, steps, models):
     """The window axis of --windows: its sizes, smallest first, then the whole image R. UserError unless the
     models, given as (name, network config; for the optimal denoiser {"model": "optimal", "img_resolution": R}),
     make images of one size R, the windows are smaller than R, `steps` positions per axis cover the image, each
-    window and offset lies on every U-Net's down-sampling grid (common.window_offsets), and no model is a DiT (its
+    window and offset lies on every U-Net's down-sampling grid (window_offsets), and no model is a DiT (its
     position embeddings are fixed to the whole image)."""
     sizes = sorted({config["img_resolution"] for _, config in models})
     check(len(sizes) == 1, f"--windows needs models of one image size, got {', '.join(map(str, sizes))} pixels")
@@ -315,7 +434,7 @@ def window_sizes(windows, steps, models):
         for name, config in models:
             unet = config["model"] == "unet"
             try:
-                common.window_offsets(R, w, steps, grid_multiple(config) if unet else 1)
+                window_offsets(R, w, steps, grid_multiple(config) if unet else 1)
             except common.UserError as err:
                 whose = f" for {name} (U-Net {config['size']} at {R}x{R})" if unet else ""
                 raise common.UserError(f"--windows {w} with --window-steps {steps}{whose}: {err}") from None
@@ -339,6 +458,59 @@ def counted(denoise, bar):
         bar.update(len(x))
         return out
     return fn
+
+
+# ---------------------------------------------------------------------------
+# How far the denoiser looks: the correlation radius of the input Jacobian (docs/method.md)
+# ---------------------------------------------------------------------------
+
+def correlation_radius(denoise, x, sigma, labels=None, pixels=None, seed=0, batch_size=256):
+    """How far D looks (the authors' measure): per image, the mean over output pixels p and channels c of the
+    correlation radius r_pc = sum_q |p - q| J_pq / sum_q J_pq of the channel-diagonal block of the input Jacobian,
+    J_pq = |dD(x)_{c,p} / dx_{c,q}| (input and output in the same channel c; the other channels' entries do not
+    count), |p - q| the Euclidean distance of the pixel positions, in pixels, q over all pixels. p runs over all
+    H W pixels (pixels None or >= H W) or over `pixels` positions drawn by common.choose_subset(H W, pixels, seed),
+    the same for every image.
+
+    The rows J_p come from vector-Jacobian products with one-hot cotangents, one per (output pixel, channel),
+    up to batch_size (image, cotangent) rows per backward pass; nothing larger than one pass's gradients is
+    kept. denoise(x, sigma (B,), labels) must be differentiable torch code that treats images independently
+    (as the networks and their common.network_denoiser wrapper do). x (B, C, H, W), sigma float or (B,)
+    -> float64 (B,); a (pixel, channel) whose row is all 0 (an output that does not depend on its channel of x)
+    is left out of the mean.
+    """
+    check(x.ndim == 4, f"x must be images (B, C, H, W), got shape {tuple(x.shape)}")
+    check((pixels is None or pixels >= 1) and batch_size >= 1,
+          f"pixels and batch_size must be positive, got {pixels}, {batch_size}")
+    B, C, H, W = x.shape
+    per_pass = max(1, min(B, batch_size))                                            # images per forward pass
+    with torch.inference_mode(False), torch.enable_grad():  # tensors made here are normal, even in inference mode
+        chosen = H * W if pixels is None else min(pixels, H * W)
+        where = torch.as_tensor(common.choose_subset(H * W, chosen, seed), device=x.device)  # (P,) positions
+        pos = torch.stack(torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij"), -1).reshape(-1, 2)
+        dist = torch.cdist(pos.to(x.device)[where].double(), pos.to(x.device).double())  # (P, H W)
+        P, K = len(where), len(where) * C                              # cotangent k: pixel k // C, channel k % C
+        radius = torch.full((B, K), torch.nan, dtype=torch.float64, device=x.device)    # r_pc per image
+        sig = common.per_query(sigma, x, "sigma").expand(B).clone()
+        for i in range(0, B, per_pass):
+            xi = x[i:i + per_pass].clone().requires_grad_(True)
+            out = denoise(xi, sig[i:i + per_pass], None if labels is None else labels[i:i + per_pass].clone())
+            check(out.requires_grad, "the denoiser gives no gradient with respect to its input: the correlation "
+                  "radius needs differentiable torch code (not run under torch.no_grad or inference_mode)")
+            check(out.shape == xi.shape, f"the denoiser maps {tuple(xi.shape)} to {tuple(out.shape)}, not to "
+                  "images of the same shape")
+            chunk = max(1, batch_size // len(xi))                                      # cotangents per pass
+            for k0 in range(0, K, chunk):
+                k = torch.arange(k0, min(k0 + chunk, K), device=x.device)
+                p, c, rows = k // C, k % C, torch.arange(len(k), device=x.device)
+                v = torch.zeros(len(k), len(xi), C, H * W, dtype=out.dtype, device=x.device)
+                v[rows, :, c, where[p]] = 1                                            # one-hot at (c, p)
+                grad, = torch.autograd.grad(out, xi, v.view(len(k), *out.shape), retain_graph=k0 + chunk < K,
+                                            is_grads_batched=True)
+                J = grad.flatten(3)[rows, :, c].abs().double()                         # (k, b, H W): channel c only
+                num, den = (J * dist[p, None]).sum(-1), J.sum(-1)                       # (k, b)
+                radius[i:i + per_pass, k0:k0 + len(k)] = torch.where(den > 0, num / den, torch.nan).T
+        return radius.nanmean(1).cpu()
 
 
 # ---------------------------------------------------------------------------
@@ -400,7 +572,7 @@ def radius_noise(index, shape, seed, j):
 
 def split_radius(denoise, neg, split, sigmas, weights, images, pixels, seed, batch, rank=0, world=1, device="cpu",
                  bar=None):
-    """Correlation radius of D(y + sigma n) in pixels (common.correlation_radius over all output pixels, or
+    """Correlation radius of D(y + sigma n) in pixels (correlation_radius over all output pixels, or
     `pixels` seeded by `seed`), n fresh at each sigma (radius_noise), averaged over the first `images` images of a
     split (of all processes), per weight and sigma: (G, J)."""
     first = leading(images, len(split.y), rank, world, device)
@@ -411,7 +583,7 @@ def split_radius(denoise, neg, split, sigmas, weights, images, pixels, seed, bat
         x = y + sigma * radius_noise(index, y.shape[1:], seed, j).to(y.device, y.dtype)
         for g, w in enumerate(weights):
             model = common.guided_denoiser(denoise, neg, w)
-            totals[g, j] = common.correlation_radius(model, x, sigma, labels, pixels, seed, batch).sum()
+            totals[g, j] = correlation_radius(model, x, sigma, labels, pixels, seed, batch).sum()
             if bar is not None:  # one vector-Jacobian product per image, output pixel and channel
                 bar.update(len(first) * min(pixels or y[0, 0].numel(), y[0, 0].numel()) * y.shape[1])
     return (all_sum(totals, world, device) / min(images, split.count)).numpy()

@@ -173,7 +173,7 @@ def fig_optimal_vs_network(data):
 
 
 def fig_correlation_radius(data):
-    """How far D(x)_p looks (common.correlation_radius, in pixels) on noisy training and validation images over
+    """How far D(x)_p looks (eval_gap.correlation_radius, in pixels) on noisy training and validation images over
     sigma, every snapshot (earlier ones faded); beside it, the last snapshot's r_train - r_val with G(sigma)."""
     sigmas, seen = data["jacobian_sigmas"], data["images_seen"]
     r_train, r_val = first_weight(data["radius_train"], data), first_weight(data["radius_val"], data)

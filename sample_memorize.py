@@ -153,6 +153,52 @@ def parse_args(argv=None):
 
 
 # ---------------------------------------------------------------------------
+# Reference formulas (docs/method.md, "Formulas"): the Gaussian denoiser, noisy empirical densities, the LLR
+# ---------------------------------------------------------------------------
+
+def gaussian_denoiser(data):
+    """The denoiser of a Gaussian fitted to data (mean mu, covariance C = V diag(l) V^T), a linear map that
+    generalizes: D(x; sigma) = mu + V diag(l / (l + sigma^2)) V^T (x - mu). Returns D(x (B, ...), sigma)."""
+    y = data.reshape(data.shape[0], -1).double()
+    mu = y.mean(0)
+    evals, evecs = torch.linalg.eigh(torch.cov(y.T).reshape(y.shape[1], -1))
+    evals = evals.clamp_min(0)
+
+    def denoise(x, sigma):
+        sig = common.per_query(sigma, x, "sigma").double()
+        q = x.reshape(x.shape[0], -1).double() - mu
+        shrink = evals / (evals + sig[:, None] ** 2)                  # (B or 1, d)
+        return (mu + ((q @ evecs) * shrink) @ evecs.T).to(x.dtype).reshape(x.shape)
+    return denoise
+
+
+def noisy_log_density(x, sigma, data, x_labels=None, data_labels=None, chunk_size=None):
+    """log p_S(x | sigma) = log (1/|S|) sum_{y in S} N(x; y, sigma^2 I), the density of the set S = data
+    after adding noise of std sigma (with labels: S holds the points with the query's label): (B,)."""
+    sig = common.per_query(sigma, x, "sigma")
+    check(bool((sig > 0).all()), "sigma must be positive")
+    variance = sig.square()
+    _, log2_sum = common.softmax_stream(x, variance, data, x_labels, data_labels, chunk_size, mean=False)
+    q = x.reshape(x.shape[0], -1)
+    count = torch.full_like(log2_sum, data.shape[0])
+    if x_labels is not None:
+        labels = torch.as_tensor(data_labels, device=q.device).flatten()
+        present, per_label = labels.unique(return_counts=True)
+        x_labels = torch.as_tensor(x_labels, device=q.device).flatten()
+        count = per_label[torch.searchsorted(present, x_labels).clamp_max(len(present) - 1)].to(q.dtype)
+    # the stream's logits leave out -||x||^2 / (2 s^2); log N(x; y, s^2 I) also has -d/2 log(2 pi s^2)
+    return (math.log(2) * log2_sum - q.square().sum(1) / (2 * variance) - count.log()
+            - q.shape[1] / 2 * torch.log(2 * math.pi * variance))
+
+
+def log_likelihood_ratio(x, sigma, data_a, data_b, x_labels=None, labels_a=None, labels_b=None):
+    """LLR(x) = log p_A(x | sigma) - log p_B(x | sigma) of two noisy empirical distributions
+    (noisy_log_density): high where noisy points of A lie, low where those of B lie. (B,)"""
+    return (noisy_log_density(x, sigma, data_a, None if labels_a is None else x_labels, labels_a)
+            - noisy_log_density(x, sigma, data_b, None if labels_b is None else x_labels, labels_b))
+
+
+# ---------------------------------------------------------------------------
 # Training sets and denoisers
 # ---------------------------------------------------------------------------
 
@@ -213,7 +259,7 @@ def optimal_model(source, device, kind="optimal"):
     if kind != "optimal":
         fit = train.x if kind == "gaussian-subset" else common.images_to_tensor(
             common.load_images(source.dataset, "train", source.data_dir)[0], source.resolution).to(device)
-        gauss = common.gaussian_denoiser(fit)
+        gauss = gaussian_denoiser(fit)
         denoise = lambda x, sigma, labels=None: gauss(x, sigma)  # noqa: E731
     return Model(name, denoise, train, source.num_classes, common.exact_dtype(device), path=kind)
 
@@ -288,6 +334,24 @@ def probe_steps(sigmas, probes):
     return sorted({int((logs - math.log(p)).abs().argmin()) for p in probes})
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class Grid:
+    """The sampler's noise levels and where on them the early stops and the probes lie."""
+    sigmas: torch.Tensor  # (steps + 1,) common.edm_sigmas, ending in 0
+    stops: list           # grid step of each --stop-sigma (stop_steps)
+    probes: list          # grid steps of the probe sigmas (probe_steps)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Sampling:
+    """Which samples a configuration draws: sample i of num_samples starts from seed + i with --label `label`;
+    this process draws those of `shard`."""
+    num_samples: int
+    seed: int
+    shard: np.ndarray  # this process's share of 0..num_samples-1
+    label: str         # random, null or a label number (label_choices)
+
+
 def probe_images(count, candidates, seed):
     """Image (from `candidates`) and noise draw number of each of `count` probes: a seeded choice
     without repeats while there are enough images, else every image in turn with further draws."""
@@ -307,6 +371,39 @@ def noisy(images, dataset_index, draws, sigma):
 
 
 # ---------------------------------------------------------------------------
+# Copies (docs/method.md, "Formulas"): the memorization ratio and bootstrap intervals
+# ---------------------------------------------------------------------------
+
+COPY_RATIO = 1 / 3  # a generated sample is a copy when d1 / d2 < 1/3 (docs/method.md, "Formulas")
+def memorization_ratio(d1, d2):
+    """Memorization ratio of generated samples: d1 / d2, the distances to the nearest and the
+    second-nearest DISTINCT training image (copy: ratio < COPY_RATIO = 1/3).
+
+    Rules: measure d2 after removing exact duplicates from the training set (a copy of a duplicated
+    image is still a copy, not d1 = d2 and ratio 1); 0 / 0 = 0 (an exact copy); with a single distinct
+    training image there is no second one, d2 = inf and the ratio is 0 (every sample is attributed
+    to that image). Returns float64 with d1's shape."""
+    d1, d2 = torch.as_tensor(d1, dtype=torch.float64), torch.as_tensor(d2, dtype=torch.float64)
+    check(d1.shape == d2.shape, f"d1 {tuple(d1.shape)} and d2 {tuple(d2.shape)} differ in shape")
+    check(bool((d1 >= 0).all()) and bool((d2 >= d1).all()), "need 0 <= d1 <= d2 (nearest, then second nearest)")
+    return torch.where(d2 > 0, d1 / d2, torch.zeros_like(d1))
+
+
+def bootstrap_ci(values, statistic=np.mean, n_boot=1000, seed=0, level=0.95):
+    """Percentile bootstrap interval (low, high) of statistic(values): n_boot resamples with
+    replacement, seeded; statistic(x, axis=-1) reduces the last axis, like np.mean or np.median."""
+    values = np.asarray(values, dtype=np.float64).ravel()
+    check(values.size >= 1, "bootstrap_ci needs at least one value")
+    check(n_boot >= 1 and 0 < level < 1, f"need n_boot >= 1 and 0 < level < 1, got {n_boot}, {level}")
+    rng, n = np.random.default_rng(seed), values.size
+    rows = max(1, 2 ** 22 // n)
+    stats = np.concatenate([statistic(values[rng.integers(0, n, (min(rows, n_boot - b), n))], axis=-1)
+                            for b in range(0, n_boot, rows)])
+    low, high = np.quantile(stats, [(1 - level) / 2, (1 + level) / 2])
+    return float(low), float(high)
+
+
+# ---------------------------------------------------------------------------
 # Measurements
 # ---------------------------------------------------------------------------
 
@@ -316,12 +413,12 @@ def batches(n, size):
 
 def memorization(samples, train):
     """d1, d2 to the nearest and second-nearest distinct training image, nn_ratio = d1/d2
-    (common.memorization_ratio), and which training image is nearest."""
+    (memorization_ratio), and which training image is nearest."""
     distinct = train.x[train.distinct]
     dist, idx = common.nearest_neighbours(samples, distinct, k=min(2, len(distinct)))
     d2 = dist[:, 1] if dist.shape[1] > 1 else torch.full_like(dist[:, 0], math.inf)
     position = train.distinct[idx[:, 0]]
-    return dict(d_train=dist[:, 0], d2=d2, nn_ratio=common.memorization_ratio(dist[:, 0], d2),
+    return dict(d_train=dist[:, 0], d2=d2, nn_ratio=memorization_ratio(dist[:, 0], d2),
                 nn_position=position, nn_train_index=torch.as_tensor(train.source.subset)[position.cpu()])
 
 
@@ -364,13 +461,15 @@ def probe_sets(model, refs, shard, p_sigmas, denoise, num_samples, seed, null_la
 
 
 @torch.no_grad()
-def run_configuration(model, denoise, ref_draws, shard, sigmas, stops, probes, features, *, label, seed, num_samples,
-                      batch, device, show=False):
-    """Everything per sample for this process's seeds seed + shard (of num_samples) with --label `label`, in
-    batches: samples, memorization, features, features of the early-stopped samples, and where the
-    trajectories live at the probe sigmas: D-based measures against the first reference draw (probe_sets), the
-    LLR of every probe set under each draw of ref_draws (reference_draws), and the log density of trajectory
-    states and noisy held-out images under the first draw's pooled references (the score's validity check)."""
+def run_configuration(model, denoise, ref_draws, features, grid, sampling, *, batch, device, show=False):
+    """Everything per sample for this process's seeds seed + shard (of num_samples) with --label `label`
+    (`sampling`), on the sampler grid `grid`, in batches: samples, memorization, features, features of the
+    early-stopped samples, and where the trajectories live at the probe sigmas: D-based measures against the
+    first reference draw (probe_sets), the LLR of every probe set under each draw of ref_draws (reference_draws),
+    and the log density of trajectory states and noisy held-out images under the first draw's pooled references
+    (the score's validity check)."""
+    sigmas, stops, probes = grid.sigmas, grid.stops, grid.probes
+    shard, seed, num_samples, label = sampling.shard, sampling.seed, sampling.num_samples, sampling.label
     refs = ref_draws[0]
     choices, shape, parts = label_choices(model, label), model.train.x.shape[1:], []
     for b in tqdm(batches(len(shard), batch), desc=model.name, unit="batch", disable=not show, leave=False):
@@ -445,16 +544,16 @@ class References:
         lab_t = lab_v = None
         if self.conditional and labels is not None and bool((labels < t.num_classes).all()):
             lab_t, lab_v = t.labels[self.train_pos], t.val_labels[self.val_pos]
-        return torch.cat([common.log_likelihood_ratio(
+        return torch.cat([log_likelihood_ratio(
             x[b].to(dtype), sigma, ref_t, ref_v, None if lab_t is None else labels[b], lab_t, lab_v)
             for b in batches(len(x), batch)]).double()
 
     def log_density(self, x, sigma, batch):
-        """log p(x | sigma) of both references' images pooled (common.noisy_log_density), (B,) float64:
+        """log p(x | sigma) of both references' images pooled (noisy_log_density), (B,) float64:
         whether x looks like noisy data at all."""
         t, dtype = self.train, common.exact_dtype(self.train.x.device)
         pooled = torch.cat([t.x[self.train_pos], t.val_x[self.val_pos]]).to(dtype)
-        return torch.cat([common.noisy_log_density(x[b].to(dtype), sigma, pooled)
+        return torch.cat([noisy_log_density(x[b].to(dtype), sigma, pooled)
                           for b in batches(len(x), batch)]).double()
 
 
@@ -595,8 +694,8 @@ def trajectory_typicality(logp_traj, logp_heldout, quantile=TYPICAL_QUANTILE):
 def summarize(res, fd_refs, n_boot, seed):
     """Memorized fraction with its bootstrap interval, Frechet distances and trajectory overlap (point values
     averaged over the reference draws, intervals over samples and draws) of one configuration."""
-    copies = (res["nn_ratio"] < common.COPY_RATIO).double().numpy()
-    low, high = common.bootstrap_ci(copies, n_boot=n_boot, seed=seed)
+    copies = (res["nn_ratio"] < COPY_RATIO).double().numpy()
+    low, high = bootstrap_ci(copies, n_boot=n_boot, seed=seed)
     fd_stop = [frechet_gap(f, fd_refs) for f in res["stop_features"]]
     return dict(memorized_fraction=float(copies.mean()), memorized_ci=(low, high),
                 fd=frechet_gap(res["features"], fd_refs), fd_stop=np.array(fd_stop, np.float64).reshape(-1, 3),
@@ -625,7 +724,7 @@ def save_neighbours(path, samples, nearest, ratio, title):
             axes[row, i].imshow(common.image_grid(img[None], 1), cmap="gray", vmin=0, vmax=1)
             axes[row, i].set_xticks([])
             axes[row, i].set_yticks([])
-        axes[0, i].set_title(f"{ratio[i]:.2f}" + (" copy" if ratio[i] < common.COPY_RATIO else ""), fontsize=7)
+        axes[0, i].set_title(f"{ratio[i]:.2f}" + (" copy" if ratio[i] < COPY_RATIO else ""), fontsize=7)
     axes[0, 0].set_ylabel("sample", fontsize=8)
     axes[1, 0].set_ylabel("nearest\ntrain", fontsize=8)
     fig.suptitle(f"{title}: d1/d2 above each sample (a copy when < 1/3)", fontsize=9)
@@ -730,8 +829,9 @@ def evaluate(args, rank, world, device):
         features_of(None)  # a bad --features stops before any sampling
     paths = common.find_snapshots(args.inputs) if args.inputs else [None]
     sigmas = common.edm_sigmas(args.steps)
-    stops, probes = stop_steps(sigmas, args.stop_sigma), probe_steps(sigmas, args.probe_sigmas)
-    shard = np.array_split(np.arange(args.num_samples), world)[rank]
+    grid = Grid(sigmas, stop_steps(sigmas, args.stop_sigma), probe_steps(sigmas, args.probe_sigmas))
+    sampling = Sampling(args.num_samples, args.seed, np.array_split(np.arange(args.num_samples), world)[rank],
+                        args.label)
     train_cache, ref_cache, shape = {}, {}, None
     neg, neg_fits = "uncond", None
     if args.neg != "uncond":
@@ -753,8 +853,8 @@ def evaluate(args, rank, world, device):
             rows[key].setdefault("digests", np.array(model))
     todo = len(set(order) - set(rows))
     say(f"{args.num_samples} samples per configuration from seed {args.seed}, {args.steps} Heun steps, {world} "
-        f"process(es) on {device}; stop sigmas {np.round(sigmas[stops].numpy(), 3).tolist()}, probe sigmas "
-        f"{np.round(sigmas[probes].numpy(), 3).tolist()}, features {args.features}; {len(order) - todo} of "
+        f"process(es) on {device}; stop sigmas {np.round(sigmas[grid.stops].numpy(), 3).tolist()}, probe sigmas "
+        f"{np.round(sigmas[grid.probes].numpy(), 3).tolist()}, features {args.features}; {len(order) - todo} of "
         f"{len(order)} configuration(s) reused from {args.out}")
     progress = dict(done=0)
     common.on_interrupt(lambda: f"after {progress['done']} of {todo} configurations: {args.out} keeps the finished "
@@ -762,7 +862,7 @@ def evaluate(args, rank, world, device):
     arrays = None
 
     def write():
-        return write_results(args, [rows[key] for key in order if key in rows], sigmas, stops, probes, settings)
+        return write_results(args, [rows[key] for key in order if key in rows], grid, settings)
 
     for path, model_digest, path_keys in zip(paths, digests, keys):
         if all(key in rows for key in path_keys):
@@ -794,10 +894,8 @@ def evaluate(args, rank, world, device):
                 ref_cache[id(model.train)] = draws, frechet_references(draws[0], features, args.num_samples,
                                                                       args.fd_subsets, args.seed)
             draws, fd_refs = ref_cache[id(model.train)]
-            res = gather(run_configuration(dataclasses.replace(model, name=name), denoise, draws, shard, sigmas,
-                                           stops, probes, features, label=args.label, seed=args.seed,
-                                           num_samples=args.num_samples, batch=args.batch, device=device,
-                                           show=rank == 0), world, device)
+            res = gather(run_configuration(dataclasses.replace(model, name=name), denoise, draws, features, grid,
+                                           sampling, batch=args.batch, device=device, show=rank == 0), world, device)
             rows[key] = None  # on every process, so that all of them skip the same configurations
             if rank != 0:
                 continue
@@ -808,16 +906,17 @@ def evaluate(args, rank, world, device):
             rows[key] = dict(result_row(res, key), digests=np.array(model_digest))
             arrays = write()  # after every configuration, so that a rerun after a kill reuses the finished ones
             progress["done"] += 1
-            say(summary_line(res, sigmas, probes, time.perf_counter() - start) + f"; figures {', '.join(figs)}")
+            say(summary_line(res, grid, time.perf_counter() - start) + f"; figures {', '.join(figs)}")
     if rank == 0:
         arrays = arrays if todo else write()
         say(f"wrote {args.out}: {len(order)} configuration(s) x {args.num_samples} samples, keys "
             f"{', '.join(sorted(arrays))}")
 
 
-def summary_line(res, sigmas, probes, seconds):
+def summary_line(res, grid, seconds):
     """One line per configuration: copies, nearest distances, FD gap, trajectory overlap at the middle probe,
     each LLR measure with its 95% interval (samples and reference draws)."""
+    sigmas, probes = grid.sigmas, grid.probes
     mid, (low, high), fd = len(probes) // 2, res["memorized_ci"], res["fd"]
     ci = lambda key, fmt: (f"{res[key][mid]:{fmt}} [{res[key + '_ci'][mid][0]:{fmt}}, "  # noqa: E731
                            f"{res[key + '_ci'][mid][1]:{fmt}}]")
@@ -852,12 +951,12 @@ def result_row(res, key):
                                                                                 "fcos_samples_val"]})
 
 
-def write_results(args, rows, sigmas, stops, probes, settings):
+def write_results(args, rows, grid, settings):
     """Write --out from the rows of the configurations at hand (result_row); returns its arrays."""
     arrays = {key: np.stack([row[key] for row in rows]) for key in sorted(rows[0])}
     arrays.update(seeds=np.arange(args.seed, args.seed + args.num_samples, dtype=np.int64),
-                  sampler_sigmas=sigmas.numpy(), stop_sigmas=sigmas[stops].numpy(),
-                  probe_sigmas=sigmas[probes].numpy(), settings=np.array(json.dumps(settings)))
+                  sampler_sigmas=grid.sigmas.numpy(), stop_sigmas=grid.sigmas[grid.stops].numpy(),
+                  probe_sigmas=grid.sigmas[grid.probes].numpy(), settings=np.array(json.dumps(settings)))
     common.save_npz(args.out, args=args, script=SCRIPT, **arrays)
     return arrays
 

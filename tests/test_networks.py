@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import common
+import eval_gap
 
 MODELS = sorted(common.NETWORK_PRESETS)
 SIZES = ["tiny", "xs", "s", "m", "l"]
@@ -180,10 +181,10 @@ def test_unet_takes_any_size_its_downsampling_can_halve_and_names_them_otherwise
         assert denoiser(torch.randn(2, 1, 8, 12), torch.tensor([0.1, 2.0])).shape == (2, 1, 8, 12)
         with pytest.raises(common.UserError, match=r"multiples of 4 \(4, 8, 12, ...\), got 10x10"):
             denoiser(torch.randn(2, 1, 10, 10), 0.5)
-        windowed = common.windowed_denoiser(denoiser, 12, multiple=denoiser.size_multiple)  # on the grid
+        windowed = eval_gap.windowed_denoiser(denoiser, 12, multiple=denoiser.size_multiple)  # on the grid
         assert windowed(torch.randn(2, 1, 16, 16), torch.tensor([0.1, 2.0])).shape == (2, 1, 16, 16)
         with pytest.raises(common.UserError, match="off the network's 4-pixel down-sampling grid"):
-            common.windowed_denoiser(denoiser, 10, multiple=denoiser.size_multiple)(torch.randn(2, 1, 16, 16), 0.5)
+            eval_gap.windowed_denoiser(denoiser, 10, multiple=denoiser.size_multiple)(torch.randn(2, 1, 16, 16), 0.5)
 
 
 @pytest.mark.parametrize("model", MODELS)
@@ -360,9 +361,9 @@ def test_compiled_network_denoiser_runs_eager_when_gradients_are_wanted(monkeypa
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: lambda *inputs: replays.append(1) or fn(*inputs))
     denoiser, x, sigma, labels = small_denoiser()
     denoise = common.network_denoiser(denoiser, "cpu", "auto")
-    radius = common.correlation_radius(denoise, x, sigma, labels, pixels=8, seed=0)
+    radius = eval_gap.correlation_radius(denoise, x, sigma, labels, pixels=8, seed=0)
     assert replays == [], "no call that needs gradients went through the compiled function"
-    eager = common.correlation_radius(lambda *a: denoiser(*a), x, sigma, labels, pixels=8, seed=0)
+    eager = eval_gap.correlation_radius(lambda *a: denoiser(*a), x, sigma, labels, pixels=8, seed=0)
     torch.testing.assert_close(radius, eager, rtol=0, atol=0)
     with torch.no_grad():
         denoise(x, sigma, labels)

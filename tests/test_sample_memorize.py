@@ -1,5 +1,6 @@
 """sample_memorize.py and its common.py helpers: exact nearest neighbours, the memorization ratio,
 bootstrap intervals, feature spaces, per-seed sampling, early stopping, guidance, bad input."""
+import math
 import os
 import re
 import shutil
@@ -13,6 +14,7 @@ from conftest import file_size_limit, write_fashion_mnist, write_idx
 import sample_memorize
 
 R = 16  # image resolution of the synthetic runs
+F64 = torch.float64
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +67,7 @@ def exit_message(argv, capsys):
 
 
 # ---------------------------------------------------------------------------
-# common.py: nearest neighbours, memorization ratio, bootstrap, features
+# Nearest neighbours, memorization ratio, bootstrap, features
 # ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -93,10 +95,10 @@ def test_nearest_neighbours_break_ties_by_index_even_with_many_duplicates():
 
 
 def test_memorization_ratio_rules_for_copies_duplicates_and_a_single_image():
-    ratio = common.memorization_ratio([0.0, 1.0, 0.0, 2.0, 3.0], [4.0, 4.0, 0.0, 2.0, float("inf")])
+    ratio = sample_memorize.memorization_ratio([0.0, 1.0, 0.0, 2.0, 3.0], [4.0, 4.0, 0.0, 2.0, float("inf")])
     assert ratio.tolist() == [0.0, 0.25, 0.0, 1.0, 0.0]
     with pytest.raises(common.UserError):
-        common.memorization_ratio([2.0], [1.0])
+        sample_memorize.memorization_ratio([2.0], [1.0])
 
 
 def test_exact_copies_have_ratio_zero_and_duplicates_count_once(data_dir):
@@ -124,12 +126,12 @@ def test_bootstrap_interval_contains_the_estimate_and_narrows_with_more_data():
     rng = np.random.default_rng(0)
     small, large = rng.random(30) < 0.3, rng.random(3000) < 0.3
     for values in (small, large):
-        low, high = common.bootstrap_ci(values, seed=1)
+        low, high = sample_memorize.bootstrap_ci(values, seed=1)
         assert low <= values.mean() <= high and low < high
-    assert np.ptp(common.bootstrap_ci(large)) < np.ptp(common.bootstrap_ci(small)) / 4
-    assert common.bootstrap_ci(small, seed=3) == common.bootstrap_ci(small, seed=3)
-    assert common.bootstrap_ci(np.zeros(10)) == (0.0, 0.0)
-    low, high = common.bootstrap_ci(rng.normal(size=200), statistic=np.median, level=0.5)
+    assert np.ptp(sample_memorize.bootstrap_ci(large)) < np.ptp(sample_memorize.bootstrap_ci(small)) / 4
+    assert sample_memorize.bootstrap_ci(small, seed=3) == sample_memorize.bootstrap_ci(small, seed=3)
+    assert sample_memorize.bootstrap_ci(np.zeros(10)) == (0.0, 0.0)
+    low, high = sample_memorize.bootstrap_ci(rng.normal(size=200), statistic=np.median, level=0.5)
     assert low < high
 
 
@@ -263,6 +265,59 @@ def test_guidance_weight_zero_is_the_unguided_sampler_and_nonzero_weights_change
 # ---------------------------------------------------------------------------
 # Where trajectories live: the log-likelihood ratio of noisy training vs validation images
 # ---------------------------------------------------------------------------
+
+def brute_force_log_density(x, sigma, data):
+    """Reference log p_S(x | sigma): log of the mean of N(x; y, sigma^2 I) over the full (B, N) table."""
+    d2 = (x[:, None, :] - data[None, :, :]).square().sum(-1)
+    log_pdf = -d2 / (2 * sigma ** 2) - x.shape[1] / 2 * math.log(2 * math.pi * sigma ** 2)
+    return torch.logsumexp(log_pdf, dim=1) - math.log(len(data))
+
+
+@pytest.mark.parametrize("sigma", [1e-2, 0.3, 2.0, 50.0])
+def test_noisy_log_density_equals_brute_force_gaussian_mixture(sigma):
+    g = torch.Generator().manual_seed(20)
+    data = torch.randn(41, 6, generator=g, dtype=F64)
+    x = data[torch.randint(41, (17,), generator=g)] + sigma * torch.randn(17, 6, generator=g, dtype=F64)
+    for chunk in (1, 8, None):
+        got = sample_memorize.noisy_log_density(x, sigma, data, chunk_size=chunk)
+        torch.testing.assert_close(got, brute_force_log_density(x, sigma, data), rtol=1e-12, atol=1e-9)
+
+
+def test_noisy_log_density_with_labels_is_the_mixture_of_the_points_with_the_query_label():
+    g = torch.Generator().manual_seed(21)
+    data, data_labels = torch.randn(30, 4, generator=g, dtype=F64), torch.arange(30) % 3
+    x, x_labels = torch.randn(9, 4, generator=g, dtype=F64), torch.tensor([0, 1, 2] * 3)
+    sigmas = torch.linspace(0.2, 3, 9, dtype=F64)
+    got = sample_memorize.noisy_log_density(x, sigmas, data, x_labels, data_labels, chunk_size=4)
+    want = torch.stack([brute_force_log_density(x[i:i + 1], float(sigmas[i]), data[data_labels == x_labels[i]])[0]
+                        for i in range(9)])
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-9)
+
+
+def test_log_likelihood_ratio_separates_noisy_training_from_noisy_validation_points_and_vanishes_at_large_sigma():
+    g = torch.Generator().manual_seed(22)
+    train, val = torch.randn(64, 16, generator=g, dtype=F64), torch.randn(64, 16, generator=g, dtype=F64)
+    noise = torch.randn(64, 16, generator=g, dtype=F64)
+    llr_train = sample_memorize.log_likelihood_ratio(train + 0.8 * noise, 0.8, train, val)
+    llr_val = sample_memorize.log_likelihood_ratio(val + 0.8 * noise, 0.8, train, val)
+    assert (llr_train > 0).float().mean() > 0.95 and (llr_val < 0).float().mean() > 0.95
+    # fresh points from the same distribution score in between, near 0 on average
+    fresh = torch.randn(256, 16, generator=g, dtype=F64)
+    llr_fresh = sample_memorize.log_likelihood_ratio(fresh + 0.8 * torch.randn(256, 16, generator=g, dtype=F64), 0.8,
+                                                     train, val)
+    assert llr_val.median() < llr_fresh.median() < llr_train.median() and abs(float(llr_fresh.median())) < 2
+    far = sample_memorize.log_likelihood_ratio(train + 1e4 * noise, 1e4, train, val)
+    assert far.abs().max() < 1e-3
+
+
+def test_float32_log_density_drops_weights_far_below_rounding_without_changing_results():
+    # nearly one-hot weights (noise 0.5 at sigma 1 in d = 784): every weight but one lies far below 2^-63
+    g = torch.Generator().manual_seed(23)
+    data = torch.rand(500, 784, generator=g, dtype=F64) * 2 - 1
+    x = data[:8] + 0.5 * torch.randn(8, 784, generator=g, dtype=F64)
+    torch.testing.assert_close(sample_memorize.noisy_log_density(x.float(), 1.0, data.float(), chunk_size=64).double(),
+                               brute_force_log_density(x, 1.0, data), rtol=1e-6, atol=0)
+
 
 def test_references_hold_equally_many_training_and_validation_images_per_label(data_dir):
     subset = common.choose_subset(24, 12, 0)
