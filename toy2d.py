@@ -74,7 +74,7 @@ DEFAULTS = {
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="\n\n".join((__doc__ or "").split("\n\n")[:2]),
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0],  # the docstring's first paragraph
                                 epilog="Flags and result keys in full: docs/reference.md",
                                 formatter_class=common.HelpFormatter)
     p.add_argument("experiment", metavar="EXPERIMENT", help="one of " + ", ".join(EXPERIMENTS + ["all"]))
