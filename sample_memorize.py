@@ -154,7 +154,7 @@ def parse_args(argv=None):
     p.add_argument("--neg", default="uncond", help="D_neg: uncond (the network with the null label) or a "
                    "snapshot file")
     p.add_argument("--stop-sigma", type=common.positive_float, nargs="*", default=[5.0, 2.0, 1.0, 0.5, 0.2],
-                   help="early stopping: FD of D(x_k; sigma_k) at the first grid sigma_k <= each")
+                   help="early stopping: FD of D(x_k; sigma_k) at the first grid sigma_k <= each value")
     p.add_argument("--probe-sigmas", type=common.positive_float, nargs="+", default=None,
                    help="sigmas of the trajectory overlap, snapped to the grid (default: the grid sigma nearest "
                    f"{PROBE_NEAR} and its neighbours)")
