@@ -2246,7 +2246,7 @@ def run_distributed(job, args):
 
 # Fewer FLOPs than this per call (a training step, a batch of forward passes): one CPU thread. Such calls
 # run many small operations, where a second thread gained 1.4-1.5x on a quiet 2-core machine and lost 5-50x
-# with one other busy process (the README's benchmarks, "CPU threads").
+# with one other busy process (docs/benchmarks.md, "CPU threads").
 ONE_THREAD_BELOW_FLOPS = 50e9
 DEFAULT_THREADS = torch.get_num_threads()  # torch's choice at start-up: OMP_NUM_THREADS, else the cores
 
@@ -2346,10 +2346,9 @@ MODES = ("auto", "eager", "compile")  # --step-mode, --forward-mode (compile_mod
 
 def add_mode_arg(parser, flag, what, auto_also=""):
     """A MODES flag (compile_mode), defined once: how `what` runs (auto_also: where else auto compiles)."""
-    parser.add_argument(flag, default="auto", choices=MODES, help=f"{what}: eager, or compile (torch.compile; on "
-                        "CUDA with one process, mode reduce-overhead: CUDA graphs; stops at start if it cannot "
-                        f"work); auto: compile on CUDA with one process{auto_also}, eager otherwise, and eager "
-                        "after one line if compiling fails")
+    parser.add_argument(flag, default="auto", choices=MODES, help=f"{what}: eager, or compile (torch.compile; stops "
+                        f"at start if it cannot work); auto: compile on CUDA with one process{auto_also}, else "
+                        "eager, and eager after one line if compiling fails")
 
 
 def add_run_args(parser, seed, out, out_default=None, batch=None, device=DEVICE_HELP, threads=False):
@@ -2369,9 +2368,8 @@ def add_result_args(parser, script, rows):
     """The flags of the scripts that evaluate snapshots into one result file (eval_gap.py, sample_memorize.py),
     defined once: --force (recompute the `rows` already in --out; replace a file another program wrote, or one
     that check_kept refuses), --allow-mixed (check_same_run) and --forward-mode (add_mode_arg)."""
-    parser.add_argument("--force", action="store_true", help=f"recompute {rows} already in --out, and replace an "
-                        f"--out that {script} did not write, or made with other settings, or holding {rows} that "
-                        "this call would leave out (refused otherwise)")
+    parser.add_argument("--force", action="store_true", help=f"recompute {rows} already in --out; replace an --out "
+                        f"that {script} did not write, made with other settings or holding {rows} not asked for")
     parser.add_argument("--allow-mixed", action="store_true", help="accept snapshots of different runs")
     add_mode_arg(parser, "--forward-mode", "the networks' forward passes")
 

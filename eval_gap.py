@@ -1,63 +1,94 @@
-"""Per-noise-level denoising error E(sigma) on training and validation images, the relative
-generalization gap G(sigma) = (E_val - E_train) / E_train and the overfitting onset, for the
-snapshots of a run or for the optimal denoiser of a training subset (docs/method.md, "Formulas").
+"""Per-noise-level denoising error E(sigma) on training and validation images, the relative generalization gap
+G(sigma) = (E_val - E_train) / E_train and the overfitting onset, for the snapshots of a run or for the optimal
+denoiser of a training subset (docs/method.md, "Formulas").
 
-  python eval_gap.py runs/RUN                          # all snapshots of a run -> runs/RUN/gap.npz
-  python eval_gap.py runs/RUN --optimal                # ... with the optimal denoiser's curves beside them
-  python eval_gap.py --optimal --data fashion-mnist --n 64 --resolution 16   # the memorizing reference
-  python eval_gap.py runs/RUN --guidance-weights 0 0.5 1 2 --neg uncond      # classifier-free guidance
-  python eval_gap.py runs/RUN --guidance-weights 0 1 --neg runs/SMALL/snapshot-000100000.pt  # autoguidance
-  python eval_gap.py runs/RUN --windows 8 12 --optimal  # the denoisers see only windows of the noisy image
-  python eval_gap.py runs/RUN/snapshot-LAST.pt --jacobian  # how far D looks: the correlation radius
-  torchrun --nproc_per_node=K eval_gap.py runs/RUN     # the images are sharded over K processes
+    python eval_gap.py runs/RUN                          # all snapshots of a run -> runs/RUN/gap.npz
+    python eval_gap.py runs/RUN --optimal                # ... with the optimal denoiser's curves beside them
+    python eval_gap.py --optimal --data fashion-mnist --n 64 --resolution 16   # the memorizing reference
+    python eval_gap.py runs/RUN --guidance-weights 0 0.5 1 2 --neg uncond      # classifier-free guidance
+    python eval_gap.py runs/RUN --guidance-weights 0 1 --neg runs/SMALL/snapshot-000100000.pt  # autoguidance
+    python eval_gap.py runs/RUN --windows 8 12 --optimal  # the denoisers see only windows of the noisy image
+    python eval_gap.py runs/RUN/snapshot-LAST.pt --jacobian  # how far D looks: the correlation radius
+    torchrun --nproc_per_node=K eval_gap.py runs/RUN     # the images are sharded over K processes
 
-Splits: a snapshot's training subset (all of it when n <= --num-images, else a seeded sample)
-and the validation split (--num-images of it, or all). Each image has one fixed noise draw,
-common.image_noise(index, seed=--seed), reused at every sigma and for every snapshot; training
-image i has index i and validation image j has index len(training split) + j, so no training
-and validation image share a draw. Conditional networks get their own labels: the dataset's
-classes, or k-means clusters (validation images go to the nearest stored centroid).
+Splits: a snapshot's training subset (all of it when n <= `--num-images`, else a seeded sample) and the
+validation split (`--num-images` of it, or all). Each image has one fixed noise draw,
+`common.image_noise(index, seed=--seed)`, reused at every sigma and for every snapshot; training image i has
+index i and validation image j has index len(training split) + j, so no training and validation image share a
+draw. Conditional networks get their own labels: the dataset's classes, or k-means clusters (validation images
+go to the nearest stored centroid). The noise levels are `--sigmas`, else `--num-sigmas` log-spaced in
+[2e-3, 80]. `--optimal` adds the optimal denoiser of the snapshots' training subset, or, without snapshots,
+evaluates only the optimal denoiser of the subset that `--data`, `--n`, `--resolution`, `--cond`, `--k` and
+`--subset-seed` name (drawn as `train_image.py --seed` draws it). `--bootstrap` resamples of both splits' images
+give the interval of the peak of G.
 
-Writes --out (.npz): sigmas (S,), images_seen (C,), checkpoints (C,) paths, digests (C,), run_args and
-network (JSON of the first snapshot's training arguments and network config), params,
-weights, e_train, e_val, gap (C, S), onset_images_seen (S,) = images seen where E_val(sigma) is
-smallest, peak_sigma (C,) = sigma where G is largest, peak_gap (C,) = its value, peak_gap_ci (C, 2) = its
-95% percentile bootstrap interval over the evaluation images (--bootstrap resamples of both splits), args and
-eval_settings (JSON). With
---optimal also e_train_optimal, e_val_optimal, gap_optimal (1, S) and optimal_digest; without
-snapshots the optimal denoiser is the only row (images_seen 0, checkpoint 'optimal'); its E_train
-is 0 or at the rounding level of E_val (ROUNDING) at small sigma, where its relative gap is inf (said in the
-summary line). With --features: feature_sigmas (K,),
-fd_train, fd_val, feature_gap (C, K) (and *_optimal), feature_space (which features);
-both splits' Frechet distances use equally
-many images (the first min(n, --num-images) of each), since the distance's bias grows as 1/count;
-reconstructions and clean images are quantized to 8 bits before the features (as FID tools do).
-With --jacobian (or --jacobian-sigmas): jacobian_sigmas (J,), radius_train, radius_val (C, J) = the correlation
-radius of D(y + sigma n) in pixels (common.correlation_radius: how far each output pixel looks into its channel of
-the input, from the channel-diagonal blocks of the Jacobian), averaged over all output pixels (or
---jacobian-pixels seeded ones) and channels and the first --jacobian-images images of each split, with fresh noise
-at each sigma (radius_noise); the defaults are the authors' settings: 16 sigmas log-spaced in [2e-3, 80], 32
-images per split, all pixels; they evaluate the last snapshot (pass it alone). Snapshots only (the optimal
-denoiser's streaming code has no gradients).
-With --guidance-weights every per-model array gains a leading axis (G, ...) and guidance_weights
-(G,) is stored; --neg uncond needs class-conditional models. With --windows (restricted receptive field,
-docs/method.md) every model, its guidance negative included, sees only windows of the noisy image:
---window-steps positions per axis, evenly spaced, their predictions merged per pixel (--window-mode average:
-the mean over the windows that hold it; cut: the window whose centre is nearest); every per-model array
-(onset_images_seen and peak_sigma too) gains a leading window axis before the guidance axis (W, [G,] ...),
-and windows (W,) holds the window sizes in pixels, smallest first, the whole image R last (its rows are the
-unrestricted ones). The optimal denoiser is then the windowed one whose data are the training images
-cropped to the same window (common.windowed_optimal_denoiser). --features works per window as well. U-Nets
-take only windows on their down-sampling grid, as the paper's: the window size and every offset a multiple of
-2^(levels - 1) (4 for every preset: 8 and 12 of 16x16 images, 16, 20, 24 and 28 of 32x32, with 2 positions), so
-that each crop goes in unpadded, in the place on the grid it had in the whole image (common.window_offsets,
-common.grid_windows); the optimal denoiser alone takes any window. DiTs are refused, since their position
+Guidance: with `--guidance-weights`, each model D is evaluated as D_w = D + w (D - D_neg) for each weight w,
+where D_neg (`--neg`) is `uncond`, the same model with the null label (classifier-free guidance; it needs
+class-conditional models), or a snapshot file: an unconditional network (classifier-free guidance as the
+paper's) or a weaker one (autoguidance).
+
+Feature space: with `--features` (`classifier`, `builtin` or an Inception TorchScript file,
+`common.load_feature_extractor`) also the reconstruction gap in that feature space (the paper's rFID): the
+Fréchet distance between the features of D(y + sigma n) and of the clean images of each split, at
+`--feature-sigmas` (`all`: every evaluated sigma). Both splits use equally many images (the first
+min(n, `--num-images`) of each), since the distance's bias grows as 1/count; reconstructions and clean images
+are quantized to 8 bits before the features (as FID tools do).
+
+Correlation radius: with `--jacobian` (or `--jacobian-sigmas`), the radius in pixels of D(y + sigma n)
+(`correlation_radius`: how far each output pixel looks into its channel of the input, from the
+channel-diagonal blocks of the Jacobian), averaged over all output pixels (or `--jacobian-pixels` ones, seeded
+by `--seed`) and channels and the first `--jacobian-images` images of each split, with fresh noise at each
+sigma (`radius_noise`). The defaults are the authors' settings: 16 sigmas log-spaced in [2e-3, 80], 32 images
+per split, all pixels; they evaluate the last snapshot (pass it alone). Snapshots only (the optimal denoiser's
+streaming code has no gradients).
+
+Restricted receptive field (`--windows`, docs/method.md): every model, its guidance negative included, also
+sees only windows of the noisy image of each given size: `--window-steps` positions per axis, evenly spaced
+from edge to edge, their predictions merged per pixel (`--window-mode average`: the mean over the windows that
+hold it; `cut`: the window whose integer centre (top + bottom) // 2 is nearest). The optimal denoiser is then
+the windowed one whose data are the training images cropped to the same window
+(`windowed_optimal_denoiser`); `--features` works per window as well. U-Nets take only windows on their
+down-sampling grid, as the paper's: the window size and every offset a multiple of 2^(levels - 1) (4 for every
+preset: 8 and 12 of 16x16 images, 16, 20, 24 and 28 of 32x32, with 2 positions), so that each crop goes in
+unpadded, in the place on the grid it had in the whole image (`window_offsets`,
+`grid_windows`); the optimal denoiser alone takes any window. DiTs are refused, since their position
 embeddings are fixed to the whole image.
---out is rewritten after every evaluated model, and rows already in it computed with the same settings
-(of an earlier or a killed run) are reused unless --force; an --out that eval_gap.py did not write
-(another script's result, a foreign file), made with other settings or holding rows of models not given here
-is not replaced unless --force (common.check_kept, which names a free file name), and one process at a time
-writes it (common.exclusive).
+
+Running: the networks' forward passes run as `--forward-mode` says: eager, or compiled (torch.compile; on CUDA
+with one process in mode reduce-overhead, with CUDA graphs; an explicit compile that cannot work stops at the
+start); auto compiles on CUDA with one process, runs eager otherwise, and goes on eager after one line when
+compiling fails. `--batch` (image, sigma) pairs go through a forward pass at a time; `--threads 0` lets
+`common.choose_threads` choose. Snapshots of different runs are refused unless `--allow-mixed`.
+
+Writes `--out` (.npz; C models, S sigmas, K feature sigmas, J radius sigmas). Its default is
+`RUN_DIR/gap[-raw][-guided][-windows].npz` for a run folder, `RUN_DIR/gap-SNAPSHOT[-raw][-guided][-windows].npz`
+for one snapshot file `RUN_DIR/SNAPSHOT.pt` (so that it leaves the run's file alone), and
+`results/gap-optimal-<data>-r<R>-n<n>-<none|class|kmeans<k>>-seed<subset seed>[-guided][-windows].npz` for
+`--optimal` alone; several run folders or snapshot files need `--out`. Keys:
+
+- `sigmas` (S,), `images_seen` (C,), `checkpoints` (C,) (paths), `digests` (C,) (`common.snapshot_digest`),
+  `run_args` and `network` (JSON of the first snapshot's training arguments and network config), `params`
+  (its parameter count), `weights` (`--weights`), `args` and `eval_settings` (JSON), `script`;
+- `e_train`, `e_val`, `gap` (C, S); `onset_images_seen` (S,) = the images seen where E_val(sigma) is smallest;
+  `peak_sigma` (C,) = the sigma where G is largest, `peak_gap` (C,) = its value, `peak_gap_ci` (C, 2) = its 95%
+  percentile bootstrap interval over the evaluation images;
+- with `--optimal`: the same per-model keys of the optimal denoiser with the suffix `_optimal` (`e_train_optimal`,
+  `e_val_optimal`, `gap_optimal` (1, S), `peak_gap_optimal`, ...) and `optimal_digest`. Without snapshots the
+  optimal denoiser is the only row (`images_seen` 0, checkpoint `optimal`). Its E_train is 0 or at the rounding
+  level of E_val (`ROUNDING`) at small sigma, where its relative gap is inf (said in the summary line);
+- with `--features`: `feature_sigmas` (K,), `fd_train`, `fd_val`, `feature_gap` (C, K) (and `_optimal`),
+  `feature_space` (which features);
+- with `--jacobian`: `jacobian_sigmas` (J,), `radius_train`, `radius_val` (C, J);
+- with `--guidance-weights`: `guidance_weights` (G,), and every per-model array gains a leading axis (G, ...);
+- with `--windows`: `windows` (W,), the window sizes in pixels, smallest first, the whole image R last (its rows
+  are the unrestricted ones), and every per-model array (`onset_images_seen` and `peak_sigma` too) gains a
+  leading window axis before the guidance axis (W, [G,] ...).
+
+`--out` is rewritten after every evaluated model, and rows already in it computed with the same settings (by
+an earlier or a killed run) are reused unless `--force`; an `--out` that eval_gap.py did not write (another
+script's result, a foreign file), made with other settings or holding rows of models not given here is not
+replaced unless `--force` (`common.check_kept`, which names a free file name), and one process at a time
+writes it (`common.exclusive`).
 """
 import argparse
 import collections
@@ -93,59 +124,52 @@ Split = collections.namedtuple("Split", "y noise labels count fd index")  # inde
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0],  # the docstring's first paragraph
+                                epilog="Flags and result keys in full: docs/reference.md",
+                                formatter_class=common.HelpFormatter)
     p.add_argument("snapshots", nargs="*", metavar="RUN_DIR_OR_CHECKPOINT",
                    help="run folders (all their snapshot-*.pt, by images seen) or snapshot files")
     common.add_weights_arg(p)
-    p.add_argument("--optimal", action="store_true", help="also (or, without snapshots, only) evaluate the "
-                   "optimal denoiser of the snapshots' training subset, or of the subset --data/--n/--subset-seed")
-    common.add_data_args(p, applies="--optimal without snapshots: ")
+    p.add_argument("--optimal", action="store_true", help="also (without snapshots: only) the optimal denoiser of "
+                   "the snapshots' training subset, or of the subset --data, --n, ... name")
+    common.add_data_args(p, applies="--optimal alone: ")
     p.add_argument("--num-images", type=common.at_least_two_int, default=8192,
                    help="images per split (or all available)")
     p.add_argument("--sigmas", type=common.sigma_float, nargs="+", default=None, help="noise levels (default: "
                    "--num-sigmas log-spaced in [2e-3, 80])")
     p.add_argument("--num-sigmas", type=common.positive_int, default=64, help="number of log-spaced noise levels")
     p.add_argument("--guidance-weights", type=common.finite_float, nargs="+", default=None,
-                   help="guidance weights w: D_w = D + w (D - D_neg); adds a leading axis to the outputs")
-    p.add_argument("--neg", default="uncond", help="guidance negative: 'uncond' (the same model with the null "
-                   "label: classifier-free guidance) or a snapshot file (an unconditional network: classifier-free "
-                   "guidance as the paper's; a weaker one: autoguidance)")
-    p.add_argument("--features", default=None, help="also the reconstruction gap in a feature space: "
-                   "'classifier', 'builtin' or an Inception TorchScript file (common.load_feature_extractor)")
+                   help="guidance weights w: D_w = D + w (D - D_neg); adds a leading axis")
+    p.add_argument("--neg", default="uncond", help="guidance negative D_neg: uncond (the model with the null label) "
+                   "or a snapshot file")
+    p.add_argument("--features", default=None, help="also the reconstruction gap in a feature space: classifier, "
+                   "builtin or an Inception TorchScript file")
     p.add_argument("--feature-sigmas", nargs="+", default=["0.25", "0.5", "1", "2", "4"],
-                   help="noise levels of the feature-space reconstruction gap, or 'all' (every evaluated sigma)")
+                   help="noise levels of the feature-space gap, or 'all' (every evaluated sigma)")
     p.add_argument("--jacobian", action="store_true",
-                   help="also the correlation radius of D (how far an output pixel looks into its channel, from "
-                        "the channel-diagonal blocks of the input Jacobian) for the snapshots, at the authors' "
-                        f"settings: {JACOBIAN_SIGMAS} sigmas log-spaced in [2e-3, 80], 32 images per split, all "
-                        "pixels, fresh noise at each sigma")
+                   help="also the snapshots' correlation radius (how far D looks), at "
+                        f"{JACOBIAN_SIGMAS} sigmas log-spaced in [2e-3, 80]")
     p.add_argument("--jacobian-sigmas", type=common.sigma_float, nargs="+", default=None,
                    help="the radius at these noise levels instead (implies --jacobian)")
     p.add_argument("--jacobian-images", type=common.positive_int, default=32,
-                   help="--jacobian: images per split (the first of the evaluation images)")
+                   help="--jacobian: images per split (the first evaluation images)")
     p.add_argument("--jacobian-pixels", type=common.positive_int, default=None,
-                   help="--jacobian: output pixels per image (default: all; fewer: a sample seeded by --seed)")
+                   help="--jacobian: output pixels per image, seeded by --seed (default: all)")
     p.add_argument("--windows", type=common.positive_int, nargs="+", default=None, metavar="PIXELS",
-                   help="restricted receptive field: also evaluate every model seeing only windows of these sizes "
-                        "(each smaller than the image and, for U-Nets, on their down-sampling grid: 8 12 at 16x16, "
-                        "16 20 24 28 at 32x32; the whole image is added as the last entry); adds a leading window "
-                        "axis to the outputs; works with --guidance-weights and --features, refuses DiT runs")
+                   help="also evaluate every model seeing only windows of these sizes (U-Nets: on their "
+                        "down-sampling grid, e.g. 8 12 at 16x16); adds a leading window axis")
     p.add_argument("--window-steps", type=common.positive_int, default=2,
-                   help="window positions per axis, evenly spaced from edge to edge (with --windows)")
+                   help="--windows: window positions per axis, evenly spaced")
     p.add_argument("--window-mode", choices=WINDOW_MODES, default="average",
-                   help="how the windows' predictions are merged per pixel: average over the windows that hold "
-                        "the pixel, or cut: take it from the window whose integer centre (top + bottom) // 2 is "
-                        "nearest (with --windows)")
+                   help="--windows: merge the windows' predictions per pixel by average, or cut (the nearest "
+                        "window's)")
     p.add_argument("--bootstrap", type=common.positive_int, default=1000,
-                   help="bootstrap resamples of the evaluation images for the interval of the peak of G")
+                   help="bootstrap resamples for the interval of the peak of G")
     common.add_run_args(
-        p, seed="seed of the fixed noise of the images and of the samples of the splits",
+        p, seed="seed of the images' fixed noise and of the splits' samples",
         batch=(512, "(image, sigma) pairs per forward pass"), threads=True,
-        out="output .npz (default: RUN_DIR/gap[-raw][-guided][-windows].npz for a run folder, "
-            "RUN_DIR/gap-snapshot-<images seen>[-raw][-guided][-windows].npz for one snapshot file, so that it "
-            "leaves the run's file alone, results/gap-optimal-<data>-r<R>-n<n>-<none|class|kmeans<k>>-seed"
-            "<subset seed>[-guided][-windows].npz for --optimal alone; several run folders or snapshot files "
-            "need --out)")
+        out="output .npz (default: RUN_DIR/gap[-raw][-guided][-windows].npz for a run folder; "
+            "see docs/reference.md for the others)")
     common.add_result_args(p, SCRIPT, "rows")
     args = p.parse_args(argv)
     check(args.snapshots or args.optimal, "nothing to evaluate: give run folders or snapshot files, "
@@ -690,7 +714,7 @@ def cached_rows(old, path, settings, windowed, guided, keys):
 # ---------------------------------------------------------------------------
 
 def default_out(args):
-    """--out when not given (see its --help)."""
+    """--out when not given (see the module docstring)."""
     tags = ("-guided" if args.guidance_weights else "") + ("-windows" if args.windows else "")
     if not args.snapshots:
         subset = common.subset_name(args.data, args.n, args.subset_seed, args.cond, args.k, args.resolution)

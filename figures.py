@@ -3,22 +3,29 @@
     python figures.py results/quick                  # every figure it has data for -> results/quick/figures
     python figures.py results/quick --out figs
 
-It reads every .npz below RESULTS_DIR and recognises it by the script that wrote it (its 'script'
-entry; files written before that entry by their keys):
-  eval_gap.py      (e_train, e_val, gap, images_seen): E over training time with the overfitting onset
-                   (paper Fig. 1), G(sigma) coloured by images seen with the onset curve (Fig. 2), the
-                   optimal denoiser beside the network, G(sigma) across runs coloured by model size,
-                   dataset size n, conditioning granularity k, augmentation probability p, guidance weight w
-                   and window size (--windows: restricted receptive field; the other figures show the whole
-                   image), and (with radius_train) how far D looks: the correlation radius over sigma beside G;
-  sample_memorize.py (nn_ratio, memorized_fraction): memorized fraction, Frechet gap of samples and
-                   where trajectories live (LLR overlap) over images seen, the Frechet gap against the
-                   early-stopping sigma, the LLR distributions of trajectory states and noisy
-                   training and validation images per probe sigma, sample grids;
-  train_image.py   (train_log.npz): loss and probe E_train / E_val over images seen;
-  toy2d.py         (delta, density, guidance): G(sigma) sweeps (toy2d.py draws every toy panel itself).
-Each figure is written as PNG and PDF, named after what it shows; a figure whose inputs are missing or
-unexpected is skipped with a note saying why.
+It reads every .npz below RESULTS_DIR and recognises it by the script that wrote it (its `script` entry; files
+written before that entry by their keys):
+
+- `eval_gap.py` (`e_train`, `e_val`, `gap`, `images_seen`): E over training time with the overfitting onset
+  (paper Fig. 1), G(sigma) coloured by images seen with the onset curve (Fig. 2), the optimal denoiser beside
+  the network, G(sigma) across runs coloured by model size, dataset size n, conditioning granularity k,
+  augmentation probability p, guidance weight w and window size (`--windows`: restricted receptive field; the
+  other figures show the whole image), and (with `radius_train`) how far D looks: the correlation radius over
+  sigma beside G;
+- `sample_memorize.py` (`nn_ratio`, `memorized_fraction`): memorized fraction, Fréchet gap of samples and
+  where trajectories live (LLR overlap) over images seen, the Fréchet gap against the early-stopping sigma, the
+  LLR distributions of trajectory states and noisy training and validation images per probe sigma, sample
+  grids;
+- `train_image.py` (`train_log.npz`): loss and probe E_train / E_val over images seen;
+- `toy2d.py` (`delta`, `density`, `guidance`): G(sigma) sweeps (toy2d.py draws every toy panel itself).
+
+Each figure is written into `--out` (default `RESULTS_DIR/figures`) as PNG and PDF, named after what it shows;
+a figure whose inputs are missing or unexpected is skipped with a note saying why. With eval_gap.py results the
+summary table (per run: parameters, n, images seen, peak G with its interval and sigma, copies, trajectory
+overlap and score, Fréchet gaps) is printed and written to `summary.txt`; snapshots that have both an eval_gap.py
+and an unguided sample_memorize.py result also give `claim3_map.png` and its table `claim3_map.txt`: copies and
+the trajectory score against the peak of G, per training set size n. `--seed`, `--device` and `--threads` are
+accepted for a uniform command line and unused: figures are deterministic and need no device.
 """
 import argparse
 import json
@@ -36,7 +43,9 @@ GAP_LABEL = "relative gap G(sigma)"
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0],  # the docstring's first paragraph
+                                epilog="Flags and result keys in full: docs/reference.md",
+                                formatter_class=common.HelpFormatter)
     p.add_argument("results", metavar="RESULTS_DIR", help="folder searched (recursively) for .npz files")
     common.add_run_args(p, seed="unused: figures are deterministic (kept for a uniform command line)",
                         device="unused: figures need no device (kept for a uniform command line)",

@@ -1,60 +1,101 @@
 """Generate samples, measure how many copy the training set, and where sampling trajectories go
-(docs/method.md, claims 1 and 3: the optimal denoiser memorizes; trained denoisers overfit in the
-denoising loss, yet their samples do not, because trajectories avoid the overfit regions).
+(docs/method.md, claims 1 and 3: the optimal denoiser memorizes; trained denoisers overfit in the denoising
+loss, yet their samples do not, because trajectories avoid the overfit regions).
 
-  python sample_memorize.py runs/RUN                          # every snapshot of a run
-  python sample_memorize.py runs/RUN/snapshot-000512000.pt --guidance-weights 0 1 2 --neg uncond
-  python sample_memorize.py --optimal --data fashion-mnist --n 64 --resolution 16 --num-samples 256
-  torchrun --nproc_per_node=K sample_memorize.py ...           # samples sharded by seed
+    python sample_memorize.py runs/RUN                          # every snapshot of a run
+    python sample_memorize.py runs/RUN/snapshot-000512000.pt --guidance-weights 0 1 2 --neg uncond
+    python sample_memorize.py --optimal --data fashion-mnist --n 64 --resolution 16 --num-samples 256
+    torchrun --nproc_per_node=K sample_memorize.py ...           # samples sharded by seed
 
-A configuration is a denoiser (a snapshot, or the optimal denoiser of a seeded subset chosen exactly
-as train_image.py chooses it) and a guidance weight w. Sample i starts from its own seed --seed + i
-(x_init ~ N(0, 80^2 I) and its label), so it is the same whatever the batch size or number of
-processes, and is integrated by the deterministic Heun sampler of common.py.
+A configuration is a denoiser and a guidance weight w. The denoiser is a snapshot (with its `--weights`), or a
+reference sampler of a seeded training subset chosen exactly as train_image.py chooses it (`--data`, `--n`,
+`--resolution`, `--cond`, `--k`, `--subset-seed`): its optimal denoiser (`--optimal`, which memorizes), or the
+denoiser of a Gaussian (`--gaussian`, `gaussian_denoiser`, unconditional: a sampler that generalizes,
+the reference that a memorization measure must tell apart from `--optimal`). `--gaussian-fit split` fits the
+Gaussian to the whole training split (it knows nothing particular of the subset: its states are like fresh
+data); `subset` fits it to the training subset (with n below the pixel count its covariance spans the
+subset's images, which pulls its samples towards them). With `--guidance-weights`, D_w = D + w (D - D_neg),
+where D_neg (`--neg`) is `uncond`, the same network with the null label (classifier-free guidance), or a
+snapshot file: an unconditional network (classifier-free guidance as the paper's) or a weaker one
+(autoguidance); w = 0 is unguided.
 
-Writes --out (.npz; C configurations, M samples, P probe sigmas, T stop sigmas):
-  args, script, settings (JSON of the arguments that change the numbers), configs (C,) names,
-  config_keys (C,) (digests of model and w), digests (C,) (of the model: common.snapshot_digest, as
-  eval_gap.py's, by which figures.py pairs the two),
-  checkpoints (C,), images_seen (C,) (-1: optimal), guidance_weights (C,),
-  seeds (M,), labels (C, M) (-1: unconditional), samples (C, M, ch, R, R) float16, sampler_sigmas;
-  memorization of the samples: nn_ratio = d1/d2 (common.memorization_ratio), d_train = d1 (nearest
-  training image), d_val (nearest validation image), nn_train_index (C, M) (its index in the
-  training split), memorized_fraction (C,) = share with nn_ratio < 1/3, memorized_ci (C, 2) (95%
-  bootstrap interval);
-  Frechet distances in --features space (inputs quantized to 8 bits, as FID tools do): fd_train (mean
-  over --fd-subsets seeded training subsets of the validation reference's size R), fd_val (to the
-  validation reference), fd_gap = (fd_val - fd_train) / fd_train (C,), fd_reference_size (C,) = R, and
-  calibration baselines fd_noise (FD between the validation reference and R other validation images:
-  sampling noise), fd_shift (FD between training subsets and the validation reference: distribution
-  shift), fd_gap_heldout (the gap of --num-samples held-out validation images: a sampler that
-  generalizes perfectly) (C,); for samples stopped early (jump to D at the first grid sigma <= each
-  --stop-sigma): stop_sigmas (T,), fd_stop_train, fd_stop_val, fd_stop_gap (C, T);
-  where sampling trajectories live, at probe_sigmas (P,) (grid sigmas), for SET = traj (trajectory
-  states x_k), train and val (noisy training and validation images y + sigma n, drawn from the
-  references): llr_SET (C, P, M), the log-likelihood ratio log p_train(x | sigma) - log p_val(x | sigma)
-  of the noisy reference images (R training and R validation images, per label when conditional:
-  llr_conditional (C,)), and llr_heldout (C, P, M) of noisy held-out validation images (in neither
-  reference: fresh data, where the states of a sampler that generalizes perfectly lie);
-  traj_train_overlap (C, P), the share of trajectory states whose LLR reaches the 10th percentile of
-  the noisy training images' (0.9 where trajectories pass where noisy training images lie),
-  heldout_train_overlap (C, P), the same share of the noisy held-out images (the level of fresh data),
-  traj_train_score (C, P) = (median llr_traj - median llr_val) / (median llr_train - median llr_val),
-  traj_heldout_score (C, P) = (median llr_traj - median llr_heldout) / (median llr_train - median
-  llr_heldout) (0: like fresh data, 1: like noisy training images);
-  the authors' feature-space measure: 1-NN cosine similarity in --features space to the training
-  reference (_train) and to the validation reference (_val) of D(x) for SET: fcos_SET_train,
-  fcos_SET_val (C, P, M), of the final samples fcos_samples_train, fcos_samples_val (C, M) and of the
-  early-stopped samples fcos_stop_train, fcos_stop_val (C, T, M);
-  in pixel space, with the configuration's denoiser: distance of D(x) to the nearest training image
-  nn_SET, cosine similarity to it cos_SET, and the mean squared difference per pixel from the optimal
-  denoiser of the training set at the same x dis_SET (C, P, M).
-and, in the folder named like --out without .npz, samples-CONFIG.png (a grid of the first samples)
-and nn-CONFIG.png (samples above their nearest training images, with their ratio).
---out is rewritten after every configuration, and configurations already in it made with the same
-settings (by an earlier or a killed run) are reused unless --force; an --out that sample_memorize.py
-did not write (another script's result, a foreign file), made with other settings or holding configurations
-not asked for here is not replaced unless --force (common.check_kept), and one process at a time writes it.
+Sampling: sample i starts from its own seed `--seed` + i (x_init ~ N(0, 80^2 I) and its label), so it is the
+same whatever the batch size or number of processes, and is integrated by the deterministic Heun sampler of
+common.py on the EDM grid of `--steps` steps (2 steps - 1 evaluations). `--label` conditions the samples:
+`random` (uniform over the labels of the training subset, per seed), `null` (unconditional), or a label
+number. The networks' forward passes run as `--forward-mode` says: eager, or compiled (torch.compile; on CUDA
+with one process in mode reduce-overhead, with CUDA graphs; an explicit compile that cannot work stops at the
+start); auto compiles on CUDA with one process, runs eager otherwise, and goes on eager after one line when
+compiling fails. `--batch` samples go through the sampler at a time per process; `--threads 0` lets
+`common.choose_threads` choose. Snapshots of different runs are refused unless `--allow-mixed`.
+
+Measures (docs/results.md, "Measures, and why they can fail"). Copies: a sample copies when d1/d2 < 1/3 to its nearest
+and second-nearest distinct training image (`--bootstrap` resamples give the interval). Fréchet distances in
+the `--features` space: `classifier` (a small CNN trained once on the dataset, cached), `builtin` (a fixed
+random network) or the path of a TorchScript Inception-v3 (`common.FEATURE_HELP`); inputs are quantized to 8
+bits, as FID tools do. Where trajectories live: at the probe sigmas (`--probe-sigmas`, snapped to the sampler
+grid; default: the grid sigma nearest 1.2 and its two neighbours), the log-likelihood ratio of the noisy
+training subset's and validation reference's empirical distributions, under `--ref-draws` seeded draws of the
+references (the validation reference, the held-out images, and the training reference where the subset is
+larger than the validation reference): the trajectory measures are averaged over the draws, and their spread
+is part of the intervals. Early stopping (`--stop-sigma`): the Fréchet distance of D(x_k; sigma_k) at the
+first grid sigma_k <= each value.
+
+Writes `--out` (.npz; C configurations, M samples, D reference draws, P probe sigmas, T stop sigmas). Its
+default is `RUN_DIR/memorize[-raw][-guided].npz` for a run folder,
+`RUN_DIR/memorize-SNAPSHOT[-raw][-guided].npz` for one snapshot file `RUN_DIR/SNAPSHOT.pt` (so that it leaves
+the run's file alone), and
+`results/memorize-<optimal|gaussian[-subset]>-<data>-r<R>-n<n>-<none|class|kmeans<k>>-seed<subset seed>[-guided].npz`
+for `--optimal` or `--gaussian`; several run folders or snapshot files need `--out`. Keys:
+
+- the configurations: `args`, `script`, `settings` (JSON of the arguments that change the numbers), `configs`
+  (C,) names, `config_keys` (C,) (digests of model and w), `digests` (C,) (of the model:
+  `common.snapshot_digest`, as eval_gap.py's, by which figures.py pairs the two), `checkpoints` (C,),
+  `images_seen` (C,) (-1: optimal or Gaussian), `guidance_weights` (C,);
+- the samples: `seeds` (M,), `labels` (C, M) (-1: unconditional), `samples` (C, M, channels, resolution,
+  resolution) float16, `sampler_sigmas`;
+- copies: `nn_ratio` = d1/d2 (`memorization_ratio`), `d_train` = d1 (nearest training image), `d_val`
+  (nearest validation image), `nn_train_index` (C, M) (the nearest training image's index in the training
+  split), `memorized_fraction` (C,) = the share with `nn_ratio` < 1/3, `memorized_ci` (C, 2) (95% bootstrap
+  interval);
+- Fréchet distances: `fd_train` (the mean over `--fd-subsets` seeded training subsets of the validation
+  reference's size R), `fd_val` (to the validation reference), `fd_gap` = (fd_val - fd_train) / fd_train (C,),
+  `fd_reference_size` (C,) = R, and the calibration baselines `fd_noise` (FD between the validation reference
+  and R other validation images: sampling noise), `fd_shift` (FD between training subsets and the validation
+  reference: distribution shift) and `fd_gap_heldout` (the gap of `--num-samples` held-out validation images:
+  a sampler that generalizes perfectly) (C,); for samples stopped early (jump to D at the first grid sigma
+  <= each `--stop-sigma`): `stop_sigmas` (T,), `fd_stop_train`, `fd_stop_val`, `fd_stop_gap` (C, T);
+- where sampling trajectories live, at `probe_sigmas` (P,) (grid sigmas): `llr_SET` (C, D, P, M), the
+  log-likelihood ratio log p_train(x | sigma) - log p_val(x | sigma) of the noisy reference images (R training
+  and R validation images, per label when conditional: `llr_conditional` (C,)) under each reference draw, for
+  SET = `traj` (trajectory states x_k), `train` and `val` (noisy training and validation images y + sigma n,
+  drawn from the references) and `heldout` (noisy held-out validation images, in neither reference: fresh
+  data, where the states of a sampler that generalizes perfectly lie);
+- means over the draws (C, P), each with its 95% interval over samples and draws `_ci` (C, P, 2):
+  `traj_train_overlap`, the share of trajectory states whose LLR reaches the 10th percentile of the noisy
+  training images' (0.9 where trajectories pass where noisy training images lie); `heldout_train_overlap`, the
+  same share of the noisy held-out images (the level of fresh data); `traj_train_score` = (median llr_traj -
+  median llr_val) / (median llr_train - median llr_val); `traj_heldout_score` = (median llr_traj - median
+  llr_heldout) / (median llr_train - median llr_heldout) (0: like fresh data, 1: like noisy training images);
+- the validity check: `logp_traj`, `logp_heldout` (C, P, M), the log density of trajectory states and noisy
+  held-out images under the first draw's pooled references; `traj_typical` (C, P), the share of states that
+  reach the 1st percentile of the held-out images'; `traj_valid` (C, P) = `traj_typical` >= 0.5 (a score is
+  meaningful only for states that look like noisy data);
+- the authors' feature-space measure: the 1-NN cosine similarity in `--features` space (`feature_space`: which
+  features) to the training reference (`_train`) and to the validation reference (`_val`) of D(x) for SET =
+  `traj`, `train`, `val`: `fcos_SET_train`, `fcos_SET_val` (C, P, M); of the final samples
+  `fcos_samples_train`, `fcos_samples_val` (C, M); of the early-stopped samples `fcos_stop_train`,
+  `fcos_stop_val` (C, T, M);
+- in pixel space, with the configuration's denoiser, for SET = `traj`, `train`, `val`: the distance of D(x) to
+  the nearest training image `nn_SET`, the cosine similarity to it `cos_SET`, and the mean squared difference
+  per pixel from the optimal denoiser of the training set at the same x `dis_SET` (C, P, M).
+
+Beside it, in the folder named like `--out` without `.npz`: `samples-CONFIG.png` (a grid of the first samples)
+and `nn-CONFIG.png` (samples above their nearest training images, with their ratio). `--out` is rewritten after
+every configuration, and configurations already in it made with the same settings (by an earlier or a killed
+run) are reused unless `--force`; an `--out` that sample_memorize.py did not write (another script's result, a
+foreign file), made with other settings or holding configurations not asked for here is not replaced unless
+`--force` (`common.check_kept`), and one process at a time writes it.
 """
 import argparse
 import collections
@@ -89,56 +130,47 @@ SHARED_KEYS = ("seeds", "sampler_sigmas", "stop_sigmas", "probe_sigmas", "settin
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0],  # the docstring's first paragraph
+                                epilog="Flags and result keys in full: docs/reference.md",
+                                formatter_class=common.HelpFormatter)
     p.add_argument("inputs", nargs="*", metavar="RUN_DIR_OR_CHECKPOINT",
                    help="run folders (all their snapshot-*.pt) or snapshot files written by train_image.py")
     p.add_argument("--optimal", action="store_true", help="sample the optimal denoiser of a training subset "
                    "(--data, --n, --resolution, --cond, --subset-seed) instead of snapshots")
-    p.add_argument("--gaussian", action="store_true", help="sample the denoiser of a Gaussian (common."
-                   "gaussian_denoiser) fitted to --gaussian-fit: a sampler that generalizes, the reference a "
-                   "memorization measure must tell apart from --optimal (unconditional)")
+    p.add_argument("--gaussian", action="store_true", help="sample the denoiser of a Gaussian fitted to "
+                   "--gaussian-fit (a sampler that generalizes; unconditional)")
     p.add_argument("--gaussian-fit", default="split", choices=["split", "subset"],
-                   help="--gaussian: fit the Gaussian to the whole training split (it knows nothing particular "
-                   "of the subset: its states are like fresh data) or to the training subset (with n below the "
-                   "pixel count its covariance spans the subset's images, which pulls its samples towards them)")
+                   help="--gaussian: fit it to the whole training split or to the training subset")
     common.add_data_args(p, applies="--optimal, --gaussian: ")
     common.add_weights_arg(p)
     p.add_argument("--num-samples", type=common.at_least_two_int, default=1024,
                    help="samples per configuration (at least 2, for the Frechet distances)")
     p.add_argument("--steps", type=common.at_least_two_int, default=18,
                    help="Heun sampler steps (EDM grid; 2 steps - 1 evaluations)")
-    p.add_argument("--label", default="random", help="conditioning of the samples: random (uniform over the "
-                   "labels of the training subset, per seed), null (unconditional), or a label number")
+    p.add_argument("--label", default="random", help="conditioning of the samples: random (a random label "
+                   "of the training subset), null, or a label number")
     p.add_argument("--guidance-weights", type=common.finite_float, nargs="+", default=[0.0],
                    help="guidance weights w: D_w = D + w (D - D_neg); 0 is unguided")
-    p.add_argument("--neg", default="uncond", help="D_neg: uncond (the same network with the null label: "
-                   "classifier-free guidance) or a snapshot file (an unconditional network: classifier-free "
-                   "guidance as the paper's; a weaker one: autoguidance)")
+    p.add_argument("--neg", default="uncond", help="D_neg: uncond (the network with the null label) or a "
+                   "snapshot file")
     p.add_argument("--stop-sigma", type=common.positive_float, nargs="*", default=[5.0, 2.0, 1.0, 0.5, 0.2],
                    help="early stopping: FD of D(x_k; sigma_k) at the first grid sigma_k <= each value")
     p.add_argument("--probe-sigmas", type=common.positive_float, nargs="+", default=None,
-                   help="sigmas of the trajectory overlap, snapped to the sampler grid "
-                   f"(default: the grid sigma nearest {PROBE_NEAR} and its two neighbours)")
+                   help="sigmas of the trajectory overlap, snapped to the grid (default: the grid sigma nearest "
+                   f"{PROBE_NEAR} and its neighbours)")
     p.add_argument("--features", default="classifier", help="feature space of the Frechet distances and the 1-NN "
-                   "cosine: classifier (a small CNN trained once on the dataset, cached), builtin (a fixed random "
-                   "network) or the path of a TorchScript Inception-v3 (see common.FEATURE_HELP)")
+                   "cosine: classifier, builtin or a TorchScript Inception-v3 file")
     p.add_argument("--bootstrap", type=common.positive_int, default=1000,
                    help="bootstrap resamples of the memorized fraction")
     p.add_argument("--ref-draws", type=common.positive_int, default=5,
-                   help="seeded draws of the LLR references (validation reference, held-out images, and the "
-                   "training reference where the subset is larger): the trajectory measures are averaged over "
-                   "them and their spread is part of the intervals")
+                   help="seeded draws of the LLR references that the trajectory measures average over")
     p.add_argument("--fd-subsets", type=common.positive_int, default=10,
-                   help="training subsets of the validation reference's "
-                   "size that fd_train averages over")
+                   help="training subsets of the validation reference's size that fd_train averages over")
     common.add_run_args(
-        p, seed="sample i uses seed --seed + i; also the seed of the probe and reference images and of the bootstrap",
+        p, seed="sample i uses seed --seed + i; also the seed of probe and reference images and the bootstrap",
         batch=(256, "samples per batch (per process)"), threads=True,
-        out="result file (default: RUN_DIR/memorize[-raw][-guided].npz for a run folder, "
-            "RUN_DIR/memorize-snapshot-<images seen>[-raw][-guided].npz for one snapshot file, so that it leaves the "
-            "run's file alone, results/memorize-<optimal|gaussian[-subset]>-<data>-r<R>-n<n>-<none|class|kmeans<k>>-seed"
-            "<subset seed>[-guided].npz for --optimal or --gaussian; several run folders or snapshot files need "
-            "--out); figures go to the folder of the same name without .npz")
+        out="result .npz (default: RUN_DIR/memorize[-raw][-guided].npz for a run folder; see docs/reference.md "
+            "for the others); figures go to the folder of that name without .npz")
     common.add_result_args(p, SCRIPT, "configurations")
     args = p.parse_args(argv)
     check(args.optimal + args.gaussian + bool(args.inputs) == 1,
@@ -768,7 +800,7 @@ def reference_kind(args):
 
 
 def default_out(args):
-    """--out when not given (see its --help)."""
+    """--out when not given (see the module docstring)."""
     guided = "-guided" if any(args.guidance_weights) else ""
     if args.inputs:
         return common.default_result_path(args.inputs, "memorize", ("-raw" if args.weights == "raw" else "") + guided)
@@ -880,7 +912,7 @@ def evaluate(args, rank, world, device):
             common.check_guidance(model.name, shape, model.num_classes, neg_fits)
         if len(model.train.distinct) < 2:
             say(f"note: the training set of {model.name} has one distinct image, so d2 = inf and every sample "
-                "counts as a copy of it (common.memorization_ratio)")
+                "counts as a copy of it (memorization_ratio)")
         label_choices(model, args.label)  # a --label the model cannot take stops before any sampling
         d_neg = common.negative_denoiser(model.denoise, None if neg == "uncond" else neg.denoise)
         for w, key in zip(args.guidance_weights, path_keys):

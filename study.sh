@@ -6,7 +6,7 @@
 #   bash study.sh --scale gpu [--out DIR] [--data-dir DIR] [--jobs J] [--sizes "xs s m"] [--ns "256 1024 4096"]
 #   bash study.sh --scale cpu|gpu --device cpu --tiny   # the same stages at tiny settings on a CPU (a minute or two)
 #
-# --scale cpu (about an hour or more on 2 CPU cores, see README): Fashion-MNIST at 16x16, the quick run's U-Net
+# --scale cpu (about an hour or more on 2 CPU cores, see docs/results.md): Fashion-MNIST at 16x16, the quick run's U-Net
 #   (tiny preset, 24 channels) and recipe (2,400 steps of batch 32: 76,800 images, 6 log-spaced snapshots) on
 #   n = --ns training images, with --seeds training seeds for the --headline-ns sizes (32 and 128) and seed 0 for
 #   the others; per run: eval_gap (128 images per split, 16 sigmas, --optimal) and sample_memorize (512 samples

@@ -1,30 +1,43 @@
-"""The 2D toy study (docs/method.md, "2D toy", panels (a)-(h)).
-
-Points on a circle, half of them training points; the model is the optimal
-denoiser of the training points, made error-prone by smearing the data with
-N(0, delta^2). Each experiment writes DIR/EXPERIMENT.npz and DIR/EXPERIMENT.png (and .pdf).
+"""The 2D toy study (docs/method.md, "2D toy", panels (a)-(h)): points on a circle, half of them training
+points; the model is the optimal denoiser of the training points, made error-prone by smearing the data
+with N(0, delta^2).
 
     python toy2d.py all                      # every panel, paper settings, about 30 s on a CPU
     python toy2d.py delta --deltas 2 1.5 1   # one panel, other settings
 
-Keys (K deltas, S sigmas, T samples, A angles, R seeds; every file has args, all but density.npz
-train, val and radius):
-  flow (a)      sigmas, delta, axis (G,), field (3, G, G, 2), noisy, pred (3, P, J, 2)
-  delta (b)     sigmas (S,), deltas (K,), e_train, e_val, gap (K, S)
-  density (c)   sigmas, n_points, n_train (K,), delta, e_train, e_val, gap (K, S)
-  field (d)     sigma, deltas, axis (G,), gap (K, G, G): relative gap of each point of the plane
-  manifold (e)  sigma, draws, deltas, angles (A,) along a half circle from training point 0,
-                error (K, A) = E(theta), e_train (K,) = mean E_train, rel_gap (K, A) =
-                (E(theta) - mean E_train) / mean E_train, rel_gap_train, rel_gap_val (K, N/2) at
-                the data points, train_angles, val_angles
-  guidance (f)  sigmas, weights (K,), delta_pos, delta_neg, e_train, e_val, gap (K, S)
-  trajectories (g)  deltas, endpoints (K, T, 2), nn_dist (K, T), mean_nn_dist (K,), paths
-  samples (h)   deltas (K,), seeds (R,), num_samples, d_ref (R,) = mean distance of a validation
-                point to its nearest training point, d_train, d_val (R, K) = mean distance of a
-                sample to its nearest training / validation point, ratio = d_train / d_ref,
-                ratio_on_circle (samples moved onto the circle first), train_over_val =
-                d_train / d_val (R, K), each with _mean and _std (K,) over the seeds;
-                train and val of the first seed
+Each experiment writes `DIR/EXPERIMENT.npz` and `DIR/EXPERIMENT.png` (and `.pdf`) into the folder `--out`.
+Flags left unset take the paper's settings of each experiment (`DEFAULTS`); `all` gives every experiment the
+same flags. The points lie at angles 2 pi (k/N + 0.01), or at seeded random angles (`--random`; always in
+`samples`), even k training and odd k validation points. Each point has one fixed set of
+`--samples-per-point` noise draws, reused at every sigma. The gap curves use the EDM schedule of `--steps`
+steps as their sigma grid unless `--sigmas` is given; `flow` takes its (three) `--sigmas` as they are,
+`field` and `manifold` take the first, `field` snapped to the nearest grid sigma. `--threads` is 1 by
+default: the toy's operations are too small to gain from more threads, and on cores shared with other jobs
+two threads made the `samples` panel 10x slower than one. On mps the toy runs on the CPU (it needs float64).
+
+Result keys (K deltas, or weights in `guidance`, or circle sizes in `density`; S sigmas, T samples, A
+angles, R seeds, G grid points per axis, P training points, J noise draws per point). Every file has `args` (JSON, with
+`experiment`) and `script`; all but `density.npz` have `train`, `val` (the points, of the first seed in
+`samples`) and `radius`.
+
+- `flow.npz` (a): `sigmas`, `delta`, `axis` (G,), `field` (3, G, G, 2) = y_delta(x) - x on the plane,
+  `noisy`, `pred` (3, P, J, 2): noisy training points and the model's predictions of them.
+- `delta.npz` (b): `sigmas` (S,), `deltas` (K,), `e_train`, `e_val`, `gap` (K, S).
+- `density.npz` (c): `sigmas`, `n_points`, `n_train` (K,), `delta`, `e_train`, `e_val`, `gap` (K, S).
+- `field.npz` (d): `sigma`, `deltas`, `axis` (G,), `gap` (K, G, G): the relative gap of each point of the
+  plane against the training points.
+- `manifold.npz` (e): `sigma`, `draws`, `deltas`, `angles` (A,) along a half circle from training point 0,
+  `error` (K, A) = E(theta), `e_train` (K,) = mean E_train, `rel_gap` (K, A) = (E(theta) - mean E_train) /
+  mean E_train, `rel_gap_train`, `rel_gap_val` (the same at each training / validation point),
+  `train_angles`, `val_angles`.
+- `guidance.npz` (f): `sigmas`, `weights` (K,), `delta_pos`, `delta_neg`, `e_train`, `e_val`, `gap` (K, S).
+- `trajectories.npz` (g): `deltas`, `endpoints` (K, T, 2), `nn_dist` (K, T) (endpoint to nearest training
+  point), `mean_nn_dist` (K,), `paths` (the first 32 trajectories).
+- `samples.npz` (h): `deltas` (K,), `seeds` (R,), `num_samples`, `d_ref` (R,) = mean distance of a
+  validation point to its nearest training point; `d_train`, `d_val` (R, K) = mean distance of a sample to
+  its nearest training / validation point; `ratio` = d_train / d_ref, `ratio_on_circle` (the samples moved
+  onto the circle first), `train_over_val` = d_train / d_val (R, K), each also as `_mean` and `_std` (K,)
+  over the seeds.
 """
 import argparse
 import os
@@ -61,7 +74,9 @@ DEFAULTS = {
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0],  # the docstring's first paragraph
+                                epilog="Flags and result keys in full: docs/reference.md",
+                                formatter_class=common.HelpFormatter)
     p.add_argument("experiment", metavar="EXPERIMENT", help="one of " + ", ".join(EXPERIMENTS + ["all"]))
     p.add_argument("--deltas", type=float, nargs="+", help="model errors delta (guidance: delta_pos delta_neg); "
                    "default: the paper's per experiment")
@@ -85,8 +100,7 @@ def parse_args(argv=None):
                         out_default="results/toy2d", device="auto (cuda, then cpu: the toy needs float64, which mps "
                         "lacks), cpu, cuda, cuda:N")
     p.add_argument("--threads", type=int, default=1, help="CPU threads of torch while it runs (0: torch's own "
-                   "choice); the toy's operations are too small to gain from more, and on cores shared with "
-                   "other jobs two threads made the samples panel 10x slower than one")
+                   "choice; the toy's small operations gain nothing from more)")
     args = p.parse_args(argv)
     check(args.experiment not in RENAMED, f"experiment {args.experiment!r} is now "
           f"{RENAMED.get(args.experiment)!r} (a Fréchet distance of 2D samples could not tell memorizing "

@@ -1,24 +1,58 @@
-"""Train an EDM denoiser (U-Net or DiT) on a seeded subset of n training images, keeping
-snapshots along the way and a log of E_train and E_val at a few noise levels (docs/method.md,
-the image studies).
+"""Train an EDM denoiser (U-Net or DiT) on a seeded subset of n training images, keeping snapshots along the
+way and a log of E_train and E_val at a few noise levels (docs/method.md, the image studies).
 
-  python train_image.py --model unet --n 1000 --steps 200000              # paper scale, GPU
-  python train_image.py --model unet --size tiny --resolution 16 --n 32 --steps 1000 \\
-      --batch 32 --lr-rampup 0 --eval-every 3200                           # CPU, minutes
-  torchrun --nproc_per_node=K -- train_image.py --n 1000 ...               # data parallel
-                                  (the -- keeps torchrun from reading --n as its own option)
+    python train_image.py --model unet --n 1000 --steps 200000              # paper scale, GPU
+    python train_image.py --model unet --size tiny --resolution 16 --n 32 --steps 1000 \\
+        --batch 32 --lr-rampup 0 --eval-every 3200                           # CPU, minutes
+    torchrun --nproc_per_node=K -- train_image.py --n 1000 ...               # data parallel
+    # (the -- keeps torchrun from reading --n as its own option)
 
-One training step is train_step: on one CUDA device its loss and backward pass run compiled, with CUDA
-graphs (--step-mode; in auto, a compilation that fails prints one line and the run goes on eager, as if eager
-had been chosen), in bf16 autocast on CUDA and on CPUs with bf16 units (--precision); on a CPU, steps below
-common.ONE_THREAD_BELOW_FLOPS run on one thread (--threads).
-With --augment-p, each training image is augmented (common.augment) and the network conditioned on the
-augmentation parameters, which are zero at sampling and evaluation. Rerunning a command with the same --out
-resumes from its last snapshot. Writes to --out:
-snapshot-<images seen, at least 9 digits>.pt (a plain dict with common.CHECKPOINT_KEYS, `log` and `data_digests`,
-common.data_digests: what a resumed run, eval_gap.py and sample_memorize.py check the images they read against)
-and train_log.npz (args, images_seen, loss, eval_images, eval_sigmas, E_train, E_val,
-snapshot_images, subset, probe_train, probe_val).
+One training step is `train_step`: the EDM loss at ln(sigma) ~ N(`--p-mean`, `--p-std`^2), an Adam step at the
+learning rate `--lr` (ramped up linearly over `--lr-rampup` images) and the EMA update (half-life
+`--ema-half-life` images, at most `--ema-rampup` times the images seen so far). `--batch` is the global batch,
+split across the processes. The step's forward pass, loss and backward pass run as `--step-mode` says: eager,
+or compiled (torch.compile; on CUDA with one process in mode reduce-overhead, with CUDA graphs; an explicit
+compile that cannot work stops at the start); auto compiles on CUDA with one process and on a CPU for steps
+below 50 GFLOP in runs of 20,000 steps or more (`CPU_COMPILE_BELOW_FLOPS`, `CPU_COMPILE_MIN_STEPS`: small
+steps gain from inductor's fusion, but compiling takes minutes on a small CPU), runs eager otherwise, and goes
+on eager after one line when compiling fails. `--compile` is `--step-mode compile`. `--precision` sets the
+step's arithmetic: fp32 (on CUDA with TF32 matmuls), or bf16 autocast (weights, optimizer and EMA stay
+float32); auto is bf16 on CUDA and on CPUs with bf16 units (AMX-BF16 or AVX512-BF16,
+`common.cpu_bf16_units`) and fp32 elsewhere, and a resumed run keeps its snapshot's precision. The E_train /
+E_val evaluations run in float32 either way. On a CPU, `--threads 0` runs steps below
+`common.ONE_THREAD_BELOW_FLOPS` on one thread (`common.choose_threads`).
+
+Augmentation: `--augment xflip` flips half the training images left-right as part of the data (EDM's dataset
+x-flip); the network is not told, so the flip leaks into generated images, which is harmless for data with
+that symmetry. `--augment-p p` is EDM's non-leaking augmentation (AugmentPipe; the paper: 0.12): x-flip (with
+probability 1/2 whenever p > 0), y-flip, isotropic scaling, rotation, anisotropic scaling and translation,
+each with probability p, and the network is conditioned on EDM's 9-value parameter vector, which is zero at
+sampling and evaluation (`common.augment`). Both may be used together. `--label-dropout` replaces a label by
+the null label with that probability (conditional runs only), which classifier-free guidance needs.
+
+Snapshots are written at the image counts that `--snapshots` names (`log:K`: K counts log-spaced from one
+batch to the end; `every:N`: each time another N images have been seen; the last step always). Rerunning a
+command with the same `--out` resumes from its last snapshot (bit for bit on a CPU); `--no-resume` starts
+from step 0 and replaces the snapshots and `train_log.npz` already in `--out` when it writes its first
+snapshot. E_train and E_val are measured every `--eval-every` images (and at the start and the end) with the
+EMA network on fixed probe sets of `--probe-images` images per split, each image with one fixed noise draw.
+
+Writes into `--out` (default `runs/<data>-r<R>-n<n>-<model>-<size>-<uncond|class|kmeans<k>>-seed<seed>`):
+
+- `snapshot-<images seen, at least 9 digits>.pt`: a plain dict of tensors and plain values
+  (`torch.load(path, weights_only=True)` reads it) with `common.CHECKPOINT_KEYS`: `kind`
+  (`edm-denoiser-snapshot`), `net` (the optimizer's weights), `ema` (the moving average), `opt` (Adam's
+  state), `step`, `images_seen`, `args` (the arguments, a dict), `network` (the network's config), `subset`
+  (the training subset's indices in the training split), `labels` (its conditioning labels, or None),
+  `dataset`, `resolution`, `kmeans_centroids` (or None), `rng` (every process's random-number-generator
+  states); and `log` (the log below, so far) and `data_digests` (`common.data_digests`: content digests of
+  the training subset's images and of the validation split, and the folder they were read from, against
+  which a resumed run, `eval_gap.py` and `sample_memorize.py` check the images they read).
+- `train_log.npz` (L logged steps, E evaluations, Q evaluation sigmas): `args`, `script`, `images_seen`,
+  `loss` (L,) (the loss of each step), `eval_images` (E,) (images seen at each evaluation), `eval_sigmas`
+  (Q,), `E_train`, `E_val` (E, Q), `snapshot_images` (images seen at each snapshot), `subset` (n,),
+  `probe_train` (the training probe images' indices in the training split), `probe_val` (the validation probe
+  images' indices in the validation split).
 """
 import argparse
 import copy
@@ -47,14 +81,16 @@ WARM_UP_STEPS = 2  # steps left out of the images/s figure: compilation, then CU
 # --step-mode auto on a CPU compiles training steps of fewer FLOPs than this, in runs of at least
 # CPU_COMPILE_MIN_STEPS steps: small steps are bound by memory traffic and per-operation overhead, which inductor's
 # fusion cuts (by tens of ms per step of the quick reproduction), but compiling the step takes minutes on a small
-# CPU, which only long runs win back (README, "Precision and compilation on a CPU").
+# CPU, which only long runs win back (docs/benchmarks.md, "Precision and compilation on a CPU").
 CPU_COMPILE_BELOW_FLOPS = 50e9
 CPU_COMPILE_MIN_STEPS = 20_000
 
 
 def parse_args(argv=None):
     """The command line; every default shows in --help."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0],  # the docstring's first paragraph
+                                epilog="Flags and result keys in full: docs/reference.md",
+                                formatter_class=common.HelpFormatter)
     common.add_data_args(p, seed_flag="--seed")
     p.add_argument("--model", default="unet", help="unet or dit")
     p.add_argument("--size", default="m", help="preset: tiny, xs, s, m, l (l = the paper's CIFAR U-Net)")
@@ -80,41 +116,33 @@ def parse_args(argv=None):
     p.add_argument("--p-mean", type=common.finite_float, default=common.P_MEAN, help="training ln(sigma) mean")
     p.add_argument("--p-std", type=common.positive_float, default=common.P_STD, help="training ln(sigma) std")
     p.add_argument("--augment", default="none", choices=["none", "xflip"],
-                   help="xflip: flip half the training images left-right, as part of the data (EDM's dataset "
-                   "x-flip); the network is not told, so the flip leaks into generated images, which is harmless "
-                   "for data with that symmetry. --augment-p is the non-leaking augmentation; both may be used")
+                   help="xflip: flip half the training images left-right, as part of the data (it leaks into "
+                   "samples; --augment-p does not)")
     p.add_argument("--augment-p", type=common.non_negative_float, default=0.0,
-                   help="non-leaking augmentation (EDM's AugmentPipe; the paper: 0.12): x-flip (with probability 1/2 "
-                   "whenever p > 0), y-flip, isotropic scaling, rotation, anisotropic scaling and translation, each "
-                   "with this probability, and the network gets EDM's 9-value parameter vector as conditioning, "
-                   "zero at sampling (common.augment; 0: off)")
+                   help="EDM's non-leaking augmentation: each transformation's probability (the paper: "
+                   "0.12; 0: off)")
     p.add_argument("--snapshots", default="log:32,every:20000000",
-                   help="when to write snapshots, comma-separated: log:K = K log-spaced image counts, "
-                   "every:N = every N images; the last step always gets one")
+                   help="when to write snapshots: log:K = K log-spaced image counts, every:N = every N images; "
+                   "and the last step")
     p.add_argument("--eval-every", type=common.positive_int, default=1_000_000,
                    help="images between E_train/E_val evaluations (also at the start and the end)")
     p.add_argument("--eval-sigmas", type=common.sigma_float, nargs="+", default=[0.5, 1.0, 2.0],
                    help="noise levels of the E_train/E_val evaluations")
     p.add_argument("--probe-images", type=common.positive_int, default=256,
                    help="images per split in the fixed probe set of the evaluations")
-    common.add_run_args(p, seed="seed of the subset, initialisation and noise",
-                        batch=(512, "global batch size (split across processes)"),
+    common.add_run_args(p, seed="seed of subset, initialisation and noise",
+                        batch=(512, "global batch (split across processes)"),
                         out="run folder (default: runs/<data>-r<R>-n<n>-<model>-<size>-<cond>-seed<seed>)")
-    common.add_mode_arg(p, "--step-mode", "the training step's forward pass, loss and backward pass",
-                        f" and on a CPU for steps below {CPU_COMPILE_BELOW_FLOPS / 1e9:.0f} GFLOP in runs of "
-                        f"{CPU_COMPILE_MIN_STEPS:,} steps or more")
+    common.add_mode_arg(p, "--step-mode", "the training step", " and on a CPU for small steps in long runs")
     p.add_argument("--compile", dest="step_mode", action="store_const", const="compile",
                    help="same as --step-mode compile")
     p.add_argument("--precision", default="auto", choices=common.PRECISIONS,
-                   help="the training step's arithmetic: fp32 (on CUDA with TF32 matmuls), or bf16 autocast "
-                   "(weights, optimizer and EMA stay float32); auto: bf16 on CUDA and on CPUs with bf16 units "
-                   "(AMX-BF16 or AVX512-BF16, common.cpu_bf16_units), fp32 elsewhere; a resumed run keeps its "
-                   "snapshot's. The E_train/E_val evaluations run in float32 either way")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: automatic, common.choose_threads: "
-                   "one for training steps below common.ONE_THREAD_BELOW_FLOPS)")
+                   help="the training step's arithmetic: fp32 or bf16 autocast; auto: bf16 on CUDA and CPUs "
+                   "with bf16 units, else fp32 (resuming: the snapshot's)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: automatic; one for small steps)")
     p.add_argument("--no-resume", action="store_true",
-                   help="start from step 0; the snapshots and train_log.npz already in --out are replaced when "
-                   "the new run writes its first snapshot")
+                   help="start from step 0; the snapshots and train_log.npz in --out are replaced at the "
+                   "first snapshot")
     return p.parse_args(argv)
 
 

@@ -16,7 +16,7 @@
 #   bash benchmarks/gpu_check.sh --device cpu --tiny [--stage S]   # the same stages on tiny cases, CPU
 #
 # Options: --stage bench|train|eval|sample|all (all), --device DEV (cuda), --tiny, --eager (eager only:
-# nothing compiled), --data-dir DIR (or DATA_DIR; Fashion-MNIST, see README), --out DIR (results/gpu_check),
+# nothing compiled), --data-dir DIR (or DATA_DIR; Fashion-MNIST, see docs/usage.md), --out DIR (results/gpu_check),
 # --train-steps N (2000; 20 with --tiny). A failed command is logged and the stage goes on; the exit status is
 # then 1.
 set -euo pipefail
