@@ -29,6 +29,15 @@ def data_dir(tmp_path_factory):
     return write_fashion_mnist(tmp_path_factory.mktemp("data"), N_TRAIN, N_VAL)
 
 
+def perturbed(net):
+    """net with 0.1 * N(0, 1) (global generator) added to every weight, so that its zero-initialised output
+    layers give a non-trivial denoiser; in place, returned."""
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return net
+
+
 def make_snapshot(path, data_dir, images_seen, net_seed, run_seed=0, num_classes=10, model="unet", resolution=RES):
     """A class-conditional (num_classes 0: unconditional) tiny U-Net (or DiT) snapshot with random (not
     zero-initialised) weights, in the layout train_image.py writes, on the subset train_image.py would choose."""
@@ -38,9 +47,7 @@ def make_snapshot(path, data_dir, images_seen, net_seed, run_seed=0, num_classes
     net = common.build_network(model, "tiny", resolution, 1, num_classes=num_classes, channels=8)
     states = []
     for _ in range(2):  # raw and EMA weights differ
-        with torch.no_grad():
-            for p in net.parameters():
-                p.add_(0.1 * torch.randn_like(p))
+        perturbed(net)
         states.append({k: v.clone() for k, v in net.state_dict().items()})
     args = dict(data="fashion-mnist", data_dir=data_dir, resolution=resolution, n=N_SUBSET, model=model, size="tiny",
                 channels=8, cond="class" if num_classes else "none", seed=run_seed, steps=100,
@@ -705,10 +712,7 @@ def test_window_offsets_are_evenly_spaced_from_edge_to_edge_and_must_cover_the_i
 
 @pytest.mark.parametrize("mode", eval_gap.WINDOW_MODES)
 def test_a_window_of_the_whole_image_gives_the_whole_image_prediction(mode):
-    denoiser = common.build_network("unet", "tiny", 8, 1, num_classes=3, channels=8)
-    with torch.no_grad():
-        for p in denoiser.parameters():
-            p.add_(0.1 * torch.randn_like(p))
+    denoiser = perturbed(common.build_network("unet", "tiny", 8, 1, num_classes=3, channels=8))
     x, sigma, labels = torch.randn(5, 1, 8, 8), torch.rand(5) + 0.1, torch.tensor([0, 1, 2, 3, 0])
     with torch.no_grad():
         full = denoiser(x, sigma, labels)
@@ -876,10 +880,7 @@ def test_correlation_radius_of_a_network_is_the_authors_computation_from_the_ful
     # |dD_c / dx_c|, per (p, c) the |J|-weighted mean Euclidean pixel distance over all pixels q, then the mean
     # over all pixels and channels
     torch.manual_seed(0)
-    net = common.build_network("unet", "tiny", 8, 3, num_classes=2, channels=8)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(0.1 * torch.randn_like(p))
+    net = perturbed(common.build_network("unet", "tiny", 8, 3, num_classes=2, channels=8))
     net.eval()
     x, sigma, labels = torch.randn(2, 3, 8, 8, dtype=F64), torch.tensor([0.3, 2.0]), torch.tensor([0, 1])
     net.double()
@@ -920,10 +921,7 @@ def test_correlation_radius_of_a_box_blur_matches_brute_force_on_the_seeded_pixe
 
 def test_correlation_radius_of_a_network_is_the_same_in_any_chunking_and_in_inference_mode():
     torch.manual_seed(0)
-    net = common.build_network("unet", "tiny", 8, 1, num_classes=3, channels=8)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(0.1 * torch.randn_like(p))
+    net = perturbed(common.build_network("unet", "tiny", 8, 1, num_classes=3, channels=8))
     net.eval().requires_grad_(False)
     denoise = common.network_denoiser(net, "cpu")
     x, labels = torch.randn(5, 1, 8, 8), torch.tensor([0, 1, 2, 3, 1])
