@@ -1081,16 +1081,20 @@ class CompileGuard:
         return out
 
 
-def network_denoiser(denoiser, device, mode="auto"):
-    """A Denoiser as denoise(x, sigma, labels=None) for inference: bf16 autocast and channels-last weights on
-    CUDA, full precision elsewhere. D comes back in x's dtype (float64 inputs keep a float64 skip path).
+def network_denoiser(denoiser, device, mode="auto", precision="auto"):
+    """A Denoiser as denoise(x, sigma, labels=None) for inference: the network in bf16 autocast or float32 as
+    `precision` says (choose_precision: auto is bf16 on CUDA and on CPUs with bf16 units), channels-last weights
+    on CUDA. D comes back in x's dtype (float64 inputs keep a float64 skip path: c_skip x is never rounded).
     mode: eager, compile or auto (compile_mode, counting this process group's processes). Compiled, sigma
     and labels go in as (B,) tensors and each batch is padded to the largest one so far (pad_rows), so that
     a smaller last batch needs no new compilation or CUDA graph; the output is sliced back (and copied out
-    of the CUDA graph's memory, which the next call reuses). A call whose x requires gradients runs eager. The
+    of the CUDA graph's memory, which the next call reuses). A call whose x requires gradients runs eager, in
+    float32. The
     first two calls of each shape (compilation, CUDA-graph recording) run under a CompileGuard: in mode auto a
     failing compilation gives the eager output, and every later call runs eager."""
-    cuda = torch.device(device).type == "cuda"
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    bf16 = choose_precision(precision, device) == "bf16"
     if cuda:
         denoiser.to(memory_format=torch.channels_last)
     dist = torch.distributed
@@ -1098,8 +1102,9 @@ def network_denoiser(denoiser, device, mode="auto"):
     requested = mode
     mode, graphs = compile_mode(mode, cuda, world)
 
-    def forward(x, sigma, labels=None):
-        with torch.autocast("cuda", torch.bfloat16) if cuda else contextlib.nullcontext():
+    def forward(x, sigma, labels=None):  # wanting gradients (eval_gap.correlation_radius): float32, so that no
+        rounded = bf16 and not (torch.is_grad_enabled() and x.requires_grad)  # bf16 floor lies under small |dD/dx|
+        with torch.autocast(device.type, torch.bfloat16) if rounded else contextlib.nullcontext():
             return denoiser(x, sigma, labels)
     if mode == "eager":
         return forward
@@ -2266,7 +2271,7 @@ def choose_threads(flops_per_call=None, requested=0):
     return threads
 
 
-PRECISIONS = ("auto", "fp32", "bf16")  # --precision of the training step (choose_precision)
+PRECISIONS = ("auto", "fp32", "bf16")  # --precision of the training step and of inference (choose_precision)
 
 
 def cpu_bf16_units():
@@ -2283,9 +2288,9 @@ def cpu_bf16_units():
 
 
 def choose_precision(requested, device):
-    """--precision of the training step: fp32, or bf16 (autocast; weights, optimizer and EMA stay float32);
-    auto is bf16 on CUDA and on CPUs with bf16 units (cpu_bf16_units), fp32 elsewhere (where bf16 would be
-    emulated, and slower)."""
+    """--precision of the training step or of the networks' forward passes: fp32, or bf16 (autocast; weights,
+    optimizer and EMA stay float32); auto is bf16 on CUDA and on CPUs with bf16 units (cpu_bf16_units), fp32
+    elsewhere (where bf16 would be emulated, and slower)."""
     if requested != "auto":
         return requested
     device = torch.device(device)
@@ -2344,6 +2349,12 @@ THREADS_HELP = "CPU threads (0: automatic, common.choose_threads)"
 MODES = ("auto", "eager", "compile")  # --step-mode, --forward-mode (compile_mode)
 
 
+def add_precision_arg(parser, what, auto_note=""):
+    """The --precision flag (PRECISIONS, choose_precision), defined once: the arithmetic of `what`."""
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS, help=f"{what}: fp32 or bf16 autocast; "
+                        f"auto: bf16 on CUDA and CPUs with bf16 units, else fp32{auto_note}")
+
+
 def add_mode_arg(parser, flag, what, auto_also=""):
     """A MODES flag (compile_mode), defined once: how `what` runs (auto_also: where else auto compiles)."""
     parser.add_argument(flag, default="auto", choices=MODES, help=f"{what}: eager, or compile (torch.compile; stops "
@@ -2367,11 +2378,13 @@ def add_run_args(parser, seed, out, out_default=None, batch=None, device=DEVICE_
 def add_result_args(parser, script, rows):
     """The flags of the scripts that evaluate snapshots into one result file (eval_gap.py, sample_memorize.py),
     defined once: --force (recompute the `rows` already in --out; replace a file another program wrote, or one
-    that check_kept refuses), --allow-mixed (check_same_run) and --forward-mode (add_mode_arg)."""
+    that check_kept refuses), --allow-mixed (check_same_run), --forward-mode (add_mode_arg) and --precision of
+    the networks (add_precision_arg)."""
     parser.add_argument("--force", action="store_true", help=f"recompute {rows} already in --out; replace an --out "
                         f"that {script} did not write, made with other settings or holding {rows} not asked for")
     parser.add_argument("--allow-mixed", action="store_true", help="accept snapshots of different runs")
     add_mode_arg(parser, "--forward-mode", "the networks' forward passes")
+    add_precision_arg(parser, "the networks' forward passes (errors, optimal denoiser and LLR: float32/64)")
 
 
 def add_data_args(parser, applies="", seed_flag="--subset-seed"):
@@ -2641,6 +2654,16 @@ def check_kept(path, old_settings, settings, dropped=0, what="rows", option="--o
         return
     raise UserError(f"{option} {path} {reason}: give {option} {free_name(path)} to keep it, or --force to "
                     "replace it")
+
+
+def earlier_settings(text, device, settings):
+    """The settings (JSON `text`) of a result file, to be compared with a call's `settings` (check_kept): where
+    those hold a precision and the file, from before --precision, holds none, its networks ran as
+    network_denoiser ran them then, in bf16 autocast on CUDA and float32 elsewhere."""
+    old = json.loads(text)
+    if "precision" in settings:
+        old.setdefault("precision", "bf16" if torch.device(device).type == "cuda" else "fp32")
+    return old
 
 
 def free_name(path):

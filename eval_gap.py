@@ -57,8 +57,11 @@ embeddings are fixed to the whole image.
 Running: the networks' forward passes run as `--forward-mode` says: eager, or compiled (torch.compile; on CUDA
 with one process in mode reduce-overhead, with CUDA graphs; an explicit compile that cannot work stops at the
 start); auto compiles on CUDA with one process, runs eager otherwise, and goes on eager after one line when
-compiling fails. `--batch` (image, sigma) pairs go through a forward pass at a time; `--threads 0` lets
-`common.choose_threads` choose. Snapshots of different runs are refused unless `--allow-mixed`.
+compiling fails. `--precision` is the networks' arithmetic: bf16 autocast or float32 (auto: bf16 on CUDA and on
+CPUs with bf16 units, as train_image.py; stored resolved in `args` and the settings); the errors E, the optimal
+denoiser and the intervals stay float32/float64, and gradients (the correlation radius) float32. `--batch` (image,
+sigma) pairs go through a forward pass at a time; `--threads 0` lets `common.choose_threads` choose. Snapshots of
+different runs are refused unless `--allow-mixed`.
 
 Writes `--out` (.npz; C models, S sigmas, K feature sigmas, J radius sigmas). Its default is
 `RUN_DIR/gap[-raw][-guided][-windows].npz` for a run folder, `RUN_DIR/gap-SNAPSHOT[-raw][-guided][-windows].npz`
@@ -107,7 +110,8 @@ from common import check
 
 SCRIPT = os.path.basename(__file__)  # stored in the result file (common.save_npz)
 # Arguments that change the numbers of a row; a cached row is reused only when they all match.
-SETTINGS = ("num_images", "seed", "guidance_weights", "neg", "features", "feature_sigmas", "data_dir", "bootstrap")
+SETTINGS = ("num_images", "seed", "guidance_weights", "neg", "features", "feature_sigmas", "data_dir", "bootstrap",
+            "precision")
 # ... and, only when their option is given (so that earlier files keep their rows), these
 OPTIONAL_SETTINGS = {"windows": ("windows", "window_steps", "window_mode"),
                      "jacobian_sigmas": ("jacobian_sigmas", "jacobian_images", "jacobian_pixels")}
@@ -430,11 +434,11 @@ def optimal_models(source, device, windows=(None,), steps=2, mode="average"):
             else windowed_optimal_denoiser(images, w, source.labels, steps, mode, note) for w in windows]
 
 
-def network_models(net, device, windows=(None,), steps=2, mode="average", forward_mode="auto"):
-    """A network (common.Denoiser) for inference (common.network_denoiser in --forward-mode `forward_mode`),
-    seen through windows of each size (windowed_denoiser, on the grid of the network's size_multiple;
-    None: the whole image)."""
-    denoise = common.network_denoiser(net, device, forward_mode)
+def network_models(net, device, windows=(None,), steps=2, mode="average", forward_mode="auto", precision="auto"):
+    """A network (common.Denoiser) for inference (common.network_denoiser in --forward-mode `forward_mode` and
+    --precision `precision`), seen through windows of each size (windowed_denoiser, on the grid of the network's
+    size_multiple; None: the whole image)."""
+    denoise = common.network_denoiser(net, device, forward_mode, precision)
     return [denoise if w is None else windowed_denoiser(denoise, w, steps, mode, net.size_multiple)
             for w in windows]
 
@@ -691,7 +695,7 @@ def without_model_axes(array, windowed, guided):
     return array if windowed else array[0]
 
 
-def cached_rows(old, path, settings, windowed, guided, keys):
+def cached_rows(old, path, settings, windowed, guided, keys, device):
     """Rows of an earlier output `old` (common.earlier_result) by model digest, to be reused; UserError
     (common.check_kept) when it was made with other settings or holds rows of models other than `keys`, which
     rewriting it would lose."""
@@ -699,7 +703,8 @@ def cached_rows(old, path, settings, windowed, guided, keys):
         return {}
     made = {"digests", "eval_settings"} <= set(old)
     held = {str(key) for key in np.append(old["digests"], old.get("optimal_digest", []))} if made else set()
-    common.check_kept(path, json.loads(str(old["eval_settings"])) if made else None, settings, len(held - set(keys)),
+    old_settings = common.earlier_settings(str(old["eval_settings"]), device, settings) if made else None
+    common.check_kept(path, old_settings, settings, len(held - set(keys)),
                       "row(s) of models not given here (other snapshots, or --optimal)")
     rows = {}
     for suffix, digests in (("", old["digests"]), ("_optimal", old.get("optimal_digest", np.array([])).reshape(-1))):
@@ -770,6 +775,7 @@ def main(argv=None):
 def evaluate(args, rank, world, device):
     say = common.say
     common.check_compile(args.forward_mode, device, "--forward-mode")
+    args.precision = common.choose_precision(args.precision, device)  # as stored in --out
     old = common.earlier_result(args.out, SCRIPT, args.force)
     snapshots = [read_snapshot(path, args.weights, args.data_dir) for path in common.find_snapshots(args.snapshots)]
     common.check_same_run([(s["path"], s["run"]) for s in snapshots], args.allow_mixed)
@@ -806,7 +812,8 @@ def evaluate(args, rank, world, device):
         args.windows = window_sizes(args.windows, args.window_steps, kinds)
     restrictions = args.windows[:-1] + [None] if windowed else [None]  # window sizes; None: the whole image
     negs = ([None] * len(restrictions) if neg is None
-            else network_models(neg, device, restrictions, args.window_steps, args.window_mode, args.forward_mode))
+            else network_models(neg, device, restrictions, args.window_steps, args.window_mode, args.forward_mode,
+                                args.precision))
     extractor = None
     if args.features:  # one dataset and resolution: the snapshots are of one run (check_same_run)
         extractor = common.load_feature_extractor(args.features, device,
@@ -817,7 +824,7 @@ def evaluate(args, rank, world, device):
     models = [(s["digest"], s["source"], s["path"]) for s in snapshots]
     if opt_source is not None:
         models.append(("optimal-" + opt_source.digest(), opt_source, None))
-    cache = cached_rows(old, out_path, settings, windowed, guided, [key for key, _, _ in models])
+    cache = cached_rows(old, out_path, settings, windowed, guided, [key for key, _, _ in models], device)
     todo = {key: (source, path) for key, source, path in models if key not in cache}
     K = len(args.feature_sigmas) if extractor is not None else 0
     total = 0
@@ -832,7 +839,8 @@ def evaluate(args, rank, world, device):
             total += (len(restrictions) * len(weights) * len(args.jacobian_sigmas) * images
                       * min(args.jacobian_pixels or H * W, H * W) * C)
     say(f"{len(snapshots)} snapshot(s){' + the optimal denoiser' if opt_source is not None else ''}: "
-        f"{len(models) - len(todo)} reused from {out_path}, {len(todo)} to evaluate on {device}"
+        f"{len(models) - len(todo)} reused from {out_path}, {len(todo)} to evaluate on {device} (networks in "
+        f"{args.precision})"
         f"{f' ({world} processes)' if world > 1 else ''}")
     rows, opt_key = dict(cache), models[-1][0] if opt_source is not None else None
     progress = dict(done=0)
@@ -856,7 +864,7 @@ def evaluate(args, rank, world, device):
             else:
                 net = common.load_denoiser(path, args.weights, device)[0]
                 models = network_models(net, device, restrictions, args.window_steps, args.window_mode,
-                                        args.forward_mode)
+                                        args.forward_mode, args.precision)
             rows[key] = evaluator.rows(models, source, jacobian=path is not None)
             result = write()  # after every model, so that a rerun after a kill reuses the finished rows
             progress["done"] += 1

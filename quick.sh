@@ -22,17 +22,20 @@ if ! PY_INFO=$("$PY" -c 'import sys, torch; print(sys.executable, "with torch", 
 fi
 echo "python: $PY_INFO"
 STEPS=${STEPS:-2400}
+PRECISION=${PRECISION:-auto}  # training and network inference: auto (bf16 on CPUs with bf16 units, else fp32), fp32, bf16
 DATA="--data fashion-mnist --resolution 16"
 THREADS=$(( $(nproc) / 2 > 0 ? $(nproc) / 2 : 1 ))  # per pipeline: two run at once
-echo "quick.sh with $PY, $THREADS thread(s) per pipeline, results in $OUT"
+echo "quick.sh with $PY, $THREADS thread(s) per pipeline, --precision $PRECISION, results in $OUT"
 
 pipeline() {  # pipeline N: train on n = N images, then the gap and the samples of every snapshot
     local run="unet-c24-n$1"
     $PY train_image.py $DATA --model unet --size tiny --channels 24 --n "$1" --steps "$STEPS" --threads "$THREADS" \
-        --batch 32 --lr 2e-3 --lr-rampup 0 --snapshots log:6 --eval-every 12800 --out "$OUT/runs/$run"
+        --precision "$PRECISION" --batch 32 --lr 2e-3 --lr-rampup 0 --snapshots log:6 --eval-every 12800 \
+        --out "$OUT/runs/$run"
     $PY eval_gap.py "$OUT/runs/$run" --optimal --num-images 128 --num-sigmas 16 --threads "$THREADS" \
-        --out "$OUT/gap/$run.npz"
-    $PY sample_memorize.py "$OUT/runs/$run" --num-samples 512 --threads "$THREADS" --out "$OUT/samples/$run.npz"
+        --precision "$PRECISION" --out "$OUT/gap/$run.npz"
+    $PY sample_memorize.py "$OUT/runs/$run" --num-samples 512 --threads "$THREADS" --precision "$PRECISION" \
+        --out "$OUT/samples/$run.npz"
 }
 
 $PY toy2d.py all --out "$OUT/toy2d"

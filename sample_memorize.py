@@ -19,15 +19,17 @@ where D_neg (`--neg`) is `uncond`, the same network with the null label (classif
 snapshot file: an unconditional network (classifier-free guidance as the paper's) or a weaker one
 (autoguidance); w = 0 is unguided.
 
-Sampling: sample i starts from its own seed `--seed` + i (x_init ~ N(0, 80^2 I) and its label), so it is the
-same whatever the batch size or number of processes, and is integrated by the deterministic Heun sampler of
-common.py on the EDM grid of `--steps` steps (2 steps - 1 evaluations). `--label` conditions the samples:
-`random` (uniform over the labels of the training subset, per seed), `null` (unconditional), or a label
-number. The networks' forward passes run as `--forward-mode` says: eager, or compiled (torch.compile; on CUDA
-with one process in mode reduce-overhead, with CUDA graphs; an explicit compile that cannot work stops at the
-start); auto compiles on CUDA with one process, runs eager otherwise, and goes on eager after one line when
-compiling fails. `--batch` samples go through the sampler at a time per process; `--threads 0` lets
-`common.choose_threads` choose. Snapshots of different runs are refused unless `--allow-mixed`.
+Sampling: sample i starts from its own seed `--seed` + i (x_init ~ N(0, 80^2 I) and its label), so it is the same
+whatever the batch size or number of processes, and is integrated by the deterministic Heun sampler of common.py
+on the EDM grid of `--steps` steps (2 steps - 1 evaluations). `--label` conditions the samples: `random` (uniform
+over the labels of the training subset, per seed), `null` (unconditional), or a label number. The networks'
+forward passes run as `--forward-mode` says: eager, or compiled (torch.compile; on CUDA with one process in mode
+reduce-overhead, with CUDA graphs; an explicit compile that cannot work stops at the start); auto compiles on CUDA
+with one process, runs eager otherwise, and goes on eager after one line when compiling fails. `--precision` is
+the networks' arithmetic: bf16 autocast or float32 (auto: bf16 on CUDA and on CPUs with bf16 units, as
+train_image.py; stored resolved in `args` and the settings); the sampler's state, the reference samplers, the LLR
+and the features stay float32/float64. `--batch` samples go through the sampler at a time per process;
+`--threads 0` lets `common.choose_threads` choose. Snapshots of different runs are refused unless `--allow-mixed`.
 
 Measures (docs/results.md, "Measures, and why they can fail"). Copies: a sample copies when d1/d2 < 1/3 to its nearest
 and second-nearest distinct training image (`--bootstrap` resamples give the interval). Fréchet distances in
@@ -296,9 +298,10 @@ def optimal_model(source, device, kind="optimal"):
     return Model(name, denoise, train, source.num_classes, common.exact_dtype(device), path=kind)
 
 
-def network_model(path, weights, data_dir, device, train_cache, mode="auto"):
-    """A snapshot's network (bf16 autocast on CUDA; --forward-mode `mode`) with its `weights` (ema or raw) and
-    its training set (data_dir None: the run's; shared between snapshots of the same source through train_cache)."""
+def network_model(path, weights, data_dir, device, train_cache, mode="auto", precision="auto"):
+    """A snapshot's network (common.network_denoiser in --forward-mode `mode` and --precision `precision`) with
+    its `weights` (ema or raw) and its training set (data_dir None: the run's; shared between snapshots of the
+    same source through train_cache)."""
     net, ckpt = common.load_denoiser(path, weights, device)
     num_classes = ckpt["network"]["num_classes"]
     source = common.TrainingSource.of_checkpoint(ckpt, data_dir, path)
@@ -306,8 +309,9 @@ def network_model(path, weights, data_dir, device, train_cache, mode="auto"):
     if key not in train_cache:
         train_cache[key] = load_training_set(source, device)
     run = os.path.basename(os.path.dirname(os.path.abspath(path)))
-    return Model(f"{run}-{os.path.basename(path).removesuffix('.pt')}", common.network_denoiser(net, device, mode),
-                 train_cache[key], num_classes, torch.float32, os.fspath(path), int(ckpt["images_seen"]))
+    denoise = common.network_denoiser(net, device, mode, precision)
+    return Model(f"{run}-{os.path.basename(path).removesuffix('.pt')}", denoise, train_cache[key], num_classes,
+                 torch.float32, os.fspath(path), int(ckpt["images_seen"]))
 
 
 # ---------------------------------------------------------------------------
@@ -819,7 +823,7 @@ def model_key(ckpt, args):
     return common.snapshot_digest(ckpt, args.weights)
 
 
-def cached_configs(old, settings, path, keys):
+def cached_configs(old, settings, path, keys, device):
     """Rows of an earlier --out `old` (common.earlier_result) by configuration key, to be reused; UserError
     (common.check_kept) when it was made with other settings or holds configurations other than `keys`, which
     rewriting it would lose."""
@@ -827,7 +831,8 @@ def cached_configs(old, settings, path, keys):
         return {}
     made = {"config_keys", "settings"} <= set(old)
     held = {str(key) for key in old["config_keys"]} if made else set()
-    common.check_kept(path, json.loads(str(old["settings"])) if made else None, settings, len(held - set(keys)),
+    old_settings = common.earlier_settings(str(old["settings"]), device, settings) if made else None
+    common.check_kept(path, old_settings, settings, len(held - set(keys)),
                       "configuration(s) not asked for here (other snapshots or guidance weights)")
     per_config = [key for key in old if key not in SHARED_KEYS + ("args", "script")]
     return {str(key): {k: old[k][c] for k in per_config} for c, key in enumerate(old["config_keys"])}
@@ -847,6 +852,8 @@ def main(argv=None):
 def evaluate(args, rank, world, device):
     check(args.num_samples >= world, f"--num-samples {args.num_samples} is fewer than the {world} processes")
     common.check_compile(args.forward_mode, device, "--forward-mode")
+    networks = bool(args.inputs) or args.neg != "uncond"  # else --precision has nothing to run
+    args.precision = common.choose_precision(args.precision, device) if networks else None  # as stored in --out
     say = common.say
     old = common.earlier_result(args.out, SCRIPT, args.force)
     extractors = {}  # feature map per dataset, resolution and folder (the classifier is trained on each)
@@ -867,9 +874,10 @@ def evaluate(args, rank, world, device):
     train_cache, ref_cache, shape = {}, {}, None
     neg, neg_fits = "uncond", None
     if args.neg != "uncond":
-        neg = network_model(args.neg, args.weights, args.data_dir, device, train_cache, args.forward_mode)
+        neg = network_model(args.neg, args.weights, args.data_dir, device, train_cache, args.forward_mode,
+                            args.precision)
         neg_fits = (args.neg, neg.train.x.shape[1:], neg.num_classes)
-    settings = json.loads(json.dumps({key: getattr(args, key) for key in SETTINGS}))
+    settings = json.loads(json.dumps({key: getattr(args, key) for key in SETTINGS + ("precision",) * networks}))
     settings["neg"] = "uncond" if neg == "uncond" else model_key(common.load_checkpoint(args.neg), args)
     digests, runs = [], []  # of each model (model_key), and (path, run_identity) of each snapshot
     for path in paths:
@@ -879,13 +887,14 @@ def evaluate(args, rank, world, device):
     common.check_same_run(runs, args.allow_mixed)
     keys = [[common.digest(model, float(w)) for w in args.guidance_weights] for model in digests]  # per configuration
     order = [key for path_keys in keys for key in path_keys]
-    rows = cached_configs(old, settings, args.out, order)
+    rows = cached_configs(old, settings, args.out, order, device)
     for model, path_keys in zip(digests, keys):  # files written before rows named their model's digest
         for key in set(path_keys) & set(rows):
             rows[key].setdefault("digests", np.array(model))
     todo = len(set(order) - set(rows))
     say(f"{args.num_samples} samples per configuration from seed {args.seed}, {args.steps} Heun steps, {world} "
-        f"process(es) on {device}; stop sigmas {np.round(sigmas[grid.stops].numpy(), 3).tolist()}, probe sigmas "
+        f"process(es) on {device}{f' (networks in {args.precision})' if networks else ''}; stop sigmas "
+        f"{np.round(sigmas[grid.stops].numpy(), 3).tolist()}, probe sigmas "
         f"{np.round(sigmas[grid.probes].numpy(), 3).tolist()}, features {args.features}; {len(order) - todo} of "
         f"{len(order)} configuration(s) reused from {args.out}")
     progress = dict(done=0)
@@ -904,7 +913,8 @@ def evaluate(args, rank, world, device):
                                                  args.resolution, args.data_dir)
             model = optimal_model(source, device, reference_kind(args))
         else:
-            model = network_model(path, args.weights, args.data_dir, device, train_cache, args.forward_mode)
+            model = network_model(path, args.weights, args.data_dir, device, train_cache, args.forward_mode,
+                                  args.precision)
         shape = shape or model.train.x.shape[1:]
         check(model.train.x.shape[1:] == shape, f"{model.name} makes images of shape "
               f"{tuple(model.train.x.shape[1:])}, unlike the first configuration's {tuple(shape)}")

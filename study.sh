@@ -79,6 +79,7 @@ if [ "$SCALE" = cpu ]; then  # the map on a CPU: the quick run's network and rec
         EVAL=(--num-images 128 --num-sigmas 16 --optimal)
         SAMPLE=(--num-samples 512)
     fi
+    EVAL+=(--precision fp32) SAMPLE+=(--precision fp32)  # inference too: the same numbers on every CPU
 else  # the one-GPU study
     DEVICE=${DEVICE:-cuda} OUT=${OUT:-results/gpu} SEEDS=${SEEDS:-0} HEADLINE_NS=${HEADLINE_NS:-} NAME_SIZE="" TRAIN=()
     if [ "$TINY" = 1 ]; then

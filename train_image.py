@@ -136,9 +136,7 @@ def parse_args(argv=None):
     common.add_mode_arg(p, "--step-mode", "the training step", " and on a CPU for small steps in long runs")
     p.add_argument("--compile", dest="step_mode", action="store_const", const="compile",
                    help="same as --step-mode compile")
-    p.add_argument("--precision", default="auto", choices=common.PRECISIONS,
-                   help="the training step's arithmetic: fp32 or bf16 autocast; auto: bf16 on CUDA and CPUs "
-                   "with bf16 units, else fp32 (resuming: the snapshot's)")
+    common.add_precision_arg(p, "the training step's arithmetic", " (resuming: the snapshot's)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: automatic; one for small steps)")
     p.add_argument("--no-resume", action="store_true",
                    help="start from step 0; the snapshots and train_log.npz in --out are replaced at the "

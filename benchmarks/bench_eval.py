@@ -2,14 +2,14 @@
 sample_memorize's sampler, with the network run as those scripts run it (common.network_denoiser in
 --forward-mode: on CUDA by default compiled, with CUDA graphs).
 
-Loop and bare pass run the same (image, sigma) pairs in batches of the same size, in inference mode (bf16
-autocast on CUDA): the loop through eval_gap.split_errors (which batches mixed sigmas, forms
-y + sigma n, and reduces the per-image errors), the bare pass as network calls on inputs made
-beforehand. Throughput counts images x sigmas per second; the loop should stay within 15% of
-the bare pass. The sampler (sample_memorize.sample: Heun, 2 --steps - 1 network evaluations) runs --images
-samples in batches of --batch; its throughput counts images x evaluations per second. Each timing is the
-best of --repeats after one warm-up run (compilation, CUDA graph recording). The default (tiny U-Net,
-16x16) runs in about a minute on a 2-core CPU.
+Loop and bare pass run the same (image, sigma) pairs in batches of the same size, in inference mode (in
+--precision: auto is bf16 autocast on CUDA and on CPUs with bf16 units): the loop through
+eval_gap.split_errors (which batches mixed sigmas, forms y + sigma n, and reduces the per-image errors), the
+bare pass as network calls on inputs made beforehand. Throughput counts images x sigmas per second; the loop
+should stay within 15% of the bare pass. The sampler (sample_memorize.sample: Heun, 2 --steps - 1 network
+evaluations) runs --images samples in batches of --batch; its throughput counts images x evaluations per
+second. Each timing is the best of --repeats after one warm-up run (compilation, CUDA graph recording). The
+default (tiny U-Net, 16x16) runs in about a minute on a 2-core CPU.
 
     python benchmarks/bench_eval.py
     python benchmarks/bench_eval.py --size s --resolution 32 --images 2048 --sigmas 64 --batch 1024  # GPU
@@ -36,6 +36,7 @@ def main():
                    help="Heun steps of the sampler (sample_memorize.py --steps)")
     common.add_mode_arg(p, "--forward-mode", "the network's forward passes, as eval_gap.py and sample_memorize.py "
                         "--forward-mode")
+    common.add_precision_arg(p, "the network's forward passes, as eval_gap.py and sample_memorize.py --precision")
     args = p.parse_args()
     device = start(args)
     common.check_compile(args.forward_mode, device, "--forward-mode")
@@ -45,7 +46,8 @@ def main():
         for p_ in net.parameters():
             p_.add_(0.02 * torch.randn_like(p_))
     net = net.to(device).eval().requires_grad_(False)
-    model = common.network_denoiser(net, device, args.forward_mode)
+    precision = common.choose_precision(args.precision, device)
+    model = common.network_denoiser(net, device, args.forward_mode, precision)
     mode, graphs = common.compile_mode(args.forward_mode, device.type == "cuda", 1)
 
     shape = (args.channels, args.resolution, args.resolution)
@@ -74,7 +76,7 @@ def main():
 
     print(f"{args.model} {args.size} ({common.count_parameters(net):,} parameters) at {args.resolution}x"
           f"{args.resolution}x{args.channels}; {args.images} images x {args.sigmas} sigmas = {pairs:,} pairs, "
-          f"batch {args.batch}; forward passes {mode}{' with CUDA graphs' if graphs else ''}")
+          f"batch {args.batch}; forward passes {mode}{' with CUDA graphs' if graphs else ''} in {precision}")
     with torch.inference_mode():
         t_loop = best_time(loop, args.repeats, device)
         t_bare = best_time(bare, args.repeats, device)

@@ -233,7 +233,7 @@ def test_correlation_radius_is_written_per_snapshot_from_the_gaps_images_and_fre
     # the last snapshot at sigma 0.5 (the second) on the first 3 images of each split, recomputed directly with
     # fresh noise: a draw of its own per image and sigma, seeded by the image's dataset index, never E's fixed one
     train, val = eval_gap.eval_splits(eval_gap.read_snapshot(snap(run_dir, 240))["source"], num_images=20, seed=0)
-    model = common.network_denoiser(common.load_denoiser(snap(run_dir, 240))[0], "cpu")
+    model = common.network_denoiser(common.load_denoiser(snap(run_dir, 240))[0], "cpu", precision="fp32")
     for split, key in ((train, "radius_train"), (val, "radius_val")):
         noise = eval_gap.radius_noise(split.index[:3], (1, RES, RES), 0, 1)
         assert not torch.equal(noise, split.noise[:3])
@@ -315,11 +315,13 @@ def test_out_with_other_settings_or_rows_this_call_would_leave_out_is_kept_unles
     out, free = tmp_path / "gap.npz", tmp_path / "gap-2.npz"
     base = ["--data-dir", data_dir, "--num-images", "20", "--sigmas", *SIGMAS, "--batch", "200", "--device", "cpu",
             "--out", str(out)]
-    eval_gap.main([*base, run_dir, "--optimal"])
+    eval_gap.main([*base, run_dir, "--optimal", "--precision", "fp32"])
     before, _ = out.read_bytes(), capsys.readouterr()
     elsewhere = shutil.copytree(data_dir, tmp_path / "elsewhere")  # the same images in another folder
+    base += ["--precision", "fp32"]
     for argv, reason in [
             ([run_dir, "--optimal", "--num-images", "8"], "was made with other settings (num_images 20 -> 8)"),
+            ([run_dir, "--optimal", "--precision", "bf16"], "was made with other settings (precision fp32 -> bf16)"),
             ([run_dir, "--optimal", "--data-dir", str(elsewhere)], "was made with other settings (data_dir)"),
             ([snap(run_dir, 240), "--optimal"], "holds 2 row(s) of models not given here (other snapshots, or "
                                                 "--optimal) that this call would leave out"),
@@ -333,6 +335,30 @@ def test_out_with_other_settings_or_rows_this_call_would_leave_out_is_kept_unles
     assert common.load_npz(str(free))["args"]["num_images"] == 8 and out.read_bytes() == before
     eval_gap.main([*base, run_dir, "--force"])
     assert "e_train_optimal" not in common.load_npz(str(out)), "--force replaces the file"
+
+
+def test_precision_is_stored_resolved_and_a_file_from_before_it_counts_as_float32_on_a_cpu(data_dir, run_dir,
+                                                                                         tmp_path, monkeypatch, capsys):
+    # --precision auto is stored as what it chose for this machine; a file written before --precision existed
+    # (no precision in its settings) ran its networks in float32 on a CPU: its rows are reused by --precision
+    # fp32, and refused to bf16 (naming the change), as any other setting.
+    out = tmp_path / "gap.npz"
+    r = evaluate(data_dir, out, snap(run_dir, 80))
+    chosen = common.choose_precision("auto", "cpu")
+    assert r["args"]["precision"] == chosen and json.loads(str(r["eval_settings"]))["precision"] == chosen
+    r = evaluate(data_dir, out, snap(run_dir, 80), "--precision", "fp32", "--force")
+    older = dict(r)
+    settings = json.loads(str(r["eval_settings"]))
+    del settings["precision"]
+    older["eval_settings"] = np.array(json.dumps(settings))
+    older["e_train"] = r["e_train"].copy()
+    older["e_train"][0, 0] = 123.0  # a marker that only a reused row can carry
+    common.save_npz(str(out), **older)
+    assert evaluate(data_dir, out, snap(run_dir, 80), "--precision", "fp32")["e_train"][0, 0] == 123.0
+    common.save_npz(str(out), **older)
+    status, err = run_cli(["--data-dir", data_dir, "--num-images", "20", "--sigmas", *SIGMAS, "--device", "cpu",
+                           "--out", str(out), "--precision", "bf16", snap(run_dir, 80)], capsys)
+    assert status == 2 and "was made with other settings (precision fp32 -> bf16)" in err, err
 
 
 def test_forward_mode_compile_gives_the_eager_rows_and_either_reuses_the_others_rows(data_dir, run_dir, tmp_path,
@@ -923,7 +949,7 @@ def test_correlation_radius_of_a_network_is_the_same_in_any_chunking_and_in_infe
     torch.manual_seed(0)
     net = perturbed(common.build_network("unet", "tiny", 8, 1, num_classes=3, channels=8))
     net.eval().requires_grad_(False)
-    denoise = common.network_denoiser(net, "cpu")
+    denoise = common.network_denoiser(net, "cpu", precision="fp32")
     x, labels = torch.randn(5, 1, 8, 8), torch.tensor([0, 1, 2, 3, 1])
     sigma = torch.tensor([0.1, 0.5, 1.0, 2.0, 5.0])
     whole = eval_gap.correlation_radius(denoise, x, sigma, labels, pixels=6, batch_size=10_000)

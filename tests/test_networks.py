@@ -265,7 +265,7 @@ def test_auto_forward_mode_survives_a_failing_compile_with_the_eager_outputs(mon
     denoiser, x, sigma, labels = small_denoiser()
     torch._dynamo.reset()
     with torch.no_grad():
-        denoise = common.network_denoiser(denoiser, "cpu", "auto")
+        denoise = common.network_denoiser(denoiser, "cpu", "auto", "fp32")
         outputs = [denoise(x, sigma, labels), denoise(x[:4], 0.7), denoise(x.double(), sigma)]
         expected = [denoiser(x, sigma, labels), denoiser(x[:4], torch.tensor(0.7)), denoiser(x.double(), sigma)]
     for out, eager in zip(outputs, expected):
@@ -284,7 +284,7 @@ def test_explicit_forward_mode_compile_that_cannot_work_stops_with_one_line(monk
     denoiser, x, sigma, labels = small_denoiser()
     torch._dynamo.reset()
     with torch.no_grad(), pytest.raises(common.UserError, match="--forward-mode compile: torch.compile failed"):
-        common.network_denoiser(denoiser, "cpu", "compile")(x, sigma, labels)
+        common.network_denoiser(denoiser, "cpu", "compile", "fp32")(x, sigma, labels)
 
 
 def small_denoiser():
@@ -303,7 +303,7 @@ def test_compiled_network_denoiser_gives_the_eager_outputs_on_cpu():
     denoiser, x, sigma, labels = small_denoiser()
     torch._dynamo.reset()
     with torch.inference_mode():
-        eager, compiled = (common.network_denoiser(denoiser, "cpu", mode) for mode in ("eager", "compile"))
+        eager, compiled = (common.network_denoiser(denoiser, "cpu", mode, "fp32") for mode in ("eager", "compile"))
         torch.testing.assert_close(compiled(x, sigma, labels), eager(x, sigma, labels), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(compiled(x[:4], 0.7), eager(x[:4], 0.7), rtol=1e-5, atol=1e-5)
 
@@ -317,7 +317,7 @@ def test_compiled_network_denoiser_pads_a_smaller_batch_and_gives_exactly_its_ro
     denoiser, x, sigma, labels = small_denoiser()
     torch._dynamo.reset()
     with torch.inference_mode():
-        denoise = common.network_denoiser(denoiser, "cpu", "compile")
+        denoise = common.network_denoiser(denoiser, "cpu", "compile", "fp32")
         full, part, null = denoise(x, sigma, labels), denoise(x[:4], sigma[:4], labels[:4]), denoise(x[:3], 0.3)
         assert calls == [dict(dynamic=False)] and len(compiles) == 1, "no CUDA graphs on CPU; one shape, one graph"
         torch.testing.assert_close(full, denoiser(x, sigma, labels), rtol=0, atol=0)
@@ -345,7 +345,7 @@ def test_cuda_graph_outputs_are_copied_out_behind_a_step_marker(monkeypatch):
     monkeypatch.setattr(torch, "compile", graph_compile)
     denoiser, x, sigma, labels = small_denoiser()
     with torch.no_grad():
-        denoise = common.network_denoiser(denoiser, "cpu", "auto")
+        denoise = common.network_denoiser(denoiser, "cpu", "auto", "fp32")
         first, second = denoise(x, sigma, labels), denoise(x.flip(0), sigma, labels)
         torch.testing.assert_close(first, denoiser(x, sigma, labels), rtol=0, atol=0)
         torch.testing.assert_close(second, denoiser(x.flip(0), sigma, labels), rtol=0, atol=0)
@@ -360,7 +360,7 @@ def test_compiled_network_denoiser_runs_eager_when_gradients_are_wanted(monkeypa
     monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: None)
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: lambda *inputs: replays.append(1) or fn(*inputs))
     denoiser, x, sigma, labels = small_denoiser()
-    denoise = common.network_denoiser(denoiser, "cpu", "auto")
+    denoise = common.network_denoiser(denoiser, "cpu", "auto", "fp32")
     radius = eval_gap.correlation_radius(denoise, x, sigma, labels, pixels=8, seed=0)
     assert replays == [], "no call that needs gradients went through the compiled function"
     eager = eval_gap.correlation_radius(lambda *a: denoiser(*a), x, sigma, labels, pixels=8, seed=0)
@@ -368,3 +368,29 @@ def test_compiled_network_denoiser_runs_eager_when_gradients_are_wanted(monkeypa
     with torch.no_grad():
         denoise(x, sigma, labels)
     assert replays == [1], "inference calls still use it"
+
+
+def test_network_denoiser_runs_the_network_in_the_precision_asked_for_and_differentiates_in_float32():
+    # --precision of eval_gap and sample_memorize: bf16 autocast rounds the network's arithmetic (D differs from
+    # float32 by rounding, about 2^-8 of D - x), fp32 gives the network's own output, and a call that wants
+    # gradients (the correlation radius) runs in float32 either way, so that no bf16 rounding floor lies under
+    # small |dD/dx|. D keeps x's dtype; float64 inputs keep their skip path c_skip x unrounded.
+    denoiser, x, sigma, labels = small_denoiser()
+    with torch.no_grad():
+        exact = denoiser(x, sigma, labels)
+        fp32 = common.network_denoiser(denoiser, "cpu", "eager", "fp32")(x, sigma, labels)
+        bf16 = common.network_denoiser(denoiser, "cpu", "eager", "bf16")(x, sigma, labels)
+        bf16_64 = common.network_denoiser(denoiser, "cpu", "eager", "bf16")(x.double(), sigma.double(), labels)
+    assert torch.equal(fp32, exact)
+    assert bf16.dtype == torch.float32 and bf16_64.dtype == torch.float64
+    rounding = ((bf16 - exact).norm() / (exact - x).norm()).item()
+    assert 0 < rounding < 0.03, rounding
+    torch.testing.assert_close(bf16_64.float(), bf16, rtol=0, atol=1e-5)
+
+    def jacobian_row(denoise):
+        z = x.clone().requires_grad_(True)
+        with torch.enable_grad():
+            (grad,) = torch.autograd.grad(denoise(z, sigma, labels)[:, :, 3, 4].sum(), z)
+        return grad
+    assert torch.equal(jacobian_row(common.network_denoiser(denoiser, "cpu", "eager", "bf16")),
+                       jacobian_row(lambda *a: denoiser(*a)))

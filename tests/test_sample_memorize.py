@@ -1,5 +1,6 @@
 """sample_memorize.py and its common.py helpers: exact nearest neighbours, the memorization ratio,
 bootstrap intervals, feature spaces, per-seed sampling, early stopping, guidance, bad input."""
+import json
 import math
 import os
 import re
@@ -204,12 +205,13 @@ def test_missing_or_foreign_feature_files_say_how_to_get_inception(tmp_path):
 # Sampling
 # ---------------------------------------------------------------------------
 
-def net_model(snapshot):
-    return sample_memorize.network_model(snapshot, "ema", None, torch.device("cpu"), {})
+def net_model(snapshot, precision="fp32"):
+    return sample_memorize.network_model(snapshot, "ema", None, torch.device("cpu"), {}, precision=precision)
 
 
-def test_each_seed_gives_the_same_sample_whatever_the_batch_size(snapshot):
-    model, sigmas = net_model(snapshot), common.edm_sigmas(8)
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_each_seed_gives_the_same_sample_whatever_the_batch_size(snapshot, precision):
+    model, sigmas = net_model(snapshot, precision), common.edm_sigmas(8)
     choices = sample_memorize.label_choices(model, "random")
 
     def samples(seeds, batch):
@@ -231,7 +233,7 @@ def test_forward_mode_compile_samples_like_eager_with_a_smaller_last_batch(snaps
     compiled = []
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append(kw) or fn)
     eager = net_model(snapshot)
-    fast = sample_memorize.network_model(snapshot, "ema", None, torch.device("cpu"), {}, "compile")
+    fast = sample_memorize.network_model(snapshot, "ema", None, torch.device("cpu"), {}, "compile", "fp32")
     assert compiled == [dict(dynamic=False)]
     for seeds in (np.arange(5), np.arange(5, 7)):
         x, labels = sample_memorize.initial_state(seeds, (1, R, R), [0, 1, 2], torch.float32, "cpu")
@@ -253,7 +255,7 @@ def test_early_stopping_at_sigma_max_returns_the_denoised_initial_noise(snapshot
 
 def test_guidance_weight_zero_is_the_unguided_sampler_and_nonzero_weights_change_it(snapshot, tmp_path):
     model = net_model(snapshot)
-    res = run([snapshot, "--guidance-weights", "0", "1", "--neg", "uncond"], tmp_path)
+    res = run([snapshot, "--guidance-weights", "0", "1", "--neg", "uncond", "--precision", "fp32"], tmp_path)
     sigmas = common.edm_sigmas(6)
     x, labels = sample_memorize.initial_state(np.arange(8), (1, R, R), [0, 1, 2], torch.float32, "cpu")
     plain = common.sample_ode(lambda y, s: model.denoise(y, torch.full((8,), s), labels), x, sigmas)
@@ -420,6 +422,7 @@ def test_optimal_denoiser_samples_are_copies_and_results_have_documented_shapes(
     res = run(["--optimal", "--data-dir", data_dir, "--n", "6", "--resolution", str(R), "--cond", "class"], tmp_path)
     C, M, P = 1, 8, 3
     assert res["memorized_fraction"].tolist() == [1.0] and res["memorized_ci"].shape == (C, 2)
+    assert "precision" not in json.loads(str(res["settings"])), "no network ran: --precision changes nothing"
     assert (res["d_train"] < 1e-3).all() and (res["nn_ratio"] < 1 / 3).all() and (res["d_val"] > 1).all()
     assert res["samples"].shape == (C, M, 1, R, R) and res["labels"].shape == (C, M)
     assert set(res["nn_train_index"].ravel()) <= set(common.choose_subset(24, 6, 0).tolist())
@@ -592,8 +595,15 @@ def test_out_with_other_settings_or_configurations_this_call_would_leave_out_is_
     out, free = tmp_path / "mem.npz", tmp_path / "mem-2.npz"
     base = [*SMALL, snapshot, "--out", str(out)]
     sample_memorize.main([*base, "--guidance-weights", "0", "1"])
+    stored = common.load_npz(str(out))
+    chosen = common.choose_precision("auto", "cpu")  # auto is stored as what it chose here
+    assert stored["args"]["precision"] == chosen and json.loads(str(stored["settings"]))["precision"] == chosen
+    sample_memorize.main([*base, "--guidance-weights", "0", "1", "--precision", "fp32", "--force"])
+    base += ["--precision", "fp32"]
     before, _ = out.read_bytes(), capsys.readouterr()
     for argv, reason in [
+            (["--guidance-weights", "0", "1", "--precision", "bf16"], "was made with other settings (precision fp32 "
+                                                                      "-> bf16)"),
             (["--guidance-weights", "1"], "holds 1 configuration(s) not asked for here (other snapshots or guidance "
                                           "weights) that this call would leave out"),
             (["--guidance-weights", "0", "1", "--num-samples", "6"], "was made with other settings (num_samples 8 -> 6)")]:

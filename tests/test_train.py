@@ -162,7 +162,7 @@ def test_augmented_run_trains_on_augmented_images_told_their_parameters(augmente
     # sampling and evaluation give no augmentation parameters: the network as if a = 0
     denoiser, _ = common.load_denoiser(ckpt)
     x, sigma, labels = torch.randn(3, 1, 16, 16), torch.tensor([0.3, 1.0, 3.0]), torch.tensor([0, 4, 10])
-    torch.testing.assert_close(common.network_denoiser(denoiser, "cpu")(x, sigma, labels),
+    torch.testing.assert_close(common.network_denoiser(denoiser, "cpu", precision="fp32")(x, sigma, labels),
                                denoiser(x, sigma, labels, torch.zeros(3, common.AUGMENT_DIM)), rtol=0, atol=0)
 
 
@@ -177,7 +177,7 @@ def test_a_snapshot_of_the_earlier_six_value_augmentation_still_loads_and_sample
     denoiser, _ = common.load_denoiser(snapshot(tmp_path, 40))
     assert denoiser.config["augment_dim"] == 6 and denoiser.net.augment_embed.in_features == 6
     x, sigma, labels = torch.randn(3, 1, 16, 16), torch.tensor([0.3, 1.0, 3.0]), torch.tensor([0, 4, 10])
-    denoise = common.network_denoiser(denoiser, "cpu")
+    denoise = common.network_denoiser(denoiser, "cpu", precision="fp32")
     torch.testing.assert_close(denoise(x, sigma, labels), denoiser(x, sigma, labels, torch.zeros(3, 6)), rtol=0,
                                atol=0)
     samples = common.sample_ode(lambda x, s: denoise(x, torch.full((len(x),), s), labels), x * 80,
