@@ -1088,10 +1088,10 @@ def network_denoiser(denoiser, device, mode="auto", precision="auto"):
     mode: eager, compile or auto (compile_mode, counting this process group's processes). Compiled, sigma
     and labels go in as (B,) tensors and each batch is padded to the largest one so far (pad_rows), so that
     a smaller last batch needs no new compilation or CUDA graph; the output is sliced back (and copied out
-    of the CUDA graph's memory, which the next call reuses). A call whose x requires gradients runs eager, in
-    float32. The
-    first two calls of each shape (compilation, CUDA-graph recording) run under a CompileGuard: in mode auto a
-    failing compilation gives the eager output, and every later call runs eager."""
+    of the CUDA graph's memory, which the next call reuses). A call whose x requires gradients (the correlation
+    radius) runs eager and in float32, so that no bf16 rounding floor lies under small |dD/dx|. The first two
+    calls of each shape (compilation, CUDA-graph recording) run under a CompileGuard: in mode auto a failing
+    compilation gives the eager output, and every later call runs eager."""
     device = torch.device(device)
     cuda = device.type == "cuda"
     bf16 = choose_precision(precision, device) == "bf16"
@@ -1102,8 +1102,8 @@ def network_denoiser(denoiser, device, mode="auto", precision="auto"):
     requested = mode
     mode, graphs = compile_mode(mode, cuda, world)
 
-    def forward(x, sigma, labels=None):  # wanting gradients (eval_gap.correlation_radius): float32, so that no
-        rounded = bf16 and not (torch.is_grad_enabled() and x.requires_grad)  # bf16 floor lies under small |dD/dx|
+    def forward(x, sigma, labels=None):
+        rounded = bf16 and not (torch.is_grad_enabled() and x.requires_grad)  # gradients: float32
         with torch.autocast(device.type, torch.bfloat16) if rounded else contextlib.nullcontext():
             return denoiser(x, sigma, labels)
     if mode == "eager":
