@@ -21,6 +21,7 @@ if ! PY_INFO=$("$PY" -c 'import sys, torch; print(sys.executable, "with torch", 
     exit 2
 fi
 echo "python: $PY_INFO"
+[ ! -e "$OUT" ] || [ -d "$OUT" ] || { echo "error: $OUT is a file, not a folder: give quick.sh another OUT" >&2; exit 2; }
 STEPS=${STEPS:-2400}
 PRECISION=${PRECISION:-auto}  # training and network inference: auto (bf16 on CPUs with bf16 units, else fp32), fp32, bf16
 DATA="--data fashion-mnist --resolution 16"
