@@ -39,14 +39,15 @@ pipeline() {  # pipeline N: train on n = N images, then the gap and the samples 
         --out "$OUT/samples/$run.npz"
 }
 
-references() {  # the two reference samplers; the first of them trains the classifier features once (cached),
-    # on every core once the toy study is done
-    $PY sample_memorize.py --optimal $DATA --n 32 --num-samples 512 --out "$OUT/samples/optimal-n32.npz"
-    $PY sample_memorize.py --gaussian $DATA --n 128 --num-samples 512 --out "$OUT/samples/gaussian-n128.npz"
+references() {  # the two reference samplers; the first of them trains the classifier features once (cached)
+    $PY sample_memorize.py --optimal $DATA --n 32 --num-samples 512 --threads "$THREADS" \
+        --out "$OUT/samples/optimal-n32.npz"
+    $PY sample_memorize.py --gaussian $DATA --n 128 --num-samples 512 --threads "$THREADS" \
+        --out "$OUT/samples/gaussian-n128.npz"
 }
 
 mkdir -p "$OUT/logs"
-references > "$OUT/logs/references.log" 2>&1 & refs=$!  # beside the toy study (one thread)
+references > "$OUT/logs/references.log" 2>&1 & refs=$!  # beside the toy study, one core each
 $PY toy2d.py all --out "$OUT/toy2d"
 wait "$refs" || { echo "error: the reference samplers failed, see $OUT/logs/references.log" >&2; exit 1; }
 tail -n 1 "$OUT/logs/references.log"
