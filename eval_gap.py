@@ -58,10 +58,10 @@ Running: the networks' forward passes run as `--forward-mode` says: eager, or co
 with one process in mode reduce-overhead, with CUDA graphs; an explicit compile that cannot work stops at the
 start); auto compiles on CUDA with one process, runs eager otherwise, and goes on eager after one line when
 compiling fails. `--precision` is the networks' arithmetic: bf16 autocast or float32 (auto: bf16 on CUDA and on
-CPUs with bf16 units, as train_image.py; stored resolved in `args` and the settings); the errors E, the optimal
-denoiser and the intervals stay float32/float64, and gradients (the correlation radius) float32. `--batch` (image,
-sigma) pairs go through a forward pass at a time; `--threads 0` lets `common.choose_threads` choose. Snapshots of
-different runs are refused unless `--allow-mixed`.
+CPUs with bf16 units, as train_image.py; stored as chosen in `args` and the settings where a network runs); the
+errors E, the optimal denoiser and the intervals stay float32/float64, and gradients (the correlation radius)
+float32. `--batch` (image, sigma) pairs go through a forward pass at a time; `--threads 0` lets
+`common.choose_threads` choose. Snapshots of different runs are refused unless `--allow-mixed`.
 
 Writes `--out` (.npz; C models, S sigmas, K feature sigmas, J radius sigmas). Its default is
 `RUN_DIR/gap[-raw][-guided][-windows].npz` for a run folder, `RUN_DIR/gap-SNAPSHOT[-raw][-guided][-windows].npz`
@@ -110,8 +110,7 @@ from common import check
 
 SCRIPT = os.path.basename(__file__)  # stored in the result file (common.save_npz)
 # Arguments that change the numbers of a row; a cached row is reused only when they all match.
-SETTINGS = ("num_images", "seed", "guidance_weights", "neg", "features", "feature_sigmas", "data_dir", "bootstrap",
-            "precision")
+SETTINGS = ("num_images", "seed", "guidance_weights", "neg", "features", "feature_sigmas", "data_dir", "bootstrap")
 # ... and, only when their option is given (so that earlier files keep their rows), these
 OPTIONAL_SETTINGS = {"windows": ("windows", "window_steps", "window_mode"),
                      "jacobian_sigmas": ("jacobian_sigmas", "jacobian_images", "jacobian_pixels")}
@@ -679,6 +678,8 @@ def eval_settings(args, sigmas, neg_digest):
     settings = {key: getattr(args, key) for key in SETTINGS + tuple(optional)}
     settings.update(sigmas=[float(s) for s in sigmas], neg=neg_digest)
     settings.update({f"{option}_rule": rule for option, rule in RULES.items() if getattr(args, option)})
+    if args.precision is not None:  # a network runs (else --precision changes nothing)
+        settings["precision"] = args.precision
     return json.loads(json.dumps(settings))
 
 
@@ -775,10 +776,11 @@ def main(argv=None):
 def evaluate(args, rank, world, device):
     say = common.say
     common.check_compile(args.forward_mode, device, "--forward-mode")
-    args.precision = common.choose_precision(args.precision, device)  # as stored in --out
     old = common.earlier_result(args.out, SCRIPT, args.force)
     snapshots = [read_snapshot(path, args.weights, args.data_dir) for path in common.find_snapshots(args.snapshots)]
     common.check_same_run([(s["path"], s["run"]) for s in snapshots], args.allow_mixed)
+    networks = bool(snapshots) or args.guidance_weights is not None and args.neg != "uncond"
+    args.precision = common.choose_precision(args.precision, device) if networks else None  # as stored in --out
     opt_source = None
     if args.optimal:
         if snapshots:
@@ -839,9 +841,8 @@ def evaluate(args, rank, world, device):
             total += (len(restrictions) * len(weights) * len(args.jacobian_sigmas) * images
                       * min(args.jacobian_pixels or H * W, H * W) * C)
     say(f"{len(snapshots)} snapshot(s){' + the optimal denoiser' if opt_source is not None else ''}: "
-        f"{len(models) - len(todo)} reused from {out_path}, {len(todo)} to evaluate on {device} (networks in "
-        f"{args.precision})"
-        f"{f' ({world} processes)' if world > 1 else ''}")
+        f"{len(models) - len(todo)} reused from {out_path}, {len(todo)} to evaluate on {device}"
+        f"{f' (networks in {args.precision})' if networks else ''}{f' ({world} processes)' if world > 1 else ''}")
     rows, opt_key = dict(cache), models[-1][0] if opt_source is not None else None
     progress = dict(done=0)
     common.on_interrupt(lambda: f"after {progress['done']} of {len(todo)} evaluations: {out_path} keeps the "

@@ -27,9 +27,10 @@ forward passes run as `--forward-mode` says: eager, or compiled (torch.compile; 
 reduce-overhead, with CUDA graphs; an explicit compile that cannot work stops at the start); auto compiles on CUDA
 with one process, runs eager otherwise, and goes on eager after one line when compiling fails. `--precision` is
 the networks' arithmetic: bf16 autocast or float32 (auto: bf16 on CUDA and on CPUs with bf16 units, as
-train_image.py; stored resolved in `args` and the settings); the sampler's state, the reference samplers, the LLR
-and the features stay float32/float64. `--batch` samples go through the sampler at a time per process;
-`--threads 0` lets `common.choose_threads` choose. Snapshots of different runs are refused unless `--allow-mixed`.
+train_image.py; stored as chosen in `args` and the settings where a network runs); the sampler's state, the
+reference samplers, the LLR and the features stay float32/float64. `--batch` samples go through the sampler at a
+time per process; `--threads 0` lets `common.choose_threads` choose. Snapshots of different runs are refused
+unless `--allow-mixed`.
 
 Measures (docs/results.md, "Measures, and why they can fail"). Copies: a sample copies when d1/d2 < 1/3 to its nearest
 and second-nearest distinct training image (`--bootstrap` resamples give the interval). Fréchet distances in

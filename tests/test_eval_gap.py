@@ -158,6 +158,7 @@ def test_run_folder_gives_all_snapshots_in_order_with_documented_keys_and_shapes
 def test_optimal_denoiser_training_error_vanishes_as_sigma_falls_while_validation_does_not(data_dir, tmp_path):
     r = evaluate(data_dir, tmp_path / "opt.npz", "--optimal", "--n", str(N_SUBSET), "--resolution", str(RES))
     e_train, e_val = r["e_train_optimal"][0], r["e_val_optimal"][0]
+    assert "precision" not in json.loads(str(r["eval_settings"])), "no network ran: --precision changes nothing"
     np.testing.assert_array_equal(r["e_train"], r["e_train_optimal"])
     assert list(r["checkpoints"]) == ["optimal"] and r["e_train"].shape == (1, len(SIGMAS))
     assert e_train[0] < 1e-12 and e_train[1] < 1e-6
