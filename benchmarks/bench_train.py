@@ -85,7 +85,7 @@ def bench_preset(args, size, precision, device):
     if cuda:
         net = net.to(memory_format=torch.channels_last)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
-    opt = torch.optim.Adam(net.parameters(), lr=1e-4, fused=True if cuda else None)
+    opt = train_image.adam(net, 1e-4, device)
     gen = torch.Generator(device).manual_seed(args.seed)
     y = torch.rand(args.batch, args.channels, args.resolution, args.resolution, device=device) * 2 - 1
     y = y.contiguous(memory_format=torch.channels_last if cuda else torch.contiguous_format)

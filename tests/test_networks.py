@@ -202,6 +202,26 @@ def test_channels_last_and_bf16_autocast_agree_with_float32(model):
     assert (low - ref).abs().max() < 0.05 * ref.abs().max()
 
 
+def test_attention_written_out_on_a_cpu_is_torchs_kernel_in_every_dtype_and_gradient():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 64, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    ref = F.scaled_dot_product_attention(q, k, v)  # multi-head (B, heads, tokens, d), as in the DiT
+    out = common.attention(q, k, v)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
+    cot = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), cot), torch.autograd.grad(ref, (q, k, v), cot)):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+    q32, k32, v32 = (t.detach().float() for t in (q, k, v))
+    torch.testing.assert_close(common.attention(q32, k32, v32).double(), ref.detach(), atol=2e-6, rtol=0)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 inputs, float32 inside
+        q16, k16, v16 = (t.bfloat16() for t in (q32, k32, v32))
+        low, fused = common.attention(q16, k16, v16), F.scaled_dot_product_attention(q16, k16, v16)
+        exact = F.scaled_dot_product_attention(q16.double(), k16.double(), v16.double())
+    assert low.dtype == torch.bfloat16
+    assert (low.double() - exact).abs().max() <= 1.01 * (fused.double() - exact).abs().max(), "as accurate"
+
+
 def test_denoiser_keeps_float64_inputs_in_float64():
     denoiser = common.build_network("unet", "tiny", 16, 1)
     x = torch.randn(2, 1, 16, 16, dtype=torch.float64)

@@ -78,6 +78,23 @@ def interrupt(loss):
     raise KeyboardInterrupt
 
 
+def test_adam_is_fused_on_a_cpu_and_steps_like_torchs_loop_up_to_rounding():
+    torch.manual_seed(0)
+    net = common.build_network("unet", "tiny", 16, 1)
+    loop_net = common.build_network("unet", "tiny", 16, 1)
+    loop_net.load_state_dict(net.state_dict())
+    fused, loop = train_image.adam(net, 2e-3, torch.device("cpu")), torch.optim.Adam(loop_net.parameters(), lr=2e-3)
+    assert fused.defaults["fused"] and not loop.defaults["fused"]
+    for _ in range(5):
+        for p, q in zip(net.parameters(), loop_net.parameters()):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        fused.step()
+        loop.step()
+    for p, q in zip(net.parameters(), loop_net.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-7, rtol=1e-6)
+
+
 def test_snapshot_is_a_plain_dict_with_the_documented_keys(baseline):
     path = snapshot(baseline, 40)
     ckpt = torch.load(path, weights_only=True)  # tensors and plain values only: no code from the file runs
