@@ -37,6 +37,7 @@ import io
 import itertools
 import json
 import math
+import multiprocessing
 import os
 import pickle
 import random
@@ -2282,6 +2283,39 @@ def choose_threads(flops_per_call=None, requested=0):
         threads = 1 if flops_per_call < ONE_THREAD_BELOW_FLOPS else DEFAULT_THREADS
     torch.set_num_threads(threads)
     return threads
+
+
+_FORKED_JOBS = []  # in_processes' jobs: forked processes inherit them, so that closures need no pickling
+
+
+def _run_forked_job(index):
+    """One of in_processes' jobs, in a forked process of one torch thread: (its result, what it printed)."""
+    torch.set_num_threads(1)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        result = _FORKED_JOBS[index]()
+    return result, printed.getvalue()
+
+
+def in_processes(jobs, processes):
+    """[job() for job in jobs], run by up to `processes` forked processes of one torch thread each, for
+    single-threaded CPU work (figures, toy experiments; a forked process cannot use CUDA), started in the list's
+    order (put the longest first). What a job prints is printed here, job by job in the list's order; a job's
+    exception is raised here; its result must pickle. One process, one job, or a system other than Linux (where
+    forking is unsafe or missing): the jobs run here, one by one."""
+    processes = min(processes, len(jobs))
+    if processes <= 1 or sys.platform != "linux":
+        return [job() for job in jobs]
+    _FORKED_JOBS[:] = jobs
+    results = []
+    try:
+        with multiprocessing.get_context("fork").Pool(processes) as pool:
+            for result, printed in pool.imap(_run_forked_job, range(len(jobs))):
+                print(printed, end="", flush=True)
+                results.append(result)
+    finally:
+        _FORKED_JOBS.clear()
+    return results
 
 
 PRECISIONS = ("auto", "fp32", "bf16")  # --precision of the training step and of inference (choose_precision)

@@ -25,7 +25,8 @@ summary table (per run: parameters, n, images seen, peak G with its interval and
 overlap and score, Fréchet gaps) is printed and written to `summary.txt`; snapshots that have both an eval_gap.py
 and an unguided sample_memorize.py result also give `claim3_map.png` and its table `claim3_map.txt`: copies and
 the trajectory score against the peak of G, per training set size n. `--seed`, `--device` and `--threads` are
-accepted for a uniform command line and unused: figures are deterministic and need no device.
+accepted for a uniform command line and unused: figures are deterministic and need no device. `--threads` figures
+are drawn at once, one process each on Linux (default: one per core).
 """
 import argparse
 import json
@@ -50,8 +51,8 @@ def parse_args(argv=None):
     common.add_run_args(p, seed="unused: figures are deterministic (kept for a uniform command line)",
                         device="unused: figures need no device (kept for a uniform command line)",
                         out="figure folder (default: RESULTS_DIR/figures)")
-    p.add_argument("--threads", type=int, default=0, help="unused: figures need no torch threads (kept for a "
-                   "uniform command line)")
+    p.add_argument("--threads", type=common.non_negative_int, default=0, help="figures drawn at once, one process "
+                   "each, on Linux (0: one per core, as torch's threads: OMP_NUM_THREADS, else the cores)")
     return p.parse_args(argv)
 
 
@@ -637,23 +638,26 @@ def main(argv=None):
                  f"below {args.results}")
     with common.exclusive(out):  # one process per figure folder; then no live writer has a temp file in it
         common.remove_temp_files(out, r".*\.(png|pdf)|summary\.txt")
-        write_figures(args.results, out, found)
+        write_figures(args.results, out, found, args.threads or common.DEFAULT_THREADS)
 
 
-def write_figures(results, out, found):
+def write_figures(results, out, found, processes=1):
     """Every figure the results in `found` (find_results of the folder `results`) allow, and the summary, into
-    the folder `out`."""
+    the folder `out`; the figures drawn by up to `processes` processes at once (common.in_processes)."""
     gap_results, mem_results = found.get("gap", []), found.get("memorization", [])
-    written = []
+    jobs = []  # one per figure: draw it, save it, say so; its PNG path, or None where it was skipped
 
     def draw(name, make, *inputs):
         def make_and_save():
             fig = make(*inputs)
             return None if fig is None else common.save_figure(fig, os.path.join(out, name + ".png"))
-        path = attempt(name, make_and_save)
-        if path is not None:
-            written.append(path)
-            print(f"wrote {path} (and .pdf)")
+
+        def job():
+            path = attempt(name, make_and_save)
+            if path is not None:
+                print(f"wrote {path} (and .pdf)")
+            return path
+        jobs.append(job)
 
     for name, data in gap_results:
         if np.size(data.get("images_seen")) > 1:
@@ -684,6 +688,7 @@ def write_figures(results, out, found):
         draw(f"training_{name}", fig_train_log, data)
     for name, data in found.get("toy", []):
         draw(f"toy_{name}", fig_toy, data)
+    written = [path for path in common.in_processes(jobs, processes) if path is not None]
     for missing, what in (("gap", "eval_gap.py"), ("memorization", "sample_memorize.py")):
         if missing not in found:
             print(f"note: no {what} results below {results}: their figures are skipped")

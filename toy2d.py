@@ -13,7 +13,9 @@ same flags. The points lie at angles 2 pi (k/N + 0.01), or at seeded random angl
 steps as their sigma grid unless `--sigmas` is given; `flow` takes its (three) `--sigmas` as they are,
 `field` and `manifold` take the first, `field` snapped to the nearest grid sigma. `--threads` is 1 by
 default: the toy's operations are too small to gain from more threads, and on cores shared with other jobs
-two threads made the `samples` panel 10x slower than one. On mps the toy runs on the CPU (it needs float64).
+two threads made the `samples` panel 10x slower than one. `all` runs `--jobs` experiments at once on a CPU with
+one thread, one process each on Linux (default: one per core), the longest (`samples`) first. On mps the toy runs on the CPU (it needs
+float64).
 
 Result keys (K deltas, or weights in `guidance`, or circle sizes in `density`; S sigmas, T samples, A
 angles, R seeds, G grid points per axis, P training points, J noise draws per point). Every file has `args` (JSON, with
@@ -40,6 +42,7 @@ angles, R seeds, G grid points per axis, P training points, J noise draws per po
   over the seeds.
 """
 import argparse
+import functools
 import os
 import time
 
@@ -101,6 +104,9 @@ def parse_args(argv=None):
                         "lacks), cpu, cuda, cuda:N")
     p.add_argument("--threads", type=int, default=1, help="CPU threads of torch while it runs (0: torch's own "
                    "choice; the toy's small operations gain nothing from more)")
+    p.add_argument("--jobs", type=common.non_negative_int, default=0, help="all: experiments run at once on a "
+                   "CPU with --threads 1, one process each, on Linux (0: one per core, as torch's threads: "
+                   "OMP_NUM_THREADS, else the cores)")
     args = p.parse_args(argv)
     check(args.experiment not in RENAMED, f"experiment {args.experiment!r} is now "
           f"{RENAMED.get(args.experiment)!r} (a Fréchet distance of 2D samples could not tell memorizing "
@@ -202,6 +208,14 @@ class Toy:
 # Experiments: each returns the arrays of its .npz and draws its figure
 # ---------------------------------------------------------------------------
 
+show_bars = True  # False in the processes of `all --jobs`, whose bars would overwrite each other
+
+
+def progress(items, desc):
+    """A progress bar over items, left off the screen when done (none when show_bars is False)."""
+    return tqdm(items, desc=desc, leave=False, disable=not show_bars)
+
+
 def mark_data(ax, out, legend=False, train_color="k", val_color="tab:green"):
     """The experiment's training points (dots) and validation points (crosses) on a panel of the plane, with
     the legend of everything drawn on it so far when `legend` (the first panel)."""
@@ -246,7 +260,7 @@ def exp_flow(args):
 def exp_delta(args):
     """(b) G(sigma) for model errors delta (symmetric circle, N = 20)."""
     toy = Toy(args, "delta")
-    curves = [toy.gap(delta_model(toy.train, d)) for d in tqdm(toy.deltas, desc="delta", leave=False)]
+    curves = [toy.gap(delta_model(toy.train, d)) for d in progress(toy.deltas, "delta")]
     e_train, e_val, gap = (torch.stack(c).cpu().numpy() for c in zip(*curves))
     out = dict(sigmas=toy.grid.cpu().numpy(), deltas=np.array(toy.deltas), e_train=e_train, e_val=e_val, gap=gap,
                **toy.common_keys())
@@ -258,7 +272,7 @@ def exp_density(args):
     """(c) G(sigma) for denser support: N points on the circle, N/2 training points, fixed delta."""
     toy = Toy(args, "density")
     gaps, e_trains, e_vals, n_train = [], [], [], []
-    for n in tqdm(toy.n_points, desc="density", leave=False):
+    for n in progress(toy.n_points, "density"):
         t = Toy(args, "density", n_points=n)
         e_train, e_val, gap = t.gap(delta_model(t.train, toy.deltas[0]))
         gaps.append(gap), e_trains.append(e_train), e_vals.append(e_val), n_train.append(len(t.train))
@@ -281,7 +295,7 @@ def exp_field(args):
     noise = toy.noise_train[:1].expand(len(plane), -1, -1)   # the same draws for every point in the plane
     sig = torch.tensor([sigma], dtype=torch.float64, device=args.device)
     fields = []
-    for delta in tqdm(toy.deltas, desc="field", leave=False):
+    for delta in progress(toy.deltas, "field"):
         model = delta_model(toy.train, delta)
         e_train = toy_error(model, toy.train, toy.noise_train, sig).mean()
         e_plane = toy_error(model, plane, noise, sig)[0]
@@ -323,7 +337,7 @@ def exp_manifold(args):
     train_angles, val_angles = toy.angles[0::2].to(dev), toy.angles[1::2].to(dev)
     sig = torch.tensor([sigma], dtype=torch.float64, device=dev)
     error, e_train, e_at_train, e_at_val = [], [], [], []
-    for delta in tqdm(toy.deltas, desc="manifold", leave=False):
+    for delta in progress(toy.deltas, "manifold"):
         model = delta_model(toy.train, delta)
         error.append(toy_error(model, *on_circle(angles, toy.radius, draws), sig)[0])
         e_at_train.append(toy_error(model, *on_circle(train_angles, toy.radius, draws), sig)[0])
@@ -363,7 +377,7 @@ def exp_guidance(args):
     weights = args.guidance_weights if args.guidance_weights is not None else DEFAULTS["guidance"]["weights"]
     pos, neg = (delta_model(toy.train, d) for d in toy.deltas)
     curves = [toy.gap(common.guided_denoiser(pos, neg, w))
-              for w in tqdm(weights, desc="guidance", leave=False)]
+              for w in progress(weights, "guidance")]
     e_train, e_val, gap = (torch.stack(c).cpu().numpy() for c in zip(*curves))
     out = dict(sigmas=toy.grid.cpu().numpy(), weights=np.array(weights), delta_pos=toy.deltas[0],
                delta_neg=toy.deltas[1], e_train=e_train, e_val=e_val, gap=gap, **toy.common_keys())
@@ -388,7 +402,7 @@ def exp_trajectories(args):
     """(g) ODE trajectories from N(0, 80^2 I) for small delta, and their endpoints' distance to the data."""
     toy = Toy(args, "trajectories")
     endpoints, dists, paths = [], [], []
-    for delta in tqdm(toy.deltas, desc="trajectories", leave=False):
+    for delta in progress(toy.deltas, "trajectories"):
         end, traj = sample_toy(delta_model(toy.train, delta), args.num_samples, args.steps, args.seed,
                                args.device, record=True)
         endpoints.append(end)
@@ -440,7 +454,7 @@ def exp_samples(args):
     toy = Toy(args, "samples")
     seeds = list(range(args.seed, args.seed + args.num_seeds))
     rows = []
-    for seed in tqdm(seeds, desc="samples", leave=False):
+    for seed in progress(seeds, "samples"):
         t = toy if seed == args.seed else Toy(args, "samples", seed=seed)
         for delta in toy.deltas:
             samples = sample_toy(delta_model(t.train, delta), args.num_samples, args.steps, seed, args.device)
@@ -485,7 +499,6 @@ def exp_samples(args):
 
 RUNNERS = {name: globals()[f"exp_{name}"] for name in EXPERIMENTS}
 
-
 def check_experiments(args, names):
     """UserError for arguments that one of the experiments to run cannot use, before the first one runs."""
     shared = " (all: every experiment gets the same flags)" if len(names) > 1 else ""
@@ -508,15 +521,24 @@ def main(argv=None):
         if args.threads:
             torch.set_num_threads(args.threads)
         try:
-            for name in tqdm(names, desc="toy2d", disable=len(names) == 1):
-                run_experiment(name, args)
+            processes = (args.jobs or common.DEFAULT_THREADS) if args.device == "cpu" and args.threads == 1 else 1
+            if processes > 1:  # the longest first; each process prints its lines, without progress bars
+                order = sorted(names, key=lambda name: name != "samples")
+                common.in_processes([functools.partial(run_experiment, name, args, False) for name in order],
+                                    processes)
+            else:
+                for name in tqdm(names, desc="toy2d", disable=len(names) == 1):
+                    run_experiment(name, args)
         finally:
             torch.set_num_threads(threads)
 
 
-def run_experiment(name, args):
-    """Run one experiment, write its .npz and figure, print what it wrote and its headline numbers."""
+def run_experiment(name, args, bars=True):
+    """Run one experiment, write its .npz and figure, print what it wrote and its headline numbers (with its
+    progress bars unless `bars` is False)."""
     start = time.time()
+    global show_bars
+    show_bars = bars
     out, fig = RUNNERS[name](args)
     npz = common.save_npz(os.path.join(args.out, f"{name}.npz"), args=vars(args) | {"experiment": name},
                           script=SCRIPT, **out)

@@ -3,6 +3,7 @@ command-line helpers."""
 import math
 import os
 import random
+import sys
 
 import numpy as np
 import pytest
@@ -620,3 +621,25 @@ def test_result_files_name_their_script_and_other_programs_files_are_not_replace
     np.savez(tmp_path / "args.npz", args=np.array("not json"))
     with pytest.raises(common.UserError, match="'args' entry that is not the JSON"):
         common.load_npz(str(tmp_path / "args.npz"))
+
+
+def test_in_processes_gives_each_jobs_result_and_print_in_order_from_other_processes_and_raises_its_error(capsys):
+    def job(i):
+        def run():
+            print(f"job {i}")
+            return i * i, os.getpid(), torch.get_num_threads()
+        return run
+    results = common.in_processes([job(i) for i in range(5)], 2)
+    assert [square for square, _, _ in results] == [0, 1, 4, 9, 16]
+    assert capsys.readouterr().out == "".join(f"job {i}\n" for i in range(5))
+    pids = {pid for _, pid, _ in results}
+    if sys.platform == "linux":  # forked: other processes, of one torch thread each
+        assert os.getpid() not in pids and len(pids) <= 2 and {t for _, _, t in results} == {1}
+    else:
+        assert pids == {os.getpid()}
+    assert {pid for _, pid, _ in common.in_processes([job(0), job(1)], 1)} == {os.getpid()}  # one process: here
+
+    def fails():
+        raise ValueError("a broken figure")
+    with pytest.raises(ValueError, match="a broken figure"):
+        common.in_processes([job(0), fails, job(2)], 2)

@@ -259,3 +259,17 @@ def test_window_figure_shows_g_of_the_last_snapshot_per_window_and_the_others_th
     lines = figures.fig_gap_by_window(guided).axes[0].get_lines()
     np.testing.assert_array_equal(lines[0].get_ydata(), win["gap"][0, -1])
     figures.plt.close("all")
+
+
+def test_figures_drawn_by_two_processes_are_the_bytes_and_lines_of_one(tmp_path, capsys):
+    write_gap(tmp_path / "gap" / "small.npz")
+    write_memorization(tmp_path / "samples" / "small.npz")
+    printed = {}
+    for threads in ("1", "2"):
+        figures.main([str(tmp_path), "--threads", threads, "--out", str(tmp_path / f"figs{threads}")])
+        printed[threads] = capsys.readouterr().out.replace(f"figs{threads}", "figs")
+    assert printed["1"] == printed["2"] and "wrote" in printed["1"]
+    one = sorted(p.name for p in (tmp_path / "figs1").iterdir())
+    assert len(one) > 10 and one == sorted(p.name for p in (tmp_path / "figs2").iterdir())
+    for name in one:
+        assert (tmp_path / "figs1" / name).read_bytes() == (tmp_path / "figs2" / name).read_bytes(), name

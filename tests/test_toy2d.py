@@ -228,3 +228,20 @@ def test_a_file_another_program_wrote_in_out_is_not_replaced_unless_force(tmp_pa
     run(tmp_path, "delta")  # its own file: replaced
     run(tmp_path, "samples", "--force", "--num-seeds", "1")
     assert common.load_npz(str(tmp_path / "samples.npz"))["script"] == "toy2d.py"
+
+
+def test_all_in_two_processes_writes_what_one_process_writes_and_says_so_longest_first(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(toy2d, "EXPERIMENTS", ["delta", "samples"])
+    lines = {}
+    for jobs in ("1", "2"):
+        toy2d.main(["all", "--jobs", jobs, "--num-seeds", "1", "--out", str(tmp_path / jobs), *FAST])
+        lines[jobs] = [line.split(":")[0] for line in capsys.readouterr().out.splitlines()]
+    forked = sys.platform == "linux"  # elsewhere one at a time, in order
+    assert lines == {"1": ["delta", "samples"], "2": ["samples", "delta"] if forked else ["delta", "samples"]}
+    for name in ("delta", "samples"):
+        one, two = (common.load_npz(str(tmp_path / jobs / f"{name}.npz")) for jobs in ("1", "2"))
+        assert sorted(one) == sorted(two)
+        for key in one:
+            if key != "args":
+                assert np.array_equal(one[key], two[key]), (name, key)
+        assert (tmp_path / "1" / f"{name}.png").read_bytes() == (tmp_path / "2" / f"{name}.png").read_bytes()
