@@ -24,9 +24,9 @@ a figure whose inputs are missing or unexpected is skipped with a note saying wh
 summary table (per run: parameters, n, images seen, peak G with its interval and sigma, copies, trajectory
 overlap and score, Fréchet gaps) is printed and written to `summary.txt`; snapshots that have both an eval_gap.py
 and an unguided sample_memorize.py result also give `claim3_map.png` and its table `claim3_map.txt`: copies and
-the trajectory score against the peak of G, per training set size n. `--seed`, `--device` and `--threads` are
-accepted for a uniform command line and unused: figures are deterministic and need no device. `--threads` figures
-are drawn at once, one process each on Linux (default: one per core).
+the trajectory score against the peak of G, per training set size n. `--seed` and `--device` are accepted for a
+uniform command line and unused: figures are deterministic and need no device. `--threads` figures are drawn at
+once, one process each on Linux (default: one per core).
 """
 import argparse
 import json

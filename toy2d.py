@@ -14,8 +14,8 @@ steps as their sigma grid unless `--sigmas` is given; `flow` takes its (three) `
 `field` and `manifold` take the first, `field` snapped to the nearest grid sigma. `--threads` is 1 by
 default: the toy's operations are too small to gain from more threads, and on cores shared with other jobs
 two threads made the `samples` panel 10x slower than one. `all` runs `--jobs` experiments at once on a CPU with
-one thread, one process each on Linux (default: one per core), the longest (`samples`) first. On mps the toy runs on the CPU (it needs
-float64).
+one thread, one process each on Linux (default: one per core), the longest (`samples`) first. On mps the toy runs
+on the CPU (it needs float64).
 
 Result keys (K deltas, or weights in `guidance`, or circle sizes in `density`; S sigmas, T samples, A
 angles, R seeds, G grid points per axis, P training points, J noise draws per point). Every file has `args` (JSON, with
@@ -498,6 +498,7 @@ def exp_samples(args):
 
 
 RUNNERS = {name: globals()[f"exp_{name}"] for name in EXPERIMENTS}
+
 
 def check_experiments(args, names):
     """UserError for arguments that one of the experiments to run cannot use, before the first one runs."""
