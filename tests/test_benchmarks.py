@@ -155,7 +155,8 @@ def test_gpu_check_stages_run_one_by_one_on_cpu_into_one_log_each_ending_with_th
                          text=True, cwd=root)
     assert bad.returncode == 2
     assert bad.stderr == "error: unknown --stage fit: choose bench, train, eval, sample or all\n"
-    rows = {"bench": r"^bench +bench_train U-Net tiny +img/s +[\d.]+ +[\d.]+ +[\d.]+x +\d+% of the bf16 matmul peak",
+    rows = {"bench": r"^bench +bench_train U-Net tiny +img/s +[\d.]+ +[\d.]+ +[\d.]+x +\d+% of the "
+                     rf"{common.choose_precision('auto', 'cpu')} matmul peak",
             "train": r"^train +train_image.py +img/s +[\d.]+ +[\d.]+ +[\d.]+x +default ran: eager, "
                      r"(bf16 autocast|float32) +\| +loss at step 1 0.0e\+00, last E_val 0.0e\+00$",
             "eval": r"^eval +eval_gap.py .*\| +E\(sigma\) e_train 0.0e\+00, e_val 0.0e\+00$",

@@ -341,8 +341,13 @@ def test_compiled_network_denoiser_pads_a_smaller_batch_and_gives_exactly_its_ro
         full, part, null = denoise(x, sigma, labels), denoise(x[:4], sigma[:4], labels[:4]), denoise(x[:3], 0.3)
         assert calls == [dict(dynamic=False)] and len(compiles) == 1, "no CUDA graphs on CPU; one shape, one graph"
         torch.testing.assert_close(full, denoiser(x, sigma, labels), rtol=0, atol=0)
-        torch.testing.assert_close(part, denoiser(x[:4], sigma[:4], labels[:4]), rtol=0, atol=0)
-        torch.testing.assert_close(null, denoiser(x[:3], torch.full((3,), 0.3), torch.full((3,), 3)), rtol=0, atol=0)
+        # exactly the rows of the padded batch (its last row repeated); within rounding of the batch run alone
+        # (some CPUs' convolution kernels round differently by batch size: AVX2, not AVX-512)
+        for out, args in ((part, (x[:4], sigma[:4], labels[:4])),
+                          (null, (x[:3], torch.full((3,), 0.3), torch.full((3,), 3)))):
+            padded = denoiser(*(common.pad_rows(a, len(x)) for a in args))
+            torch.testing.assert_close(out, padded[:len(out)], rtol=0, atol=0)
+            torch.testing.assert_close(out, denoiser(*args), rtol=1e-5, atol=1e-6)
     assert part.shape == (4, 1, 8, 8) and null.shape == (3, 1, 8, 8)
 
 
