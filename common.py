@@ -45,6 +45,7 @@ import re
 import sys
 import tarfile
 import tempfile
+import tokenize
 import urllib.request
 import warnings
 import zipfile
@@ -1655,6 +1656,12 @@ class TrainingSource:
         """Digest of what was learned (not of where the files are): source_digest."""
         return source_digest(self.dataset, self.resolution, self.subset, self.labels, self.centroids)
 
+    def content_digest(self):
+        """digest() and the contents of the images found for it (data_digests: the subset's and the validation
+        split's), for results that no snapshot's data check covers (the optimal and Gaussian denoisers)."""
+        found = data_digests(self.dataset, self.subset, self.data_dir)
+        return digest(self.digest(), found["train"], found["val"])
+
     def images(self):
         """The subset's images, float32 (n, C, R, R) in [-1, 1]."""
         images, _ = load_images(self.dataset, "train", self.data_dir)
@@ -1685,7 +1692,7 @@ def save_checkpoint(state, path):
     """Write a snapshot dict atomically (see atomic_write). It must hold tensors and plain Python values only
     (SNAPSHOT_ARRAYS and rng_state's numpy state as tensors), which torch.load(weights_only=True) reads
     without running any code from the file; the same contents give the same bytes."""
-    state = _interned(state)
+    state = _interned({**state, "format": FORMAT_VERSION})
     return atomic_write(path, lambda f: torch.save(state, f))
 
 
@@ -1707,7 +1714,7 @@ SNAPSHOT_NAME = re.compile(r"snapshot-(\d+)\.pt")  # snapshot-<images seen, at l
 # train_image.py arguments that a resumed run may change: they touch neither the weights nor the log's layout,
 # so they do not tell two runs apart either (eval_gap.py).
 RESUMABLE_ARGS = frozenset({"steps", "snapshots", "eval_every", "device", "step_mode", "compile", "threads", "out",
-                            "data_dir", "no_resume"})
+                            "data_dir", "no_resume", "resume_changed_code"})
 # train_image.py arguments newer than some snapshots, with the value that does what those runs did: load_checkpoint
 # fills them in, so that such a run resumes, and compares with its later snapshots, like one that had them
 # (precision: runs before --precision trained in float32 on a CPU, the only device they ran on).
@@ -1773,6 +1780,9 @@ def load_checkpoint(path, map_location="cpu"):
     check(isinstance(ckpt, dict) and ckpt.get("kind") == CHECKPOINT_KIND,
           f"{path} is not a denoiser snapshot (no kind {CHECKPOINT_KIND!r}); "
           "point to a snapshot-*.pt written by train_image.py")
+    check(ckpt.get("format") == FORMAT_VERSION, f"{path} was written by another version of this project (snapshot "
+          f"format {ckpt.get('format', 'none')}, this one reads {FORMAT_VERSION}): train it again with this version "
+          "(train_image.py --no-resume, or another --out), or use the version that wrote it")
     missing = [key for key in CHECKPOINT_KEYS if key not in ckpt]
     check(not missing, f"snapshot {path} lacks the keys {', '.join(missing)}; it is incomplete or foreign")
     for key in SNAPSHOT_ARRAYS:
@@ -2628,6 +2638,63 @@ def remove_temp_files(folder, names):
                 os.remove(os.path.join(folder, entry))
 
 
+# The layout of snapshots and result files: written into each (as 'format'); a file of another version is refused
+# with a line that says how to remake it.
+FORMAT_VERSION = 1
+_FSTRING_START = getattr(tokenize, "FSTRING_START", None)  # Python 3.12 and later split an f-string into tokens
+_FSTRING_END = getattr(tokenize, "FSTRING_END", None)
+_CODE = {}  # path -> its digest, read once per process (the code that runs is the code read at start)
+
+
+def _logical_lines(source):
+    """The tokens (type, text) of Python source per logical line, without comments, blank lines and indentation
+    widths; an f-string as one STRING token of its source text, as Python 3.11 reads it, on every version."""
+    starts = list(itertools.accumulate((len(line) for line in source.splitlines(keepends=True)), initial=0))
+    offset = lambda position: starts[position[0] - 1] + position[1]  # noqa: E731
+    line, depth, start = [], 0, None
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == _FSTRING_START:
+            depth, start = depth + 1, start if depth else tok.start
+        elif depth:
+            depth -= tok.type == _FSTRING_END
+            if not depth:
+                line.append((tokenize.STRING, source[offset(start):offset(tok.end)]))
+        elif tok.type in (tokenize.NEWLINE, tokenize.ENDMARKER):
+            yield line
+            line = []
+        elif tok.type not in (tokenize.COMMENT, tokenize.NL, tokenize.ENCODING):
+            line.append((tok.type, "" if tok.type == tokenize.INDENT else tok.string))
+
+
+def python_digest(path):
+    """Digest of what a Python file computes: its tokens without comments, blank lines, layout and docstrings
+    (statements that are a bare string, which do nothing), so that editing those keeps it and any other edit
+    changes it; the same on every Python version from 3.11."""
+    with open(path, encoding="utf-8") as f:
+        source = f.read()
+    h = hashlib.blake2b(digest_size=6)
+    for line in _logical_lines(source):
+        if line and all(kind in (tokenize.STRING, tokenize.INDENT, tokenize.DEDENT) for kind, _ in line):
+            line = [token for token in line if token[0] != tokenize.STRING]  # a docstring
+        h.update("".join(f"{tokenize.tok_name[kind]} {text}\n" for kind, text in line).encode() + b";\n")
+    return h.hexdigest()
+
+
+def code_identity(*paths):
+    """The identity of the code that computes a script's results: {file name: python_digest} of the script and the
+    modules of this project it imports (paths), each read once per process."""
+    for path in paths:
+        if path not in _CODE:
+            _CODE[path] = python_digest(path)
+    return {os.path.basename(path): _CODE[path] for path in paths}
+
+
+def code_changes(old, new):
+    """The files whose code differs between two code identities (code_identity), as 'a.py, b.py' ('' if none)."""
+    old = old if isinstance(old, dict) else {}
+    return ", ".join(name for name in sorted(set(old) | set(new)) if old.get(name) != new.get(name))
+
+
 def save_npz(path, args=None, script=None, **arrays):
     """Write an .npz atomically and byte-reproducibly (fixed zip timestamps); `args` (a dict or
     argparse.Namespace) is stored as a JSON string under 'args', `script` (the file name of the
@@ -2637,6 +2704,7 @@ def save_npz(path, args=None, script=None, **arrays):
                                              sort_keys=True, default=str))
     if script is not None:
         arrays["script"] = np.array(script)
+    arrays["format"] = np.int64(FORMAT_VERSION)
 
     def write(f):
         with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as zf:
@@ -2664,7 +2732,18 @@ def load_npz(path):
                                              "arguments: it was not written by this repository's scripts")
     if "script" in out:
         out["script"] = str(out["script"])
+    if "format" in out:
+        out["format"] = int(out["format"])
     return out
+
+
+def format_problem(data):
+    """Why a result file (a dict from load_npz) cannot be read by this version of the project, or None: it was
+    written by another version (its 'format')."""
+    if data.get("format") == FORMAT_VERSION:
+        return None
+    return (f"it was written by another version of this project (result format {data.get('format', 'none')}, "
+            f"this one reads {FORMAT_VERSION})")
 
 
 # Result files written before the 'script' entry existed: recognised by keys that only their script writes.
@@ -2730,8 +2809,9 @@ def earlier_result(path, script, force=False, option="--out"):
         writer = result_script(data)
     except UserError:
         data = writer = None
-    what = ("is not a result file it can read" if data is None else
-            f"holds results of {writer}" if writer else "was not written by it")
-    check(writer == script, f"{option} {path} exists and {what}, so {script} would replace it: give another "
-          f"{option}, or --force to replace it")
+    problem = format_problem(data) if data is not None and writer == script else None
+    what = ("is not a result file it can read" if data is None else "was not written by it" if writer is None
+            else f"holds results of {writer}" if writer != script else f"can't be reused: {problem}")
+    check(writer == script and not problem, f"{option} {path} exists and {what}, so {script} would replace it: "
+          f"give another {option}, or --force to replace it")
     return data

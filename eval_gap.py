@@ -99,6 +99,7 @@ import itertools
 import json
 import math
 import os
+import warnings
 
 import common  # first: it sets OpenMP's wait policy, which torch reads when it loads
 import numpy as np
@@ -119,7 +120,7 @@ OPTIONAL_SETTINGS = {"windows": ("windows", "window_steps", "window_mode"),
 RULES = {"windows": "on the grid, unpadded; cut: nearest (top + bottom) // 2",
          "jacobian_sigmas": "channel-diagonal blocks, all pixels q; fresh noise per sigma"}
 JACOBIAN_SIGMAS = 16  # the authors' radius: 16 sigmas log-spaced in [2e-3, 80]
-ROW_KEYS = ("e_train", "e_val", "peak_gap_ci", "fd_train", "fd_val", "radius_train", "radius_val")
+ROW_KEYS = ("e_train", "e_val", "peak_gap_ci", "gap_ci", "fd_train", "fd_val", "radius_train", "radius_val")
 ROUNDING = np.finfo(np.float64).eps  # E_train at most this share of E_val is rounding: G is inf there
 
 # this process's shard; count: images of all processes; fd: the shard's images in the Frechet subset
@@ -221,12 +222,12 @@ def peak_gap(gap):
     return np.where(np.isfinite(peak), peak, np.nan)
 
 
-def peak_gap_interval(err_train, err_val, n_boot=1000, seed=0, level=0.95):
-    """Percentile bootstrap interval of the peak of G over sigma, from the per-image errors (S, N_train) and
-    (S, N_val) of one model: each resample draws both splits' images with replacement (the same images at
-    every sigma) and takes the largest finite G of the resampled means. Returns (low, high); NaN where no
-    resample has a finite G (E_train = 0 at every sigma)."""
-    rng, peaks = np.random.default_rng(seed), []
+def gap_intervals(err_train, err_val, n_boot=1000, seed=0, level=0.95):
+    """Percentile bootstrap intervals of the peak of G over sigma and of G at each sigma, from the per-image errors
+    (S, N_train) and (S, N_val) of one model: each resample draws both splits' images with replacement (the same
+    images at every sigma) and takes the resampled means' G(sigma) and its largest finite value. Returns
+    (peak (2,), pointwise (S, 2)) as (low, high) pairs; NaN where no resample has a finite value (E_train = 0)."""
+    rng, peaks, curves = np.random.default_rng(seed), [], []
     errs = [np.asarray(e, np.float64) for e in (err_train, err_val)]
     rows = max(1, 2 ** 22 // max(e.shape[1] for e in errs))
     for start in range(0, n_boot, rows):
@@ -234,12 +235,16 @@ def peak_gap_interval(err_train, err_val, n_boot=1000, seed=0, level=0.95):
         # multinomial counts instead of index arrays: (count, N) weights, never (S, count, N)
         e_train, e_val = (e @ rng.multinomial(e.shape[1], np.full(e.shape[1], 1 / e.shape[1]), count).T
                           / e.shape[1] for e in errs)
-        peaks.append(peak_gap(relative_gap(e_train, e_val).T))
-    peaks = np.concatenate(peaks)
-    if not np.isfinite(peaks).any():
-        return math.nan, math.nan
-    low, high = np.nanquantile(peaks, [(1 - level) / 2, (1 + level) / 2])
-    return float(low), float(high)
+        curves.append(relative_gap(e_train, e_val).T)                   # (count, S)
+        peaks.append(peak_gap(curves[-1]))
+    quantiles = [(1 - level) / 2, (1 + level) / 2]
+
+    def interval(values):  # (n_boot, ...) -> (..., 2), over the finite values only
+        values = np.where(np.isfinite(values), values, np.nan)
+        with np.errstate(invalid="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # All-NaN slices: NaN, as documented
+            return np.moveaxis(np.nanquantile(values, quantiles, axis=0), 0, -1)
+    return interval(np.concatenate(peaks)), interval(np.concatenate(curves))
 
 
 def peak_sigma(sigmas, gap):
@@ -653,8 +658,9 @@ class Evaluator:
                                    self.device, self.bar) for split in splits]
             for name, err in zip(("train", "val"), errors):
                 out[f"e_{name}"].append(err.mean(-1))
-            out["peak_gap_ci"].append(np.array([peak_gap_interval(e_train, e_val, self.n_boot, self.seed)
-                                                for e_train, e_val in zip(*errors)]))
+            intervals = [gap_intervals(e_train, e_val, self.n_boot, self.seed) for e_train, e_val in zip(*errors)]
+            out["peak_gap_ci"].append(np.array([peak for peak, _ in intervals]))
+            out["gap_ci"].append(np.array([pointwise for _, pointwise in intervals]))
             if self.extractor is not None:
                 for name, split, clean in zip(("train", "val"), splits, self.clean):
                     out[f"fd_{name}"].append(feature_distances(denoise, neg, split, clean, self.extractor,
@@ -696,10 +702,10 @@ def without_model_axes(array, windowed, guided):
     return array if windowed else array[0]
 
 
-def cached_rows(old, path, settings, windowed, guided, keys, device):
+def cached_rows(old, path, settings, code, windowed, guided, keys, device):
     """Rows of an earlier output `old` (common.earlier_result) by model digest, to be reused; UserError
     (common.check_kept) when it was made with other settings or holds rows of models other than `keys`, which
-    rewriting it would lose."""
+    rewriting it would lose; none (all recomputed, with a note) when other code (common.code_identity) made it."""
     if old is None:
         return {}
     made = {"digests", "eval_settings"} <= set(old)
@@ -707,6 +713,11 @@ def cached_rows(old, path, settings, windowed, guided, keys, device):
     old_settings = common.earlier_settings(str(old["eval_settings"]), device, settings) if made else None
     common.check_kept(path, old_settings, settings, len(held - set(keys)),
                       "row(s) of models not given here (other snapshots, or --optimal)")
+    changed = common.code_changes(json.loads(str(old.get("code", "{}"))), code)
+    if changed:
+        common.say(f"note: {path} was made by other code ({changed} changed since): its {len(held)} row(s) are "
+                   "computed again")
+        return {}
     rows = {}
     for suffix, digests in (("", old["digests"]), ("_optimal", old.get("optimal_digest", np.array([])).reshape(-1))):
         for c, key in enumerate(digests):
@@ -825,8 +836,9 @@ def evaluate(args, rank, world, device):
     settings = eval_settings(args, sigmas, neg_digest)
     models = [(s["digest"], s["source"], s["path"]) for s in snapshots]
     if opt_source is not None:
-        models.append(("optimal-" + opt_source.digest(), opt_source, None))
-    cache = cached_rows(old, out_path, settings, windowed, guided, [key for key, _, _ in models], device)
+        models.append(("optimal-" + opt_source.content_digest(), opt_source, None))
+    code = common.code_identity(__file__, common.__file__)
+    cache = cached_rows(old, out_path, settings, code, windowed, guided, [key for key, _, _ in models], device)
     todo = {key: (source, path) for key, source, path in models if key not in cache}
     K = len(args.feature_sigmas) if extractor is not None else 0
     total = 0
@@ -849,7 +861,7 @@ def evaluate(args, rank, world, device):
                                 "finished rows, which rerunning the same command reuses")
 
     def write():
-        result = result_arrays(args, settings, sigmas, snapshots, opt_key, rows)
+        result = result_arrays(args, settings, code, sigmas, snapshots, opt_key, rows)
         if rank == 0 and result is not None:
             common.save_npz(out_path, args=vars(args), script=SCRIPT, **result)
         return result
@@ -880,11 +892,12 @@ def evaluate(args, rank, world, device):
         + (", radius_train, radius_val" if args.jacobian_sigmas else ""))
 
 
-def result_arrays(args, settings, sigmas, snapshots, opt_key, rows):
+def result_arrays(args, settings, code, sigmas, snapshots, opt_key, rows):
     """The arrays of --out from the rows at hand: the snapshots that have one, in order, and the optimal
     denoiser (key opt_key) once it has one, as its only row without snapshots; None before any row."""
     windowed, guided, sig = args.windows is not None, args.guidance_weights is not None, sigmas.numpy()
-    result = dict(sigmas=sig, weights=np.array(args.weights), eval_settings=np.array(json.dumps(settings)))
+    result = dict(sigmas=sig, weights=np.array(args.weights), eval_settings=np.array(json.dumps(settings)),
+                  code=np.array(json.dumps(code, sort_keys=True)))
     if windowed:
         result["windows"] = np.array(args.windows, np.int64)
     if guided:

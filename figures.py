@@ -86,6 +86,10 @@ def find_results(root):
             except common.UserError as err:
                 print(f"note: skipping {path}: {err}")
                 continue
+            problem = common.format_problem(data)
+            if problem and common.result_script(data) in KINDS:
+                print(f"note: skipping {path}: {problem}; remake it with {common.result_script(data)}")
+                continue
             kind = kind_of(data)
             if kind is None and common.result_script(data) is None:
                 print(f"note: skipping {path}: not a result of {', '.join(KINDS)}")

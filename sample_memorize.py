@@ -123,13 +123,13 @@ from common import check  # noqa: E402
 SCRIPT = os.path.basename(__file__)  # stored in the result file (common.save_npz)
 PROBE_NEAR = 1.2  # the paper's intermediate noise level for the trajectory overlap
 TRAIN_SALT = 1_000_003  # added to a draw's seed for its training reference, so that it differs from the validation one
+NULL_SALT, FCOS_SALT = 2_000_003, 3_000_017  # ... for the split of the held-out images and of the 1-NN references
 TYPICAL_QUANTILE = 0.01  # states whose log density under the pooled reference reaches this quantile of fresh data's
 # Arguments besides the model and w that change a configuration's numbers; cached configurations are
 # reused only when they all match (with the --neg model's digest).
 SETTINGS = ("num_samples", "steps", "label", "stop_sigma", "probe_sigmas", "features", "bootstrap", "fd_subsets",
-            "ref_draws",
-            "seed", "data_dir")
-SHARED_KEYS = ("seeds", "sampler_sigmas", "stop_sigmas", "probe_sigmas", "settings")  # the rest: one row per config
+            "ref_draws", "seed", "data_dir")
+SHARED_KEYS = ("seeds", "sampler_sigmas", "stop_sigmas", "probe_sigmas", "settings", "code", "format")  # the rest: one row per config
 
 
 def parse_args(argv=None):
@@ -150,8 +150,9 @@ def parse_args(argv=None):
                    help="samples per configuration (at least 2, for the Frechet distances)")
     p.add_argument("--steps", type=common.at_least_two_int, default=18,
                    help="Heun sampler steps (EDM grid; 2 steps - 1 evaluations)")
-    p.add_argument("--label", default="random", help="conditioning of the samples: random (a random label "
-                   "of the training subset), null, or a label number")
+    p.add_argument("--label", default="train", help="conditioning of the samples: train (the label of a random "
+                   "training image: labels as often as in the training subset), random (uniform over its labels), "
+                   "null, or a label number")
     p.add_argument("--guidance-weights", type=common.finite_float, nargs="+", default=[0.0],
                    help="guidance weights w: D_w = D + w (D - D_neg); 0 is unguided")
     p.add_argument("--neg", default="uncond", help="D_neg: uncond (the network with the null label) or a "
@@ -161,6 +162,10 @@ def parse_args(argv=None):
     p.add_argument("--probe-sigmas", type=common.positive_float, nargs="+", default=None,
                    help="sigmas of the trajectory overlap, snapped to the grid (default: the grid sigma nearest "
                    f"{PROBE_NEAR} and its neighbours)")
+    p.add_argument("--gap", default=None, help="eval_gap.py result whose peaks of G (and of the feature-space gap) "
+                   "give each snapshot's peak probe (default: gap.npz in the snapshot's run folder, if there)")
+    p.add_argument("--peak-sigma", type=common.positive_float, default=None,
+                   help="probe here instead of at the gap's peak (e.g. for the reference samplers, which have none)")
     p.add_argument("--features", default="classifier", help="feature space of the Frechet distances and the 1-NN "
                    "cosine: classifier, builtin or a TorchScript Inception-v3 file")
     p.add_argument("--bootstrap", type=common.positive_int, default=1000,
@@ -179,8 +184,10 @@ def parse_args(argv=None):
     check(args.optimal + args.gaussian + bool(args.inputs) == 1,
           "give run folders or snapshot files, or --optimal, or --gaussian (one of them)")
     check(not args.gaussian or args.cond == "none", "--gaussian fits one unconditional Gaussian: use --cond none")
-    check(args.label in ("random", "null") or args.label.isdigit(),
-          f"--label must be random, null or a label number, got {args.label!r}")
+    check(args.label in ("train", "random", "null") or args.label.isdigit(),
+          f"--label must be train, random, null or a label number, got {args.label!r}")
+    check(args.gap is None or os.path.isfile(args.gap), f"--gap {args.gap} does not exist: give an eval_gap.py "
+          "result, or leave --gap out (gap.npz in each run folder, if there)")
     check(args.out is None or args.out.endswith(".npz"), f"--out must end with .npz, got {args.out}")
     check(args.neg == "uncond" or os.path.isfile(args.neg), f"--neg must be uncond or a snapshot file; "
           f"{args.neg} does not exist")
@@ -320,14 +327,17 @@ def network_model(path, weights, data_dir, device, train_cache, mode="auto", pre
 # ---------------------------------------------------------------------------
 
 def label_choices(model, label):
-    """Labels a sample may get: those of the training subset (random), [null], [L]; None if unconditional."""
+    """Labels a sample may get, each as likely: those of the training images (train: so each label as often as
+    in the training subset), the distinct ones (random), [null], [L]; None if unconditional."""
     if model.num_classes == 0:
-        check(label == "random", f"--label {label} needs a class-conditional denoiser, but {model.name} is "
-              "unconditional")
+        check(label in ("train", "random"), f"--label {label} needs a class-conditional denoiser, but {model.name} "
+              "is unconditional")
         return None
     if label == "null":
         return [model.num_classes]
     present = sorted(set(model.train.labels.tolist()))
+    if label == "train":
+        return model.train.labels.tolist()
     if label == "random":
         return present
     check(int(label) in present, f"--label {label} does not occur in the training subset of {model.name} "
@@ -387,6 +397,104 @@ class Sampling:
     seed: int
     shard: np.ndarray  # this process's share of 0..num_samples-1
     label: str         # random, null or a label number (label_choices)
+
+
+# The peak probe: besides the fixed probe sigmas, each configuration is probed where its own gap peaks, as the
+# authors probe each model (docs/method.md): at the grid sigma nearest the peak of G(sigma) from eval_gap.py, and
+# nearest the peak of the feature-space gap where eval_gap.py measured one. PEAK_RULES says how the peak was found.
+PEAK_SLOTS = ("peak", "feature_peak")  # result keys KEY_peak, KEY_feature_peak hold the measures there
+PEAK_RULES = {"own": "its own peak of G, whose 95% interval there excludes 0",
+              "later": "its own peak is not clear: the peak of the next later snapshot of its run whose peak is",
+              "unclear": "no snapshot from it on has a clear peak: its own argmax of G still",
+              "given": "--peak-sigma", "none": "no gap result of it: no peak probe"}
+
+
+def gap_peaks(data, digest, weight=0.0):
+    """Where the snapshot with this digest overfits most, from an eval_gap.py result `data` (a load_npz dict, or
+    None): (the sigma where its G peaks, the rule of PEAK_RULES that chose it, the sigma where its feature-space
+    gap peaks or NaN). The rows used are those of the whole image (without --windows) and of guidance weight
+    `weight` (else w = 0); rule 'none' (NaN) when the file holds no such row of the snapshot."""
+    none = (math.nan, "none", math.nan)
+    if data is None or "digests" not in data:
+        return none
+    weights = [float(w) for w in data.get("guidance_weights", [weight])]
+    g = weights.index(weight) if weight in weights else weights.index(0.0) if 0.0 in weights else None
+    digests = [str(d) for d in data["digests"]]
+    if g is None or digest not in digests:
+        return none
+
+    def rows(key):  # the snapshots' (C, ...) rows of a per-model array, whole image, weight g
+        array = data[key][-1] if "windows" in data else data[key]
+        return array[g] if "guidance_weights" in data else array
+    c, gap, sigmas, seen = digests.index(digest), rows("gap"), data["sigmas"], data["images_seen"]
+    ci = rows("gap_ci") if "gap_ci" in data else None
+    run = [os.path.dirname(str(path)) for path in data["checkpoints"]]
+    peak = lambda i: int(common.peak_index(gap[i]))  # noqa: E731
+    clear = lambda i: ci is not None and np.isfinite(gap[i, peak(i)]) and ci[i, peak(i), 0] > 0  # noqa: E731
+    later = [i for i in np.argsort(seen, kind="stable") if seen[i] > seen[c] and run[i] == run[c] and clear(i)]
+    if clear(c):
+        sigma, rule = sigmas[peak(c)], "own"
+    elif later:
+        sigma, rule = sigmas[peak(later[0])], "later"
+    else:
+        sigma, rule = sigmas[peak(c)] if np.isfinite(gap[c, peak(c)]) else math.nan, "unclear"
+    feature = math.nan
+    if "feature_gap" in data:
+        fg = rows("feature_gap")[c]
+        k = int(common.peak_index(fg))
+        feature = float(data["feature_sigmas"][k]) if np.isfinite(fg[k]) else math.nan
+    return float(sigma), rule, feature
+
+
+def read_gap_result(path, explicit, say):
+    """The eval_gap.py result at `path` (load_npz) for the peak probes, or None with one line saying why
+    (no such file, another script's file, another version's); an explicit --gap that cannot be used is a
+    UserError."""
+    why = None
+    if not os.path.isfile(path):
+        why = "does not exist (eval_gap.py on the run writes it)"
+    else:
+        data = common.load_npz(path)
+        script, problem = common.result_script(data), common.format_problem(data)
+        why = (f"is not an eval_gap.py result (it holds results of {script or 'another program'})"
+               if script != "eval_gap.py" else problem)
+    check(not (explicit and why), f"--gap {path} {why}: give an eval_gap.py result of the snapshots")
+    if why:
+        say(f"note: {path} {why}: probing the fixed sigmas only")
+        return None
+    return data
+
+
+def nearest_step(sigmas, sigma):
+    """The grid step whose sigma is nearest `sigma` in log sigma (probe_steps), or None for NaN."""
+    return probe_steps(sigmas, [sigma])[0] if np.isfinite(sigma) else None
+
+
+def peak_key(key, slot):
+    """The result key of a measure at a peak probe: KEY_SLOT, and for an interval KEY_SLOT_ci."""
+    return f"{key[:-3]}_{slot}_ci" if key.endswith("_ci") else f"{key}_{slot}"
+
+
+def with_peak_probes(res, fixed, slots):
+    """A configuration's results computed at the fixed probes and then at the extra probes of `slots` (one grid
+    step or None per PEAK_SLOTS, in that order), as results at the fixed probes (arrays with a probe axis cut to
+    the first `fixed`) and, for the measures in PEAK_KEYS, KEY_SLOT at each slot's probe (NaN, or False, where a
+    slot has none)."""
+    out, extra = dict(res), iter(range(fixed, fixed + sum(step is not None for step in slots)))
+    at = {slot: next(extra) if step is not None else None for slot, step in zip(PEAK_SLOTS, slots)}
+    for key, value in res.items():
+        if key not in PROBED_KEYS:
+            continue
+        axis = 1 if key.startswith("llr_") else 0
+        value = np.asarray(value)
+        out[key] = np.take(value, range(fixed), axis=axis)
+        if key not in PEAK_KEYS:
+            continue
+        for slot, index in at.items():
+            out[peak_key(key, slot)] = (np.take(value, index, axis=axis) if index is not None else
+                                    np.zeros(value.shape[1:], bool) if value.dtype == bool else
+                                    np.full(value.shape[1:], np.nan))
+    return out
 
 
 def probe_images(count, candidates, seed):
@@ -488,7 +596,7 @@ def probe_sets(model, refs, shard, p_sigmas, denoise, num_samples, seed, null_la
     """Noisy training and validation images drawn from the reference images `refs` (probe_inputs) with D(x)
     computed in batches: {'train': (x (P, B, ...), D(x) (P, B, ...), labels), 'val': ...}."""
     sets = {}
-    for name, pool in (("train", refs.train_pos), ("val", refs.val_pos)):
+    for name, pool in (("train", refs.query_train_pos), ("val", refs.query_val_pos)):
         x, lab = probe_inputs(model, name, pool, shard, p_sigmas, num_samples, seed, null_label, device)
         ds = [torch.cat([denoise(x[p, b], torch.full((len(x[p, b]),), s, dtype=x.dtype, device=device),
                                  None if lab is None else lab[b]) for b in batches(x.shape[1], batch)]).float()
@@ -536,16 +644,18 @@ def run_configuration(model, denoise, ref_draws, features, grid, sampling, *, ba
         feats = [features(d[p]) for p in range(len(p_sigmas))]
         for ref in ("train", "val"):
             res[f"fcos_{name}_{ref}"] = torch.stack([nearest_cosine(f, refs.features[ref]) for f in feats])
-    # where trajectories live: the LLR of trajectory states, of noisy reference images and of noisy held-out
-    # validation images (fresh data, where a perfectly generalizing sampler's states lie) under each draw
+    # where trajectories live: the LLR of trajectory states, of noisy reference images, of noisy held-out
+    # validation images (fresh data, where a perfectly generalizing sampler's states lie) and of other such images
+    # (the null: scored like trajectory states, they must score 0) under each draw
     llr, traj = collections.defaultdict(list), (sets["traj"][0], sets["traj"][2])
     for draw in ref_draws:
         inputs = dict(traj=traj, **{name: probe_inputs(model, split, pool, shard, p_sigmas, num_samples, seed,
                                                        null, device)
-                                    for name, split, pool in (("train", "train", draw.train_pos),
-                                                              ("val", "val", draw.val_pos),
-                                                              ("heldout", "val", draw.heldout_pos))
-                                    if draw is not refs or name == "heldout"})
+                                    for name, split, pool in (("train", "train", draw.query_train_pos),
+                                                              ("val", "val", draw.query_val_pos),
+                                                              ("heldout", "val", draw.heldout_pos),
+                                                              ("null", "val", draw.null_pos))
+                                    if draw is not refs or name in ("heldout", "null")})
         if draw is refs:  # the first draw's noisy training and validation images are those of probe_sets
             inputs.update({name: (sets[name][0], sets[name][2]) for name in ("train", "val")})
         for name, (x, lab) in inputs.items():
@@ -565,13 +675,36 @@ def run_configuration(model, denoise, ref_draws, features, grid, sampling, *, ba
 @dataclasses.dataclass(eq=False)
 class References:
     """The training subset and as many validation reference images (per label when conditional): the
-    pools of the probe images, the LLR's two noisy empirical distributions and the Frechet references."""
+    pools of the probe images, the LLR's two noisy empirical distributions and the Frechet references; and the
+    authors' 1-NN cosine references, half of the training reference and as many validation reference images,
+    whose probe images come from the other halves, so that no probe's own image is in the reference it is
+    compared with."""
     train: TrainingSet
-    train_pos: np.ndarray         # (n,) positions in train.x: all of them
+    train_pos: np.ndarray         # (n,) positions in train.x: all of them (or R of them)
     val_pos: np.ndarray           # (R,) positions in train.val_x
-    heldout_pos: np.ndarray       # validation images outside the reference: fresh data for the baselines
+    heldout_pos: np.ndarray       # validation images in neither reference: fresh data, the score's 0
+    null_pos: np.ndarray          # other such images: scored like trajectory states, the score's exact null
     conditional: bool             # LLR per label (the query's label only)
-    features: dict = dataclasses.field(default_factory=dict)  # 'train', 'val': (R, F) reference features
+    fcos_train_pos: np.ndarray    # half of train_pos: the 1-NN cosine reference of training images
+    fcos_val_pos: np.ndarray      # as many of val_pos: that of validation images
+    query_train_pos: np.ndarray   # the rest of train_pos: noisy training images probed
+    query_val_pos: np.ndarray     # the rest of val_pos: noisy validation images probed
+    features: dict = dataclasses.field(default_factory=dict)  # 'train', 'val': features of the 1-NN references
+
+    @classmethod
+    def split(cls, train, train_pos, val_pos, heldout_pos, conditional, seed):
+        """References whose held-out images are split into seeded halves (held-out and null images) and whose
+        training and validation references are split into a seeded 1-NN cosine reference and the probes' pool
+        (half of the training reference, and as many validation images; a reference of one image is the pool)."""
+        def halves(positions, count, salt):
+            chosen = np.sort(positions[common.choose_subset(len(positions), count, seed + salt)]) if count else \
+                positions[:0]
+            return chosen, np.setdiff1d(positions, chosen)
+        heldout, null = halves(heldout_pos, len(heldout_pos) // 2 if len(heldout_pos) > 1 else 0, NULL_SALT)
+        fcos_train, query_train = halves(train_pos, len(train_pos) // 2, FCOS_SALT)
+        fcos_val, query_val = halves(val_pos, min(len(fcos_train), len(val_pos) - 1), FCOS_SALT + 1)
+        return cls(train, train_pos, val_pos, null if len(heldout) == 0 else heldout, null, conditional,
+                   fcos_train, fcos_val, query_train, query_val)
 
     def llr(self, x, sigma, labels, batch):
         """LLR(x) = log p_train(x | sigma) - log p_val(x | sigma) of the noisy reference images, (B,) float64
@@ -612,11 +745,11 @@ def reference_pair(train, seed):
             t_pos = np.sort(np.concatenate([pick(t_all[t_lab == c], r, TRAIN_SALT + int(c))
                                             for c, r in counts.items()]))
             held = np.setdiff1d(v_all[np.isin(v_lab, list(counts))], v_pos)  # labels of the subset only
-            return References(train, t_pos, v_pos, held, True)
+            return References.split(train, t_pos, v_pos, held, True, seed)
     check(len(v_all) >= 2, f"the validation split has {len(v_all)} images: at least 2 are needed for a reference")
     R = min(len(t_all), len(v_all) // 2)
     v_pos = pick(v_all, R, 0)
-    return References(train, pick(t_all, R, TRAIN_SALT), v_pos, np.setdiff1d(v_all, v_pos), False)
+    return References.split(train, pick(t_all, R, TRAIN_SALT), v_pos, np.setdiff1d(v_all, v_pos), False, seed)
 
 
 def reference_draws(train, seed, draws):
@@ -629,6 +762,8 @@ def nearest_cosine(feats, ref_feats, block=1024):
     """1-NN cosine similarity of each feature vector to a reference set (the authors' overlap measure): (M,)."""
     ref = F.normalize(ref_feats.double(), dim=1)
     q = F.normalize(feats.double(), dim=1)
+    if len(ref) == 0:  # a training subset of one image has no 1-NN reference apart from the probes' pool
+        return torch.full((len(q),), math.nan, dtype=torch.float64)
     return torch.cat([(q[i:i + block] @ ref.T).amax(1) for i in range(0, len(q), block)]) if len(q) else q[:, 0]
 
 
@@ -648,15 +783,16 @@ def frechet_references(refs, features, num_samples, subsets, seed):
                    "--ref-draws have nothing to average")
     train_sets = [features(t.x[torch.as_tensor(common.choose_subset(len(t.x), R, seed + k), device=t.x.device)])
                   for k in range(subsets)]
-    val_ref = features(t.val_x[torch.as_tensor(refs.val_pos, device=t.x.device)])
-    refs.features.update(train=features(t.x[torch.as_tensor(refs.train_pos, device=t.x.device)]), val=val_ref)
-    held = lambda count, salt: features(t.val_x[torch.as_tensor(  # noqa: E731
-        refs.heldout_pos[common.choose_subset(len(refs.heldout_pos), count, seed + salt)], device=t.x.device)])
+    at = lambda images, positions: features(images[torch.as_tensor(positions, device=t.x.device)])  # noqa: E731
+    val_ref = at(t.val_x, refs.val_pos)
+    refs.features.update(train=at(t.x, refs.fcos_train_pos), val=at(t.val_x, refs.fcos_val_pos))
+    pool = np.union1d(refs.heldout_pos, refs.null_pos)  # every validation image in neither reference
+    held = lambda count, salt: at(t.val_x, pool[common.choose_subset(len(pool), count, seed + salt)])  # noqa: E731
     fd = lambda a, b: common.frechet_distance(a, b) if min(len(a), len(b)) >= 2 else math.nan  # noqa: E731
-    noise = fd(val_ref, held(R, 1)) if len(refs.heldout_pos) >= R else math.nan
+    noise = fd(val_ref, held(R, 1)) if len(pool) >= R else math.nan
     out = dict(train_sets=train_sets, val=val_ref, fd_noise=noise,
                fd_shift=float(np.mean([fd(s, val_ref) for s in train_sets])), fd_gap_heldout=math.nan)
-    if len(refs.heldout_pos) >= num_samples:
+    if len(pool) >= num_samples:
         out["fd_gap_heldout"] = frechet_gap(held(num_samples, 2), out)[2]
     return out
 
@@ -671,36 +807,40 @@ def frechet_gap(sample_feats, fd_refs):
     return fd_train, fd_val, (fd_val - fd_train) / fd_train if fd_train > 0 else math.nan
 
 
-OVERLAP_KEYS = ("traj_train_overlap", "heldout_train_overlap", "traj_train_score", "traj_heldout_score")
+OVERLAP_KEYS = ("traj_train_overlap", "heldout_train_overlap", "traj_train_score", "traj_heldout_score",
+                "null_heldout_score")
 
 
-def trajectory_overlap(llr_traj, llr_train, llr_val, llr_heldout):
+def trajectory_overlap(llr_traj, llr_train, llr_val, llr_heldout, llr_null):
     """Where trajectory states live at each probe sigma, from the LLR (..., M) of trajectory states and of
-    noisy training, validation (reference) and held-out validation images, as (...) arrays:
+    noisy training, validation (reference), held-out validation and null images, as (...) arrays:
     traj_train_overlap, the share of trajectory states whose LLR reaches the 10th percentile of the
     noisy training images' (0.9 for a sampler whose states are noisy training images);
     heldout_train_overlap, the same share of noisy held-out images (what a sampler that generalizes
     perfectly reaches: its states are noisy fresh images); traj_train_score = (median LLR_traj - median
     LLR_val) / (median LLR_train - median LLR_val) (1: like noisy training images; about 0.5 for fresh
     data, which no reference holds); traj_heldout_score = (median LLR_traj - median LLR_heldout) /
-    (median LLR_train - median LLR_heldout) (0: like fresh data, 1: like noisy training images)."""
-    traj, train, val, held = (torch.as_tensor(a, dtype=torch.float64) for a in (llr_traj, llr_train, llr_val,
-                                                                                llr_heldout))
+    (median LLR_train - median LLR_heldout) (0: like fresh data, 1: like noisy training images);
+    null_heldout_score, the same score of the null images (other fresh images) in place of the trajectory
+    states: 0 by construction, up to the noise that the interval must hold."""
+    traj, train, val, held, null = (torch.as_tensor(a, dtype=torch.float64)
+                                    for a in (llr_traj, llr_train, llr_val, llr_heldout, llr_null))
     threshold = torch.quantile(train, 0.1, dim=-1, keepdim=True)
     med = lambda a: a.median(-1).values  # noqa: E731
+    score = lambda a: ((med(a) - med(held)) / (med(train) - med(held))).numpy()  # noqa: E731
     return dict(traj_train_overlap=(traj >= threshold).double().mean(-1).numpy(),
                 heldout_train_overlap=(held >= threshold).double().mean(-1).numpy(),
                 traj_train_score=((med(traj) - med(val)) / (med(train) - med(val))).numpy(),
-                traj_heldout_score=((med(traj) - med(held)) / (med(train) - med(held))).numpy())
+                traj_heldout_score=score(traj), null_heldout_score=score(null))
 
 
-def overlap_intervals(llr_traj, llr_train, llr_val, llr_heldout, n_boot=1000, seed=0, level=0.95):
+def overlap_intervals(llr_traj, llr_train, llr_val, llr_heldout, llr_null, n_boot=1000, seed=0, level=0.95):
     """Point values and percentile bootstrap intervals of the trajectory_overlap measures from the LLR
     (D, P, M) of each set under D reference draws: a point value is the mean over the draws; each
     bootstrap resample picks one draw at random and resamples every set's probes with replacement (the
     same trajectories or images at every probe sigma), so that the interval holds both the sampling noise
     of the M probes and the spread between reference draws. Returns {key: (P,), key_ci: (P, 2)}."""
-    sets = [np.asarray(a, np.float64) for a in (llr_traj, llr_train, llr_val, llr_heldout)]
+    sets = [np.asarray(a, np.float64) for a in (llr_traj, llr_train, llr_val, llr_heldout, llr_null)]
     draws, probes = sets[0].shape[:2]
     rng, stats = np.random.default_rng(seed), {key: [] for key in OVERLAP_KEYS}
     rows = max(1, 2 ** 20 // (probes * max(a.shape[-1] for a in sets)))
@@ -737,8 +877,8 @@ def summarize(res, fd_refs, n_boot, seed):
     return dict(memorized_fraction=float(copies.mean()), memorized_ci=(low, high),
                 fd=frechet_gap(res["features"], fd_refs), fd_stop=np.array(fd_stop, np.float64).reshape(-1, 3),
                 fd_baselines=(fd_refs["fd_noise"], fd_refs["fd_shift"], fd_refs["fd_gap_heldout"]),
-                **overlap_intervals(res["llr_traj"], res["llr_train"], res["llr_val"], res["llr_heldout"], n_boot,
-                                    seed),
+                **overlap_intervals(res["llr_traj"], res["llr_train"], res["llr_val"], res["llr_heldout"],
+                                    res["llr_null"], n_boot, seed),
                 **trajectory_typicality(res["logp_traj"], res["logp_heldout"]))
 
 
@@ -786,11 +926,16 @@ def save_figures(out, name, res, train, count=12):
 # ---------------------------------------------------------------------------
 
 PROBE_SETS = ("traj", "train", "val")
+FCOS_KEYS = tuple(f"fcos_{b}_{r}" for b in PROBE_SETS for r in ("train", "val"))
 # per-sample results whose sample axis is the second (after probe sigmas or stop sigmas)
 SAMPLE_AXIS_1 = ({"stop_features", "fcos_stop_train", "fcos_stop_val", "logp_traj", "logp_heldout"}
                  | {f"{a}_{b}" for a in ("nn", "cos", "dis") for b in PROBE_SETS}
                  | {f"fcos_{b}_{r}" for b in PROBE_SETS for r in ("train", "val")})
-SAMPLE_AXIS_2 = {f"llr_{b}" for b in PROBE_SETS + ("heldout",)}  # (reference draws, probe sigmas, samples)
+SAMPLE_AXIS_2 = {f"llr_{b}" for b in PROBE_SETS + ("heldout", "null")}  # (reference draws, probe sigmas, samples)
+# results with a probe-sigma axis (the second for llr_*, else the first), and those also kept at the peak probes
+PROBED_KEYS = ((SAMPLE_AXIS_1 - {"stop_features", "fcos_stop_train", "fcos_stop_val"}) | SAMPLE_AXIS_2
+               | set(OVERLAP_KEYS) | {f"{key}_ci" for key in OVERLAP_KEYS} | {"traj_typical", "traj_valid"})
+PEAK_KEYS = set(OVERLAP_KEYS) | {f"{key}_ci" for key in OVERLAP_KEYS} | {"traj_typical", "traj_valid"} | set(FCOS_KEYS)
 
 
 def gather(local, world, device):
@@ -814,20 +959,49 @@ def default_out(args):
     return os.path.join("results", f"memorize-{kind}-{subset}{guided}.npz")
 
 
-def model_key(ckpt, args):
+def model_key(ckpt, args, reference=None):
     """Digest of what a model's samples depend on besides the settings: a snapshot's network, weights and
-    training subset (common.snapshot_digest of a load_checkpoint dict, as eval_gap.py's digests), or the subset
-    of the optimal or Gaussian denoiser (ckpt None)."""
+    training subset (common.snapshot_digest of a load_checkpoint dict, as eval_gap.py's digests), or (ckpt None)
+    the reference sampler's kind and its subset `reference` with the images found for it."""
     if ckpt is None:
-        return common.digest(reference_kind(args), args.data, args.resolution, args.n, args.cond, args.k,
-                             args.subset_seed)
+        return common.digest(reference_kind(args), reference.content_digest())
     return common.snapshot_digest(ckpt, args.weights)
 
 
-def cached_configs(old, settings, path, keys, device):
+def peak_probes(args, paths, digests, keys, sigmas, say):
+    """{configuration key: (the sigma of the gap's peak, its rule, the grid steps of PEAK_SLOTS)} (gap_peaks) from
+    --gap or the gap.npz of each snapshot's run folder (each file read once); a note where a file holds no row of
+    a snapshot; --peak-sigma in place of the gap's peak."""
+    files, out = {}, {}
+    for path, digest, path_keys in zip(paths, digests, keys):
+        data = None
+        if path is not None:
+            file = args.gap or os.path.join(os.path.dirname(os.path.abspath(path)), "gap.npz")
+            if file not in files:
+                files[file] = read_gap_result(file, args.gap is not None, say)
+            data = files[file]
+        for w, key in zip(args.guidance_weights, path_keys):
+            sigma, rule, feature = gap_peaks(data, digest, float(w))
+            if data is not None and rule == "none" and w == args.guidance_weights[0]:
+                say(f"note: {file} holds no eval_gap.py row of {path} (made from other weights?): probing its fixed "
+                    "sigmas only")
+            if args.peak_sigma is not None:
+                sigma, rule = args.peak_sigma, "given"
+            out[key] = sigma, rule, (nearest_step(sigmas, sigma), nearest_step(sigmas, feature))
+    return out
+
+
+def same_probes(row, peak, sigmas):
+    """Whether a cached configuration `row` was probed at the peak probes `peak` (peak_probes) asks for."""
+    wanted = [math.nan if step is None else float(sigmas[step]) for step in peak[2]]
+    had = [float(row.get(f"{slot}_probe_sigma", math.nan)) for slot in PEAK_SLOTS]
+    return all(a == b or math.isnan(a) and math.isnan(b) for a, b in zip(had, wanted))
+
+
+def cached_configs(old, settings, code, path, keys, device):
     """Rows of an earlier --out `old` (common.earlier_result) by configuration key, to be reused; UserError
     (common.check_kept) when it was made with other settings or holds configurations other than `keys`, which
-    rewriting it would lose."""
+    rewriting it would lose; none (all computed again, with a note) when other code made it."""
     if old is None:
         return {}
     made = {"config_keys", "settings"} <= set(old)
@@ -835,6 +1009,11 @@ def cached_configs(old, settings, path, keys, device):
     old_settings = common.earlier_settings(str(old["settings"]), device, settings) if made else None
     common.check_kept(path, old_settings, settings, len(held - set(keys)),
                       "configuration(s) not asked for here (other snapshots or guidance weights)")
+    changed = common.code_changes(json.loads(str(old.get("code", "{}"))), code)
+    if changed:
+        common.say(f"note: {path} was made by other code ({changed} changed since): its {len(held)} "
+                   "configuration(s) are computed again")
+        return {}
     per_config = [key for key in old if key not in SHARED_KEYS + ("args", "script")]
     return {str(key): {k: old[k][c] for k in per_config} for c, key in enumerate(old["config_keys"])}
 
@@ -880,18 +1059,24 @@ def evaluate(args, rank, world, device):
         neg_fits = (args.neg, neg.train.x.shape[1:], neg.num_classes)
     settings = json.loads(json.dumps({key: getattr(args, key) for key in SETTINGS + ("precision",) * networks}))
     settings["neg"] = "uncond" if neg == "uncond" else model_key(common.load_checkpoint(args.neg), args)
+    reference = None if args.inputs else common.TrainingSource.drawn(args.data, args.n, args.subset_seed, args.cond,
+                                                                     args.k, args.resolution, args.data_dir)
     digests, runs = [], []  # of each model (model_key), and (path, run_identity) of each snapshot
     for path in paths:
         ckpt = None if path is None else common.load_checkpoint(path)
-        digests.append(model_key(ckpt, args))
+        digests.append(model_key(ckpt, args, reference))
         runs += [] if ckpt is None else [(path, common.run_identity(ckpt))]
     common.check_same_run(runs, args.allow_mixed)
     keys = [[common.digest(model, float(w)) for w in args.guidance_weights] for model in digests]  # per configuration
     order = [key for path_keys in keys for key in path_keys]
-    rows = cached_configs(old, settings, args.out, order, device)
-    for model, path_keys in zip(digests, keys):  # files written before rows named their model's digest
-        for key in set(path_keys) & set(rows):
-            rows[key].setdefault("digests", np.array(model))
+    code = common.code_identity(__file__, common.__file__)
+    rows = cached_configs(old, settings, code, args.out, order, device)
+    peaks = peak_probes(args, paths, digests, keys, sigmas, say)
+    moved = [key for key in set(rows) & set(peaks) if not same_probes(rows[key], peaks[key], sigmas)]
+    if moved:
+        say(f"note: the gap's peak of {len(moved)} configuration(s) in {args.out} moved (the gap result changed): "
+            "they are sampled again")
+    rows = {key: row for key, row in rows.items() if key not in moved}
     todo = len(set(order) - set(rows))
     say(f"{args.num_samples} samples per configuration from seed {args.seed}, {args.steps} Heun steps, {world} "
         f"process(es) on {device}{f' (networks in {args.precision})' if networks else ''}; stop sigmas "
@@ -904,15 +1089,13 @@ def evaluate(args, rank, world, device):
     arrays = None
 
     def write():
-        return write_results(args, [rows[key] for key in order if key in rows], grid, settings)
+        return write_results(args, [rows[key] for key in order if key in rows], grid, settings, code)
 
     for path, model_digest, path_keys in zip(paths, digests, keys):
         if all(key in rows for key in path_keys):
             continue
         if path is None:
-            source = common.TrainingSource.drawn(args.data, args.n, args.subset_seed, args.cond, args.k,
-                                                 args.resolution, args.data_dir)
-            model = optimal_model(source, device, reference_kind(args))
+            model = optimal_model(reference, device, reference_kind(args))
         else:
             model = network_model(path, args.weights, args.data_dir, device, train_cache, args.forward_mode,
                                   args.precision)
@@ -937,14 +1120,19 @@ def evaluate(args, rank, world, device):
                 ref_cache[id(model.train)] = draws, frechet_references(draws[0], features, args.num_samples,
                                                                       args.fd_subsets, args.seed)
             draws, fd_refs = ref_cache[id(model.train)]
-            res = gather(run_configuration(dataclasses.replace(model, name=name), denoise, draws, features, grid,
+            sigma, rule, steps = peaks[key]
+            probed = dataclasses.replace(grid, probes=grid.probes + [step for step in steps if step is not None])
+            res = gather(run_configuration(dataclasses.replace(model, name=name), denoise, draws, features, probed,
                                            sampling, batch=args.batch, device=device, show=rank == 0), world, device)
             rows[key] = None  # on every process, so that all of them skip the same configurations
             if rank != 0:
                 continue
-            res.update(summarize(res, fd_refs, args.bootstrap, args.seed), name=name, path=model.path,
-                       images_seen=model.images_seen, w=w, fd_size=len(draws[0].val_pos),
-                       conditional_llr=draws[0].conditional, feature_space=features.description)
+            res.update(summarize(res, fd_refs, args.bootstrap, args.seed))
+            res = with_peak_probes(res, len(grid.probes), steps)
+            res.update(name=name, path=model.path, images_seen=model.images_seen, w=w, fd_size=len(draws[0].val_pos),
+                       conditional_llr=draws[0].conditional, feature_space=features.description, gap_peak_sigma=sigma,
+                       peak_probe_rule=rule, **{f"{slot}_probe_sigma": math.nan if step is None else float(sigmas[step])
+                                                for slot, step in zip(PEAK_SLOTS, steps)})
             figs = save_figures(args.out, name, res, model.train)
             rows[key] = dict(result_row(res, key), digests=np.array(model_digest))
             arrays = write()  # after every configuration, so that a rerun after a kill reuses the finished ones
@@ -957,20 +1145,31 @@ def evaluate(args, rank, world, device):
 
 
 def summary_line(res, grid, seconds):
-    """One line per configuration: copies, nearest distances, FD gap, trajectory overlap at the middle probe,
-    each LLR measure with its 95% interval (samples and reference draws)."""
+    """One line per configuration: copies, nearest distances, FD gap, the trajectory measures at the middle probe
+    and at the gap's peak (traj_train_overlap, traj_heldout_score and the null's score), each LLR measure with its
+    95% interval (samples and reference draws)."""
     sigmas, probes = grid.sigmas, grid.probes
     mid, (low, high), fd = len(probes) // 2, res["memorized_ci"], res["fd"]
-    ci = lambda key, fmt: (f"{res[key][mid]:{fmt}} [{res[key + '_ci'][mid][0]:{fmt}}, "  # noqa: E731
-                           f"{res[key + '_ci'][mid][1]:{fmt}}]")
-    valid = "" if res["traj_valid"][mid] else (" (states unlike noisy data: only "
-                                                f"{res['traj_typical'][mid]:.0%} typical, so the score says nothing)")
+
+    def at(key, slot):  # a measure at the middle probe, or at a peak probe
+        return res[peak_key(key, slot)] if slot else res[key][mid]
+
+    def ci(key, fmt, slot=""):
+        value, (lo, hi) = at(key, slot), at(key + "_ci", slot)
+        return f"{value:{fmt}} [{lo:{fmt}}, {hi:{fmt}}]"
+
+    def probe(slot=""):
+        valid, typical = at("traj_valid", slot), at("traj_typical", slot)
+        note = "" if valid else f" (states unlike noisy data: only {typical:.0%} typical, so the score says nothing)"
+        return (f"traj_train_overlap {ci('traj_train_overlap', '.2f', slot=slot)} (noisy training images 0.9, "
+                f"held-out {ci('heldout_train_overlap', '.2f', slot=slot)}), traj_heldout_score "
+                f"{ci('traj_heldout_score', '.2f', slot=slot)}{note} (null {ci('null_heldout_score', '.2f', slot=slot)})")
+    peak = ("no peak probe" if np.isnan(res["peak_probe_sigma"]) else
+            f"at the gap's peak sigma {res['peak_probe_sigma']:.3g} ({res['peak_probe_rule']}): {probe('peak')}")
     return (f"{res['name']}: memorized {res['memorized_fraction']:.1%} [{low:.1%}, {high:.1%}], median d_train "
             f"{res['d_train'].median():.3f} d_val {res['d_val'].median():.3f}; FD train {fd[0]:.4g} val {fd[1]:.4g} "
             f"gap {fd[2]:+.3f} (held-out images: {res['fd_baselines'][2]:+.3f}); at sigma "
-            f"{float(sigmas[probes[mid]]):.3g}: traj_train_overlap {ci('traj_train_overlap', '.2f')} (noisy "
-            f"training images 0.9, held-out {ci('heldout_train_overlap', '.2f')}), traj_heldout_score "
-            f"{ci('traj_heldout_score', '.2f')}{valid} ({seconds:.1f} s)")
+            f"{float(sigmas[probes[mid]]):.3g}: {probe()}; {peak} ({seconds:.1f} s)")
 
 
 def result_row(res, key):
@@ -990,16 +1189,20 @@ def result_row(res, key):
         **{k: f64(res[k]) for k in OVERLAP_KEYS + tuple(f"{key}_ci" for key in OVERLAP_KEYS) + ("traj_typical",)},
         traj_valid=np.asarray(res["traj_valid"], bool),
         llr_conditional=np.bool_(res["conditional_llr"]), feature_space=np.array(res["feature_space"]),
+        gap_peak_sigma=f64(res["gap_peak_sigma"]), peak_probe_rule=np.array(res["peak_probe_rule"]),
+        **{f"{slot}_probe_sigma": f64(res[f"{slot}_probe_sigma"]) for slot in PEAK_SLOTS},
+        **{peak_key(k, slot): np.asarray(res[peak_key(k, slot)]) for k in sorted(PEAK_KEYS) for slot in PEAK_SLOTS},
         **{k: f64(res[k]) for k in sorted((SAMPLE_AXIS_1 | SAMPLE_AXIS_2) - {"stop_features"}) + ["fcos_samples_train",
                                                                                 "fcos_samples_val"]})
 
 
-def write_results(args, rows, grid, settings):
+def write_results(args, rows, grid, settings, code):
     """Write --out from the rows of the configurations at hand (result_row); returns its arrays."""
     arrays = {key: np.stack([row[key] for row in rows]) for key in sorted(rows[0])}
     arrays.update(seeds=np.arange(args.seed, args.seed + args.num_samples, dtype=np.int64),
                   sampler_sigmas=grid.sigmas.numpy(), stop_sigmas=grid.sigmas[grid.stops].numpy(),
-                  probe_sigmas=grid.sigmas[grid.probes].numpy(), settings=np.array(json.dumps(settings)))
+                  probe_sigmas=grid.sigmas[grid.probes].numpy(), settings=np.array(json.dumps(settings)),
+                  code=np.array(json.dumps(code, sort_keys=True)))
     common.save_npz(args.out, args=args, script=SCRIPT, **arrays)
     return arrays
 

@@ -2,15 +2,19 @@
 # The study over training-set sizes, training lengths and seeds, at two scales, and the map of where
 # "memorize in training, generalize in inference" holds (figures.py's claim3_map: copies and the trajectory
 # score against the peak of G, one curve per n).
-#   bash study.sh --scale cpu [--out DIR] [--jobs J] [--ns "32 64 128 256 512"] [--seeds "0 1 2"]
+#   bash study.sh --scale cpu [--out DIR] [--jobs J] [--ns "32 64 128 256 512"] [--base-ns "32 64 128"] [--seeds "0 1 2"]
 #   bash study.sh --scale gpu [--out DIR] [--data-dir DIR] [--jobs J] [--sizes "xs s m"] [--ns "256 1024 4096"]
 #   bash study.sh --scale cpu|gpu --device cpu --tiny   # the same stages at tiny settings on a CPU (a minute or two)
 #
-# --scale cpu (about an hour or more on 2 CPU cores, see docs/results.md): Fashion-MNIST at 16x16, the quick run's U-Net
-#   (tiny preset, 24 channels) and recipe (2,400 steps of batch 32: 76,800 images, 6 log-spaced snapshots) on
-#   n = --ns training images, with --seeds training seeds for the --headline-ns sizes (32 and 128) and seed 0 for
-#   the others; per run: eval_gap (128 images per split, 16 sigmas, --optimal) and sample_memorize (512 samples
-#   per snapshot, the trajectory measures with their intervals); --jobs runs at once (2, one per core); figures.
+# --scale cpu (about 4 hours on 2 CPU cores, see docs/results.md): Fashion-MNIST at 16x16, the quick run's U-Net
+#   (tiny preset, 24 channels) and recipe (2,400 steps of batch 32: 76,800 images; snapshots at 6 log-spaced
+#   counts and every 25,600 images) in two arms: the plain recipe on n = --ns training images, with --seeds
+#   training seeds for the --headline-ns sizes (32 128 256 512) and seed 0 for the others, and the authors' base
+#   model (class-conditional, EDM's augmentation at p = 0.12, dropout 0.13) on n = --base-ns with every seed; per
+#   run: eval_gap (128 images per split, 16 sigmas, --optimal) and sample_memorize (512 samples per snapshot from
+#   --sample-from images seen on, unguided, labels drawn as the training set's; the trajectory measures with
+#   their intervals at the fixed probe sigmas and at each snapshot's peak of G); --jobs runs at once (2, one per
+#   core); figures.
 # --scale gpu (the one-GPU study, about 70 minutes on one H100/H200; gpu.sh runs it): Fashion-MNIST at 32x32.
 #   Stages, each in OUT:
 #   1. grid: U-Net sizes --sizes crossed with training set sizes --ns, unconditional, --images images
@@ -38,8 +42,11 @@
 #
 # Options: --scale cpu|gpu (gpu), --device DEV (cpu at cpu scale, cuda at gpu scale), --tiny, --data-dir DIR (or
 # DATA_DIR), --out DIR (results/study-cpu; results/gpu), --jobs J (2; 4 at gpu scale; 2 with --tiny), --sizes, --ns,
-# --seeds, --headline-ns (sizes that get every seed), --images N (images seen per run). A failed run is logged and
-# the study goes on; the exit status is then 1. --eager: --step-mode and --forward-mode eager (nothing compiled).
+# --seeds, --headline-ns (sizes that get every seed), --base-ns (cpu scale: the base model's sizes), --images N
+# (images seen per run), --sample-from N (cpu scale: snapshots of fewer images seen are evaluated, not sampled:
+# 3,000), --precision auto|fp32|bf16 (training and the networks' inference; auto: bf16 on CUDA and on CPUs with
+# bf16 units, else fp32). A failed run is logged and the study goes on; the exit status is then 1. --eager:
+# --step-mode and --forward-mode eager (nothing compiled).
 # The dataset is read (and, if need be, downloaded) once before the jobs start; torch.compile's compile workers
 # are shared out among the jobs (TORCHINDUCTOR_COMPILE_THREADS = cores / jobs, unless set). Rerunning the same command resumes: training resumes from the last
 # snapshot, and the evaluations reuse the rows they already wrote.
@@ -47,11 +54,13 @@ set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}  # the Python with the requirements: PYTHON=venv/bin/python bash study.sh
 SCALE=gpu DEVICE="" TINY=0 EAGER=0 OUT="" DATA_DIR=${DATA_DIR:-} JOBS="" SIZES="" NS="" IMAGES="" SEEDS="" HEADLINE_NS=""
+SAMPLE_FROM="" PRECISION=auto  # BASE_NS stays unset unless given: --base-ns "" runs no base model
 while [ $# -gt 0 ]; do
     case "$1" in
         --tiny) TINY=1; shift ;;
         --eager) EAGER=1; shift ;;
-        --scale|--device|--data-dir|--out|--jobs|--sizes|--ns|--images|--seeds|--headline-ns)  # --data-dir DIR sets DATA_DIR, and so on
+        --scale|--device|--data-dir|--out|--jobs|--sizes|--ns|--images|--seeds|--headline-ns|--base-ns|--sample-from|--precision)
+            # --data-dir DIR sets DATA_DIR, and so on
             [ $# -ge 2 ] || { echo "error: $1 needs a value (see --help)" >&2; exit 2; }
             name=${1#--}; name=${name//-/_}; printf -v "${name^^}" %s "$2"; shift 2 ;;
         -h|--help) awk 'NR > 1 && !/^#/ {exit} NR > 1 {sub(/^# ?/, ""); print}' "$0"; exit 0 ;;
@@ -59,6 +68,7 @@ while [ $# -gt 0 ]; do
     esac
 done
 case "$SCALE" in cpu|gpu) ;; *) echo "error: --scale must be cpu or gpu, got $SCALE" >&2; exit 2 ;; esac
+case "$PRECISION" in auto|fp32|bf16) ;; *) echo "error: --precision must be auto, fp32 or bf16, got $PRECISION" >&2; exit 2 ;; esac
 if ! PY_INFO=$("$PY" -c 'import sys, torch; print(sys.executable, "with torch", torch.__version__)' 2>/dev/null); then
     echo "error: $PY cannot import torch: set PYTHON to the Python that has the requirements" \
          "(e.g. PYTHON=venv/bin/python), or install them (python3 -m pip install -r requirements.txt)" >&2
@@ -66,22 +76,25 @@ if ! PY_INFO=$("$PY" -c 'import sys, torch; print(sys.executable, "with torch", 
 fi
 if [ "$SCALE" = cpu ]; then  # the map on a CPU: the quick run's network and recipe over n, length and seeds
     DEVICE=${DEVICE:-cpu} OUT=${OUT:-results/study-cpu} JOBS=${JOBS:-2} SIZES=${SIZES:-tiny} RES=16 KS=""
-    WINDOWS=() KSIZE="" WINDOW_RUN_SIZE="" TRAIN=(--lr 2e-3 --lr-rampup 0 --precision fp32)  # the same runs on every CPU
+    WINDOWS=() KSIZE="" WINDOW_RUN_SIZE="" TRAIN=(--lr 2e-3 --lr-rampup 0)
+    BASE=(--cond class --augment-p 0.12 --dropout 0.13)  # the authors' base model
     if [ "$TINY" = 1 ]; then
         BATCH=8 IMAGES=${IMAGES:-160} NS=${NS:-"16 32"} SEEDS=${SEEDS:-"0 1"} HEADLINE_NS=${HEADLINE_NS:-16}
+        BASE_NS=${BASE_NS-16} SAMPLE_FROM=${SAMPLE_FROM:-0}
         NET=(--channels 8) NAME_SIZE=c8 SNAPSHOTS=log:2
         EVAL=(--num-images 8 --num-sigmas 4 --batch 32 --optimal)
         SAMPLE=(--num-samples 4 --steps 3 --probe-sigmas 1 --fd-subsets 2 --features builtin)
     else
         BATCH=32 IMAGES=${IMAGES:-76800} NS=${NS:-"32 64 128 256 512"} SEEDS=${SEEDS:-"0 1 2"}
-        HEADLINE_NS=${HEADLINE_NS:-"32 128"} NET=(--channels 24) NAME_SIZE=c24 SNAPSHOTS=log:6
+        HEADLINE_NS=${HEADLINE_NS:-"32 128 256 512"} BASE_NS=${BASE_NS-"32 64 128"} SAMPLE_FROM=${SAMPLE_FROM:-3000}
+        NET=(--channels 24) NAME_SIZE=c24 SNAPSHOTS=log:6,every:25600
         TRAIN+=(--eval-every 12800)
         EVAL=(--num-images 128 --num-sigmas 16 --optimal)
         SAMPLE=(--num-samples 512)
     fi
-    EVAL+=(--precision fp32) SAMPLE+=(--precision fp32)  # inference too: the same numbers on every CPU
 else  # the one-GPU study
     DEVICE=${DEVICE:-cuda} OUT=${OUT:-results/gpu} SEEDS=${SEEDS:-0} HEADLINE_NS=${HEADLINE_NS:-} NAME_SIZE="" TRAIN=()
+    BASE_NS=${BASE_NS-} SAMPLE_FROM=${SAMPLE_FROM:-0}
     if [ "$TINY" = 1 ]; then
         RES=16 BATCH=8 SIZES=${SIZES:-tiny} NS=${NS:-"16 32"} IMAGES=${IMAGES:-160} JOBS=${JOBS:-2} KS=4
         NET=(--channels 8) SNAPSHOTS=log:2 KSIZE=tiny WINDOW_RUN_SIZE=tiny
@@ -105,6 +118,9 @@ positive() {  # positive OPTION VALUE...: stop unless each VALUE is a positive i
 positive --jobs "$JOBS"
 positive --images "$IMAGES"
 positive --ns $NS
+[ -z "${BASE_NS// /}" ] || positive --base-ns $BASE_NS
+[[ $SAMPLE_FROM =~ ^[0-9]+$ ]] || { echo "error: --sample-from takes a non-negative integer, got '$SAMPLE_FROM'" >&2; exit 2; }
+TRAIN+=(--precision "$PRECISION") EVAL+=(--precision "$PRECISION") SAMPLE+=(--precision "$PRECISION")
 [ -n "${SIZES// /}" ] && [ -n "${NS// /}" ] && [ -n "${SEEDS// /}" ] || { echo "error: --sizes, --ns and --seeds must not be empty" >&2; exit 2; }
 [[ "$SEEDS $HEADLINE_NS" =~ ^[0-9\ ]*$ ]] || { echo "error: --seeds and --headline-ns take non-negative integers" >&2; exit 2; }
 MODE=$([ "$EAGER" = 1 ] && echo eager || echo auto)
@@ -121,6 +137,13 @@ LOG=$OUT/$SCALE.log
 export TQDM_MININTERVAL=${TQDM_MININTERVAL:-30}  # progress bars: a line every 30 s in the logs
 
 last_snapshot() { ls "$1"/snapshot-*.pt 2>/dev/null | tail -n 1 || true; }
+sampled_snapshots() {  # sampled_snapshots RUN: its snapshots of at least SAMPLE_FROM images seen
+    local file seen
+    for file in "$1"/snapshot-*.pt; do
+        seen=${file##*/snapshot-}; seen=${seen%.pt}
+        [ -e "$file" ] && [ $((10#$seen)) -ge "$SAMPLE_FROM" ] && echo "$file"
+    done
+}
 
 run_chain() {  # run_chain NAME plain|guided|negative TRAIN_ARGS...: train, then eval_gap and sample_memorize
     local name=$1 kind=$2 run=$OUT/runs/$1 steps=$STEPS
@@ -136,7 +159,9 @@ run_chain() {  # run_chain NAME plain|guided|negative TRAIN_ARGS...: train, then
     else
         $PY eval_gap.py "$run" "${EVAL[@]}" --device "$DEVICE" "${FORWARD_MODE[@]}" --out "$OUT/gap/$name.npz"
     fi
-    $PY sample_memorize.py "$run" "${SAMPLE[@]}" --device "$DEVICE" "${FORWARD_MODE[@]}" --out "$OUT/samples/$name.npz"
+    mapfile -t sampled < <(sampled_snapshots "$run")
+    $PY sample_memorize.py "${sampled[@]}" "${SAMPLE[@]}" --gap "$OUT/gap/$name.npz" --device "$DEVICE" \
+        "${FORWARD_MODE[@]}" --out "$OUT/samples/$name.npz"
 }
 
 FAILED=()
@@ -159,9 +184,9 @@ finish_all() { while [ ${#NAME[@]} -gt 0 ]; do finish_one; done; }
 {
     echo "study.sh --scale $SCALE on $DEVICE$([ "$TINY" = 1 ] && echo ' (tiny)'), $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
     echo "python: $PY_INFO"
-    echo "sizes: $SIZES; n: $NS; seeds $SEEDS for n in ${HEADLINE_NS:-none}, else 0; $IMAGES images per run" \
-        "($STEPS steps of batch $BATCH); $JOBS runs at once; --step-mode $MODE --forward-mode $MODE;" \
-        "TORCHINDUCTOR_COMPILE_THREADS=$TORCHINDUCTOR_COMPILE_THREADS"
+    echo "sizes: $SIZES; n: $NS; seeds $SEEDS for n in ${HEADLINE_NS:-none}, else 0; base model: n ${BASE_NS:-none}," \
+        "seeds $SEEDS; $IMAGES images per run ($STEPS steps of batch $BATCH); $JOBS runs at once; --precision" \
+        "$PRECISION; --step-mode $MODE --forward-mode $MODE; TORCHINDUCTOR_COMPILE_THREADS=$TORCHINDUCTOR_COMPILE_THREADS"
     start_stage=$SECONDS  # the dataset once, before the jobs (which would each download it)
     $PY -c "import sys, common
 common.run_cli(lambda: [common.load_images('fashion-mnist', s, sys.argv[1] or None) for s in ('train', 'val')])" \
@@ -176,6 +201,12 @@ common.run_cli(lambda: [common.load_images('fashion-mnist', s, sys.argv[1] or No
                 name=unet-${NAME_SIZE:-$size}-n$n
                 [ "$SCALE" = cpu ] || [ "$seed" != 0 ] && name=$name-seed$seed  # the GPU study's names stay as they were
                 start "$name" run_chain "$name" plain --size "$size" --n "$n" --seed "$seed"
+            done
+        done
+        for n in $BASE_NS; do
+            for seed in $SEEDS; do
+                name=base-${NAME_SIZE:-$size}-n$n-seed$seed
+                start "$name" run_chain "$name" plain --size "$size" --n "$n" --seed "$seed" "${BASE[@]}"
             done
         done
     done

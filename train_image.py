@@ -57,6 +57,7 @@ Writes into `--out` (default `runs/<data>-r<R>-n<n>-<model>-<size>-<uncond|class
 import argparse
 import copy
 import functools
+import json
 import math
 import os
 import random
@@ -141,6 +142,9 @@ def parse_args(argv=None):
     p.add_argument("--no-resume", action="store_true",
                    help="start from step 0; the snapshots and train_log.npz in --out are replaced at the "
                    "first snapshot")
+    p.add_argument("--resume-changed-code", action="store_true",
+                   help="resume a run whose snapshot was made by other code (an edited train_image.py or common.py) "
+                   "with this code; without it such a resume stops")
     return p.parse_args(argv)
 
 
@@ -228,6 +232,22 @@ def check_same_run(saved, current, path):
             for k in keys if saved.get(k) != current.get(k)]
     common.check(not diff, f"{path} was made with different arguments: {'; '.join(diff)}. Rerun with the "
                            "snapshot's arguments, choose another --out, or pass --no-resume to start over")
+
+
+def check_same_code(ckpt, code, path, resume_changed_code, say):
+    """The code history (a list of [step, code identity]) of a run resumed from the snapshot `ckpt` at `path` with
+    the code `code` (common.code_identity): the snapshot's, with this code appended when it differs. UserError
+    when the code differs from the code that made the snapshot, naming the files, unless resume_changed_code."""
+    history = [list(entry) for entry in ckpt.get("code_history") or [[0, ckpt.get("code")]]]
+    changed = common.code_changes(ckpt.get("code"), code)
+    if not changed:
+        return history
+    common.check(resume_changed_code, f"{path} was made by other code: {changed} changed since. Rerun with "
+                 "--no-resume to train again with this code, choose another --out, or pass --resume-changed-code "
+                 "to go on from the snapshot with this code")
+    say(f"note: {changed} changed since {path} was written: going on with this code (--resume-changed-code); "
+        "the snapshots' code_history says from which step")
+    return history + [[int(ckpt["step"]), code]]
 
 
 def duration(seconds):
@@ -374,11 +394,14 @@ def train(args, rank, world, device):
         say(f"--no-resume: the {len(old_run)} snapshot(s) of the earlier run in {args.out} are removed once this "
             "run writes its first snapshot")
         last_path = None
+    code = common.code_identity(__file__, common.__file__)
+    code_history = [[0, code]]
     if last_path is not None:
         ckpt = common.load_checkpoint(last_path)
         if args.precision == "auto":  # a resumed run keeps its precision, whatever this machine's choice
             args.precision = ckpt["args"]["precision"]
         check_same_run(ckpt["args"], vars(args), last_path)
+        code_history = check_same_code(ckpt, code, last_path, args.resume_changed_code, say)
         common.check(ckpt["step"] <= args.steps, f"{last_path} is at step {ckpt['step']}, past --steps "
                                                  f"{args.steps}; pass a larger --steps or another --out")
         saved_dim = ckpt["network"].get("augment_dim", 0)
@@ -482,7 +505,8 @@ def train(args, rank, world, device):
 
     def write_log():
         m = len(args.eval_sigmas)
-        common.save_npz(log_path, args=vars(args), script=SCRIPT, images_seen=np.array(log["images_seen"], np.int64),
+        common.save_npz(log_path, args=vars(args), script=SCRIPT, code=np.array(json.dumps(code, sort_keys=True)),
+                        images_seen=np.array(log["images_seen"], np.int64),
                         loss=np.array(log["loss"], np.float64), eval_images=np.array(log["eval_images"], np.int64),
                         eval_sigmas=np.array(args.eval_sigmas, np.float64),
                         E_train=np.array(log["E_train"], np.float64).reshape(-1, m),
@@ -506,7 +530,8 @@ def train(args, rank, world, device):
                 kind=common.CHECKPOINT_KIND, net=net.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
                 step=step, images_seen=step * B, args=vars(args), network=net.config, subset=as_tensor(subset),
                 labels=as_tensor(labels), dataset=args.data, resolution=args.resolution,
-                kmeans_centroids=as_tensor(centroids), data_digests=data_digests, rng=states, log=log), path)
+                kmeans_centroids=as_tensor(centroids), data_digests=data_digests, rng=states, log=log, code=code,
+                code_history=code_history), path)
             for old in old_run:
                 if old != path:
                     os.remove(old)

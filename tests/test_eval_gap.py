@@ -95,7 +95,7 @@ def test_identity_error_is_sigma_squared_noise_power_and_oracle_error_is_zero(da
         np.testing.assert_allclose(e_id, sigmas.numpy() ** 2 * power, rtol=1e-5)
 
 
-def test_peak_gap_interval_covers_the_true_peak_and_narrows_with_more_images():
+def test_gap_intervals_cover_the_true_peak_and_curve_and_narrow_with_more_images():
     # per-image errors with known means: E_train = 1 at every sigma, E_val = 1 + G with G peaking at 2
     rng, true_gap = np.random.default_rng(0), np.array([0.5, 2.0, 1.0])
     def errors(n, mean):  # exponential errors with the given mean per sigma: (S, n)
@@ -103,18 +103,20 @@ def test_peak_gap_interval_covers_the_true_peak_and_narrows_with_more_images():
     widths = []
     for n in (64, 1024):
         e_train, e_val = errors(n, np.ones(3)), errors(n, 1 + true_gap)
-        point = eval_gap.peak_gap(eval_gap.relative_gap(e_train.mean(1), e_val.mean(1)))
-        low, high = eval_gap.peak_gap_interval(e_train, e_val, n_boot=400, seed=1)
-        assert low < point < high and low < 2.0 < high
-        widths.append(high - low)
-    assert widths[1] < widths[0] / 2  # about 1 / sqrt(n)
-    again = eval_gap.peak_gap_interval(e_train, e_val, n_boot=400, seed=1)
-    assert again == (low, high)  # seeded
+        curve = eval_gap.relative_gap(e_train.mean(1), e_val.mean(1))
+        (low, high), pointwise = eval_gap.gap_intervals(e_train, e_val, n_boot=400, seed=1)
+        assert low < eval_gap.peak_gap(curve) < high and low < 2.0 < high
+        assert pointwise.shape == (3, 2) and (pointwise[:, 0] < curve).all() and (curve < pointwise[:, 1]).all()
+        widths.append([high - low, *np.diff(pointwise, axis=1)[:, 0]])
+    assert (np.array(widths[1]) < np.array(widths[0]) / 2).all()  # about 1 / sqrt(n)
+    again = eval_gap.gap_intervals(e_train, e_val, n_boot=400, seed=1)
+    assert tuple(again[0]) == (low, high) and np.array_equal(again[1], pointwise)  # seeded
     # the optimal denoiser at small sigma: E_train = 0 gives G = inf, left out like peak_index leaves it out
     zero = np.zeros((1, 8))
-    low, high = eval_gap.peak_gap_interval(np.vstack([zero, np.ones((1, 8))]), np.full((2, 8), 3.0), n_boot=50)
-    assert low == high == 2.0
-    assert np.isnan(eval_gap.peak_gap_interval(zero, np.ones((1, 8)), n_boot=10)).all()
+    (low, high), pointwise = eval_gap.gap_intervals(np.vstack([zero, np.ones((1, 8))]), np.full((2, 8), 3.0),
+                                                    n_boot=50)
+    assert low == high == 2.0 and np.isnan(pointwise[0]).all() and (pointwise[1] == 2.0).all()
+    assert all(np.isnan(a).all() for a in eval_gap.gap_intervals(zero, np.ones((1, 8)), n_boot=10))
 
 
 def test_fixed_noise_is_seeded_by_dataset_index_and_validation_draws_differ_from_training(data_dir):

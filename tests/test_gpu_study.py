@@ -23,7 +23,8 @@ def test_gpu_study_tiny_runs_every_stage_on_cpu(tmp_path):
         assert re.search(rf"^=== {re.escape(stage)}: \d+ s$", log, re.M), stage
     assert log.index("=== 0. data") < log.index("=== unet-tiny-n16: started"), "the dataset is read before the jobs"
     threads = max(1, len(os.sched_getaffinity(0)) // 2)  # the cores (nproc) shared out among --jobs 2
-    assert f"2 runs at once; --step-mode eager --forward-mode eager; TORCHINDUCTOR_COMPILE_THREADS={threads}" in log
+    assert (f"2 runs at once; --precision auto; --step-mode eager --forward-mode eager; "
+            f"TORCHINDUCTOR_COMPILE_THREADS={threads}") in log
     for run in runs:
         assert "training step: eager" in (out / "logs" / f"{run}.log").read_text()
     assert "study.sh done" in log and "FAILED" not in log

@@ -257,7 +257,8 @@ def test_early_stopping_at_sigma_max_returns_the_denoised_initial_noise(snapshot
 
 def test_guidance_weight_zero_is_the_unguided_sampler_and_nonzero_weights_change_it(snapshot, tmp_path):
     model = net_model(snapshot)
-    res = run([snapshot, "--guidance-weights", "0", "1", "--neg", "uncond", "--precision", "fp32"], tmp_path)
+    res = run([snapshot, "--guidance-weights", "0", "1", "--neg", "uncond", "--precision", "fp32", "--label",
+               "random"], tmp_path)
     sigmas = common.edm_sigmas(6)
     x, labels = sample_memorize.initial_state(np.arange(8), (1, R, R), [0, 1, 2], torch.float32, "cpu")
     plain = common.sample_ode(lambda y, s: model.denoise(y, torch.full((8,), s), labels), x, sigmas)
@@ -343,7 +344,9 @@ def test_a_training_subset_larger_than_the_validation_reference_is_subsampled_to
     draws = sample_memorize.reference_draws(model.train, seed=0, draws=4)
     assert [len(d.train_pos) for d in draws] == [len(d.val_pos) for d in draws] == [6] * 4
     assert len({tuple(d.train_pos) for d in draws}) == 4 and len({tuple(d.val_pos) for d in draws}) == 4
-    assert all(len(d.heldout_pos) == 6 and not set(d.heldout_pos) & set(d.val_pos) for d in draws)
+    # the 6 validation images in neither reference: half are the held-out images, half the null's
+    assert all(len(d.heldout_pos) == len(d.null_pos) == 3 and not set(d.heldout_pos) & set(d.null_pos)
+               and not (set(d.heldout_pos) | set(d.null_pos)) & set(d.val_pos) for d in draws)
     # the authors' way written out: the LLR of equal-size references, here the brute-force log-mean-exp
     x, s = model.train.x[:3].double() + 0.5, 0.7
     ref_t, ref_v = model.train.x[draws[1].train_pos].double(), model.train.val_x[draws[1].val_pos].double()
@@ -371,8 +374,9 @@ def test_samples_of_a_sampler_that_ignores_the_training_set_do_not_score_like_no
     sets = sample_memorize.probe_sets(model, refs, np.arange(12), [s], model.denoise, num_samples=12, seed=0,
                                       batch=12)
     llr_train, llr_val = (refs.llr(sets[k][0][0], s, None, 12) for k in ("train", "val"))
-    fresh = refs.llr(sample_memorize.noisy(held.float(), refs.heldout_pos, np.zeros(6, np.int64), s), s, None, 6)
-    stats = {k: sample_memorize.trajectory_overlap(v[None], llr_train[None], llr_val[None], fresh[None])
+    fresh, null = (refs.llr(sample_memorize.noisy(model.train.val_x[pos], pos, np.zeros(len(pos), np.int64), s), s,
+                            None, 6) for pos in (refs.heldout_pos, refs.null_pos))
+    stats = {k: sample_memorize.trajectory_overlap(v[None], llr_train[None], llr_val[None], fresh[None], null[None])
              for k, v in llr.items()}
     assert stats["memorizing"]["traj_train_overlap"] >= 0.9 and stats["memorizing"]["traj_heldout_score"] > 0.8
     assert stats["memorizing"]["traj_train_score"] > 0.8
@@ -384,9 +388,9 @@ def test_samples_of_a_sampler_that_ignores_the_training_set_do_not_score_like_no
 def test_overlap_intervals_hold_the_spread_of_reference_draws_and_narrow_with_more_samples():
     rng = np.random.default_rng(0)
 
-    def llr(m, shift):  # (D, P, M) LLRs: training images at +4, held-out at 0, validation at -4, states at shift
-        offsets = np.array([-0.3, 0.0, 0.3])[:, None, None]  # the draws move every set a little
-        return [rng.normal(mean, 1.0, (3, 1, m)) + offsets * (k == 0) for k, mean in enumerate((shift, 4, -4, 0))]
+    def llr(m, shift):  # (D, P, M) LLRs: training images at +4, held-out and null at 0, validation at -4, states at
+        offsets = np.array([-0.3, 0.0, 0.3])[:, None, None]  # shift; the draws move every set a little
+        return [rng.normal(mean, 1.0, (3, 1, m)) + offsets * (k == 0) for k, mean in enumerate((shift, 4, -4, 0, 0))]
     widths = []
     for m in (64, 2048):
         sets = llr(m, 1.0)
@@ -401,10 +405,12 @@ def test_overlap_intervals_hold_the_spread_of_reference_draws_and_narrow_with_mo
     # draws that disagree widen the interval beyond the sampling noise of one draw
     one = sample_memorize.overlap_intervals(*[a[:1] for a in sets], n_boot=500, seed=0)["traj_heldout_score_ci"][0]
     assert one[1] - one[0] < 0.5 * widths[1]
-    # a sampler whose states are noisy fresh data: the interval holds 0
+    # a sampler whose states are noisy fresh data: the interval holds 0, as the null's does
     sets = llr(512, 0.0)
-    low, high = sample_memorize.overlap_intervals(*sets, n_boot=500, seed=0)["traj_heldout_score_ci"][0]
-    assert low < 0 < high
+    out = sample_memorize.overlap_intervals(*sets, n_boot=500, seed=0)
+    for key in ("traj_heldout_score_ci", "null_heldout_score_ci"):
+        low, high = out[key][0]
+        assert low < 0 < high, key
 
 
 def test_typicality_tells_states_like_noisy_data_from_states_unlike_anything_in_the_references():

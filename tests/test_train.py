@@ -115,8 +115,8 @@ def test_snapshot_is_a_plain_dict_with_the_documented_keys(baseline):
 
 def test_train_log_has_the_documented_keys_and_one_loss_per_step(baseline):
     log = common.load_npz(os.path.join(baseline, "train_log.npz"))
-    assert set(log) == {"args", "script", "images_seen", "loss", "eval_images", "eval_sigmas", "E_train", "E_val",
-                        "snapshot_images", "subset", "probe_train", "probe_val"}
+    assert set(log) == {"args", "script", "format", "code", "images_seen", "loss", "eval_images", "eval_sigmas",
+                        "E_train", "E_val", "snapshot_images", "subset", "probe_train", "probe_val"}
     assert log["args"]["steps"] == 40 and log["script"] == "train_image.py"
     np.testing.assert_array_equal(log["images_seen"], BATCH * np.arange(1, 41))
     assert np.isfinite(log["loss"]).all()
