@@ -1490,24 +1490,41 @@ def choose_subset(num_available, n, seed):
     return np.sort(perm[:n].numpy()).astype(np.int64)
 
 
-def training_subset(name, n, seed, cond="none", k=10, resolution=32, root=None):
+CLUSTER_SPACES = ("pixels", "classifier")  # where --cond kmeans clusters the images (cluster_points)
+
+
+def cluster_points(images, space, dataset, resolution, root=None):
+    """The points k-means clusters for images (N, C, R, R) in [-1, 1] at the training resolution: their pixels,
+    flattened, or their 'classifier' features (classifier_extractor: the counterpart here of the authors'
+    self-supervised feature space) scaled to unit length, so that k-means compares their directions (cosine
+    similarity, as such features are compared) and not their overall size, float32 (N, d)."""
+    check(space in CLUSTER_SPACES, f"--cluster-space must be one of {', '.join(CLUSTER_SPACES)}, got {space!r}")
+    if space == "pixels":
+        return images.flatten(1).float()
+    return F.normalize(classifier_extractor(dataset, resolution, root)(images), dim=1)
+
+
+def training_subset(name, n, seed, cond="none", k=10, resolution=32, root=None, cluster_space="pixels"):
     """The subset train_image.py trains on: (seeded indices into the training split, their conditioning
-    labels: dataset classes, seeded k-means clusters or None, and the k-means centroids or None)."""
+    labels: dataset classes, seeded k-means clusters (of cluster_points in `cluster_space`) or None, and the
+    k-means centroids or None)."""
     check(name in DATASETS, f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
     images, classes = load_images(name, "train", root)
     subset = choose_subset(len(images), n, seed)
     if cond == "class":
         return subset, classes[subset], None
     if cond == "kmeans":
-        labels, centroids = kmeans_labels(images_to_tensor(images[subset], resolution), k, seed)
+        points = cluster_points(images_to_tensor(images[subset], resolution), cluster_space, name, resolution, root)
+        labels, centroids = kmeans_labels(points, k, seed)
         return subset, labels, centroids
     return subset, None, None
 
 
-def subset_name(name, n, seed, cond="none", k=10, resolution=32):
-    """<name>-r<resolution>-n<n>-<cond>-seed<seed> (cond: none, class or kmeans<k>): a file-name part
-    for the subset (and labels) that training_subset chooses for these arguments."""
-    return f"{name}-r{resolution}-n{n}-{f'kmeans{k}' if cond == 'kmeans' else cond}-seed{seed}"
+def subset_name(name, n, seed, cond="none", k=10, resolution=32, cluster_space="pixels"):
+    """<name>-r<resolution>-n<n>-<cond>-seed<seed> (cond: none, class, kmeans<k> or kmeans<k>-classifier): a
+    file-name part for the subset (and labels) that training_subset chooses for these arguments."""
+    cond = f"kmeans{k}" + ("" if cluster_space == "pixels" else f"-{cluster_space}") if cond == "kmeans" else cond
+    return f"{name}-r{resolution}-n{n}-{cond}-seed{seed}"
 
 
 def num_condition_classes(name, cond, k=10):
@@ -1589,16 +1606,16 @@ def assign_clusters(x, centroids):
     return _nearest(x, centroids)[0].numpy().astype(np.int64)
 
 
-def validation_labels(train_labels, centroids, classes, images):
+def validation_labels(train_labels, centroids, classes, points):
     """Conditioning labels of other images (validation images) as a denoiser trained with train_labels reads
     them: None when it is unconditional (train_labels None), the cluster of the nearest k-means centroid when
-    its labels are clusters (centroids given; images (N, C, R, R) at the training resolution), else the
-    images' dataset classes `classes`; int64 (N,)."""
+    its labels are clusters (centroids given; points(): the images' points in the clusters' space,
+    cluster_points), else the images' dataset classes `classes`; int64 (N,)."""
     if train_labels is None:
         return None
     if centroids is None:
         return np.asarray(classes, np.int64)
-    return assign_clusters(images, centroids)
+    return assign_clusters(points(), centroids)
 
 
 def _as_array(value, dtype):
@@ -1617,6 +1634,7 @@ class TrainingSource:
     labels: np.ndarray | None = None
     centroids: np.ndarray | None = None
     data_dir: str | None = None
+    cluster_space: str = "pixels"  # where the k-means centroids lie (cluster_points)
 
     @classmethod
     def of_checkpoint(cls, ckpt, data_dir=None, path="the snapshot"):
@@ -1625,15 +1643,16 @@ class TrainingSource:
         run = ckpt["args"] if isinstance(ckpt["args"], dict) else {}
         source = cls(ckpt["dataset"], int(ckpt["resolution"]), np.asarray(ckpt["subset"], np.int64),
                      _as_array(ckpt["labels"], np.int64), _as_array(ckpt["kmeans_centroids"], np.float32),
-                     data_dir or run.get("data_dir"))
+                     data_dir or run.get("data_dir"), run.get("cluster_space", "pixels"))
         check_data(ckpt, source.data_dir, path)
         return source
 
     @classmethod
-    def drawn(cls, dataset, n, seed, cond="none", k=10, resolution=32, data_dir=None):
+    def drawn(cls, dataset, n, seed, cond="none", k=10, resolution=32, data_dir=None, cluster_space="pixels"):
         """The subset and labels that train_image.py trains on for these arguments (training_subset)."""
-        subset, labels, centroids = training_subset(dataset, n, seed, cond, k, resolution, data_dir)
-        return cls(dataset, int(resolution), subset, labels, _as_array(centroids, np.float32), data_dir)
+        subset, labels, centroids = training_subset(dataset, n, seed, cond, k, resolution, data_dir, cluster_space)
+        return cls(dataset, int(resolution), subset, labels, _as_array(centroids, np.float32), data_dir,
+                   cluster_space)
 
     @property
     def cond(self):
@@ -1672,7 +1691,8 @@ class TrainingSource:
     def validation_labels(self, classes, images):
         """Labels of validation images (their dataset classes, and the images at this resolution) as a
         network trained on this source reads them (common.validation_labels)."""
-        return validation_labels(self.labels, self.centroids, classes, images)
+        return validation_labels(self.labels, self.centroids, classes, lambda: cluster_points(
+            images, self.cluster_space, self.dataset, self.resolution, self.data_dir))
 
 
 # ---------------------------------------------------------------------------
@@ -2062,13 +2082,7 @@ def load_feature_extractor(name="builtin", device="cpu", source=None):
     device = torch.device(device)
     if name == "classifier":
         check(source is not None, "--features classifier needs a dataset to train the classifier on")
-        trunk, description = classifier_features(source.dataset, source.resolution, source.data_dir, device)
-        size, channels = source.resolution, source.image_shape[0]
-
-        def classify(x):
-            x = x[:, :channels]
-            return trunk(x if x.shape[-1] == size else F.interpolate(x, size=(size, size), mode="area"))
-        return _batched_features(classify, device, 512, description)
+        return classifier_extractor(source.dataset, source.resolution, source.data_dir, device)
     if name == "builtin":
         gen, weights, cin = torch.Generator().manual_seed(0), [], 3
         for width in (16, 32, 64):  # He-normal, so activations keep their scale through the stages
@@ -2098,6 +2112,18 @@ def load_feature_extractor(name="builtin", device="cpu", source=None):
         x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
         return net((x + 1) * 127.5 / 128 - 1)  # TF-Inception's (pixel - 128) / 128
     return _batched_features(inception, device, 64, f"Inception-v3 ({os.path.basename(os.fspath(name))})")
+
+
+def classifier_extractor(dataset, resolution, data_dir=None, device="cpu"):
+    """The 'classifier' feature map of load_feature_extractor for a dataset at a resolution (classifier_features):
+    images of other sizes are resized to it by area averaging."""
+    trunk, description = classifier_features(dataset, resolution, data_dir, device)
+    channels = DATASETS[dataset]["shape"][2]
+
+    def classify(x):
+        x = x[:, :channels]
+        return trunk(x if x.shape[-1] == resolution else F.interpolate(x, size=(resolution, resolution), mode="area"))
+    return _batched_features(classify, torch.device(device), 512, description)
 
 
 def quantize_8bit(x):
@@ -2459,6 +2485,8 @@ def add_data_args(parser, applies="", seed_flag="--subset-seed"):
     parser.add_argument("--cond", default="none", choices=["none", "class", "kmeans"],
                         help=f"{applies}conditioning: none, the dataset's classes or k-means clusters of the subset")
     parser.add_argument("--k", type=positive_int, default=10, help=f"{applies}number of clusters of --cond kmeans")
+    parser.add_argument("--cluster-space", default="pixels", choices=CLUSTER_SPACES, help=f"{applies}what --cond "
+                        "kmeans clusters: the pixels, or the classifier features (a CNN trained on the dataset)")
     if seed_flag == "--subset-seed":
         parser.add_argument("--subset-seed", type=non_negative_int, default=0,
                             help=f"{applies}seed of the subset and its k-means clusters, as train_image.py --seed")

@@ -734,7 +734,8 @@ def default_out(args):
     """--out when not given (see the module docstring)."""
     tags = ("-guided" if args.guidance_weights else "") + ("-windows" if args.windows else "")
     if not args.snapshots:
-        subset = common.subset_name(args.data, args.n, args.subset_seed, args.cond, args.k, args.resolution)
+        subset = common.subset_name(args.data, args.n, args.subset_seed, args.cond, args.k, args.resolution,
+                                     args.cluster_space)
         return os.path.join("results", f"gap-optimal-{subset}{tags}.npz")
     return common.default_result_path(args.snapshots, "gap", ("-raw" if args.weights == "raw" else "") + tags)
 
@@ -801,7 +802,7 @@ def evaluate(args, rank, world, device):
             opt_source = snapshots[0]["source"]
         else:
             opt_source = common.TrainingSource.drawn(args.data, args.n, args.subset_seed, args.cond, args.k,
-                                                     args.resolution, args.data_dir)
+                                                     args.resolution, args.data_dir, args.cluster_space)
     sigmas = (torch.tensor(sorted(args.sigmas), dtype=torch.float64) if args.sigmas
               else common.log_sigmas(args.num_sigmas))
     if args.feature_sigmas == "all":

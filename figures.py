@@ -30,7 +30,9 @@ once, one process each on Linux (default: one per core).
 """
 import argparse
 import json
+import math
 import os
+import warnings
 
 import common  # first: a Ctrl-C while the libraries load is one line (common sets the hook)
 import matplotlib
@@ -273,9 +275,13 @@ def network_configs(data):
     return [i for i, seen in enumerate(data["images_seen"]) if seen >= 0]
 
 
+FIXED_PROBE = 1.2  # the fixed probe sigma of the summary and the map's second score panel: the paper's 1.2
+
+
 def middle_probe(data):
-    """Index of the middle probe sigma (the one nearest the paper's 1.2 by default)."""
-    return len(data["probe_sigmas"]) // 2
+    """Index of the fixed probe sigma nearest FIXED_PROBE in log sigma (the middle one of sample_memorize's
+    defaults: 1.09 with 18 steps)."""
+    return int(np.abs(np.log(data["probe_sigmas"]) - np.log(FIXED_PROBE)).argmin())
 
 
 def interval_bars(ax, x, y, ci, color, valid=None):
@@ -327,11 +333,11 @@ def fig_memorization_over_training(mem_results):
                 interval_bars(ax, seen, data[key][idx, mid], data[f"{key}_ci"][idx, mid], color, valid)
             if fresh in data:
                 ax.plot(seen, data[fresh][idx, mid], "--", color=color)
-        if "fcos_traj_train" in data:
-            axes[4].plot(seen, data["fcos_traj_train"][idx, mid].mean(-1), "o-", color=color,
-                         label=f"{name}: to training images")
-            axes[4].plot(seen, data["fcos_traj_val"][idx, mid].mean(-1), "s--", color=color, mfc="white",
-                         label=f"{name}: to validation images")
+        if "fcos_traj_train_peak" in data:  # the authors' figure: at each model's peak probe
+            for query, style, what in (("traj", "o-", "D(trajectory state)"), ("train", "s--", "D(noisy training image)"),
+                                       ("val", "^:", "D(noisy validation image)")):
+                axes[4].plot(seen, np.nanmean(data[f"fcos_{query}_train_peak"][idx], -1), style, color=color,
+                             mfc="white" if query != "traj" else None, label=f"{name}: {what}")
         drawn = True
     if not drawn:
         plt.close(fig)
@@ -349,8 +355,9 @@ def fig_memorization_over_training(mem_results):
                 title="where trajectories live (95% intervals; dotted: reference samplers)")
     for level in (0, 1):
         axes[3].axhline(level, color="black", lw=0.6)
-    axes[4].set(xscale="log", xlabel="training images seen", ylabel="mean 1-NN cosine similarity of D(x_k)",
-                title="the authors' measure, in feature space")
+    axes[4].set(xscale="log", xlabel="training images seen",
+                ylabel="mean 1-NN cosine similarity\nto the training reference (features)",
+                title="the authors' measure at the gap's peak probe")
     for ax in axes:
         ax.legend(fontsize=7)
     return fig
@@ -362,95 +369,348 @@ def snapshot_keys(data, i):
     return ([("digest", str(data["digests"][i]))] if "digests" in data else []) + [("path", path)]
 
 
+def recipe(run):
+    """How a run was trained apart from n, the seed and the network: 'plain', 'base' (the authors' base model:
+    class-conditional, EDM's augmentation at p = 0.12, dropout 0.13), or the settings that differ from plain."""
+    parts = [run.get("cond") if run.get("cond") != "kmeans" else f"kmeans{run.get('k')}"] if run.get(
+        "cond", "none") != "none" else []
+    parts += [f"aug {run['augment_p']:g}"] if run.get("augment_p") else []
+    parts += [f"dropout {run['dropout']:g}"] if run.get("dropout") else []
+    parts += [f"{run['augment']} data"] if run.get("augment", "none") != "none" else []
+    parts += [f"label dropout {run['label_dropout']:g}"] if run.get("label_dropout") else []
+    return "base" if parts == ["class", "aug 0.12", "dropout 0.13"] else ", ".join(parts) or "plain"
+
+
+def map_eligible(data):
+    """Whether an eval_gap.py result gives points of the claim-3 map: per-snapshot rows with intervals of the
+    whole image, unguided (results of --windows, --jacobian or --guidance-weights are other studies)."""
+    settings = json_key(data, "eval_settings")
+    return ("peak_gap_ci" in data and "run_args" in data and "windows" not in data and "guidance_weights" not in data
+            and not settings.get("jacobian_sigmas"))
+
+
 def snapshot_points(gap_results, mem_results):
-    """Per snapshot that has both an eval_gap.py and an (unguided) sample_memorize.py result with intervals
-    (paired as sample_stats pairs them): the run's n and training seed, images seen, the peak of G with its
-    interval over evaluation images, the copies and the trajectory score (middle probe sigma) with their
-    intervals and whether its states look like data."""
-    memo = {}
-    for _, data in mem_results:
-        if "traj_heldout_score_ci" in data:
-            memo.update(sample_stats(data)[0])
-    points = []
-    for _, data in gap_results:
-        if "peak_gap_ci" not in data or "run_args" not in data:
+    """One point per snapshot and settings that has both an eval_gap.py (map_eligible) and an unguided
+    sample_memorize.py result with intervals (paired as sample_stats pairs them): its run (the training
+    arguments but the seed), the eval_gap.py and sample_memorize.py settings, the training seed, n, recipe,
+    images seen, the peak of G with its interval over evaluation images, the copies and the trajectory scores
+    at the fixed probe and at the gap's peak probe with their intervals and validity. A snapshot met twice with
+    the same settings (the same results in two files) counts once, with a note."""
+    memo = {}  # snapshot key -> {sample settings: stats}
+    for name, data in mem_results:
+        if "traj_heldout_score_ci" in data and not np.any(data["guidance_weights"]):  # guided: another study
+            for key, stats in sample_stats(data)[0].items():
+                found = memo.setdefault(key, {})
+                if str(data.get("settings", "")) in found:
+                    print(f"note: claim-3 map: {name} repeats the sample results of {key[1]} with the same settings; "
+                          "counted once")
+                found.setdefault(str(data.get("settings", "")), stats)
+    points, seen_before = [], set()
+    for name, data in gap_results:
+        if not map_eligible(data):
             continue
         run, peak, peak_ci = json_key(data, "run_args"), first_weight(data["peak_gap"], data), first_weight(
             data["peak_gap_ci"], data)
+        group = json.dumps({k: v for k, v in run.items() if k != "seed"}, sort_keys=True)
         for i in range(len(data["checkpoints"])):
-            stats = next((memo[key] for key in snapshot_keys(data, i) if key in memo), None)
-            if stats is not None:
-                points.append(dict(n=run.get("n"), seed=run.get("seed", 0), images_seen=int(data["images_seen"][i]),
-                                   peak=float(peak[i]), peak_ci=peak_ci[i], copies=stats["memorized"],
-                                   copies_ci=stats["ci"], score=stats["score"], score_ci=stats["score_ci"],
-                                   valid=stats["valid"]))
+            found = next((memo[key] for key in snapshot_keys(data, i) if key in memo), {})
+            for sample_settings, stats in found.items():
+                identity = (snapshot_keys(data, i)[0], str(data.get("eval_settings", "")), sample_settings)
+                if identity in seen_before:
+                    print(f"note: claim-3 map: {name} repeats the results of {identity[0][1]} with the same settings; "
+                          "counted once")
+                    continue
+                seen_before.add(identity)
+                points.append(dict(run=(group, str(data.get("eval_settings", "")), sample_settings),
+                                   seed=run.get("seed", 0), n=run.get("n"), recipe=recipe(run), run_args=run,
+                                   params=run_factors(data)["params"],
+                                   images_seen=int(data["images_seen"][i]), peak=float(peak[i]), peak_ci=peak_ci[i],
+                                   copies=stats["memorized"], copies_ci=stats["ci"], **{
+                                       k: stats[k] for k in MAP_SCORES + tuple(f"{k}_ci" for k in MAP_SCORES)},
+                                   valid=stats["valid"], valid_peak=stats["valid_peak"],
+                                   peak_probe=stats["peak_probe"]))
     return points
 
 
+MAP_SCORES = ("score", "score_peak", "null_peak")  # at the fixed probe, at the gap's peak probe, the null there
+
+
 def across_seeds(points):
-    """Points of runs that differ only in the training seed, merged per (n, images seen): the mean of the
-    seeds' values, an interval from the smallest lower to the largest upper bound of the seeds' intervals
-    (so it holds the spread between seeds and each seed's own sampling and reference-draw noise), the
-    number of seeds, and valid only where every seed's states look like data. Sorted by n, then images seen."""
+    """Points of runs that differ only in the training seed (the same run arguments otherwise, evaluated and sampled
+    with the same settings), merged per images seen: the mean of the seeds' values, an interval from the smallest
+    lower to the largest upper bound of the seeds' intervals (so it holds the spread between seeds and each
+    seed's own sampling and reference-draw noise), the number of seeds, valid only where every seed's states look
+    like data, and the peak probe sigmas met. Sorted by recipe, n, images seen."""
     groups = {}
     for p in points:
-        groups.setdefault((p["n"], p["images_seen"]), []).append(p)
+        groups.setdefault((p["run"], p["images_seen"]), []).append(p)
     merged = []
-    for (n, seen), group in sorted(groups.items()):
-        row = dict(n=n, images_seen=seen, seeds=len(group), valid=all(p["valid"] for p in group))
-        for key in ("peak", "copies", "score"):
+    for (_, seen), group in groups.items():
+        first = group[0]
+        row = dict(n=first["n"], recipe=first["recipe"], run=first["run"], run_args=first["run_args"],
+                   params=first["params"],
+                   images_seen=seen, seeds=len({p["seed"] for p in group}), valid=all(p["valid"] for p in group),
+                   valid_peak=all(p["valid_peak"] for p in group),
+                   peak_probes=sorted({p["peak_probe"] for p in group if np.isfinite(p["peak_probe"])}))
+        for key in ("peak", "copies") + MAP_SCORES:
             cis = np.array([p[f"{key}_ci"] for p in group], np.float64)
-            row[key] = float(np.mean([p[key] for p in group]))
-            row[f"{key}_ci"] = (float(np.nanmin(cis[:, 0])), float(np.nanmax(cis[:, 1])))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # a key no seed has (NaN): stays NaN
+                row[key] = float(np.nanmean([p[key] for p in group]))
+                row[f"{key}_ci"] = (float(np.nanmin(cis[:, 0])), float(np.nanmax(cis[:, 1])))
         merged.append(row)
-    return merged
+    return sorted(merged, key=lambda r: (r["recipe"] != "plain", r["recipe"], r["n"] or 0, r["run"], r["images_seen"]))
+
+
+def map_labels(rows):
+    """A legend label per run group of across_seeds' rows: recipe and n, and the network and precision where the
+    map holds more than one of them."""
+    extra = [key for key in ("model", "size", "channels", "blocks", "precision")
+             if len({json.dumps(r["run_args"].get(key)) for r in rows}) > 1]
+    return {r["run"]: ", ".join([f"{r['recipe']} n = {r['n']}"] + [f"{k} {r['run_args'].get(k)}" for k in extra])
+            for r in rows}
 
 
 def fig_claim3_map(points):
-    """Where "memorize in training, generalize in inference" holds: copies among samples and the LLR score of
-    trajectory states against the peak of G, one curve per training set size n (points: snapshots, in order of
-    images seen; across training seeds merged by across_seeds), with 95% intervals on both axes. The claim
-    holds where G grows while copies stay near 0 and the score near 0 (fresh data)."""
+    """Where "memorize in training, generalize in inference" holds: copies among samples, the LLR score of
+    trajectory states at each snapshot's peak probe (the grid sigma nearest its peak of G, as the authors probe)
+    and at the fixed probe nearest 1.2, against the peak of G; one curve per run (n and recipe; points: snapshots
+    in order of images seen; training seeds merged by across_seeds), with 95% intervals on both axes. The claim
+    holds where G grows while copies stay near 0 and the scores near 0 (fresh data)."""
     rows = across_seeds(points)
     if not rows:
         return None
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), layout="constrained")
-    for n in sorted({r["n"] for r in rows}):
-        group = [r for r in rows if r["n"] == n]
+    labels, colors = map_labels(rows), {}
+    fig, axes = plt.subplots(1, 3, figsize=(18, 4.8), layout="constrained")
+    styles = {"plain": ("o", "-"), "base": ("s", "--")}
+    for run in dict.fromkeys(r["run"] for r in rows):
+        group = [r for r in rows if r["run"] == run]
+        n = group[0]["n"]
+        colors.setdefault(n, f"C{len(colors) % 10}")
+        marker, line = styles.get(group[0]["recipe"], ("^", ":"))
         peak = np.array([r["peak"] for r in group])
         xerr = np.abs(np.array([r["peak_ci"] for r in group]).T - peak)
         seeds = max(r["seeds"] for r in group)
-        for ax, key in zip(axes, ("copies", "score")):
+        for ax, key, valid in zip(axes, ("copies", "score_peak", "score"), (None, "valid_peak", "valid")):
             y = np.array([r[key] for r in group])
-            line, = ax.plot(peak, y, "o-", label=f"n = {n} ({seeds} seed{'s' if seeds > 1 else ''})")
-            ax.errorbar(peak, y, xerr=xerr, yerr=np.abs(np.array([r[f"{key}_ci"] for r in group]).T - y),
-                        fmt="none", color=line.get_color(), lw=0.8, capsize=2)
-            if key == "score":
-                interval_bars(ax, peak, y, [r["score_ci"] for r in group], line.get_color(),
-                              [r["valid"] for r in group])
+            ax.plot(peak, y, marker=marker, ls=line, color=colors[n],
+                    label=f"{labels[run]} ({seeds} seed{'s' if seeds > 1 else ''})")
+            ax.errorbar(peak, y, xerr=xerr, fmt="none", color=colors[n], lw=0.8, capsize=2)
+            interval_bars(ax, peak, y, [r[f"{key}_ci"] for r in group], colors[n],
+                          None if valid is None else [r[valid] for r in group])
     for ax in axes:
         ax.set_xscale("symlog", linthresh=0.1)
         ax.axhline(0, color="black", lw=0.6)
-        ax.legend(fontsize=7)
-    axes[0].set(xlabel="peak of the relative gap G over sigma (symlog)", ylabel="memorized fraction (d1/d2 < 1/3)",
-                title="copies among samples vs the gap")
-    axes[1].axhline(1, color="black", lw=0.6)
-    axes[1].set(xlabel="peak of the relative gap G over sigma (symlog)",
-                ylabel="LLR score of trajectory states\n(0: noisy fresh images, 1: noisy training images)",
-                title="where trajectories live vs the gap (hollow: states unlike data)")
+        ax.axvspan(0, 0.35, color="gold", alpha=0.12, lw=0)  # the paper's regime: G up to about 0.35
+        ax.set_xlabel("peak of the relative gap G over sigma (symlog; shaded: the paper's G <= 0.35)")
+    axes[0].legend(fontsize=6)
+    axes[0].set(ylabel="memorized fraction (d1/d2 < 1/3)", title="copies among samples vs the gap")
+    score = "LLR score of trajectory states\n(0: noisy fresh images, 1: noisy training images)"
+    axes[1].set(ylabel=score, title="at the gap's peak probe (hollow: states unlike data)")
+    axes[2].set(ylabel=score, title=f"at the fixed probe nearest sigma {FIXED_PROBE} (hollow: states unlike data)")
+    for ax in axes[1:]:
+        ax.axhline(1, color="black", lw=0.6)
     return fig
 
 
 def format_map(points):
-    """The table behind fig_claim3_map: one line per n and snapshot (seeds merged), each value with its 95%
-    interval."""
-    head = f"{'n':>5s} {'images':>8s} {'seeds':>5s} {'peak G [95% CI]':>24s} {'copies [95% CI]':>20s} {'score [95% CI]':>22s}"
+    """The table behind fig_claim3_map: one line per run (recipe, n) and snapshot (seeds merged), each value with
+    its 95% interval: the peak of G, copies, the score at the gap's peak probe (and that probe's sigmas), the null
+    there, and the score at the fixed probe nearest 1.2."""
+    rows = across_seeds(points)
+    labels = map_labels(rows)
+    head = (f"{'run':24s} {'images':>8s} {'seeds':>5s} {'peak G [95% CI]':>22s} {'copies [95% CI]':>20s} "
+            f"{'score@peak [95% CI]':>21s} {'peak sigma':>10s} {'null@peak [95% CI]':>20s} "
+            f"{'score@~' + str(FIXED_PROBE) + ' [95% CI]':>21s}")
     lines = [head, "-" * len(head)]
-    for r in across_seeds(points):
-        ci = lambda key, spec: f"{r[key]:{spec}} [{r[key + '_ci'][0]:{spec}}, {r[key + '_ci'][1]:{spec}}]"  # noqa
-        lines.append(f"{r['n']:5d} {r['images_seen']:8,d} {r['seeds']:5d} {ci('peak', '.2f'):>24s} "
-                     f"{ci('copies', '.1%'):>20s} {ci('score', '.2f'):>22s}" + ("" if r["valid"] else " *"))
-    return "\n".join(lines + ["* trajectory states unlike noisy data: the score says nothing there"])
+
+    def ci(r, key, spec):
+        if not np.isfinite(r[key]):
+            return "-"
+        return f"{r[key]:{spec}} [{r[key + '_ci'][0]:{spec}}, {r[key + '_ci'][1]:{spec}}]"
+    for r in rows:
+        sigmas = "/".join(f"{s:.3g}" for s in r["peak_probes"]) or "-"
+        lines.append(f"{labels[r['run']][:24]:24s} {r['images_seen']:8,d} {r['seeds']:5d} {ci(r, 'peak', '.2f'):>22s} "
+                     f"{ci(r, 'copies', '.1%'):>20s} {ci(r, 'score_peak', '.2f') + ('' if r['valid_peak'] else ' *'):>21s} "
+                     f"{sigmas:>10s} {ci(r, 'null_peak', '.2f'):>20s} "
+                     f"{ci(r, 'score', '.2f') + ('' if r['valid'] else ' *'):>21s}")
+    note = (["* trajectory states unlike noisy data: the score says nothing there"]
+            if not all(r["valid"] and r["valid_peak"] for r in rows) else [])
+    return "\n".join(lines + note)
+
+
+# ---------------------------------------------------------------------------
+# Claim 5: one factor at a time (study.sh --scale cpu --factors)
+# ---------------------------------------------------------------------------
+
+FACTOR_KEYS = {"size": ("model", "size", "channels", "blocks"),  # run arguments that make each factor
+               "conditioning": ("cond", "k", "cluster_space")}
+
+
+def factor_variants(rows, factor):
+    """The groups of across_seeds rows whose runs differ only in the run arguments of `factor` (FACTOR_KEYS), with
+    at least two variants: [{variant (its values of those arguments): rows in order of images seen}]."""
+    keys, groups = FACTOR_KEYS[factor], {}
+    for r in rows:
+        rest = json.dumps({k: v for k, v in r["run_args"].items() if k not in keys and k != "seed"}, sort_keys=True)
+        variant = tuple((k, r["run_args"].get(k)) for k in keys)
+        groups.setdefault((rest, r["run"][1:]), {}).setdefault(variant, []).append(r)
+    return [variants for variants in groups.values() if len(variants) > 1]
+
+
+def conditioning_label(variant):
+    """How a run is conditioned, as the figures name it, and its number of labels (1: unconditional)."""
+    v = dict(variant)
+    if v["cond"] == "kmeans":
+        return f"k-means in {v.get('cluster_space') or 'pixels'}", v["k"]
+    return ("classes", 10) if v["cond"] == "class" else ("unconditional", 1)
+
+
+def size_label(rows):
+    return f"{rows[0]['params'] / 1e6:.2f}M parameters" if rows[0]["params"] else str(rows[0]["run_args"].get("size"))
+
+
+PANELS = (("peak", "peak of G over sigma"), ("copies", "memorized fraction (d1/d2 < 1/3)"),
+          ("score_peak", "LLR score at the gap's peak probe\n(0: fresh data, 1: training images)"))
+
+
+def fig_factor_size(points):
+    """Claim 5, model size (the paper's Fig. 2): the peak of G, copies and the score at the peak probe against
+    training images seen, one curve per network size (seeds merged, 95% intervals)."""
+    groups = factor_variants(across_seeds(points), "size")
+    if not groups:
+        return None
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.4), layout="constrained")
+    for variants in groups:
+        for rows in sorted(variants.values(), key=lambda rows: rows[0]["params"] or 0):
+            seen = np.array([r["images_seen"] for r in rows])
+            for ax, (key, label) in zip(axes, PANELS):
+                y = np.array([r[key] for r in rows])
+                line, = ax.plot(seen, y, "o-", label=f"{size_label(rows)}, n = {rows[0]['n']} ({rows[0]['seeds']} "
+                                f"seed{'s' * (rows[0]['seeds'] > 1)})")
+                interval_bars(ax, seen, y, [r[f"{key}_ci"] for r in rows], line.get_color())
+                ax.set(xscale="log", xlabel="training images seen", ylabel=label)
+    axes[0].set_yscale("symlog", linthresh=0.1)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("model size: the gap, copies and trajectories over training (95% intervals)")
+    return fig
+
+
+def fig_factor_conditioning(points):
+    """Claim 5, conditioning granularity: the peak of G, copies and the score at the peak probe of the last
+    snapshot against the number of labels (1: unconditional, the dataset's classes, k-means clusters in pixels or
+    in classifier features), seeds merged, 95% intervals."""
+    groups = factor_variants(across_seeds(points), "conditioning")
+    if not groups:
+        return None
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.4), layout="constrained")
+    markers = {"unconditional": "D", "classes": "s", "k-means in pixels": "o", "k-means in classifier": "^"}
+    for variants in groups:
+        series = {}
+        for variant, rows in variants.items():
+            name, k = conditioning_label(variant)
+            series.setdefault(name, []).append((k, max(rows, key=lambda r: r["images_seen"])))
+        for name, found in series.items():
+            found.sort(key=lambda item: item[0])
+            k = np.array([item[0] for item in found])
+            for ax, (key, label) in zip(axes, PANELS):
+                y = np.array([r[key] for _, r in found])
+                line, = ax.plot(k, y, marker=markers.get(name, "x"), ls="-" if len(k) > 1 else "none", label=name)
+                interval_bars(ax, k, y, [r[f"{key}_ci"] for _, r in found], line.get_color())
+                ax.set(xscale="log", xlabel="number of conditioning labels (1: unconditional)", ylabel=label)
+    axes[0].set_yscale("symlog", linthresh=0.1)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("conditioning granularity at the last snapshot (95% intervals)")
+    return fig
+
+
+def guidance_rows(gap_results, mem_results):
+    """Claim 5, guidance: per guided eval_gap.py result of one snapshot (the whole image) and its negative, per
+    weight w: the peak of G and its interval, E_train and E_val at the unguided peak sigma, and, from a guided
+    sample_memorize.py result of the same snapshot and negative, copies and the score at the peak probe."""
+    samples = {}
+    for _, data in mem_results:
+        if "traj_heldout_score_peak_ci" not in data:
+            continue
+        neg = (data.get("args") or {}).get("neg")
+        for i, (digest, w) in enumerate(zip(data["digests"], data["guidance_weights"])):
+            samples[str(digest), os.path.basename(os.path.dirname(str(neg))), float(w)] = (data, i)
+    rows = []
+    for name, data in gap_results:
+        if "guidance_weights" not in data or "windows" in data or "digests" not in data:
+            continue
+        neg = (data.get("args") or {}).get("neg")
+        negative = "null label" if neg == "uncond" else os.path.basename(os.path.dirname(str(neg)))
+        j = int(common.peak_index(data["gap"][0, -1]))  # the unguided peak sigma of the last snapshot
+        for g, w in enumerate(data["guidance_weights"]):
+            row = dict(name=name, negative=negative, w=float(w), peak=float(data["peak_gap"][g, -1]),
+                       peak_ci=data["peak_gap_ci"][g, -1], sigma=float(data["sigmas"][j]),
+                       e_train=float(data["e_train"][g, -1, j]), e_val=float(data["e_val"][g, -1, j]))
+            found = samples.get((str(data["digests"][-1]), negative, float(w)))
+            if found is not None:
+                mem, i = found
+                row.update(copies=float(mem["memorized_fraction"][i]), copies_ci=mem["memorized_ci"][i],
+                           score_peak=float(mem["traj_heldout_score_peak"][i]),
+                           score_peak_ci=mem["traj_heldout_score_peak_ci"][i])
+            rows.append(row)
+    return rows
+
+
+def fig_factor_guidance(rows):
+    """Claim 5, guidance: against the weight w, per negative, the peak of G, E_train and E_val at the unguided peak
+    sigma, copies and the score at the peak probe (95% intervals)."""
+    if not rows:
+        return None
+    fig, axes = plt.subplots(1, 4, figsize=(22, 4.4), layout="constrained")
+    for negative in dict.fromkeys(r["negative"] for r in rows):
+        mine = [r for r in rows if r["negative"] == negative]
+        w = np.array([r["w"] for r in mine])
+        line, = axes[0].plot(w, [r["peak"] for r in mine], "o-", label=f"negative: {negative}")
+        color = line.get_color()
+        interval_bars(axes[0], w, np.array([r["peak"] for r in mine]), [r["peak_ci"] for r in mine], color)
+        axes[1].plot(w, [r["e_train"] for r in mine], "o-", color=color, label=f"{negative}: training")
+        axes[1].plot(w, [r["e_val"] for r in mine], "s--", color=color, mfc="white", label=f"{negative}: validation")
+        for ax, key in ((axes[2], "copies"), (axes[3], "score_peak")):
+            have = [r for r in mine if key in r]
+            if have:
+                x, y = np.array([r["w"] for r in have]), np.array([r[key] for r in have])
+                ax.plot(x, y, "o-", color=color, label=f"negative: {negative}")
+                interval_bars(ax, x, y, [r[f"{key}_ci"] for r in have], color)
+    axes[0].set(ylabel="peak of G over sigma", yscale="symlog")
+    axes[1].set(ylabel=f"E(sigma) at sigma {rows[0]['sigma']:.3g} (the unguided peak)", yscale="log")
+    axes[2].set(ylabel=PANELS[1][1])
+    axes[3].set(ylabel=PANELS[2][1])
+    for ax in axes:
+        ax.set_xlabel("guidance weight w (D_w = D + w (D - D_neg))")
+        ax.legend(fontsize=7)
+    fig.suptitle("guidance: the gap and the samples against the weight (95% intervals)")
+    return fig
+
+
+def format_factors(points, guidance):
+    """The tables behind the factor figures: size and conditioning (per variant and snapshot, seeds merged) and
+    guidance (per negative and weight), each value with its 95% interval."""
+    def ci(r, key, spec):
+        if key not in r or not np.isfinite(r[key]):
+            return "-"
+        return f"{r[key]:{spec}} [{r[key + '_ci'][0]:{spec}}, {r[key + '_ci'][1]:{spec}}]"
+    values = lambda r: (f"{ci(r, 'peak', '.2f'):>22s} {ci(r, 'copies', '.1%'):>20s} "  # noqa: E731
+                        f"{ci(r, 'score_peak', '.2f'):>20s}")
+    head = f"{'peak G [95% CI]':>22s} {'copies [95% CI]':>20s} {'score@peak [95% CI]':>20s}"
+    rows, lines = across_seeds(points), []
+    for factor, label in (("size", lambda v, rows: size_label(rows)),
+                          ("conditioning", lambda v, rows: "{} k = {}".format(*conditioning_label(v)))):
+        for variants in factor_variants(rows, factor):
+            lines += [f"{factor}: {'variant':30s} {'images':>8s} {'seeds':>5s} {head}"]
+            for variant, mine in variants.items():
+                lines += [f"{factor}: {label(variant, mine)[:30]:30s} {r['images_seen']:8,d} {r['seeds']:5d} "
+                          f"{values(r)}" for r in mine]
+            lines.append("")
+    if guidance:
+        lines += [f"guidance: {'negative':30s} {'w':>5s} {head} {'E_train':>9s} {'E_val':>9s}"]
+        lines += [f"guidance: {r['negative'][:30]:30s} {r['w']:5.1f} {values(r)} {r['e_train']:9.4g} {r['e_val']:9.4g}"
+                  for r in guidance]
+    return "\n".join(lines).strip()
 
 
 def fig_fd_vs_stop_sigma(data):
@@ -530,23 +790,23 @@ def fig_toy(data):
 def sample_stats(data):
     """Statistics of the unguided configurations of a sample_memorize.py result: ({snapshot: stats}, [summary
     rows of the reference samplers: optimal, Gaussian]). A snapshot is named by its digest (digests, as
-    eval_gap.py's), so that the paths by which the two scripts were given it do not matter; in a file written
-    before sample_memorize.py stored digests, by its path."""
+    eval_gap.py's), so that the paths by which the two scripts were given it do not matter. The trajectory
+    measures are at the fixed probe nearest 1.2 (score) and at the gap's peak probe (score_peak, null_peak); NaN
+    where the file has no such measure (no peak probe)."""
     memo, refs = {}, []
-    keys = ([("digest", str(d)) for d in data["digests"]] if "digests" in data else
-            [("path", os.path.normpath(str(p))) for p in data["checkpoints"]])
+    mid, nan2 = middle_probe(data), (math.nan, math.nan)
+    keys = [("digest", str(d)) for d in data["digests"]]
     for i, (key, seen, w) in enumerate(zip(keys, data["images_seen"], data["guidance_weights"])):
         if w != 0:
             continue
-        at = lambda key: float(data[key][i, middle_probe(data)]) if key in data else None  # noqa: E731
+        at = lambda key, default=math.nan: data[key][i] if key in data else default  # noqa: E731
         stats = dict(memorized=float(data["memorized_fraction"][i]), ci=data["memorized_ci"][i],
-                     overlap=at("traj_train_overlap"), fresh=at("heldout_train_overlap"),
-                     score=at("traj_heldout_score"),
-                     score_ci=data["traj_heldout_score_ci"][i, middle_probe(data)] if "traj_heldout_score_ci" in data
-                     else None,
-                     valid=bool(data["traj_valid"][i, middle_probe(data)]) if "traj_valid" in data else True,
-                     fd_gap=float(data["fd_gap"][i]),
-                     fd_heldout=float(data["fd_gap_heldout"][i]) if "fd_gap_heldout" in data else None)
+                     score=float(at("traj_heldout_score")[mid]), score_ci=at("traj_heldout_score_ci")[mid],
+                     valid=bool(at("traj_valid")[mid]), score_peak=float(at("traj_heldout_score_peak")),
+                     score_peak_ci=at("traj_heldout_score_peak_ci", nan2), valid_peak=bool(at("traj_valid_peak", True)),
+                     null_peak=float(at("null_heldout_score_peak")), null_peak_ci=at("null_heldout_score_peak_ci", nan2),
+                     peak_probe=float(at("peak_probe_sigma")), fd_gap=float(data["fd_gap"][i]),
+                     fd_heldout=float(data["fd_gap_heldout"][i]))
         if seen >= 0:
             memo[key] = stats
         else:
@@ -557,8 +817,8 @@ def sample_stats(data):
 
 def gap_row(name, data, memo):
     """The summary row of an eval_gap.py result (its last snapshot), with the sample statistics of that
-    snapshot from `memo` (sample_stats: by its digest, or its path for older sample files); a note when there
-    are sample statistics but none of this snapshot."""
+    snapshot from `memo` (sample_stats: by its digest); a note when there are sample statistics but none of this
+    snapshot."""
     gap = first_weight(data["gap"], data)[-1]
     j = int(common.peak_index(gap))
     f = run_factors(data) if "run_args" in data else {}
@@ -571,17 +831,15 @@ def gap_row(name, data, memo):
     params = int(data["params"]) if "params" in data else None  # all of them
     peak_ci = first_weight(data["peak_gap_ci"], data)[-1] if "peak_gap_ci" in data else None
     return dict(run=name, params=params, n=f.get("n"), images_seen=int(data["images_seen"][-1]),
-                peak_gap=float(gap[j]), peak_ci=peak_ci, peak_sigma=float(data["sigmas"][j]),
-                **(stats or dict(memorized=None, ci=None, overlap=None, fresh=None, score=None, score_ci=None,
-                                 valid=True, fd_gap=None, fd_heldout=None)))
+                peak_gap=float(gap[j]), peak_ci=peak_ci, peak_sigma=float(data["sigmas"][j]), **(stats or {}))
 
 
 def summary_rows(gap_results, mem_results):
     """Per run (last snapshot): parameters, n, images seen, peak gap and its sigma, memorized fraction with
-    its interval, traj_train_overlap at the middle probe sigma with the level of fresh data
-    (heldout_train_overlap; noisy training images give 0.9) and traj_heldout_score, Frechet gap of samples and of held-out
-    validation images (its noise level); then the reference samplers (optimal, Gaussian) of the sample files.
-    A file whose row cannot be made is left out with a note."""
+    its interval, traj_heldout_score at the fixed probe nearest 1.2 and at the gap's peak probe (with its sigma
+    and the null's score there), Frechet gap of samples and of held-out validation images (its noise level);
+    then the reference samplers (optimal, Gaussian) of the sample files. A file whose row cannot be made is left
+    out with a note."""
     memo, refs = {}, []
     for name, data in mem_results:
         memo_refs = attempt(f"summary of {name}", sample_stats, data)
@@ -595,23 +853,25 @@ def summary_rows(gap_results, mem_results):
 def format_row(r):
     fmt = lambda v, spec: format(v, spec) if v is not None and np.isfinite(v) else "-"  # noqa: E731
 
-    def with_ci(value, ci, spec):
+    def with_ci(value, ci, spec, valid=True):
         if value is None or not np.isfinite(value):
             return "-"
-        return fmt(value, spec) + ("" if ci is None else f" [{fmt(ci[0], spec)}, {fmt(ci[1], spec)}]")
+        return (fmt(value, spec) + ("" if ci is None else f" [{fmt(ci[0], spec)}, {fmt(ci[1], spec)}]")
+                + ("" if valid else " *"))
     copies = "-" if r.get("memorized") is None else f"{r['memorized']:.0%} [{r['ci'][0]:.0%}, {r['ci'][1]:.0%}]"
-    score = with_ci(r.get("score"), r.get("score_ci"), ".2f") + ("" if r.get("valid", True) else " *")
     return (f"{r['run'][:34]:34s} {fmt(r['params'], ',d'):>9s} {fmt(r['n'], 'd'):>5s} "
             f"{fmt(r['images_seen'], ',d'):>8s} {with_ci(r['peak_gap'], r.get('peak_ci'), '.2f'):>20s} "
-            f"{fmt(r['peak_sigma'], '.3f'):>8s} {copies:>16s} {fmt(r.get('overlap'), '.2f'):>7s} "
-            f"{fmt(r.get('fresh'), '.2f'):>5s} {score:>20s} "
+            f"{fmt(r['peak_sigma'], '.3f'):>8s} {copies:>16s} "
+            f"{with_ci(r.get('score'), r.get('score_ci'), '.2f', r.get('valid', True)):>20s} "
+            f"{with_ci(r.get('score_peak'), r.get('score_peak_ci'), '.2f', r.get('valid_peak', True)):>20s} "
+            f"{fmt(r.get('peak_probe'), '.3f'):>6s} {with_ci(r.get('null_peak'), r.get('null_peak_ci'), '.2f'):>20s} "
             f"{fmt(r.get('fd_gap'), '+.2f'):>7s} {fmt(r.get('fd_heldout'), '+.2f'):>8s}")
 
 
 def format_summary(rows):
     head = (f"{'run':34s} {'params':>9s} {'n':>5s} {'images':>8s} {'peak G [95% CI]':>20s} {'at sigma':>8s} "
-            f"{'copies [95% CI]':>16s} {'overlap':>7s} {'fresh':>5s} {'score [95% CI]':>20s} {'FD gap':>7s} "
-            f"{'held-out':>8s}")
+            f"{'copies [95% CI]':>16s} {'score@~' + str(FIXED_PROBE) + ' [95% CI]':>20s} "
+            f"{'score@peak [95% CI]':>20s} {'peak':>6s} {'null@peak [95% CI]':>20s} {'FD gap':>7s} {'held-out':>8s}")
     lines = [attempt(f"summary row of {r['run']}", format_row, r) for r in rows]
     return "\n".join([head, "-" * len(head)] + [line for line in lines if line is not None]
                      + ["* trajectory states unlike noisy data: the score says nothing there"])
@@ -681,6 +941,11 @@ def write_figures(results, out, found, processes=1):
     points = attempt("claim-3 map", snapshot_points, gap_results, mem_results) or []
     if points:
         draw("claim3_map", fig_claim3_map, points)
+        draw("factor_size", fig_factor_size, points)
+        draw("factor_conditioning", fig_factor_conditioning, points)
+    guidance = attempt("guidance rows", guidance_rows, gap_results, mem_results) or []
+    if guidance:
+        draw("factor_guidance", fig_factor_guidance, guidance)
     for name, data in mem_results:
         if "fd_stop_gap" in data and data["fd_stop_gap"].size:
             draw(f"fd_vs_stop_sigma_{name}", fig_fd_vs_stop_sigma, data)
@@ -702,11 +967,14 @@ def write_figures(results, out, found, processes=1):
         path = common.atomic_write(os.path.join(out, "summary.txt"), lambda f: f.write((table + "\n").encode()))
         print(table)
         print(f"wrote {path}")
-    if points:
-        table = format_map(points)
-        path = common.atomic_write(os.path.join(out, "claim3_map.txt"), lambda f: f.write((table + "\n").encode()))
-        print(table)
-        print(f"wrote {path}")
+    tables = [("claim3_map.txt", format_map, points)] if points else []
+    tables += [("factors.txt", lambda p: format_factors(p, guidance), points)] if points or guidance else []
+    for name, make, inputs in tables:
+        table = attempt(name, make, inputs)
+        if table:
+            path = common.atomic_write(os.path.join(out, name), lambda f: f.write((table + "\n").encode()))
+            print(table)
+            print(f"wrote {path}")
     print(f"{len(written)} figures in {out}")
 
 

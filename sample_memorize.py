@@ -954,7 +954,8 @@ def default_out(args):
     guided = "-guided" if any(args.guidance_weights) else ""
     if args.inputs:
         return common.default_result_path(args.inputs, "memorize", ("-raw" if args.weights == "raw" else "") + guided)
-    subset = common.subset_name(args.data, args.n, args.subset_seed, args.cond, args.k, args.resolution)
+    subset = common.subset_name(args.data, args.n, args.subset_seed, args.cond, args.k, args.resolution,
+                                     args.cluster_space)
     kind = reference_kind(args)
     return os.path.join("results", f"memorize-{kind}-{subset}{guided}.npz")
 
@@ -1059,8 +1060,8 @@ def evaluate(args, rank, world, device):
         neg_fits = (args.neg, neg.train.x.shape[1:], neg.num_classes)
     settings = json.loads(json.dumps({key: getattr(args, key) for key in SETTINGS + ("precision",) * networks}))
     settings["neg"] = "uncond" if neg == "uncond" else model_key(common.load_checkpoint(args.neg), args)
-    reference = None if args.inputs else common.TrainingSource.drawn(args.data, args.n, args.subset_seed, args.cond,
-                                                                     args.k, args.resolution, args.data_dir)
+    reference = None if args.inputs else common.TrainingSource.drawn(
+        args.data, args.n, args.subset_seed, args.cond, args.k, args.resolution, args.data_dir, args.cluster_space)
     digests, runs = [], []  # of each model (model_key), and (path, run_identity) of each snapshot
     for path in paths:
         ckpt = None if path is None else common.load_checkpoint(path)

@@ -4,6 +4,7 @@
 # score against the peak of G, one curve per n).
 #   bash study.sh --scale cpu [--out DIR] [--jobs J] [--ns "32 64 128 256 512"] [--base-ns "32 64 128"] [--seeds "0 1 2"]
 #   bash study.sh --scale gpu [--out DIR] [--data-dir DIR] [--jobs J] [--sizes "xs s m"] [--ns "256 1024 4096"]
+#   bash study.sh --scale cpu --factors [--out DIR]      # claim 5 on a CPU: model size, conditioning, guidance
 #   bash study.sh --scale cpu|gpu --device cpu --tiny   # the same stages at tiny settings on a CPU (a minute or two)
 #
 # --scale cpu (about 4 hours on 2 CPU cores, see docs/results.md): Fashion-MNIST at 16x16, the quick run's U-Net
@@ -15,6 +16,15 @@
 #   --sample-from images seen on, unguided, labels drawn as the training set's; the trajectory measures with
 #   their intervals at the fixed probe sigmas and at each snapshot's peak of G); --jobs runs at once (2, one per
 #   core); figures.
+# --scale cpu --factors (claim 5, about 2 hours on 2 CPU cores): the map's network and recipe on n = --factor-n (128)
+#   images, varied in one factor at a time, into the same OUT (the map's runs of that n are shared, not trained twice):
+#   1. model size: U-Nets of --factor-channels (8 24 48) base channels (0.08M, 0.71M, 2.8M parameters), every seed;
+#   2. conditioning granularity: the dataset's classes (every seed), k-means labels of --factor-ks (10 32 128) clusters
+#      in pixels (k = n: every seed, the others seed 0) and of --factor-feature-ks (10 32) in classifier features
+#      (seed 0); unconditional: the size runs of 24 channels;
+#   3. guidance: the class-conditional run of seed 0 guided at w = 0, 0.2, ..., 2 (eval_gap and sample_memorize of its
+#      last snapshot) by an unconditional run trained 10x shorter (classifier-free guidance with the paper's CIFAR-10
+#      negative) and by a class-conditional run trained 10x shorter (autoguidance).
 # --scale gpu (the one-GPU study, about 70 minutes on one H100/H200; gpu.sh runs it): Fashion-MNIST at 32x32.
 #   Stages, each in OUT:
 #   1. grid: U-Net sizes --sizes crossed with training set sizes --ns, unconditional, --images images
@@ -43,7 +53,8 @@
 # Options: --scale cpu|gpu (gpu), --device DEV (cpu at cpu scale, cuda at gpu scale), --tiny, --data-dir DIR (or
 # DATA_DIR), --out DIR (results/study-cpu; results/gpu), --jobs J (2; 4 at gpu scale; 2 with --tiny), --sizes, --ns,
 # --seeds, --headline-ns (sizes that get every seed), --base-ns (cpu scale: the base model's sizes), --images N
-# (images seen per run), --sample-from N (cpu scale: snapshots of fewer images seen are evaluated, not sampled:
+# (images seen per run), --factors (cpu scale: claim 5's factors instead of the map), --factor-n, --factor-channels,
+# --factor-ks, --factor-feature-ks, --sample-from N (cpu scale: snapshots of fewer images seen are evaluated, not sampled:
 # 3,000), --precision auto|fp32|bf16 (training and the networks' inference; auto: bf16 on CUDA and on CPUs with
 # bf16 units, else fp32). A failed run is logged and the study goes on; the exit status is then 1. --eager:
 # --step-mode and --forward-mode eager (nothing compiled).
@@ -54,12 +65,15 @@ set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}  # the Python with the requirements: PYTHON=venv/bin/python bash study.sh
 SCALE=gpu DEVICE="" TINY=0 EAGER=0 OUT="" DATA_DIR=${DATA_DIR:-} JOBS="" SIZES="" NS="" IMAGES="" SEEDS="" HEADLINE_NS=""
-SAMPLE_FROM="" PRECISION=auto  # BASE_NS stays unset unless given: --base-ns "" runs no base model
+SAMPLE_FROM="" PRECISION=auto FACTORS=0  # BASE_NS stays unset unless given: --base-ns "" runs no base model
+FACTOR_N="" FACTOR_CHANNELS=""  # FACTOR_KS and FACTOR_FEATURE_KS stay unset unless given, as BASE_NS
 while [ $# -gt 0 ]; do
     case "$1" in
         --tiny) TINY=1; shift ;;
+        --factors) FACTORS=1; shift ;;
         --eager) EAGER=1; shift ;;
-        --scale|--device|--data-dir|--out|--jobs|--sizes|--ns|--images|--seeds|--headline-ns|--base-ns|--sample-from|--precision)
+        --scale|--device|--data-dir|--out|--jobs|--sizes|--ns|--images|--seeds|--headline-ns|--base-ns|--sample-from|\
+        --precision|--factor-n|--factor-channels|--factor-ks|--factor-feature-ks)
             # --data-dir DIR sets DATA_DIR, and so on
             [ $# -ge 2 ] || { echo "error: $1 needs a value (see --help)" >&2; exit 2; }
             name=${1#--}; name=${name//-/_}; printf -v "${name^^}" %s "$2"; shift 2 ;;
@@ -80,21 +94,25 @@ if [ "$SCALE" = cpu ]; then  # the map on a CPU: the quick run's network and rec
     BASE=(--cond class --augment-p 0.12 --dropout 0.13)  # the authors' base model
     if [ "$TINY" = 1 ]; then
         BATCH=8 IMAGES=${IMAGES:-160} NS=${NS:-"16 32"} SEEDS=${SEEDS:-"0 1"} HEADLINE_NS=${HEADLINE_NS:-16}
-        BASE_NS=${BASE_NS-16} SAMPLE_FROM=${SAMPLE_FROM:-0}
+        BASE_NS=${BASE_NS-16} SAMPLE_FROM=${SAMPLE_FROM:-0} FACTOR_N=${FACTOR_N:-16}
+        FACTOR_CHANNELS=${FACTOR_CHANNELS:-"4 8"} FACTOR_KS=${FACTOR_KS-"4 16"} FACTOR_FEATURE_KS=${FACTOR_FEATURE_KS-4}
         NET=(--channels 8) NAME_SIZE=c8 SNAPSHOTS=log:2
-        EVAL=(--num-images 8 --num-sigmas 4 --batch 32 --optimal)
+        EVAL=(--num-images 8 --num-sigmas 4 --batch 32)
         SAMPLE=(--num-samples 4 --steps 3 --probe-sigmas 1 --fd-subsets 2 --features builtin)
     else
         BATCH=32 IMAGES=${IMAGES:-76800} NS=${NS:-"32 64 128 256 512"} SEEDS=${SEEDS:-"0 1 2"}
         HEADLINE_NS=${HEADLINE_NS:-"32 128 256 512"} BASE_NS=${BASE_NS-"32 64 128"} SAMPLE_FROM=${SAMPLE_FROM:-3000}
+        FACTOR_N=${FACTOR_N:-128} FACTOR_CHANNELS=${FACTOR_CHANNELS:-"8 24 48"} FACTOR_KS=${FACTOR_KS-"10 32 128"}
+        FACTOR_FEATURE_KS=${FACTOR_FEATURE_KS-"10 32"}
         NET=(--channels 24) NAME_SIZE=c24 SNAPSHOTS=log:6,every:25600
         TRAIN+=(--eval-every 12800)
-        EVAL=(--num-images 128 --num-sigmas 16 --optimal)
+        EVAL=(--num-images 128 --num-sigmas 16)
         SAMPLE=(--num-samples 512)
     fi
+    OPTIMAL=(--optimal)  # beside every run's snapshots
 else  # the one-GPU study
     DEVICE=${DEVICE:-cuda} OUT=${OUT:-results/gpu} SEEDS=${SEEDS:-0} HEADLINE_NS=${HEADLINE_NS:-} NAME_SIZE="" TRAIN=()
-    BASE_NS=${BASE_NS-} SAMPLE_FROM=${SAMPLE_FROM:-0}
+    BASE_NS=${BASE_NS-} SAMPLE_FROM=${SAMPLE_FROM:-0} OPTIMAL=()
     if [ "$TINY" = 1 ]; then
         RES=16 BATCH=8 SIZES=${SIZES:-tiny} NS=${NS:-"16 32"} IMAGES=${IMAGES:-160} JOBS=${JOBS:-2} KS=4
         NET=(--channels 8) SNAPSHOTS=log:2 KSIZE=tiny WINDOW_RUN_SIZE=tiny
@@ -119,6 +137,13 @@ positive --jobs "$JOBS"
 positive --images "$IMAGES"
 positive --ns $NS
 [ -z "${BASE_NS// /}" ] || positive --base-ns $BASE_NS
+if [ "$FACTORS" = 1 ]; then
+    [ "$SCALE" = cpu ] || { echo "error: --factors is part of --scale cpu (gpu.sh runs the GPU's factors)" >&2; exit 2; }
+    positive --factor-n "$FACTOR_N"
+    positive --factor-channels $FACTOR_CHANNELS
+    [ -z "${FACTOR_KS// /}" ] || positive --factor-ks $FACTOR_KS
+    [ -z "${FACTOR_FEATURE_KS// /}" ] || positive --factor-feature-ks $FACTOR_FEATURE_KS
+fi
 [[ $SAMPLE_FROM =~ ^[0-9]+$ ]] || { echo "error: --sample-from takes a non-negative integer, got '$SAMPLE_FROM'" >&2; exit 2; }
 TRAIN+=(--precision "$PRECISION") EVAL+=(--precision "$PRECISION") SAMPLE+=(--precision "$PRECISION")
 [ -n "${SIZES// /}" ] && [ -n "${NS// /}" ] && [ -n "${SEEDS// /}" ] || { echo "error: --sizes, --ns and --seeds must not be empty" >&2; exit 2; }
@@ -133,7 +158,7 @@ WEIGHTS=(0 0.2 0.4 0.6 0.8 1 1.2 1.4 1.6 1.8 2)       # guidance weights: 0 ungu
 DATA=(--data fashion-mnist --resolution "$RES")
 [ -n "$DATA_DIR" ] && DATA+=(--data-dir "$DATA_DIR")
 mkdir -p "$OUT/logs"
-LOG=$OUT/$SCALE.log
+LOG=$OUT/$SCALE$([ "$FACTORS" = 1 ] && echo -factors).log
 export TQDM_MININTERVAL=${TQDM_MININTERVAL:-30}  # progress bars: a line every 30 s in the logs
 
 last_snapshot() { ls "$1"/snapshot-*.pt 2>/dev/null | tail -n 1 || true; }
@@ -149,7 +174,7 @@ run_chain() {  # run_chain NAME plain|guided|negative TRAIN_ARGS...: train, then
     local name=$1 kind=$2 run=$OUT/runs/$1 steps=$STEPS
     shift 2
     [ "$kind" = negative ] && steps=$NEG_STEPS
-    $PY train_image.py "${DATA[@]}" --model unet "$@" "${NET[@]}" "${TRAIN[@]}" --steps "$steps" --batch "$BATCH" \
+    $PY train_image.py "${DATA[@]}" --model unet "${NET[@]}" "$@" "${TRAIN[@]}" --steps "$steps" --batch "$BATCH" \
         --snapshots "$SNAPSHOTS" --eval-every "$IMAGES" --device "$DEVICE" "${STEP_MODE[@]}" --out "$run"
     if [ "$kind" = negative ]; then  # only a guidance negative (stage 2)
         return
@@ -157,11 +182,63 @@ run_chain() {  # run_chain NAME plain|guided|negative TRAIN_ARGS...: train, then
         $PY eval_gap.py "$(last_snapshot "$run")" "${EVAL[@]}" --guidance-weights "${WEIGHTS[@]}" \
             --neg uncond --device "$DEVICE" "${FORWARD_MODE[@]}" --out "$OUT/gap/$name.npz"
     else
-        $PY eval_gap.py "$run" "${EVAL[@]}" --device "$DEVICE" "${FORWARD_MODE[@]}" --out "$OUT/gap/$name.npz"
+        $PY eval_gap.py "$run" "${EVAL[@]}" "${OPTIMAL[@]}" --device "$DEVICE" "${FORWARD_MODE[@]}" \
+            --out "$OUT/gap/$name.npz"
     fi
     mapfile -t sampled < <(sampled_snapshots "$run")
     $PY sample_memorize.py "${sampled[@]}" "${SAMPLE[@]}" --gap "$OUT/gap/$name.npz" --device "$DEVICE" \
         "${FORWARD_MODE[@]}" --out "$OUT/samples/$name.npz"
+}
+
+factor_runs() {  # --factors, stage 1: the runs of each factor at n = FACTOR_N (run_chain's names: shared with the map)
+    local c k seed seeds n=$FACTOR_N
+    for c in $FACTOR_CHANNELS; do  # model size (unconditional: also the conditioning factor's k = 1)
+        for seed in $SEEDS; do
+            start "unet-c$c-n$n-seed$seed" run_chain "unet-c$c-n$n-seed$seed" plain --size tiny --channels "$c" \
+                --n "$n" --seed "$seed"
+        done
+    done
+    for seed in $SEEDS; do  # the dataset's classes
+        start "class-${NAME_SIZE}-n$n-seed$seed" run_chain "class-${NAME_SIZE}-n$n-seed$seed" plain --size tiny \
+            --n "$n" --seed "$seed" --cond class
+    done
+    for k in $FACTOR_KS; do  # k-means labels in pixels: every seed where k = n (one label per image)
+        seeds=0
+        [ "$k" = "$n" ] && seeds=$SEEDS
+        for seed in $seeds; do
+            start "kmeans$k-${NAME_SIZE}-n$n-seed$seed" run_chain "kmeans$k-${NAME_SIZE}-n$n-seed$seed" plain \
+                --size tiny --n "$n" --seed "$seed" --cond kmeans --k "$k"
+        done
+    done
+    for k in $FACTOR_FEATURE_KS; do  # ... and in classifier features
+        start "kmeans${k}feat-${NAME_SIZE}-n$n-seed0" run_chain "kmeans${k}feat-${NAME_SIZE}-n$n-seed0" plain \
+            --size tiny --n "$n" --seed 0 --cond kmeans --k "$k" --cluster-space classifier
+    done
+    for cond in none class; do  # the guidance negatives: trained 10x shorter
+        start "$cond-short-${NAME_SIZE}-n$n-seed0" run_chain "$cond-short-${NAME_SIZE}-n$n-seed0" negative --size tiny \
+            --n "$n" --seed 0 --cond "$cond"
+    done
+}
+
+factor_guidance() {  # --factors, stage 2: the class-conditional run guided by each negative at every weight
+    local tag neg last=$(last_snapshot "$OUT/runs/class-${NAME_SIZE}-n$FACTOR_N-seed0") neg_last
+    for tag in cfg:none auto:class; do
+        neg=${tag#*:}-short-${NAME_SIZE}-n$FACTOR_N-seed0 tag=${tag%%:*}
+        neg_last=$(last_snapshot "$OUT/runs/$neg")
+        if [ -z "$last" ] || [ -z "$neg_last" ]; then
+            echo "=== guidance-$tag: skipped, no snapshot of the class-conditional run or of $neg"
+            FAILED+=("guidance-$tag")
+            continue
+        fi
+        start "guidance-$tag" guided_chain "$last" "$neg_last" "guidance-$tag"
+    done
+}
+
+guided_chain() {  # guided_chain SNAPSHOT NEGATIVE NAME: eval_gap and sample_memorize at every guidance weight
+    $PY eval_gap.py "$1" "${EVAL[@]}" --guidance-weights "${WEIGHTS[@]}" --neg "$2" --device "$DEVICE" \
+        "${FORWARD_MODE[@]}" --out "$OUT/gap/$3.npz"
+    $PY sample_memorize.py "$1" "${SAMPLE[@]}" --guidance-weights "${WEIGHTS[@]}" --neg "$2" --gap "$OUT/gap/$3.npz" \
+        --device "$DEVICE" "${FORWARD_MODE[@]}" --out "$OUT/samples/$3.npz"
 }
 
 FAILED=()
@@ -184,15 +261,22 @@ finish_all() { while [ ${#NAME[@]} -gt 0 ]; do finish_one; done; }
 {
     echo "study.sh --scale $SCALE on $DEVICE$([ "$TINY" = 1 ] && echo ' (tiny)'), $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
     echo "python: $PY_INFO"
-    echo "sizes: $SIZES; n: $NS; seeds $SEEDS for n in ${HEADLINE_NS:-none}, else 0; base model: n ${BASE_NS:-none}," \
-        "seeds $SEEDS; $IMAGES images per run ($STEPS steps of batch $BATCH); $JOBS runs at once; --precision" \
-        "$PRECISION; --step-mode $MODE --forward-mode $MODE; TORCHINDUCTOR_COMPILE_THREADS=$TORCHINDUCTOR_COMPILE_THREADS"
+    if [ "$FACTORS" = 1 ]; then
+        echo "factors at n = $FACTOR_N: channels $FACTOR_CHANNELS; classes; k-means k = ${FACTOR_KS:-none} in pixels," \
+            "k = ${FACTOR_FEATURE_KS:-none} in classifier features; guidance w = ${WEIGHTS[*]}; seeds $SEEDS"
+    else
+        echo "sizes: $SIZES; n: $NS; seeds $SEEDS for n in ${HEADLINE_NS:-none}, else 0; base model: n ${BASE_NS:-none}," \
+            "seeds $SEEDS"
+    fi
+    echo "$IMAGES images per run ($STEPS steps of batch $BATCH); $JOBS runs at once; --precision $PRECISION;" \
+        "--step-mode $MODE --forward-mode $MODE; TORCHINDUCTOR_COMPILE_THREADS=$TORCHINDUCTOR_COMPILE_THREADS"
     start_stage=$SECONDS  # the dataset once, before the jobs (which would each download it)
     $PY -c "import sys, common
 common.run_cli(lambda: [common.load_images('fashion-mnist', s, sys.argv[1] or None) for s in ('train', 'val')])" \
         "$DATA_DIR"
     echo "=== 0. data: $((SECONDS - start_stage)) s"
     start_stage=$SECONDS
+    [ "$FACTORS" = 1 ] && factor_runs && SIZES=""  # instead of the map's runs
     for size in $SIZES; do
         for n in $NS; do
             seeds=0
@@ -210,7 +294,7 @@ common.run_cli(lambda: [common.load_images('fashion-mnist', s, sys.argv[1] or No
             done
         done
     done
-    n_cond=$(echo $NS | awk '{print $(NF > 1 ? 2 : 1)}')
+    n_cond=$(echo ${NS:-0} | awk '{print $(NF > 1 ? 2 : 1)}')
     neg=unet-$KSIZE-n$n_cond-uncond-short
     [ -n "$KS" ] && start "$neg" run_chain "$neg" negative --size "$KSIZE" --n "$n_cond"
     for k in $KS; do
@@ -233,6 +317,7 @@ common.run_cli(lambda: [common.load_images('fashion-mnist', s, sys.argv[1] or No
             FAILED+=("$name-neg-short")
         fi
     done
+    [ "$FACTORS" = 1 ] && factor_guidance
     finish_all
     echo "=== 2. guidance: $((SECONDS - start_stage)) s"
 

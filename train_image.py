@@ -163,6 +163,7 @@ def check_args(args):
 def default_out(args):
     """runs/<data>-r<R>-n<n>-<model>-<size>-<cond>-seed<seed>: one folder per experiment."""
     cond = {"none": "uncond", "class": "class", "kmeans": f"kmeans{args.k}"}[args.cond]
+    cond += f"-{args.cluster_space}" if args.cond == "kmeans" and args.cluster_space != "pixels" else ""
     return os.path.join("runs", f"{args.data}-r{args.resolution}-n{args.n}-{args.model}-{args.size}-"
                                 f"{cond}-seed{args.seed}")
 
@@ -422,19 +423,16 @@ def train(args, rank, world, device):
 
     # Data: the subset, its conditioning labels, and the fixed probe sets.
     images, _ = common.load_images(args.data, "train", args.data_dir)
-    if ckpt:
-        subset, labels, centroids = ckpt["subset"], ckpt["labels"], ckpt["kmeans_centroids"]
-    else:
-        subset, labels, centroids = common.training_subset(args.data, args.n, args.seed, args.cond, args.k,
-                                                           args.resolution, args.data_dir)
-    if ckpt:
-        common.check_data(ckpt, args.data_dir, last_path)
+    source = (common.TrainingSource.of_checkpoint(ckpt, args.data_dir, last_path) if ckpt else
+              common.TrainingSource.drawn(args.data, args.n, args.seed, args.cond, args.k, args.resolution,
+                                          args.data_dir, args.cluster_space))
+    subset, labels, centroids = source.subset, source.labels, source.centroids
     data_digests = common.data_digests(args.data, subset, args.data_dir)
     x_train = common.images_to_tensor(images[subset], args.resolution)
     val_images, val_class_labels = common.load_images(args.data, "val", args.data_dir)
     probe_train = common.choose_subset(args.n, min(args.probe_images, args.n), args.seed)
     probe_val = common.choose_subset(len(val_images), min(args.probe_images, len(val_images)), args.seed)
-    val_labels = common.validation_labels(labels, centroids, val_class_labels[probe_val],
+    val_labels = source.validation_labels(val_class_labels[probe_val],
                                           common.images_to_tensor(val_images[probe_val], args.resolution))
     probes = [probe_set(images, None if labels is None else labels[probe_train], subset[probe_train],
                         subset[probe_train], args.resolution, args.seed, device),

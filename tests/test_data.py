@@ -383,3 +383,37 @@ def test_kmeans_with_more_clusters_than_distinct_points_stays_finite():
     assert len(set(zip(map(tuple, x.tolist()), labels.tolist()))) == 3  # equal points, equal label
     with pytest.raises(common.UserError, match="k must be"):
         common.kmeans_labels(x, 13)
+
+
+def test_kmeans_in_classifier_features_finds_the_classes_where_pixel_kmeans_finds_the_background(tmp_path,
+                                                                                                   monkeypatch):
+    # known structure: the class puts a bright bar at its own place; a nuisance, the background's brightness (one
+    # of three levels), moves far more pixels, so that pixel k-means clusters by background, not by class
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 600), ("t10k", 120)):
+        labels, background = np.arange(count) % 3, rng.integers(0, 3, count)
+        images = (background[:, None, None] * 70 + rng.integers(0, 20, (count, 28, 28))).astype(np.int64)
+        for c in range(3):
+            images[labels == c, 4 + 7 * c:9 + 7 * c, 6:22] = 255
+        write_idx(str(tmp_path / f"{split}-images-idx3-ubyte.gz"), images)
+        write_idx(str(tmp_path / f"{split}-labels-idx1-ubyte.gz"), labels)
+    classes = common.load_images("fashion-mnist", "train", str(tmp_path))[1]
+    train = common.train_classifier  # as many steps on these 600 images as on a large split
+    monkeypatch.setattr(common, "train_classifier", lambda *args, **kw: train(*args, **kw, epochs=20))
+
+    def purity(cluster_space):  # share of the subset in its cluster's most common class
+        source = common.TrainingSource.drawn("fashion-mnist", 300, 0, "kmeans", 3, 16, str(tmp_path), cluster_space)
+        counts = np.zeros((3, 3))
+        np.add.at(counts, (source.labels, classes[source.subset]), 1)
+        return counts.max(1).sum() / len(source.subset), source
+    pixels, _ = purity("pixels")
+    features, source = purity("classifier")
+    assert features > 0.95 and pixels < 0.6, (features, pixels)
+    assert source.centroids.shape == (3, 128) and source.cluster_space == "classifier"
+    # validation images get the cluster of the nearest centroid in the same feature space: their class's cluster
+    val_images, val_classes = common.load_images("fashion-mnist", "val", str(tmp_path))
+    val_labels = source.validation_labels(val_classes, common.images_to_tensor(val_images, 16))
+    counts = np.zeros((3, 3))
+    np.add.at(counts, (val_labels, val_classes), 1)
+    assert counts.max(1).sum() / len(val_classes) > 0.95
+    assert "kmeans3-classifier" in common.subset_name("fashion-mnist", 300, 0, "kmeans", 3, 16, "classifier")

@@ -52,13 +52,17 @@ def write_gap(path, params=1000, n=32, k=None, guidance=False, script="eval_gap.
     common.save_npz(path, args={"x": 1}, script=script, **arrays)
 
 
-def write_memorization(path, params=1000, n=32, folder="runs", digests=True):
+def write_memorization(path, params=1000, n=32, folder="runs", settings="{}"):
     M, P = 8, 3
     seen = np.array([100, 1000, 10000, 100000])
     rng = np.random.default_rng(0)
-    paired = dict(digests=np.array([f"r{params}-{n}-{s}" for s in seen])) if digests else {}  # as write_gap's
+    peak = dict(traj_heldout_score_peak=np.full(C, 0.4), traj_heldout_score_peak_ci=np.tile([0.3, 0.5], (C, 1)),
+                traj_valid_peak=np.ones(C, bool), null_heldout_score_peak=np.full(C, 0.01),
+                null_heldout_score_peak_ci=np.tile([-0.1, 0.1], (C, 1)), peak_probe_sigma=np.full(C, 0.3),
+                **{f"fcos_{q}_train_peak": rng.uniform(0.4, 0.7, (C, M)) for q in ("traj", "train", "val")})
     common.save_npz(path, args={"n": n}, script="sample_memorize.py", configs=np.array([f"c{i}" for i in range(C)]),
-                    checkpoints=np.array([f"{folder}/r{params}-{n}/snapshot-{s:09d}.pt" for s in seen]), **paired,
+                    checkpoints=np.array([f"{folder}/r{params}-{n}/snapshot-{s:09d}.pt" for s in seen]), **peak,
+                    digests=np.array([f"r{params}-{n}-{s}" for s in seen]), settings=np.array(settings),  # as write_gap's
                     images_seen=seen, guidance_weights=np.zeros(C), nn_ratio=rng.random((C, M)),
                     memorized_fraction=np.array([0.0, 0.1, 0.2, 0.5]), memorized_ci=np.array([[0, .1]] * C),
                     fd_gap=np.linspace(0, 1, C), stop_sigmas=np.array([0.5, 2.0]), fd_stop_gap=rng.random((C, 2)),
@@ -90,36 +94,76 @@ def test_every_figure_is_drawn_from_matching_results(tmp_path, capsys):
     summary = (out / "summary.txt").read_text()
     row = next(line for line in summary.splitlines() if line.startswith("gap_small "))
     assert "1,000" in row and "100,000" in row and "50% [0%, 10%]" in row   # params, images seen, copies
-    assert " 0.30  0.20 " in row and "0.15 [0.05, 0.25]" in row  # LLR overlap, fresh level, score [interval]
+    assert "0.15 [0.05, 0.25]" in row  # the score [interval] at the fixed probe nearest 1.2
+    assert "0.40 [0.30, 0.50]" in row and " 0.300 " in row and "0.01 [-0.10, 0.10]" in row  # ... at the peak, null
     assert "+1.00" in row and "+0.05" in row and "3.31 [3.00, 4.00]" in row  # FD gaps, peak G [interval]
-    assert "claim3_map" in names and "0.15 [0.05, 0.25]" in (out / "claim3_map.txt").read_text()
+    table = (out / "claim3_map.txt").read_text()
+    assert "claim3_map" in names and "0.15 [0.05, 0.25]" in table and "0.40 [0.30, 0.50]" in table
     assert "figures in" in capsys.readouterr().out
 
 
+def seeded_results(tmp_path, seed, shift=0.0, run=None, eval_settings="{}", sample_settings="{}"):
+    """An eval_gap.py and a sample_memorize.py result (as load_npz dicts) of one run of training seed `seed` (its
+    run arguments updated by `run`), its scores moved by `shift`, made with the given settings."""
+    tag = f"{seed}-{json.dumps(run, sort_keys=True)}"
+    write_gap(tmp_path / "g.npz")
+    gap = common.load_npz(tmp_path / "g.npz")
+    gap = dict(gap, run_args=np.array(json.dumps({**json.loads(str(gap["run_args"])), "seed": seed, **(run or {})})),
+               checkpoints=np.array([f"s{tag}/{p}" for p in gap["checkpoints"]]),
+               digests=np.array([f"s{tag}-{d}" for d in gap["digests"]]), eval_settings=np.array(eval_settings))
+    write_memorization(tmp_path / "m.npz", settings=sample_settings)
+    mem = common.load_npz(tmp_path / "m.npz")
+    mem = dict(mem, checkpoints=gap["checkpoints"], digests=gap["digests"],
+               traj_heldout_score=mem["traj_heldout_score"] + shift,
+               traj_heldout_score_ci=mem["traj_heldout_score_ci"] + shift)
+    return gap, mem
+
+
 def test_the_claim3_map_pairs_each_snapshot_and_merges_training_seeds_with_intervals_that_hold_each_seed(tmp_path):
-    rows = []
-    for seed, shift in ((0, 0.0), (1, 0.2)):
-        gap = common.load_npz(write_gap(tmp_path / f"g{seed}.npz") or tmp_path / f"g{seed}.npz")
-        gap = dict(gap, run_args=np.array(json.dumps({**json.loads(str(gap["run_args"])), "seed": seed})),
-                   checkpoints=np.array([f"s{seed}/{p}" for p in gap["checkpoints"]]),
-                   digests=np.array([f"s{seed}-{d}" for d in gap["digests"]]))
-        mem = common.load_npz(write_memorization(tmp_path / f"m{seed}.npz") or tmp_path / f"m{seed}.npz")
-        mem = dict(mem, checkpoints=gap["checkpoints"], digests=gap["digests"],
-                   traj_heldout_score=mem["traj_heldout_score"] + shift,
-                   traj_heldout_score_ci=mem["traj_heldout_score_ci"] + shift)
-        rows.append((gap, mem))
+    rows = [seeded_results(tmp_path, seed, shift) for seed, shift in ((0, 0.0), (1, 0.2))]
     points = figures.snapshot_points([("g", g) for g, _ in rows], [("m", m) for _, m in rows])
     assert len(points) == 2 * C and {p["seed"] for p in points} == {0, 1}
     merged = figures.across_seeds(points)
     assert len(merged) == C and all(r["seeds"] == 2 for r in merged)
     last = merged[-1]
     assert last["score"] == pytest.approx(0.25) and last["score_ci"] == pytest.approx((0.05, 0.45))
-    assert last["valid"] and last["copies"] == 0.5
+    assert last["valid"] and last["copies"] == 0.5 and last["score_peak"] == pytest.approx(0.4)
     table = figures.format_map(points)
-    assert "0.25 [0.05, 0.45]" in table and "50.0% [0.0%, 10.0%]" in table
+    assert "0.25 [0.05, 0.45]" in table and "50.0% [0.0%, 10.0%]" in table and "0.40 [0.30, 0.50]" in table
     fig = figures.fig_claim3_map(points)
     assert fig.axes[0].get_xscale() == "symlog" and "seeds" in fig.axes[0].get_legend().get_texts()[0].get_text()
+    assert len(fig.axes) == 3 and "peak probe" in fig.axes[1].get_title() and "1.2" in fig.axes[2].get_title()
     figures.plt.close(fig)
+
+
+def test_the_claim3_map_merges_only_results_that_differ_in_the_training_seed_alone(tmp_path, capsys):
+    plain, plain_seed1 = seeded_results(tmp_path, 0), seeded_results(tmp_path, 1)
+    base = seeded_results(tmp_path, 0, run=dict(cond="class", augment_p=0.12, dropout=0.13))
+    larger = seeded_results(tmp_path, 0, run=dict(size="s"))
+    # the same snapshots evaluated in bf16 and float32, or with windows or the Jacobian: other points, or none
+    fp32 = (dict(plain[0], eval_settings=np.array('{"precision": "fp32"}')), plain[1])
+    windows = (dict(plain[0], windows=np.array([8, 16]), **{k: np.stack([plain[0][k]] * 2) for k in (
+        "gap", "peak_gap", "peak_gap_ci")}), plain[1])
+    jacobian = (dict(plain[0], eval_settings=np.array('{"jacobian_sigmas": [1.0]}')), plain[1])
+    # the samples of one snapshot with other settings, and the same results in a second file
+    other_samples = dict(plain[1], settings=np.array('{"num_samples": 64}'))
+    gaps = [plain[0], plain_seed1[0], base[0], larger[0], fp32[0], windows[0], jacobian[0]]
+    mems = [plain[1], plain_seed1[1], base[1], larger[1], other_samples, plain[1]]
+    points = figures.snapshot_points([(f"g{i}", g) for i, g in enumerate(gaps)], [(f"m{i}", m) for i, m in enumerate(mems)])
+    assert "counted once" in capsys.readouterr().out
+    merged = figures.across_seeds(points)
+    last = [r for r in merged if r["images_seen"] == 100000]
+    assert sorted((r["recipe"], str(r["run_args"].get("size")), r["seeds"]) for r in last) == sorted([
+        ("plain", "None", 2),   # seeds 0 and 1 of one run
+        ("plain", "None", 1),   # seed 0 sampled with other settings
+        ("plain", "None", 1),   # seed 0 evaluated in float32 ...
+        ("plain", "None", 1),   # ... and sampled with other settings
+        ("plain", "s", 1),      # another network
+        ("base", "None", 1)])   # the authors' base model
+    labels = set(figures.map_labels(merged).values())
+    assert {"plain n = 32, size None", "plain n = 32, size s", "base n = 32, size None"} <= labels
+    table = figures.format_map(points)
+    assert table.count("base n = 32") == C
 
 
 def test_correlation_radius_is_drawn_beside_the_gap_when_eval_gap_measured_it(tmp_path, capsys):
@@ -145,13 +189,10 @@ def test_sample_columns_pair_with_the_gap_by_snapshot_digest_whatever_the_paths_
         write_memorization(tmp_path / "mem.npz", folder=folder)
         row = figures.summary_rows([("gap", gap)], [("mem", common.load_npz(tmp_path / "mem.npz"))])[0]
         assert row["memorized"] == 0.5 and row["fd_gap"] == 1.0
-    write_memorization(tmp_path / "old.npz", digests=False)  # written before sample files held digests: by path
-    row = figures.summary_rows([("gap", gap)], [("old", common.load_npz(tmp_path / "old.npz"))])[0]
-    assert row["memorized"] == 0.5
     capsys.readouterr()
     write_memorization(tmp_path / "other.npz", n=64)  # samples of other snapshots only
     row = figures.summary_rows([("gap", gap)], [("other", common.load_npz(tmp_path / "other.npz"))])[0]
-    assert row["memorized"] is None
+    assert row.get("memorized") is None
     assert capsys.readouterr().out == ("note: no sample_memorize.py result holds the last snapshot of gap (paired by "
                                        "its digest): its sample columns stay empty\n")
 
@@ -162,7 +203,7 @@ def test_summary_reports_the_peak_gap_of_the_last_snapshot_and_its_sigma(tmp_pat
     row = figures.summary_rows([("g", data)], [])[0]
     assert row["peak_gap"] == pytest.approx(data["gap"][-1].max())
     assert row["peak_sigma"] == pytest.approx(data["sigmas"][data["gap"][-1].argmax()])
-    assert row["params"] == 2000 and row["n"] == 32 and row["memorized"] is None
+    assert row["params"] == 2000 and row["n"] == 32 and row.get("memorized") is None
 
 
 def test_runs_with_and_without_augmentation_are_compared_and_not_taken_for_two_model_sizes(tmp_path):

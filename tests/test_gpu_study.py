@@ -52,12 +52,13 @@ def test_gpu_study_tiny_runs_every_stage_on_cpu(tmp_path):
 
 
 @pytest.mark.slow
-def test_cpu_study_tiny_trains_every_seed_of_the_headline_sizes_and_draws_the_map(tmp_path):
+def test_cpu_study_tiny_trains_every_seed_of_the_headline_sizes_and_the_base_model_and_draws_the_map(tmp_path):
     (tmp_path / "data").mkdir()
     out = tmp_path / "study"
     run_tiny_script("study.sh", out, write_fashion_mnist(tmp_path / "data", 64, 40), "--scale", "cpu")
     log = (out / "cpu.log").read_text()
-    runs = ["unet-c8-n16-seed0", "unet-c8-n16-seed1", "unet-c8-n32-seed0"]  # seeds 0 1 for the headline n = 16
+    runs = ["unet-c8-n16-seed0", "unet-c8-n16-seed1", "unet-c8-n32-seed0",  # seeds 0 1 for the headline n = 16
+            "base-c8-n16-seed0", "base-c8-n16-seed1"]                      # the base model: every seed
     for stage in runs + ["1. grid", "4. figures"]:
         assert re.search(rf"^=== {re.escape(stage)}: \d+ s$", log, re.M), stage
     assert "study.sh done" in log and "FAILED" not in log and "seed2" not in log
@@ -65,7 +66,36 @@ def test_cpu_study_tiny_trains_every_seed_of_the_headline_sizes_and_draws_the_ma
         gap = np.load(out / "gap" / f"{run}.npz")
         assert gap["peak_gap_ci"].shape == (2, 2) and "gap_optimal" in gap.files, "two snapshots and the optimal"
         samples = np.load(out / "samples" / f"{run}.npz")
-        assert samples["traj_heldout_score_ci"].shape == (2, 1, 2)
+        assert samples["traj_heldout_score_ci"].shape == (2, 1, 2) and samples["traj_heldout_score_peak_ci"].shape == (2, 2)
+    base = common.load_checkpoint(out / "runs" / "base-c8-n16-seed0" / "snapshot-000000160.pt")["args"]
+    assert (base["cond"], base["augment_p"], base["dropout"]) == ("class", 0.12, 0.13)
     table = (out / "figures" / "claim3_map.txt").read_text()
-    assert re.search(r"^ +16 +160 +2 ", table, re.M) and re.search(r"^ +32 +160 +1 ", table, re.M), table
+    for run, seeds in (("plain n = 16", 2), ("plain n = 32", 1), ("base n = 16", 2)):
+        assert re.search(rf"^{run} +160 +{seeds} ", table, re.M), table
     assert (out / "figures" / "claim3_map.png").exists()
+
+
+@pytest.mark.slow
+def test_cpu_factor_study_tiny_varies_size_conditioning_and_guidance_and_draws_each_factor(tmp_path):
+    (tmp_path / "data").mkdir()
+    out = tmp_path / "study"
+    run_tiny_script("study.sh", out, write_fashion_mnist(tmp_path / "data", 64, 40), "--scale", "cpu", "--factors",
+                    "--seeds", "0")
+    log = (out / "cpu-factors.log").read_text()
+    runs = ["unet-c4-n16-seed0", "unet-c8-n16-seed0", "class-c8-n16-seed0", "kmeans4-c8-n16-seed0",
+            "kmeans16-c8-n16-seed0", "kmeans4feat-c8-n16-seed0", "none-short-c8-n16-seed0", "class-short-c8-n16-seed0",
+            "guidance-cfg", "guidance-auto"]
+    for stage in runs + ["1. grid", "2. guidance", "4. figures"]:
+        assert re.search(rf"^=== {re.escape(stage)}: \d+ s$", log, re.M), stage
+    assert "study.sh done" in log and "FAILED" not in log
+    networks = {run: common.load_checkpoint(sorted((out / "runs" / run).glob("snapshot-*.pt"))[-1]) for run in runs[:6]}
+    assert [networks[run]["network"]["channels"] for run in runs[:2]] == [4, 8]
+    assert networks["kmeans4feat-c8-n16-seed0"]["args"]["cluster_space"] == "classifier"
+    assert networks["kmeans4feat-c8-n16-seed0"]["kmeans_centroids"].shape == (4, 128)
+    guided = np.load(out / "samples" / "guidance-auto.npz")
+    np.testing.assert_allclose(guided["guidance_weights"], np.arange(11) * 0.2, rtol=0, atol=1e-12)
+    table = (out / "figures" / "factors.txt").read_text()
+    assert "size: " in table and "conditioning: k-means in classifier k = 4" in table
+    assert "conditioning: k-means in pixels k = 16" in table and "guidance: class-short-c8-n16-seed0" in table
+    for figure in ("factor_size", "factor_conditioning", "factor_guidance"):
+        assert (out / "figures" / f"{figure}.png").exists(), figure

@@ -426,6 +426,103 @@ def test_typicality_tells_states_like_noisy_data_from_states_unlike_anything_in_
 # The command line
 # ---------------------------------------------------------------------------
 
+def gap_result(gaps, cis, seen=(100, 200, 300), sigmas=(0.1, 0.3, 1.0, 3.0), **extra):
+    """An eval_gap.py result as load_npz reads it: snapshots d0, d1, ... of one run with these G curves (C, S) and
+    their pointwise intervals (C, S, 2)."""
+    return dict(digests=np.array([f"d{i}" for i in range(np.shape(gaps)[-2])]), gap=np.array(gaps, float),
+                gap_ci=np.array(cis, float), sigmas=np.array(sigmas), images_seen=np.array(seen),
+                checkpoints=np.array([f"run/snapshot-{s:09d}.pt" for s in seen]), **extra)
+
+
+def test_the_peak_probe_is_a_clear_own_peak_else_the_next_clear_peak_of_the_run_else_the_own_argmax():
+    clear, unclear = lambda g: [(v - 0.1, v + 0.1) for v in g], lambda g: [(v - 9, v + 9) for v in g]  # noqa: E731
+    gaps = [[0.05, 0.02, 0.01, 0.08], [0.2, 0.9, 0.1, 0.0], [0.3, 2.0, 5.0, 1.0]]
+    data = gap_result(gaps, [unclear(gaps[0]), clear(gaps[1]), clear(gaps[2])])
+    assert sample_memorize.gap_peaks(data, "d0")[:2] == (0.3, "later")  # d1's clear peak, not d0's noise at 3.0
+    assert sample_memorize.gap_peaks(data, "d1")[:2] == (0.3, "own")
+    assert sample_memorize.gap_peaks(data, "d2")[:2] == (1.0, "own")
+    flat = gap_result(gaps, [unclear(g) for g in gaps])
+    assert sample_memorize.gap_peaks(flat, "d0")[:2] == (3.0, "unclear")  # no clear peak from it on: its argmax
+    assert sample_memorize.gap_peaks(flat, "d9")[1] == "none" and sample_memorize.gap_peaks(None, "d0")[1] == "none"
+    # another run's snapshots in the same file (--allow-mixed) do not lend their peaks
+    mixed = dict(data, checkpoints=np.array(["run/a.pt", "other/b.pt", "other/c.pt"]))
+    assert sample_memorize.gap_peaks(mixed, "d0")[:2] == (3.0, "unclear")
+    # guidance: the row of the configuration's weight, else w = 0; windows: the whole image (the last entry)
+    guided = gap_result(np.stack([gaps, np.array(gaps)[:, ::-1]]), [[clear(g) for g in gaps], [clear(g[::-1]) for g in gaps]],
+                        guidance_weights=np.array([0.0, 1.0]))
+    assert sample_memorize.gap_peaks(guided, "d1", 1.0)[0] == 1.0 and sample_memorize.gap_peaks(guided, "d1", 2.0)[0] == 0.3
+    windowed = dict(gap_result(np.stack([np.zeros((3, 4)), gaps]), np.stack([[clear(g) for g in gaps]] * 2)),
+                    windows=np.array([8, 16]))
+    assert sample_memorize.gap_peaks(windowed, "d2")[:2] == (1.0, "own")
+    features = dict(data, feature_gap=np.array([[0.1, 0.5], [0.2, 0.1], [np.nan, np.nan]]),
+                    feature_sigmas=np.array([0.5, 2.0]))
+    assert [sample_memorize.gap_peaks(features, d)[2] for d in ("d0", "d1")] == [2.0, 0.5]
+    assert math.isnan(sample_memorize.gap_peaks(features, "d2")[2])
+
+
+def test_measures_at_a_peak_probe_are_those_at_the_same_fixed_probe_and_the_grid_sigma_nearest_the_peak(
+        snapshot, tmp_path):
+    sigmas = common.edm_sigmas(6)  # 80, 18.6, 3.95, 0.965, 0.085, 0.002
+    res = run([snapshot, "--probe-sigmas", "0.965", "--peak-sigma", "0.7", "--features", "builtin"], tmp_path)
+    assert float(res["peak_probe_sigma"][0]) == pytest.approx(float(sigmas[3])) and str(res["peak_probe_rule"][0]) == "given"
+    for key in sample_memorize.OVERLAP_KEYS:
+        np.testing.assert_array_equal(res[f"{key}_peak"], res[key][:, 0], err_msg=key)
+        np.testing.assert_array_equal(res[f"{key}_peak_ci"], res[f"{key}_ci"][:, 0], err_msg=key)
+    np.testing.assert_array_equal(res["traj_typical_peak"], res["traj_typical"][:, 0])
+    np.testing.assert_array_equal(res["fcos_traj_train_peak"], res["fcos_traj_train"][:, 0])
+    assert np.isnan(res["feature_peak_probe_sigma"]).all() and np.isnan(res["traj_heldout_score_feature_peak"]).all()
+    assert not res["traj_valid_feature_peak"].any() and res["probe_sigmas"].shape == (1,)
+
+
+def test_the_peak_probe_follows_the_snapshots_gap_result_and_a_missing_or_mismatched_one_says_so(snapshot, data_dir,
+                                                                                                  tmp_path, capsys):
+    import eval_gap
+    gap = str(tmp_path / "gap.npz")
+    eval_gap.main([snapshot, "--data-dir", data_dir, "--num-images", "8", "--sigmas", "0.05", "0.3", "2", "--device",
+                   "cpu", "--bootstrap", "50", "--out", gap])
+    peak = float(common.load_npz(gap)["peak_sigma"][0])
+    capsys.readouterr()
+    res = run([snapshot, "--gap", gap, "--features", "builtin"], tmp_path)
+    grid = common.edm_sigmas(6)[:-1].numpy()
+    assert res["peak_probe_sigma"][0] == grid[np.abs(np.log(grid) - np.log(peak)).argmin()]
+    assert res["gap_peak_sigma"][0] == peak and str(res["peak_probe_rule"][0]) in ("own", "unclear")
+    # no gap.npz beside the snapshot: one line, and the fixed probes only
+    res = run([snapshot, "--features", "builtin", "--force"], tmp_path)
+    out = capsys.readouterr().out
+    assert out.count("gap.npz does not exist") == 1 and "probing the fixed sigmas only" in out
+    assert np.isnan(res["peak_probe_sigma"]).all() and str(res["peak_probe_rule"][0]) == "none"
+    # a gap result of other snapshots: one line
+    other = dict(common.load_npz(gap), digests=np.array(["another snapshot"]))
+    common.save_npz(tmp_path / "other.npz", **{k: v for k, v in other.items() if k != "format"})
+    res = run([snapshot, "--gap", str(tmp_path / "other.npz"), "--features", "builtin", "--force"], tmp_path)
+    assert capsys.readouterr().out.count("holds no eval_gap.py row of") == 1 and np.isnan(res["peak_probe_sigma"]).all()
+    # an explicit --gap that is missing or not an eval_gap.py result stops in one line
+    for bad, words in ((str(tmp_path / "none.npz"), "does not exist"), (str(tmp_path / "mem.npz"), "not an eval_gap.py")):
+        code, err = exit_message([*SMALL, snapshot, "--gap", bad, "--out", str(tmp_path / "x.npz")], capsys)
+        assert code == 2 and words in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_one_nn_cosine_probes_never_meet_their_own_image_in_the_reference(data_dir):
+    model = sample_memorize.optimal_model(source(data_dir, common.choose_subset(24, 12, 0)), torch.device("cpu"))
+    for seed in range(3):
+        refs = sample_memorize.reference_pair(model.train, seed)
+        assert not set(refs.query_train_pos) & set(refs.fcos_train_pos)
+        assert not set(refs.query_val_pos) & set(refs.fcos_val_pos)
+        assert set(refs.query_train_pos) | set(refs.fcos_train_pos) == set(refs.train_pos)
+        assert len(refs.fcos_train_pos) == len(refs.fcos_val_pos) == len(refs.train_pos) // 2
+    # the clean images of the training probes: their nearest reference image is never themselves
+    features = common.load_feature_extractor("builtin")
+    ref = features(model.train.x[refs.fcos_train_pos])
+    own = sample_memorize.nearest_cosine(features(model.train.x[refs.fcos_train_pos]), ref)
+    others = sample_memorize.nearest_cosine(features(model.train.x[refs.query_train_pos]), ref)
+    assert torch.allclose(own, torch.ones_like(own)) and (others < 1 - 1e-6).all()
+    # one training image: no reference to compare with, NaN
+    one = sample_memorize.optimal_model(source(data_dir, [3]), torch.device("cpu"))
+    refs = sample_memorize.reference_pair(one.train, 0)
+    assert len(refs.fcos_train_pos) == 0 and list(refs.query_train_pos) == [0]
+    assert torch.isnan(sample_memorize.nearest_cosine(torch.ones(2, 3), torch.zeros(0, 3))).all()
+
+
 def test_optimal_denoiser_samples_are_copies_and_results_have_documented_shapes(data_dir, tmp_path):
     res = run(["--optimal", "--data-dir", data_dir, "--n", "6", "--resolution", str(R), "--cond", "class"], tmp_path)
     C, M, P = 1, 8, 3
@@ -684,15 +781,22 @@ def test_on_fashion_mnist_the_score_of_a_gaussian_holds_zero_and_that_of_the_opt
                    "--device", "cpu"]
     scores = {}
     for kind in ("gaussian", "optimal"):
-        out = str(tmp_path / f"{kind}.npz")
-        sample_memorize.main([f"--{kind}", *common_args, "--out", out])
-        res = common.load_npz(out)
-        mid = len(res["probe_sigmas"]) // 2  # sigma 1.09
-        scores[kind] = res["traj_heldout_score_ci"][0, mid]
-        assert res["traj_valid"][0].all(), f"{kind}: states like noisy data"
-    low, high = scores["gaussian"]
-    assert low < 0 < high, scores
-    assert scores["optimal"][0] > 0.7, scores
+        for peak in ("0.14", "0.3"):  # the grid sigmas where the trained networks' gaps peak
+            out = str(tmp_path / f"{kind}-{peak}.npz")
+            sample_memorize.main([f"--{kind}", *common_args, "--peak-sigma", peak, "--out", out])
+            res = common.load_npz(out)
+            mid = len(res["probe_sigmas"]) // 2  # sigma 1.09
+            scores[kind, 1.09] = res["traj_heldout_score_ci"][0, mid]
+            scores[kind, peak] = res["traj_heldout_score_peak_ci"][0]
+            assert res["traj_valid"][0].all() and res["traj_valid_peak"][0], f"{kind}: states like noisy data"
+            assert str(res["peak_probe_rule"][0]) == "given" and abs(res["peak_probe_sigma"][0] - float(peak)) < 0.03
+            # the exact null: other fresh images scored like trajectory states give 0 at every probe
+            for low, high in [*res["null_heldout_score_ci"][0], res["null_heldout_score_peak_ci"][0]]:
+                assert low < 0 < high, (kind, peak, res["null_heldout_score_ci"][0])
+    for where in (1.09, "0.14", "0.3"):
+        low, high = scores["gaussian", where]
+        assert low < 0 < high, (where, scores)
+        assert scores["optimal", where][0] > 0.7, (where, scores)
 
 
 def test_classifier_features_are_trained_once_on_the_dataset_cached_and_named(tmp_path, monkeypatch):
