@@ -39,10 +39,11 @@ pipeline() {  # pipeline N: train on n = N images, then the gap and the samples 
         --out "$OUT/samples/$run.npz"
 }
 
-references() {  # the two reference samplers; the first of them trains the classifier features once (cached)
-    $PY sample_memorize.py --optimal $DATA --n 32 --num-samples 512 --threads "$THREADS" \
+references() {  # the two reference samplers, probed also at 0.14, where the networks' gaps peak; the first of them
+    # trains the classifier features once (cached)
+    $PY sample_memorize.py --optimal $DATA --n 32 --num-samples 512 --peak-sigma 0.14 --threads "$THREADS" \
         --out "$OUT/samples/optimal-n32.npz"
-    $PY sample_memorize.py --gaussian $DATA --n 128 --num-samples 512 --threads "$THREADS" \
+    $PY sample_memorize.py --gaussian $DATA --n 128 --num-samples 512 --peak-sigma 0.14 --threads "$THREADS" \
         --out "$OUT/samples/gaussian-n128.npz"
 }
 
