@@ -28,7 +28,7 @@ class-conditional models), or a snapshot file: an unconditional network (classif
 paper's) or a weaker one (autoguidance).
 
 Feature space: with `--features` (`classifier`, `builtin` or an Inception TorchScript file,
-`common.load_feature_extractor`) also the reconstruction gap in that feature space (the paper's rFID): the
+`plumbing.load_feature_extractor`) also the reconstruction gap in that feature space (the paper's rFID): the
 Fréchet distance between the features of D(y + sigma n) and of the clean images of each split, at
 `--feature-sigmas` (`all`: every evaluated sigma). Both splits use equally many images (the first
 min(n, `--num-images`) of each), since the distance's bias grows as 1/count; reconstructions and clean images
@@ -61,7 +61,7 @@ compiling fails. `--precision` is the networks' arithmetic: bf16 autocast or flo
 CPUs with bf16 units, as train_image.py; stored as chosen in `args` and the settings where a network runs); the
 errors E, the optimal denoiser and the intervals stay float32/float64, and gradients (the correlation radius)
 float32. `--batch` (image, sigma) pairs go through a forward pass at a time; `--threads 0` lets
-`common.choose_threads` choose. Snapshots of different runs are refused unless `--allow-mixed`.
+`plumbing.choose_threads` choose. Snapshots of different runs are refused unless `--allow-mixed`.
 
 Writes `--out` (.npz; C models, S sigmas, K feature sigmas, J radius sigmas). Its default is
 `RUN_DIR/gap[-raw][-guided][-windows].npz` for a run folder, `RUN_DIR/gap-SNAPSHOT[-raw][-guided][-windows].npz`
@@ -69,7 +69,7 @@ for one snapshot file `RUN_DIR/SNAPSHOT.pt` (so that it leaves the run's file al
 `results/gap-optimal-<data>-r<R>-n<n>-<none|class|kmeans<k>>-seed<subset seed>[-guided][-windows].npz` for
 `--optimal` alone; several run folders or snapshot files need `--out`. Keys:
 
-- `sigmas` (S,), `images_seen` (C,), `checkpoints` (C,) (paths), `digests` (C,) (`common.snapshot_digest`),
+- `sigmas` (S,), `images_seen` (C,), `checkpoints` (C,) (paths), `digests` (C,) (`plumbing.snapshot_digest`),
   `run_args` and `network` (JSON of the first snapshot's training arguments and network config), `params`
   (its parameter count), `weights` (`--weights`), `args` and `eval_settings` (JSON), `script`;
 - `e_train`, `e_val`, `gap` (C, S); `onset_images_seen` (S,) = the images seen where E_val(sigma) is smallest;
@@ -90,18 +90,20 @@ for one snapshot file `RUN_DIR/SNAPSHOT.pt` (so that it leaves the run's file al
 `--out` is rewritten after every evaluated model, and rows already in it computed with the same settings (by
 an earlier or a killed run) are reused unless `--force`; an `--out` that eval_gap.py did not write (another
 script's result, a foreign file), made with other settings or holding rows of models not given here is not
-replaced unless `--force` (`common.check_kept`, which names a free file name), and one process at a time
-writes it (`common.exclusive`).
+replaced unless `--force` (`plumbing.check_kept`, which names a free file name), and one process at a time
+writes it (`plumbing.exclusive`).
 """
 import argparse
 import collections
+import dataclasses
 import itertools
 import json
 import math
 import os
 import warnings
 
-import common  # first: it sets OpenMP's wait policy, which torch reads when it loads
+import plumbing  # first: it sets OpenMP's wait policy, which torch reads when it loads
+import common
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -109,7 +111,7 @@ from tqdm import tqdm
 
 from common import check
 
-SCRIPT = os.path.basename(__file__)  # stored in the result file (common.save_npz)
+SCRIPT = os.path.basename(__file__)  # stored in the result file (plumbing.save_npz)
 # Arguments that change the numbers of a row; a cached row is reused only when they all match.
 SETTINGS = ("num_images", "seed", "guidance_weights", "neg", "features", "feature_sigmas", "data_dir", "bootstrap")
 # ... and, only when their option is given (so that earlier files keep their rows), these
@@ -130,19 +132,19 @@ Split = collections.namedtuple("Split", "y noise labels count fd index")  # inde
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0],  # the docstring's first paragraph
                                 epilog="Flags and result keys in full: docs/reference.md",
-                                formatter_class=common.HelpFormatter)
+                                formatter_class=plumbing.HelpFormatter)
     p.add_argument("snapshots", nargs="*", metavar="RUN_DIR_OR_CHECKPOINT",
                    help="run folders (all their snapshot-*.pt, by images seen) or snapshot files")
-    common.add_weights_arg(p)
+    plumbing.add_weights_arg(p)
     p.add_argument("--optimal", action="store_true", help="also (without snapshots: only) the optimal denoiser of "
                    "the snapshots' training subset, or of the subset --data, --n, ... name")
-    common.add_data_args(p, applies="--optimal alone: ")
-    p.add_argument("--num-images", type=common.at_least_two_int, default=8192,
+    plumbing.add_data_args(p, applies="--optimal alone: ")
+    p.add_argument("--num-images", type=plumbing.at_least_two_int, default=8192,
                    help="images per split (or all available)")
-    p.add_argument("--sigmas", type=common.sigma_float, nargs="+", default=None, help="noise levels (default: "
+    p.add_argument("--sigmas", type=plumbing.sigma_float, nargs="+", default=None, help="noise levels (default: "
                    "--num-sigmas log-spaced in [2e-3, 80])")
-    p.add_argument("--num-sigmas", type=common.positive_int, default=64, help="number of log-spaced noise levels")
-    p.add_argument("--guidance-weights", type=common.finite_float, nargs="+", default=None,
+    p.add_argument("--num-sigmas", type=plumbing.positive_int, default=64, help="number of log-spaced noise levels")
+    p.add_argument("--guidance-weights", type=plumbing.finite_float, nargs="+", default=None,
                    help="guidance weights w: D_w = D + w (D - D_neg); adds a leading axis")
     p.add_argument("--neg", default="uncond", help="guidance negative D_neg: uncond (the model with the null label) "
                    "or a snapshot file")
@@ -153,28 +155,28 @@ def parse_args(argv=None):
     p.add_argument("--jacobian", action="store_true",
                    help="also the snapshots' correlation radius (how far D looks), at "
                         f"{JACOBIAN_SIGMAS} sigmas log-spaced in [2e-3, 80]")
-    p.add_argument("--jacobian-sigmas", type=common.sigma_float, nargs="+", default=None,
+    p.add_argument("--jacobian-sigmas", type=plumbing.sigma_float, nargs="+", default=None,
                    help="the radius at these noise levels instead (implies --jacobian)")
-    p.add_argument("--jacobian-images", type=common.positive_int, default=32,
+    p.add_argument("--jacobian-images", type=plumbing.positive_int, default=32,
                    help="--jacobian: images per split (the first evaluation images)")
-    p.add_argument("--jacobian-pixels", type=common.positive_int, default=None,
+    p.add_argument("--jacobian-pixels", type=plumbing.positive_int, default=None,
                    help="--jacobian: output pixels per image, seeded by --seed (default: all)")
-    p.add_argument("--windows", type=common.positive_int, nargs="+", default=None, metavar="PIXELS",
+    p.add_argument("--windows", type=plumbing.positive_int, nargs="+", default=None, metavar="PIXELS",
                    help="also evaluate every model seeing only windows of these sizes (U-Nets: on their "
                         "down-sampling grid, e.g. 8 12 at 16x16); adds a leading window axis")
-    p.add_argument("--window-steps", type=common.positive_int, default=2,
+    p.add_argument("--window-steps", type=plumbing.positive_int, default=2,
                    help="--windows: window positions per axis, evenly spaced")
     p.add_argument("--window-mode", choices=WINDOW_MODES, default="average",
                    help="--windows: merge the windows' predictions per pixel by average, or cut (the nearest "
                         "window's)")
-    p.add_argument("--bootstrap", type=common.positive_int, default=1000,
+    p.add_argument("--bootstrap", type=plumbing.positive_int, default=1000,
                    help="bootstrap resamples for the interval of the peak of G")
-    common.add_run_args(
+    plumbing.add_run_args(
         p, seed="seed of the images' fixed noise and of the splits' samples",
         batch=(512, "(image, sigma) pairs per forward pass"), threads=True,
         out="output .npz (default: RUN_DIR/gap[-raw][-guided][-windows].npz for a run folder; "
             "see docs/reference.md for the others)")
-    common.add_result_args(p, SCRIPT, "rows")
+    plumbing.add_result_args(p, SCRIPT, "rows")
     args = p.parse_args(argv)
     check(args.snapshots or args.optimal, "nothing to evaluate: give run folders or snapshot files, "
                                           "and/or --optimal (see --help)")
@@ -187,7 +189,7 @@ def parse_args(argv=None):
         args.feature_sigmas = "all"
     else:
         try:
-            args.feature_sigmas = [common.sigma_float(s) for s in args.feature_sigmas]
+            args.feature_sigmas = [plumbing.sigma_float(s) for s in args.feature_sigmas]
         except argparse.ArgumentTypeError as err:
             raise common.UserError(f"--feature-sigmas takes noise levels or 'all': each {err}") from None
     return args
@@ -257,18 +259,18 @@ def peak_sigma(sigmas, gap):
 # ---------------------------------------------------------------------------
 
 def read_snapshot(path, weights="ema", data_dir=None):
-    """Metadata of a snapshot: path, images seen, run identity, network config, source (common.TrainingSource;
+    """Metadata of a snapshot: path, images seen, run identity, network config, source (plumbing.TrainingSource;
     data_dir None: the run's) and a digest of everything its rows depend on (the `weights` and the source)."""
-    ckpt = common.load_checkpoint(path)
-    return dict(path=path, images_seen=int(ckpt["images_seen"]), run=common.run_identity(ckpt),
-                network=ckpt["network"], source=common.TrainingSource.of_checkpoint(ckpt, data_dir, path),
-                params=sum(int(t.numel()) for t in ckpt[common.WEIGHTS[weights]].values()),
-                digest=common.snapshot_digest(ckpt, weights))
+    ckpt = plumbing.load_checkpoint(path)
+    return dict(path=path, images_seen=int(ckpt["images_seen"]), run=plumbing.run_identity(ckpt),
+                network=ckpt["network"], source=plumbing.TrainingSource.of_checkpoint(ckpt, data_dir, path),
+                params=sum(int(t.numel()) for t in ckpt[plumbing.WEIGHTS[weights]].values()),
+                digest=plumbing.snapshot_digest(ckpt, weights))
 
 
 def split_counts(source, num_images):
     """Number of training and validation evaluation images of a source."""
-    val_images, _ = common.load_images(source.dataset, "val", source.data_dir)
+    val_images, _ = plumbing.load_images(source.dataset, "val", source.data_dir)
     return min(num_images, len(source.subset)), min(num_images, len(val_images))
 
 
@@ -282,14 +284,14 @@ def eval_splits(source, num_images, seed, rank=0, world=1, device="cpu"):
     """This process's shard of the training and validation evaluation images of a source (num_images of each,
     or all; a seeded sample when there are more): images, their fixed noise (seeded by dataset index and
     `seed`; validation image j is index len(training split) + j), labels."""
-    train_images, _ = common.load_images(source.dataset, "train", source.data_dir)
-    val_images, val_classes = common.load_images(source.dataset, "val", source.data_dir)
+    train_images, _ = plumbing.load_images(source.dataset, "train", source.data_dir)
+    val_images, val_classes = plumbing.load_images(source.dataset, "val", source.data_dir)
     subset, labels, R = source.subset, source.labels, source.resolution
     n_train, n_val = split_counts(source, num_images)
-    pos = common.choose_subset(len(subset), n_train, seed)[rank::world]
-    val_index = common.choose_subset(len(val_images), n_val, seed)[rank::world]
-    y_train = common.images_to_tensor(train_images[subset[pos]], R)
-    y_val = common.images_to_tensor(val_images[val_index], R)
+    pos = plumbing.choose_subset(len(subset), n_train, seed)[rank::world]
+    val_index = plumbing.choose_subset(len(val_images), n_val, seed)[rank::world]
+    y_train = plumbing.images_to_tensor(train_images[subset[pos]], R)
+    y_val = plumbing.images_to_tensor(val_images[val_index], R)
     train_labels = None if labels is None else labels[pos]
     val_labels = source.validation_labels(val_classes[val_index], y_val)
     shape = y_train.shape[1:]
@@ -394,8 +396,8 @@ def windowed_optimal_denoiser(data, window, data_labels=None, steps=2, mode="ave
     """The memorizing reference under a restricted receptive field: windowed_denoiser where each window's
     denoiser is the optimal one of the data (N, ..., H, W) cropped to that window
     (common.labelled_optimal_denoiser: data in common.exact_dtype, conditional on data_labels when given; its
-    notes go to note, default common.say, once each, not once per window)."""
-    made, note = {}, common.once(note or common.say)
+    notes go to note, default plumbing.say, once each, not once per window)."""
+    made, note = {}, plumbing.once(note or plumbing.say)
 
     def at(top, left):
         if (top, left) not in made:
@@ -433,16 +435,16 @@ def optimal_models(source, device, windows=(None,), steps=2, mode="average"):
     it has them; images whose label no subset image carries get the unconditional one, with a note
     (common.labelled_optimal_denoiser). One per window size (None: the whole image), seeing only windows of
     that size, each with the subset cropped to the window (windowed_optimal_denoiser)."""
-    images, note = source.images().to(device, common.exact_dtype(device)), common.once(common.say)
+    images, note = source.images().to(device, common.exact_dtype(device)), plumbing.once(plumbing.say)
     return [common.labelled_optimal_denoiser(images, source.labels, note=note) if w is None
             else windowed_optimal_denoiser(images, w, source.labels, steps, mode, note) for w in windows]
 
 
 def network_models(net, device, windows=(None,), steps=2, mode="average", forward_mode="auto", precision="auto"):
-    """A network (common.Denoiser) for inference (common.network_denoiser in --forward-mode `forward_mode` and
+    """A network (common.Denoiser) for inference (plumbing.network_denoiser in --forward-mode `forward_mode` and
     --precision `precision`), seen through windows of each size (windowed_denoiser, on the grid of the network's
     size_multiple; None: the whole image)."""
-    denoise = common.network_denoiser(net, device, forward_mode, precision)
+    denoise = plumbing.network_denoiser(net, device, forward_mode, precision)
     return [denoise if w is None else windowed_denoiser(denoise, w, steps, mode, net.size_multiple)
             for w in windows]
 
@@ -501,13 +503,13 @@ def correlation_radius(denoise, x, sigma, labels=None, pixels=None, seed=0, batc
     correlation radius r_pc = sum_q |p - q| J_pq / sum_q J_pq of the channel-diagonal block of the input Jacobian,
     J_pq = |dD(x)_{c,p} / dx_{c,q}| (input and output in the same channel c; the other channels' entries do not
     count), |p - q| the Euclidean distance of the pixel positions, in pixels, q over all pixels. p runs over all
-    H W pixels (pixels None or >= H W) or over `pixels` positions drawn by common.choose_subset(H W, pixels, seed),
+    H W pixels (pixels None or >= H W) or over `pixels` positions drawn by plumbing.choose_subset(H W, pixels, seed),
     the same for every image.
 
     The rows J_p come from vector-Jacobian products with one-hot cotangents, one per (output pixel, channel),
     up to batch_size (image, cotangent) rows per backward pass; nothing larger than one pass's gradients is
     kept. denoise(x, sigma (B,), labels) must be differentiable torch code that treats images independently
-    (as the networks and their common.network_denoiser wrapper do). x (B, C, H, W), sigma float or (B,)
+    (as the networks and their plumbing.network_denoiser wrapper do). x (B, C, H, W), sigma float or (B,)
     -> float64 (B,); a (pixel, channel) whose row is all 0 (an output that does not depend on its channel of x)
     is left out of the mean.
     """
@@ -518,10 +520,10 @@ def correlation_radius(denoise, x, sigma, labels=None, pixels=None, seed=0, batc
     per_pass = max(1, min(B, batch_size))                                            # images per forward pass
     with torch.inference_mode(False), torch.enable_grad():  # tensors made here are normal, even in inference mode
         chosen = H * W if pixels is None else min(pixels, H * W)
-        where = torch.as_tensor(common.choose_subset(H * W, chosen, seed), device=x.device)  # (P,) positions
+        where = torch.as_tensor(plumbing.choose_subset(H * W, chosen, seed), device=x.device)  # (P,) positions
         pos = torch.stack(torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij"), -1).reshape(-1, 2)
         dist = torch.cdist(pos.to(x.device)[where].double(), pos.to(x.device).double())  # (P, H W)
-        P, K = len(where), len(where) * C                              # cotangent k: pixel k // C, channel k % C
+        K = len(where) * C                              # cotangent k: pixel k // C, channel k % C
         radius = torch.full((B, K), torch.nan, dtype=torch.float64, device=x.device)    # r_pc per image
         sig = common.per_query(sigma, x, "sigma").expand(B).clone()
         for i in range(0, B, per_pass):
@@ -565,13 +567,13 @@ def split_errors(denoise, neg, split, sigmas, weights, batch, world=1, device="c
         common.denoising_errors(counted(common.guided_denoiser(denoise, neg, w), bar), split.y, split.noise,
                                 sigmas, split.labels, batch)
         for w in weights])
-    return common.gather_rows(errors, world, device, dim=2).numpy()
+    return plumbing.gather_rows(errors, world, device, dim=2).numpy()
 
 
 def features_of(images, extractor, batch, world, device):
     """Features of a stack of images, in batches, gathered over processes: float64 (N, F)."""
     feats = [extractor(images[i:i + batch]).double().cpu() for i in range(0, len(images), batch)]
-    return common.gather_rows(torch.cat(feats), world, device)
+    return plumbing.gather_rows(torch.cat(feats), world, device)
 
 
 def feature_distances(denoise, neg, split, clean, extractor, feature_sigmas, weights, batch, world=1,
@@ -589,7 +591,7 @@ def feature_distances(denoise, neg, split, clean, extractor, feature_sigmas, wei
                 return den
             common.denoising_errors(capture, split.y[split.fd], split.noise[split.fd], [sigma],
                                     None if split.labels is None else split.labels[split.fd], batch)
-            out[g, k] = common.frechet_distance(common.gather_rows(torch.cat(feats), world, device), clean)
+            out[g, k] = common.frechet_distance(plumbing.gather_rows(torch.cat(feats), world, device), clean)
     return out
 
 
@@ -702,30 +704,6 @@ def without_model_axes(array, windowed, guided):
     return array if windowed else array[0]
 
 
-def cached_rows(old, path, settings, code, windowed, guided, keys, device):
-    """Rows of an earlier output `old` (common.earlier_result) by model digest, to be reused; UserError
-    (common.check_kept) when it was made with other settings or holds rows of models other than `keys`, which
-    rewriting it would lose; none (all recomputed, with a note) when other code (common.code_identity) made it."""
-    if old is None:
-        return {}
-    made = {"digests", "eval_settings"} <= set(old)
-    held = {str(key) for key in np.append(old["digests"], old.get("optimal_digest", []))} if made else set()
-    old_settings = common.earlier_settings(str(old["eval_settings"]), device, settings) if made else None
-    common.check_kept(path, old_settings, settings, len(held - set(keys)),
-                      "row(s) of models not given here (other snapshots, or --optimal)")
-    changed = common.code_changes(json.loads(str(old.get("code", "{}"))), code)
-    if changed:
-        common.say(f"note: {path} was made by other code ({changed} changed since): its {len(held)} row(s) are "
-                   "computed again")
-        return {}
-    rows = {}
-    for suffix, digests in (("", old["digests"]), ("_optimal", old.get("optimal_digest", np.array([])).reshape(-1))):
-        for c, key in enumerate(digests):
-            row = {k: old[k + suffix] for k in ROW_KEYS if k + suffix in old}
-            rows[str(key)] = {k: with_model_axes(v, windowed, guided)[:, :, c] for k, v in row.items()}
-    return rows
-
-
 # ---------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------
@@ -734,10 +712,10 @@ def default_out(args):
     """--out when not given (see the module docstring)."""
     tags = ("-guided" if args.guidance_weights else "") + ("-windows" if args.windows else "")
     if not args.snapshots:
-        subset = common.subset_name(args.data, args.n, args.subset_seed, args.cond, args.k, args.resolution,
+        subset = plumbing.subset_name(args.data, args.n, args.subset_seed, args.cond, args.k, args.resolution,
                                      args.cluster_space)
         return os.path.join("results", f"gap-optimal-{subset}{tags}.npz")
-    return common.default_result_path(args.snapshots, "gap", ("-raw" if args.weights == "raw" else "") + tags)
+    return plumbing.default_result_path(args.snapshots, "gap", ("-raw" if args.weights == "raw" else "") + tags)
 
 
 def image_shape(network):
@@ -756,7 +734,7 @@ def negative_model(neg, weights, guidance_weights, models, device):
             common.check_guidance(name, shape, num_classes, fits)
     if info is None:
         return None, "uncond"
-    return common.load_denoiser(neg, weights, device)[0], info["digest"]
+    return plumbing.load_denoiser(neg, weights, device)[0], info["digest"]
 
 
 def curves(rows, windowed, guided, sigmas=None, images_seen=None):
@@ -777,120 +755,133 @@ def curves(rows, windowed, guided, sigmas=None, images_seen=None):
 def main(argv=None):
     args = parse_args(argv)
     args.out = args.out or default_out(args)
-    common.check_writable(args.out)
+    plumbing.check_writable(args.out)
     check(args.out.endswith(".npz"), f"--out must end with .npz, got {args.out}")
-    common.choose_threads(None, args.threads)
-    with common.exclusive(args.out):  # one process per result file: none loses another's rows
-        common.run_distributed(evaluate, args)
+    plumbing.choose_threads(None, args.threads)
+    with plumbing.exclusive(args.out):  # one process per result file: none loses another's rows
+        plumbing.run_distributed(evaluate, args)
+
+
+@dataclasses.dataclass
+class Plan:
+    """What one call evaluates, and how (plan)."""
+    snapshots: list      # read_snapshot of each snapshot, in order of images seen
+    optimal: object      # the TrainingSource of --optimal, or None
+    sigmas: torch.Tensor
+    weights: list        # the guidance weights; [0.0] without --guidance-weights
+    restrictions: list   # the window sizes of --windows, None for the whole image (the last)
+    negs: list           # the guidance negative seen through each window (None: the model with the null label)
+    settings: dict       # eval_settings
+    models: list         # (row key, TrainingSource, snapshot path or None for the optimal denoiser)
+
+
+def plan(args, device):
+    """The Plan of a call: its snapshots (of one run, unless --allow-mixed) and optimal denoiser, sigmas, guidance
+    negative and windows, each checked against the others (UserError when they do not fit)."""
+    snapshots = [read_snapshot(path, args.weights, args.data_dir) for path in plumbing.find_snapshots(args.snapshots)]
+    plumbing.check_same_run([(s["path"], s["run"]) for s in snapshots], args.allow_mixed)
+    networks = bool(snapshots) or args.guidance_weights is not None and args.neg != "uncond"
+    args.precision = plumbing.choose_precision(args.precision, device) if networks else None  # as stored in --out
+    optimal = None
+    if args.optimal and snapshots:
+        check(len({s["source"].digest() for s in snapshots}) == 1, "--optimal with snapshots of different training "
+              "subsets or labels: evaluate the optimal denoiser of each run on its own")
+        optimal = snapshots[0]["source"]
+    elif args.optimal:
+        optimal = plumbing.TrainingSource.drawn(args.data, args.n, args.subset_seed, args.cond, args.k, args.resolution,
+                                                args.data_dir, args.cluster_space)
+    sigmas = torch.tensor(sorted(args.sigmas), dtype=torch.float64) if args.sigmas else common.log_sigmas(args.num_sigmas)
+    args.feature_sigmas = sigmas.tolist() if args.feature_sigmas == "all" else args.feature_sigmas
+    neg, neg_digest = None, "uncond"
+    if args.guidance_weights is not None:
+        made = [(s["path"], image_shape(s["network"]), s["network"]["num_classes"]) for s in snapshots]
+        made += [] if optimal is None else [(f"the optimal denoiser of --data {optimal.dataset} --resolution "
+                                             f"{optimal.resolution} --cond {optimal.cond}", optimal.image_shape,
+                                             optimal.num_classes)]
+        neg, neg_digest = negative_model(args.neg, args.weights, args.guidance_weights, made, device)
+    if args.windows is not None:
+        kinds = [(s["path"], s["network"]) for s in snapshots]
+        kinds += [] if optimal is None else [("the optimal denoiser", dict(model="optimal",
+                                                                           img_resolution=optimal.resolution))]
+        kinds += [] if neg is None else [(f"--neg {args.neg}", neg.config)]
+        args.windows = window_sizes(args.windows, args.window_steps, kinds)
+    restrictions = args.windows[:-1] + [None] if args.windows is not None else [None]
+    negs = ([None] * len(restrictions) if neg is None else
+            network_models(neg, device, restrictions, args.window_steps, args.window_mode, args.forward_mode,
+                           args.precision))
+    models = [(s["digest"], s["source"], s["path"]) for s in snapshots]
+    models += [] if optimal is None else [("optimal-" + optimal.content_digest(), optimal, None)]
+    return Plan(snapshots, optimal, sigmas, args.guidance_weights or [0.0], restrictions, negs,
+                eval_settings(args, sigmas, neg_digest), models)
+
+
+def work(todo, plan, args, extractor, rank, world):
+    """The progress bar's total for the models `todo` of this process: (image, sigma) pairs of the errors and the
+    feature-space gap, and vector-Jacobian products of the correlation radius."""
+    total, K = 0, len(args.feature_sigmas) if extractor is not None else 0
+    for _, source, path in todo:
+        counts = split_counts(source, args.num_images)
+        count, fd_count = sum(len(range(rank, n, world)) for n in counts), len(range(rank, min(counts), world))
+        total += len(plan.restrictions) * len(plan.weights) * (len(plan.sigmas) * count + K * 2 * fd_count)
+        if path is not None and args.jacobian_sigmas:
+            C, H, W = source.image_shape
+            images = sum(len(range(rank, min(n, args.jacobian_images), world)) for n in counts)
+            total += (len(plan.restrictions) * len(plan.weights) * len(args.jacobian_sigmas) * images
+                      * min(args.jacobian_pixels or H * W, H * W) * C)
+    return total
 
 
 @torch.no_grad()  # not inference_mode: the correlation radius differentiates the models (and their weights)
 def evaluate(args, rank, world, device):
-    say = common.say
-    common.check_compile(args.forward_mode, device, "--forward-mode")
-    old = common.earlier_result(args.out, SCRIPT, args.force)
-    snapshots = [read_snapshot(path, args.weights, args.data_dir) for path in common.find_snapshots(args.snapshots)]
-    common.check_same_run([(s["path"], s["run"]) for s in snapshots], args.allow_mixed)
-    networks = bool(snapshots) or args.guidance_weights is not None and args.neg != "uncond"
-    args.precision = common.choose_precision(args.precision, device) if networks else None  # as stored in --out
-    opt_source = None
-    if args.optimal:
-        if snapshots:
-            keys = {s["source"].digest() for s in snapshots}
-            check(len(keys) == 1, "--optimal with snapshots of different training subsets or labels: "
-                                  "evaluate the optimal denoiser of each run on its own")
-            opt_source = snapshots[0]["source"]
-        else:
-            opt_source = common.TrainingSource.drawn(args.data, args.n, args.subset_seed, args.cond, args.k,
-                                                     args.resolution, args.data_dir, args.cluster_space)
-    sigmas = (torch.tensor(sorted(args.sigmas), dtype=torch.float64) if args.sigmas
-              else common.log_sigmas(args.num_sigmas))
-    if args.feature_sigmas == "all":
-        args.feature_sigmas = sigmas.tolist()
-    guided = args.guidance_weights is not None
-    weights = args.guidance_weights if guided else [0.0]
-    neg, neg_digest = None, "uncond"
-    if guided:
-        made = [(s["path"], image_shape(s["network"]), s["network"]["num_classes"]) for s in snapshots]
-        if opt_source is not None:
-            made.append((f"the optimal denoiser of --data {opt_source.dataset} --resolution {opt_source.resolution} "
-                         f"--cond {opt_source.cond}", opt_source.image_shape, opt_source.num_classes))
-        neg, neg_digest = negative_model(args.neg, args.weights, args.guidance_weights, made, device)
-    windowed = args.windows is not None
-    if windowed:
-        kinds = [(s["path"], s["network"]) for s in snapshots]
-        if opt_source is not None:
-            kinds.append(("the optimal denoiser", dict(model="optimal", img_resolution=opt_source.resolution)))
-        if neg is not None:
-            kinds.append((f"--neg {args.neg}", neg.config))
-        args.windows = window_sizes(args.windows, args.window_steps, kinds)
-    restrictions = args.windows[:-1] + [None] if windowed else [None]  # window sizes; None: the whole image
-    negs = ([None] * len(restrictions) if neg is None
-            else network_models(neg, device, restrictions, args.window_steps, args.window_mode, args.forward_mode,
-                                args.precision))
-    extractor = None
-    if args.features:  # one dataset and resolution: the snapshots are of one run (check_same_run)
-        extractor = common.load_feature_extractor(args.features, device,
-                                                  snapshots[0]["source"] if snapshots else opt_source)
+    """Evaluate the models of the call that --out does not hold yet (plan, Evaluator), rewriting --out after each
+    one, then print the summary."""
+    say, windowed, guided = plumbing.say, args.windows is not None, args.guidance_weights is not None
+    plumbing.check_compile(args.forward_mode, device, "--forward-mode")
+    plumbing.earlier_result(args.out, SCRIPT, args.force)  # a file it must not replace stops it before any work
+    p = plan(args, device)
+    code = plumbing.code_identity(__file__, common.__file__, plumbing.__file__)
+    cached = plumbing.reusable_rows(args.out, SCRIPT, args.force, p.settings, code, [key for key, *_ in p.models],
+                                    (("", "digests"), ("_optimal", "optimal_digest")), ROW_KEYS.__contains__,
+                                    windowed + guided, "row(s) of models not given here (other snapshots, or "
+                                    "--optimal)", "eval_settings")
+    rows = {key: {k: with_model_axes(v, windowed, guided) for k, v in row.items()} for key, row in cached.items()}
+    todo = [model for model in p.models if model[0] not in rows]
+    extractor = None  # one dataset and resolution: the models are of one run (check_same_run)
+    if args.features:
+        extractor = plumbing.load_feature_extractor(args.features, device, p.models[0][1])
         args.feature_space = extractor.description  # stored as feature_space
-    out_path = args.out
-    settings = eval_settings(args, sigmas, neg_digest)
-    models = [(s["digest"], s["source"], s["path"]) for s in snapshots]
-    if opt_source is not None:
-        models.append(("optimal-" + opt_source.content_digest(), opt_source, None))
-    code = common.code_identity(__file__, common.__file__)
-    cache = cached_rows(old, out_path, settings, code, windowed, guided, [key for key, _, _ in models], device)
-    todo = {key: (source, path) for key, source, path in models if key not in cache}
-    K = len(args.feature_sigmas) if extractor is not None else 0
-    total = 0
-    for source, path in todo.values():
-        counts = split_counts(source, args.num_images)
-        count = sum(len(range(rank, n, world)) for n in counts)
-        fd_count = len(range(rank, min(counts), world))
-        total += len(restrictions) * len(weights) * (len(sigmas) * count + K * 2 * fd_count)
-        if path is not None and args.jacobian_sigmas:  # vector-Jacobian products
-            C, H, W = source.image_shape
-            images = sum(len(range(rank, min(n, args.jacobian_images), world)) for n in counts)
-            total += (len(restrictions) * len(weights) * len(args.jacobian_sigmas) * images
-                      * min(args.jacobian_pixels or H * W, H * W) * C)
-    say(f"{len(snapshots)} snapshot(s){' + the optimal denoiser' if opt_source is not None else ''}: "
-        f"{len(models) - len(todo)} reused from {out_path}, {len(todo)} to evaluate on {device}"
-        f"{f' (networks in {args.precision})' if networks else ''}{f' ({world} processes)' if world > 1 else ''}")
-    rows, opt_key = dict(cache), models[-1][0] if opt_source is not None else None
-    progress = dict(done=0)
-    common.on_interrupt(lambda: f"after {progress['done']} of {len(todo)} evaluations: {out_path} keeps the "
-                                "finished rows, which rerunning the same command reuses")
+    say(f"{len(p.snapshots)} snapshot(s){' + the optimal denoiser' if p.optimal is not None else ''}: "
+        f"{len(p.models) - len(todo)} reused from {args.out}, {len(todo)} to evaluate on {device}"
+        f"{f' (networks in {args.precision})' if args.precision else ''}{f' ({world} processes)' if world > 1 else ''}")
+    opt_key, done = p.models[-1][0] if p.optimal is not None else None, [0]
+    plumbing.on_interrupt(lambda: f"after {done[0]} of {len(todo)} evaluations: {args.out} keeps the finished rows, "
+                                  "which rerunning the same command reuses")
 
     def write():
-        result = result_arrays(args, settings, code, sigmas, snapshots, opt_key, rows)
+        result = result_arrays(args, p.settings, code, p.sigmas, p.snapshots, opt_key, rows)
         if rank == 0 and result is not None:
-            common.save_npz(out_path, args=vars(args), script=SCRIPT, **result)
+            plumbing.save_npz(args.out, args=vars(args), script=SCRIPT, **result)
         return result
-
-    with tqdm(total=total, unit="eval", unit_scale=True, disable=rank != 0 or not todo, dynamic_ncols=True) as bar:
-        evaluator = Evaluator(sigmas, weights, negs, args.num_images, args.seed, args.batch, extractor,
+    with tqdm(total=work(todo, p, args, extractor, rank, world), unit="eval", unit_scale=True,
+              disable=rank != 0 or not todo, dynamic_ncols=True) as bar:
+        evaluator = Evaluator(p.sigmas, p.weights, p.negs, args.num_images, args.seed, args.batch, extractor,
                               args.feature_sigmas, rank, world, device, bar, args.jacobian_sigmas or (),
                               args.jacobian_images, args.jacobian_pixels, args.bootstrap)
-        for i, (key, (source, path)) in enumerate(todo.items()):
+        for i, (key, source, path) in enumerate(todo):
             bar.set_description(f"{i + 1}/{len(todo)} {os.path.basename(path) if path else 'optimal'}")
-            if path is None:
-                models = optimal_models(source, device, restrictions, args.window_steps, args.window_mode)
-            else:
-                net = common.load_denoiser(path, args.weights, device)[0]
-                models = network_models(net, device, restrictions, args.window_steps, args.window_mode,
-                                        args.forward_mode, args.precision)
+            models = (optimal_models(source, device, p.restrictions, args.window_steps, args.window_mode)
+                      if path is None else
+                      network_models(plumbing.load_denoiser(path, args.weights, device)[0], device, p.restrictions,
+                                     args.window_steps, args.window_mode, args.forward_mode, args.precision))
             rows[key] = evaluator.rows(models, source, jacobian=path is not None)
-            result = write()  # after every model, so that a rerun after a kill reuses the finished rows
-            progress["done"] += 1
-    if rank != 0:
-        return
-    if not todo:
-        result = write()
-    summarize(result, args.windows, weights if guided else None, snapshots, opt_source is not None, say)
-    shape = "x".join(str(d) for d in result["e_train"].shape)
-    say(f"wrote {out_path}: e_train, e_val, gap ({shape}), onset_images_seen, peak_sigma, peak_gap, peak_gap_ci"
-        + (", *_optimal" if opt_source is not None else "") + (", fd_train, fd_val, feature_gap" if K else "")
-        + (", radius_train, radius_val" if args.jacobian_sigmas else ""))
+            result, done[0] = write(), done[0] + 1  # after every model: a rerun after a kill reuses the finished rows
+    if rank == 0:
+        result = write() if not todo else result
+        summarize(result, args.windows, p.weights if guided else None, p.snapshots, p.optimal is not None, say)
+        say(f"wrote {args.out}: e_train, e_val, gap ({'x'.join(map(str, result['e_train'].shape))}), onset_images_seen, "
+            "peak_sigma, peak_gap, peak_gap_ci, gap_ci" + (", *_optimal" if p.optimal is not None else "")
+            + (", fd_train, fd_val, feature_gap" if extractor is not None else "")
+            + (", radius_train, radius_val" if args.jacobian_sigmas else ""))
 
 
 def result_arrays(args, settings, code, sigmas, snapshots, opt_key, rows):
@@ -970,4 +961,4 @@ def summarize(result, windows, weights, snapshots, optimal, say):
 
 
 if __name__ == "__main__":
-    common.run_cli(main)
+    plumbing.run_cli(main)

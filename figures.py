@@ -3,8 +3,8 @@
     python figures.py results/quick                  # every figure it has data for -> results/quick/figures
     python figures.py results/quick --out figs
 
-It reads every .npz below RESULTS_DIR and recognises it by the script that wrote it (its `script` entry; files
-written before that entry by their keys):
+It reads every .npz below RESULTS_DIR and recognises it by the script that wrote it (its `script` entry; files of
+another version of the project are skipped with a note):
 
 - `eval_gap.py` (`e_train`, `e_val`, `gap`, `images_seen`): E over training time with the overfitting onset
   (paper Fig. 1), G(sigma) coloured by images seen with the onset curve (Fig. 2), the optimal denoiser beside
@@ -34,7 +34,8 @@ import math
 import os
 import warnings
 
-import common  # first: a Ctrl-C while the libraries load is one line (common sets the hook)
+import plumbing  # first: a Ctrl-C while the libraries load is one line (plumbing sets the hook)
+import common
 import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -48,12 +49,12 @@ GAP_LABEL = "relative gap G(sigma)"
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0],  # the docstring's first paragraph
                                 epilog="Flags and result keys in full: docs/reference.md",
-                                formatter_class=common.HelpFormatter)
+                                formatter_class=plumbing.HelpFormatter)
     p.add_argument("results", metavar="RESULTS_DIR", help="folder searched (recursively) for .npz files")
-    common.add_run_args(p, seed="unused: figures are deterministic (kept for a uniform command line)",
+    plumbing.add_run_args(p, seed="unused: figures are deterministic (kept for a uniform command line)",
                         device="unused: figures need no device (kept for a uniform command line)",
                         out="figure folder (default: RESULTS_DIR/figures)")
-    p.add_argument("--threads", type=common.non_negative_int, default=0, help="figures drawn at once, one process "
+    p.add_argument("--threads", type=plumbing.non_negative_int, default=0, help="figures drawn at once, one process "
                    "each, on Linux (0: one per core, as torch's threads: OMP_NUM_THREADS, else the cores)")
     return p.parse_args(argv)
 
@@ -67,9 +68,9 @@ KINDS = {"eval_gap.py": "gap", "sample_memorize.py": "memorization", "train_imag
 
 
 def kind_of(data):
-    """Which figures a result file feeds, from the script that wrote it (common.result_script); None for
+    """Which figures a result file feeds, from the script that wrote it (plumbing.result_script); None for
     files of other programs and for toy2d.py experiments other than the G(sigma) sweeps."""
-    kind = KINDS.get(common.result_script(data))
+    kind = KINDS.get(plumbing.result_script(data))
     if kind == "toy" and (data.get("args") or {}).get("experiment") not in ("delta", "density", "guidance"):
         return None
     return kind
@@ -84,16 +85,16 @@ def find_results(root):
                 continue
             path = os.path.join(folder, file)
             try:
-                data = common.load_npz(path)
+                data = plumbing.load_npz(path)
             except common.UserError as err:
                 print(f"note: skipping {path}: {err}")
                 continue
-            problem = common.format_problem(data)
-            if problem and common.result_script(data) in KINDS:
-                print(f"note: skipping {path}: {problem}; remake it with {common.result_script(data)}")
+            problem = plumbing.format_problem(data)
+            if problem and plumbing.result_script(data) in KINDS:
+                print(f"note: skipping {path}: {problem}; remake it with {plumbing.result_script(data)}")
                 continue
             kind = kind_of(data)
-            if kind is None and common.result_script(data) is None:
+            if kind is None and plumbing.result_script(data) is None:
                 print(f"note: skipping {path}: not a result of {', '.join(KINDS)}")
             if kind is not None:
                 name = os.path.splitext(os.path.relpath(path, root))[0].replace(os.sep, "_")
@@ -123,7 +124,7 @@ def run_factors(data):
     dataset size n, conditioning granularity k and augmentation probability p of an eval_gap result."""
     run, network = json_key(data, "run_args"), json_key(data, "network")
     cond = run.get("cond", "none")
-    k = run.get("k") if cond == "kmeans" else (common.DATASETS.get(run.get("data"), {}).get("num_classes")
+    k = run.get("k") if cond == "kmeans" else (plumbing.DATASETS.get(run.get("data"), {}).get("num_classes")
                                                if cond == "class" else 1)
     augment_map = network.get("augment_dim", 0) * network.get("channels", 0)  # Linear(augment_dim, channels)
     return dict(params=int(data["params"]) - augment_map if "params" in data else None, n=run.get("n"), k=k,
@@ -156,7 +157,7 @@ def fig_gap_over_training(data):
     """Paper Fig. 2: G(sigma) coloured by images seen, and G over (images seen, sigma) with the onset curve."""
     seen, sigmas, gap = data["images_seen"], data["sigmas"], first_weight(data["gap"], data)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), layout="constrained")
-    common.plot_sweep(sigmas, gap, np.maximum(seen, 1), "training images seen", "G(sigma) over training",
+    plumbing.plot_sweep(sigmas, gap, np.maximum(seen, 1), "training images seen", "G(sigma) over training",
                       ylabel=GAP_LABEL, ax=axes[0], log_values=len(seen) > 1 and seen.min() > 0)
     finite = gap[np.isfinite(gap)]
     vmax = np.percentile(finite, 99) if finite.size else 1
@@ -242,14 +243,14 @@ def factor_groups(gap_results):
 def fig_gap_by_factor(label, members):
     """G(sigma) of the last snapshot of runs that differ in one factor, coloured by it."""
     values = [v for v, _ in members]
-    return common.plot_sweep(members[0][1]["sigmas"], [d["gap"][-1] for _, d in members], values, label,
+    return plumbing.plot_sweep(members[0][1]["sigmas"], [d["gap"][-1] for _, d in members], values, label,
                              f"G(sigma) by {label}", ylabel=GAP_LABEL, log_values=min(values) > 0)
 
 
 def fig_gap_by_guidance(data):
     """G(sigma) of the last snapshot coloured by the guidance weight w."""
     weights = data["guidance_weights"]
-    return common.plot_sweep(data["sigmas"], whole_image(data["gap"], data)[:, -1], weights, "guidance weight w",
+    return plumbing.plot_sweep(data["sigmas"], whole_image(data["gap"], data)[:, -1], weights, "guidance weight w",
                              "G(sigma) by guidance weight", ylabel=GAP_LABEL)
 
 
@@ -261,7 +262,7 @@ def fig_gap_by_window(data):
     settings = json_key(data, "eval_settings")
     merged = {"average": "averaged", "cut": "cut"}.get(settings.get("window_mode"), settings.get("window_mode"))
     how = f", {settings['window_steps']} per axis, {merged}" if "window_steps" in settings else ""
-    fig = common.plot_sweep(data["sigmas"], gap[:, -1], windows,
+    fig = plumbing.plot_sweep(data["sigmas"], gap[:, -1], windows,
                             f"window size (pixels a side; whole image: {windows[-1]})",
                             f"G(sigma) by window size{how}\n(last snapshot, {int(data['images_seen'][-1]):,} "
                             "images seen)", ylabel=GAP_LABEL + " (symlog)")
@@ -749,7 +750,7 @@ def fig_samples(data, config, count=16):
     """The first samples of a configuration, titled with their d1/d2 (a copy when < 1/3)."""
     samples = data["samples"][config, :count].astype(np.float32)
     fig, ax = plt.subplots(figsize=(0.8 * len(samples), 1.6), layout="constrained")
-    ax.imshow(common.image_grid(samples, cols=len(samples)), cmap="gray", vmin=0, vmax=1)
+    ax.imshow(plumbing.image_grid(samples, cols=len(samples)), cmap="gray", vmin=0, vmax=1)
     ax.set(xticks=[], yticks=[], ylabel="samples")
     ratio = data["nn_ratio"][config, :count]
     ax.set_title(f"{data['configs'][config]}: d1/d2 = " + " ".join(f"{r:.2f}" for r in ratio), fontsize=7)
@@ -779,7 +780,7 @@ def fig_toy(data):
     values, label = {"delta": (data.get("deltas"), "model error delta"),
                      "density": (data.get("n_train"), "training points"),
                      "guidance": (data.get("weights"), "guidance weight w")}[experiment]
-    return common.plot_sweep(data["sigmas"], data["gap"], values, label, f"toy: G(sigma) by {label}",
+    return plumbing.plot_sweep(data["sigmas"], data["gap"], values, label, f"toy: G(sigma) by {label}",
                              ylabel=GAP_LABEL)
 
 
@@ -896,25 +897,25 @@ def main(argv=None):
     args = parse_args(argv)
     check(os.path.isdir(args.results), f"{args.results} is not a folder; give the folder the scripts wrote to")
     out = args.out or os.path.join(args.results, "figures")
-    common.check_writable(out, folder=True)
+    plumbing.check_writable(out, folder=True)
     found = find_results(args.results)
     check(found, f"no results (.npz from toy2d.py, eval_gap.py, sample_memorize.py or train_image.py) "
                  f"below {args.results}")
-    with common.exclusive(out):  # one process per figure folder; then no live writer has a temp file in it
-        common.remove_temp_files(out, r".*\.(png|pdf)|summary\.txt")
-        write_figures(args.results, out, found, args.threads or common.DEFAULT_THREADS)
+    with plumbing.exclusive(out):  # one process per figure folder; then no live writer has a temp file in it
+        plumbing.remove_temp_files(out, r".*\.(png|pdf)|summary\.txt")
+        write_figures(args.results, out, found, args.threads or plumbing.DEFAULT_THREADS)
 
 
 def write_figures(results, out, found, processes=1):
     """Every figure the results in `found` (find_results of the folder `results`) allow, and the summary, into
-    the folder `out`; the figures drawn by up to `processes` processes at once (common.in_processes)."""
+    the folder `out`; the figures drawn by up to `processes` processes at once (plumbing.in_processes)."""
     gap_results, mem_results = found.get("gap", []), found.get("memorization", [])
     jobs = []  # one per figure: draw it, save it, say so; its PNG path, or None where it was skipped
 
     def draw(name, make, *inputs):
         def make_and_save():
             fig = make(*inputs)
-            return None if fig is None else common.save_figure(fig, os.path.join(out, name + ".png"))
+            return None if fig is None else plumbing.save_figure(fig, os.path.join(out, name + ".png"))
 
         def job():
             path = attempt(name, make_and_save)
@@ -957,14 +958,14 @@ def write_figures(results, out, found, processes=1):
         draw(f"training_{name}", fig_train_log, data)
     for name, data in found.get("toy", []):
         draw(f"toy_{name}", fig_toy, data)
-    written = [path for path in common.in_processes(jobs, processes) if path is not None]
+    written = [path for path in plumbing.in_processes(jobs, processes) if path is not None]
     for missing, what in (("gap", "eval_gap.py"), ("memorization", "sample_memorize.py")):
         if missing not in found:
             print(f"note: no {what} results below {results}: their figures are skipped")
 
     if gap_results:
         table = format_summary(summary_rows(gap_results, mem_results))
-        path = common.atomic_write(os.path.join(out, "summary.txt"), lambda f: f.write((table + "\n").encode()))
+        path = plumbing.atomic_write(os.path.join(out, "summary.txt"), lambda f: f.write((table + "\n").encode()))
         print(table)
         print(f"wrote {path}")
     tables = [("claim3_map.txt", format_map, points)] if points else []
@@ -972,11 +973,11 @@ def write_figures(results, out, found, processes=1):
     for name, make, inputs in tables:
         table = attempt(name, make, inputs)
         if table:
-            path = common.atomic_write(os.path.join(out, name), lambda f: f.write((table + "\n").encode()))
+            path = plumbing.atomic_write(os.path.join(out, name), lambda f: f.write((table + "\n").encode()))
             print(table)
             print(f"wrote {path}")
     print(f"{len(written)} figures in {out}")
 
 
 if __name__ == "__main__":
-    common.run_cli(main)
+    plumbing.run_cli(main)

@@ -29,13 +29,13 @@ with one process, runs eager otherwise, and goes on eager after one line when co
 the networks' arithmetic: bf16 autocast or float32 (auto: bf16 on CUDA and on CPUs with bf16 units, as
 train_image.py; stored as chosen in `args` and the settings where a network runs); the sampler's state, the
 reference samplers, the LLR and the features stay float32/float64. `--batch` samples go through the sampler at a
-time per process; `--threads 0` lets `common.choose_threads` choose. Snapshots of different runs are refused
+time per process; `--threads 0` lets `plumbing.choose_threads` choose. Snapshots of different runs are refused
 unless `--allow-mixed`.
 
 Measures (docs/results.md, "Measures, and why they can fail"). Copies: a sample copies when d1/d2 < 1/3 to its nearest
 and second-nearest distinct training image (`--bootstrap` resamples give the interval). Fréchet distances in
 the `--features` space: `classifier` (a small CNN trained once on the dataset, cached), `builtin` (a fixed
-random network) or the path of a TorchScript Inception-v3 (`common.FEATURE_HELP`); inputs are quantized to 8
+random network) or the path of a TorchScript Inception-v3 (`plumbing.FEATURE_HELP`); inputs are quantized to 8
 bits, as FID tools do. Where trajectories live: at the probe sigmas (`--probe-sigmas`, snapped to the sampler
 grid; default: the grid sigma nearest 1.2 and its two neighbours), the log-likelihood ratio of the noisy
 training subset's and validation reference's empirical distributions, under `--ref-draws` seeded draws of the
@@ -53,7 +53,7 @@ for `--optimal` or `--gaussian`; several run folders or snapshot files need `--o
 
 - the configurations: `args`, `script`, `settings` (JSON of the arguments that change the numbers), `configs`
   (C,) names, `config_keys` (C,) (digests of model and w), `digests` (C,) (of the model:
-  `common.snapshot_digest`, as eval_gap.py's, by which figures.py pairs the two), `checkpoints` (C,),
+  `plumbing.snapshot_digest`, as eval_gap.py's, by which figures.py pairs the two), `checkpoints` (C,),
   `images_seen` (C,) (-1: optimal or Gaussian), `guidance_weights` (C,);
 - the samples: `seeds` (M,), `labels` (C, M) (-1: unconditional), `samples` (C, M, channels, resolution,
   resolution) float16, `sampler_sigmas`;
@@ -98,7 +98,7 @@ and `nn-CONFIG.png` (samples above their nearest training images, with their rat
 every configuration, and configurations already in it made with the same settings (by an earlier or a killed
 run) are reused unless `--force`; an `--out` that sample_memorize.py did not write (another script's result, a
 foreign file), made with other settings or holding configurations not asked for here is not replaced unless
-`--force` (`common.check_kept`), and one process at a time writes it.
+`--force` (`plumbing.check_kept`), and one process at a time writes it.
 """
 import argparse
 import collections
@@ -109,7 +109,8 @@ import os
 import time
 from typing import Callable
 
-import common  # first: it sets OpenMP's wait policy, which torch reads when it loads, and the Ctrl-C hook
+import plumbing  # first: it sets OpenMP's wait policy, which torch reads when it loads, and the Ctrl-C hook
+import common
 import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -120,7 +121,7 @@ from tqdm import tqdm  # noqa: E402
 
 from common import check  # noqa: E402
 
-SCRIPT = os.path.basename(__file__)  # stored in the result file (common.save_npz)
+SCRIPT = os.path.basename(__file__)  # stored in the result file (plumbing.save_npz)
 PROBE_NEAR = 1.2  # the paper's intermediate noise level for the trajectory overlap
 TRAIN_SALT = 1_000_003  # added to a draw's seed for its training reference, so that it differs from the validation one
 NULL_SALT, FCOS_SALT = 2_000_003, 3_000_017  # ... for the split of the held-out images and of the 1-NN references
@@ -129,13 +130,14 @@ TYPICAL_QUANTILE = 0.01  # states whose log density under the pooled reference r
 # reused only when they all match (with the --neg model's digest).
 SETTINGS = ("num_samples", "steps", "label", "stop_sigma", "probe_sigmas", "features", "bootstrap", "fd_subsets",
             "ref_draws", "seed", "data_dir")
-SHARED_KEYS = ("seeds", "sampler_sigmas", "stop_sigmas", "probe_sigmas", "settings", "code", "format")  # the rest: one row per config
+SHARED_KEYS = ("seeds", "sampler_sigmas", "stop_sigmas", "probe_sigmas", "settings", "code", "format", "args",
+               "script")  # the rest: one row per config
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0],  # the docstring's first paragraph
                                 epilog="Flags and result keys in full: docs/reference.md",
-                                formatter_class=common.HelpFormatter)
+                                formatter_class=plumbing.HelpFormatter)
     p.add_argument("inputs", nargs="*", metavar="RUN_DIR_OR_CHECKPOINT",
                    help="run folders (all their snapshot-*.pt) or snapshot files written by train_image.py")
     p.add_argument("--optimal", action="store_true", help="sample the optimal denoiser of a training subset "
@@ -144,42 +146,41 @@ def parse_args(argv=None):
                    "--gaussian-fit (a sampler that generalizes; unconditional)")
     p.add_argument("--gaussian-fit", default="split", choices=["split", "subset"],
                    help="--gaussian: fit it to the whole training split or to the training subset")
-    common.add_data_args(p, applies="--optimal, --gaussian: ")
-    common.add_weights_arg(p)
-    p.add_argument("--num-samples", type=common.at_least_two_int, default=1024,
+    plumbing.add_data_args(p, applies="--optimal, --gaussian: ")
+    plumbing.add_weights_arg(p)
+    p.add_argument("--num-samples", type=plumbing.at_least_two_int, default=1024,
                    help="samples per configuration (at least 2, for the Frechet distances)")
-    p.add_argument("--steps", type=common.at_least_two_int, default=18,
+    p.add_argument("--steps", type=plumbing.at_least_two_int, default=18,
                    help="Heun sampler steps (EDM grid; 2 steps - 1 evaluations)")
-    p.add_argument("--label", default="train", help="conditioning of the samples: train (the label of a random "
-                   "training image: labels as often as in the training subset), random (uniform over its labels), "
-                   "null, or a label number")
-    p.add_argument("--guidance-weights", type=common.finite_float, nargs="+", default=[0.0],
+    p.add_argument("--label", default="train", help="conditioning of the samples: train (as often as in the "
+                   "training subset), random (its labels uniformly), null, or a label number")
+    p.add_argument("--guidance-weights", type=plumbing.finite_float, nargs="+", default=[0.0],
                    help="guidance weights w: D_w = D + w (D - D_neg); 0 is unguided")
     p.add_argument("--neg", default="uncond", help="D_neg: uncond (the network with the null label) or a "
                    "snapshot file")
-    p.add_argument("--stop-sigma", type=common.positive_float, nargs="*", default=[5.0, 2.0, 1.0, 0.5, 0.2],
+    p.add_argument("--stop-sigma", type=plumbing.positive_float, nargs="*", default=[5.0, 2.0, 1.0, 0.5, 0.2],
                    help="early stopping: FD of D(x_k; sigma_k) at the first grid sigma_k <= each value")
-    p.add_argument("--probe-sigmas", type=common.positive_float, nargs="+", default=None,
+    p.add_argument("--probe-sigmas", type=plumbing.positive_float, nargs="+", default=None,
                    help="sigmas of the trajectory overlap, snapped to the grid (default: the grid sigma nearest "
                    f"{PROBE_NEAR} and its neighbours)")
-    p.add_argument("--gap", default=None, help="eval_gap.py result whose peaks of G (and of the feature-space gap) "
-                   "give each snapshot's peak probe (default: gap.npz in the snapshot's run folder, if there)")
-    p.add_argument("--peak-sigma", type=common.positive_float, default=None,
-                   help="probe here instead of at the gap's peak (e.g. for the reference samplers, which have none)")
+    p.add_argument("--gap", default=None, help="eval_gap.py result whose peaks of G give each snapshot's peak probe "
+                   "(default: gap.npz in its run folder, if there)")
+    p.add_argument("--peak-sigma", type=plumbing.positive_float, default=None,
+                   help="probe here instead of at the gap's peak (e.g. a reference sampler)")
     p.add_argument("--features", default="classifier", help="feature space of the Frechet distances and the 1-NN "
                    "cosine: classifier, builtin or a TorchScript Inception-v3 file")
-    p.add_argument("--bootstrap", type=common.positive_int, default=1000,
+    p.add_argument("--bootstrap", type=plumbing.positive_int, default=1000,
                    help="bootstrap resamples of the memorized fraction")
-    p.add_argument("--ref-draws", type=common.positive_int, default=5,
+    p.add_argument("--ref-draws", type=plumbing.positive_int, default=5,
                    help="seeded draws of the LLR references that the trajectory measures average over")
-    p.add_argument("--fd-subsets", type=common.positive_int, default=10,
+    p.add_argument("--fd-subsets", type=plumbing.positive_int, default=10,
                    help="training subsets of the validation reference's size that fd_train averages over")
-    common.add_run_args(
+    plumbing.add_run_args(
         p, seed="sample i uses seed --seed + i; also the seed of probe and reference images and the bootstrap",
         batch=(256, "samples per batch (per process)"), threads=True,
         out="result .npz (default: RUN_DIR/memorize[-raw][-guided].npz for a run folder; see docs/reference.md "
             "for the others); figures go to the folder of that name without .npz")
-    common.add_result_args(p, SCRIPT, "configurations")
+    plumbing.add_result_args(p, SCRIPT, "configurations")
     args = p.parse_args(argv)
     check(args.optimal + args.gaussian + bool(args.inputs) == 1,
           "give run folders or snapshot files, or --optimal, or --gaussian (one of them)")
@@ -247,7 +248,7 @@ def log_likelihood_ratio(x, sigma, data_a, data_b, x_labels=None, labels_a=None,
 @dataclasses.dataclass(eq=False)
 class TrainingSet:
     """A training subset (what a denoiser learned from) and the validation split, loaded at its resolution."""
-    source: common.TrainingSource  # dataset, resolution, subset indices, labels, centroids
+    source: plumbing.TrainingSource  # dataset, resolution, subset indices, labels, centroids
     x: torch.Tensor              # (N, C, R, R) float32 on the device
     labels: torch.Tensor | None  # (N,) conditioning labels as trained, or None
     val_x: torch.Tensor          # (V, C, R, R) the whole validation split
@@ -262,18 +263,18 @@ class TrainingSet:
 
 
 def load_training_set(source, device):
-    """The training images of a source (common.TrainingSource) with their labels, and the validation split
+    """The training images of a source (plumbing.TrainingSource) with their labels, and the validation split
     labelled the way a denoiser trained on it reads it (classes, or the nearest k-means centroid)."""
     x = source.images()
-    val_images, val_classes = common.load_images(source.dataset, "val", source.data_dir)
-    val_x = common.images_to_tensor(val_images, source.resolution)
+    val_images, val_classes = plumbing.load_images(source.dataset, "val", source.data_dir)
+    val_x = plumbing.images_to_tensor(val_images, source.resolution)
     val_labels = source.validation_labels(val_classes, val_x)
     _, inverse = torch.unique(x.flatten(1), dim=0, return_inverse=True)
     first = torch.full((int(inverse.max()) + 1,), len(x)).scatter_reduce(0, inverse, torch.arange(len(x)), "amin")
     as_labels = lambda a: None if a is None else torch.tensor(np.asarray(a), dtype=torch.long, device=device)  # noqa: E731
     labels = as_labels(source.labels)
     optimal = common.labelled_optimal_denoiser(x.to(device, common.exact_dtype(device)), labels,
-                                               null_label=source.num_classes)
+                                               null_label=source.num_classes, note=plumbing.say)
     return TrainingSet(source, x.to(device), labels, val_x.to(device), as_labels(val_labels),
                        first.sort().values.to(device), optimal)
 
@@ -291,7 +292,7 @@ class Model:
 
 
 def optimal_model(source, device, kind="optimal"):
-    """The reference sampler `kind` (reference_kind) of a training subset (common.TrainingSource): its optimal
+    """The reference sampler `kind` (reference_kind) of a training subset (plumbing.TrainingSource): its optimal
     denoiser, or the denoiser of a Gaussian fitted to the subset's whole training split ('gaussian') or to the
     subset itself ('gaussian-subset')."""
     train = load_training_set(source, device)
@@ -299,25 +300,25 @@ def optimal_model(source, device, kind="optimal"):
             + ("" if source.cond == "none" else f"-{source.cond}"))
     denoise = train.optimal
     if kind != "optimal":
-        fit = train.x if kind == "gaussian-subset" else common.images_to_tensor(
-            common.load_images(source.dataset, "train", source.data_dir)[0], source.resolution).to(device)
+        fit = train.x if kind == "gaussian-subset" else plumbing.images_to_tensor(
+            plumbing.load_images(source.dataset, "train", source.data_dir)[0], source.resolution).to(device)
         gauss = gaussian_denoiser(fit)
         denoise = lambda x, sigma, labels=None: gauss(x, sigma)  # noqa: E731
     return Model(name, denoise, train, source.num_classes, common.exact_dtype(device), path=kind)
 
 
 def network_model(path, weights, data_dir, device, train_cache, mode="auto", precision="auto"):
-    """A snapshot's network (common.network_denoiser in --forward-mode `mode` and --precision `precision`) with
+    """A snapshot's network (plumbing.network_denoiser in --forward-mode `mode` and --precision `precision`) with
     its `weights` (ema or raw) and its training set (data_dir None: the run's; shared between snapshots of the
     same source through train_cache)."""
-    net, ckpt = common.load_denoiser(path, weights, device)
+    net, ckpt = plumbing.load_denoiser(path, weights, device)
     num_classes = ckpt["network"]["num_classes"]
-    source = common.TrainingSource.of_checkpoint(ckpt, data_dir, path)
+    source = plumbing.TrainingSource.of_checkpoint(ckpt, data_dir, path)
     key = source.digest() + str(source.data_dir)
     if key not in train_cache:
         train_cache[key] = load_training_set(source, device)
     run = os.path.basename(os.path.dirname(os.path.abspath(path)))
-    denoise = common.network_denoiser(net, device, mode, precision)
+    denoise = plumbing.network_denoiser(net, device, mode, precision)
     return Model(f"{run}-{os.path.basename(path).removesuffix('.pt')}", denoise, train_cache[key], num_classes,
                  torch.float32, os.fspath(path), int(ckpt["images_seen"]))
 
@@ -454,8 +455,8 @@ def read_gap_result(path, explicit, say):
     if not os.path.isfile(path):
         why = "does not exist (eval_gap.py on the run writes it)"
     else:
-        data = common.load_npz(path)
-        script, problem = common.result_script(data), common.format_problem(data)
+        data = plumbing.load_npz(path)
+        script, problem = plumbing.result_script(data), plumbing.format_problem(data)
         why = (f"is not an eval_gap.py result (it holds results of {script or 'another program'})"
                if script != "eval_gap.py" else problem)
     check(not (explicit and why), f"--gap {path} {why}: give an eval_gap.py result of the snapshots")
@@ -501,7 +502,7 @@ def probe_images(count, candidates, seed):
     """Image (from `candidates`) and noise draw number of each of `count` probes: a seeded choice
     without repeats while there are enough images, else every image in turn with further draws."""
     if count <= len(candidates):
-        return candidates[common.choose_subset(len(candidates), count, seed)], np.zeros(count, np.int64)
+        return candidates[plumbing.choose_subset(len(candidates), count, seed)], np.zeros(count, np.int64)
     j = np.arange(count)
     return candidates[j % len(candidates)], j // len(candidates)
 
@@ -697,7 +698,7 @@ class References:
         training and validation references are split into a seeded 1-NN cosine reference and the probes' pool
         (half of the training reference, and as many validation images; a reference of one image is the pool)."""
         def halves(positions, count, salt):
-            chosen = np.sort(positions[common.choose_subset(len(positions), count, seed + salt)]) if count else \
+            chosen = np.sort(positions[plumbing.choose_subset(len(positions), count, seed + salt)]) if count else \
                 positions[:0]
             return chosen, np.setdiff1d(positions, chosen)
         heldout, null = halves(heldout_pos, len(heldout_pos) // 2 if len(heldout_pos) > 1 else 0, NULL_SALT)
@@ -735,7 +736,7 @@ def reference_pair(train, seed):
     when it holds more (docs/method.md: the LLR compares two empirical distributions of equal size). Another
     seed is another draw of both (--ref-draws)."""
     def pick(positions, count, salt):
-        return np.sort(positions[common.choose_subset(len(positions), count, seed + salt)])
+        return np.sort(positions[plumbing.choose_subset(len(positions), count, seed + salt)])
     t_all, v_all = np.arange(len(train.x)), np.arange(len(train.val_x))
     if train.labels is not None and train.val_labels is not None:
         t_lab, v_lab = train.labels.cpu().numpy(), train.val_labels.cpu().numpy()
@@ -778,16 +779,16 @@ def frechet_references(refs, features, num_samples, subsets, seed):
     t, R = refs.train, len(refs.val_pos)
     if len(t.x) <= R:
         subsets = 1
-        common.say(f"note: the training subset ({len(t.x)} images) is no larger than the validation reference "
+        plumbing.say(f"note: the training subset ({len(t.x)} images) is no larger than the validation reference "
                    f"({R}), so fd_train and the LLR use all of it: --fd-subsets and the training side of "
                    "--ref-draws have nothing to average")
-    train_sets = [features(t.x[torch.as_tensor(common.choose_subset(len(t.x), R, seed + k), device=t.x.device)])
+    train_sets = [features(t.x[torch.as_tensor(plumbing.choose_subset(len(t.x), R, seed + k), device=t.x.device)])
                   for k in range(subsets)]
     at = lambda images, positions: features(images[torch.as_tensor(positions, device=t.x.device)])  # noqa: E731
     val_ref = at(t.val_x, refs.val_pos)
     refs.features.update(train=at(t.x, refs.fcos_train_pos), val=at(t.val_x, refs.fcos_val_pos))
     pool = np.union1d(refs.heldout_pos, refs.null_pos)  # every validation image in neither reference
-    held = lambda count, salt: at(t.val_x, pool[common.choose_subset(len(pool), count, seed + salt)])  # noqa: E731
+    held = lambda count, salt: at(t.val_x, pool[plumbing.choose_subset(len(pool), count, seed + salt)])  # noqa: E731
     fd = lambda a, b: common.frechet_distance(a, b) if min(len(a), len(b)) >= 2 else math.nan  # noqa: E731
     noise = fd(val_ref, held(R, 1)) if len(pool) >= R else math.nan
     out = dict(train_sets=train_sets, val=val_ref, fd_noise=noise,
@@ -888,8 +889,8 @@ def summarize(res, fd_refs, n_boot, seed):
 
 def save_grid(path, samples, cols=8):
     """The first cols^2 samples as one PNG grid with 1-pixel gaps, pixels enlarged to >= 64 per image."""
-    grid = common.image_grid(samples[:cols * cols], cols, gap=1, scale=max(1, 64 // samples.shape[-1]))
-    common.atomic_write(path, lambda f: plt.imsave(f, grid, cmap="gray", vmin=0, vmax=1, format="png"))
+    grid = plumbing.image_grid(samples[:cols * cols], cols, gap=1, scale=max(1, 64 // samples.shape[-1]))
+    plumbing.atomic_write(path, lambda f: plt.imsave(f, grid, cmap="gray", vmin=0, vmax=1, format="png"))
 
 
 def save_neighbours(path, samples, nearest, ratio, title):
@@ -898,7 +899,7 @@ def save_neighbours(path, samples, nearest, ratio, title):
     fig, axes = plt.subplots(2, count, figsize=(1.1 * count, 2.6), squeeze=False)
     for i in range(count):
         for row, img in enumerate((samples[i], nearest[i])):
-            axes[row, i].imshow(common.image_grid(img[None], 1), cmap="gray", vmin=0, vmax=1)
+            axes[row, i].imshow(plumbing.image_grid(img[None], 1), cmap="gray", vmin=0, vmax=1)
             axes[row, i].set_xticks([])
             axes[row, i].set_yticks([])
         axes[0, i].set_title(f"{ratio[i]:.2f}" + (" copy" if ratio[i] < COPY_RATIO else ""), fontsize=7)
@@ -906,7 +907,7 @@ def save_neighbours(path, samples, nearest, ratio, title):
     axes[1, 0].set_ylabel("nearest\ntrain", fontsize=8)
     fig.suptitle(f"{title}: d1/d2 above each sample (a copy when < 1/3)", fontsize=9)
     try:
-        common.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120, bbox_inches="tight"))
+        plumbing.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120, bbox_inches="tight"))
     finally:
         plt.close(fig)
 
@@ -940,7 +941,7 @@ PEAK_KEYS = set(OVERLAP_KEYS) | {f"{key}_ci" for key in OVERLAP_KEYS} | {"traj_t
 
 def gather(local, world, device):
     """Per-sample results of all processes in seed order (on every process)."""
-    return {key: common.gather_rows(value, world, device, 2 if key in SAMPLE_AXIS_2 else int(key in SAMPLE_AXIS_1))
+    return {key: plumbing.gather_rows(value, world, device, 2 if key in SAMPLE_AXIS_2 else int(key in SAMPLE_AXIS_1))
             for key, value in local.items()}
 
 
@@ -953,8 +954,8 @@ def default_out(args):
     """--out when not given (see the module docstring)."""
     guided = "-guided" if any(args.guidance_weights) else ""
     if args.inputs:
-        return common.default_result_path(args.inputs, "memorize", ("-raw" if args.weights == "raw" else "") + guided)
-    subset = common.subset_name(args.data, args.n, args.subset_seed, args.cond, args.k, args.resolution,
+        return plumbing.default_result_path(args.inputs, "memorize", ("-raw" if args.weights == "raw" else "") + guided)
+    subset = plumbing.subset_name(args.data, args.n, args.subset_seed, args.cond, args.k, args.resolution,
                                      args.cluster_space)
     kind = reference_kind(args)
     return os.path.join("results", f"memorize-{kind}-{subset}{guided}.npz")
@@ -962,11 +963,11 @@ def default_out(args):
 
 def model_key(ckpt, args, reference=None):
     """Digest of what a model's samples depend on besides the settings: a snapshot's network, weights and
-    training subset (common.snapshot_digest of a load_checkpoint dict, as eval_gap.py's digests), or (ckpt None)
+    training subset (plumbing.snapshot_digest of a load_checkpoint dict, as eval_gap.py's digests), or (ckpt None)
     the reference sampler's kind and its subset `reference` with the images found for it."""
     if ckpt is None:
-        return common.digest(reference_kind(args), reference.content_digest())
-    return common.snapshot_digest(ckpt, args.weights)
+        return plumbing.digest(reference_kind(args), reference.content_digest())
+    return plumbing.snapshot_digest(ckpt, args.weights)
 
 
 def peak_probes(args, paths, digests, keys, sigmas, say):
@@ -999,150 +1000,162 @@ def same_probes(row, peak, sigmas):
     return all(a == b or math.isnan(a) and math.isnan(b) for a, b in zip(had, wanted))
 
 
-def cached_configs(old, settings, code, path, keys, device):
-    """Rows of an earlier --out `old` (common.earlier_result) by configuration key, to be reused; UserError
-    (common.check_kept) when it was made with other settings or holds configurations other than `keys`, which
-    rewriting it would lose; none (all computed again, with a note) when other code made it."""
-    if old is None:
-        return {}
-    made = {"config_keys", "settings"} <= set(old)
-    held = {str(key) for key in old["config_keys"]} if made else set()
-    old_settings = common.earlier_settings(str(old["settings"]), device, settings) if made else None
-    common.check_kept(path, old_settings, settings, len(held - set(keys)),
-                      "configuration(s) not asked for here (other snapshots or guidance weights)")
-    changed = common.code_changes(json.loads(str(old.get("code", "{}"))), code)
-    if changed:
-        common.say(f"note: {path} was made by other code ({changed} changed since): its {len(held)} "
-                   "configuration(s) are computed again")
-        return {}
-    per_config = [key for key in old if key not in SHARED_KEYS + ("args", "script")]
-    return {str(key): {k: old[k][c] for k in per_config} for c, key in enumerate(old["config_keys"])}
-
-
 def main(argv=None):
     args = parse_args(argv)
     args.out = args.out or default_out(args)
-    common.check_writable(args.out)
-    common.check_writable(os.path.splitext(args.out)[0], folder=True, option="the figure folder of --out")
-    common.choose_threads(None, args.threads)
-    with common.exclusive(args.out):  # one process per result file (and its figures): none loses another's rows
-        common.remove_temp_files(os.path.splitext(args.out)[0], r".*\.png")
-        common.run_distributed(evaluate, args)
+    plumbing.check_writable(args.out)
+    plumbing.check_writable(os.path.splitext(args.out)[0], folder=True, option="the figure folder of --out")
+    plumbing.choose_threads(None, args.threads)
+    with plumbing.exclusive(args.out):  # one process per result file (and its figures): none loses another's rows
+        plumbing.remove_temp_files(os.path.splitext(args.out)[0], r".*\.png")
+        plumbing.run_distributed(evaluate, args)
 
 
-def evaluate(args, rank, world, device):
-    check(args.num_samples >= world, f"--num-samples {args.num_samples} is fewer than the {world} processes")
-    common.check_compile(args.forward_mode, device, "--forward-mode")
+@dataclasses.dataclass
+class Plan:
+    """What one call samples (plan): configurations, a model and a guidance weight each, and how."""
+    paths: list           # snapshot files, or [None] for the reference sampler of --optimal or --gaussian
+    digests: list         # model_key of each
+    keys: list            # per path, the configuration key of each guidance weight
+    grid: Grid
+    sampling: Sampling
+    settings: dict        # the arguments that change the numbers (SETTINGS), with the negative's digest
+    neg: object           # 'uncond', or the Model of --neg
+    reference: object     # the TrainingSource of the reference sampler, or None
+
+    @property
+    def order(self):
+        return [key for path_keys in self.keys for key in path_keys]
+
+
+def plan(args, device, world, rank, train_cache):
+    """The Plan of a call: its snapshots (of one run, unless --allow-mixed) or reference sampler, the sampler grid
+    with its stops and probes, this process's samples and the guidance negative."""
     networks = bool(args.inputs) or args.neg != "uncond"  # else --precision has nothing to run
-    args.precision = common.choose_precision(args.precision, device) if networks else None  # as stored in --out
-    say = common.say
-    old = common.earlier_result(args.out, SCRIPT, args.force)
-    extractors = {}  # feature map per dataset, resolution and folder (the classifier is trained on each)
-
-    def features_of(source):
-        key = None if source is None else (source.dataset, source.resolution, source.data_dir)
-        key = key if args.features == "classifier" else args.features
-        if key not in extractors:
-            extractors[key] = common.load_feature_extractor(args.features, device, source)
-        return extractors[key]
-    if args.features != "classifier":
-        features_of(None)  # a bad --features stops before any sampling
-    paths = common.find_snapshots(args.inputs) if args.inputs else [None]
+    args.precision = plumbing.choose_precision(args.precision, device) if networks else None  # as stored in --out
+    paths = plumbing.find_snapshots(args.inputs) if args.inputs else [None]
     sigmas = common.edm_sigmas(args.steps)
     grid = Grid(sigmas, stop_steps(sigmas, args.stop_sigma), probe_steps(sigmas, args.probe_sigmas))
     sampling = Sampling(args.num_samples, args.seed, np.array_split(np.arange(args.num_samples), world)[rank],
                         args.label)
-    train_cache, ref_cache, shape = {}, {}, None
-    neg, neg_fits = "uncond", None
-    if args.neg != "uncond":
-        neg = network_model(args.neg, args.weights, args.data_dir, device, train_cache, args.forward_mode,
-                            args.precision)
-        neg_fits = (args.neg, neg.train.x.shape[1:], neg.num_classes)
+    neg = "uncond" if args.neg == "uncond" else network_model(args.neg, args.weights, args.data_dir, device,
+                                                              train_cache, args.forward_mode, args.precision)
     settings = json.loads(json.dumps({key: getattr(args, key) for key in SETTINGS + ("precision",) * networks}))
-    settings["neg"] = "uncond" if neg == "uncond" else model_key(common.load_checkpoint(args.neg), args)
-    reference = None if args.inputs else common.TrainingSource.drawn(
+    settings["neg"] = "uncond" if neg == "uncond" else model_key(plumbing.load_checkpoint(args.neg), args)
+    reference = None if args.inputs else plumbing.TrainingSource.drawn(
         args.data, args.n, args.subset_seed, args.cond, args.k, args.resolution, args.data_dir, args.cluster_space)
     digests, runs = [], []  # of each model (model_key), and (path, run_identity) of each snapshot
     for path in paths:
-        ckpt = None if path is None else common.load_checkpoint(path)
+        ckpt = None if path is None else plumbing.load_checkpoint(path)
         digests.append(model_key(ckpt, args, reference))
-        runs += [] if ckpt is None else [(path, common.run_identity(ckpt))]
-    common.check_same_run(runs, args.allow_mixed)
-    keys = [[common.digest(model, float(w)) for w in args.guidance_weights] for model in digests]  # per configuration
-    order = [key for path_keys in keys for key in path_keys]
-    code = common.code_identity(__file__, common.__file__)
-    rows = cached_configs(old, settings, code, args.out, order, device)
-    peaks = peak_probes(args, paths, digests, keys, sigmas, say)
-    moved = [key for key in set(rows) & set(peaks) if not same_probes(rows[key], peaks[key], sigmas)]
+        runs += [] if ckpt is None else [(path, plumbing.run_identity(ckpt))]
+    plumbing.check_same_run(runs, args.allow_mixed)
+    keys = [[plumbing.digest(model, float(w)) for w in args.guidance_weights] for model in digests]
+    return Plan(paths, digests, keys, grid, sampling, settings, neg, reference)
+
+
+def load_model(path, p, args, device, train_cache, shape=None):
+    """The Model of a snapshot (or, path None, of the reference sampler), checked: its images of `shape` (the
+    first model's), guidance by the negative, and --label."""
+    model = (optimal_model(p.reference, device, reference_kind(args)) if path is None else
+             network_model(path, args.weights, args.data_dir, device, train_cache, args.forward_mode, args.precision))
+    shape = shape or model.train.x.shape[1:]
+    check(model.train.x.shape[1:] == shape, f"{model.name} makes images of shape {tuple(model.train.x.shape[1:])}, "
+          f"unlike the first configuration's {tuple(shape)}")
+    neg_fits = None if p.neg == "uncond" else (args.neg, p.neg.train.x.shape[1:], p.neg.num_classes)
+    if neg_fits is not None or any(args.guidance_weights):
+        common.check_guidance(model.name, shape, model.num_classes, neg_fits)
+    if len(model.train.distinct) < 2:
+        plumbing.say(f"note: the training set of {model.name} has one distinct image, so d2 = inf and every sample "
+                     "counts as a copy of it (memorization_ratio)")
+    label_choices(model, args.label)  # a --label the model cannot take stops before any sampling
+    return model
+
+
+def sample_configuration(model, denoise, name, peak, refs, features, p, args, world, rank, device):
+    """One configuration: its samples and trajectories (run_configuration, at the fixed probes and the peak
+    probes `peak`: (gap peak sigma, rule, grid steps)) with every measure and summary (rank 0; None elsewhere)."""
+    draws, fd_refs = refs
+    sigma, rule, steps = peak
+    probed = dataclasses.replace(p.grid, probes=p.grid.probes + [step for step in steps if step is not None])
+    res = gather(run_configuration(dataclasses.replace(model, name=name), denoise, draws, features, probed,
+                                   p.sampling, batch=args.batch, device=device, show=rank == 0), world, device)
+    if rank != 0:
+        return None
+    res.update(summarize(res, fd_refs, args.bootstrap, args.seed))
+    res = with_peak_probes(res, len(p.grid.probes), steps)
+    res.update(name=name, path=model.path, images_seen=model.images_seen, fd_size=len(draws[0].val_pos),
+               conditional_llr=draws[0].conditional, feature_space=features.description, gap_peak_sigma=sigma,
+               peak_probe_rule=rule, **{f"{slot}_probe_sigma": math.nan if step is None else float(p.grid.sigmas[step])
+                                        for slot, step in zip(PEAK_SLOTS, steps)})
+    return res
+
+
+def evaluate(args, rank, world, device):
+    """Sample the configurations of the call that --out does not hold yet (plan), rewriting --out after each."""
+    check(args.num_samples >= world, f"--num-samples {args.num_samples} is fewer than the {world} processes")
+    plumbing.check_compile(args.forward_mode, device, "--forward-mode")
+    plumbing.earlier_result(args.out, SCRIPT, args.force)  # a file it must not replace stops it before any work
+    say, features_of, train_cache, ref_cache = plumbing.say, feature_spaces(args, device), {}, {}
+    p = plan(args, device, world, rank, train_cache)
+    code = plumbing.code_identity(__file__, common.__file__, plumbing.__file__)
+    rows = plumbing.reusable_rows(args.out, SCRIPT, args.force, p.settings, code, p.order, (("", "config_keys"),),
+                                  lambda key: key not in SHARED_KEYS, 0, "configuration(s) not asked for here (other "
+                                  "snapshots or guidance weights)")
+    peaks = peak_probes(args, p.paths, p.digests, p.keys, p.grid.sigmas, say)
+    moved = [key for key in set(rows) & set(peaks) if not same_probes(rows[key], peaks[key], p.grid.sigmas)]
     if moved:
         say(f"note: the gap's peak of {len(moved)} configuration(s) in {args.out} moved (the gap result changed): "
             "they are sampled again")
     rows = {key: row for key, row in rows.items() if key not in moved}
-    todo = len(set(order) - set(rows))
+    todo = [0, len(set(p.order) - set(rows))]  # configurations done, and to do
     say(f"{args.num_samples} samples per configuration from seed {args.seed}, {args.steps} Heun steps, {world} "
-        f"process(es) on {device}{f' (networks in {args.precision})' if networks else ''}; stop sigmas "
-        f"{np.round(sigmas[grid.stops].numpy(), 3).tolist()}, probe sigmas "
-        f"{np.round(sigmas[grid.probes].numpy(), 3).tolist()}, features {args.features}; {len(order) - todo} of "
-        f"{len(order)} configuration(s) reused from {args.out}")
-    progress = dict(done=0)
-    common.on_interrupt(lambda: f"after {progress['done']} of {todo} configurations: {args.out} keeps the finished "
-                                "ones, which rerunning the same command reuses")
-    arrays = None
-
-    def write():
-        return write_results(args, [rows[key] for key in order if key in rows], grid, settings, code)
-
-    for path, model_digest, path_keys in zip(paths, digests, keys):
+        f"process(es) on {device}{f' (networks in {args.precision})' if args.precision else ''}; stop sigmas "
+        f"{np.round(p.grid.sigmas[p.grid.stops].numpy(), 3).tolist()}, probe sigmas "
+        f"{np.round(p.grid.sigmas[p.grid.probes].numpy(), 3).tolist()}, features {args.features}; "
+        f"{len(p.order) - todo[1]} of {len(p.order)} configuration(s) reused from {args.out}")
+    plumbing.on_interrupt(lambda: f"after {todo[0]} of {todo[1]} configurations: {args.out} keeps the finished ones, "
+                                  "which rerunning the same command reuses")
+    write, shape = lambda: write_results(args, [rows[k] for k in p.order if k in rows], p.grid, p.settings, code), None
+    for path, model_digest, path_keys in zip(p.paths, p.digests, p.keys):
         if all(key in rows for key in path_keys):
             continue
-        if path is None:
-            model = optimal_model(reference, device, reference_kind(args))
-        else:
-            model = network_model(path, args.weights, args.data_dir, device, train_cache, args.forward_mode,
-                                  args.precision)
-        shape = shape or model.train.x.shape[1:]
-        check(model.train.x.shape[1:] == shape, f"{model.name} makes images of shape "
-              f"{tuple(model.train.x.shape[1:])}, unlike the first configuration's {tuple(shape)}")
-        if neg_fits is not None or any(args.guidance_weights):
-            common.check_guidance(model.name, shape, model.num_classes, neg_fits)
-        if len(model.train.distinct) < 2:
-            say(f"note: the training set of {model.name} has one distinct image, so d2 = inf and every sample "
-                "counts as a copy of it (memorization_ratio)")
-        label_choices(model, args.label)  # a --label the model cannot take stops before any sampling
-        d_neg = common.negative_denoiser(model.denoise, None if neg == "uncond" else neg.denoise)
+        model = load_model(path, p, args, device, train_cache, shape)
+        shape, d_neg = model.train.x.shape[1:], common.negative_denoiser(
+            model.denoise, None if p.neg == "uncond" else p.neg.denoise)
         for w, key in zip(args.guidance_weights, path_keys):
             if key in rows:
                 continue
-            name, start = f"{model.name}-w{w:g}", time.perf_counter()
-            denoise = common.guided_denoiser(model.denoise, d_neg, w)
-            features = features_of(model.train.source)
+            name, start, features = f"{model.name}-w{w:g}", time.perf_counter(), features_of(model.train.source)
             if id(model.train) not in ref_cache:  # the same on every process
                 draws = reference_draws(model.train, args.seed, args.ref_draws)
                 ref_cache[id(model.train)] = draws, frechet_references(draws[0], features, args.num_samples,
                                                                       args.fd_subsets, args.seed)
-            draws, fd_refs = ref_cache[id(model.train)]
-            sigma, rule, steps = peaks[key]
-            probed = dataclasses.replace(grid, probes=grid.probes + [step for step in steps if step is not None])
-            res = gather(run_configuration(dataclasses.replace(model, name=name), denoise, draws, features, probed,
-                                           sampling, batch=args.batch, device=device, show=rank == 0), world, device)
-            rows[key] = None  # on every process, so that all of them skip the same configurations
-            if rank != 0:
-                continue
-            res.update(summarize(res, fd_refs, args.bootstrap, args.seed))
-            res = with_peak_probes(res, len(grid.probes), steps)
-            res.update(name=name, path=model.path, images_seen=model.images_seen, w=w, fd_size=len(draws[0].val_pos),
-                       conditional_llr=draws[0].conditional, feature_space=features.description, gap_peak_sigma=sigma,
-                       peak_probe_rule=rule, **{f"{slot}_probe_sigma": math.nan if step is None else float(sigmas[step])
-                                                for slot, step in zip(PEAK_SLOTS, steps)})
-            figs = save_figures(args.out, name, res, model.train)
-            rows[key] = dict(result_row(res, key), digests=np.array(model_digest))
-            arrays = write()  # after every configuration, so that a rerun after a kill reuses the finished ones
-            progress["done"] += 1
-            say(summary_line(res, grid, time.perf_counter() - start) + f"; figures {', '.join(figs)}")
+            res = sample_configuration(model, common.guided_denoiser(model.denoise, d_neg, w), name, peaks[key],
+                                       ref_cache[id(model.train)], features, p, args, world, rank, device)
+            rows[key] = None if res is None else dict(result_row(dict(res, w=w), key), digests=np.array(model_digest))
+            if res is not None:  # rank 0: --out after every configuration, so that a rerun reuses the finished ones
+                figs, todo[0] = save_figures(args.out, name, res, model.train), todo[0] + 1
+                write()
+                say(summary_line(res, p.grid, time.perf_counter() - start) + f"; figures {', '.join(figs)}")
     if rank == 0:
-        arrays = arrays if todo else write()
-        say(f"wrote {args.out}: {len(order)} configuration(s) x {args.num_samples} samples, keys "
-            f"{', '.join(sorted(arrays))}")
+        say(f"wrote {args.out}: {len(p.order)} configuration(s) x {args.num_samples} samples, keys "
+            f"{', '.join(sorted(write()))}")
+
+
+def feature_spaces(args, device):
+    """features_of(source): the --features map of a training source's dataset, resolution and folder (the
+    classifier is trained on each), made once; a bad --features stops here, before any sampling."""
+    extractors = {}
+
+    def features_of(source):
+        key = (source.dataset, source.resolution, source.data_dir) if args.features == "classifier" else args.features
+        if key not in extractors:
+            extractors[key] = plumbing.load_feature_extractor(args.features, device, source)
+        return extractors[key]
+    if args.features != "classifier":
+        extractors[args.features] = plumbing.load_feature_extractor(args.features, device, None)
+    return features_of
 
 
 def summary_line(res, grid, seconds):
@@ -1204,9 +1217,9 @@ def write_results(args, rows, grid, settings, code):
                   sampler_sigmas=grid.sigmas.numpy(), stop_sigmas=grid.sigmas[grid.stops].numpy(),
                   probe_sigmas=grid.sigmas[grid.probes].numpy(), settings=np.array(json.dumps(settings)),
                   code=np.array(json.dumps(code, sort_keys=True)))
-    common.save_npz(args.out, args=args, script=SCRIPT, **arrays)
+    plumbing.save_npz(args.out, args=args, script=SCRIPT, **arrays)
     return arrays
 
 
 if __name__ == "__main__":
-    common.run_cli(main)
+    plumbing.run_cli(main)

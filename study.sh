@@ -158,7 +158,7 @@ WEIGHTS=(0 0.2 0.4 0.6 0.8 1 1.2 1.4 1.6 1.8 2)       # guidance weights: 0 ungu
 DATA=(--data fashion-mnist --resolution "$RES")
 [ -n "$DATA_DIR" ] && DATA+=(--data-dir "$DATA_DIR")
 mkdir -p "$OUT/logs"
-LOG=$OUT/$SCALE$([ "$FACTORS" = 1 ] && echo -factors).log
+LOG=$OUT/$SCALE$([ "$FACTORS" = 0 ] || echo -factors).log
 export TQDM_MININTERVAL=${TQDM_MININTERVAL:-30}  # progress bars: a line every 30 s in the logs
 
 last_snapshot() { ls "$1"/snapshot-*.pt 2>/dev/null | tail -n 1 || true; }
@@ -271,8 +271,8 @@ finish_all() { while [ ${#NAME[@]} -gt 0 ]; do finish_one; done; }
     echo "$IMAGES images per run ($STEPS steps of batch $BATCH); $JOBS runs at once; --precision $PRECISION;" \
         "--step-mode $MODE --forward-mode $MODE; TORCHINDUCTOR_COMPILE_THREADS=$TORCHINDUCTOR_COMPILE_THREADS"
     start_stage=$SECONDS  # the dataset once, before the jobs (which would each download it)
-    $PY -c "import sys, common
-common.run_cli(lambda: [common.load_images('fashion-mnist', s, sys.argv[1] or None) for s in ('train', 'val')])" \
+    $PY -c "import sys, plumbing
+plumbing.run_cli(lambda: [plumbing.load_images('fashion-mnist', s, sys.argv[1] or None) for s in ('train', 'val')])" \
         "$DATA_DIR"
     echo "=== 0. data: $((SECONDS - start_stage)) s"
     start_stage=$SECONDS

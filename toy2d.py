@@ -46,7 +46,8 @@ import functools
 import os
 import time
 
-import common  # first: it sets OpenMP's wait policy, which torch reads when it loads, and the Ctrl-C hook
+import plumbing  # first: it sets OpenMP's wait policy, which torch reads when it loads, and the Ctrl-C hook
+import common
 import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -56,9 +57,9 @@ from tqdm import tqdm  # noqa: E402
 
 from common import check  # noqa: E402
 
-SCRIPT = os.path.basename(__file__)  # stored in every result file (common.save_npz)
+SCRIPT = os.path.basename(__file__)  # stored in every result file (plumbing.save_npz)
 EXPERIMENTS = ["flow", "delta", "density", "field", "manifold", "guidance", "trajectories", "samples"]
-# Circle radii the toy takes: with the noise levels of common.SIGMA_BOUNDS, squared distances over sigma^2 stay
+# Circle radii the toy takes: with the noise levels of plumbing.SIGMA_BOUNDS, squared distances over sigma^2 stay
 # finite (a radius of 1e200 overflowed them)
 RADIUS_BOUNDS = (1e-3, 1e3)
 RENAMED = {"fd": "samples"}  # old experiment names: stopped with a message that names the new one
@@ -79,16 +80,16 @@ DEFAULTS = {
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0],  # the docstring's first paragraph
                                 epilog="Flags and result keys in full: docs/reference.md",
-                                formatter_class=common.HelpFormatter)
+                                formatter_class=plumbing.HelpFormatter)
     p.add_argument("experiment", metavar="EXPERIMENT", help="one of " + ", ".join(EXPERIMENTS + ["all"]))
     p.add_argument("--deltas", type=float, nargs="+", help="model errors delta (guidance: delta_pos delta_neg); "
                    "default: the paper's per experiment")
     p.add_argument("--n-points", type=int, nargs="+", help="points on the circle, half of them training points "
                    "(density sweeps the list); default: the paper's per experiment")
     p.add_argument("--guidance-weights", type=float, nargs="+", help="guidance weights w (default 0, 0.25, ..., 2)")
-    p.add_argument("--sigmas", type=common.sigma_float, nargs="+", help="noise levels: the sigma grid of the gap "
+    p.add_argument("--sigmas", type=plumbing.sigma_float, nargs="+", help="noise levels: the sigma grid of the gap "
                    "curves (default: the 120-step EDM schedule), or the sigmas of flow, field and manifold")
-    p.add_argument("--radius", type=common.float_between(*RADIUS_BOUNDS, "a radius"),
+    p.add_argument("--radius", type=plumbing.float_between(*RADIUS_BOUNDS, "a radius"),
                    help="circle radius (default 10; trajectories: 1)")
     p.add_argument("--random", action="store_true", help="random instead of equally spaced angles (samples: always)")
     p.add_argument("--samples-per-point", type=int, help="fixed noise draws per point (default 50; manifold: "
@@ -99,12 +100,12 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=120, help="EDM schedule steps (sigma grid and sampler)")
     p.add_argument("--force", action="store_true", help="replace EXPERIMENT.npz files in --out that toy2d.py did "
                    "not write (refused otherwise)")
-    common.add_run_args(p, seed="seed of noise draws, random angles and samples", out="output folder",
+    plumbing.add_run_args(p, seed="seed of noise draws, random angles and samples", out="output folder",
                         out_default="results/toy2d", device="auto (cuda, then cpu: the toy needs float64, which mps "
                         "lacks), cpu, cuda, cuda:N")
     p.add_argument("--threads", type=int, default=1, help="CPU threads of torch while it runs (0: torch's own "
                    "choice; the toy's small operations gain nothing from more)")
-    p.add_argument("--jobs", type=common.non_negative_int, default=0, help="all: experiments run at once on a "
+    p.add_argument("--jobs", type=plumbing.non_negative_int, default=0, help="all: experiments run at once on a "
                    "CPU with --threads 1, one process each, on Linux (0: one per core, as torch's threads: "
                    "OMP_NUM_THREADS, else the cores)")
     args = p.parse_args(argv)
@@ -264,7 +265,7 @@ def exp_delta(args):
     e_train, e_val, gap = (torch.stack(c).cpu().numpy() for c in zip(*curves))
     out = dict(sigmas=toy.grid.cpu().numpy(), deltas=np.array(toy.deltas), e_train=e_train, e_val=e_val, gap=gap,
                **toy.common_keys())
-    fig = common.plot_sweep(out["sigmas"], gap, toy.deltas, "model error delta", "(b) gap vs model error")
+    fig = plumbing.plot_sweep(out["sigmas"], gap, toy.deltas, "model error delta", "(b) gap vs model error")
     return out, fig
 
 
@@ -279,7 +280,7 @@ def exp_density(args):
     out = dict(sigmas=toy.grid.cpu().numpy(), n_points=np.array(toy.n_points), n_train=np.array(n_train),
                delta=toy.deltas[0], e_train=torch.stack(e_trains).cpu().numpy(),
                e_val=torch.stack(e_vals).cpu().numpy(), gap=torch.stack(gaps).cpu().numpy())
-    fig = common.plot_sweep(out["sigmas"], out["gap"], n_train, "training points",
+    fig = plumbing.plot_sweep(out["sigmas"], out["gap"], n_train, "training points",
                        f"(c) gap vs data density (delta = {toy.deltas[0]:g})")
     return out, fig
 
@@ -381,7 +382,7 @@ def exp_guidance(args):
     e_train, e_val, gap = (torch.stack(c).cpu().numpy() for c in zip(*curves))
     out = dict(sigmas=toy.grid.cpu().numpy(), weights=np.array(weights), delta_pos=toy.deltas[0],
                delta_neg=toy.deltas[1], e_train=e_train, e_val=e_val, gap=gap, **toy.common_keys())
-    fig = common.plot_sweep(out["sigmas"], gap, weights, "guidance weight w",
+    fig = plumbing.plot_sweep(out["sigmas"], gap, weights, "guidance weight w",
                        f"(f) autoguidance, delta_pos = {toy.deltas[0]:g}, delta_neg = {toy.deltas[1]:g}")
     return out, fig
 
@@ -509,23 +510,23 @@ def check_experiments(args, names):
 
 def main(argv=None):
     args = parse_args(argv)
-    common.check_writable(args.out, folder=True)
-    device = common.pick_device(args.device)
+    plumbing.check_writable(args.out, folder=True)
+    device = plumbing.pick_device(args.device)
     args.device = "cpu" if device.type == "mps" else str(device)
     names = EXPERIMENTS if args.experiment == "all" else [args.experiment]
     check_experiments(args, names)
-    with common.exclusive(args.out):  # one process per output folder; then no live writer has a temp file in it
-        common.remove_temp_files(args.out, rf"({'|'.join(EXPERIMENTS)})\.(npz|png|pdf)")
+    with plumbing.exclusive(args.out):  # one process per output folder; then no live writer has a temp file in it
+        plumbing.remove_temp_files(args.out, rf"({'|'.join(EXPERIMENTS)})\.(npz|png|pdf)")
         for name in names:  # each run replaces its own EXPERIMENT.npz, but no other program's file unasked
-            common.earlier_result(os.path.join(args.out, f"{name}.npz"), SCRIPT, args.force)
+            plumbing.earlier_result(os.path.join(args.out, f"{name}.npz"), SCRIPT, args.force)
         threads = torch.get_num_threads()
         if args.threads:
             torch.set_num_threads(args.threads)
         try:
-            processes = (args.jobs or common.DEFAULT_THREADS) if args.device == "cpu" and args.threads == 1 else 1
+            processes = (args.jobs or plumbing.DEFAULT_THREADS) if args.device == "cpu" and args.threads == 1 else 1
             if processes > 1:  # the longest first; each process prints its lines, without progress bars
                 order = sorted(names, key=lambda name: name != "samples")
-                common.in_processes([functools.partial(run_experiment, name, args, False) for name in order],
+                plumbing.in_processes([functools.partial(run_experiment, name, args, False) for name in order],
                                     processes)
             else:
                 for name in tqdm(names, desc="toy2d", disable=len(names) == 1):
@@ -541,9 +542,9 @@ def run_experiment(name, args, bars=True):
     global show_bars
     show_bars = bars
     out, fig = RUNNERS[name](args)
-    npz = common.save_npz(os.path.join(args.out, f"{name}.npz"), args=vars(args) | {"experiment": name},
+    npz = plumbing.save_npz(os.path.join(args.out, f"{name}.npz"), args=vars(args) | {"experiment": name},
                           script=SCRIPT, **out)
-    png = common.save_figure(fig, os.path.join(args.out, f"{name}.png"))
+    png = plumbing.save_figure(fig, os.path.join(args.out, f"{name}.png"))
     summary = ""
     if "gap" in out and np.ndim(out["gap"]) == 2:
         g = out["gap"]
@@ -558,4 +559,4 @@ def run_experiment(name, args, bars=True):
 
 
 if __name__ == "__main__":
-    common.run_cli(main)
+    plumbing.run_cli(main)

@@ -1,5 +1,5 @@
 """Throughput of eval_gap's E(sigma) loop against the bare forward pass of the same network, and of
-sample_memorize's sampler, with the network run as those scripts run it (common.network_denoiser in
+sample_memorize's sampler, with the network run as those scripts run it (plumbing.network_denoiser in
 --forward-mode: on CUDA by default compiled, with CUDA graphs).
 
 Loop and bare pass run the same (image, sigma) pairs in batches of the same size, in inference mode (in
@@ -17,6 +17,7 @@ default (tiny U-Net, 16x16) runs in about a minute on a 2-core CPU.
 """
 from benchlib import best_time, parser, start  # first: common's OpenMP wait policy and Ctrl-C hook, before torch
 import common
+import plumbing
 import torch
 import eval_gap
 import sample_memorize
@@ -26,29 +27,29 @@ def main():
     p = parser(__doc__, repeats=3, device=True)
     p.add_argument("--model", default="unet", help="unet or dit")
     p.add_argument("--size", default="tiny", help="network preset")
-    p.add_argument("--resolution", type=common.positive_int, default=16, help="image size")
-    p.add_argument("--channels", type=common.positive_int, default=1, help="image channels")
-    p.add_argument("--images", type=common.positive_int, default=128, help="images in the split")
-    p.add_argument("--sigmas", type=common.positive_int, default=8, help="noise levels")
-    p.add_argument("--batch", type=common.positive_int, default=128,
+    p.add_argument("--resolution", type=plumbing.positive_int, default=16, help="image size")
+    p.add_argument("--channels", type=plumbing.positive_int, default=1, help="image channels")
+    p.add_argument("--images", type=plumbing.positive_int, default=128, help="images in the split")
+    p.add_argument("--sigmas", type=plumbing.positive_int, default=8, help="noise levels")
+    p.add_argument("--batch", type=plumbing.positive_int, default=128,
                    help="(image, sigma) pairs or samples per forward pass")
-    p.add_argument("--steps", type=common.at_least_two_int, default=18,
+    p.add_argument("--steps", type=plumbing.at_least_two_int, default=18,
                    help="Heun steps of the sampler (sample_memorize.py --steps)")
-    common.add_mode_arg(p, "--forward-mode", "the network's forward passes, as eval_gap.py and sample_memorize.py "
+    plumbing.add_mode_arg(p, "--forward-mode", "the network's forward passes, as eval_gap.py and sample_memorize.py "
                         "--forward-mode")
-    common.add_precision_arg(p, "the network's forward passes, as eval_gap.py and sample_memorize.py --precision")
+    plumbing.add_precision_arg(p, "the network's forward passes, as eval_gap.py and sample_memorize.py --precision")
     args = p.parse_args()
     device = start(args)
-    common.check_compile(args.forward_mode, device, "--forward-mode")
+    plumbing.check_compile(args.forward_mode, device, "--forward-mode")
     torch.manual_seed(0)
     net = common.build_network(args.model, args.size, args.resolution, args.channels)
     with torch.no_grad():  # random output layers, so the network does real work on every path
         for p_ in net.parameters():
             p_.add_(0.02 * torch.randn_like(p_))
     net = net.to(device).eval().requires_grad_(False)
-    precision = common.choose_precision(args.precision, device)
-    model = common.network_denoiser(net, device, args.forward_mode, precision)
-    mode, graphs = common.compile_mode(args.forward_mode, device.type == "cuda", 1)
+    precision = plumbing.choose_precision(args.precision, device)
+    model = plumbing.network_denoiser(net, device, args.forward_mode, precision)
+    mode, graphs = plumbing.compile_mode(args.forward_mode, device.type == "cuda", 1)
 
     shape = (args.channels, args.resolution, args.resolution)
     y = (torch.rand(args.images, *shape) * 2 - 1).to(device)
@@ -90,4 +91,4 @@ def main():
 
 
 if __name__ == "__main__":
-    common.run_cli(main)
+    plumbing.run_cli(main)

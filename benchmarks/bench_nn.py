@@ -13,16 +13,17 @@ Correctness: a few queries are checked against float64 torch.cdist.
 """
 from benchlib import fix_mmap_threshold, matmul_gflops, parser, peak_extra_mb, start, wall_time  # first: as common
 import common
+import plumbing
 import torch
 
 
 def main():
     p = parser(__doc__, repeats=2)
-    p.add_argument("--n", type=common.positive_int, default=60000, help="training vectors")
-    p.add_argument("--d", type=common.positive_int, default=784, help="dimension")
-    p.add_argument("--queries", type=common.positive_int, default=10000, help="query vectors")
-    p.add_argument("--k", type=common.positive_int, default=2, help="neighbours per query")
-    p.add_argument("--chunk-size", type=common.non_negative_int, default=0,
+    p.add_argument("--n", type=plumbing.positive_int, default=60000, help="training vectors")
+    p.add_argument("--d", type=plumbing.positive_int, default=784, help="dimension")
+    p.add_argument("--queries", type=plumbing.positive_int, default=10000, help="query vectors")
+    p.add_argument("--k", type=plumbing.positive_int, default=2, help="neighbours per query")
+    p.add_argument("--chunk-size", type=plumbing.non_negative_int, default=0,
                    help="data rows per chunk (0: the function's)")
     args = p.parse_args()
     common.check(args.k <= args.n, f"--k {args.k} neighbours need as many training vectors, got --n {args.n}")
@@ -67,4 +68,4 @@ def main():
 
 
 if __name__ == "__main__":
-    common.run_cli(main)
+    plumbing.run_cli(main)

@@ -12,6 +12,7 @@ in the same run.
 """
 from benchlib import best_time, fix_mmap_threshold, matmul_gflops, parser, peak_extra_mb, start  # first: as common
 import common
+import plumbing
 import numpy as np
 import torch
 import toy2d
@@ -78,10 +79,10 @@ def bench_images(n, d, queries, numpy_queries, repeats):
 
 def main():
     p = parser(__doc__, repeats=5)
-    p.add_argument("--n", type=common.positive_int, default=60000, help="training vectors in (b)")
-    p.add_argument("--d", type=common.positive_int, default=784, help="dimension in (b)")
-    p.add_argument("--queries", type=common.positive_int, default=512, help="queries in (b)")
-    p.add_argument("--numpy-queries", type=common.positive_int, default=2,
+    p.add_argument("--n", type=plumbing.positive_int, default=60000, help="training vectors in (b)")
+    p.add_argument("--d", type=plumbing.positive_int, default=784, help="dimension in (b)")
+    p.add_argument("--queries", type=plumbing.positive_int, default=512, help="queries in (b)")
+    p.add_argument("--numpy-queries", type=plumbing.positive_int, default=2,
                    help="queries the NumPy version runs in (b)")
     args = p.parse_args()
     common.check(args.numpy_queries <= args.queries, f"--numpy-queries {args.numpy_queries} is more than --queries "
@@ -92,4 +93,4 @@ def main():
 
 
 if __name__ == "__main__":
-    common.run_cli(main)
+    plumbing.run_cli(main)

@@ -10,7 +10,7 @@ chooses it for a run as long as the benchmark's, with its fallback to eager) and
 train_image.py would use (--threads). The matmul rate is the fastest of a few square matmuls in the precision's
 dtype (float32, on CUDA TF32; bf16), measured before and after each preset; the fraction is taken against the
 fastest matmul of that dtype in the whole run, so that a busy machine cannot inflate it. CUDA runs with
-channels-last tensors. The header names the CPU's bf16 units (common.cpu_bf16_units), which decide --precision
+channels-last tensors. The header names the CPU's bf16 units (plumbing.cpu_bf16_units), which decide --precision
 auto on a CPU. --background-load runs one busy single-threaded process alongside the timed steps, as another job
 on a shared machine would.
 
@@ -28,6 +28,7 @@ import time
 
 from benchlib import matmul_gflops, parser, start, wall_time  # first: sets OpenMP's wait policy (common)
 import common
+import plumbing
 import train_image
 
 import numpy as np
@@ -40,21 +41,21 @@ def parse_args():
     p.add_argument("--model", default="unet", choices=sorted(common.NETWORK_PRESETS))
     p.add_argument("--sizes", default="auto", help="comma-separated presets; auto: all on CUDA, "
                    "all but l on CPU")
-    p.add_argument("--batch", type=common.positive_int, default=128, help="images per training step")
-    p.add_argument("--resolution", type=common.positive_int, default=32, help="image size")
-    p.add_argument("--channels", type=common.positive_int, default=3, help="image channels")
-    p.add_argument("--net-channels", type=common.positive_int, default=None,
+    p.add_argument("--batch", type=plumbing.positive_int, default=128, help="images per training step")
+    p.add_argument("--resolution", type=plumbing.positive_int, default=32, help="image size")
+    p.add_argument("--channels", type=plumbing.positive_int, default=3, help="image channels")
+    p.add_argument("--net-channels", type=plumbing.positive_int, default=None,
                    help="override the presets' base channels (train_image.py --channels)")
-    common.add_mode_arg(p, "--step-mode", "as train_image.py --step-mode, the training step")
+    plumbing.add_mode_arg(p, "--step-mode", "as train_image.py --step-mode, the training step")
     p.add_argument("--compile", dest="step_mode", action="store_const", const="compile",
                    help="same as --step-mode compile")
     p.add_argument("--precision", default="fp32,bf16", help="comma-separated train_image.py --precision "
                    "values to time each preset in (auto, fp32, bf16)")
     p.add_argument("--background-load", action="store_true", help="run one busy single-threaded process "
                    "while the steps are timed")
-    p.add_argument("--matmul-size", type=common.positive_int, default=None, help="side of the square matmul; "
+    p.add_argument("--matmul-size", type=plumbing.positive_int, default=None, help="side of the square matmul; "
                    "default 8192 on CUDA, 2048 on CPU")
-    p.add_argument("--seed", type=common.non_negative_int, default=0, help="seed of the weights and images")
+    p.add_argument("--seed", type=plumbing.non_negative_int, default=0, help="seed of the weights and images")
     p.add_argument("--out", default=None, help="optional .npz for the table (with the arguments)")
     return p.parse_args()
 
@@ -80,7 +81,7 @@ def bench_preset(args, size, precision, device):
     torch.manual_seed(args.seed)
     net = common.build_network(args.model, size, args.resolution, args.channels, channels=args.net_channels)
     flops = train_image.step_flops(net, args.batch)
-    threads = common.choose_threads(flops, args.threads)
+    threads = plumbing.choose_threads(flops, args.threads)
     net = net.to(device).train()
     if cuda:
         net = net.to(memory_format=torch.channels_last)
@@ -99,7 +100,7 @@ def bench_preset(args, size, precision, device):
     with FlopCounterMode(display=False) as counter:
         step(eager_fn)
     loss_fn = train_image.loss_function(net, autocast, True, graphs) if mode == "compile" else eager_fn
-    guard = common.CompileGuard(args.step_mode == "compile", "--step-mode", tries=train_image.WARM_UP_STEPS)
+    guard = plumbing.CompileGuard(args.step_mode == "compile", "--step-mode", tries=train_image.WARM_UP_STEPS)
     warm_up = wall_time(lambda: [guard.run(lambda: step(loss_fn), lambda: step(eager_fn))
                                  for _ in range(train_image.WARM_UP_STEPS if mode == "compile" else 1)], device)
     if guard.failed:
@@ -114,7 +115,7 @@ def bench_preset(args, size, precision, device):
 
 def main():
     args = parse_args()
-    common.check_writable(args.out)
+    plumbing.check_writable(args.out)
     device = start(args)
     all_threads = torch.get_num_threads()
     cuda = device.type == "cuda"
@@ -125,13 +126,13 @@ def main():
     common.check(args.batch >= 1, "--batch must be positive")
     requested = args.precision.split(",")
     for p in requested:
-        common.check(p in common.PRECISIONS, f"unknown --precision {p!r}: choose from {', '.join(common.PRECISIONS)}")
-    precisions = list(dict.fromkeys(common.choose_precision(p, device) for p in requested))
-    common.check_compile(args.step_mode, device, "--step-mode")
+        common.check(p in plumbing.PRECISIONS, f"unknown --precision {p!r}: choose from {', '.join(plumbing.PRECISIONS)}")
+    precisions = list(dict.fromkeys(plumbing.choose_precision(p, device) for p in requested))
+    plumbing.check_compile(args.step_mode, device, "--step-mode")
     n = args.matmul_size or (8192 if cuda else 2048)
     name = torch.cuda.get_device_name(device) if cuda else "CPU"
     net_channels = f", {args.net_channels} base channels" if args.net_channels else ""
-    units = ", ".join(common.cpu_bf16_units()) or "none (bf16 is emulated)"
+    units = ", ".join(plumbing.cpu_bf16_units()) or "none (bf16 is emulated)"
     print(f"{args.model} training step (--step-mode {args.step_mode}), batch {args.batch}, "
           f"{args.channels}x{args.resolution}x{args.resolution}{net_channels}, {' and '.join(precisions)} on {name}"
           f"{', one busy process alongside' if args.background_load else ''}; CPU bf16 units: {units}")
@@ -174,10 +175,10 @@ def main():
               "measured around each preset")
     if args.out and rows:
         columns = {key: np.array([row[key] for row in rows]) for key in rows[0]}
-        path = common.save_npz(args.out, **columns, device=name, cpu_bf16_units=units, args=args,
+        path = plumbing.save_npz(args.out, **columns, device=name, cpu_bf16_units=units, args=args,
                                script=os.path.basename(__file__))
         print(f"wrote the table to {path}")
 
 
 if __name__ == "__main__":
-    common.run_cli(main)
+    plumbing.run_cli(main)

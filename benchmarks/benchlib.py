@@ -7,7 +7,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import common  # noqa: E402  (before torch: it sets OpenMP's wait policy, which torch reads when it loads)
+import plumbing  # noqa: E402  (before torch: it sets OpenMP's wait policy, which torch reads when it loads)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -91,12 +91,12 @@ def machine(device="cpu"):
 
 def parser(doc, repeats, device=False):
     """The benchmark's argument parser with the shared --repeats, --threads (and --device) flags. Numbers are
-    checked as the scripts check theirs (common.positive_int, ...), and main() runs through common.run_cli: bad
+    checked as the scripts check theirs (plumbing.positive_int, ...), and main() runs through plumbing.run_cli: bad
     input is one line 'error: ...' or argparse's usage error, exit status 2."""
-    p = argparse.ArgumentParser(description=doc, formatter_class=common.HelpFormatter)
-    p.add_argument("--repeats", type=common.positive_int, default=repeats,
+    p = argparse.ArgumentParser(description=doc, formatter_class=plumbing.HelpFormatter)
+    p.add_argument("--repeats", type=plumbing.positive_int, default=repeats,
                    help="timed repeats (the best is reported)")
-    p.add_argument("--threads", type=common.non_negative_int, default=0, help=common.THREADS_HELP)
+    p.add_argument("--threads", type=plumbing.non_negative_int, default=0, help=plumbing.THREADS_HELP)
     if device:
         p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N, mps")
     return p
@@ -104,7 +104,7 @@ def parser(doc, repeats, device=False):
 
 def start(args):
     """Apply --threads, pick --device (when the benchmark has one), print the machine line; -> device."""
-    common.choose_threads(None, args.threads)
-    device = common.pick_device(getattr(args, "device", "cpu"))
+    plumbing.choose_threads(None, args.threads)
+    device = plumbing.pick_device(getattr(args, "device", "cpu"))
     print(machine(device))
     return device

@@ -10,7 +10,8 @@ import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import common  # noqa: E402  (before numpy and torch, as every script)
+import plumbing  # noqa: E402  (before numpy and torch, as every script)
+import common
 
 import numpy as np  # noqa: E402
 
@@ -31,7 +32,7 @@ def number(pattern, source):
 
 def npz(out, name):
     path = os.path.join(out, name)
-    return common.load_npz(path) if os.path.isfile(path) else None
+    return plumbing.load_npz(path) if os.path.isfile(path) else None
 
 
 def largest_relative(a, b):
@@ -115,4 +116,4 @@ def main():
 
 
 if __name__ == "__main__":
-    common.run_cli(main)
+    plumbing.run_cli(main)

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-import common
+import plumbing
 from conftest import run_tiny_script, write_fashion_mnist
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -101,13 +101,13 @@ def test_bench_train_times_train_images_compiled_step_in_both_precisions(monkeyp
     out_file = tmp_path / "train.npz"
     calls = run_bench_train(monkeypatch, "--compile", "--repeats", "2", "--threads", "1", "--out", str(out_file))
     out = capsys.readouterr().out
-    units = ", ".join(common.cpu_bf16_units()) or "none (bf16 is emulated)"
+    units = ", ".join(plumbing.cpu_bf16_units()) or "none (bf16 is emulated)"
     assert "training step (--step-mode compile)" in out and f"fp32 and bf16 on CPU; CPU bf16 units: {units}" in out
     for precision in ("fp32", "bf16"):
         assert re.search(rf"^\s+tiny\s+{precision}\s+compile\s+0\.\d+M", out, re.M), out
         assert re.search(rf"^peak matmul rate in this run, {precision}: \S+ TFLOP/s", out, re.M), out
     assert calls == 2 * (1 + train_image.WARM_UP_STEPS + 2), "per precision: FLOP count, warm-up, timed steps"
-    table = common.load_npz(str(out_file))
+    table = plumbing.load_npz(str(out_file))
     assert table["args"]["step_mode"] == "compile" and list(table["size"]) == ["tiny", "tiny"]
     assert list(table["precision"]) == ["fp32", "bf16"] and list(table["mode"]) == ["compile", "compile"]
     assert str(table["cpu_bf16_units"]) == units
@@ -156,7 +156,7 @@ def test_gpu_check_stages_run_one_by_one_on_cpu_into_one_log_each_ending_with_th
     assert bad.returncode == 2
     assert bad.stderr == "error: unknown --stage fit: choose bench, train, eval, sample or all\n"
     rows = {"bench": r"^bench +bench_train U-Net tiny +img/s +[\d.]+ +[\d.]+ +[\d.]+x +\d+% of the "
-                     rf"{common.choose_precision('auto', 'cpu')} matmul peak",
+                     rf"{plumbing.choose_precision('auto', 'cpu')} matmul peak",
             "train": r"^train +train_image.py +img/s +[\d.]+ +[\d.]+ +[\d.]+x +default ran: eager, "
                      r"(bf16 autocast|float32) +\| +loss at step 1 0.0e\+00, last E_val 0.0e\+00$",
             "eval": r"^eval +eval_gap.py .*\| +E\(sigma\) e_train 0.0e\+00, e_val 0.0e\+00$",

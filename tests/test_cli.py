@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import common
+import plumbing
 import eval_gap
 import figures
 import sample_memorize
@@ -122,10 +123,10 @@ def test_explicit_forward_mode_compile_that_cannot_work_stops_at_start_with_one_
         raise RuntimeError("no compiler here")
     real = torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: real(fn, dynamic=kw.get("dynamic"), backend=failing_backend))
-    monkeypatch.setattr(common, "load_images", lambda *args, **kwargs: pytest.fail("data read before the check"))
+    monkeypatch.setattr(plumbing, "load_images", lambda *args, **kwargs: pytest.fail("data read before the check"))
     torch._dynamo.reset()
     with pytest.raises(SystemExit) as exit_info:
-        common.run_cli(lambda: SCRIPTS[name].main(["--optimal", "--forward-mode", "compile", "--device", "cpu",
+        plumbing.run_cli(lambda: SCRIPTS[name].main(["--optimal", "--forward-mode", "compile", "--device", "cpu",
                                                    "--out", str(tmp_path / "result.npz")]))
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.count("\n") == 1, err

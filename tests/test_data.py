@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import common
+import plumbing
 
 FASHION_SYSTEM_DIR = "/usr/share/datasets/fashion-mnist"
 
@@ -20,7 +21,7 @@ def offline(tmp_path, monkeypatch):
     """No test touches the network or the user's cache."""
     def no_network(url, path, timeout=None):
         raise OSError("network disabled in tests")
-    monkeypatch.setattr(common, "_urlretrieve", no_network)
+    monkeypatch.setattr(plumbing, "_urlretrieve", no_network)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
 
 
@@ -94,7 +95,7 @@ def test_idx_reader_returns_exact_pixels_and_labels_from_data_dir(tmp_path, name
     root = tmp_path / "data"
     expected = make_idx_files(str(root / name if subfolder else root), gz=gz)
     for split in ("train", "val"):
-        images, labels = common.load_images(name, split, root=root)
+        images, labels = plumbing.load_images(name, split, root=root)
         assert images.dtype == np.uint8 and images.shape == (len(expected[split][0]), 28, 28, 1)
         assert labels.dtype == np.int64
         np.testing.assert_array_equal(images[..., 0], expected[split][0])
@@ -106,13 +107,13 @@ def test_cifar10_reader_returns_exact_pixels_in_hwc_order_and_labels(tmp_path):
     batches["data_batch_2"][b"data"][0, :] = 0
     batches["data_batch_2"][b"data"][0, 2 * 1024 + 5 * 32 + 7] = 200  # blue, row 5, column 7
     write_cifar(str(tmp_path), "cifar-10-python.tar.gz", "cifar-10-batches-py", batches)
-    images, labels = common.load_images("cifar10", "train", root=tmp_path)
+    images, labels = plumbing.load_images("cifar10", "train", root=tmp_path)
     assert images.shape == (15, 32, 32, 3) and images.dtype == np.uint8 and labels.dtype == np.int64
     train = [f"data_batch_{i}" for i in range(1, 6)]
     np.testing.assert_array_equal(images, np.concatenate([hwc(batches[b][b"data"]) for b in train]))
     np.testing.assert_array_equal(labels, np.concatenate([batches[b][b"labels"] for b in train]))
     assert images[3, 5, 7, 2] == 200 and images[3].sum() == 200
-    val_images, val_labels = common.load_images("cifar10", "val", root=tmp_path)
+    val_images, val_labels = plumbing.load_images("cifar10", "val", root=tmp_path)
     np.testing.assert_array_equal(val_images, hwc(batches["test_batch"][b"data"]))
     np.testing.assert_array_equal(val_labels, batches["test_batch"][b"labels"])
 
@@ -121,13 +122,13 @@ def test_cifar100_gives_fine_labels_and_cifar100_coarse_the_20_coarse_labels(tmp
     batches = cifar100_batches()
     write_cifar(str(tmp_path / "cifar100"), "cifar-100-python.tar.gz", "cifar-100-python", batches)
     for split, member in (("train", "train"), ("val", "test")):
-        fine_images, fine = common.load_images("cifar100", split, root=tmp_path)
-        coarse_images, coarse = common.load_images("cifar100-coarse", split, root=tmp_path)
+        fine_images, fine = plumbing.load_images("cifar100", split, root=tmp_path)
+        coarse_images, coarse = plumbing.load_images("cifar100-coarse", split, root=tmp_path)
         np.testing.assert_array_equal(fine_images, hwc(batches[member][b"data"]))
         np.testing.assert_array_equal(coarse_images, fine_images)
         np.testing.assert_array_equal(fine, batches[member][b"fine_labels"])
         np.testing.assert_array_equal(coarse, batches[member][b"coarse_labels"])
-    assert common.DATASETS["cifar100-coarse"]["num_classes"] == 20
+    assert plumbing.DATASETS["cifar100-coarse"]["num_classes"] == 20
 
 
 def test_cifar_reader_accepts_the_extracted_folder(tmp_path):
@@ -136,7 +137,7 @@ def test_cifar_reader_accepts_the_extracted_folder(tmp_path):
     folder.mkdir(parents=True)
     for name, batch in batches.items():
         (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
-    images, labels = common.load_images("cifar10", "val", root=tmp_path / "data")
+    images, labels = plumbing.load_images("cifar10", "val", root=tmp_path / "data")
     np.testing.assert_array_equal(images, hwc(batches["test_batch"][b"data"]))
     np.testing.assert_array_equal(labels, batches["test_batch"][b"labels"])
 
@@ -144,15 +145,15 @@ def test_cifar_reader_accepts_the_extracted_folder(tmp_path):
 @pytest.mark.skipif(not os.path.isdir(FASHION_SYSTEM_DIR), reason="dataset-fashion-mnist not installed")
 def test_real_fashion_mnist_has_60000_train_and_10000_val_balanced_images():
     for split, n in (("train", 60000), ("val", 10000)):
-        images, labels = common.load_images("fashion-mnist", split)
+        images, labels = plumbing.load_images("fashion-mnist", split)
         assert images.shape == (n, 28, 28, 1) and images.dtype == np.uint8
         np.testing.assert_array_equal(np.bincount(labels), np.full(10, n // 10))
 
 
 def test_second_load_comes_from_memory_and_is_read_only(tmp_path):
     make_idx_files(str(tmp_path / "mnist"))
-    first = common.load_images("mnist", "train", root=tmp_path)
-    second = common.load_images("mnist", "train", root=tmp_path)
+    first = plumbing.load_images("mnist", "train", root=tmp_path)
+    second = plumbing.load_images("mnist", "train", root=tmp_path)
     assert first[0] is second[0] and first[1] is second[1]
     with pytest.raises(ValueError):
         first[0][0, 0, 0, 0] = 1
@@ -161,38 +162,38 @@ def test_second_load_comes_from_memory_and_is_read_only(tmp_path):
 # --- missing, corrupt and foreign files ----------------------------------------------------
 
 def test_missing_data_without_network_says_which_files_where_and_which_package(tmp_path, monkeypatch):
-    monkeypatch.setitem(common.DATASETS["fashion-mnist"], "system_dirs", (str(tmp_path / "nowhere"),))
+    monkeypatch.setitem(plumbing.DATASETS["fashion-mnist"], "system_dirs", (str(tmp_path / "nowhere"),))
     with pytest.raises(common.UserError) as err:
-        common.load_images("fashion-mnist", "train")
+        plumbing.load_images("fashion-mnist", "train")
     message = str(err.value)
     for needle in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "--data-dir",
                    "apt install dataset-fashion-mnist", str(tmp_path / "cache" / "edm-memorization"),
                    "network disabled in tests", "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"):
         assert needle in message
     with pytest.raises(common.UserError, match=r"cifar-10-python\.tar\.gz.*https://www\.cs\.toronto\.edu"):
-        common.load_images("cifar10", "val")
+        plumbing.load_images("cifar10", "val")
 
 
 @pytest.mark.parametrize("folder", ["empty", "missing"])
 def test_data_dir_without_the_files_is_an_error_naming_what_was_looked_for(tmp_path, monkeypatch, folder):
     system = tmp_path / "system"
     make_idx_files(str(system))
-    monkeypatch.setitem(common.DATASETS["fashion-mnist"], "system_dirs", (str(system),))
+    monkeypatch.setitem(plumbing.DATASETS["fashion-mnist"], "system_dirs", (str(system),))
     root = tmp_path / folder
     if folder == "empty":
         root.mkdir()
     with pytest.raises(common.UserError) as err:
-        common.load_images("fashion-mnist", "train", root=root)
+        plumbing.load_images("fashion-mnist", "train", root=root)
     message = str(err.value)
     assert message.startswith(f"--data-dir {root} has no fashion-mnist train split"), message
     assert "train-images-idx3-ubyte.gz" in message and str(root / "fashion-mnist") in message
-    assert common.load_images("fashion-mnist", "train")[0].shape == (7, 28, 28, 1)  # without --data-dir: found
+    assert plumbing.load_images("fashion-mnist", "train")[0].shape == (7, 28, 28, 1)  # without --data-dir: found
 
 
 def test_loading_prints_the_files_read_once_per_folder(tmp_path, capsys):
     make_idx_files(str(tmp_path / "mnist"))
-    common.load_images("mnist", "train", root=tmp_path)
-    common.load_images("mnist", "val", root=tmp_path)
+    plumbing.load_images("mnist", "train", root=tmp_path)
+    plumbing.load_images("mnist", "val", root=tmp_path)
     assert capsys.readouterr().out == (f"reading mnist from {tmp_path / 'mnist'}: train-images-idx3-ubyte.gz, "
                                        "train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz\n")
 
@@ -202,26 +203,26 @@ def serve(monkeypatch, blobs):
     def fake(url, path, timeout=None):
         with open(path, "wb") as f:
             f.write(blobs[url])
-    monkeypatch.setattr(common, "_urlretrieve", fake)
+    monkeypatch.setattr(plumbing, "_urlretrieve", fake)
 
 
 def test_download_with_wrong_checksum_is_rejected_and_leaves_nothing(tmp_path, monkeypatch):
-    info = common.DATASETS["cifar10"]
+    info = plumbing.DATASETS["cifar10"]
     serve(monkeypatch, {info["urls"]["cifar-10-python.tar.gz"]: b"not the archive"})
     with pytest.raises(common.UserError, match="checksum mismatch"):
-        common.load_images("cifar10", "train")
+        plumbing.load_images("cifar10", "train")
     cache = tmp_path / "cache" / "edm-memorization" / "cifar10"
     assert list(cache.iterdir()) == []
 
 
 def test_download_with_right_checksum_lands_in_cache_and_loads(tmp_path, monkeypatch):
     expected = make_idx_files(str(tmp_path / "upstream"))
-    info = common.DATASETS["mnist"]
+    info = plumbing.DATASETS["mnist"]
     blobs = {info["urls"][f]: (tmp_path / "upstream" / f).read_bytes() for f in info["files"]}
     md5 = {f: hashlib.md5(blobs[info["urls"][f]]).hexdigest() for f in info["files"]}
     monkeypatch.setitem(info, "md5", md5)
     serve(monkeypatch, blobs)
-    images, labels = common.load_images("mnist", "val")
+    images, labels = plumbing.load_images("mnist", "val")
     np.testing.assert_array_equal(images[..., 0], expected["val"][0])
     np.testing.assert_array_equal(labels, expected["val"][1])
     cache = tmp_path / "cache" / "edm-memorization" / "mnist"
@@ -233,13 +234,13 @@ def test_truncated_or_foreign_idx_files_give_user_error(tmp_path):
     path = tmp_path / "mnist" / "t10k-images-idx3-ubyte.gz"
     path.write_bytes(gzip.compress(gzip.decompress(path.read_bytes())[:-10]))
     with pytest.raises(common.UserError, match="truncated"):
-        common.load_images("mnist", "val", root=tmp_path)
+        plumbing.load_images("mnist", "val", root=tmp_path)
     path.write_bytes(gzip.compress(b"PK\x03\x04 something else entirely"))
     with pytest.raises(common.UserError, match="not an IDX file"):
-        common.load_images("mnist", "val", root=tmp_path)
+        plumbing.load_images("mnist", "val", root=tmp_path)
     path.write_bytes(b"not gzip at all")
     with pytest.raises(common.UserError, match="cannot read"):
-        common.load_images("mnist", "val", root=tmp_path)
+        plumbing.load_images("mnist", "val", root=tmp_path)
 
 
 def test_data_file_without_read_permission_is_not_called_corrupt(tmp_path, monkeypatch):
@@ -247,9 +248,9 @@ def test_data_file_without_read_permission_is_not_called_corrupt(tmp_path, monke
 
     def denied(path, mode="rb"):
         raise PermissionError(13, "Permission denied", path)
-    monkeypatch.setattr(common.gzip, "open", denied)
+    monkeypatch.setattr(plumbing.gzip, "open", denied)
     with pytest.raises(common.UserError) as err:
-        common.load_images("mnist", "val", root=tmp_path)
+        plumbing.load_images("mnist", "val", root=tmp_path)
     assert str(err.value).endswith("t10k-images-idx3-ubyte.gz: Permission denied"), err.value
 
 
@@ -263,15 +264,15 @@ def test_cifar_batch_with_code_in_its_pickle_is_refused_without_running_it(tmp_p
     write_tar(str(tmp_path / "cifar-10-python.tar.gz"),
               {"cifar-10-batches-py/test_batch": pickle.dumps({b"data": Payload(), b"labels": []}, protocol=2)})
     with pytest.raises(common.UserError, match="not a CIFAR python batch"):
-        common.load_images("cifar10", "val", root=tmp_path)
+        plumbing.load_images("cifar10", "val", root=tmp_path)
     assert not (tmp_path / "should-never-be-created").exists()
 
 
 def test_unknown_dataset_or_split_gives_user_error_listing_choices():
     with pytest.raises(common.UserError, match="fashion-mnist, mnist, cifar10, cifar100, cifar100-coarse"):
-        common.load_images("imagenet", "train")
+        plumbing.load_images("imagenet", "train")
     with pytest.raises(common.UserError, match="train or val"):
-        common.load_images("mnist", "test")
+        plumbing.load_images("mnist", "test")
 
 
 # --- image tensors -------------------------------------------------------------------------
@@ -280,7 +281,7 @@ def test_images_to_tensor_maps_to_minus_one_one_and_pads_28_with_background():
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (5, 28, 28, 1), dtype=np.uint8)
     images[0, 0, 0, 0], images[0, 1, 1, 0] = 0, 255
-    x = common.images_to_tensor(images)
+    x = plumbing.images_to_tensor(images)
     assert x.dtype == torch.float32 and x.shape == (5, 1, 32, 32)
     assert x.min() >= -1 and x.max() <= 1
     assert x[0, 0, 2, 2] == -1 and x[0, 0, 3, 3] == 1
@@ -288,19 +289,19 @@ def test_images_to_tensor_maps_to_minus_one_one_and_pads_28_with_background():
     border[2:30, 2:30] = False
     assert (x[:, :, border] == -1).all()
     np.testing.assert_allclose(x[:, 0, 2:30, 2:30].numpy(), images[..., 0] / 127.5 - 1, atol=1e-6)
-    assert common.images_to_tensor(images, 16).shape == (5, 1, 16, 16)
+    assert plumbing.images_to_tensor(images, 16).shape == (5, 1, 16, 16)
     rgb = rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
-    np.testing.assert_allclose(common.images_to_tensor(rgb).numpy(), rgb.transpose(0, 3, 1, 2) / 127.5 - 1,
+    np.testing.assert_allclose(plumbing.images_to_tensor(rgb).numpy(), rgb.transpose(0, 3, 1, 2) / 127.5 - 1,
                                atol=1e-6)
 
 
 def test_area_averaging_on_known_patterns():
     checker = ((np.indices((32, 32)).sum(0) % 2) * 255).astype(np.uint8)[None, :, :, None]
-    assert torch.allclose(common.images_to_tensor(checker, 16), torch.zeros(1, 1, 16, 16), atol=1e-6)
+    assert torch.allclose(plumbing.images_to_tensor(checker, 16), torch.zeros(1, 1, 16, 16), atol=1e-6)
     white = np.full((1, 28, 28, 1), 255, np.uint8)  # padded 2 pixels of -1 around +1
-    x16 = common.images_to_tensor(white, 16)[0, 0]
+    x16 = plumbing.images_to_tensor(white, 16)[0, 0]
     assert (x16[1:15, 1:15] == 1).all() and (x16[0] == -1).all() and (x16[:, 15] == -1).all()
-    x8 = common.images_to_tensor(white, 8)[0, 0]  # 4x4 blocks: corner 4/16 image, edge 8/16, inside 16/16
+    x8 = plumbing.images_to_tensor(white, 8)[0, 0]  # 4x4 blocks: corner 4/16 image, edge 8/16, inside 16/16
     assert x8[0, 0] == -0.5 and x8[7, 7] == -0.5 and x8[0, 3] == 0 and x8[4, 7] == 0
     assert (x8[1:7, 1:7] == 1).all()
 
@@ -309,28 +310,28 @@ def test_images_to_tensor_rejects_resolutions_that_do_not_divide_32_and_non_uint
     images = np.zeros((1, 28, 28, 1), np.uint8)
     for bad in (12, 0, 64):
         with pytest.raises(common.UserError, match="resolution"):
-            common.images_to_tensor(images, bad)
+            plumbing.images_to_tensor(images, bad)
     with pytest.raises(common.UserError, match="uint8"):
-        common.images_to_tensor(images.astype(np.float32))
+        plumbing.images_to_tensor(images.astype(np.float32))
 
 
 # --- subsets -------------------------------------------------------------------------------
 
 def test_choose_subset_is_seeded_distinct_sorted_and_nested():
-    a, b = common.choose_subset(1000, 50, seed=3), common.choose_subset(1000, 50, seed=3)
+    a, b = plumbing.choose_subset(1000, 50, seed=3), plumbing.choose_subset(1000, 50, seed=3)
     assert a.dtype == np.int64 and a.shape == (50,)
     np.testing.assert_array_equal(a, b)
     assert len(np.unique(a)) == 50 and (np.diff(a) > 0).all() and a.min() >= 0 and a.max() < 1000
-    assert not np.array_equal(a, common.choose_subset(1000, 50, seed=4))
-    assert set(a) <= set(common.choose_subset(1000, 200, seed=3))
-    np.testing.assert_array_equal(common.choose_subset(7, 7, seed=0), np.arange(7))
+    assert not np.array_equal(a, plumbing.choose_subset(1000, 50, seed=4))
+    assert set(a) <= set(plumbing.choose_subset(1000, 200, seed=3))
+    np.testing.assert_array_equal(plumbing.choose_subset(7, 7, seed=0), np.arange(7))
 
 
 def test_choose_subset_rejects_n_larger_than_the_split_or_below_one():
     with pytest.raises(common.UserError, match=r"n = 1001 .* 1000 images"):
-        common.choose_subset(1000, 1001, seed=0)
+        plumbing.choose_subset(1000, 1001, seed=0)
     with pytest.raises(common.UserError, match="positive"):
-        common.choose_subset(1000, 0, seed=0)
+        plumbing.choose_subset(1000, 0, seed=0)
 
 
 # --- k-means pseudo-labels -----------------------------------------------------------------
@@ -397,12 +398,12 @@ def test_kmeans_in_classifier_features_finds_the_classes_where_pixel_kmeans_find
             images[labels == c, 4 + 7 * c:9 + 7 * c, 6:22] = 255
         write_idx(str(tmp_path / f"{split}-images-idx3-ubyte.gz"), images)
         write_idx(str(tmp_path / f"{split}-labels-idx1-ubyte.gz"), labels)
-    classes = common.load_images("fashion-mnist", "train", str(tmp_path))[1]
-    train = common.train_classifier  # as many steps on these 600 images as on a large split
-    monkeypatch.setattr(common, "train_classifier", lambda *args, **kw: train(*args, **kw, epochs=20))
+    classes = plumbing.load_images("fashion-mnist", "train", str(tmp_path))[1]
+    train = plumbing.train_classifier  # as many steps on these 600 images as on a large split
+    monkeypatch.setattr(plumbing, "train_classifier", lambda *args, **kw: train(*args, **kw, epochs=20))
 
     def purity(cluster_space):  # share of the subset in its cluster's most common class
-        source = common.TrainingSource.drawn("fashion-mnist", 300, 0, "kmeans", 3, 16, str(tmp_path), cluster_space)
+        source = plumbing.TrainingSource.drawn("fashion-mnist", 300, 0, "kmeans", 3, 16, str(tmp_path), cluster_space)
         counts = np.zeros((3, 3))
         np.add.at(counts, (source.labels, classes[source.subset]), 1)
         return counts.max(1).sum() / len(source.subset), source
@@ -411,9 +412,9 @@ def test_kmeans_in_classifier_features_finds_the_classes_where_pixel_kmeans_find
     assert features > 0.95 and pixels < 0.6, (features, pixels)
     assert source.centroids.shape == (3, 128) and source.cluster_space == "classifier"
     # validation images get the cluster of the nearest centroid in the same feature space: their class's cluster
-    val_images, val_classes = common.load_images("fashion-mnist", "val", str(tmp_path))
-    val_labels = source.validation_labels(val_classes, common.images_to_tensor(val_images, 16))
+    val_images, val_classes = plumbing.load_images("fashion-mnist", "val", str(tmp_path))
+    val_labels = source.validation_labels(val_classes, plumbing.images_to_tensor(val_images, 16))
     counts = np.zeros((3, 3))
     np.add.at(counts, (val_labels, val_classes), 1)
     assert counts.max(1).sum() / len(val_classes) > 0.95
-    assert "kmeans3-classifier" in common.subset_name("fashion-mnist", 300, 0, "kmeans", 3, 16, "classifier")
+    assert "kmeans3-classifier" in plumbing.subset_name("fashion-mnist", 300, 0, "kmeans", 3, 16, "classifier")

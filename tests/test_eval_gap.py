@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import common
+import plumbing
 from conftest import write_fashion_mnist
 import eval_gap
 
@@ -41,8 +42,8 @@ def perturbed(net):
 def make_snapshot(path, data_dir, images_seen, net_seed, run_seed=0, num_classes=10, model="unet", resolution=RES):
     """A class-conditional (num_classes 0: unconditional) tiny U-Net (or DiT) snapshot with random (not
     zero-initialised) weights, in the layout train_image.py writes, on the subset train_image.py would choose."""
-    images, classes = common.load_images("fashion-mnist", "train", data_dir)
-    subset = common.choose_subset(len(images), N_SUBSET, run_seed)
+    images, classes = plumbing.load_images("fashion-mnist", "train", data_dir)
+    subset = plumbing.choose_subset(len(images), N_SUBSET, run_seed)
     torch.manual_seed(net_seed)
     net = common.build_network(model, "tiny", resolution, 1, num_classes=num_classes, channels=8)
     states = []
@@ -52,7 +53,7 @@ def make_snapshot(path, data_dir, images_seen, net_seed, run_seed=0, num_classes
     args = dict(data="fashion-mnist", data_dir=data_dir, resolution=resolution, n=N_SUBSET, model=model, size="tiny",
                 channels=8, cond="class" if num_classes else "none", seed=run_seed, steps=100,
                 out=os.path.dirname(path))
-    common.save_checkpoint(dict(kind=common.CHECKPOINT_KIND, net=states[0], ema=states[1], opt={},
+    plumbing.save_checkpoint(dict(kind=plumbing.CHECKPOINT_KIND, net=states[0], ema=states[1], opt={},
                                 step=images_seen // 8, images_seen=images_seen, args=args, network=net.config,
                                 subset=torch.tensor(subset),
                                 labels=torch.tensor(classes[subset]) if num_classes else None,
@@ -78,11 +79,11 @@ def evaluate(data_dir, out, *extra):
     """Run eval_gap on small settings and return its output."""
     eval_gap.main(["--data-dir", data_dir, "--num-images", "20", "--sigmas", *SIGMAS, "--batch", "200",
                    "--device", "cpu", "--out", str(out), *extra])
-    return common.load_npz(str(out))
+    return plumbing.load_npz(str(out))
 
 
 def test_identity_error_is_sigma_squared_noise_power_and_oracle_error_is_zero(data_dir):
-    source = common.TrainingSource("fashion-mnist", RES, np.arange(8), data_dir=data_dir)
+    source = plumbing.TrainingSource("fashion-mnist", RES, np.arange(8), data_dir=data_dir)
     train, val = eval_gap.eval_splits(source, num_images=20, seed=0)
     sigmas = torch.tensor([0.01, 1.0, 30.0], dtype=torch.float64)
     for split in (train, val):
@@ -120,7 +121,7 @@ def test_gap_intervals_cover_the_true_peak_and_curve_and_narrow_with_more_images
 
 
 def test_fixed_noise_is_seeded_by_dataset_index_and_validation_draws_differ_from_training(data_dir):
-    source = common.TrainingSource("fashion-mnist", RES, np.array([3, 5, 7, 11]), data_dir=data_dir)
+    source = plumbing.TrainingSource("fashion-mnist", RES, np.array([3, 5, 7, 11]), data_dir=data_dir)
     train, val = eval_gap.eval_splits(source, num_images=20, seed=0)
     again, _ = eval_gap.eval_splits(source, num_images=20, seed=0)
     assert torch.equal(train.noise, again.noise)
@@ -236,7 +237,7 @@ def test_correlation_radius_is_written_per_snapshot_from_the_gaps_images_and_fre
     # the last snapshot at sigma 0.5 (the second) on the first 3 images of each split, recomputed directly with
     # fresh noise: a draw of its own per image and sigma, seeded by the image's dataset index, never E's fixed one
     train, val = eval_gap.eval_splits(eval_gap.read_snapshot(snap(run_dir, 240))["source"], num_images=20, seed=0)
-    model = common.network_denoiser(common.load_denoiser(snap(run_dir, 240))[0], "cpu", precision="fp32")
+    model = plumbing.network_denoiser(plumbing.load_denoiser(snap(run_dir, 240))[0], "cpu", precision="fp32")
     for split, key in ((train, "radius_train"), (val, "radius_val")):
         noise = eval_gap.radius_noise(split.index[:3], (1, RES, RES), 0, 1)
         assert not torch.equal(noise, split.noise[:3])
@@ -294,15 +295,15 @@ def test_neg_snapshot_that_does_not_fit_the_optimal_denoiser_is_refused(data_dir
 def test_earlier_rows_are_reused_per_snapshot_and_force_recomputes(data_dir, run_dir, tmp_path, monkeypatch, capsys):
     out = tmp_path / "gap.npz"
     evaluate(data_dir, out, snap(run_dir, 80), snap(run_dir, 160))
-    fresh = common.load_npz(str(out))
+    fresh = plumbing.load_npz(str(out))
     planted = dict(fresh)
     planted["e_train"] = fresh["e_train"].copy()
     planted["e_train"][0, 0] = 123.0                 # a marker that only a reused row can carry
-    common.save_npz(str(out), **planted)
+    plumbing.save_npz(str(out), **planted)
 
     loaded = []
-    real = common.load_denoiser
-    monkeypatch.setattr(common, "load_denoiser", lambda path, *a, **k: loaded.append(path) or real(path, *a, **k))
+    real = plumbing.load_denoiser
+    monkeypatch.setattr(plumbing, "load_denoiser", lambda path, *a, **k: loaded.append(path) or real(path, *a, **k))
     r = evaluate(data_dir, out, run_dir)
     assert [os.path.basename(p) for p in loaded] == ["snapshot-000000240.pt"]
     assert r["e_train"][0, 0] == 123.0 and r["e_train"].shape == (3, len(SIGMAS))
@@ -335,30 +336,24 @@ def test_out_with_other_settings_or_rows_this_call_would_leave_out_is_kept_unles
                                        "replace it\n"), err
         assert out.read_bytes() == before, "the earlier result is untouched"
     eval_gap.main([*base, run_dir, "--num-images", "8", "--out", str(free)])
-    assert common.load_npz(str(free))["args"]["num_images"] == 8 and out.read_bytes() == before
+    assert plumbing.load_npz(str(free))["args"]["num_images"] == 8 and out.read_bytes() == before
     eval_gap.main([*base, run_dir, "--force"])
-    assert "e_train_optimal" not in common.load_npz(str(out)), "--force replaces the file"
+    assert "e_train_optimal" not in plumbing.load_npz(str(out)), "--force replaces the file"
 
 
-def test_precision_is_stored_resolved_and_a_file_from_before_it_counts_as_float32_on_a_cpu(data_dir, run_dir,
-                                                                                         tmp_path, monkeypatch, capsys):
-    # --precision auto is stored as what it chose for this machine; a file written before --precision existed
-    # (no precision in its settings) ran its networks in float32 on a CPU: its rows are reused by --precision
-    # fp32, and refused to bf16 (naming the change), as any other setting.
+def test_precision_is_stored_resolved_and_rows_of_another_precision_are_not_reused_unasked(data_dir, run_dir,
+                                                                                          tmp_path, capsys):
+    # --precision auto is stored as what it chose for this machine; a row made in float32 is reused by --precision
+    # fp32 and refused to bf16 (naming the change), as any other setting.
     out = tmp_path / "gap.npz"
     r = evaluate(data_dir, out, snap(run_dir, 80))
-    chosen = common.choose_precision("auto", "cpu")
+    chosen = plumbing.choose_precision("auto", "cpu")
     assert r["args"]["precision"] == chosen and json.loads(str(r["eval_settings"]))["precision"] == chosen
     r = evaluate(data_dir, out, snap(run_dir, 80), "--precision", "fp32", "--force")
-    older = dict(r)
-    settings = json.loads(str(r["eval_settings"]))
-    del settings["precision"]
-    older["eval_settings"] = np.array(json.dumps(settings))
-    older["e_train"] = r["e_train"].copy()
-    older["e_train"][0, 0] = 123.0  # a marker that only a reused row can carry
-    common.save_npz(str(out), **older)
+    marked = dict(r, e_train=r["e_train"].copy())
+    marked["e_train"][0, 0] = 123.0  # a marker that only a reused row can carry
+    plumbing.save_npz(str(out), **{k: v for k, v in marked.items() if k != "format"})
     assert evaluate(data_dir, out, snap(run_dir, 80), "--precision", "fp32")["e_train"][0, 0] == 123.0
-    common.save_npz(str(out), **older)
     status, err = run_cli(["--data-dir", data_dir, "--num-images", "20", "--sigmas", *SIGMAS, "--device", "cpu",
                            "--out", str(out), "--precision", "bf16", snap(run_dir, 80)], capsys)
     assert status == 2 and "was made with other settings (precision fp32 -> bf16)" in err, err
@@ -366,7 +361,7 @@ def test_precision_is_stored_resolved_and_a_file_from_before_it_counts_as_float3
 
 def test_forward_mode_compile_gives_the_eager_rows_and_either_reuses_the_others_rows(data_dir, run_dir, tmp_path,
                                                                                     monkeypatch):
-    # The compiled path of common.network_denoiser (batches of 64 and 36 pairs, the last padded to 64), with
+    # The compiled path of plumbing.network_denoiser (batches of 64 and 36 pairs, the last padded to 64), with
     # torch.compile standing aside: test_networks checks the graph capture itself.
     compiled = []
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append(kw) or fn)
@@ -374,11 +369,11 @@ def test_forward_mode_compile_gives_the_eager_rows_and_either_reuses_the_others_
     eager = evaluate(data_dir, tmp_path / "eager.npz", *snaps, "--batch", "64", "--forward-mode", "eager")
     assert compiled == []
     fast = evaluate(data_dir, tmp_path / "fast.npz", *snaps, "--batch", "64", "--forward-mode", "compile")
-    assert compiled == [dict(dynamic=False)] * 3, "the check at start (common.check_compile), then one per snapshot"
+    assert compiled == [dict(dynamic=False)] * 3, "the check at start (plumbing.check_compile), then one per snapshot"
     for key in ("e_train", "e_val"):
         np.testing.assert_allclose(fast[key], eager[key], rtol=1e-5, atol=0)
     loaded = []
-    monkeypatch.setattr(common, "load_denoiser", lambda path, *a, **k: loaded.append(path))
+    monkeypatch.setattr(plumbing, "load_denoiser", lambda path, *a, **k: loaded.append(path))
     evaluate(data_dir, tmp_path / "fast.npz", *snaps, "--forward-mode", "eager")
     assert loaded == [], "the rows of --forward-mode compile are reused by eager"
 
@@ -389,20 +384,20 @@ def test_killed_run_keeps_its_finished_rows_and_the_rerun_ends_byte_identical(da
     evaluate(data_dir, out, run_dir, "--optimal")
     uninterrupted = out.read_bytes()
     out.unlink()
-    loaded, real = [], common.load_denoiser
+    loaded, real = [], plumbing.load_denoiser
 
     def load(path, *a, **k):
         loaded.append(os.path.basename(path))
         if loaded == ["snapshot-000000080.pt", "snapshot-000000160.pt", "snapshot-000000240.pt"] and kill:
             raise KeyboardInterrupt
         return real(path, *a, **k)
-    monkeypatch.setattr(common, "load_denoiser", load)
+    monkeypatch.setattr(plumbing, "load_denoiser", load)
     kill = True
     status, err = run_cli(["--data-dir", data_dir, "--num-images", "20", "--sigmas", *SIGMAS, "--batch", "200",
                            "--device", "cpu", "--out", str(out), run_dir, "--optimal"], capsys)
     assert status == 130 and err.endswith(f"interrupted after 2 of 4 evaluations: {out} keeps the finished rows, "
                                           "which rerunning the same command reuses\n"), err
-    assert list(common.load_npz(str(out))["images_seen"]) == [80, 160]
+    assert list(plumbing.load_npz(str(out))["images_seen"]) == [80, 160]
     loaded.clear()
     kill = False
     evaluate(data_dir, out, run_dir, "--optimal")
@@ -416,7 +411,7 @@ def test_one_snapshot_gets_its_own_default_out_beside_the_runs_file(data_dir, ru
     eval_gap.main([str(run), *small])
     eval_gap.main([str(run / "snapshot-000000160.pt"), *small])
     capsys.readouterr()
-    whole, one = common.load_npz(str(run / "gap.npz")), common.load_npz(str(run / "gap-snapshot-000000160.npz"))
+    whole, one = plumbing.load_npz(str(run / "gap.npz")), plumbing.load_npz(str(run / "gap-snapshot-000000160.npz"))
     assert list(whole["images_seen"]) == [80, 160, 240] and list(one["images_seen"]) == [160]
     np.testing.assert_array_equal(one["e_val"][0], whole["e_val"][1])
     status, err = run_cli([str(run / "snapshot-000000080.pt"), str(run / "snapshot-000000160.pt"), *small], capsys)
@@ -429,7 +424,7 @@ def test_out_that_another_program_wrote_is_not_replaced_unless_force(data_dir, r
     if foreign == "npz":
         np.savez(out, e_train=np.ones(3), digests=np.array(["a"]))
     elif foreign == "sample_memorize":
-        common.save_npz(str(out), args={}, script="sample_memorize.py", nn_ratio=np.ones(2))
+        plumbing.save_npz(str(out), args={}, script="sample_memorize.py", nn_ratio=np.ones(2))
     else:
         out.write_text("notes")
     before = out.read_bytes()
@@ -457,13 +452,13 @@ def test_feature_gap_compares_equally_many_images_of_both_splits_and_is_near_zer
     # would make the validation distance smaller; an untrained network (D = c_skip x) treats both alike
     (tmp_path / "data").mkdir()
     data = write_fashion_mnist(tmp_path / "data", 96, 512, seed=2)
-    images, _ = common.load_images("fashion-mnist", "train", data)
+    images, _ = plumbing.load_images("fashion-mnist", "train", data)
     net = common.build_network("unet", "tiny", RES, 1, channels=8)  # zero output layer
     args = dict(data="fashion-mnist", data_dir=data, resolution=RES, n=48, model="unet", size="tiny", channels=8,
                 cond="none", seed=0, steps=1, out=str(tmp_path))
-    common.save_checkpoint(dict(kind=common.CHECKPOINT_KIND, net=net.state_dict(), ema=net.state_dict(), opt={},
+    plumbing.save_checkpoint(dict(kind=plumbing.CHECKPOINT_KIND, net=net.state_dict(), ema=net.state_dict(), opt={},
                                 step=1, images_seen=8, args=args, network=net.config,
-                                subset=torch.tensor(common.choose_subset(len(images), 48, 0)), labels=None,
+                                subset=torch.tensor(plumbing.choose_subset(len(images), 48, 0)), labels=None,
                                 dataset="fashion-mnist", resolution=RES, kmeans_centroids=None, rng=[]),
                            tmp_path / "snapshot-000000008.pt")
     sizes, frechet = [], common.frechet_distance
@@ -510,7 +505,7 @@ def test_two_gloo_processes_give_the_same_curves_as_one(data_dir, run_dir, tmp_p
            "--sigmas", *SIGMAS, "--batch", "50", "--device", "cpu", "--out", str(tmp_path / "two.npz"), *JACOBIAN]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    two = common.load_npz(str(tmp_path / "two.npz"))
+    two = plumbing.load_npz(str(tmp_path / "two.npz"))
     for key in ("e_train", "e_val", "e_train_optimal", "e_val_optimal", "radius_train", "radius_val"):
         np.testing.assert_allclose(two[key], one[key], rtol=1e-5)
 
@@ -534,8 +529,8 @@ def test_windows_add_a_leading_axis_whose_last_entry_is_the_whole_image(data_dir
     settings = json.loads(str(r["eval_settings"]))
     assert (settings["windows"], settings["window_steps"], settings["window_mode"]) == ([4, RES], 2, "average")
 
-    loaded, real = [], common.load_denoiser
-    monkeypatch.setattr(common, "load_denoiser", lambda path, *a, **k: loaded.append(path) or real(path, *a, **k))
+    loaded, real = [], plumbing.load_denoiser
+    monkeypatch.setattr(plumbing, "load_denoiser", lambda path, *a, **k: loaded.append(path) or real(path, *a, **k))
     again = evaluate(data_dir, tmp_path / "win.npz", *snaps, "--optimal", "--windows", "4")
     assert loaded == [] and np.array_equal(again["e_val"], r["e_val"]), "the same windows reuse the rows"
     cut = evaluate(data_dir, tmp_path / "cut.npz", *snaps, "--optimal", "--windows", "4", "--window-mode", "cut")
@@ -607,11 +602,11 @@ def test_the_advice_of_each_windows_error_when_followed_gives_a_result(data_dir,
     status, err = run_cli([*argv, "--windows", "3"], capsys)
     assert status == 2 and "off the network's 4-pixel down-sampling grid" in err and ": 8, 12 pixels" in err, err
     eval_gap.main([*argv, "--windows", "8", "--force"])
-    assert list(common.load_npz(str(tmp_path / "w.npz"))["windows"]) == [8, 16]
+    assert list(plumbing.load_npz(str(tmp_path / "w.npz"))["windows"]) == [8, 16]
     status, err = run_cli([*argv, "--windows", "4"], capsys)
     assert status == 2 and "give at least 4 positions per axis" in err, err
     eval_gap.main([*argv, "--windows", "4", "--window-steps", "4", "--force"])
-    assert list(common.load_npz(str(tmp_path / "w.npz"))["windows"]) == [4, 16]
+    assert list(plumbing.load_npz(str(tmp_path / "w.npz"))["windows"]) == [4, 16]
 
 
 def test_relative_gap_is_inf_where_e_train_is_at_rounding_level_and_the_summary_says_so():
@@ -629,9 +624,9 @@ def test_relative_gap_is_inf_where_e_train_is_at_rounding_level_and_the_summary_
 def test_a_snapshot_evaluated_on_other_images_under_the_same_file_names_is_refused(data_dir, run_dir, tmp_path,
                                                                                  capsys):
     ckpt = torch.load(snap(run_dir, 80), weights_only=True)
-    ckpt["data_digests"] = common.data_digests("fashion-mnist", ckpt["subset"].numpy(), data_dir)
+    ckpt["data_digests"] = plumbing.data_digests("fashion-mnist", ckpt["subset"].numpy(), data_dir)
     path = tmp_path / "run" / "snapshot-000000080.pt"
-    common.save_checkpoint(ckpt, path)
+    plumbing.save_checkpoint(ckpt, path)
     (tmp_path / "other").mkdir()
     other = write_fashion_mnist(tmp_path / "other", N_TRAIN, N_VAL, seed=1)  # as MNIST beside Fashion-MNIST
     argv = [str(path), "--num-images", "20", "--sigmas", *SIGMAS, "--device", "cpu", "--out", str(tmp_path / "g.npz")]
@@ -641,13 +636,13 @@ def test_a_snapshot_evaluated_on_other_images_under_the_same_file_names_is_refus
                                    "--data-dir the folder that run read\n"), err
     assert not os.path.exists(tmp_path / "g.npz")
     eval_gap.main(argv)  # the run's own folder
-    assert list(common.load_npz(str(tmp_path / "g.npz"))["images_seen"]) == [80]
+    assert list(plumbing.load_npz(str(tmp_path / "g.npz"))["images_seen"]) == [80]
 
 
 def run_cli(argv, capsys):
     """Exit status and stderr of the script's entry point."""
     with pytest.raises(SystemExit) as exit_info:
-        common.run_cli(lambda: eval_gap.main(argv))
+        plumbing.run_cli(lambda: eval_gap.main(argv))
     return exit_info.value.code, capsys.readouterr().err
 
 
@@ -884,7 +879,7 @@ def test_correlation_radius_of_global_averaging_is_the_mean_pixel_distance():
     everywhere = lambda i, j, k, m: 1.0  # noqa: E731
     r = eval_gap.correlation_radius(average, x, 1.0, pixels=H * W)
     torch.testing.assert_close(r, torch.full((2,), brute_force_radius(H, W, range(H * W), everywhere), dtype=F64))
-    some = common.choose_subset(H * W, 7, 3)                # a seeded subset of the output pixels
+    some = plumbing.choose_subset(H * W, 7, 3)                # a seeded subset of the output pixels
     r = eval_gap.correlation_radius(average, x, 1.0, pixels=7, seed=3)
     torch.testing.assert_close(r, torch.full((2,), brute_force_radius(H, W, some, everywhere), dtype=F64))
 
@@ -936,7 +931,7 @@ def test_correlation_radius_of_a_box_blur_matches_brute_force_on_the_seeded_pixe
     near = lambda i, j, k, m: float(abs(i - k) <= 1 and abs(j - m) <= 1)  # noqa: E731
     interior = (4 + 4 * math.sqrt(2)) / 9
     r = eval_gap.correlation_radius(blur, x, 0.3, pixels=9, seed=5)
-    expected = brute_force_radius(H, W, common.choose_subset(H * W, 9, 5), near)
+    expected = brute_force_radius(H, W, plumbing.choose_subset(H * W, 9, 5), near)
     torch.testing.assert_close(r, torch.full((3,), expected, dtype=F64))
     again = eval_gap.correlation_radius(blur, x, 0.3, pixels=9, seed=5, batch_size=2)
     other = eval_gap.correlation_radius(blur, x, 0.3, pixels=9, seed=6)
@@ -952,7 +947,7 @@ def test_correlation_radius_of_a_network_is_the_same_in_any_chunking_and_in_infe
     torch.manual_seed(0)
     net = perturbed(common.build_network("unet", "tiny", 8, 1, num_classes=3, channels=8))
     net.eval().requires_grad_(False)
-    denoise = common.network_denoiser(net, "cpu", precision="fp32")
+    denoise = plumbing.network_denoiser(net, "cpu", precision="fp32")
     x, labels = torch.randn(5, 1, 8, 8), torch.tensor([0, 1, 2, 3, 1])
     sigma = torch.tensor([0.1, 0.5, 1.0, 2.0, 5.0])
     whole = eval_gap.correlation_radius(denoise, x, sigma, labels, pixels=6, batch_size=10_000)

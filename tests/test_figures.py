@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import common
+import plumbing
 import figures
 
 S, C = 12, 4
@@ -49,7 +50,7 @@ def write_gap(path, params=1000, n=32, k=None, guidance=False, script="eval_gap.
         arrays["windows"] = np.array(windows)
     if script is None:  # as eval_gap.py wrote it before result files named their script
         arrays.update(eval_settings=np.array("{}"))
-    common.save_npz(path, args={"x": 1}, script=script, **arrays)
+    plumbing.save_npz(path, args={"x": 1}, script=script, **arrays)
 
 
 def write_memorization(path, params=1000, n=32, folder="runs", settings="{}"):
@@ -60,7 +61,7 @@ def write_memorization(path, params=1000, n=32, folder="runs", settings="{}"):
                 traj_valid_peak=np.ones(C, bool), null_heldout_score_peak=np.full(C, 0.01),
                 null_heldout_score_peak_ci=np.tile([-0.1, 0.1], (C, 1)), peak_probe_sigma=np.full(C, 0.3),
                 **{f"fcos_{q}_train_peak": rng.uniform(0.4, 0.7, (C, M)) for q in ("traj", "train", "val")})
-    common.save_npz(path, args={"n": n}, script="sample_memorize.py", configs=np.array([f"c{i}" for i in range(C)]),
+    plumbing.save_npz(path, args={"n": n}, script="sample_memorize.py", configs=np.array([f"c{i}" for i in range(C)]),
                     checkpoints=np.array([f"{folder}/r{params}-{n}/snapshot-{s:09d}.pt" for s in seen]), **peak,
                     digests=np.array([f"r{params}-{n}-{s}" for s in seen]), settings=np.array(settings),  # as write_gap's
                     images_seen=seen, guidance_weights=np.zeros(C), nn_ratio=rng.random((C, M)),
@@ -107,12 +108,12 @@ def seeded_results(tmp_path, seed, shift=0.0, run=None, eval_settings="{}", samp
     run arguments updated by `run`), its scores moved by `shift`, made with the given settings."""
     tag = f"{seed}-{json.dumps(run, sort_keys=True)}"
     write_gap(tmp_path / "g.npz")
-    gap = common.load_npz(tmp_path / "g.npz")
+    gap = plumbing.load_npz(tmp_path / "g.npz")
     gap = dict(gap, run_args=np.array(json.dumps({**json.loads(str(gap["run_args"])), "seed": seed, **(run or {})})),
                checkpoints=np.array([f"s{tag}/{p}" for p in gap["checkpoints"]]),
                digests=np.array([f"s{tag}-{d}" for d in gap["digests"]]), eval_settings=np.array(eval_settings))
     write_memorization(tmp_path / "m.npz", settings=sample_settings)
-    mem = common.load_npz(tmp_path / "m.npz")
+    mem = plumbing.load_npz(tmp_path / "m.npz")
     mem = dict(mem, checkpoints=gap["checkpoints"], digests=gap["digests"],
                traj_heldout_score=mem["traj_heldout_score"] + shift,
                traj_heldout_score_ci=mem["traj_heldout_score_ci"] + shift)
@@ -173,7 +174,7 @@ def test_correlation_radius_is_drawn_beside_the_gap_when_eval_gap_measured_it(tm
     assert (tmp_path / "figures" / "correlation_radius_guided.pdf").exists()
     assert "note: correlation_radius" not in capsys.readouterr().out
     write_gap(tmp_path / "plain.npz", radius=True)
-    data = common.load_npz(tmp_path / "plain.npz")
+    data = plumbing.load_npz(tmp_path / "plain.npz")
     fig = figures.fig_correlation_radius(data)
     left, right = fig.axes[:2]
     assert len(left.lines) == 2 * C and left.get_ylabel() == "correlation radius of D (pixels)"
@@ -184,14 +185,14 @@ def test_correlation_radius_is_drawn_beside_the_gap_when_eval_gap_measured_it(tm
 def test_sample_columns_pair_with_the_gap_by_snapshot_digest_whatever_the_paths_and_unpaired_runs_say_so(tmp_path,
                                                                                                      capsys):
     write_gap(tmp_path / "gap.npz")  # checkpoints runs/r1000-32/snapshot-*.pt
-    gap = common.load_npz(tmp_path / "gap.npz")
+    gap = plumbing.load_npz(tmp_path / "gap.npz")
     for folder in ("/elsewhere/moved", "../runs"):  # the run folder moved, or given by another path
         write_memorization(tmp_path / "mem.npz", folder=folder)
-        row = figures.summary_rows([("gap", gap)], [("mem", common.load_npz(tmp_path / "mem.npz"))])[0]
+        row = figures.summary_rows([("gap", gap)], [("mem", plumbing.load_npz(tmp_path / "mem.npz"))])[0]
         assert row["memorized"] == 0.5 and row["fd_gap"] == 1.0
     capsys.readouterr()
     write_memorization(tmp_path / "other.npz", n=64)  # samples of other snapshots only
-    row = figures.summary_rows([("gap", gap)], [("other", common.load_npz(tmp_path / "other.npz"))])[0]
+    row = figures.summary_rows([("gap", gap)], [("other", plumbing.load_npz(tmp_path / "other.npz"))])[0]
     assert row.get("memorized") is None
     assert capsys.readouterr().out == ("note: no sample_memorize.py result holds the last snapshot of gap (paired by "
                                        "its digest): its sample columns stay empty\n")
@@ -199,7 +200,7 @@ def test_sample_columns_pair_with_the_gap_by_snapshot_digest_whatever_the_paths_
 
 def test_summary_reports_the_peak_gap_of_the_last_snapshot_and_its_sigma(tmp_path):
     write_gap(tmp_path / "g.npz", params=2000)
-    data = common.load_npz(tmp_path / "g.npz")
+    data = plumbing.load_npz(tmp_path / "g.npz")
     row = figures.summary_rows([("g", data)], [])[0]
     assert row["peak_gap"] == pytest.approx(data["gap"][-1].max())
     assert row["peak_sigma"] == pytest.approx(data["sigmas"][data["gap"][-1].argmax()])
@@ -210,7 +211,7 @@ def test_runs_with_and_without_augmentation_are_compared_and_not_taken_for_two_m
     write_gap(tmp_path / "plain.npz", params=1000)  # written before --augment-p: p = 0
     write_gap(tmp_path / "augmented.npz", params=1000, augment_p=0.12)
     write_gap(tmp_path / "larger.npz", params=4000, augment_p=0.12)
-    groups = figures.factor_groups([(name, common.load_npz(tmp_path / f"{name}.npz"))
+    groups = figures.factor_groups([(name, plumbing.load_npz(tmp_path / f"{name}.npz"))
                                     for name in ("plain", "augmented", "larger")])
     assert sorted(groups) == ["gap_by_augment_p", "gap_by_params"]
     assert [value for value, _ in groups["gap_by_augment_p"][1]] == [0.0, 0.12]
@@ -241,7 +242,7 @@ def test_missing_inputs_are_skipped_with_a_note_and_an_empty_folder_is_a_clear_e
 
 def test_a_gap_file_with_one_snapshot_gives_the_summary_without_any_figure(tmp_path, capsys):
     sigmas = np.geomspace(0.01, 10, 5)
-    common.save_npz(tmp_path / "gap.npz", args={}, script="eval_gap.py", sigmas=sigmas, images_seen=np.array([64]),
+    plumbing.save_npz(tmp_path / "gap.npz", args={}, script="eval_gap.py", sigmas=sigmas, images_seen=np.array([64]),
                     e_train=np.ones((1, 5)), e_val=np.full((1, 5), 2.0), gap=np.ones((1, 5)),
                     onset_images_seen=np.full(5, 64), peak_sigma=sigmas[:1], checkpoints=np.array(["r/s.pt"]))
     figures.main([str(tmp_path)])
@@ -253,20 +254,21 @@ def test_files_are_recognised_by_the_script_that_wrote_them_and_a_failing_figure
     write_gap(tmp_path / "good.npz")
     write_gap(tmp_path / "old.npz", script=None)
     # another program's file whose key names match eval_gap.py's, with arrays of other shapes
-    common.save_npz(tmp_path / "foreign.npz", args={"lr": 1}, e_train=np.ones(3), e_val=np.ones(3), gap=np.ones(7),
+    plumbing.save_npz(tmp_path / "foreign.npz", args={"lr": 1}, e_train=np.ones(3), e_val=np.ones(3), gap=np.ones(7),
                     images_seen=np.ones((2, 2)), sigmas=np.ones(1), onset_images_seen=np.ones(1))
     np.savez(tmp_path / "plain.npz", e_train=np.ones(3), e_val=np.ones(3), gap=np.ones(3), images_seen=np.ones(3),
              sigmas=np.ones(1), args=np.array("not json"))
-    common.save_npz(tmp_path / "bench.npz", args={}, script="bench_train.py", gap=np.ones(3))
+    plumbing.save_npz(tmp_path / "bench.npz", args={}, script="bench_train.py", gap=np.ones(3))
     # written by eval_gap.py, yet missing the onset and with a gap of the wrong shape
-    common.save_npz(tmp_path / "broken.npz", args={}, script="eval_gap.py", sigmas=np.ones(4),
+    plumbing.save_npz(tmp_path / "broken.npz", args={}, script="eval_gap.py", sigmas=np.ones(4),
                     images_seen=np.array([1, 2]), e_train=np.ones((2, 4)), e_val=np.ones((2, 4)), gap=np.ones(3))
     figures.main([str(tmp_path)])
     out = capsys.readouterr().out
     names = {p.stem for p in (tmp_path / "figures").glob("*.png")}
-    assert {"errors_over_training_good", "gap_over_training_good", "errors_over_training_old"} <= names
+    assert {"errors_over_training_good", "gap_over_training_good"} <= names and not any("old" in n for n in names)
     assert not any("foreign" in n or "plain" in n or "bench" in n for n in names)
     assert "note: skipping" in out and "foreign.npz: not a result of" in out and "plain.npz" in out
+    assert "old.npz: not a result of" in out  # no 'script' entry: not recognised
     assert "note: errors_over_training_broken skipped: its input lacks 'onset_images_seen'" in out
     assert "note: summary row of broken skipped: IndexError" in out
     summary = (tmp_path / "figures" / "summary.txt").read_text()
@@ -275,11 +277,11 @@ def test_files_are_recognised_by_the_script_that_wrote_them_and_a_failing_figure
 
 def test_image_grid_places_images_in_rows_with_white_gaps_and_enlarged_pixels():
     images = np.stack([np.full((1, 2, 2), v, np.float32) for v in (-1.0, 0.0, 1.0)])
-    grid = common.image_grid(images, cols=2, gap=1, scale=2)
+    grid = plumbing.image_grid(images, cols=2, gap=1, scale=2)
     assert grid.shape == (2 * (4 + 1) + 1, 2 * (4 + 1) + 1)
     assert (grid[1:5, 1:5] == 0).all() and (grid[1:5, 6:10] == 0.5).all() and (grid[6:10, 1:5] == 1).all()
     assert (grid[0] == 1).all() and (grid[:, 5] == 1).all() and (grid[6:10, 6:10] == 1).all()  # gaps, empty cell
-    color = common.image_grid(np.full((2, 3, 2, 2), 5.0), cols=2)  # clipped to [-1, 1], no gaps
+    color = plumbing.image_grid(np.full((2, 3, 2, 2), 5.0), cols=2)  # clipped to [-1, 1], no gaps
     assert color.shape == (2, 4, 3) and (color == 1).all()
 
 
@@ -288,7 +290,7 @@ def test_window_figure_shows_g_of_the_last_snapshot_per_window_and_the_others_th
     figures.main([str(tmp_path)])
     names = {p.stem for p in (tmp_path / "figures").glob("*.png")}
     assert {"gap_by_window_win", "errors_over_training_win", "optimal_vs_network_win"} <= names
-    win = common.load_npz(tmp_path / "win.npz")
+    win = plumbing.load_npz(tmp_path / "win.npz")
     row = figures.summary_rows([("win", win)], [])[0]
     assert row["peak_gap"] == win["gap"][-1, -1].max() > win["gap"][0, -1].max(), "the summary reads the whole image"
     fig = figures.fig_gap_by_window(win)

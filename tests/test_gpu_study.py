@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-import common
+import plumbing
 from conftest import run_tiny_script, write_fashion_mnist
 
 
@@ -35,14 +35,14 @@ def test_gpu_study_tiny_runs_every_stage_on_cpu(tmp_path):
             assert np.load(out / "gap" / f"{run}.npz")["gap"].shape == (2, 4), "two snapshots x four sigmas"
     # the last snapshot at w = 0 (unguided) and the paper's 0.2 to 2.0, guided by the null label and by an
     # unconditional run trained 10x shorter
-    short = common.load_checkpoint(sorted((out / "runs" / "unet-tiny-n32-uncond-short").glob("snapshot-*.pt"))[-1])
-    long = common.load_checkpoint(sorted((out / "runs" / "unet-tiny-n32-kmeans4").glob("snapshot-*.pt"))[-1])
+    short = plumbing.load_checkpoint(sorted((out / "runs" / "unet-tiny-n32-uncond-short").glob("snapshot-*.pt"))[-1])
+    long = plumbing.load_checkpoint(sorted((out / "runs" / "unet-tiny-n32-kmeans4").glob("snapshot-*.pt"))[-1])
     assert short["network"]["num_classes"] == 0 and short["images_seen"] * 10 == long["images_seen"]
     for name in ("unet-tiny-n32-kmeans4", "unet-tiny-n32-kmeans4-neg-short"):
         guided = np.load(out / "gap" / f"{name}.npz")
         np.testing.assert_allclose(guided["guidance_weights"], np.arange(11) * 0.2, rtol=0, atol=1e-12)
         assert guided["gap"].shape == (11, 1, 4)
-    assert "unet-tiny-n32-uncond-short" in common.load_npz(str(out / "gap" / "unet-tiny-n32-kmeans4-neg-short.npz"))[
+    assert "unet-tiny-n32-uncond-short" in plumbing.load_npz(str(out / "gap" / "unet-tiny-n32-kmeans4-neg-short.npz"))[
         "args"]["neg"]
     assert list(np.load(out / "gap" / "windows.npz")["windows"]) == [8, 12, 16], "on the U-Net's 4-pixel grid"
     jacobian = np.load(out / "gap" / "jacobian.npz")
@@ -67,7 +67,7 @@ def test_cpu_study_tiny_trains_every_seed_of_the_headline_sizes_and_the_base_mod
         assert gap["peak_gap_ci"].shape == (2, 2) and "gap_optimal" in gap.files, "two snapshots and the optimal"
         samples = np.load(out / "samples" / f"{run}.npz")
         assert samples["traj_heldout_score_ci"].shape == (2, 1, 2) and samples["traj_heldout_score_peak_ci"].shape == (2, 2)
-    base = common.load_checkpoint(out / "runs" / "base-c8-n16-seed0" / "snapshot-000000160.pt")["args"]
+    base = plumbing.load_checkpoint(out / "runs" / "base-c8-n16-seed0" / "snapshot-000000160.pt")["args"]
     assert (base["cond"], base["augment_p"], base["dropout"]) == ("class", 0.12, 0.13)
     table = (out / "figures" / "claim3_map.txt").read_text()
     for run, seeds in (("plain n = 16", 2), ("plain n = 32", 1), ("base n = 16", 2)):
@@ -88,7 +88,7 @@ def test_cpu_factor_study_tiny_varies_size_conditioning_and_guidance_and_draws_e
     for stage in runs + ["1. grid", "2. guidance", "4. figures"]:
         assert re.search(rf"^=== {re.escape(stage)}: \d+ s$", log, re.M), stage
     assert "study.sh done" in log and "FAILED" not in log
-    networks = {run: common.load_checkpoint(sorted((out / "runs" / run).glob("snapshot-*.pt"))[-1]) for run in runs[:6]}
+    networks = {run: plumbing.load_checkpoint(sorted((out / "runs" / run).glob("snapshot-*.pt"))[-1]) for run in runs[:6]}
     assert [networks[run]["network"]["channels"] for run in runs[:2]] == [4, 8]
     assert networks["kmeans4feat-c8-n16-seed0"]["args"]["cluster_space"] == "classifier"
     assert networks["kmeans4feat-c8-n16-seed0"]["kmeans_centroids"].shape == (4, 128)

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import common
+import plumbing
 import eval_gap
 
 MODELS = sorted(common.NETWORK_PRESETS)
@@ -252,19 +253,19 @@ def test_tiny_network_overfits_four_images(model, steps):
 
 
 # ---------------------------------------------------------------------------
-# Inference: common.network_denoiser, eager or compiled (--forward-mode)
+# Inference: plumbing.network_denoiser, eager or compiled (--forward-mode)
 # ---------------------------------------------------------------------------
 
 def test_compile_mode_auto_compiles_with_cuda_graphs_on_one_cuda_device_only():
-    assert common.compile_mode("auto", cuda=False, world=1) == ("eager", False)
-    assert common.compile_mode("auto", cuda=True, world=1) == ("compile", True)
-    assert common.compile_mode("auto", cuda=True, world=2) == ("eager", False)
-    assert common.compile_mode("compile", cuda=True, world=2) == ("compile", False)
-    assert common.compile_mode("compile", cuda=False, world=1) == ("compile", False)
-    assert common.compile_mode("eager", cuda=True, world=1) == ("eager", False)
-    assert common.compile_mode("auto", cuda=False, world=1, cpu_pays=True) == ("compile", False), "no graphs on CPU"
-    assert common.compile_mode("auto", cuda=False, world=2, cpu_pays=True) == ("eager", False)
-    assert common.compile_mode("eager", cuda=False, world=1, cpu_pays=True) == ("eager", False)
+    assert plumbing.compile_mode("auto", cuda=False, world=1) == ("eager", False)
+    assert plumbing.compile_mode("auto", cuda=True, world=1) == ("compile", True)
+    assert plumbing.compile_mode("auto", cuda=True, world=2) == ("eager", False)
+    assert plumbing.compile_mode("compile", cuda=True, world=2) == ("compile", False)
+    assert plumbing.compile_mode("compile", cuda=False, world=1) == ("compile", False)
+    assert plumbing.compile_mode("eager", cuda=True, world=1) == ("eager", False)
+    assert plumbing.compile_mode("auto", cuda=False, world=1, cpu_pays=True) == ("compile", False), "no graphs on CPU"
+    assert plumbing.compile_mode("auto", cuda=False, world=2, cpu_pays=True) == ("eager", False)
+    assert plumbing.compile_mode("eager", cuda=False, world=1, cpu_pays=True) == ("eager", False)
 
 
 def failing_backend(gm, inputs):
@@ -281,11 +282,11 @@ def test_auto_forward_mode_survives_a_failing_compile_with_the_eager_outputs(mon
         attempts.append(1)
         return failing_backend(gm, inputs)
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: real(fn, dynamic=kw["dynamic"], backend=backend))
-    monkeypatch.setattr(common, "compile_mode", lambda requested, cuda, world: ("compile", False))
+    monkeypatch.setattr(plumbing, "compile_mode", lambda requested, cuda, world: ("compile", False))
     denoiser, x, sigma, labels = small_denoiser()
     torch._dynamo.reset()
     with torch.no_grad():
-        denoise = common.network_denoiser(denoiser, "cpu", "auto", "fp32")
+        denoise = plumbing.network_denoiser(denoiser, "cpu", "auto", "fp32")
         outputs = [denoise(x, sigma, labels), denoise(x[:4], 0.7), denoise(x.double(), sigma)]
         expected = [denoiser(x, sigma, labels), denoiser(x[:4], torch.tensor(0.7)), denoiser(x.double(), sigma)]
     for out, eager in zip(outputs, expected):
@@ -299,12 +300,12 @@ def test_explicit_forward_mode_compile_that_cannot_work_stops_with_one_line(monk
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: real(fn, dynamic=kw["dynamic"], backend=failing_backend))
     with pytest.raises(common.UserError, match=r"^--forward-mode compile: torch.compile failed \(BackendCompilerFailed"
                        r": .*\); --forward-mode eager \(or auto\) runs without it$"):
-        common.check_compile("compile", "cpu", "--forward-mode")
-    common.check_compile("auto", "cpu", "--forward-mode")  # auto and eager need no check
+        plumbing.check_compile("compile", "cpu", "--forward-mode")
+    plumbing.check_compile("auto", "cpu", "--forward-mode")  # auto and eager need no check
     denoiser, x, sigma, labels = small_denoiser()
     torch._dynamo.reset()
     with torch.no_grad(), pytest.raises(common.UserError, match="--forward-mode compile: torch.compile failed"):
-        common.network_denoiser(denoiser, "cpu", "compile", "fp32")(x, sigma, labels)
+        plumbing.network_denoiser(denoiser, "cpu", "compile", "fp32")(x, sigma, labels)
 
 
 def small_denoiser():
@@ -323,7 +324,7 @@ def test_compiled_network_denoiser_gives_the_eager_outputs_on_cpu():
     denoiser, x, sigma, labels = small_denoiser()
     torch._dynamo.reset()
     with torch.inference_mode():
-        eager, compiled = (common.network_denoiser(denoiser, "cpu", mode, "fp32") for mode in ("eager", "compile"))
+        eager, compiled = (plumbing.network_denoiser(denoiser, "cpu", mode, "fp32") for mode in ("eager", "compile"))
         torch.testing.assert_close(compiled(x, sigma, labels), eager(x, sigma, labels), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(compiled(x[:4], 0.7), eager(x[:4], 0.7), rtol=1e-5, atol=1e-5)
 
@@ -337,7 +338,7 @@ def test_compiled_network_denoiser_pads_a_smaller_batch_and_gives_exactly_its_ro
     denoiser, x, sigma, labels = small_denoiser()
     torch._dynamo.reset()
     with torch.inference_mode():
-        denoise = common.network_denoiser(denoiser, "cpu", "compile", "fp32")
+        denoise = plumbing.network_denoiser(denoiser, "cpu", "compile", "fp32")
         full, part, null = denoise(x, sigma, labels), denoise(x[:4], sigma[:4], labels[:4]), denoise(x[:3], 0.3)
         assert calls == [dict(dynamic=False)] and len(compiles) == 1, "no CUDA graphs on CPU; one shape, one graph"
         torch.testing.assert_close(full, denoiser(x, sigma, labels), rtol=0, atol=0)
@@ -345,7 +346,7 @@ def test_compiled_network_denoiser_pads_a_smaller_batch_and_gives_exactly_its_ro
         # (some CPUs' convolution kernels round differently by batch size: AVX2, not AVX-512)
         for out, args in ((part, (x[:4], sigma[:4], labels[:4])),
                           (null, (x[:3], torch.full((3,), 0.3), torch.full((3,), 3)))):
-            padded = denoiser(*(common.pad_rows(a, len(x)) for a in args))
+            padded = denoiser(*(plumbing.pad_rows(a, len(x)) for a in args))
             torch.testing.assert_close(out, padded[:len(out)], rtol=0, atol=0)
             torch.testing.assert_close(out, denoiser(*args), rtol=1e-5, atol=1e-6)
     assert part.shape == (4, 1, 8, 8) and null.shape == (3, 1, 8, 8)
@@ -355,7 +356,7 @@ def test_cuda_graph_outputs_are_copied_out_behind_a_step_marker(monkeypatch):
     # The CUDA-graph path on CPU: a stand-in for the graph that returns the same output memory on every call,
     # as a CUDA graph replay does. What a caller keeps must survive the next call.
     modes, marks = [], []
-    monkeypatch.setattr(common, "compile_mode", lambda requested, cuda, world: ("compile", True))
+    monkeypatch.setattr(plumbing, "compile_mode", lambda requested, cuda, world: ("compile", True))
     monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
 
     def graph_compile(fn, dynamic, mode=None):
@@ -370,7 +371,7 @@ def test_cuda_graph_outputs_are_copied_out_behind_a_step_marker(monkeypatch):
     monkeypatch.setattr(torch, "compile", graph_compile)
     denoiser, x, sigma, labels = small_denoiser()
     with torch.no_grad():
-        denoise = common.network_denoiser(denoiser, "cpu", "auto", "fp32")
+        denoise = plumbing.network_denoiser(denoiser, "cpu", "auto", "fp32")
         first, second = denoise(x, sigma, labels), denoise(x.flip(0), sigma, labels)
         torch.testing.assert_close(first, denoiser(x, sigma, labels), rtol=0, atol=0)
         torch.testing.assert_close(second, denoiser(x.flip(0), sigma, labels), rtol=0, atol=0)
@@ -381,11 +382,11 @@ def test_compiled_network_denoiser_runs_eager_when_gradients_are_wanted(monkeypa
     # The correlation radius differentiates D: a CUDA graph cannot replay a backward pass per output pixel, so
     # such calls bypass the compiled function and give the eager radius.
     replays = []
-    monkeypatch.setattr(common, "compile_mode", lambda requested, cuda, world: ("compile", True))
+    monkeypatch.setattr(plumbing, "compile_mode", lambda requested, cuda, world: ("compile", True))
     monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: None)
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: lambda *inputs: replays.append(1) or fn(*inputs))
     denoiser, x, sigma, labels = small_denoiser()
-    denoise = common.network_denoiser(denoiser, "cpu", "auto", "fp32")
+    denoise = plumbing.network_denoiser(denoiser, "cpu", "auto", "fp32")
     radius = eval_gap.correlation_radius(denoise, x, sigma, labels, pixels=8, seed=0)
     assert replays == [], "no call that needs gradients went through the compiled function"
     eager = eval_gap.correlation_radius(lambda *a: denoiser(*a), x, sigma, labels, pixels=8, seed=0)
@@ -403,9 +404,9 @@ def test_network_denoiser_runs_the_network_in_the_precision_asked_for_and_differ
     denoiser, x, sigma, labels = small_denoiser()
     with torch.no_grad():
         exact = denoiser(x, sigma, labels)
-        fp32 = common.network_denoiser(denoiser, "cpu", "eager", "fp32")(x, sigma, labels)
-        bf16 = common.network_denoiser(denoiser, "cpu", "eager", "bf16")(x, sigma, labels)
-        bf16_64 = common.network_denoiser(denoiser, "cpu", "eager", "bf16")(x.double(), sigma.double(), labels)
+        fp32 = plumbing.network_denoiser(denoiser, "cpu", "eager", "fp32")(x, sigma, labels)
+        bf16 = plumbing.network_denoiser(denoiser, "cpu", "eager", "bf16")(x, sigma, labels)
+        bf16_64 = plumbing.network_denoiser(denoiser, "cpu", "eager", "bf16")(x.double(), sigma.double(), labels)
     assert torch.equal(fp32, exact)
     assert bf16.dtype == torch.float32 and bf16_64.dtype == torch.float64
     rounding = ((bf16 - exact).norm() / (exact - x).norm()).item()
@@ -417,5 +418,5 @@ def test_network_denoiser_runs_the_network_in_the_precision_asked_for_and_differ
         with torch.enable_grad():
             (grad,) = torch.autograd.grad(denoise(z, sigma, labels)[:, :, 3, 4].sum(), z)
         return grad
-    assert torch.equal(jacobian_row(common.network_denoiser(denoiser, "cpu", "eager", "bf16")),
+    assert torch.equal(jacobian_row(plumbing.network_denoiser(denoiser, "cpu", "eager", "bf16")),
                        jacobian_row(lambda *a: denoiser(*a)))

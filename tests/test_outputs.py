@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import common
+import plumbing
 from conftest import file_size_limit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -20,21 +21,21 @@ def test_atomic_write_leaves_the_temp_file_of_another_live_writer_alone(tmp_path
     target = tmp_path / "gap.npz"
     live = tmp_path / ".gap.npz.999999.tmp"  # another process, half way through writing the same file
     live.write_bytes(b"partial")
-    common.atomic_write(target, lambda f: f.write(b"mine"))
+    plumbing.atomic_write(target, lambda f: f.write(b"mine"))
     assert target.read_bytes() == b"mine" and live.read_bytes() == b"partial"
     assert sorted(os.listdir(tmp_path)) == [".gap.npz.999999.tmp", "gap.npz"]
 
 
 def test_a_second_writer_is_refused_naming_the_holder_and_the_lock_dies_with_its_process(tmp_path):
     target = tmp_path / "race.npz"
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, common\n"
-                               f"with common.exclusive({str(target)!r}):\n"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, plumbing\n"
+                               f"with plumbing.exclusive({str(target)!r}):\n"
                                "    print('holding', flush=True)\n"
                                "    time.sleep(600)"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == "holding\n"
         with pytest.raises(common.UserError) as err:
-            with common.exclusive(target):
+            with plumbing.exclusive(target):
                 pass
         assert str(err.value) == (f"--out {target} is being written by process {holder.pid} (it holds "
                                   f"{tmp_path / '.race.npz.lock'}): wait for it to end, or give another --out")
@@ -43,9 +44,9 @@ def test_a_second_writer_is_refused_naming_the_holder_and_the_lock_dies_with_its
         holder.wait()
     stale = tmp_path / f".race.npz.{holder.pid}.tmp"  # what a writer killed mid-write leaves
     stale.write_bytes(b"x" * 100)
-    with common.exclusive(target):
+    with plumbing.exclusive(target):
         assert not stale.exists(), "under the lock, no live process writes: its temp files are stale"
-        common.atomic_write(target, lambda f: f.write(b"done"))
+        plumbing.atomic_write(target, lambda f: f.write(b"done"))
     assert os.listdir(tmp_path) == ["race.npz"], "the lock file goes with its holder"
 
 
@@ -55,14 +56,14 @@ def test_a_write_that_fails_for_space_is_one_line_with_the_size_needed_and_keeps
     target.write_bytes(b"old")
     payload = b"x" * 3_000_000
     with file_size_limit(1_000_000), pytest.raises(common.UserError) as err:  # ulimit -f
-        common.atomic_write(target, lambda f: f.write(payload))
+        plumbing.atomic_write(target, lambda f: f.write(payload))
     assert str(err.value) == f"cannot write {target}: file too large (3 MB needed)"
 
     def full(fd):  # a full disk, which some file systems report only when the data reach it
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     monkeypatch.setattr(os, "fsync", full)
     with pytest.raises(common.UserError) as err:
-        common.save_npz(target, values=torch.zeros(500_000, dtype=torch.float64).numpy())
+        plumbing.save_npz(target, values=torch.zeros(500_000, dtype=torch.float64).numpy())
     assert str(err.value) == f"cannot write {target}: no space left on device (4 MB needed)"
     assert target.read_bytes() == b"old" and os.listdir(tmp_path) == ["result.npz"]
 
@@ -72,7 +73,7 @@ def test_snapshots_of_any_number_of_digits_are_found_in_the_order_of_images_seen
              "snapshot-x.pt", "snapshot-000000512.pt.tmp"]
     for name in names:
         (tmp_path / name).write_bytes(b"")
-    found = [os.path.basename(p) for p in common.find_snapshots([str(tmp_path)])]
+    found = [os.path.basename(p) for p in plumbing.find_snapshots([str(tmp_path)])]
     assert found == ["snapshot-000000512.pt", "snapshot-999999999.pt", "snapshot-1000000000.pt",
                      "snapshot-12000000000.pt"]
 
@@ -80,7 +81,7 @@ def test_snapshots_of_any_number_of_digits_are_found_in_the_order_of_images_seen
 def test_a_free_name_replaces_nothing(tmp_path):
     (tmp_path / "gap.npz").write_bytes(b"")
     (tmp_path / "gap-2.npz").write_bytes(b"")
-    assert common.free_name(tmp_path / "gap.npz") == str(tmp_path / "gap-3.npz")
+    assert plumbing.free_name(tmp_path / "gap.npz") == str(tmp_path / "gap-3.npz")
 
 
 @pytest.mark.parametrize("script, argv", [
@@ -93,7 +94,7 @@ def test_a_device_that_is_not_here_is_one_line_before_any_work(script, argv, dev
     module = __import__(script[:-3])
     out = tmp_path / "out.npz" if script in ("eval_gap.py", "sample_memorize.py") else tmp_path / "out"
     with pytest.raises(SystemExit) as exit_info:
-        common.run_cli(lambda: module.main([*argv, "--device", device, "--out", str(out)]))
+        plumbing.run_cli(lambda: module.main([*argv, "--device", device, "--out", str(out)]))
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.endswith(f"error: --device {device}: {device} is not available here "
                                                       "(use cpu or auto)\n"), err
@@ -103,9 +104,9 @@ def test_a_device_that_is_not_here_is_one_line_before_any_work(script, argv, dev
 def test_a_second_process_on_a_result_file_stops_naming_the_first(script, tmp_path, capsys):
     out = tmp_path / "race.npz"
     module = __import__(script)
-    with common.exclusive(out):  # as another eval_gap.py or sample_memorize.py --out race.npz would hold it
+    with plumbing.exclusive(out):  # as another eval_gap.py or sample_memorize.py --out race.npz would hold it
         with pytest.raises(SystemExit) as exit_info:
-            common.run_cli(lambda: module.main(["--optimal", "--device", "cpu", "--out", str(out)]))
+            plumbing.run_cli(lambda: module.main(["--optimal", "--device", "cpu", "--out", str(out)]))
     assert exit_info.value.code == 2 and capsys.readouterr().err == (
         f"error: --out {out} is being written by process {os.getpid()} (it holds {tmp_path / '.race.npz.lock'}): "
         "wait for it to end, or give another --out\n")

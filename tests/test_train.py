@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import common
+import plumbing
 from conftest import file_size_limit, write_fashion_mnist
 import train_image
 
@@ -98,23 +99,23 @@ def test_adam_is_fused_on_a_cpu_and_steps_like_torchs_loop_up_to_rounding():
 def test_snapshot_is_a_plain_dict_with_the_documented_keys(baseline):
     path = snapshot(baseline, 40)
     ckpt = torch.load(path, weights_only=True)  # tensors and plain values only: no code from the file runs
-    assert set(common.CHECKPOINT_KEYS) <= set(ckpt)
-    assert all(isinstance(ckpt[key], torch.Tensor) for key in common.SNAPSHOT_ARRAYS if key != "kmeans_centroids")
-    loaded = common.load_checkpoint(path)
+    assert set(plumbing.CHECKPOINT_KEYS) <= set(ckpt)
+    assert all(isinstance(ckpt[key], torch.Tensor) for key in plumbing.SNAPSHOT_ARRAYS if key != "kmeans_centroids")
+    loaded = plumbing.load_checkpoint(path)
     assert isinstance(loaded["subset"], np.ndarray) and np.array_equal(loaded["subset"], ckpt["subset"].numpy())
-    assert ckpt["kind"] == common.CHECKPOINT_KIND
+    assert ckpt["kind"] == plumbing.CHECKPOINT_KIND
     assert (ckpt["step"], ckpt["images_seen"], ckpt["dataset"], ckpt["resolution"]) == \
         (40, 40 * BATCH, "fashion-mnist", 16)
     assert ckpt["args"]["n"] == 16 and len(ckpt["subset"]) == 16 and len(ckpt["labels"]) == 16
     assert len(ckpt["rng"]) == 1 and "noise" in ckpt["rng"][0]["generators"]
-    denoiser, _ = common.load_denoiser(path)
+    denoiser, _ = plumbing.load_denoiser(path)
     assert denoiser.config == ckpt["network"] and not denoiser.training
     x = torch.randn(2, 1, 16, 16)
     assert torch.isfinite(denoiser(x, torch.tensor([0.5, 2.0]), torch.tensor([0, 10]))).all()
 
 
 def test_train_log_has_the_documented_keys_and_one_loss_per_step(baseline):
-    log = common.load_npz(os.path.join(baseline, "train_log.npz"))
+    log = plumbing.load_npz(os.path.join(baseline, "train_log.npz"))
     assert set(log) == {"args", "script", "format", "code", "images_seen", "loss", "eval_images", "eval_sigmas",
                         "E_train", "E_val", "snapshot_images", "subset", "probe_train", "probe_val"}
     assert log["args"]["steps"] == 40 and log["script"] == "train_image.py"
@@ -143,7 +144,7 @@ def test_killed_and_resumed_run_ends_bit_identical_to_uninterrupted(run, extra, 
         assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
     for i, state in a["opt"]["state"].items():
         assert all(torch.equal(state[k], b["opt"]["state"][i][k]) for k in state)
-    log_a, log_b = (common.load_npz(os.path.join(d, "train_log.npz")) for d in (baseline, tmp_path))
+    log_a, log_b = (plumbing.load_npz(os.path.join(d, "train_log.npz")) for d in (baseline, tmp_path))
     for key in ("loss", "E_train", "E_val", "snapshot_images"):
         np.testing.assert_array_equal(log_a[key], log_b[key])
 
@@ -166,7 +167,7 @@ def test_a_resumed_snapshot_equals_the_uninterrupted_one_byte_for_byte(data_dir,
 
 def test_augmented_run_trains_on_augmented_images_told_their_parameters(augmented, data_dir, tmp_path,
                                                                          monkeypatch):
-    ckpt = common.load_checkpoint(snapshot(augmented, 40))
+    ckpt = plumbing.load_checkpoint(snapshot(augmented, 40))
     assert ckpt["args"]["augment_p"] == 0.5 and ckpt["network"]["augment_dim"] == common.AUGMENT_DIM
     seen, real = [], common.edm_loss
     monkeypatch.setattr(common, "edm_loss", lambda *a, **kw: seen.append(kw["augment_labels"]) or real(*a, **kw))
@@ -177,31 +178,27 @@ def test_augmented_run_trains_on_augmented_images_told_their_parameters(augmente
     params = torch.cat(seen)  # an image has no transform with probability 1/2 (1 - 0.2/2) 0.8^4 = 0.18
     assert params.shape == (2 * BATCH, common.AUGMENT_DIM) and 0 < params.ne(0).any(1).sum() < 2 * BATCH
     # sampling and evaluation give no augmentation parameters: the network as if a = 0
-    denoiser, _ = common.load_denoiser(ckpt)
+    denoiser, _ = plumbing.load_denoiser(ckpt)
     x, sigma, labels = torch.randn(3, 1, 16, 16), torch.tensor([0.3, 1.0, 3.0]), torch.tensor([0, 4, 10])
-    torch.testing.assert_close(common.network_denoiser(denoiser, "cpu", precision="fp32")(x, sigma, labels),
+    torch.testing.assert_close(plumbing.network_denoiser(denoiser, "cpu", precision="fp32")(x, sigma, labels),
                                denoiser(x, sigma, labels, torch.zeros(3, common.AUGMENT_DIM)), rtol=0, atol=0)
 
 
-def test_a_snapshot_of_the_earlier_six_value_augmentation_still_loads_and_samples_but_does_not_resume(
-        augmented, data_dir, tmp_path):
-    # before EDM's 9-value pipeline, the augmentation vector had 6 values: such snapshots store augment_dim 6
-    old = common.load_checkpoint(snapshot(augmented, 40))
-    old["network"]["augment_dim"] = 6
-    for weights in (old["net"], old["ema"]):
-        weights["net.augment_embed.weight"] = weights["net.augment_embed.weight"][:, :6].clone()
-    torch.save(old, snapshot(tmp_path, 40))
-    denoiser, _ = common.load_denoiser(snapshot(tmp_path, 40))
-    assert denoiser.config["augment_dim"] == 6 and denoiser.net.augment_embed.in_features == 6
-    x, sigma, labels = torch.randn(3, 1, 16, 16), torch.tensor([0.3, 1.0, 3.0]), torch.tensor([0, 4, 10])
-    denoise = common.network_denoiser(denoiser, "cpu", precision="fp32")
-    torch.testing.assert_close(denoise(x, sigma, labels), denoiser(x, sigma, labels, torch.zeros(3, 6)), rtol=0,
-                               atol=0)
-    samples = common.sample_ode(lambda x, s: denoise(x, torch.full((len(x),), s), labels), x * 80,
-                                common.edm_sigmas(4))
-    assert samples.shape == x.shape and bool(torch.isfinite(samples).all())
-    with pytest.raises(common.UserError, match="earlier 6-value augmentation.*--no-resume"):
-        train_image.main(argv(data_dir, tmp_path, 60, "--augment-p", "0.5"))
+@pytest.mark.parametrize("damage, words", [
+    (lambda ckpt: ckpt["network"].update(depth=3), "does not hold what this version writes (depth)"),
+    (lambda ckpt: ckpt["network"].pop("augment_dim"), "does not hold what this version writes (augment_dim)"),
+    (lambda ckpt: ckpt.update(args=None), "does not hold what this version writes (args)"),
+    (lambda ckpt: ckpt["ema"].update({"net.extra.weight": torch.ones(1)}), "ema weights of"),
+    (lambda ckpt: ckpt["ema"].pop("net.conv_out.weight"), "ema weights of")])
+def test_a_snapshot_whose_contents_do_not_fit_this_version_is_refused_in_one_line(baseline, tmp_path, damage, words,
+                                                                                   capsys):
+    ckpt = torch.load(snapshot(baseline, 20), weights_only=True)  # as written: tensors and plain values
+    damage(ckpt)
+    plumbing.save_checkpoint(ckpt, snapshot(tmp_path, 20))
+    with pytest.raises(SystemExit) as stop:
+        plumbing.run_cli(lambda: plumbing.load_denoiser(snapshot(tmp_path, 20)))
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and words in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_same_seed_gives_the_same_snapshot_and_log_bytes_and_another_seed_does_not(data_dir, tmp_path):
@@ -218,31 +215,11 @@ def test_same_seed_gives_the_same_snapshot_and_log_bytes_and_another_seed_does_n
     assert all(other[name] != first[name] for name in first)
 
 
-def test_a_snapshot_in_an_older_format_still_loads_and_resumes_exactly(baseline, data_dir, tmp_path):
-    # snapshots used to hold the subset, labels and numpy's random state as numpy arrays, and had neither the
-    # argument augment_p nor the network's augment_dim
-    old = common.load_checkpoint(snapshot(baseline, 20))
-    del old["args"]["augment_p"], old["network"]["augment_dim"]
-    rng = old["rng"][0]["numpy"]
-    old["rng"][0]["numpy"] = ("MT19937", rng["key"].numpy().astype(np.uint32), rng["pos"], rng["has_gauss"],
-                              rng["cached_gaussian"])
-    assert isinstance(old["subset"], np.ndarray) and isinstance(old["labels"], np.ndarray)
-    torch.save(old, snapshot(tmp_path, 20))
-    with pytest.raises(Exception, match="Weights only load failed"):
-        torch.load(snapshot(tmp_path, 20), weights_only=True)
-    loaded = common.load_checkpoint(snapshot(tmp_path, 20))
-    np.testing.assert_array_equal(loaded["labels"], old["labels"])
-    assert loaded["args"]["augment_p"] == 0 and common.load_denoiser(loaded)[0].config["augment_dim"] == 0
-    train_image.main(argv(data_dir, tmp_path))
-    a, b = (common.load_checkpoint(snapshot(out, 40)) for out in (baseline, tmp_path))
-    assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
-
-
 def test_ctrl_c_prints_one_line_with_the_step_the_last_snapshot_and_how_to_resume(data_dir, tmp_path, capsys,
                                                                                    monkeypatch):
     counting_loss(monkeypatch, 28, interrupt)  # in step 28, after the snapshot at step 20
     with pytest.raises(SystemExit) as exit_info:
-        common.run_cli(lambda: train_image.main(argv(data_dir, tmp_path)))
+        plumbing.run_cli(lambda: train_image.main(argv(data_dir, tmp_path)))
     err = capsys.readouterr().err
     assert exit_info.value.code == 130 and "Traceback" not in err
     assert err.splitlines()[-1] == (f"interrupted after 27 of 40 steps (216 images seen); last snapshot "
@@ -254,14 +231,14 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_snapshot(data_di
     with pytest.raises(common.UserError, match=r"loss became nan at step 25 .*snapshot-000000160\.pt.*--lr"):
         train_image.main(argv(data_dir, tmp_path))
     assert sorted(os.listdir(tmp_path)) == [os.path.basename(snapshot(tmp_path, 20)), "train_log.npz"]
-    ckpt = common.load_checkpoint(snapshot(tmp_path, 20))
+    ckpt = plumbing.load_checkpoint(snapshot(tmp_path, 20))
     assert all(torch.isfinite(v).all() for v in ckpt["ema"].values())
 
 
 def run_cli(args, capsys):
     """Exit status and stderr of the script's entry point."""
     with pytest.raises(SystemExit) as exit_info:
-        common.run_cli(lambda: train_image.main(args))
+        plumbing.run_cli(lambda: train_image.main(args))
     return exit_info.value.code, capsys.readouterr().err
 
 
@@ -315,8 +292,8 @@ def test_resuming_from_a_corrupted_or_foreign_snapshot_exits_2(data_dir, tmp_pat
 
 def test_resuming_on_other_images_under_the_same_file_names_names_both_folders(baseline, data_dir, tmp_path,
                                                                              capsys, monkeypatch):
-    assert common.load_checkpoint(snapshot(baseline, 40))["data_digests"] == common.data_digests(
-        "fashion-mnist", common.load_checkpoint(snapshot(baseline, 40))["subset"], data_dir)
+    assert plumbing.load_checkpoint(snapshot(baseline, 40))["data_digests"] == plumbing.data_digests(
+        "fashion-mnist", plumbing.load_checkpoint(snapshot(baseline, 40))["subset"], data_dir)
     (tmp_path / "other").mkdir()
     other = write_fashion_mnist(tmp_path / "other", 40, 20, seed=1)  # as an MNIST folder: the same file names
     counting_loss(monkeypatch, 1, interrupt)  # no step may run
@@ -329,7 +306,7 @@ def test_resuming_on_other_images_under_the_same_file_names_names_both_folders(b
 def test_a_second_process_on_a_run_folder_stops_naming_the_first_and_stale_temp_files_go(data_dir, tmp_path,
                                                                                          capsys):
     out = tmp_path / "run"
-    with common.exclusive(out):  # as another train_image.py --out run would hold it
+    with plumbing.exclusive(out):  # as another train_image.py --out run would hold it
         status, err = run_cli(argv(data_dir, out, 2), capsys)
     assert status == 2 and err == (f"error: --out {out} is being written by process {os.getpid()} (it holds "
                                    f"{tmp_path / '.run.lock'}): wait for it to end, or give another --out\n"), err
@@ -378,8 +355,8 @@ def test_no_resume_replaces_the_earlier_run_once_its_first_snapshot_is_written(b
     monkeypatch.undo()
     train_image.main(argv(data_dir, run, 20, "--no-resume", "--seed", "1"))
     assert sorted(os.listdir(run)) == [os.path.basename(snapshot(run, 20)), "train_log.npz"]
-    assert common.load_checkpoint(snapshot(run, 20))["args"]["seed"] == 1
-    assert common.load_npz(os.path.join(run, "train_log.npz"))["args"]["seed"] == 1
+    assert plumbing.load_checkpoint(snapshot(run, 20))["args"]["seed"] == 1
+    assert plumbing.load_npz(os.path.join(run, "train_log.npz"))["args"]["seed"] == 1
 
 
 def test_resuming_with_different_arguments_names_them(baseline, data_dir, capsys):
@@ -395,9 +372,9 @@ def test_two_gloo_processes_train_like_one_process_with_the_same_global_batch(ba
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert sorted(os.listdir(tmp_path)) == [os.path.basename(snapshot(tmp_path, 20)), "train_log.npz"]
-    ckpt = common.load_checkpoint(snapshot(tmp_path, 20))
+    ckpt = plumbing.load_checkpoint(snapshot(tmp_path, 20))
     assert len(ckpt["rng"]) == 2 and not torch.equal(*(s["generators"]["noise"] for s in ckpt["rng"]))
-    one, two = (common.load_npz(os.path.join(d, "train_log.npz")) for d in (baseline, tmp_path))
+    one, two = (plumbing.load_npz(os.path.join(d, "train_log.npz")) for d in (baseline, tmp_path))
     np.testing.assert_array_equal(one["subset"], two["subset"])
     assert len(two["loss"]) == 20 and not np.array_equal(one["loss"][:20], two["loss"]), "each process draws its own noise"
     np.testing.assert_allclose(two["loss"].mean(), one["loss"][:20].mean(), rtol=0.25)
@@ -416,7 +393,7 @@ def test_compile_mode_compiles_train_steps_loss_and_trains_like_eager(baseline, 
     train_image.main(argv(data_dir, tmp_path, 20, "--step-mode", "compile"))
     assert compiled == [("check_compile.<locals>.<lambda>", {"dynamic": False}), ("loss_function.<locals>.loss", {})]
     assert train_image.parse_args(["--compile"]).step_mode == "compile"
-    one, two = (common.load_npz(os.path.join(d, "train_log.npz")) for d in (baseline, tmp_path))
+    one, two = (plumbing.load_npz(os.path.join(d, "train_log.npz")) for d in (baseline, tmp_path))
     np.testing.assert_allclose(two["loss"], one["loss"][:20], rtol=1e-5)
 
 
@@ -449,13 +426,13 @@ def test_threads_automatic_one_for_small_steps_and_override(data_dir, tmp_path, 
         assert "1 CPU thread(s) each" in capsys.readouterr().out
         train_image.main(argv(data_dir, tmp_path / "two", 2, "--threads", "2"))
         assert "2 CPU thread(s) each" in capsys.readouterr().out and torch.get_num_threads() == 2
-        assert common.choose_threads(common.ONE_THREAD_BELOW_FLOPS / 2) == 1 == common.choose_threads(None)
-        assert common.choose_threads(common.ONE_THREAD_BELOW_FLOPS * 2) == common.DEFAULT_THREADS >= 1
-        assert common.choose_threads(1e15, requested=3) == 3 == common.choose_threads(None) == torch.get_num_threads()
+        assert plumbing.choose_threads(plumbing.ONE_THREAD_BELOW_FLOPS / 2) == 1 == plumbing.choose_threads(None)
+        assert plumbing.choose_threads(plumbing.ONE_THREAD_BELOW_FLOPS * 2) == plumbing.DEFAULT_THREADS >= 1
+        assert plumbing.choose_threads(1e15, requested=3) == 3 == plumbing.choose_threads(None) == torch.get_num_threads()
     finally:
         torch.set_num_threads(1)
     with pytest.raises(common.UserError, match="--threads"):
-        common.choose_threads(None, -1)
+        plumbing.choose_threads(None, -1)
 
 
 def test_step_flops_is_three_forward_passes_per_image():
@@ -504,7 +481,7 @@ def test_auto_step_mode_survives_a_failing_compile_and_trains_bit_exact_as_eager
         assert all(torch.equal(state[k], b["opt"]["state"][i][k]) for k in state)
     assert torch.equal(a["rng"][0]["generators"]["noise"], b["rng"][0]["generators"]["noise"])
     assert torch.equal(a["rng"][0]["torch"], b["rng"][0]["torch"]), "dropout's stream as if eager from the start"
-    one, two = (common.load_npz(os.path.join(d, "train_log.npz")) for d in (baseline, tmp_path))
+    one, two = (plumbing.load_npz(os.path.join(d, "train_log.npz")) for d in (baseline, tmp_path))
     np.testing.assert_array_equal(two["loss"], one["loss"][:20])
 
 
@@ -514,8 +491,8 @@ def test_explicit_step_mode_compile_that_cannot_work_stops_with_one_line(fails, 
     # A compiler that cannot build even a small function stops the run at start, before any data is read; one
     # that fails only on the training step stops it there. Either way one line, and nothing written.
     compile_failing_in(monkeypatch, fails)
-    read, real_load = [], common.load_images
-    monkeypatch.setattr(common, "load_images", lambda *a, **kw: read.append(a) or real_load(*a, **kw))
+    read, real_load = [], plumbing.load_images
+    monkeypatch.setattr(plumbing, "load_images", lambda *a, **kw: read.append(a) or real_load(*a, **kw))
     torch._dynamo.reset()
     status, err = run_cli(argv(data_dir, tmp_path, 20, "--step-mode", "compile"), capsys)
     if fails == "backward":  # the progress bars of the evaluation before step 1 come first
@@ -546,10 +523,10 @@ def test_auto_step_mode_compiles_on_a_cpu_only_small_steps_of_long_runs():
 
 def test_auto_precision_is_bf16_on_cuda_and_on_cpus_with_bf16_units_only(monkeypatch):
     for units, on_cpu in (([], "fp32"), (["AMX-BF16"], "bf16"), (["AVX512-BF16"], "bf16")):
-        monkeypatch.setattr(common, "cpu_bf16_units", lambda: units)
-        assert common.choose_precision("auto", "cpu") == on_cpu
-        assert common.choose_precision("auto", "cuda") == "bf16" and common.choose_precision("auto", "mps") == "fp32"
-        assert common.choose_precision("fp32", "cuda") == "fp32" and common.choose_precision("bf16", "cpu") == "bf16"
+        monkeypatch.setattr(plumbing, "cpu_bf16_units", lambda: units)
+        assert plumbing.choose_precision("auto", "cpu") == on_cpu
+        assert plumbing.choose_precision("auto", "cuda") == "bf16" and plumbing.choose_precision("auto", "mps") == "fp32"
+        assert plumbing.choose_precision("fp32", "cuda") == "fp32" and plumbing.choose_precision("bf16", "cpu") == "bf16"
     assert train_image.parse_args([]).precision == "auto"
 
 
@@ -557,14 +534,14 @@ def test_cpu_bf16_units_are_what_torch_detects_else_the_cpuinfo_flags(monkeypatc
     for amx, avx in ((False, False), (True, False), (False, True), (True, True)):
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx, raising=False)
-        assert common.cpu_bf16_units() == ["AMX-BF16"] * amx + ["AVX512-BF16"] * avx
+        assert plumbing.cpu_bf16_units() == ["AMX-BF16"] * amx + ["AVX512-BF16"] * avx
     monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
     monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
     for flags, units in (("fpu avx2 fma", []), ("avx512f amx_tile amx_bf16", ["AMX-BF16"]),
                          ("avx512f avx512_bf16", ["AVX512-BF16"])):
         cpuinfo = f"processor\t: 0\nmodel name\t: a CPU\nflags\t\t: {flags}\n"
-        monkeypatch.setattr(common, "open", lambda path: io.StringIO(cpuinfo), raising=False)
-        assert common.cpu_bf16_units() == units
+        monkeypatch.setattr(plumbing, "open", lambda path: io.StringIO(cpuinfo), raising=False)
+        assert plumbing.cpu_bf16_units() == units
 
 
 def test_bf16_autocasts_the_training_loss_and_never_the_evaluations(data_dir, tmp_path, monkeypatch):
@@ -579,11 +556,11 @@ def test_bf16_autocasts_the_training_loss_and_never_the_evaluations(data_dir, tm
 
 
 def test_bf16_run_stores_its_precision_keeps_float32_weights_and_trains_like_fp32(baseline, bf16):
-    ckpt, fp32 = (common.load_checkpoint(snapshot(run, 40)) for run in (bf16, baseline))
+    ckpt, fp32 = (plumbing.load_checkpoint(snapshot(run, 40)) for run in (bf16, baseline))
     assert ckpt["args"]["precision"] == "bf16" and fp32["args"]["precision"] == "fp32"
     assert all(v.dtype == torch.float32 for key in ("net", "ema") for v in ckpt[key].values() if v.is_floating_point())
-    one, two = (common.load_npz(os.path.join(d, "train_log.npz")) for d in (baseline, bf16))
-    assert common.load_npz(os.path.join(bf16, "train_log.npz"))["args"]["precision"] == "bf16"
+    one, two = (plumbing.load_npz(os.path.join(d, "train_log.npz")) for d in (baseline, bf16))
+    assert plumbing.load_npz(os.path.join(bf16, "train_log.npz"))["args"]["precision"] == "bf16"
     assert not np.array_equal(one["loss"], two["loss"]), "the loss ran in bf16"
     np.testing.assert_allclose(two["loss"][0], one["loss"][0], rtol=0.02)  # the same weights: bf16 rounding only
     np.testing.assert_array_equal(two["E_train"][0], one["E_train"][0])  # before training: float32 both times
@@ -597,10 +574,10 @@ def test_resuming_keeps_the_snapshots_precision_and_refuses_another(baseline, da
     shutil.copy(snapshot(baseline, 20), snapshot(run, 20))
     status, err = run_cli(argv(data_dir, run, 40, "--precision", "bf16"), capsys)
     assert_one_line_error(status, err, "--precision fp32 (snapshot) vs bf16 (now)", "--no-resume")
-    monkeypatch.setattr(common, "cpu_bf16_units", lambda: ["AMX-BF16"])  # a new run would pick bf16 here
+    monkeypatch.setattr(plumbing, "cpu_bf16_units", lambda: ["AMX-BF16"])  # a new run would pick bf16 here
     train_image.main(argv(data_dir, run, 40, "--precision", "auto"))
     assert "training step: eager, float32 (--precision fp32)" in capsys.readouterr().out
-    a, b = (common.load_checkpoint(snapshot(out, 40)) for out in (baseline, run))
+    a, b = (plumbing.load_checkpoint(snapshot(out, 40)) for out in (baseline, run))
     assert b["args"]["precision"] == "fp32" and all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
 
 
