@@ -433,7 +433,10 @@ def snapshot_points(gap_results, mem_results):
     return points
 
 
-MAP_SCORES = ("score", "score_peak", "null_peak")  # at the fixed probe, at the gap's peak probe, the null there
+# per-snapshot measures of sample_stats merged across seeds: the score at the fixed probe, at the gap's peak probe and
+# the null's there; the mean 1-NN cosine of D(trajectory state) at the peak probe to the training and validation
+# references in feature space (the authors' measure)
+MAP_SCORES = ("score", "score_peak", "null_peak", "fcos_train", "fcos_val")
 
 
 def across_seeds(points):
@@ -502,15 +505,41 @@ def fig_claim3_map(points):
     for ax in axes:
         ax.set_xscale("symlog", linthresh=0.1)
         ax.axhline(0, color="black", lw=0.6)
-        ax.axvspan(0, 0.35, color="gold", alpha=0.12, lw=0)  # the paper's regime: G up to about 0.35
-        ax.set_xlabel("peak of the relative gap G over sigma (symlog; shaded: the paper's G <= 0.35)")
+        ax.axvspan(0, 0.35, color="gold", alpha=0.12, lw=0, label="the paper's regime: G up to 0.35")
+        ax.set_xlabel("peak of the relative gap G over sigma (symlog)")
     axes[0].legend(fontsize=6)
     axes[0].set(ylabel="memorized fraction (d1/d2 < 1/3)", title="copies among samples vs the gap")
     score = "LLR score of trajectory states\n(0: noisy fresh images, 1: noisy training images)"
-    axes[1].set(ylabel=score, title="at the gap's peak probe (hollow: states unlike data)")
-    axes[2].set(ylabel=score, title=f"at the fixed probe nearest sigma {FIXED_PROBE} (hollow: states unlike data)")
+    axes[1].set(ylabel=score, title="trajectories at the gap's peak probe")
+    axes[2].set(ylabel=score, title=f"trajectories at the fixed probe nearest sigma {FIXED_PROBE}")
     for ax in axes[1:]:
         ax.axhline(1, color="black", lw=0.6)
+    return fig
+
+
+def fig_fcos_over_training(points):
+    """The authors' trajectory figure: the mean 1-NN cosine similarity, in feature space, of D(trajectory state) at
+    each snapshot's peak probe to the training reference (solid) and to the validation reference (dashed, hollow),
+    against training images seen; one panel per recipe, one colour per n (seeds merged, 95% intervals)."""
+    rows = [r for r in across_seeds(points) if np.isfinite(r["fcos_train"])]
+    if not rows:
+        return None
+    recipes, labels = list(dict.fromkeys(r["recipe"] for r in rows)), map_labels(rows)
+    fig, axes = plt.subplots(1, len(recipes), figsize=(6.5 * len(recipes), 4.4), squeeze=False, layout="constrained")
+    colors = {n: f"C{i % 10}" for i, n in enumerate(sorted({r["n"] for r in rows}))}
+    for ax, name in zip(axes[0], recipes):
+        for run in dict.fromkeys(r["run"] for r in rows if r["recipe"] == name):
+            group = [r for r in rows if r["run"] == run]
+            seen = np.array([r["images_seen"] for r in group])
+            for key, style in (("fcos_train", dict(ls="-", marker="o")), ("fcos_val", dict(ls="--", marker="s",
+                                                                                          mfc="white"))):
+                y = np.array([r[key] for r in group])
+                ax.plot(seen, y, color=colors[group[0]["n"]], label=f"{labels[run]}: to the "
+                        f"{'training' if key == 'fcos_train' else 'validation'} reference", **style)
+                interval_bars(ax, seen, y, [r[f"{key}_ci"] for r in group], colors[group[0]["n"]])
+        ax.set(xscale="log", xlabel="training images seen", title=f"{name}: D(trajectory state) at the peak probe",
+               ylabel="mean 1-NN cosine similarity (classifier features)")
+        ax.legend(fontsize=6)
     return fig
 
 
@@ -522,7 +551,7 @@ def format_map(points):
     labels = map_labels(rows)
     head = (f"{'run':24s} {'images':>8s} {'seeds':>5s} {'peak G [95% CI]':>22s} {'copies [95% CI]':>20s} "
             f"{'score@peak [95% CI]':>21s} {'peak sigma':>10s} {'null@peak [95% CI]':>20s} "
-            f"{'score@~' + str(FIXED_PROBE) + ' [95% CI]':>21s}")
+            f"{'score@~' + str(FIXED_PROBE) + ' [95% CI]':>21s} {'fcos tr/val':>11s}")
     lines = [head, "-" * len(head)]
 
     def ci(r, key, spec):
@@ -534,7 +563,8 @@ def format_map(points):
         lines.append(f"{labels[r['run']][:24]:24s} {r['images_seen']:8,d} {r['seeds']:5d} {ci(r, 'peak', '.2f'):>22s} "
                      f"{ci(r, 'copies', '.1%'):>20s} {ci(r, 'score_peak', '.2f') + ('' if r['valid_peak'] else ' *'):>21s} "
                      f"{sigmas:>10s} {ci(r, 'null_peak', '.2f'):>20s} "
-                     f"{ci(r, 'score', '.2f') + ('' if r['valid'] else ' *'):>21s}")
+                     f"{ci(r, 'score', '.2f') + ('' if r['valid'] else ' *'):>21s} "
+                     f"{r['fcos_train']:5.3f}/{r['fcos_val']:5.3f}")
     note = (["* trajectory states unlike noisy data: the score says nothing there"]
             if not all(r["valid"] and r["valid_peak"] for r in rows) else [])
     return "\n".join(lines + note)
@@ -808,12 +838,24 @@ def sample_stats(data):
                      null_peak=float(at("null_heldout_score_peak")), null_peak_ci=at("null_heldout_score_peak_ci", nan2),
                      peak_probe=float(at("peak_probe_sigma")), fd_gap=float(data["fd_gap"][i]),
                      fd_heldout=float(data["fd_gap_heldout"][i]))
+        for ref in ("train", "val"):  # the mean over samples and a bootstrap interval of it
+            cos = np.asarray(at(f"fcos_traj_{ref}_peak", np.array([math.nan])), np.float64)
+            finite = cos[np.isfinite(cos)]
+            stats[f"fcos_{ref}"] = float(finite.mean()) if finite.size else math.nan
+            stats[f"fcos_{ref}_ci"] = bootstrap_mean(finite) if finite.size else nan2
         if seen >= 0:
             memo[key] = stats
         else:
             refs.append(dict(run=str(data["configs"][i]), params=None, n=(data.get("args") or {}).get("n"),
                              images_seen=None, peak_gap=None, peak_ci=None, peak_sigma=None, **stats))
     return memo, refs
+
+
+def bootstrap_mean(values, n_boot=1000, seed=0, level=0.95):
+    """Percentile bootstrap interval of the mean of values (1-D), seeded."""
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), (n_boot, len(values)))].mean(1)
+    return tuple(np.quantile(means, [(1 - level) / 2, (1 + level) / 2]))
 
 
 def gap_row(name, data, memo):
@@ -873,9 +915,10 @@ def format_summary(rows):
     head = (f"{'run':34s} {'params':>9s} {'n':>5s} {'images':>8s} {'peak G [95% CI]':>20s} {'at sigma':>8s} "
             f"{'copies [95% CI]':>16s} {'score@~' + str(FIXED_PROBE) + ' [95% CI]':>20s} "
             f"{'score@peak [95% CI]':>20s} {'peak':>6s} {'null@peak [95% CI]':>20s} {'FD gap':>7s} {'held-out':>8s}")
-    lines = [attempt(f"summary row of {r['run']}", format_row, r) for r in rows]
-    return "\n".join([head, "-" * len(head)] + [line for line in lines if line is not None]
-                     + ["* trajectory states unlike noisy data: the score says nothing there"])
+    lines = [line for line in (attempt(f"summary row of {r['run']}", format_row, r) for r in rows) if line is not None]
+    note = ["* trajectory states unlike noisy data: the score says nothing there"] if any(
+        line.endswith("*") or " * " in line for line in lines) else []
+    return "\n".join([head, "-" * len(head)] + lines + note)
 
 
 def attempt(what, make, *inputs):
@@ -942,6 +985,7 @@ def write_figures(results, out, found, processes=1):
     points = attempt("claim-3 map", snapshot_points, gap_results, mem_results) or []
     if points:
         draw("claim3_map", fig_claim3_map, points)
+        draw("fcos_over_training", fig_fcos_over_training, points)
         draw("factor_size", fig_factor_size, points)
         draw("factor_conditioning", fig_factor_conditioning, points)
     guidance = attempt("guidance rows", guidance_rows, gap_results, mem_results) or []

@@ -125,7 +125,7 @@ def test_augment_labels_of_the_wrong_width_are_refused():
         denoiser(torch.zeros(2, 1, 16, 16), 1.0, None, torch.zeros(2, common.AUGMENT_DIM))
 
 
-def test_a_network_config_written_before_augment_dim_builds_without_the_augment_map():
+def test_a_network_config_without_augment_dim_builds_without_the_augment_map():
     config = common.build_network("unet", "tiny", 16, 1, channels=8).config
     assert config["augment_dim"] == 0
     del config["augment_dim"]
