@@ -11,87 +11,9 @@ denoiser of a training subset (docs/method.md, "Formulas").
     python eval_gap.py runs/RUN/snapshot-LAST.pt --jacobian  # how far D looks: the correlation radius
     torchrun --nproc_per_node=K eval_gap.py runs/RUN     # the images are sharded over K processes
 
-Splits: a snapshot's training subset (all of it when n <= `--num-images`, else a seeded sample) and the
-validation split (`--num-images` of it, or all). Each image has one fixed noise draw,
-`common.image_noise(index, seed=--seed)`, reused at every sigma and for every snapshot; training image i has
-index i and validation image j has index len(training split) + j, so no training and validation image share a
-draw. Conditional networks get their own labels: the dataset's classes, or k-means clusters (validation images
-go to the nearest stored centroid). The noise levels are `--sigmas`, else `--num-sigmas` log-spaced in
-[2e-3, 80]. `--optimal` adds the optimal denoiser of the snapshots' training subset, or, without snapshots,
-evaluates only the optimal denoiser of the subset that `--data`, `--n`, `--resolution`, `--cond`, `--k` and
-`--subset-seed` name (drawn as `train_image.py --seed` draws it). `--bootstrap` resamples of both splits' images
-give the interval of the peak of G.
-
-Guidance: with `--guidance-weights`, each model D is evaluated as D_w = D + w (D - D_neg) for each weight w,
-where D_neg (`--neg`) is `uncond`, the same model with the null label (classifier-free guidance; it needs
-class-conditional models), or a snapshot file: an unconditional network (classifier-free guidance as the
-paper's) or a weaker one (autoguidance).
-
-Feature space: with `--features` (`classifier`, `builtin` or an Inception TorchScript file,
-`plumbing.load_feature_extractor`) also the reconstruction gap in that feature space (the paper's rFID): the
-Fréchet distance between the features of D(y + sigma n) and of the clean images of each split, at
-`--feature-sigmas` (`all`: every evaluated sigma). Both splits use equally many images (the first
-min(n, `--num-images`) of each), since the distance's bias grows as 1/count; reconstructions and clean images
-are quantized to 8 bits before the features (as FID tools do).
-
-Correlation radius: with `--jacobian` (or `--jacobian-sigmas`), the radius in pixels of D(y + sigma n)
-(`correlation_radius`: how far each output pixel looks into its channel of the input, from the
-channel-diagonal blocks of the Jacobian), averaged over all output pixels (or `--jacobian-pixels` ones, seeded
-by `--seed`) and channels and the first `--jacobian-images` images of each split, with fresh noise at each
-sigma (`radius_noise`). The defaults are the authors' settings: 16 sigmas log-spaced in [2e-3, 80], 32 images
-per split, all pixels; they evaluate the last snapshot (pass it alone). Snapshots only (the optimal denoiser's
-streaming code has no gradients).
-
-Restricted receptive field (`--windows`, docs/method.md): every model, its guidance negative included, also
-sees only windows of the noisy image of each given size: `--window-steps` positions per axis, evenly spaced
-from edge to edge, their predictions merged per pixel (`--window-mode average`: the mean over the windows that
-hold it; `cut`: the window whose integer centre (top + bottom) // 2 is nearest). The optimal denoiser is then
-the windowed one whose data are the training images cropped to the same window
-(`windowed_optimal_denoiser`); `--features` works per window as well. U-Nets take only windows on their
-down-sampling grid, as the paper's: the window size and every offset a multiple of 2^(levels - 1) (4 for every
-preset: 8 and 12 of 16x16 images, 16, 20, 24 and 28 of 32x32, with 2 positions), so that each crop goes in
-unpadded, in the place on the grid it had in the whole image (`window_offsets`,
-`grid_windows`); the optimal denoiser alone takes any window. DiTs are refused, since their position
-embeddings are fixed to the whole image.
-
-Running: the networks' forward passes run as `--forward-mode` says: eager, or compiled (torch.compile; on CUDA
-with one process in mode reduce-overhead, with CUDA graphs; an explicit compile that cannot work stops at the
-start); auto compiles on CUDA with one process, runs eager otherwise, and goes on eager after one line when
-compiling fails. `--precision` is the networks' arithmetic: bf16 autocast or float32 (auto: bf16 on CUDA and on
-CPUs with bf16 units, as train_image.py; stored as chosen in `args` and the settings where a network runs); the
-errors E, the optimal denoiser and the intervals stay float32/float64, and gradients (the correlation radius)
-float32. `--batch` (image, sigma) pairs go through a forward pass at a time; `--threads 0` lets
-`plumbing.choose_threads` choose. Snapshots of different runs are refused unless `--allow-mixed`.
-
-Writes `--out` (.npz; C models, S sigmas, K feature sigmas, J radius sigmas). Its default is
-`RUN_DIR/gap[-raw][-guided][-windows].npz` for a run folder, `RUN_DIR/gap-SNAPSHOT[-raw][-guided][-windows].npz`
-for one snapshot file `RUN_DIR/SNAPSHOT.pt` (so that it leaves the run's file alone), and
-`results/gap-optimal-<data>-r<R>-n<n>-<none|class|kmeans<k>>-seed<subset seed>[-guided][-windows].npz` for
-`--optimal` alone; several run folders or snapshot files need `--out`. Keys:
-
-- `sigmas` (S,), `images_seen` (C,), `checkpoints` (C,) (paths), `digests` (C,) (`plumbing.snapshot_digest`),
-  `run_args` and `network` (JSON of the first snapshot's training arguments and network config), `params`
-  (its parameter count), `weights` (`--weights`), `args` and `eval_settings` (JSON), `script`;
-- `e_train`, `e_val`, `gap` (C, S); `onset_images_seen` (S,) = the images seen where E_val(sigma) is smallest;
-  `peak_sigma` (C,) = the sigma where G is largest, `peak_gap` (C,) = its value, `peak_gap_ci` (C, 2) = its 95%
-  percentile bootstrap interval over the evaluation images;
-- with `--optimal`: the same per-model keys of the optimal denoiser with the suffix `_optimal` (`e_train_optimal`,
-  `e_val_optimal`, `gap_optimal` (1, S), `peak_gap_optimal`, ...) and `optimal_digest`. Without snapshots the
-  optimal denoiser is the only row (`images_seen` 0, checkpoint `optimal`). Its E_train is 0 or at the rounding
-  level of E_val (`ROUNDING`) at small sigma, where its relative gap is inf (said in the summary line);
-- with `--features`: `feature_sigmas` (K,), `fd_train`, `fd_val`, `feature_gap` (C, K) (and `_optimal`),
-  `feature_space` (which features);
-- with `--jacobian`: `jacobian_sigmas` (J,), `radius_train`, `radius_val` (C, J);
-- with `--guidance-weights`: `guidance_weights` (G,), and every per-model array gains a leading axis (G, ...);
-- with `--windows`: `windows` (W,), the window sizes in pixels, smallest first, the whole image R last (its rows
-  are the unrestricted ones), and every per-model array (`onset_images_seen` and `peak_sigma` too) gains a
-  leading window axis before the guidance axis (W, [G,] ...).
-
-`--out` is rewritten after every evaluated model, and rows already in it computed with the same settings (by
-an earlier or a killed run) are reused unless `--force`; an `--out` that eval_gap.py did not write (another
-script's result, a foreign file), made with other settings or holding rows of models not given here is not
-replaced unless `--force` (`plumbing.check_kept`, which names a free file name), and one process at a time
-writes it (`plumbing.exclusive`).
+Each model's errors use the same evaluation images with one fixed noise draw each, so that curves of snapshots and
+runs compare; guidance, a feature-space gap, the correlation radius and windows are options (`NOTES`). It writes one
+`.npz` (`KEYS`), rewritten after every model, whose finished rows a rerun reuses.
 """
 import argparse
 import collections
@@ -111,16 +33,102 @@ from tqdm import tqdm
 
 from common import check
 
+# the flags in detail, rendered into docs/reference.md
+NOTES = """\
+Splits: a snapshot's training subset (all of it when n <= `--num-images`, else a seeded sample) and the validation
+split (`--num-images` of it, or all). Each image has one fixed noise draw, `common.image_noise(index,
+seed=--seed)`, reused at every sigma and for every snapshot; training image i has index i and validation image j
+has index len(training split) + j, so no training and validation image share a draw. Conditional networks get
+their own labels: the dataset's classes, or k-means clusters (validation images go to the nearest stored
+centroid). The noise levels are `--sigmas`, else `--num-sigmas` log-spaced in [2e-3, 80]. `--optimal` adds the
+optimal denoiser of the snapshots' training subset, or, without snapshots, evaluates only the optimal denoiser of
+the subset that `--data`, `--n`, `--resolution`, `--cond`, `--k` and `--subset-seed` name (drawn as
+`train_image.py --seed` draws it). `--bootstrap` resamples of both splits' images give the interval of the peak of
+G.
+
+Guidance: with `--guidance-weights`, each model D is evaluated as D_w = D + w (D - D_neg) for each weight w, where
+D_neg (`--neg`) is `uncond`, the same model with the null label (classifier-free guidance; it needs
+class-conditional models), or a snapshot file: an unconditional network (classifier-free guidance as the paper's)
+or a weaker one (autoguidance).
+
+Feature space: with `--features` (`classifier`, `builtin` or an Inception TorchScript file,
+`plumbing.load_feature_extractor`) also the reconstruction gap in that feature space (the paper's rFID): the
+Fréchet distance between the features of D(y + sigma n) and of the clean images of each split, at
+`--feature-sigmas` (`all`: every evaluated sigma). Both splits use equally many images (the first min(n,
+`--num-images`) of each), since the distance's bias grows as 1/count; reconstructions and clean images are
+quantized to 8 bits before the features (as FID tools do).
+
+Correlation radius: with `--jacobian` (or `--jacobian-sigmas`), the radius in pixels of D(y + sigma n)
+(`correlation_radius`: how far each output pixel looks into its channel of the input, from the channel-diagonal
+blocks of the Jacobian), averaged over all output pixels (or `--jacobian-pixels` ones, seeded by `--seed`) and
+channels and the first `--jacobian-images` images of each split, with fresh noise at each sigma (`radius_noise`).
+The defaults are the authors' settings: 16 sigmas log-spaced in [2e-3, 80], 32 images per split, all pixels; they
+evaluate the last snapshot (pass it alone). Snapshots only (the optimal denoiser's streaming code has no
+gradients).
+
+Restricted receptive field (`--windows`, docs/method.md): every model, its guidance negative included, also sees
+only windows of the noisy image of each given size: `--window-steps` positions per axis, evenly spaced from edge
+to edge, their predictions merged per pixel (`--window-mode average`: the mean over the windows that hold it;
+`cut`: the window whose integer centre (top + bottom) // 2 is nearest). The optimal denoiser is then the windowed
+one whose data are the training images cropped to the same window (`windowed_optimal_denoiser`); `--features`
+works per window as well. U-Nets take only windows on their down-sampling grid, as the paper's: the window size
+and every offset a multiple of 2^(levels - 1) (4 for every preset: 8 and 12 of 16x16 images, 16, 20, 24 and 28 of
+32x32, with 2 positions), so that each crop goes in unpadded, in the place on the grid it had in the whole image
+(`window_offsets`, `grid_windows`); the optimal denoiser alone takes any window. DiTs are refused, since their
+position embeddings are fixed to the whole image.
+
+Running: the networks' forward passes run as `--forward-mode` says: eager, or compiled (torch.compile; on CUDA
+with one process in mode reduce-overhead, with CUDA graphs; an explicit compile that cannot work stops at the
+start); auto compiles on CUDA with one process, runs eager otherwise, and goes on eager after one line when
+compiling fails. `--precision` is the networks' arithmetic: bf16 autocast or float32 (auto: bf16 on CUDA and on
+CPUs with bf16 units, as train_image.py; stored as chosen in `args` and the settings where a network runs); the
+errors E, the optimal denoiser and the intervals stay float32/float64, and gradients (the correlation radius)
+float32. `--batch` (image, sigma) pairs go through a forward pass at a time; `--threads 0` lets
+`plumbing.choose_threads` choose. Snapshots of different runs are refused unless `--allow-mixed`.
+
+Its default is `RUN_DIR/gap[-raw][-guided][-windows].npz` for a run folder,
+`RUN_DIR/gap-SNAPSHOT[-raw][-guided][-windows].npz` for one snapshot file `RUN_DIR/SNAPSHOT.pt` (so that it leaves
+the run's file alone), and `results/gap-optimal-<data>-r<R>-n<n>-<none|class|kmeans<k>>-seed<subset
+seed>[-guided][-windows].npz` for `--optimal` alone; several run folders or snapshot files need `--out`. `--out`
+is rewritten after every evaluated model, and rows already in it computed with the same settings (by an earlier or
+a killed run) are reused unless `--force`; an `--out` that eval_gap.py did not write (another script's result, a
+foreign file), made with other settings or holding rows of models not given here is not replaced unless `--force`
+(`plumbing.check_kept`, which names a free file name), and one process at a time writes it (`plumbing.exclusive`).
+"""
+# The keys of --out (C models, S sigmas, K feature sigmas, J radius sigmas), rendered into docs/reference.md
+KEYS = {
+    'sigmas': '(S,) the noise levels',
+    'images_seen, checkpoints, digests': '(C,) of each snapshot: images seen, path, `plumbing.snapshot_digest`',
+    'run_args, network, params':
+        "the first snapshot's training arguments and network config (JSON) and parameter count",
+    'weights, args, eval_settings, code, script, format':
+        '`--weights`; the arguments and the settings that change the numbers (JSON); the code identity (JSON, '
+        '`plumbing.code_identity`); the script; the file format',
+    'e_train, e_val, gap': '(C, S) E_train(sigma), E_val(sigma) and G(sigma)',
+    'gap_ci': '(C, S, 2) the pointwise 95% percentile bootstrap interval of G over the evaluation images',
+    'onset_images_seen': '(S,) the images seen where E_val(sigma) is smallest',
+    'peak_sigma, peak_gap, peak_gap_ci':
+        '(C,), (C,), (C, 2) the sigma where G is largest, its value and its 95% interval over the evaluation '
+        'images',
+    'KEY_optimal, optimal_digest':
+        'with `--optimal`: the per-model keys of the optimal denoiser ((1, ...)); without snapshots it is the '
+        'only row (`images_seen` 0, checkpoint `optimal`); its E_train is 0 or at the rounding level of E_val '
+        '(`ROUNDING`) at small sigma, where its G is inf',
+    'feature_sigmas, fd_train, fd_val, feature_gap, feature_space':
+        'with `--features`: (K,), (C, K) (and `_optimal`), which features',
+    'jacobian_sigmas, radius_train, radius_val': 'with `--jacobian`: (J,), (C, J)',
+    'guidance_weights': 'with `--guidance-weights`: (G,); every per-model array gains a leading axis (G, ...)',
+    'windows':
+        'with `--windows`: (W,) the window sizes, smallest first, the whole image R last (its rows are the '
+        'unrestricted ones); every per-model array (`onset_images_seen` and `peak_sigma` too) gains a leading '
+        'window axis before the guidance axis (W, [G,] ...)',
+}
 SCRIPT = os.path.basename(__file__)  # stored in the result file (plumbing.save_npz)
 # Arguments that change the numbers of a row; a cached row is reused only when they all match.
 SETTINGS = ("num_images", "seed", "guidance_weights", "neg", "features", "feature_sigmas", "data_dir", "bootstrap")
-# ... and, only when their option is given (so that earlier files keep their rows), these
+# ... and, only when their option is given, these
 OPTIONAL_SETTINGS = {"windows": ("windows", "window_steps", "window_mode"),
                      "jacobian_sigmas": ("jacobian_sigmas", "jacobian_images", "jacobian_pixels")}
-# ... with how those rows are computed, so that rows of files written before (windows padded off the grid and the
-# cut centre (w - 1) / 2; the radius over all channel pairs, on the fixed noise of E) are recomputed
-RULES = {"windows": "on the grid, unpadded; cut: nearest (top + bottom) // 2",
-         "jacobian_sigmas": "channel-diagonal blocks, all pixels q; fresh noise per sigma"}
 JACOBIAN_SIGMAS = 16  # the authors' radius: 16 sigmas log-spaced in [2e-3, 80]
 ROW_KEYS = ("e_train", "e_val", "peak_gap_ci", "gap_ci", "fd_train", "fd_val", "radius_train", "radius_val")
 ROUNDING = np.finfo(np.float64).eps  # E_train at most this share of E_val is rounding: G is inf there
@@ -685,7 +693,6 @@ def eval_settings(args, sigmas, neg_digest):
     optional = [key for option, keys in OPTIONAL_SETTINGS.items() if getattr(args, option) for key in keys]
     settings = {key: getattr(args, key) for key in SETTINGS + tuple(optional)}
     settings.update(sigmas=[float(s) for s in sigmas], neg=neg_digest)
-    settings.update({f"{option}_rule": rule for option, rule in RULES.items() if getattr(args, option)})
     if args.precision is not None:  # a network runs (else --precision changes nothing)
         settings["precision"] = args.precision
     return json.loads(json.dumps(settings))
@@ -790,7 +797,8 @@ def plan(args, device):
     elif args.optimal:
         optimal = plumbing.TrainingSource.drawn(args.data, args.n, args.subset_seed, args.cond, args.k, args.resolution,
                                                 args.data_dir, args.cluster_space)
-    sigmas = torch.tensor(sorted(args.sigmas), dtype=torch.float64) if args.sigmas else common.log_sigmas(args.num_sigmas)
+    sigmas = (torch.tensor(sorted(args.sigmas), dtype=torch.float64) if args.sigmas
+              else common.log_sigmas(args.num_sigmas))
     args.feature_sigmas = sigmas.tolist() if args.feature_sigmas == "all" else args.feature_sigmas
     neg, neg_digest = None, "uncond"
     if args.guidance_weights is not None:
@@ -878,8 +886,8 @@ def evaluate(args, rank, world, device):
     if rank == 0:
         result = write() if not todo else result
         summarize(result, args.windows, p.weights if guided else None, p.snapshots, p.optimal is not None, say)
-        say(f"wrote {args.out}: e_train, e_val, gap ({'x'.join(map(str, result['e_train'].shape))}), onset_images_seen, "
-            "peak_sigma, peak_gap, peak_gap_ci, gap_ci" + (", *_optimal" if p.optimal is not None else "")
+        say(f"wrote {args.out}: e_train, e_val, gap ({'x'.join(map(str, result['e_train'].shape))}), "
+            "onset_images_seen, peak_sigma, peak_gap, peak_gap_ci, gap_ci" + (", *_optimal" if p.optimal is not None else "")
             + (", fd_train, fd_val, feature_gap" if extractor is not None else "")
             + (", radius_train, radius_val" if args.jacobian_sigmas else ""))
 

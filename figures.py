@@ -3,30 +3,8 @@
     python figures.py results/quick                  # every figure it has data for -> results/quick/figures
     python figures.py results/quick --out figs
 
-It reads every .npz below RESULTS_DIR and recognises it by the script that wrote it (its `script` entry; files of
-another version of the project are skipped with a note):
-
-- `eval_gap.py` (`e_train`, `e_val`, `gap`, `images_seen`): E over training time with the overfitting onset
-  (paper Fig. 1), G(sigma) coloured by images seen with the onset curve (Fig. 2), the optimal denoiser beside
-  the network, G(sigma) across runs coloured by model size, dataset size n, conditioning granularity k,
-  augmentation probability p, guidance weight w and window size (`--windows`: restricted receptive field; the
-  other figures show the whole image), and (with `radius_train`) how far D looks: the correlation radius over
-  sigma beside G;
-- `sample_memorize.py` (`nn_ratio`, `memorized_fraction`): memorized fraction, Fréchet gap of samples and
-  where trajectories live (LLR overlap) over images seen, the Fréchet gap against the early-stopping sigma, the
-  LLR distributions of trajectory states and noisy training and validation images per probe sigma, sample
-  grids;
-- `train_image.py` (`train_log.npz`): loss and probe E_train / E_val over images seen;
-- `toy2d.py` (`delta`, `density`, `guidance`): G(sigma) sweeps (toy2d.py draws every toy panel itself).
-
-Each figure is written into `--out` (default `RESULTS_DIR/figures`) as PNG and PDF, named after what it shows;
-a figure whose inputs are missing or unexpected is skipped with a note saying why. With eval_gap.py results the
-summary table (per run: parameters, n, images seen, peak G with its interval and sigma, copies, trajectory
-overlap and score, Fréchet gaps) is printed and written to `summary.txt`; snapshots that have both an eval_gap.py
-and an unguided sample_memorize.py result also give `claim3_map.png` and its table `claim3_map.txt`: copies and
-the trajectory score against the peak of G, per training set size n. `--seed` and `--device` are accepted for a
-uniform command line and unused: figures are deterministic and need no device. `--threads` figures are drawn at
-once, one process each on Linux (default: one per core).
+It recognises each file by the script that wrote it and draws every figure its inputs allow, as PNG and PDF,
+skipping the others with a note; the figures and tables in detail: `NOTES`.
 """
 import argparse
 import json
@@ -43,6 +21,35 @@ import numpy as np  # noqa: E402
 
 from common import check  # noqa: E402
 
+# the flags in detail, rendered into docs/reference.md
+NOTES = """\
+It reads every .npz below RESULTS_DIR and recognises it by the script that wrote it (its `script` entry; files of
+another version of the project are skipped with a note):
+
+- `eval_gap.py` (`e_train`, `e_val`, `gap`, `images_seen`): E over training time with the overfitting onset (paper
+  Fig. 1), G(sigma) coloured by images seen with the onset curve (Fig. 2), the optimal denoiser beside the
+  network, G(sigma) across runs coloured by model size, dataset size n, conditioning granularity k, augmentation
+  probability p, guidance weight w and window size (`--windows`: restricted receptive field; the other figures
+  show the whole image), and (with `radius_train`) how far D looks: the correlation radius over sigma beside G;
+- `sample_memorize.py` (`nn_ratio`, `memorized_fraction`): memorized fraction, Fréchet gap of samples and where
+  trajectories live (LLR overlap) over images seen, the Fréchet gap against the early-stopping sigma, the LLR
+  distributions of trajectory states and noisy training and validation images per probe sigma, sample grids;
+- `train_image.py` (`train_log.npz`): loss and probe E_train / E_val over images seen;
+- `toy2d.py` (`delta`, `density`, `guidance`): G(sigma) sweeps (toy2d.py draws every toy panel itself).
+
+Each figure is written into `--out` (default `RESULTS_DIR/figures`) as PNG and PDF, named after what it shows; a
+figure whose inputs are missing or unexpected is skipped with a note saying why. With eval_gap.py results the
+summary table (per run: parameters, n, images seen, peak G with its interval and sigma, copies, the trajectory
+score at sigma near 1.2 and at the gap's peak probe with the null there, Fréchet gaps) is printed and written to
+`summary.txt`; snapshots that have both an eval_gap.py and an unguided sample_memorize.py result also give
+`claim3_map.png` and its table `claim3_map.txt` (copies and the trajectory scores against the peak of G, per run,
+merging only results that differ in the training seed alone), `fcos_over_training.png` (the authors' feature
+measure), and, where runs differ in one factor of claim 5 (model size, conditioning) or a snapshot was guided at
+several weights, `factor_size.png`, `factor_conditioning.png`, `factor_guidance.png` and their table
+`factors.txt`. `--seed` and `--device` are accepted for a uniform command line and unused: figures are
+deterministic and need no device. `--threads` figures are drawn at once, one process each on Linux (default: one
+per core).
+"""
 GAP_LABEL = "relative gap G(sigma)"
 
 
@@ -335,7 +342,8 @@ def fig_memorization_over_training(mem_results):
             if fresh in data:
                 ax.plot(seen, data[fresh][idx, mid], "--", color=color)
         if "fcos_traj_train_peak" in data:  # the authors' figure: at each model's peak probe
-            for query, style, what in (("traj", "o-", "D(trajectory state)"), ("train", "s--", "D(noisy training image)"),
+            for query, style, what in (("traj", "o-", "D(trajectory state)"),
+                                       ("train", "s--", "D(noisy training image)"),
                                        ("val", "^:", "D(noisy validation image)")):
                 axes[4].plot(seen, np.nanmean(data[f"fcos_{query}_train_peak"][idx], -1), style, color=color,
                              mfc="white" if query != "traj" else None, label=f"{name}: {what}")
@@ -561,7 +569,8 @@ def format_map(points):
     for r in rows:
         sigmas = "/".join(f"{s:.3g}" for s in r["peak_probes"]) or "-"
         lines.append(f"{labels[r['run']][:24]:24s} {r['images_seen']:8,d} {r['seeds']:5d} {ci(r, 'peak', '.2f'):>22s} "
-                     f"{ci(r, 'copies', '.1%'):>20s} {ci(r, 'score_peak', '.2f') + ('' if r['valid_peak'] else ' *'):>21s} "
+                     f"{ci(r, 'copies', '.1%'):>20s} "
+                     f"{ci(r, 'score_peak', '.2f') + ('' if r['valid_peak'] else ' *'):>21s} "
                      f"{sigmas:>10s} {ci(r, 'null_peak', '.2f'):>20s} "
                      f"{ci(r, 'score', '.2f') + ('' if r['valid'] else ' *'):>21s} "
                      f"{r['fcos_train']:5.3f}/{r['fcos_val']:5.3f}")
@@ -835,7 +844,8 @@ def sample_stats(data):
                      score=float(at("traj_heldout_score")[mid]), score_ci=at("traj_heldout_score_ci")[mid],
                      valid=bool(at("traj_valid")[mid]), score_peak=float(at("traj_heldout_score_peak")),
                      score_peak_ci=at("traj_heldout_score_peak_ci", nan2), valid_peak=bool(at("traj_valid_peak", True)),
-                     null_peak=float(at("null_heldout_score_peak")), null_peak_ci=at("null_heldout_score_peak_ci", nan2),
+                     null_peak=float(at("null_heldout_score_peak")),
+                     null_peak_ci=at("null_heldout_score_peak_ci", nan2),
                      peak_probe=float(at("peak_probe_sigma")), fd_gap=float(data["fd_gap"][i]),
                      fd_heldout=float(data["fd_gap_heldout"][i]))
         for ref in ("train", "val"):  # the mean over samples and a bootstrap interval of it

@@ -1,5 +1,6 @@
-"""Build docs/reference.md from the scripts themselves: per script its module docstring (the long form: what it
-does, what each flag does in detail, the keys of the files it writes) and its --help (every flag with its default).
+"""Build docs/reference.md from the scripts themselves: per script its module docstring (what it does, how to run
+it), its NOTES (what each flag does in detail), its KEYS (the keys of the files it writes) and its --help (every
+flag with its default).
 
     python3 docs/make_reference.py           # rewrite docs/reference.md
     python3 docs/make_reference.py --check   # exit 1, with one line, if docs/reference.md is not up to date
@@ -28,6 +29,25 @@ def docstring(script):
         return ast.get_docstring(ast.parse(f.read())) or ""
 
 
+def constants(script):
+    """A script's NOTES (its flags in detail) and KEYS (the keys of the files it writes: {key: what it holds}),
+    read without running it: ('', {}) where it has none."""
+    with open(os.path.join(ROOT, script), encoding="utf-8") as f:
+        tree = ast.parse(f.read())
+    found = {node.targets[0].id: ast.literal_eval(node.value) for node in tree.body
+             if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
+             and node.targets[0].id in ("NOTES", "KEYS")}
+    return found.get("NOTES", "").strip(), found.get("KEYS", {})
+
+
+def keys_section(keys):
+    """The KEYS of a script as a list, a line per entry: - `key`, `key`: what it holds."""
+    if not keys:
+        return ""
+    items = [f"- {', '.join(f'`{k.strip()}`' for k in key.split(','))}: {text}" for key, text in keys.items()]
+    return "### Result keys\n\n" + "\n".join(items) + "\n\n"
+
+
 def help_text(script):
     """`python3 SCRIPT --help` run from the repository root at COLUMNS columns, without colours: its output."""
     env = {key: value for key, value in os.environ.items() if key not in ("FORCE_COLOR", "COLUMNS", "LINES")}
@@ -51,15 +71,17 @@ def reference(helps=None):
     parts = [
         "# Command-line reference\n",
         textwrap.fill(f"Generated from the scripts by `{COMMAND}` (`--check`: exit 1 if this file is out of date); "
-                      "do not edit it by hand, edit the scripts' docstrings and argparse help instead. Per script: "
-                      "its module docstring (what it does, its flags in detail, the keys of the files it writes) and "
-                      f"its `--help` (every flag, with its default) at {COLUMNS} columns.", 110) + "\n",
+                      "do not edit it by hand, edit the scripts' docstrings, NOTES, KEYS and argparse help instead. "
+                      "Per script: its module docstring (what it does, how to run it), its NOTES (its flags in detail), "
+                      "its KEYS (the keys of the files it writes) and its `--help` (every flag, with its default) at "
+                      f"{COLUMNS} columns.", 110) + "\n",
         " | ".join(f"[{script}](#{anchor(script)})" for script in SCRIPTS) + "\n",
     ]
     for script in SCRIPTS:
         text = helps[script] if script in helps else help_text(script)
-        parts.append(f"## {script}\n\n{docstring(script).strip()}\n\n### `{script} --help`\n\n"
-                     f"```text\n{text.rstrip()}\n```\n")
+        notes, keys = constants(script)
+        parts.append(f"## {script}\n\n{docstring(script).strip()}\n\n{notes + chr(10) * 2 if notes else ''}"
+                     f"{keys_section(keys)}### `{script} --help`\n\n```text\n{text.rstrip()}\n```\n")
     return "\n".join(parts)
 
 
