@@ -13,7 +13,7 @@ import torch
 
 import common
 import plumbing
-from conftest import write_fashion_mnist
+from conftest import perturbed, write_fashion_mnist
 import eval_gap
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,15 +27,6 @@ F64 = torch.float64
 def data_dir(tmp_path_factory):
     """A tiny synthetic Fashion-MNIST: 40 training and 20 validation images of 28x28."""
     return write_fashion_mnist(tmp_path_factory.mktemp("data"), N_TRAIN, N_VAL)
-
-
-def perturbed(net):
-    """net with 0.1 * N(0, 1) (global generator) added to every weight, so that its zero-initialised output
-    layers give a non-trivial denoiser; in place, returned."""
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return net
 
 
 def make_snapshot(path, data_dir, images_seen, net_seed, run_seed=0, num_classes=10, model="unet", resolution=RES):

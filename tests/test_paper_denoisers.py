@@ -9,17 +9,9 @@ import torch
 import common
 import eval_gap
 import plumbing
+from conftest import perturbed
 
 F64 = torch.float64
-
-
-def perturbed(net):
-    """net with 0.1 * N(0, 1) (global generator) added to every weight, so that its zero-initialised output
-    layers give a non-trivial denoiser; in place, returned."""
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return net
 
 
 def brute_force_optimal(x, sigma, data):
