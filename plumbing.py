@@ -25,6 +25,7 @@ import os
 import pickle
 import random
 import re
+import signal
 import sys
 import tarfile
 import tempfile
@@ -42,20 +43,49 @@ import zipfile
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread as Ctrl-C raises KeyboardInterrupt (stop_on_sigterm), so that a script
+    stops the same way: outputs kept whole, one line 'interrupted ...' (run_cli), but exit status 143, not 130."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+def stop_on_sigterm():
+    """Make SIGTERM raise Terminated in this process; returns the handler it replaced, to restore, or None where it
+    leaves SIGTERM alone (not the main thread, or SIGTERM ignored, as by a caller that wants it so)."""
+    try:
+        if signal.getsignal(signal.SIGTERM) == signal.SIG_IGN:
+            return None
+        return signal.signal(signal.SIGTERM, _raise_terminated) or signal.SIG_DFL
+    except ValueError:  # signal handlers can only be set in the main thread
+        return None
+
+
 def _interrupted_at_start(kind, value, traceback):
-    """sys.excepthook: Ctrl-C before a script's main() runs (mostly while torch loads, about 1.5 s) prints one
-    line and exits with status 130, as one during its work does (run_cli); other errors go to Python's hook."""
+    """sys.excepthook: Ctrl-C or SIGTERM before a script's main() runs (mostly while torch loads, about 1.5 s)
+    prints one line and exits with status 130 (143 for SIGTERM), as one during its work does (run_cli); other
+    errors go to Python's hook."""
     if not issubclass(kind, KeyboardInterrupt):
         return sys.__excepthook__(kind, value, traceback)
     with contextlib.suppress(Exception):
         sys.stdout.flush()
     sys.stderr.write("interrupted while starting up: nothing was done\n")
     sys.stderr.flush()
-    os._exit(130)
+    os._exit(143 if issubclass(kind, Terminated) else 130)
+
+
+def _running_a_script_here():
+    """Whether the program running is a script of this project: its __main__ file lies in this folder or below."""
+    main = getattr(sys.modules.get("__main__"), "__file__", None)
+    return main is not None and os.path.abspath(main).startswith(os.path.dirname(os.path.abspath(__file__)) + os.sep)
 
 
 if sys.excepthook is sys.__excepthook__:  # set here, before the slow imports below
     sys.excepthook = _interrupted_at_start
+if _running_a_script_here():  # SIGTERM while torch loads, too; a program that imports plumbing keeps its own
+    stop_on_sigterm()
 
 
 import numpy as np  # noqa: E402
@@ -1301,7 +1331,8 @@ def in_processes(jobs, processes):
     _FORKED_JOBS[:] = jobs
     results = []
     try:
-        with multiprocessing.get_context("fork").Pool(processes) as pool:
+        default_sigterm = (signal.SIGTERM, signal.SIG_DFL)  # a closing pool ends its workers by SIGTERM: no Terminated
+        with multiprocessing.get_context("fork").Pool(processes, signal.signal, default_sigterm) as pool:
             for result, printed in pool.imap(_run_forked_job, range(len(jobs))):
                 print(printed, end="", flush=True)
                 results.append(result)
@@ -1484,16 +1515,23 @@ def on_interrupt(describe):
 
 def run_cli(main):
     """Run a script's main(); a UserError prints 'error: ...' and exits with status 2, Ctrl-C prints one
-    line 'interrupted' (with what the on_interrupt hook says) and exits with status 130."""
+    line 'interrupted' (with what the on_interrupt hook says) and exits with status 130, SIGTERM the same line
+    ('interrupted by SIGTERM ...') with status 143 (stop_on_sigterm, while main() runs)."""
     _ON_INTERRUPT.clear()
+    previous = stop_on_sigterm()
     try:
         main()
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted" + "".join(f" {describe()}" for describe in _ON_INTERRUPT), file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt as err:
+        terminated = isinstance(err, Terminated)
+        print("interrupted" + " by SIGTERM" * terminated + "".join(f" {describe()}" for describe in _ON_INTERRUPT),
+              file=sys.stderr)
+        sys.exit(143 if terminated else 130)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 # ---------------------------------------------------------------------------
