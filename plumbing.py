@@ -1578,11 +1578,12 @@ SPACE_ERRORS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}  # full disk, file-size
 def atomic_write(path, write):
     """Write a file atomically: write(f) into a temp file beside it (.NAME.PID.tmp, with the umask's
     permissions), fsync, then rename, so that a kill at any moment leaves either the old file or the new one.
-    Temp files that killed writers left are removed under the output's lock (exclusive), never here: they may
+    A symlink is written through: its target (os.path.realpath) is replaced and the link stays. Temp files that
+    killed writers left are removed under the output's lock (exclusive), never here: they may
     be a live writer's. A write that fails (a full disk, a file-size limit, no permission) leaves the old file
     and is a UserError naming the file and, for missing space, the size it needs."""
     path = os.fspath(path)
-    folder, name = os.path.split(os.path.abspath(path))
+    folder, name = os.path.split(os.path.realpath(path))
     tmp = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
     try:
         os.makedirs(folder, exist_ok=True)
@@ -1591,7 +1592,7 @@ def atomic_write(path, write):
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        os.replace(tmp, os.path.join(folder, name))
     except BaseException as err:
         with contextlib.suppress(OSError):
             os.remove(tmp)
@@ -1630,18 +1631,21 @@ def _written_size(write):
 
 
 @contextlib.contextmanager
-def exclusive(path, option="--out"):
-    """Hold the lock of an output, a run folder or a result file, while the block runs: an flock on .NAME.lock
-    beside it, which the system releases when the process ends, also when it is killed. Another process that
-    holds it makes this a UserError naming its pid. Under the lock, the temp files of `path` that killed writers
-    left (atomic_write) are removed. Only the main process takes it (under torchrun the others write nothing)."""
+def exclusive(path, option="--out", folder=False):
+    """Hold the lock of an output while the block runs: an flock on .NAME.lock beside a result file, or on .lock
+    inside a folder (folder: a run or figure folder, made if missing), so that whoever may write a folder may lock
+    it; the system releases it when the process ends, also when it is killed. The lock is taken on the resolved
+    path (os.path.realpath): a symlink and its target are one output. Another process that holds it makes this a
+    UserError naming its pid. Under a result file's lock, its temp files that killed writers left (atomic_write)
+    are removed. Only the main process takes it (under torchrun the others write nothing)."""
     if not _writer():
         yield
         return
-    folder, name = os.path.split(os.path.abspath(os.fspath(path)))
-    lock = os.path.join(folder, f".{name}.lock")
+    real = os.path.realpath(os.fspath(path))
+    parent, name = os.path.split(real)
+    lock = os.path.join(real, ".lock") if folder else os.path.join(parent, f".{name}.lock")
     try:
-        os.makedirs(folder, exist_ok=True)
+        os.makedirs(os.path.dirname(lock), exist_ok=True)
         while True:  # until the file locked is the one at `lock` (a holder that ends removes it)
             fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
             try:
@@ -1659,7 +1663,8 @@ def exclusive(path, option="--out"):
     except OSError as err:
         raise UserError(f"cannot lock {option} {path}: {err.strerror or err} ({lock})") from None
     try:
-        remove_temp_files(folder, re.escape(name))
+        if not folder:
+            remove_temp_files(parent, re.escape(name))
         yield
     finally:
         with contextlib.suppress(OSError):

@@ -515,7 +515,7 @@ def main(argv=None):
     args.device = "cpu" if device.type == "mps" else str(device)
     names = EXPERIMENTS if args.experiment == "all" else [args.experiment]
     check_experiments(args, names)
-    with plumbing.exclusive(args.out):  # one process per output folder; then no live writer has a temp file in it
+    with plumbing.exclusive(args.out, folder=True):  # one process per output folder; no live writer has temp files
         plumbing.remove_temp_files(args.out, rf"({'|'.join(EXPERIMENTS)})\.(npz|png|pdf)")
         for name in names:  # each run replaces its own EXPERIMENT.npz, but no other program's file unasked
             plumbing.earlier_result(os.path.join(args.out, f"{name}.npz"), SCRIPT, args.force)

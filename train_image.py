@@ -375,7 +375,7 @@ def main(argv=None):
     check_args(args)
     args.out = args.out or default_out(args)
     plumbing.check_writable(args.out, folder=True)
-    with plumbing.exclusive(args.out):  # one process per run folder; then no live writer has a temp file in it
+    with plumbing.exclusive(args.out, folder=True):  # one process per run folder; no live writer has a temp file in it
         plumbing.remove_temp_files(args.out, r"snapshot-\d+\.pt|train_log\.npz")
         plumbing.run_distributed(train, args)
 

@@ -306,17 +306,16 @@ def test_resuming_on_other_images_under_the_same_file_names_names_both_folders(b
 def test_a_second_process_on_a_run_folder_stops_naming_the_first_and_stale_temp_files_go(data_dir, tmp_path,
                                                                                          capsys):
     out = tmp_path / "run"
-    with plumbing.exclusive(out):  # as another train_image.py --out run would hold it
+    with plumbing.exclusive(out, folder=True):  # as another train_image.py --out run would hold it
         status, err = run_cli(argv(data_dir, out, 2), capsys)
     assert status == 2 and err == (f"error: --out {out} is being written by process {os.getpid()} (it holds "
-                                   f"{tmp_path / '.run.lock'}): wait for it to end, or give another --out\n"), err
-    out.mkdir()
+                                   f"{out / '.lock'}): wait for it to end, or give another --out\n"), err
     stale = out / f".{os.path.basename(snapshot(out, 9))}.123.tmp"  # a killed run's, of a snapshot never made
     stale.write_bytes(b"x" * 1000)
     foreign = out / ".gap.npz.123.tmp"  # eval_gap.py writes into run folders too, under its own lock
     foreign.write_bytes(b"y")
     train_image.main(argv(data_dir, out, 2))
-    assert not stale.exists() and foreign.exists() and not (tmp_path / ".run.lock").exists()
+    assert not stale.exists() and foreign.exists() and not (out / ".lock").exists()
 
 
 def test_a_full_disk_stops_before_the_first_step_and_a_failed_write_is_one_line(data_dir, tmp_path, capsys,
