@@ -466,7 +466,10 @@ def _read_source(info, split, source):
         labels = np.concatenate([np.asarray(b[key], dtype=np.int64) for b in batches])
     check(images.shape[1:] == info["shape"],
           f"{source[0]}: images are {images.shape[1:]}, expected {info['shape']}")
-    check(len(images) == len(labels), f"{source}: {len(images)} images but {len(labels)} labels")
+    check(len(images) == len(labels), f"{source[0]} holds {len(images)} images but {' and '.join(source[1:]) or 'it'} "
+                                      f"{len(labels)} labels: damaged or mismatched files; get them again")
+    check(len(images) > 0, f"{source[0]} holds no images: the {split} split is empty, and every script needs images "
+                           "of both splits (train and val); get the dataset's files again")
     check(len(labels) == 0 or 0 <= labels.min() and labels.max() < info["num_classes"],
           f"{source[-1]}: labels outside 0..{info['num_classes'] - 1}")
     return images, labels
@@ -1021,14 +1024,22 @@ def _read_classifier(path):
 
 def classifier_features(dataset, resolution, data_dir=None, device="cpu"):
     """The 'classifier' feature network of a dataset and resolution (FeatureClassifier), trained once
-    (train_classifier) and cached (classifier_path); returns (trunk, description)."""
+    (train_classifier) and cached (classifier_path); returns (trunk, description). UserError when the cache
+    cannot be written and holds no such network yet."""
     path = classifier_path(dataset, resolution, data_dir)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".lock", "a") as lock:  # another process training it: wait for it, then read its file
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        state = _read_classifier(path)
-        if state is None and is_main_process():
-            state = _train_and_cache_classifier(dataset, resolution, data_dir, device, path)
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        lock = open(path + ".lock", "a")
+    except OSError as err:  # a cache that cannot be written: a network cached there before still serves
+        lock, state = None, _read_classifier(path)
+        check(state is not None, f"cannot write the cache of the classifier feature network in "
+              f"{os.path.dirname(path)} ({err.strerror or err}): set XDG_CACHE_HOME to a folder you can write")
+    if lock is not None:
+        with lock:  # another process training it: wait for it, then read its file
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            state = _read_classifier(path)
+            if state is None and is_main_process():
+                state = _train_and_cache_classifier(dataset, resolution, data_dir, device, path)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()  # the other processes read what the first one trained
         state = state or _read_classifier(path)
