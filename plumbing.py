@@ -784,7 +784,8 @@ def check_same_run(snapshots, allow_mixed=False):
 
 
 def find_snapshots(paths):
-    """Snapshot files: a run folder stands for all its snapshot-*.pt in order of images seen, a file for itself."""
+    """Snapshot files: a run folder stands for all its snapshot-*.pt in order of images seen, a file for itself;
+    each file once (by its resolved path: a run folder and one of its own snapshots, or a symlink to it)."""
     found = []
     for path in paths:
         if os.path.isdir(path):
@@ -795,7 +796,10 @@ def find_snapshots(paths):
         else:
             check(os.path.isfile(path), f"{path} does not exist: it is neither a run folder nor a snapshot file")
             found.append(path)
-    return found
+    unique = {}
+    for path in found:
+        unique.setdefault(os.path.realpath(path), path)
+    return list(unique.values())
 
 
 def load_checkpoint(path, map_location="cpu"):

@@ -366,11 +366,12 @@ def sample(denoise, x_init, labels, sigmas):
 
 
 def stop_steps(sigmas, stops):
-    """Grid step of each early stop: the first sigma_k <= s (common.sample_ode's rule)."""
+    """Grid steps of the early stops, each once, in order: the first sigma_k <= s of each s (common.sample_ode's
+    rule; on a coarse grid several stop sigmas share one)."""
     grid = sigmas[:-1]
     for s in stops:
         check(s >= float(grid[-1]), f"--stop-sigma {s} is below the smallest grid sigma {float(grid[-1]):.3g}")
-    return [int((grid <= s).nonzero()[0]) for s in stops]
+    return sorted({int((grid <= s).nonzero()[0]) for s in stops})
 
 
 def probe_steps(sigmas, probes):
