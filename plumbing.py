@@ -751,8 +751,10 @@ def _interned(value):
 SNAPSHOT_NAME = re.compile(r"snapshot-(\d+)\.pt")  # snapshot-<images seen, at least 9 digits>.pt
 
 
-# train_image.py arguments that a resumed run may change: they touch neither the weights nor the log's layout,
-# so they do not tell two runs apart either (eval_gap.py).
+# train_image.py arguments that a resumed run may change: they change neither what is trained nor the log's layout,
+# so they do not tell two runs apart either (eval_gap.py). But another device, CPU thread count or --step-mode can
+# round the weights differently (kernels that add in another order): a resume with another device or thread count
+# than the snapshot's matches an uninterrupted run only up to rounding, and train_image.py says so.
 RESUMABLE_ARGS = frozenset({"steps", "snapshots", "eval_every", "device", "step_mode", "compile", "threads", "out",
                             "data_dir", "no_resume", "resume_changed_code"})
 

@@ -299,6 +299,24 @@ def plan_line(args, step, step_seconds, eval_seconds, warm_up_seconds, num_snaps
             f"({megabytes(free)} free{', NOT ENOUGH' if need > free else ''})")
 
 
+def arithmetic(device, threads):
+    """Where a run computes, as each snapshot stores it: the device (a GPU by its name) and the CPU threads."""
+    name = f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else device.type
+    return dict(device=name, cpu_threads=threads)
+
+
+def note_other_arithmetic(ckpt, now, say):
+    """One note when a run resumes on another device, or on a CPU with another thread count, than its snapshot
+    `ckpt` was made with (arithmetic; now: this run's): kernels that add in another order round differently, so
+    the run then matches an uninterrupted one only up to rounding (plumbing.RESUMABLE_ARGS)."""
+    names = dict(device="device", cpu_threads="CPU threads") if now["device"] == "cpu" else dict(device="device")
+    changed = [f"{name} {ckpt[key]} -> {now[key]}" for key, name in names.items()
+               if ckpt.get(key, now[key]) != now[key]]  # a snapshot without them: not known
+    if changed:
+        say(f"note: resuming with {' and '.join(changed)} (the snapshot's -> now): the run goes on, but matches an "
+            "uninterrupted run only up to rounding")
+
+
 def interrupted_note(args, steps_done, last_snapshot):
     """How far training got and how to go on, for the one line printed on Ctrl-C."""
     where = f"after {steps_done:,} of {args.steps:,} steps ({steps_done * args.batch:,} images seen)"
@@ -374,6 +392,8 @@ def main(argv=None):
     args = parse_args(argv)
     check_args(args)
     args.out = args.out or default_out(args)
+    if args.data_dir is not None:  # stored in the snapshots: the other scripts find it from any working directory
+        args.data_dir = os.path.abspath(os.path.expanduser(args.data_dir))
     plumbing.check_writable(args.out, folder=True)
     with plumbing.exclusive(args.out, folder=True):  # one process per run folder; no live writer has a temp file in it
         plumbing.remove_temp_files(args.out, r"snapshot-\d+\.pt|train_log\.npz")
@@ -394,6 +414,8 @@ def resume_point(args, code, say):
     ckpt = plumbing.load_checkpoint(last_path)
     if args.precision == "auto":  # a resumed run keeps its precision, whatever this machine's choice
         args.precision = ckpt["args"]["precision"]
+    if args.data_dir is None:  # and reads the folder it read (--data-dir's default for a snapshot)
+        args.data_dir = ckpt["args"].get("data_dir")
     check_same_run(ckpt["args"], vars(args), last_path)
     history = check_same_code(ckpt, code, last_path, args.resume_changed_code, say)
     common.check(ckpt["step"] <= args.steps, f"{last_path} is at step {ckpt['step']}, past --steps {args.steps}; "
@@ -500,6 +522,7 @@ class Keeper:
     old_run: list
     rank: int = 0
     world: int = 1
+    arithmetic: dict = dataclasses.field(default_factory=dict)  # where it runs (arithmetic), stored in each snapshot
 
     def path(self, step):
         return os.path.join(self.args.out, f"snapshot-{step * self.args.batch:09d}.pt")
@@ -543,7 +566,7 @@ class Keeper:
                 network=self.net.config, subset=as_tensor(source.subset), labels=as_tensor(source.labels),
                 dataset=args.data, resolution=args.resolution, kmeans_centroids=as_tensor(source.centroids),
                 data_digests=self.data.digests, rng=states, log=self.log, code=self.code,
-                code_history=self.code_history), path)
+                code_history=self.code_history, **self.arithmetic), path)
             for old in self.old_run:
                 if old != path:
                     os.remove(old)
@@ -587,6 +610,9 @@ def train(args, rank, world, device):
                                augment_dim=common.AUGMENT_DIM if args.augment_p > 0 else 0)
     flops = step_flops(net, local)
     threads = plumbing.choose_threads(flops, args.threads)
+    where = arithmetic(device, threads)
+    if ckpt is not None:
+        note_other_arithmetic(ckpt, where, say)
     args.precision = plumbing.choose_precision(args.precision, device)  # stored in the snapshots and the log
     data = training_data(args, ckpt, last_snapshot, device)
     ema, opt, gen, start, log = training_state(args, net, ckpt, device, rank, world, say)
@@ -616,7 +642,7 @@ def train(args, rank, world, device):
 
     # Training loop, in images seen: steps of B images, evaluations every --eval-every, snapshots at --snapshots.
     snapshots, order = snapshot_steps(args.snapshots, args.steps, B), EpochOrder(args.n, args.seed, device)
-    keeper = Keeper(args, net, ema, opt, gen, data, log, code, code_history, old_run, rank, world)
+    keeper = Keeper(args, net, ema, opt, gen, data, log, code, code_history, old_run, rank, world, where)
     if rank == 0:
         later = sorted(s for s in snapshots if s > start)
         os.makedirs(args.out, exist_ok=True)
