@@ -43,6 +43,7 @@ angles, R seeds, G grid points per axis, P training points, J noise draws per po
 """
 import argparse
 import functools
+import json
 import os
 import time
 
@@ -99,7 +100,7 @@ def parse_args(argv=None):
                    "circle and new samples); the panel shows their mean and standard deviation")
     p.add_argument("--steps", type=int, default=120, help="EDM schedule steps (sigma grid and sampler)")
     p.add_argument("--force", action="store_true", help="replace EXPERIMENT.npz files in --out that toy2d.py did "
-                   "not write (refused otherwise)")
+                   "not write or made with other settings (refused otherwise)")
     plumbing.add_run_args(p, seed="seed of noise draws, random angles and samples", out="output folder",
                         out_default="results/toy2d", device="auto (cuda, then cpu: the toy needs float64, which mps "
                         "lacks), cpu, cuda, cuda:N")
@@ -501,6 +502,15 @@ def exp_samples(args):
 RUNNERS = {name: globals()[f"exp_{name}"] for name in EXPERIMENTS}
 
 
+# Arguments that do not change an experiment's numbers (compared with those of the files it would replace)
+NOT_SETTINGS = ("out", "force", "device", "threads", "jobs")
+
+
+def settings(args):
+    """What changes an experiment's numbers: its stored arguments (a dict) but NOT_SETTINGS, as save_npz writes them."""
+    return json.loads(json.dumps({k: v for k, v in args.items() if k not in NOT_SETTINGS}, sort_keys=True, default=str))
+
+
 def check_experiments(args, names):
     """UserError for arguments that one of the experiments to run cannot use, before the first one runs."""
     shared = " (all: every experiment gets the same flags)" if len(names) > 1 else ""
@@ -517,8 +527,10 @@ def main(argv=None):
     check_experiments(args, names)
     with plumbing.exclusive(args.out, folder=True):  # one process per output folder; no live writer has temp files
         plumbing.remove_temp_files(args.out, rf"({'|'.join(EXPERIMENTS)})\.(npz|png|pdf)")
-        for name in names:  # each run replaces its own EXPERIMENT.npz, but no other program's file unasked
-            plumbing.earlier_result(os.path.join(args.out, f"{name}.npz"), SCRIPT, args.force)
+        for name in names:  # each run replaces its own EXPERIMENT.npz of the same settings, nothing else unasked
+            old = plumbing.earlier_result(os.path.join(args.out, f"{name}.npz"), SCRIPT, args.force)
+            if old is not None:
+                plumbing.check_kept(args.out, settings(old["args"]), settings(vars(args) | {"experiment": name}))
         threads = torch.get_num_threads()
         if args.threads:
             torch.set_num_threads(args.threads)

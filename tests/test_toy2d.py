@@ -168,8 +168,8 @@ def test_threads_are_set_for_the_run_and_restored_after(tmp_path):
 
 
 def test_same_seed_gives_same_npz_and_figure_bytes_and_another_seed_does_not(tmp_path):
-    def output_bytes(seed):
-        toy2d.main(["delta", "--out", str(tmp_path), "--seed", str(seed), *FAST])
+    def output_bytes(seed):  # --force: another seed's delta.npz is replaced only when asked
+        toy2d.main(["delta", "--out", str(tmp_path), "--seed", str(seed), "--force", *FAST])
         return [(tmp_path / f"delta.{ext}").read_bytes() for ext in ("npz", "png", "pdf")]
     first = output_bytes(0)
     assert output_bytes(0) == first, "the PDF has no creation date"
