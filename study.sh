@@ -62,8 +62,9 @@
 # are shared out among the jobs (TORCHINDUCTOR_COMPILE_THREADS = cores / jobs, unless set). Rerunning the same command resumes: training resumes from the last
 # snapshot, and the evaluations reuse the rows they already wrote.
 set -euo pipefail
+source "$(dirname "$0")/jobs.sh"  # --out, --data-dir and PYTHON as given from this folder, before the cd
+PY=$(program "${PYTHON:-python3}")  # the Python with the requirements: PYTHON=venv/bin/python bash study.sh
 cd "$(dirname "$0")"
-PY=${PYTHON:-python3}  # the Python with the requirements: PYTHON=venv/bin/python bash study.sh
 SCALE=gpu DEVICE="" TINY=0 EAGER=0 OUT="" DATA_DIR=${DATA_DIR:-} JOBS="" SIZES="" NS="" IMAGES="" SEEDS="" HEADLINE_NS=""
 SAMPLE_FROM="" PRECISION=auto FACTORS=0  # BASE_NS stays unset unless given: --base-ns "" runs no base model
 FACTOR_N="" FACTOR_CHANNELS=""  # FACTOR_KS and FACTOR_FEATURE_KS stay unset unless given, as BASE_NS
@@ -82,6 +83,8 @@ while [ $# -gt 0 ]; do
     esac
 done
 case "$SCALE" in cpu|gpu) ;; *) echo "error: --scale must be cpu or gpu, got $SCALE" >&2; exit 2 ;; esac
+[ -z "$OUT" ] || OUT=$(absolute "$OUT")
+[ -z "$DATA_DIR" ] || DATA_DIR=$(absolute "$DATA_DIR")
 case "$PRECISION" in auto|fp32|bf16) ;; *) echo "error: --precision must be auto, fp32 or bf16, got $PRECISION" >&2; exit 2 ;; esac
 if ! PY_INFO=$("$PY" -c 'import sys, torch; print(sys.executable, "with torch", torch.__version__)' 2>/dev/null); then
     echo "error: $PY cannot import torch: set PYTHON to the Python that has the requirements" \
@@ -148,6 +151,13 @@ fi
 TRAIN+=(--precision "$PRECISION") EVAL+=(--precision "$PRECISION") SAMPLE+=(--precision "$PRECISION")
 [ -n "${SIZES// /}" ] && [ -n "${NS// /}" ] && [ -n "${SEEDS// /}" ] || { echo "error: --sizes, --ns and --seeds must not be empty" >&2; exit 2; }
 [[ "$SEEDS $HEADLINE_NS" =~ ^[0-9\ ]*$ ]] || { echo "error: --seeds and --headline-ns take non-negative integers" >&2; exit 2; }
+"$PY" -c 'import sys, common, plumbing
+def check(device, sizes):  # what every job would stop on, checked once before any starts
+    plumbing.pick_device(device)
+    unknown, presets = " ".join(s for s in sizes.split() if s not in common.NETWORK_PRESETS["unet"]), ", ".join(
+        common.NETWORK_PRESETS["unet"])
+    common.check(not unknown, f"--sizes {unknown}: no such U-Net size; choose from {presets}")
+plumbing.run_cli(lambda: check(*sys.argv[1:]))' "$DEVICE" "$SIZES"
 MODE=$([ "$EAGER" = 1 ] && echo eager || echo auto)
 STEP_MODE=(--step-mode "$MODE") FORWARD_MODE=(--forward-mode "$MODE")
 CORES=$(nproc 2>/dev/null || echo 1)
@@ -157,6 +167,7 @@ NEG_STEPS=$(( (IMAGES / 10 + BATCH - 1) / BATCH ))  # the guidance negative: 10x
 WEIGHTS=(0 0.2 0.4 0.6 0.8 1 1.2 1.4 1.6 1.8 2)       # guidance weights: 0 unguided, then the paper's 0.2 to 2.0
 DATA=(--data fashion-mnist --resolution "$RES")
 [ -n "$DATA_DIR" ] && DATA+=(--data-dir "$DATA_DIR")
+lock_out "$OUT" study.sh  # before any log is written
 mkdir -p "$OUT/logs"
 LOG=$OUT/$SCALE$([ "$FACTORS" = 0 ] || echo -factors).log
 export TQDM_MININTERVAL=${TQDM_MININTERVAL:-30}  # progress bars: a line every 30 s in the logs
@@ -174,19 +185,19 @@ run_chain() {  # run_chain NAME plain|guided|negative TRAIN_ARGS...: train, then
     local name=$1 kind=$2 run=$OUT/runs/$1 steps=$STEPS
     shift 2
     [ "$kind" = negative ] && steps=$NEG_STEPS
-    $PY train_image.py "${DATA[@]}" --model unet "${NET[@]}" "$@" "${TRAIN[@]}" --steps "$steps" --batch "$BATCH" \
+    "$PY" train_image.py "${DATA[@]}" --model unet "${NET[@]}" "$@" "${TRAIN[@]}" --steps "$steps" --batch "$BATCH" \
         --snapshots "$SNAPSHOTS" --eval-every "$IMAGES" --device "$DEVICE" "${STEP_MODE[@]}" --out "$run"
     if [ "$kind" = negative ]; then  # only a guidance negative (stage 2)
         return
     elif [ "$kind" = guided ]; then  # the last snapshot: each guidance weight costs two forward passes
-        $PY eval_gap.py "$(last_snapshot "$run")" "${EVAL[@]}" --guidance-weights "${WEIGHTS[@]}" \
+        "$PY" eval_gap.py "$(last_snapshot "$run")" "${EVAL[@]}" --guidance-weights "${WEIGHTS[@]}" \
             --neg uncond --device "$DEVICE" "${FORWARD_MODE[@]}" --out "$OUT/gap/$name.npz"
     else
-        $PY eval_gap.py "$run" "${EVAL[@]}" "${OPTIMAL[@]}" --device "$DEVICE" "${FORWARD_MODE[@]}" \
+        "$PY" eval_gap.py "$run" "${EVAL[@]}" "${OPTIMAL[@]}" --device "$DEVICE" "${FORWARD_MODE[@]}" \
             --out "$OUT/gap/$name.npz"
     fi
     mapfile -t sampled < <(sampled_snapshots "$run")
-    $PY sample_memorize.py "${sampled[@]}" "${SAMPLE[@]}" --gap "$OUT/gap/$name.npz" --device "$DEVICE" \
+    "$PY" sample_memorize.py "${sampled[@]}" "${SAMPLE[@]}" --gap "$OUT/gap/$name.npz" --device "$DEVICE" \
         "${FORWARD_MODE[@]}" --out "$OUT/samples/$name.npz"
 }
 
@@ -235,9 +246,9 @@ factor_guidance() {  # --factors, stage 2: the class-conditional run guided by e
 }
 
 guided_chain() {  # guided_chain SNAPSHOT NEGATIVE NAME: eval_gap and sample_memorize at every guidance weight
-    $PY eval_gap.py "$1" "${EVAL[@]}" --guidance-weights "${WEIGHTS[@]}" --neg "$2" --device "$DEVICE" \
+    "$PY" eval_gap.py "$1" "${EVAL[@]}" --guidance-weights "${WEIGHTS[@]}" --neg "$2" --device "$DEVICE" \
         "${FORWARD_MODE[@]}" --out "$OUT/gap/$3.npz"
-    $PY sample_memorize.py "$1" "${SAMPLE[@]}" --guidance-weights "${WEIGHTS[@]}" --neg "$2" --gap "$OUT/gap/$3.npz" \
+    "$PY" sample_memorize.py "$1" "${SAMPLE[@]}" --guidance-weights "${WEIGHTS[@]}" --neg "$2" --gap "$OUT/gap/$3.npz" \
         --device "$DEVICE" "${FORWARD_MODE[@]}" --out "$OUT/samples/$3.npz"
 }
 
@@ -258,6 +269,7 @@ start() {  # start NAME COMMAND...: in the background, at most JOBS at once, out
 }
 finish_all() { while [ ${#NAME[@]} -gt 0 ]; do finish_one; done; }
 
+stop_jobs_on_signals  # Ctrl-C or SIGTERM: every job's processes end too
 {
     echo "study.sh --scale $SCALE on $DEVICE$([ "$TINY" = 1 ] && echo ' (tiny)'), $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
     echo "python: $PY_INFO"
@@ -271,7 +283,7 @@ finish_all() { while [ ${#NAME[@]} -gt 0 ]; do finish_one; done; }
     echo "$IMAGES images per run ($STEPS steps of batch $BATCH); $JOBS runs at once; --precision $PRECISION;" \
         "--step-mode $MODE --forward-mode $MODE; TORCHINDUCTOR_COMPILE_THREADS=$TORCHINDUCTOR_COMPILE_THREADS"
     start_stage=$SECONDS  # the dataset once, before the jobs (which would each download it)
-    $PY -c "import sys, plumbing
+    "$PY" -c "import sys, plumbing
 plumbing.run_cli(lambda: [plumbing.load_images('fashion-mnist', s, sys.argv[1] or None) for s in ('train', 'val')])" \
         "$DATA_DIR"
     echo "=== 0. data: $((SECONDS - start_stage)) s"
@@ -310,7 +322,7 @@ plumbing.run_cli(lambda: [plumbing.load_images('fashion-mnist', s, sys.argv[1] o
         name=unet-$KSIZE-n$n_cond-kmeans$k
         last=$(last_snapshot "$OUT/runs/$name")
         if [ -n "$neg_last" ] && [ -n "$last" ]; then
-            start "$name-neg-short" $PY eval_gap.py "$last" "${EVAL[@]}" --guidance-weights "${WEIGHTS[@]}" \
+            start "$name-neg-short" "$PY" eval_gap.py "$last" "${EVAL[@]}" --guidance-weights "${WEIGHTS[@]}" \
                 --neg "$neg_last" --device "$DEVICE" "${FORWARD_MODE[@]}" --out "$OUT/gap/$name-neg-short.npz"
         else
             echo "=== $name-neg-short: skipped, no snapshot of $name or of $neg"
@@ -327,9 +339,9 @@ plumbing.run_cli(lambda: [plumbing.load_images('fashion-mnist', s, sys.argv[1] o
     if [ ${#WINDOWS[@]} = 0 ]; then
         echo "=== 3. windows and jacobian: not part of the $SCALE scale"
     elif [ -n "$last" ]; then
-        start windows $PY eval_gap.py "$last" "${EVAL[@]}" --windows "${WINDOWS[@]}" --window-steps 2 \
+        start windows "$PY" eval_gap.py "$last" "${EVAL[@]}" --windows "${WINDOWS[@]}" --window-steps 2 \
             --device "$DEVICE" "${FORWARD_MODE[@]}" --out "$OUT/gap/windows.npz"
-        start jacobian $PY eval_gap.py "$last" "${EVAL[@]}" "${JACOBIAN[@]}" --device "$DEVICE" \
+        start jacobian "$PY" eval_gap.py "$last" "${EVAL[@]}" "${JACOBIAN[@]}" --device "$DEVICE" \
             "${FORWARD_MODE[@]}" --out "$OUT/gap/jacobian.npz"
         finish_all
     else
@@ -339,9 +351,10 @@ plumbing.run_cli(lambda: [plumbing.load_images('fashion-mnist', s, sys.argv[1] o
     echo "=== 3. windows and jacobian: $((SECONDS - start_stage)) s"
 
     start_stage=$SECONDS
-    $PY figures.py "$OUT" --out "$OUT/figures" || FAILED+=(figures)
+    "$PY" figures.py "$OUT" --out "$OUT/figures" || FAILED+=(figures)
     echo "=== 4. figures: $((SECONDS - start_stage)) s"
     echo
     echo "study.sh done in $SECONDS s$([ ${#FAILED[@]} = 0 ] || echo "; FAILED: ${FAILED[*]}"): results in $OUT, figures in $OUT/figures, log $LOG"
     [ ${#FAILED[@]} = 0 ]
-} 2>&1 | tee "$LOG"
+} 2>&1 | tee "$LOG" &
+wait $!  # the study runs in the background, so that the signal's trap (stop_jobs) runs at once
