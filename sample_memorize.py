@@ -7,98 +7,10 @@ loss, yet their samples do not, because trajectories avoid the overfit regions).
     python sample_memorize.py --optimal --data fashion-mnist --n 64 --resolution 16 --num-samples 256
     torchrun --nproc_per_node=K sample_memorize.py ...           # samples sharded by seed
 
-A configuration is a denoiser and a guidance weight w. The denoiser is a snapshot (with its `--weights`), or a
-reference sampler of a seeded training subset chosen exactly as train_image.py chooses it (`--data`, `--n`,
-`--resolution`, `--cond`, `--k`, `--subset-seed`): its optimal denoiser (`--optimal`, which memorizes), or the
-denoiser of a Gaussian (`--gaussian`, `gaussian_denoiser`, unconditional: a sampler that generalizes,
-the reference that a memorization measure must tell apart from `--optimal`). `--gaussian-fit split` fits the
-Gaussian to the whole training split (it knows nothing particular of the subset: its states are like fresh
-data); `subset` fits it to the training subset (with n below the pixel count its covariance spans the
-subset's images, which pulls its samples towards them). With `--guidance-weights`, D_w = D + w (D - D_neg),
-where D_neg (`--neg`) is `uncond`, the same network with the null label (classifier-free guidance), or a
-snapshot file: an unconditional network (classifier-free guidance as the paper's) or a weaker one
-(autoguidance); w = 0 is unguided.
-
-Sampling: sample i starts from its own seed `--seed` + i (x_init ~ N(0, 80^2 I) and its label), so it is the same
-whatever the batch size or number of processes, and is integrated by the deterministic Heun sampler of common.py
-on the EDM grid of `--steps` steps (2 steps - 1 evaluations). `--label` conditions the samples: `random` (uniform
-over the labels of the training subset, per seed), `null` (unconditional), or a label number. The networks'
-forward passes run as `--forward-mode` says: eager, or compiled (torch.compile; on CUDA with one process in mode
-reduce-overhead, with CUDA graphs; an explicit compile that cannot work stops at the start); auto compiles on CUDA
-with one process, runs eager otherwise, and goes on eager after one line when compiling fails. `--precision` is
-the networks' arithmetic: bf16 autocast or float32 (auto: bf16 on CUDA and on CPUs with bf16 units, as
-train_image.py; stored as chosen in `args` and the settings where a network runs); the sampler's state, the
-reference samplers, the LLR and the features stay float32/float64. `--batch` samples go through the sampler at a
-time per process; `--threads 0` lets `plumbing.choose_threads` choose. Snapshots of different runs are refused
-unless `--allow-mixed`.
-
-Measures (docs/results.md, "Measures, and why they can fail"). Copies: a sample copies when d1/d2 < 1/3 to its nearest
-and second-nearest distinct training image (`--bootstrap` resamples give the interval). Fréchet distances in
-the `--features` space: `classifier` (a small CNN trained once on the dataset, cached), `builtin` (a fixed
-random network) or the path of a TorchScript Inception-v3 (`plumbing.FEATURE_HELP`); inputs are quantized to 8
-bits, as FID tools do. Where trajectories live: at the probe sigmas (`--probe-sigmas`, snapped to the sampler
-grid; default: the grid sigma nearest 1.2 and its two neighbours), the log-likelihood ratio of the noisy
-training subset's and validation reference's empirical distributions, under `--ref-draws` seeded draws of the
-references (the validation reference, the held-out images, and the training reference where the subset is
-larger than the validation reference): the trajectory measures are averaged over the draws, and their spread
-is part of the intervals. Early stopping (`--stop-sigma`): the Fréchet distance of D(x_k; sigma_k) at the
-first grid sigma_k <= each value.
-
-Writes `--out` (.npz; C configurations, M samples, D reference draws, P probe sigmas, T stop sigmas). Its
-default is `RUN_DIR/memorize[-raw][-guided].npz` for a run folder,
-`RUN_DIR/memorize-SNAPSHOT[-raw][-guided].npz` for one snapshot file `RUN_DIR/SNAPSHOT.pt` (so that it leaves
-the run's file alone), and
-`results/memorize-<optimal|gaussian[-subset]>-<data>-r<R>-n<n>-<none|class|kmeans<k>>-seed<subset seed>[-guided].npz`
-for `--optimal` or `--gaussian`; several run folders or snapshot files need `--out`. Keys:
-
-- the configurations: `args`, `script`, `settings` (JSON of the arguments that change the numbers), `configs`
-  (C,) names, `config_keys` (C,) (digests of model and w), `digests` (C,) (of the model:
-  `plumbing.snapshot_digest`, as eval_gap.py's, by which figures.py pairs the two), `checkpoints` (C,),
-  `images_seen` (C,) (-1: optimal or Gaussian), `guidance_weights` (C,);
-- the samples: `seeds` (M,), `labels` (C, M) (-1: unconditional), `samples` (C, M, channels, resolution,
-  resolution) float16, `sampler_sigmas`;
-- copies: `nn_ratio` = d1/d2 (`memorization_ratio`), `d_train` = d1 (nearest training image), `d_val`
-  (nearest validation image), `nn_train_index` (C, M) (the nearest training image's index in the training
-  split), `memorized_fraction` (C,) = the share with `nn_ratio` < 1/3, `memorized_ci` (C, 2) (95% bootstrap
-  interval);
-- Fréchet distances: `fd_train` (the mean over `--fd-subsets` seeded training subsets of the validation
-  reference's size R), `fd_val` (to the validation reference), `fd_gap` = (fd_val - fd_train) / fd_train (C,),
-  `fd_reference_size` (C,) = R, and the calibration baselines `fd_noise` (FD between the validation reference
-  and R other validation images: sampling noise), `fd_shift` (FD between training subsets and the validation
-  reference: distribution shift) and `fd_gap_heldout` (the gap of `--num-samples` held-out validation images:
-  a sampler that generalizes perfectly) (C,); for samples stopped early (jump to D at the first grid sigma
-  <= each `--stop-sigma`): `stop_sigmas` (T,), `fd_stop_train`, `fd_stop_val`, `fd_stop_gap` (C, T);
-- where sampling trajectories live, at `probe_sigmas` (P,) (grid sigmas): `llr_SET` (C, D, P, M), the
-  log-likelihood ratio log p_train(x | sigma) - log p_val(x | sigma) of the noisy reference images (R training
-  and R validation images, per label when conditional: `llr_conditional` (C,)) under each reference draw, for
-  SET = `traj` (trajectory states x_k), `train` and `val` (noisy training and validation images y + sigma n,
-  drawn from the references) and `heldout` (noisy held-out validation images, in neither reference: fresh
-  data, where the states of a sampler that generalizes perfectly lie);
-- means over the draws (C, P), each with its 95% interval over samples and draws `_ci` (C, P, 2):
-  `traj_train_overlap`, the share of trajectory states whose LLR reaches the 10th percentile of the noisy
-  training images' (0.9 where trajectories pass where noisy training images lie); `heldout_train_overlap`, the
-  same share of the noisy held-out images (the level of fresh data); `traj_train_score` = (median llr_traj -
-  median llr_val) / (median llr_train - median llr_val); `traj_heldout_score` = (median llr_traj - median
-  llr_heldout) / (median llr_train - median llr_heldout) (0: like fresh data, 1: like noisy training images);
-- the validity check: `logp_traj`, `logp_heldout` (C, P, M), the log density of trajectory states and noisy
-  held-out images under the first draw's pooled references; `traj_typical` (C, P), the share of states that
-  reach the 1st percentile of the held-out images'; `traj_valid` (C, P) = `traj_typical` >= 0.5 (a score is
-  meaningful only for states that look like noisy data);
-- the authors' feature-space measure: the 1-NN cosine similarity in `--features` space (`feature_space`: which
-  features) to the training reference (`_train`) and to the validation reference (`_val`) of D(x) for SET =
-  `traj`, `train`, `val`: `fcos_SET_train`, `fcos_SET_val` (C, P, M); of the final samples
-  `fcos_samples_train`, `fcos_samples_val` (C, M); of the early-stopped samples `fcos_stop_train`,
-  `fcos_stop_val` (C, T, M);
-- in pixel space, with the configuration's denoiser, for SET = `traj`, `train`, `val`: the distance of D(x) to
-  the nearest training image `nn_SET`, the cosine similarity to it `cos_SET`, and the mean squared difference
-  per pixel from the optimal denoiser of the training set at the same x `dis_SET` (C, P, M).
-
-Beside it, in the folder named like `--out` without `.npz`: `samples-CONFIG.png` (a grid of the first samples)
-and `nn-CONFIG.png` (samples above their nearest training images, with their ratio). `--out` is rewritten after
-every configuration, and configurations already in it made with the same settings (by an earlier or a killed
-run) are reused unless `--force`; an `--out` that sample_memorize.py did not write (another script's result, a
-foreign file), made with other settings or holding configurations not asked for here is not replaced unless
-`--force` (`plumbing.check_kept`), and one process at a time writes it.
+A configuration is a denoiser (a snapshot, or a reference sampler of a training subset: `--optimal`
+memorizes, `--gaussian` generalizes) and a guidance weight w. It writes one `.npz` (`KEYS`), rewritten after every
+configuration, whose finished configurations a rerun reuses, and sample grids beside it; the flags in detail:
+`NOTES`.
 """
 import argparse
 import collections
@@ -121,6 +33,116 @@ from tqdm import tqdm  # noqa: E402
 
 from common import check  # noqa: E402
 
+# the flags in detail, rendered into docs/reference.md
+NOTES = """\
+A configuration is a denoiser and a guidance weight w. The denoiser is a snapshot (with its `--weights`), or a
+reference sampler of a seeded training subset chosen exactly as train_image.py chooses it (`--data`, `--n`,
+`--resolution`, `--cond`, `--k`, `--subset-seed`): its optimal denoiser (`--optimal`, which memorizes), or the
+denoiser of a Gaussian (`--gaussian`, `gaussian_denoiser`, unconditional: a sampler that generalizes, the
+reference that a memorization measure must tell apart from `--optimal`). `--gaussian-fit split` fits the Gaussian
+to the whole training split (it knows nothing particular of the subset: its states are like fresh data); `subset`
+fits it to the training subset (with n below the pixel count its covariance spans the subset's images, which pulls
+its samples towards them). With `--guidance-weights`, D_w = D + w (D - D_neg), where D_neg (`--neg`) is `uncond`,
+the same network with the null label (classifier-free guidance), or a snapshot file: an unconditional network
+(classifier-free guidance as the paper's) or a weaker one (autoguidance); w = 0 is unguided.
+
+Sampling: sample i starts from its own seed `--seed` + i (x_init ~ N(0, 80^2 I) and its label), so it is the same
+whatever the batch size or number of processes, and is integrated by the deterministic Heun sampler of common.py
+on the EDM grid of `--steps` steps (2 steps - 1 evaluations). `--label` conditions the samples: `random` (uniform
+over the labels of the training subset, per seed), `null` (unconditional), or a label number. The networks'
+forward passes run as `--forward-mode` says: eager, or compiled (torch.compile; on CUDA with one process in mode
+reduce-overhead, with CUDA graphs; an explicit compile that cannot work stops at the start); auto compiles on CUDA
+with one process, runs eager otherwise, and goes on eager after one line when compiling fails. `--precision` is
+the networks' arithmetic: bf16 autocast or float32 (auto: bf16 on CUDA and on CPUs with bf16 units, as
+train_image.py; stored as chosen in `args` and the settings where a network runs); the sampler's state, the
+reference samplers, the LLR and the features stay float32/float64. `--batch` samples go through the sampler at a
+time per process; `--threads 0` lets `plumbing.choose_threads` choose. Snapshots of different runs are refused
+unless `--allow-mixed`.
+
+Measures (docs/results.md, "Measures, and why they can fail"). Copies: a sample copies when d1/d2 < 1/3 to its
+nearest and second-nearest distinct training image (`--bootstrap` resamples give the interval). Fréchet distances
+in the `--features` space: `classifier` (a small CNN trained once on the dataset, cached), `builtin` (a fixed
+random network) or the path of a TorchScript Inception-v3 (`plumbing.FEATURE_HELP`); inputs are quantized to 8
+bits, as FID tools do. Where trajectories live: at the probe sigmas (`--probe-sigmas`, snapped to the sampler
+grid; default: the grid sigma nearest 1.2 and its two neighbours), the log-likelihood ratio of the noisy training
+subset's and validation reference's empirical distributions, under `--ref-draws` seeded draws of the references
+(the validation reference, the held-out images, and the training reference where the subset is larger than the
+validation reference): the trajectory measures are averaged over the draws, and their spread is part of the
+intervals. Each snapshot is also probed where its gap peaks (`--gap`, default gap.npz in its run folder;
+`--peak-sigma` in its place; `PEAK_RULES`), and the null images are scored beside the trajectory states. Early
+stopping (`--stop-sigma`): the Fréchet distance of D(x_k; sigma_k) at the first grid sigma_k <= each value.
+
+Writes `--out` (.npz; C configurations, M samples, D reference draws, P probe sigmas, T stop sigmas). Its default
+is `RUN_DIR/memorize[-raw][-guided].npz` for a run folder, `RUN_DIR/memorize-SNAPSHOT[-raw][-guided].npz` for one
+snapshot file `RUN_DIR/SNAPSHOT.pt` (so that it leaves the run's file alone), and
+`results/memorize-<optimal|gaussian[-subset]>-<data>-r<R>-n<n>-<none|class|kmeans<k>>-seed<subset
+seed>[-guided].npz` for `--optimal` or `--gaussian`; several run folders or snapshot files need `--out`.
+
+Beside it, in the folder named like `--out` without `.npz`: `samples-CONFIG.png` (a grid of the first samples) and
+`nn-CONFIG.png` (samples above their nearest training images, with their ratio). `--out` is rewritten after every
+configuration, and configurations already in it made with the same settings (by an earlier or a killed run) are
+reused unless `--force`; an `--out` that sample_memorize.py did not write (another script's result, a foreign
+file), made with other settings or holding configurations not asked for here is not replaced unless `--force`
+(`plumbing.check_kept`), and one process at a time writes it.
+"""
+# The keys of --out (C configurations, M samples, D reference draws, P probe sigmas, T stop sigmas), rendered
+# into docs/reference.md
+KEYS = {
+    'args, script, format, code, settings':
+        'the arguments, the script, the file format, the code identity and the arguments that change the numbers '
+        '(JSON)',
+    'configs, config_keys, digests, checkpoints, images_seen, guidance_weights':
+        "(C,) per configuration: its name, its key (a digest of the model and w), the model's digest "
+        "(`plumbing.snapshot_digest`, as eval_gap.py's, by which figures.py pairs the two), the snapshot path, "
+        'images seen (-1: a reference sampler) and the weight w',
+    'seeds, labels, samples, sampler_sigmas':
+        '(M,), (C, M) (-1: unconditional), (C, M, channels, R, R) float16, the grid',
+    'nn_ratio, d_train, d_val, nn_train_index':
+        '(C, M): d1/d2 (`memorization_ratio`), d1 (the nearest training image), the distance to the nearest '
+        "validation image, the nearest training image's index in the training split",
+    'memorized_fraction, memorized_ci':
+        '(C,), (C, 2): the share with `nn_ratio` < 1/3 and its 95% bootstrap interval',
+    'fd_train, fd_val, fd_gap, fd_reference_size':
+        '(C,): the Fréchet distance of the samples to `--fd-subsets` training subsets of the validation '
+        "reference's size R (their mean), to the validation reference, (fd_val - fd_train) / fd_train, and R",
+    'fd_noise, fd_shift, fd_gap_heldout':
+        '(C,): the calibration baselines: FD between the validation reference and R other validation images '
+        '(sampling noise), between training subsets and the validation reference (shift), and the gap of '
+        '`--num-samples` held-out validation images (a sampler that generalizes perfectly)',
+    'stop_sigmas, fd_stop_train, fd_stop_val, fd_stop_gap':
+        '(T,), (C, T): the same for samples stopped early (jump to D at the first grid sigma <= each '
+        '`--stop-sigma`)',
+    'probe_sigmas': '(P,) the fixed probe sigmas (grid sigmas)',
+    'llr_SET':
+        '(C, D, P, M): log p_train(x | sigma) - log p_val(x | sigma) of the noisy reference images (per label '
+        'when conditional: `llr_conditional` (C,)) under each reference draw, for SET = traj (trajectory states '
+        'x_k), train and val (noisy training and validation reference images), heldout (noisy validation images '
+        'in neither reference: fresh data) and null (other such images)',
+    'traj_train_overlap, heldout_train_overlap, traj_train_score, traj_heldout_score, null_heldout_score':
+        '(C, P), means over the draws, each with its 95% interval over samples and draws KEY_ci (C, P, 2): the '
+        'share of trajectory states (of held-out images) whose LLR reaches the 10th percentile of the noisy '
+        "training images'; (median llr_traj - median llr_val) / (median llr_train - median llr_val); (median "
+        'llr_traj - median llr_heldout) / (median llr_train - median llr_heldout) (0: like fresh data, 1: like '
+        'noisy training images); the same of the null images (0 up to chance)',
+    'logp_traj, logp_heldout, traj_typical, traj_valid':
+        "(C, P, M), (C, P): the log density of trajectory states and noisy held-out images under the first draw's "
+        "pooled references; the share of states that reach the 1st percentile of the held-out images'; "
+        'traj_typical >= 0.5 (a score means something only for states like noisy data)',
+    'fcos_SET_train, fcos_SET_val, feature_space':
+        "(C, P, M): the authors' measure, the 1-NN cosine similarity in `--features` space of D(x) to the "
+        'training and to the validation 1-NN reference, for SET = traj, train, val; of the final samples '
+        'fcos_samples_REF (C, M) and of the early-stopped ones fcos_stop_REF (C, T, M); which features',
+    'nn_SET, cos_SET, dis_SET':
+        "(C, P, M): in pixel space, D(x)'s distance to the nearest training image, its cosine similarity to it "
+        'and the mean squared difference per pixel from the optimal denoiser at the same x',
+    'peak_probe_sigma, feature_peak_probe_sigma, gap_peak_sigma, peak_probe_rule':
+        "(C,): the grid sigmas of the peak probes (NaN: none), the gap's peak before snapping, the rule that "
+        'chose it (`PEAK_RULES`)',
+    'KEY_peak, KEY_peak_ci, KEY_feature_peak, KEY_feature_peak_ci':
+        '(C, ...): each measure of PEAK_KEYS (the overlaps and scores with their intervals, traj_typical, '
+        "traj_valid, fcos_SET_REF) at the peak probe and at the feature gap's peak probe (NaN, or False, where "
+        'there is none)',
+}
 SCRIPT = os.path.basename(__file__)  # stored in the result file (plumbing.save_npz)
 PROBE_NEAR = 1.2  # the paper's intermediate noise level for the trajectory overlap
 TRAIN_SALT = 1_000_003  # added to a draw's seed for its training reference, so that it differs from the validation one
@@ -1178,7 +1200,8 @@ def summary_line(res, grid, seconds):
         note = "" if valid else f" (states unlike noisy data: only {typical:.0%} typical, so the score says nothing)"
         return (f"traj_train_overlap {ci('traj_train_overlap', '.2f', slot=slot)} (noisy training images 0.9, "
                 f"held-out {ci('heldout_train_overlap', '.2f', slot=slot)}), traj_heldout_score "
-                f"{ci('traj_heldout_score', '.2f', slot=slot)}{note} (null {ci('null_heldout_score', '.2f', slot=slot)})")
+                f"{ci('traj_heldout_score', '.2f', slot=slot)}{note} "
+                f"(null {ci('null_heldout_score', '.2f', slot=slot)})")
     peak = ("no peak probe" if np.isnan(res["peak_probe_sigma"]) else
             f"at the gap's peak sigma {res['peak_probe_sigma']:.3g} ({res['peak_probe_rule']}): {probe('peak')}")
     return (f"{res['name']}: memorized {res['memorized_fraction']:.1%} [{low:.1%}, {high:.1%}], median d_train "

@@ -5,41 +5,8 @@ with N(0, delta^2).
     python toy2d.py all                      # every panel, paper settings, about 30 s on a CPU
     python toy2d.py delta --deltas 2 1.5 1   # one panel, other settings
 
-Each experiment writes `DIR/EXPERIMENT.npz` and `DIR/EXPERIMENT.png` (and `.pdf`) into the folder `--out`.
-Flags left unset take the paper's settings of each experiment (`DEFAULTS`); `all` gives every experiment the
-same flags. The points lie at angles 2 pi (k/N + 0.01), or at seeded random angles (`--random`; always in
-`samples`), even k training and odd k validation points. Each point has one fixed set of
-`--samples-per-point` noise draws, reused at every sigma. The gap curves use the EDM schedule of `--steps`
-steps as their sigma grid unless `--sigmas` is given; `flow` takes its (three) `--sigmas` as they are,
-`field` and `manifold` take the first, `field` snapped to the nearest grid sigma. `--threads` is 1 by
-default: the toy's operations are too small to gain from more threads, and on cores shared with other jobs
-two threads made the `samples` panel 10x slower than one. `all` runs `--jobs` experiments at once on a CPU with
-one thread, one process each on Linux (default: one per core), the longest (`samples`) first. On mps the toy runs
-on the CPU (it needs float64).
-
-Result keys (K deltas, or weights in `guidance`, or circle sizes in `density`; S sigmas, T samples, A
-angles, R seeds, G grid points per axis, P training points, J noise draws per point). Every file has `args` (JSON, with
-`experiment`) and `script`; all but `density.npz` have `train`, `val` (the points, of the first seed in
-`samples`) and `radius`.
-
-- `flow.npz` (a): `sigmas`, `delta`, `axis` (G,), `field` (3, G, G, 2) = y_delta(x) - x on the plane,
-  `noisy`, `pred` (3, P, J, 2): noisy training points and the model's predictions of them.
-- `delta.npz` (b): `sigmas` (S,), `deltas` (K,), `e_train`, `e_val`, `gap` (K, S).
-- `density.npz` (c): `sigmas`, `n_points`, `n_train` (K,), `delta`, `e_train`, `e_val`, `gap` (K, S).
-- `field.npz` (d): `sigma`, `deltas`, `axis` (G,), `gap` (K, G, G): the relative gap of each point of the
-  plane against the training points.
-- `manifold.npz` (e): `sigma`, `draws`, `deltas`, `angles` (A,) along a half circle from training point 0,
-  `error` (K, A) = E(theta), `e_train` (K,) = mean E_train, `rel_gap` (K, A) = (E(theta) - mean E_train) /
-  mean E_train, `rel_gap_train`, `rel_gap_val` (the same at each training / validation point),
-  `train_angles`, `val_angles`.
-- `guidance.npz` (f): `sigmas`, `weights` (K,), `delta_pos`, `delta_neg`, `e_train`, `e_val`, `gap` (K, S).
-- `trajectories.npz` (g): `deltas`, `endpoints` (K, T, 2), `nn_dist` (K, T) (endpoint to nearest training
-  point), `mean_nn_dist` (K,), `paths` (the first 32 trajectories).
-- `samples.npz` (h): `deltas` (K,), `seeds` (R,), `num_samples`, `d_ref` (R,) = mean distance of a
-  validation point to its nearest training point; `d_train`, `d_val` (R, K) = mean distance of a sample to
-  its nearest training / validation point; `ratio` = d_train / d_ref, `ratio_on_circle` (the samples moved
-  onto the circle first), `train_over_val` = d_train / d_val (R, K), each also as `_mean` and `_std` (K,)
-  over the seeds.
+Each experiment writes `DIR/EXPERIMENT.npz` (`KEYS`) and its figure `DIR/EXPERIMENT.png` (and `.pdf`) into
+`--out`; flags left unset take the paper's settings of each experiment (`DEFAULTS`); the flags in detail: `NOTES`.
 """
 import argparse
 import functools
@@ -58,6 +25,49 @@ from tqdm import tqdm  # noqa: E402
 
 from common import check  # noqa: E402
 
+# the flags in detail, rendered into docs/reference.md
+NOTES = """\
+Each experiment writes `DIR/EXPERIMENT.npz` and `DIR/EXPERIMENT.png` (and `.pdf`) into the folder `--out`. Flags
+left unset take the paper's settings of each experiment (`DEFAULTS`); `all` gives every experiment the same flags.
+The points lie at angles 2 pi (k/N + 0.01), or at seeded random angles (`--random`; always in `samples`), even k
+training and odd k validation points. Each point has one fixed set of `--samples-per-point` noise draws, reused at
+every sigma. The gap curves use the EDM schedule of `--steps` steps as their sigma grid unless `--sigmas` is
+given; `flow` takes its (three) `--sigmas` as they are, `field` and `manifold` take the first, `field` snapped to
+the nearest grid sigma. `--threads` is 1 by default: the toy's operations are too small to gain from more threads,
+and on cores shared with other jobs two threads made the `samples` panel 10x slower than one. `all` runs `--jobs`
+experiments at once on a CPU with one thread, one process each on Linux (default: one per core), the longest
+(`samples`) first. On mps the toy runs on the CPU (it needs float64).
+"""
+# the keys of each EXPERIMENT.npz (K deltas, or weights in guidance, or circle sizes in density; S sigmas, T
+# samples, A angles, R seeds, G grid points per axis, P training points, J noise draws per point), rendered into
+# docs/reference.md
+KEYS = {
+    'every file':
+        '`args` (JSON, with `experiment`), `script`, `format`; all but density.npz `train`, `val` (the points, of '
+        'the first seed in samples) and `radius`',
+    'flow.npz (a)':
+        '`sigmas`, `delta`, `axis` (G,), `field` (3, G, G, 2) = y_delta(x) - x on the plane, `noisy`, `pred` (3, '
+        "P, J, 2): noisy training points and the model's predictions of them",
+    'delta.npz (b)': '`sigmas` (S,), `deltas` (K,), `e_train`, `e_val`, `gap` (K, S)',
+    'density.npz (c)': '`sigmas`, `n_points`, `n_train` (K,), `delta`, `e_train`, `e_val`, `gap` (K, S)',
+    'field.npz (d)':
+        '`sigma`, `deltas`, `axis` (G,), `gap` (K, G, G): the relative gap of each point of the plane against the '
+        'training points',
+    'manifold.npz (e)':
+        '`sigma`, `draws`, `deltas`, `angles` (A,) along a half circle from training point 0, `error` (K, A) = '
+        'E(theta), `e_train` (K,) = mean E_train, `rel_gap` (K, A) = (E(theta) - mean E_train) / mean E_train, '
+        '`rel_gap_train`, `rel_gap_val` (the same at each training / validation point), `train_angles`, '
+        '`val_angles`',
+    'guidance.npz (f)': '`sigmas`, `weights` (K,), `delta_pos`, `delta_neg`, `e_train`, `e_val`, `gap` (K, S)',
+    'trajectories.npz (g)':
+        '`deltas`, `endpoints` (K, T, 2), `nn_dist` (K, T) (endpoint to nearest training point), `mean_nn_dist` '
+        '(K,), `paths` (the first 32 trajectories)',
+    'samples.npz (h)':
+        '`deltas` (K,), `seeds` (R,), `num_samples`, `d_ref` (R,) = mean distance of a validation point to its '
+        'nearest training point; `d_train`, `d_val` (R, K) = mean distance of a sample to its nearest training / '
+        'validation point; `ratio` = d_train / d_ref, `ratio_on_circle` (the samples moved onto the circle '
+        'first), `train_over_val` = d_train / d_val (R, K), each also as `_mean` and `_std` (K,) over the seeds',
+}
 SCRIPT = os.path.basename(__file__)  # stored in every result file (plumbing.save_npz)
 EXPERIMENTS = ["flow", "delta", "density", "field", "manifold", "guidance", "trajectories", "samples"]
 # Circle radii the toy takes: with the noise levels of plumbing.SIGMA_BOUNDS, squared distances over sigma^2 stay

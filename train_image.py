@@ -7,52 +7,9 @@ way and a log of E_train and E_val at a few noise levels (docs/method.md, the im
     torchrun --nproc_per_node=K -- train_image.py --n 1000 ...               # data parallel
     # (the -- keeps torchrun from reading --n as its own option)
 
-One training step is `train_step`: the EDM loss at ln(sigma) ~ N(`--p-mean`, `--p-std`^2), an Adam step at the
-learning rate `--lr` (ramped up linearly over `--lr-rampup` images) and the EMA update (half-life
-`--ema-half-life` images, at most `--ema-rampup` times the images seen so far). `--batch` is the global batch,
-split across the processes. The step's forward pass, loss and backward pass run as `--step-mode` says: eager,
-or compiled (torch.compile; on CUDA with one process in mode reduce-overhead, with CUDA graphs; an explicit
-compile that cannot work stops at the start); auto compiles on CUDA with one process and on a CPU for steps
-below 50 GFLOP in runs of 20,000 steps or more (`CPU_COMPILE_BELOW_FLOPS`, `CPU_COMPILE_MIN_STEPS`: small
-steps gain from inductor's fusion, but compiling takes minutes on a small CPU), runs eager otherwise, and goes
-on eager after one line when compiling fails. `--compile` is `--step-mode compile`. `--precision` sets the
-step's arithmetic: fp32 (on CUDA with TF32 matmuls), or bf16 autocast (weights, optimizer and EMA stay
-float32); auto is bf16 on CUDA and on CPUs with bf16 units (AMX-BF16 or AVX512-BF16,
-`plumbing.cpu_bf16_units`) and fp32 elsewhere, and a resumed run keeps its snapshot's precision. The E_train /
-E_val evaluations run in float32 either way. On a CPU, `--threads 0` runs steps below
-`plumbing.ONE_THREAD_BELOW_FLOPS` on one thread (`plumbing.choose_threads`).
-
-Augmentation: `--augment xflip` flips half the training images left-right as part of the data (EDM's dataset
-x-flip); the network is not told, so the flip leaks into generated images, which is harmless for data with
-that symmetry. `--augment-p p` is EDM's non-leaking augmentation (AugmentPipe; the paper: 0.12): x-flip (with
-probability 1/2 whenever p > 0), y-flip, isotropic scaling, rotation, anisotropic scaling and translation,
-each with probability p, and the network is conditioned on EDM's 9-value parameter vector, which is zero at
-sampling and evaluation (`common.augment`). Both may be used together. `--label-dropout` replaces a label by
-the null label with that probability (conditional runs only), which classifier-free guidance needs.
-
-Snapshots are written at the image counts that `--snapshots` names (`log:K`: K counts log-spaced from one
-batch to the end; `every:N`: each time another N images have been seen; the last step always). Rerunning a
-command with the same `--out` resumes from its last snapshot (bit for bit on a CPU); `--no-resume` starts
-from step 0 and replaces the snapshots and `train_log.npz` already in `--out` when it writes its first
-snapshot. E_train and E_val are measured every `--eval-every` images (and at the start and the end) with the
-EMA network on fixed probe sets of `--probe-images` images per split, each image with one fixed noise draw.
-
-Writes into `--out` (default `runs/<data>-r<R>-n<n>-<model>-<size>-<uncond|class|kmeans<k>>-seed<seed>`):
-
-- `snapshot-<images seen, at least 9 digits>.pt`: a plain dict of tensors and plain values
-  (`torch.load(path, weights_only=True)` reads it) with `plumbing.CHECKPOINT_KEYS`: `kind`
-  (`edm-denoiser-snapshot`), `net` (the optimizer's weights), `ema` (the moving average), `opt` (Adam's
-  state), `step`, `images_seen`, `args` (the arguments, a dict), `network` (the network's config), `subset`
-  (the training subset's indices in the training split), `labels` (its conditioning labels, or None),
-  `dataset`, `resolution`, `kmeans_centroids` (or None), `rng` (every process's random-number-generator
-  states); and `log` (the log below, so far) and `data_digests` (`plumbing.data_digests`: content digests of
-  the training subset's images and of the validation split, and the folder they were read from, against
-  which a resumed run, `eval_gap.py` and `sample_memorize.py` check the images they read).
-- `train_log.npz` (L logged steps, E evaluations, Q evaluation sigmas): `args`, `script`, `images_seen`,
-  `loss` (L,) (the loss of each step), `eval_images` (E,) (images seen at each evaluation), `eval_sigmas`
-  (Q,), `E_train`, `E_val` (E, Q), `snapshot_images` (images seen at each snapshot), `subset` (n,),
-  `probe_train` (the training probe images' indices in the training split), `probe_val` (the validation probe
-  images' indices in the validation split).
+It trains with EDM's loss, an Adam step and an EMA per step (`train_step`), resumes exactly from the last
+snapshot when rerun, and writes snapshots and a log of E_train and E_val into the run folder (`KEYS`); the flags in
+detail: `NOTES`.
 """
 import argparse
 import copy
@@ -75,6 +32,58 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
+# the flags in detail, rendered into docs/reference.md
+NOTES = """\
+One training step is `train_step`: the EDM loss at ln(sigma) ~ N(`--p-mean`, `--p-std`^2), an Adam step at the
+learning rate `--lr` (ramped up linearly over `--lr-rampup` images) and the EMA update (half-life
+`--ema-half-life` images, at most `--ema-rampup` times the images seen so far). `--batch` is the global batch,
+split across the processes. The step's forward pass, loss and backward pass run as `--step-mode` says: eager, or
+compiled (torch.compile; on CUDA with one process in mode reduce-overhead, with CUDA graphs; an explicit compile
+that cannot work stops at the start); auto compiles on CUDA with one process and on a CPU for steps below 50 GFLOP
+in runs of 20,000 steps or more (`CPU_COMPILE_BELOW_FLOPS`, `CPU_COMPILE_MIN_STEPS`: small steps gain from
+inductor's fusion, but compiling takes minutes on a small CPU), runs eager otherwise, and goes on eager after one
+line when compiling fails. `--compile` is `--step-mode compile`. `--precision` sets the step's arithmetic: fp32
+(on CUDA with TF32 matmuls), or bf16 autocast (weights, optimizer and EMA stay float32); auto is bf16 on CUDA and
+on CPUs with bf16 units (AMX-BF16 or AVX512-BF16, `plumbing.cpu_bf16_units`) and fp32 elsewhere, and a resumed run
+keeps its snapshot's precision. The E_train / E_val evaluations run in float32 either way. On a CPU, `--threads 0`
+runs steps below `plumbing.ONE_THREAD_BELOW_FLOPS` on one thread (`plumbing.choose_threads`).
+
+Augmentation: `--augment xflip` flips half the training images left-right as part of the data (EDM's dataset
+x-flip); the network is not told, so the flip leaks into generated images, which is harmless for data with that
+symmetry. `--augment-p p` is EDM's non-leaking augmentation (AugmentPipe; the paper: 0.12): x-flip (with
+probability 1/2 whenever p > 0), y-flip, isotropic scaling, rotation, anisotropic scaling and translation, each
+with probability p, and the network is conditioned on EDM's 9-value parameter vector, which is zero at sampling
+and evaluation (`common.augment`). Both may be used together. `--label-dropout` replaces a label by the null label
+with that probability (conditional runs only), which classifier-free guidance needs.
+
+Snapshots are written at the image counts that `--snapshots` names (`log:K`: K counts log-spaced from one batch to
+the end; `every:N`: each time another N images have been seen; the last step always). Rerunning a command with the
+same `--out` resumes from its last snapshot (bit for bit on a CPU); `--no-resume` starts from step 0 and replaces
+the snapshots and `train_log.npz` already in `--out` when it writes its first snapshot. E_train and E_val are
+measured every `--eval-every` images (and at the start and the end) with the EMA network on fixed probe sets of
+`--probe-images` images per split, each image with one fixed noise draw.
+"""
+# the files written into --out (default runs/<data>-r<R>-n<n>-<model>-<size>-<cond>-seed<seed>), rendered into
+# docs/reference.md
+KEYS = {
+    'snapshot-<images seen>.pt':
+        'at least 9 digits; a plain dict of tensors and plain values (`torch.load(path, weights_only=True)` reads '
+        "it) with `plumbing.CHECKPOINT_KEYS`: `kind` (`edm-denoiser-snapshot`), `net` (the optimizer's weights), "
+        "`ema` (the moving average), `opt` (Adam's state), `step`, `images_seen`, `args` (the arguments, a dict), "
+        "`network` (the network's config), `subset` (the training subset's indices in the training split), "
+        '`labels` (its conditioning labels, or None), `dataset`, `resolution`, `kmeans_centroids` (or None), '
+        "`rng` (every process's random-number-generator states); and `format`, `log` (the log below, so far), "
+        '`code` and `code_history` (the code identity that wrote it, and [step, identity] of each code it was '
+        "trained with) and `data_digests` (`plumbing.data_digests`: content digests of the training subset's "
+        'images and of the validation split, and the folder they were read from, against which a resumed run, '
+        '`eval_gap.py` and `sample_memorize.py` check the images they read)',
+    'train_log.npz':
+        'L logged steps, E evaluations, Q evaluation sigmas: `args`, `script`, `format`, `code`, `images_seen`, '
+        '`loss` (L,) (the loss of each step), `eval_images` (E,) (images seen at each evaluation), `eval_sigmas` '
+        '(Q,), `E_train`, `E_val` (E, Q), `snapshot_images` (images seen at each snapshot), `subset` (n,), '
+        "`probe_train` (the training probe images' indices in the training split), `probe_val` (the validation "
+        "probe images' indices in the validation split)",
+}
 SCRIPT = os.path.basename(__file__)  # stored in train_log.npz (plumbing.save_npz)
 FLUSH_EVERY = 20  # steps between loss read-outs; each one waits for the device
 EVAL_BATCH = 64  # (image, sigma) pairs per forward pass of the evaluations: small, so their progress bar moves
