@@ -248,6 +248,7 @@ def test_a_gap_file_with_one_snapshot_gives_the_summary_without_any_figure(tmp_p
     figures.main([str(tmp_path)])
     summary = (tmp_path / "figures" / "summary.txt").read_text()
     assert summary.splitlines()[2].startswith("gap ") and "0 figures in" in capsys.readouterr().out
+    assert "unlike noisy data" not in summary, "no sample result: no trajectory score and no note about it"
 
 
 def test_files_are_recognised_by_the_script_that_wrote_them_and_a_failing_figure_is_a_note(tmp_path, capsys):
