@@ -32,7 +32,7 @@ lock_out() {  # lock_out OUT SCRIPT: stop unless no other SCRIPT writes the fold
 
 descendants() {  # descendants PID: the processes below PID, each before those it started (not this function's own)
     local child
-    for child in $(pgrep -P "$1" || true); do
+    for child in $(pgrep -P "$1" 2>/dev/null || cat /proc/"$1"/task/*/children 2>/dev/null || true); do
         [ "$child" = "$BASHPID" ] || { echo "$child"; descendants "$child"; }
     done
 }

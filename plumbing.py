@@ -63,6 +63,25 @@ def stop_on_sigterm():
         return None
 
 
+@contextlib.contextmanager
+def signals_held():
+    """Hold Ctrl-C and SIGTERM while the block runs (a file being written) and deliver them after it: an exception
+    raised inside torch.save would leave its zip writer half-closed and end in a traceback instead of one line."""
+    held = []
+    try:
+        previous = {num: signal.signal(num, lambda caught, frame: held.append(caught))
+                    for num in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(num) not in (signal.SIG_IGN, None)}
+    except ValueError:  # not the main thread, which alone receives Python's signal handlers
+        previous = {}
+    try:
+        yield
+    finally:
+        for num, handler in previous.items():
+            signal.signal(num, handler)
+        if held:
+            signal.raise_signal(held[0])
+
+
 def _interrupted_at_start(kind, value, traceback):
     """sys.excepthook: Ctrl-C or SIGTERM before a script's main() runs (mostly while torch loads, about 1.5 s)
     prints one line and exits with status 130 (143 for SIGTERM), as one during its work does (run_cli); other
@@ -1594,7 +1613,8 @@ SPACE_ERRORS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}  # full disk, file-size
 
 def atomic_write(path, write):
     """Write a file atomically: write(f) into a temp file beside it (.NAME.PID.tmp, with the umask's
-    permissions), fsync, then rename, so that a kill at any moment leaves either the old file or the new one.
+    permissions), fsync, then rename, so that a kill at any moment leaves either the old file or the new one;
+    Ctrl-C and SIGTERM take effect once the file is whole (signals_held).
     A symlink is written through: its target (os.path.realpath) is replaced and the link stays. Temp files that
     killed writers left are removed under the output's lock (exclusive), never here: they may
     be a live writer's. A write that fails (a full disk, a file-size limit, no permission) leaves the old file
@@ -1604,12 +1624,13 @@ def atomic_write(path, write):
     tmp = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
     try:
         os.makedirs(folder, exist_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)  # 0o666 minus the umask
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, os.path.join(folder, name))
+        with signals_held():
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)  # 0o666 minus the umask
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, os.path.join(folder, name))
     except BaseException as err:
         with contextlib.suppress(OSError):
             os.remove(tmp)

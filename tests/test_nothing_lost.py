@@ -167,6 +167,26 @@ def test_sigterm_stops_training_with_one_line_saying_how_far_it_got_and_status_1
     assert ".lock" not in os.listdir(run), "the lock goes with it"
 
 
+@pytest.mark.parametrize("num, stop", [(signal.SIGTERM, plumbing.Terminated), (signal.SIGINT, KeyboardInterrupt)])
+def test_a_signal_during_a_snapshot_write_stops_once_the_file_is_whole(num, stop, tmp_path):
+    """torch.save interrupted inside its zip writer ended in a RuntimeError traceback and exit status 1."""
+    state = {"weights": torch.arange(50000.0)}
+
+    def write(f):
+        os.kill(os.getpid(), num)  # arrives while torch.save writes
+        torch.save(state, f)
+    previous = plumbing.stop_on_sigterm()
+    try:
+        with pytest.raises(stop):
+            plumbing.atomic_write(tmp_path / "snapshot.pt", write)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    assert torch.equal(torch.load(tmp_path / "snapshot.pt", weights_only=True)["weights"], state["weights"])
+    assert os.listdir(tmp_path) == ["snapshot.pt"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 SIGTERM_ON_TORCH_IMPORT = """
 import os, runpy, signal, sys
 class Terminate:  # SIGTERM while torch is being imported, as in the first 1.5 s of every script
