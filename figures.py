@@ -59,8 +59,8 @@ def parse_args(argv=None):
                                 formatter_class=plumbing.HelpFormatter)
     p.add_argument("results", metavar="RESULTS_DIR", help="folder searched (recursively) for .npz files")
     plumbing.add_run_args(p, seed="unused: figures are deterministic (kept for a uniform command line)",
-                        device="unused: figures need no device (kept for a uniform command line)",
-                        out="figure folder (default: RESULTS_DIR/figures)")
+                          device="unused: figures need no device (kept for a uniform command line)",
+                          out="figure folder (default: RESULTS_DIR/figures)")
     p.add_argument("--threads", type=plumbing.non_negative_int, default=0, help="figures drawn at once, one process "
                    "each, on Linux (0: one per core, as torch's threads: OMP_NUM_THREADS, else the cores)")
     return p.parse_args(argv)
@@ -165,7 +165,7 @@ def fig_gap_over_training(data):
     seen, sigmas, gap = data["images_seen"], data["sigmas"], first_weight(data["gap"], data)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), layout="constrained")
     plumbing.plot_sweep(sigmas, gap, np.maximum(seen, 1), "training images seen", "G(sigma) over training",
-                      ylabel=GAP_LABEL, ax=axes[0], log_values=len(seen) > 1 and seen.min() > 0)
+                        ylabel=GAP_LABEL, ax=axes[0], log_values=len(seen) > 1 and seen.min() > 0)
     finite = gap[np.isfinite(gap)]
     vmax = np.percentile(finite, 99) if finite.size else 1
     mesh = axes[1].pcolormesh(sigmas, np.maximum(seen, 1), np.clip(gap, -vmax, vmax), shading="nearest",
@@ -251,14 +251,14 @@ def fig_gap_by_factor(label, members):
     """G(sigma) of the last snapshot of runs that differ in one factor, coloured by it."""
     values = [v for v, _ in members]
     return plumbing.plot_sweep(members[0][1]["sigmas"], [d["gap"][-1] for _, d in members], values, label,
-                             f"G(sigma) by {label}", ylabel=GAP_LABEL, log_values=min(values) > 0)
+                               f"G(sigma) by {label}", ylabel=GAP_LABEL, log_values=min(values) > 0)
 
 
 def fig_gap_by_guidance(data):
     """G(sigma) of the last snapshot coloured by the guidance weight w."""
     weights = data["guidance_weights"]
     return plumbing.plot_sweep(data["sigmas"], whole_image(data["gap"], data)[:, -1], weights, "guidance weight w",
-                             "G(sigma) by guidance weight", ylabel=GAP_LABEL)
+                               "G(sigma) by guidance weight", ylabel=GAP_LABEL)
 
 
 def fig_gap_by_window(data):
@@ -270,9 +270,9 @@ def fig_gap_by_window(data):
     merged = {"average": "averaged", "cut": "cut"}.get(settings.get("window_mode"), settings.get("window_mode"))
     how = f", {settings['window_steps']} per axis, {merged}" if "window_steps" in settings else ""
     fig = plumbing.plot_sweep(data["sigmas"], gap[:, -1], windows,
-                            f"window size (pixels a side; whole image: {windows[-1]})",
-                            f"G(sigma) by window size{how}\n(last snapshot, {int(data['images_seen'][-1]):,} "
-                            "images seen)", ylabel=GAP_LABEL + " (symlog)")
+                              f"window size (pixels a side; whole image: {windows[-1]})",
+                              f"G(sigma) by window size{how}\n(last snapshot, {int(data['images_seen'][-1]):,} "
+                              "images seen)", ylabel=GAP_LABEL + " (symlog)")
     fig.axes[0].set_xlabel("noise level sigma (pixel values in [-1, 1])")
     fig.axes[0].set_yscale("symlog", linthresh=0.1)
     return fig
@@ -820,7 +820,7 @@ def fig_toy(data):
                      "density": (data.get("n_train"), "training points"),
                      "guidance": (data.get("weights"), "guidance weight w")}[experiment]
     return plumbing.plot_sweep(data["sigmas"], data["gap"], values, label, f"toy: G(sigma) by {label}",
-                             ylabel=GAP_LABEL)
+                               ylabel=GAP_LABEL)
 
 
 # ---------------------------------------------------------------------------

@@ -803,8 +803,8 @@ def frechet_references(refs, features, num_samples, subsets, seed):
     if len(t.x) <= R:
         subsets = 1
         plumbing.say(f"note: the training subset ({len(t.x)} images) is no larger than the validation reference "
-                   f"({R}), so fd_train and the LLR use all of it: --fd-subsets and the training side of "
-                   "--ref-draws have nothing to average")
+                     f"({R}), so fd_train and the LLR use all of it: --fd-subsets and the training side of "
+                     "--ref-draws have nothing to average")
     train_sets = [features(t.x[torch.as_tensor(plumbing.choose_subset(len(t.x), R, seed + k), device=t.x.device)])
                   for k in range(subsets)]
     at = lambda images, positions: features(images[torch.as_tensor(positions, device=t.x.device)])  # noqa: E731

@@ -112,8 +112,8 @@ def parse_args(argv=None):
     p.add_argument("--force", action="store_true", help="replace EXPERIMENT.npz files in --out that toy2d.py did "
                    "not write or made with other settings (refused otherwise)")
     plumbing.add_run_args(p, seed="seed of noise draws, random angles and samples", out="output folder",
-                        out_default="results/toy2d", device="auto (cuda, then cpu: the toy needs float64, which mps "
-                        "lacks), cpu, cuda, cuda:N")
+                          out_default="results/toy2d", device="auto (cuda, then cpu: the toy needs float64, which mps "
+                          "lacks), cpu, cuda, cuda:N")
     p.add_argument("--threads", type=int, default=1, help="CPU threads of torch while it runs (0: torch's own "
                    "choice; the toy's small operations gain nothing from more)")
     p.add_argument("--jobs", type=plumbing.non_negative_int, default=0, help="all: experiments run at once on a "
@@ -549,7 +549,7 @@ def main(argv=None):
             if processes > 1:  # the longest first; each process prints its lines, without progress bars
                 order = sorted(names, key=lambda name: name != "samples")
                 plumbing.in_processes([functools.partial(run_experiment, name, args, False) for name in order],
-                                    processes)
+                                      processes)
             else:
                 for name in tqdm(names, desc="toy2d", disable=len(names) == 1):
                     run_experiment(name, args)
@@ -565,7 +565,7 @@ def run_experiment(name, args, bars=True):
     show_bars = bars
     out, fig = RUNNERS[name](args)
     npz = plumbing.save_npz(os.path.join(args.out, f"{name}.npz"), args=vars(args) | {"experiment": name},
-                          script=SCRIPT, **out)
+                            script=SCRIPT, **out)
     png = plumbing.save_figure(fig, os.path.join(args.out, f"{name}.png"))
     summary = ""
     if "gap" in out and np.ndim(out["gap"]) == 2:

@@ -143,8 +143,8 @@ def parse_args(argv=None):
     p.add_argument("--probe-images", type=plumbing.positive_int, default=256,
                    help="images per split in the fixed probe set of the evaluations")
     plumbing.add_run_args(p, seed="seed of subset, initialisation and noise",
-                        batch=(512, "global batch (split across processes)"),
-                        out="run folder (default: runs/<data>-r<R>-n<n>-<model>-<size>-<cond>-seed<seed>)")
+                          batch=(512, "global batch (split across processes)"),
+                          out="run folder (default: runs/<data>-r<R>-n<n>-<model>-<size>-<cond>-seed<seed>)")
     plumbing.add_mode_arg(p, "--step-mode", "the training step", " and on a CPU for small steps in long runs")
     p.add_argument("--compile", dest="step_mode", action="store_const", const="compile",
                    help="same as --step-mode compile")

@@ -36,7 +36,7 @@ def main():
     p.add_argument("--steps", type=plumbing.at_least_two_int, default=18,
                    help="Heun steps of the sampler (sample_memorize.py --steps)")
     plumbing.add_mode_arg(p, "--forward-mode", "the network's forward passes, as eval_gap.py and sample_memorize.py "
-                        "--forward-mode")
+                          "--forward-mode")
     plumbing.add_precision_arg(p, "the network's forward passes, as eval_gap.py and sample_memorize.py --precision")
     args = p.parse_args()
     device = start(args)

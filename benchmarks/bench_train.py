@@ -176,7 +176,7 @@ def main():
     if args.out and rows:
         columns = {key: np.array([row[key] for row in rows]) for key in rows[0]}
         path = plumbing.save_npz(args.out, **columns, device=name, cpu_bf16_units=units, args=args,
-                               script=os.path.basename(__file__))
+                                 script=os.path.basename(__file__))
         print(f"wrote the table to {path}")
 
 

@@ -9,7 +9,6 @@ import sys
 import pytest
 import torch
 
-import common
 import plumbing
 import eval_gap
 import figures
@@ -127,7 +126,7 @@ def test_explicit_forward_mode_compile_that_cannot_work_stops_at_start_with_one_
     torch._dynamo.reset()
     with pytest.raises(SystemExit) as exit_info:
         plumbing.run_cli(lambda: SCRIPTS[name].main(["--optimal", "--forward-mode", "compile", "--device", "cpu",
-                                                   "--out", str(tmp_path / "result.npz")]))
+                                                     "--out", str(tmp_path / "result.npz")]))
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.count("\n") == 1, err
     assert err.startswith("error: --forward-mode compile: torch.compile failed (BackendCompilerFailed: "), err

@@ -44,11 +44,11 @@ def make_snapshot(path, data_dir, images_seen, net_seed, run_seed=0, num_classes
                 channels=8, cond="class" if num_classes else "none", seed=run_seed, steps=100,
                 out=os.path.dirname(path))
     plumbing.save_checkpoint(dict(kind=plumbing.CHECKPOINT_KIND, net=states[0], ema=states[1], opt={},
-                                step=images_seen // 8, images_seen=images_seen, args=args, network=net.config,
-                                subset=torch.tensor(subset),
-                                labels=torch.tensor(classes[subset]) if num_classes else None,
-                                dataset="fashion-mnist", resolution=resolution,
-                                kmeans_centroids=None, rng=[]), path)
+                                  step=images_seen // 8, images_seen=images_seen, args=args, network=net.config,
+                                  subset=torch.tensor(subset),
+                                  labels=torch.tensor(classes[subset]) if num_classes else None,
+                                  dataset="fashion-mnist", resolution=resolution,
+                                  kmeans_centroids=None, rng=[]), path)
     return str(path)
 
 
@@ -182,7 +182,7 @@ def test_correlation_radius_is_written_per_snapshot_from_the_gaps_images_and_fre
         direct = eval_gap.correlation_radius(model, split.y[:3] + 0.5 * noise, 0.5, split.labels[:3], pixels=8, seed=0)
         assert r[key][2, 1] == pytest.approx(direct.mean().item(), rel=1e-6)
         fixed = eval_gap.correlation_radius(model, split.y[:3] + 0.5 * split.noise[:3], 0.5, split.labels[:3],
-                                          pixels=8, seed=0)
+                                            pixels=8, seed=0)
         assert r[key][2, 1] != pytest.approx(fixed.mean().item(), rel=1e-6), "not E's fixed noise"
     fewer = evaluate(data_dir, tmp_path / "fewer.npz", snap(run_dir, 240), *JACOBIAN, "--jacobian-pixels", "4")
     assert fewer["radius_train"][0, 1] != r["radius_train"][2, 1], "other radius settings, other rows"
@@ -394,10 +394,10 @@ def test_feature_gap_compares_equally_many_images_of_both_splits_and_is_near_zer
     args = dict(data="fashion-mnist", data_dir=data, resolution=RES, n=48, model="unet", size="tiny", channels=8,
                 cond="none", seed=0, steps=1, out=str(tmp_path))
     plumbing.save_checkpoint(dict(kind=plumbing.CHECKPOINT_KIND, net=net.state_dict(), ema=net.state_dict(), opt={},
-                                step=1, images_seen=8, args=args, network=net.config,
-                                subset=torch.tensor(plumbing.choose_subset(len(images), 48, 0)), labels=None,
-                                dataset="fashion-mnist", resolution=RES, kmeans_centroids=None, rng=[]),
-                           tmp_path / "snapshot-000000008.pt")
+                                  step=1, images_seen=8, args=args, network=net.config,
+                                  subset=torch.tensor(plumbing.choose_subset(len(images), 48, 0)), labels=None,
+                                  dataset="fashion-mnist", resolution=RES, kmeans_centroids=None, rng=[]),
+                             tmp_path / "snapshot-000000008.pt")
     sizes, frechet = [], common.frechet_distance
     monkeypatch.setattr(common, "frechet_distance", lambda a, b: sizes.append((len(a), len(b))) or frechet(a, b))
     r = evaluate(data, tmp_path / "gap.npz", str(tmp_path), "--num-images", "512", "--features", "builtin",
@@ -559,7 +559,7 @@ def test_relative_gap_is_inf_where_e_train_is_at_rounding_level_and_the_summary_
 
 
 def test_a_snapshot_evaluated_on_other_images_under_the_same_file_names_is_refused(data_dir, run_dir, tmp_path,
-                                                                                 capsys):
+                                                                                   capsys):
     ckpt = torch.load(snap(run_dir, 80), weights_only=True)
     ckpt["data_digests"] = plumbing.data_digests("fashion-mnist", ckpt["subset"].numpy(), data_dir)
     path = tmp_path / "run" / "snapshot-000000080.pt"

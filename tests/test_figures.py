@@ -62,20 +62,21 @@ def write_memorization(path, params=1000, n=32, folder="runs", settings="{}"):
                 null_heldout_score_peak_ci=np.tile([-0.1, 0.1], (C, 1)), peak_probe_sigma=np.full(C, 0.3),
                 **{f"fcos_{q}_train_peak": rng.uniform(0.4, 0.7, (C, M)) for q in ("traj", "train", "val")})
     plumbing.save_npz(path, args={"n": n}, script="sample_memorize.py", configs=np.array([f"c{i}" for i in range(C)]),
-                    checkpoints=np.array([f"{folder}/r{params}-{n}/snapshot-{s:09d}.pt" for s in seen]), **peak,
-                    digests=np.array([f"r{params}-{n}-{s}" for s in seen]), settings=np.array(settings),  # as write_gap's
-                    images_seen=seen, guidance_weights=np.zeros(C), nn_ratio=rng.random((C, M)),
-                    memorized_fraction=np.array([0.0, 0.1, 0.2, 0.5]), memorized_ci=np.array([[0, .1]] * C),
-                    fd_gap=np.linspace(0, 1, C), stop_sigmas=np.array([0.5, 2.0]), fd_stop_gap=rng.random((C, 2)),
-                    probe_sigmas=np.array([2.0, 1.2, 0.6]), nn_traj=rng.random((C, P, M)),
-                    nn_train=rng.random((C, P, M)), nn_val=rng.random((C, P, M)),
-                    llr_traj=rng.normal(0, 1, (C, P, M)), llr_train=rng.normal(5, 1, (C, P, M)),
-                    llr_val=rng.normal(-5, 1, (C, P, M)), traj_train_overlap=np.tile([0.9, 0.3, 0.1], (C, 1)),
-                    llr_heldout=rng.normal(0, 1, (C, P, M)), heldout_train_overlap=np.tile([0.5, 0.2, 0.1], (C, 1)),
-                    traj_heldout_score=np.tile([0.7, 0.15, 0.1], (C, 1)),
-                    traj_heldout_score_ci=np.tile([[0.6, 0.8], [0.05, 0.25], [0.0, 0.2]], (C, 1, 1)),
-                    traj_valid=np.tile([True, True, False], (C, 1)),
-                    fd_gap_heldout=np.full(C, 0.05), samples=rng.uniform(-1, 1, (C, M, 1, 8, 8)).astype(np.float16))
+                      checkpoints=np.array([f"{folder}/r{params}-{n}/snapshot-{s:09d}.pt" for s in seen]), **peak,
+                      digests=np.array([f"r{params}-{n}-{s}" for s in seen]),  # as write_gap's
+                      settings=np.array(settings),
+                      images_seen=seen, guidance_weights=np.zeros(C), nn_ratio=rng.random((C, M)),
+                      memorized_fraction=np.array([0.0, 0.1, 0.2, 0.5]), memorized_ci=np.array([[0, .1]] * C),
+                      fd_gap=np.linspace(0, 1, C), stop_sigmas=np.array([0.5, 2.0]), fd_stop_gap=rng.random((C, 2)),
+                      probe_sigmas=np.array([2.0, 1.2, 0.6]), nn_traj=rng.random((C, P, M)),
+                      nn_train=rng.random((C, P, M)), nn_val=rng.random((C, P, M)),
+                      llr_traj=rng.normal(0, 1, (C, P, M)), llr_train=rng.normal(5, 1, (C, P, M)),
+                      llr_val=rng.normal(-5, 1, (C, P, M)), traj_train_overlap=np.tile([0.9, 0.3, 0.1], (C, 1)),
+                      llr_heldout=rng.normal(0, 1, (C, P, M)), heldout_train_overlap=np.tile([0.5, 0.2, 0.1], (C, 1)),
+                      traj_heldout_score=np.tile([0.7, 0.15, 0.1], (C, 1)),
+                      traj_heldout_score_ci=np.tile([[0.6, 0.8], [0.05, 0.25], [0.0, 0.2]], (C, 1, 1)),
+                      traj_valid=np.tile([True, True, False], (C, 1)),
+                      fd_gap_heldout=np.full(C, 0.05), samples=rng.uniform(-1, 1, (C, M, 1, 8, 8)).astype(np.float16))
 
 
 def test_every_figure_is_drawn_from_matching_results(tmp_path, capsys):
@@ -243,8 +244,8 @@ def test_missing_inputs_are_skipped_with_a_note_and_an_empty_folder_is_a_clear_e
 def test_a_gap_file_with_one_snapshot_gives_the_summary_without_any_figure(tmp_path, capsys):
     sigmas = np.geomspace(0.01, 10, 5)
     plumbing.save_npz(tmp_path / "gap.npz", args={}, script="eval_gap.py", sigmas=sigmas, images_seen=np.array([64]),
-                    e_train=np.ones((1, 5)), e_val=np.full((1, 5), 2.0), gap=np.ones((1, 5)),
-                    onset_images_seen=np.full(5, 64), peak_sigma=sigmas[:1], checkpoints=np.array(["r/s.pt"]))
+                      e_train=np.ones((1, 5)), e_val=np.full((1, 5), 2.0), gap=np.ones((1, 5)),
+                      onset_images_seen=np.full(5, 64), peak_sigma=sigmas[:1], checkpoints=np.array(["r/s.pt"]))
     figures.main([str(tmp_path)])
     summary = (tmp_path / "figures" / "summary.txt").read_text()
     assert summary.splitlines()[2].startswith("gap ") and "0 figures in" in capsys.readouterr().out
@@ -256,13 +257,13 @@ def test_files_are_recognised_by_the_script_that_wrote_them_and_a_failing_figure
     write_gap(tmp_path / "old.npz", script=None)
     # another program's file whose key names match eval_gap.py's, with arrays of other shapes
     plumbing.save_npz(tmp_path / "foreign.npz", args={"lr": 1}, e_train=np.ones(3), e_val=np.ones(3), gap=np.ones(7),
-                    images_seen=np.ones((2, 2)), sigmas=np.ones(1), onset_images_seen=np.ones(1))
+                      images_seen=np.ones((2, 2)), sigmas=np.ones(1), onset_images_seen=np.ones(1))
     np.savez(tmp_path / "plain.npz", e_train=np.ones(3), e_val=np.ones(3), gap=np.ones(3), images_seen=np.ones(3),
              sigmas=np.ones(1), args=np.array("not json"))
     plumbing.save_npz(tmp_path / "bench.npz", args={}, script="bench_train.py", gap=np.ones(3))
     # written by eval_gap.py, yet missing the onset and with a gap of the wrong shape
     plumbing.save_npz(tmp_path / "broken.npz", args={}, script="eval_gap.py", sigmas=np.ones(4),
-                    images_seen=np.array([1, 2]), e_train=np.ones((2, 4)), e_val=np.ones((2, 4)), gap=np.ones(3))
+                      images_seen=np.array([1, 2]), e_train=np.ones((2, 4)), e_val=np.ones((2, 4)), gap=np.ones(3))
     figures.main([str(tmp_path)])
     out = capsys.readouterr().out
     names = {p.stem for p in (tmp_path / "figures").glob("*.png")}

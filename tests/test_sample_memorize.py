@@ -336,7 +336,7 @@ def test_a_snapshot_of_another_run_in_the_folder_is_refused_as_eval_gap_refuses_
 
 
 def test_a_snapshot_sampled_with_other_images_under_the_same_file_names_is_refused(snapshot, data_dir, tmp_path,
-                                                                                 capsys):
+                                                                                   capsys):
     ckpt = torch.load(snapshot, weights_only=True)
     ckpt["data_digests"] = plumbing.data_digests("fashion-mnist", ckpt["subset"].numpy(), data_dir)
     path = tmp_path / "run" / "snapshot-000000064.pt"

@@ -291,7 +291,7 @@ def test_resuming_from_a_corrupted_or_foreign_snapshot_exits_2(data_dir, tmp_pat
 
 
 def test_resuming_on_other_images_under_the_same_file_names_names_both_folders(baseline, data_dir, tmp_path,
-                                                                             capsys, monkeypatch):
+                                                                               capsys, monkeypatch):
     assert plumbing.load_checkpoint(snapshot(baseline, 40))["data_digests"] == plumbing.data_digests(
         "fashion-mnist", plumbing.load_checkpoint(snapshot(baseline, 40))["subset"], data_dir)
     (tmp_path / "other").mkdir()
