@@ -683,7 +683,8 @@ def guidance_rows(gap_results, mem_results):
         negative = "null label" if neg == "uncond" else os.path.basename(os.path.dirname(str(neg)))
         j = int(common.peak_index(data["gap"][0, -1]))  # the unguided peak sigma of the last snapshot
         for g, w in enumerate(data["guidance_weights"]):
-            row = dict(name=name, negative=negative, w=float(w), peak=float(data["peak_gap"][g, -1]),
+            row = dict(name=name, negative=negative, images_seen=int(data["images_seen"][-1]), w=float(w),
+                       peak=float(data["peak_gap"][g, -1]),
                        peak_ci=data["peak_gap_ci"][g, -1], sigma=float(data["sigmas"][j]),
                        e_train=float(data["e_train"][g, -1, j]), e_val=float(data["e_val"][g, -1, j]))
             found = samples.get((str(data["digests"][-1]), negative, float(w)))
@@ -697,27 +698,28 @@ def guidance_rows(gap_results, mem_results):
 
 
 def fig_factor_guidance(rows):
-    """Claim 5, guidance: against the weight w, per negative, the peak of G, E_train and E_val at the unguided peak
-    sigma, copies and the score at the peak probe (95% intervals)."""
+    """Claim 5, guidance: against the weight w, per negative and guided snapshot, the peak of G, E_train and E_val
+    at the unguided peak sigma, copies and the score at the peak probe (95% intervals)."""
     if not rows:
         return None
     fig, axes = plt.subplots(1, 4, figsize=(22, 4.4), layout="constrained")
-    for negative in dict.fromkeys(r["negative"] for r in rows):
-        mine = [r for r in rows if r["negative"] == negative]
-        w = np.array([r["w"] for r in mine])
-        line, = axes[0].plot(w, [r["peak"] for r in mine], "o-", label=f"negative: {negative}")
+    for negative, seen in dict.fromkeys((r["negative"], r["images_seen"]) for r in rows):
+        mine = [r for r in rows if (r["negative"], r["images_seen"]) == (negative, seen)]
+        w, label = np.array([r["w"] for r in mine]), f"negative: {negative}, at {seen:,} images"
+        line, = axes[0].plot(w, [r["peak"] for r in mine], "o-", label=label)
         color = line.get_color()
         interval_bars(axes[0], w, np.array([r["peak"] for r in mine]), [r["peak_ci"] for r in mine], color)
-        axes[1].plot(w, [r["e_train"] for r in mine], "o-", color=color, label=f"{negative}: training")
-        axes[1].plot(w, [r["e_val"] for r in mine], "s--", color=color, mfc="white", label=f"{negative}: validation")
+        axes[1].plot(w, [r["e_train"] for r in mine], "o-", color=color,
+                     label=f"{label}: training (sigma {mine[0]['sigma']:.3g})")
+        axes[1].plot(w, [r["e_val"] for r in mine], "s--", color=color, mfc="white", label=f"{label}: validation")
         for ax, key in ((axes[2], "copies"), (axes[3], "score_peak")):
             have = [r for r in mine if key in r]
             if have:
                 x, y = np.array([r["w"] for r in have]), np.array([r[key] for r in have])
-                ax.plot(x, y, "o-", color=color, label=f"negative: {negative}")
+                ax.plot(x, y, "o-", color=color, label=label)
                 interval_bars(ax, x, y, [r[f"{key}_ci"] for r in have], color)
     axes[0].set(ylabel="peak of G over sigma", yscale="symlog")
-    axes[1].set(ylabel=f"E(sigma) at sigma {rows[0]['sigma']:.3g} (the unguided peak)", yscale="log")
+    axes[1].set(ylabel="E(sigma) at the unguided peak sigma", yscale="log")
     axes[2].set(ylabel=PANELS[1][1])
     axes[3].set(ylabel=PANELS[2][1])
     for ax in axes:
@@ -747,9 +749,9 @@ def format_factors(points, guidance):
                           f"{values(r)}" for r in mine]
             lines.append("")
     if guidance:
-        lines += [f"guidance: {'negative':30s} {'w':>5s} {head} {'E_train':>9s} {'E_val':>9s}"]
-        lines += [f"guidance: {r['negative'][:30]:30s} {r['w']:5.1f} {values(r)} {r['e_train']:9.4g} {r['e_val']:9.4g}"
-                  for r in guidance]
+        lines += [f"guidance: {'negative':30s} {'images':>8s} {'w':>5s} {head} {'E_train':>9s} {'E_val':>9s}"]
+        lines += [f"guidance: {r['negative'][:30]:30s} {r['images_seen']:8,d} {r['w']:5.1f} {values(r)} "
+                  f"{r['e_train']:9.4g} {r['e_val']:9.4g}" for r in guidance]
     return "\n".join(lines).strip()
 
 

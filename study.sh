@@ -23,8 +23,9 @@
 #      in pixels (k = n: every seed, the others seed 0) and of --factor-feature-ks (10 32) in classifier features
 #      (seed 0); unconditional: the size runs of 24 channels;
 #   3. guidance: the class-conditional run of seed 0 guided at w = 0, 0.2, ..., 2 (eval_gap and sample_memorize of its
-#      last snapshot) by an unconditional run trained 10x shorter (classifier-free guidance with the paper's CIFAR-10
-#      negative) and by a class-conditional run trained 10x shorter (autoguidance).
+#      last snapshot, and of its last snapshot of at most a third of the training, in the paper's regime of G) by an
+#      unconditional run trained 10x shorter (classifier-free guidance with the paper's CIFAR-10 negative) and by a
+#      class-conditional run trained 10x shorter (autoguidance).
 # --scale gpu (the one-GPU study, about 70 minutes on one H100/H200; gpu.sh runs it): Fashion-MNIST at 32x32.
 #   Stages, each in OUT:
 #   1. grid: U-Net sizes --sizes crossed with training set sizes --ns, unconditional, --images images
@@ -231,8 +232,19 @@ factor_runs() {  # --factors, stage 1: the runs of each factor at n = FACTOR_N (
     done
 }
 
-factor_guidance() {  # --factors, stage 2: the class-conditional run guided by each negative at every weight
-    local tag neg last=$(last_snapshot "$OUT/runs/class-${NAME_SIZE}-n$FACTOR_N-seed0") neg_last
+last_snapshot_until() {  # last_snapshot_until RUN IMAGES: its last snapshot of at most IMAGES images seen
+    local file seen found=""
+    for file in "$1"/snapshot-*.pt; do
+        seen=${file##*/snapshot-}; seen=${seen%.pt}
+        [ -e "$file" ] && [ $((10#$seen)) -le "$2" ] && found=$file
+    done
+    echo "$found"
+}
+
+factor_guidance() {  # --factors, stage 2: the class-conditional run guided by each negative at every weight, at its
+    # last snapshot (guidance-TAG) and at its last of at most a third of the training (guidance-TAG-IMAGES)
+    local run=$OUT/runs/class-${NAME_SIZE}-n$FACTOR_N-seed0 tag neg neg_last name
+    local last=$(last_snapshot "$run") early=$(last_snapshot_until "$run" $((IMAGES / 3)))
     for tag in cfg:none auto:class; do
         neg=${tag#*:}-short-${NAME_SIZE}-n$FACTOR_N-seed0 tag=${tag%%:*}
         neg_last=$(last_snapshot "$OUT/runs/$neg")
@@ -242,6 +254,10 @@ factor_guidance() {  # --factors, stage 2: the class-conditional run guided by e
             continue
         fi
         start "guidance-$tag" guided_chain "$last" "$neg_last" "guidance-$tag"
+        if [ -n "$early" ] && [ "$early" != "$last" ]; then
+            name=guidance-$tag-$(( 10#$(basename "$early" .pt | sed 's/snapshot-//') ))
+            start "$name" guided_chain "$early" "$neg_last" "$name"
+        fi
     done
 }
 

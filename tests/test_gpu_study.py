@@ -84,7 +84,7 @@ def test_cpu_factor_study_tiny_varies_size_conditioning_and_guidance_and_draws_e
     log = (out / "cpu-factors.log").read_text()
     runs = ["unet-c4-n16-seed0", "unet-c8-n16-seed0", "class-c8-n16-seed0", "kmeans4-c8-n16-seed0",
             "kmeans16-c8-n16-seed0", "kmeans4feat-c8-n16-seed0", "none-short-c8-n16-seed0", "class-short-c8-n16-seed0",
-            "guidance-cfg", "guidance-auto"]
+            "guidance-cfg", "guidance-auto", "guidance-cfg-8", "guidance-auto-8"]  # -8: at a third of training
     for stage in runs + ["1. grid", "2. guidance", "4. figures"]:
         assert re.search(rf"^=== {re.escape(stage)}: \d+ s$", log, re.M), stage
     assert "study.sh done" in log and "FAILED" not in log
@@ -97,5 +97,8 @@ def test_cpu_factor_study_tiny_varies_size_conditioning_and_guidance_and_draws_e
     table = (out / "figures" / "factors.txt").read_text()
     assert "size: " in table and "conditioning: k-means in classifier k = 4" in table
     assert "conditioning: k-means in pixels k = 16" in table and "guidance: class-short-c8-n16-seed0" in table
+    guided_at = {int(line.split()[2].replace(",", "")) for line in table.splitlines() if line.startswith("guidance: ")
+                 and "short" in line}
+    assert guided_at == {8, 160}, guided_at
     for figure in ("factor_size", "factor_conditioning", "factor_guidance"):
         assert (out / "figures" / f"{figure}.png").exists(), figure
