@@ -39,7 +39,7 @@ pipeline() {  # pipeline N: train on n = N images, then the gap and the samples 
     "$PY" eval_gap.py "$OUT/runs/$run" --optimal --num-images 128 --num-sigmas 16 --threads "$THREADS" \
         --precision "$PRECISION" --out "$OUT/gap/$run.npz"
     "$PY" sample_memorize.py "$OUT/runs/$run" --num-samples 512 --threads "$THREADS" --precision "$PRECISION" \
-        --out "$OUT/samples/$run.npz"
+        --gap "$OUT/gap/$run.npz" --out "$OUT/samples/$run.npz"  # probed also where each snapshot's gap peaks
 }
 
 references() {  # the two reference samplers, probed also at 0.14, where the networks' gaps peak; the first of them

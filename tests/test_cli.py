@@ -101,6 +101,15 @@ def test_quick_sh_says_which_python_it_runs():
     assert done.returncode == 2 and "quick.sh is a file, not a folder" in done.stderr, done.stderr
 
 
+def test_quick_sh_probes_the_samples_where_the_gap_it_measured_peaks():
+    """sample_memorize.py reads RUN/gap.npz by default; quick.sh writes the gap elsewhere, so it names the file
+    (without it the summary's score@peak column stayed empty)."""
+    text = open(os.path.join(ROOT, "quick.sh")).read().replace("\\\n", " ")
+    gap_out = re.search(r'eval_gap\.py "\$OUT/runs/\$run".*?--out (\S+)', text).group(1)
+    sample_gap = re.search(r'sample_memorize\.py "\$OUT/runs/\$run".*?--gap (\S+)', text)
+    assert sample_gap is not None and sample_gap.group(1) == gap_out, gap_out
+
+
 @pytest.mark.parametrize("script, argv, message", [
     ("gpu.sh", ["--jobs", "0"], "error: --jobs takes positive integers, got '0'"),
     ("gpu.sh", ["--images", "1e6"], "error: --images takes positive integers, got '1e6'"),
