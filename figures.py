@@ -630,6 +630,7 @@ def fig_factor_size(points):
                                 f"seed{'s' * (rows[0]['seeds'] > 1)})")
                 interval_bars(ax, seen, y, [r[f"{key}_ci"] for r in rows], line.get_color())
                 ax.set(xscale="log", xlabel="training images seen", ylabel=label)
+                ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels overlap
     axes[0].set_yscale("symlog", linthresh=0.1)
     axes[0].legend(fontsize=7)
     fig.suptitle("model size: the gap, copies and trajectories over training (95% intervals)")
@@ -637,30 +638,37 @@ def fig_factor_size(points):
 
 
 def fig_factor_conditioning(points):
-    """Claim 5, conditioning granularity: the peak of G, copies and the score at the peak probe of the last
-    snapshot against the number of labels (1: unconditional, the dataset's classes, k-means clusters in pixels or
-    in classifier features), seeds merged, 95% intervals."""
+    """Claim 5, conditioning granularity: the peak of G, copies and the score at the peak probe against the number
+    of labels (1: unconditional, the dataset's classes, k-means clusters in pixels or in classifier features), at
+    the last snapshot (top) and at the last of at most a third of its images (bottom, where G is still in the
+    paper's regime), seeds merged, 95% intervals."""
     groups = factor_variants(across_seeds(points), "conditioning")
     if not groups:
         return None
-    fig, axes = plt.subplots(1, 3, figsize=(17, 4.4), layout="constrained")
+    last = max(r["images_seen"] for variants in groups for rows in variants.values() for r in rows)
+    early = [r["images_seen"] for variants in groups for rows in variants.values() for r in rows
+             if r["images_seen"] <= last / 3]
+    stages = [last] + ([max(early)] if early else [])
+    fig, axes = plt.subplots(len(stages), 3, figsize=(17, 4.4 * len(stages)), layout="constrained", squeeze=False)
     markers = {"unconditional": "D", "classes": "s", "k-means in pixels": "o", "k-means in classifier": "^"}
-    for variants in groups:
-        series = {}
-        for variant, rows in variants.items():
-            name, k = conditioning_label(variant)
-            series.setdefault(name, []).append((k, max(rows, key=lambda r: r["images_seen"])))
-        for name, found in series.items():
-            found.sort(key=lambda item: item[0])
-            k = np.array([item[0] for item in found])
-            for ax, (key, label) in zip(axes, PANELS):
-                y = np.array([r[key] for _, r in found])
-                line, = ax.plot(k, y, marker=markers.get(name, "x"), ls="-" if len(k) > 1 else "none", label=name)
-                interval_bars(ax, k, y, [r[f"{key}_ci"] for _, r in found], line.get_color())
-                ax.set(xscale="log", xlabel="number of conditioning labels (1: unconditional)", ylabel=label)
-    axes[0].set_yscale("symlog", linthresh=0.1)
-    axes[0].legend(fontsize=7)
-    fig.suptitle("conditioning granularity at the last snapshot (95% intervals)")
+    for row_axes, seen in zip(axes, stages):
+        for variants in groups:
+            series = {}
+            for variant, rows in variants.items():
+                name, k = conditioning_label(variant)
+                series.setdefault(name, []).extend((k, r) for r in rows if r["images_seen"] == seen)
+            for name, found in series.items():
+                found.sort(key=lambda item: item[0])
+                k = np.array([item[0] for item in found])
+                for ax, (key, label) in zip(row_axes, PANELS):
+                    y = np.array([r[key] for _, r in found])
+                    line, = ax.plot(k, y, marker=markers.get(name, "x"), ls="-" if len(k) > 1 else "none", label=name)
+                    interval_bars(ax, k, y, [r[f"{key}_ci"] for _, r in found], line.get_color())
+                    ax.set(xscale="log", xlabel="number of conditioning labels (1: unconditional)", ylabel=label)
+        row_axes[0].set_yscale("symlog", linthresh=0.1)
+        row_axes[0].legend(fontsize=7, title=f"{seen:,} images seen", title_fontsize=8)
+    fig.suptitle("conditioning granularity at the last snapshot"
+                 + (f" (top) and at {stages[1]:,} images (bottom)" if len(stages) > 1 else "") + " (95% intervals)")
     return fig
 
 
