@@ -733,6 +733,7 @@ def fig_factor_guidance(rows):
     for ax in axes:
         ax.set_xlabel("guidance weight w (D_w = D + w (D - D_neg))")
         ax.legend(fontsize=7)
+    axes[1].legend(fontsize=6, loc="upper left")  # E grows with w: the upper left stays free
     fig.suptitle("guidance: the gap and the samples against the weight (95% intervals)")
     return fig
 
