@@ -16,12 +16,12 @@
 #   --sample-from images seen on, unguided, labels drawn as the training set's; the trajectory measures with
 #   their intervals at the fixed probe sigmas and at each snapshot's peak of G); --jobs runs at once (2, one per
 #   core); figures.
-# --scale cpu --factors (claim 5, about 2 hours on 2 CPU cores): the map's network and recipe on n = --factor-n (128)
+# --scale cpu --factors (claim 5, about 3 hours on 2 CPU cores): the map's network and recipe on n = --factor-n (128)
 #   images, varied in one factor at a time, into the same OUT (the map's runs of that n are shared, not trained twice):
 #   1. model size: U-Nets of --factor-channels (8 24 48) base channels (0.08M, 0.71M, 2.8M parameters), every seed;
 #   2. conditioning granularity: the dataset's classes (every seed), k-means labels of --factor-ks (10 32 128) clusters
-#      in pixels (k = n: every seed, the others seed 0) and of --factor-feature-ks (10 32) in classifier features
-#      (seed 0); unconditional: the size runs of 24 channels;
+#      in pixels and of --factor-feature-ks (10 32) in classifier features, every seed; unconditional: the size runs
+#      of 24 channels;
 #   3. guidance: the class-conditional run of seed 0 guided at w = 0, 0.2, ..., 2 (eval_gap and sample_memorize of its
 #      last snapshot, and of its last snapshot of at most a third of the training, in the paper's regime of G) by an
 #      unconditional run trained 10x shorter (classifier-free guidance with the paper's CIFAR-10 negative) and by a
@@ -203,7 +203,7 @@ run_chain() {  # run_chain NAME plain|guided|negative TRAIN_ARGS...: train, then
 }
 
 factor_runs() {  # --factors, stage 1: the runs of each factor at n = FACTOR_N (run_chain's names: shared with the map)
-    local c k seed seeds n=$FACTOR_N
+    local c k seed n=$FACTOR_N
     for c in $FACTOR_CHANNELS; do  # model size (unconditional: also the conditioning factor's k = 1)
         for seed in $SEEDS; do
             start "unet-c$c-n$n-seed$seed" run_chain "unet-c$c-n$n-seed$seed" plain --size tiny --channels "$c" \
@@ -214,17 +214,17 @@ factor_runs() {  # --factors, stage 1: the runs of each factor at n = FACTOR_N (
         start "class-${NAME_SIZE}-n$n-seed$seed" run_chain "class-${NAME_SIZE}-n$n-seed$seed" plain --size tiny \
             --n "$n" --seed "$seed" --cond class
     done
-    for k in $FACTOR_KS; do  # k-means labels in pixels: every seed where k = n (one label per image)
-        seeds=0
-        [ "$k" = "$n" ] && seeds=$SEEDS
-        for seed in $seeds; do
+    for k in $FACTOR_KS; do  # k-means labels in pixels
+        for seed in $SEEDS; do
             start "kmeans$k-${NAME_SIZE}-n$n-seed$seed" run_chain "kmeans$k-${NAME_SIZE}-n$n-seed$seed" plain \
                 --size tiny --n "$n" --seed "$seed" --cond kmeans --k "$k"
         done
     done
     for k in $FACTOR_FEATURE_KS; do  # ... and in classifier features
-        start "kmeans${k}feat-${NAME_SIZE}-n$n-seed0" run_chain "kmeans${k}feat-${NAME_SIZE}-n$n-seed0" plain \
-            --size tiny --n "$n" --seed 0 --cond kmeans --k "$k" --cluster-space classifier
+        for seed in $SEEDS; do
+            start "kmeans${k}feat-${NAME_SIZE}-n$n-seed$seed" run_chain "kmeans${k}feat-${NAME_SIZE}-n$n-seed$seed" \
+                plain --size tiny --n "$n" --seed "$seed" --cond kmeans --k "$k" --cluster-space classifier
+        done
     done
     for cond in none class; do  # the guidance negatives: trained 10x shorter
         start "$cond-short-${NAME_SIZE}-n$n-seed0" run_chain "$cond-short-${NAME_SIZE}-n$n-seed0" negative --size tiny \
