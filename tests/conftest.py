@@ -88,3 +88,11 @@ def perturbed(net):
         for p in net.parameters():
             p.add_(0.1 * torch.randn_like(p))
     return net
+
+
+def one_line(text, *words):
+    """Assert that a message is one line (a trailing newline allowed) that names each of words: its key words
+    (flags, paths, numbers, what to do), not its wording."""
+    assert text.count("\n") <= 1 and "\n" not in text.rstrip("\n"), text
+    missing = [word for word in words if word not in text]
+    assert not missing, f"{missing} not in: {text}"

@@ -13,7 +13,7 @@ import torch
 
 import common
 import plumbing
-from conftest import perturbed, write_fashion_mnist
+from conftest import one_line, perturbed, write_fashion_mnist
 import eval_gap
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -202,8 +202,8 @@ def test_jacobian_defaults_are_the_authors_settings(run_dir):
 
 def test_correlation_radius_of_the_optimal_denoiser_alone_is_refused(tmp_path, capsys):
     status, err = run_cli(["--optimal", *JACOBIAN, "--out", str(tmp_path / "g.npz")], capsys)
-    assert status == 2 and err == ("error: --jacobian needs snapshots: the optimal denoiser has no "
-                                   "correlation radius here (its code has no gradients)\n"), err
+    assert status == 2, err
+    one_line(err, "error: ", "--jacobian needs snapshots", "optimal denoiser")
 
 
 @pytest.mark.parametrize("model", ["snapshot", "optimal"])
@@ -269,8 +269,8 @@ def test_out_with_other_settings_or_rows_this_call_would_leave_out_is_kept_unles
             ([run_dir], "holds 1 row(s) of models not given here (other snapshots, or --optimal) that this call "
                         "would leave out")]:
         status, err = run_cli([*base, *argv], capsys)
-        assert status == 2 and err == (f"error: --out {out} {reason}: give --out {free} to keep it, or --force to "
-                                       "replace it\n"), err
+        assert status == 2, err
+        one_line(err, "error: ", f"--out {out} {reason}", f"--out {free}", "--force")
         assert out.read_bytes() == before, "the earlier result is untouched"
     eval_gap.main([*base, run_dir, "--num-images", "8", "--out", str(free)])
     assert plumbing.load_npz(str(free))["args"]["num_images"] == 8 and out.read_bytes() == before
@@ -568,9 +568,8 @@ def test_a_snapshot_evaluated_on_other_images_under_the_same_file_names_is_refus
     other = write_fashion_mnist(tmp_path / "other", N_TRAIN, N_VAL, seed=1)  # as MNIST beside Fashion-MNIST
     argv = [str(path), "--num-images", "20", "--sigmas", *SIGMAS, "--device", "cpu", "--out", str(tmp_path / "g.npz")]
     status, err = run_cli([*argv, "--data-dir", other], capsys)
-    assert status == 2 and err == (f"error: {path} was trained on other images than those in {other}: its training "
-                                   f"subset and validation split differ from those it read from {data_dir}; give "
-                                   "--data-dir the folder that run read\n"), err
+    assert status == 2, err
+    one_line(err, "error: ", str(path), f"other images than those in {other}", str(data_dir), "--data-dir")
     assert not os.path.exists(tmp_path / "g.npz")
     eval_gap.main(argv)  # the run's own folder
     assert list(plumbing.load_npz(str(tmp_path / "g.npz"))["images_seen"]) == [80]
@@ -614,7 +613,8 @@ def test_bad_input_exits_2_with_one_clear_message(data_dir, run_dir, tmp_path, c
 def test_out_that_is_a_folder_stops_before_any_evaluation(run_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(eval_gap, "evaluate", None)  # reached only after the check
     status, err = run_cli([run_dir, "--out", str(tmp_path)], capsys)
-    assert status == 2 and err == f"error: --out {tmp_path} is a folder, not a file name\n"
+    assert status == 2, err
+    one_line(err, "error: ", f"--out {tmp_path}", "folder")
 
 
 @pytest.mark.parametrize("change, message", [
@@ -644,7 +644,8 @@ def test_default_out_names_the_subset_of_the_optimal_denoiser_and_guidance_and_o
     assert eval_gap.default_out(args) == os.path.join("results", "gap-optimal-fashion-mnist-r32-n1000-kmeans5-seed0"
                                                                  "-guided.npz")
     status, err = run_cli(["--optimal", "--out", str(tmp_path / "gap")], capsys)
-    assert status == 2 and err == f"error: --out must end with .npz, got {tmp_path / 'gap'}\n"
+    assert status == 2, err
+    one_line(err, "error: ", "--out", ".npz", str(tmp_path / "gap"))
 
 
 # --- restricted receptive field: windowed denoisers -------------------------

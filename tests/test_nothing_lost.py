@@ -20,7 +20,7 @@ import plumbing
 import sample_memorize
 import toy2d
 import train_image
-from conftest import write_fashion_mnist, write_idx
+from conftest import one_line, write_fashion_mnist, write_idx
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = ["--model", "unet", "--size", "tiny", "--channels", "8", "--resolution", "16", "--n", "16", "--batch", "8",
@@ -63,8 +63,8 @@ def exit_status(main, capsys):
 
 
 def one_line_error(status, err, *words):
-    assert status == 2 and err.startswith("error: ") and err.count("\n") == 1, err
-    assert all(word in err for word in words), err
+    assert status == 2, err
+    one_line(err, "error: ", *words)
 
 
 # --- 2. results of the optimal denoiser belong to the images they were computed on ------------------------------
@@ -204,7 +204,7 @@ def test_sigterm_while_starting_up_is_one_line_and_status_143():
     code = SIGTERM_ON_TORCH_IMPORT.format(folder=ROOT, script="eval_gap.py")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 143, (done.returncode, done.stderr[-2000:])  # not killed by SIGTERM (-15)
-    assert done.stderr == "interrupted while starting up: nothing was done\n"
+    one_line(done.stderr, "interrupted while starting up")
 
 
 def test_forked_workers_end_quietly_when_their_pool_closes_under_run_cli():

@@ -12,7 +12,7 @@ import torch
 
 import common
 import plumbing
-from conftest import file_size_limit
+from conftest import file_size_limit, one_line
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,8 +37,8 @@ def test_a_second_writer_is_refused_naming_the_holder_and_the_lock_dies_with_its
         with pytest.raises(common.UserError) as err:
             with plumbing.exclusive(target):
                 pass
-        assert str(err.value) == (f"--out {target} is being written by process {holder.pid} (it holds "
-                                  f"{tmp_path / '.race.npz.lock'}): wait for it to end, or give another --out")
+        one_line(str(err.value), f"--out {target}", f"process {holder.pid}", str(tmp_path / ".race.npz.lock"),
+                 "another --out")
     finally:
         holder.send_signal(signal.SIGKILL)  # kill -9: no clean-up of its own
         holder.wait()
@@ -57,14 +57,14 @@ def test_a_write_that_fails_for_space_is_one_line_with_the_size_needed_and_keeps
     payload = b"x" * 3_000_000
     with file_size_limit(1_000_000), pytest.raises(common.UserError) as err:  # ulimit -f
         plumbing.atomic_write(target, lambda f: f.write(payload))
-    assert str(err.value) == f"cannot write {target}: file too large (3 MB needed)"
+    one_line(str(err.value), f"cannot write {target}", "file too large", "3 MB needed")
 
     def full(fd):  # a full disk, which some file systems report only when the data reach it
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     monkeypatch.setattr(os, "fsync", full)
     with pytest.raises(common.UserError) as err:
         plumbing.save_npz(target, values=torch.zeros(500_000, dtype=torch.float64).numpy())
-    assert str(err.value) == f"cannot write {target}: no space left on device (4 MB needed)"
+    one_line(str(err.value), f"cannot write {target}", "no space left", "4 MB needed")
     assert target.read_bytes() == b"old" and os.listdir(tmp_path) == ["result.npz"]
 
 
@@ -132,4 +132,4 @@ def test_ctrl_c_while_starting_up_is_one_line_and_status_130(script):
     code = INTERRUPT_ON_TORCH_IMPORT.format(folder=os.path.dirname(os.path.join(ROOT, script)), script=script)
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 130, (done.returncode, done.stderr[-2000:])  # not killed by SIGINT (-2)
-    assert done.stderr == "interrupted while starting up: nothing was done\n"
+    one_line(done.stderr, "interrupted while starting up")

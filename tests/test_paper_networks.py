@@ -9,6 +9,7 @@ import torch.nn.functional as F
 import common
 import plumbing
 import eval_gap
+from conftest import one_line
 
 MODELS = sorted(common.NETWORK_PRESETS)
 SIZES = ["tiny", "xs", "s", "m", "l"]
@@ -291,8 +292,8 @@ def test_auto_forward_mode_survives_a_failing_compile_with_the_eager_outputs(mon
         expected = [denoiser(x, sigma, labels), denoiser(x[:4], torch.tensor(0.7)), denoiser(x.double(), sigma)]
     for out, eager in zip(outputs, expected):
         assert torch.equal(out, eager)
-    assert capsys.readouterr().out == ("torch.compile failed (BackendCompilerFailed: backend='backend' raised: "
-                                       "RuntimeError: no compiler here); running eager\n") and len(attempts) == 1
+    one_line(capsys.readouterr().out, "torch.compile failed", "no compiler here", "running eager")
+    assert len(attempts) == 1
 
 
 def test_explicit_forward_mode_compile_that_cannot_work_stops_with_one_line(monkeypatch):
