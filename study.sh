@@ -174,11 +174,12 @@ LOG=$OUT/$SCALE$([ "$FACTORS" = 0 ] || echo -factors).log
 export TQDM_MININTERVAL=${TQDM_MININTERVAL:-30}  # progress bars: a line every 30 s in the logs
 
 last_snapshot() { ls "$1"/snapshot-*.pt 2>/dev/null | tail -n 1 || true; }
-sampled_snapshots() {  # sampled_snapshots RUN: its snapshots of at least SAMPLE_FROM images seen
+images_of() { local seen=${1##*/snapshot-}; echo $((10#${seen%.pt})); }  # images_of SNAPSHOT: its images seen
+snapshots_seen() {  # snapshots_seen RUN FROM [TO]: its snapshots of FROM (to TO) images seen, in order
     local file seen
     for file in "$1"/snapshot-*.pt; do
-        seen=${file##*/snapshot-}; seen=${seen%.pt}
-        [ -e "$file" ] && [ $((10#$seen)) -ge "$SAMPLE_FROM" ] && echo "$file"
+        [ -e "$file" ] && seen=$(images_of "$file") && [ "$seen" -ge "$2" ] && [ "$seen" -le "${3:-$seen}" ] \
+            && echo "$file"
     done
 }
 
@@ -197,7 +198,7 @@ run_chain() {  # run_chain NAME plain|guided|negative TRAIN_ARGS...: train, then
         "$PY" eval_gap.py "$run" "${EVAL[@]}" "${OPTIMAL[@]}" --device "$DEVICE" "${FORWARD_MODE[@]}" \
             --out "$OUT/gap/$name.npz"
     fi
-    mapfile -t sampled < <(sampled_snapshots "$run")
+    mapfile -t sampled < <(snapshots_seen "$run" "$SAMPLE_FROM")
     "$PY" sample_memorize.py "${sampled[@]}" "${SAMPLE[@]}" --gap "$OUT/gap/$name.npz" --device "$DEVICE" \
         "${FORWARD_MODE[@]}" --out "$OUT/samples/$name.npz"
 }
@@ -232,19 +233,10 @@ factor_runs() {  # --factors, stage 1: the runs of each factor at n = FACTOR_N (
     done
 }
 
-last_snapshot_until() {  # last_snapshot_until RUN IMAGES: its last snapshot of at most IMAGES images seen
-    local file seen found=""
-    for file in "$1"/snapshot-*.pt; do
-        seen=${file##*/snapshot-}; seen=${seen%.pt}
-        [ -e "$file" ] && [ $((10#$seen)) -le "$2" ] && found=$file
-    done
-    echo "$found"
-}
-
 factor_guidance() {  # --factors, stage 2: the class-conditional run guided by each negative at every weight, at its
     # last snapshot (guidance-TAG) and at its last of at most a third of the training (guidance-TAG-IMAGES)
     local run=$OUT/runs/class-${NAME_SIZE}-n$FACTOR_N-seed0 tag neg neg_last name
-    local last=$(last_snapshot "$run") early=$(last_snapshot_until "$run" $((IMAGES / 3)))
+    local last=$(last_snapshot "$run") early=$(snapshots_seen "$run" 0 $((IMAGES / 3)) | tail -n 1)
     for tag in cfg:none auto:class; do
         neg=${tag#*:}-short-${NAME_SIZE}-n$FACTOR_N-seed0 tag=${tag%%:*}
         neg_last=$(last_snapshot "$OUT/runs/$neg")
@@ -255,7 +247,7 @@ factor_guidance() {  # --factors, stage 2: the class-conditional run guided by e
         fi
         start "guidance-$tag" guided_chain "$last" "$neg_last" "guidance-$tag"
         if [ -n "$early" ] && [ "$early" != "$last" ]; then
-            name=guidance-$tag-$(( 10#$(basename "$early" .pt | sed 's/snapshot-//') ))
+            name=guidance-$tag-$(images_of "$early")
             start "$name" guided_chain "$early" "$neg_last" "$name"
         fi
     done
