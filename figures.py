@@ -645,10 +645,9 @@ def fig_factor_conditioning(points):
     groups = factor_variants(across_seeds(points), "conditioning")
     if not groups:
         return None
-    last = max(r["images_seen"] for variants in groups for rows in variants.values() for r in rows)
-    early = [r["images_seen"] for variants in groups for rows in variants.values() for r in rows
-             if r["images_seen"] <= last / 3]
-    stages = [last] + ([max(early)] if early else [])
+    counts = {r["images_seen"] for variants in groups for rows in variants.values() for r in rows}
+    early = [c for c in counts if c <= max(counts) / 3]
+    stages = [max(counts)] + ([max(early)] if early else [])
     fig, axes = plt.subplots(len(stages), 3, figsize=(17, 4.4 * len(stages)), layout="constrained", squeeze=False)
     markers = {"unconditional": "D", "classes": "s", "k-means in pixels": "o", "k-means in classifier": "^"}
     for row_axes, seen in zip(axes, stages):
