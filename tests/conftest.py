@@ -96,3 +96,12 @@ def one_line(text, *words):
     assert text.count("\n") <= 1 and "\n" not in text.rstrip("\n"), text
     missing = [word for word in words if word not in text]
     assert not missing, f"{missing} not in: {text}"
+
+
+def exit_status(main, capsys):
+    """(exit status, stderr) of main() under plumbing.run_cli, as a script ends: stderr of this call alone."""
+    import plumbing  # here, not above: the scripts import it before torch, which conftest imports first
+    capsys.readouterr()  # what earlier calls printed
+    with pytest.raises(SystemExit) as exit_info:
+        plumbing.run_cli(main)
+    return exit_info.value.code, capsys.readouterr().err

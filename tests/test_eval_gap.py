@@ -13,7 +13,7 @@ import torch
 
 import common
 import plumbing
-from conftest import one_line, perturbed, write_fashion_mnist
+from conftest import exit_status, one_line, perturbed, write_fashion_mnist
 import eval_gap
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -577,9 +577,7 @@ def test_a_snapshot_evaluated_on_other_images_under_the_same_file_names_is_refus
 
 def run_cli(argv, capsys):
     """Exit status and stderr of the script's entry point."""
-    with pytest.raises(SystemExit) as exit_info:
-        plumbing.run_cli(lambda: eval_gap.main(argv))
-    return exit_info.value.code, capsys.readouterr().err
+    return exit_status(lambda: eval_gap.main(argv), capsys)
 
 
 @pytest.mark.parametrize("case, words", [

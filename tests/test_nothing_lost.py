@@ -20,7 +20,7 @@ import plumbing
 import sample_memorize
 import toy2d
 import train_image
-from conftest import one_line, write_fashion_mnist, write_idx
+from conftest import exit_status, one_line, write_fashion_mnist, write_idx
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = ["--model", "unet", "--size", "tiny", "--channels", "8", "--resolution", "16", "--n", "16", "--batch", "8",
@@ -52,14 +52,6 @@ def relative_run(data_dir, tmp_path_factory):
     finally:
         os.chdir(before)
     return here / "run"
-
-
-def exit_status(main, capsys):
-    """(exit status, stderr) of a script's main under plumbing.run_cli."""
-    capsys.readouterr()  # what earlier calls printed
-    with pytest.raises(SystemExit) as exit_info:
-        plumbing.run_cli(main)
-    return exit_info.value.code, capsys.readouterr().err
 
 
 def one_line_error(status, err, *words):

@@ -11,7 +11,7 @@ import torch
 
 import common
 import plumbing
-from conftest import file_size_limit, one_line, write_fashion_mnist, write_idx
+from conftest import exit_status, file_size_limit, one_line, write_fashion_mnist, write_idx
 import sample_memorize
 
 R = 16  # image resolution of the synthetic runs
@@ -62,9 +62,7 @@ def source(data_dir, subset, labels=None):
 
 def exit_message(argv, capsys):
     """Run the command line; return (exit code, stderr) of run_cli."""
-    with pytest.raises(SystemExit) as exc:
-        plumbing.run_cli(lambda: sample_memorize.main(argv))
-    return exc.value.code, capsys.readouterr().err
+    return exit_status(lambda: sample_memorize.main(argv), capsys)
 
 
 # ---------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import torch
 
 import common
 import plumbing
-from conftest import file_size_limit, one_line, write_fashion_mnist
+from conftest import exit_status, file_size_limit, one_line, write_fashion_mnist
 import train_image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -237,9 +237,7 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_snapshot(data_di
 
 def run_cli(args, capsys):
     """Exit status and stderr of the script's entry point."""
-    with pytest.raises(SystemExit) as exit_info:
-        plumbing.run_cli(lambda: train_image.main(args))
-    return exit_info.value.code, capsys.readouterr().err
+    return exit_status(lambda: train_image.main(args), capsys)
 
 
 def assert_one_line_error(status, err, *words):
